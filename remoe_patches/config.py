@@ -1,0 +1,274 @@
+"""Typed configs for a model and its parallel layout, the paper's presets, and validation.
+
+``ModelConfig`` describes one GPT model of the paper (spec §3): the LLaMA recipe is fixed, the
+router is a choice (``dense``, ``topk``, ``relu``). ``ParallelConfig`` holds the layout.
+``ModelConfig.transformer_config(parallel)`` turns both into megatron-core's TransformerConfig.
+Every check fails with a ``ConfigError`` that names the config, the field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+RouterKind = Literal["dense", "topk", "relu"]
+ROUTERS = ("dense", "topk", "relu")
+DROPLESS_DISPATCHERS = ("alltoall", "allgather")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the field and the fix."""
+
+
+# The paper's dense backbones (spec §3); names are the dense model sizes.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=512, seq_length=64),
+    "182m": dict(num_layers=12, hidden_size=768, num_attention_heads=12),
+    "469m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16),
+    "978m": dict(num_layers=24, hidden_size=1536, num_attention_heads=16),
+}
+
+
+@dataclass
+class ModelConfig:
+    """One GPT model: LLaMA architecture (spec §3) with a dense, TopK-MoE or ReLU-MoE MLP."""
+
+    num_layers: int
+    """Transformer layers."""
+    hidden_size: int
+    """Model width."""
+    num_attention_heads: int
+    """Query heads."""
+    num_query_groups: int = 4
+    """Key/value heads of grouped-query attention."""
+    ffn_hidden_size: Optional[int] = None
+    """Width of the dense FFN and of each expert before granularity; default 4 * hidden_size."""
+    vocab_size: int = 50304
+    """Padded vocabulary size (GPT-2 BPE padded to a multiple of 1024 in the paper: 51200)."""
+    seq_length: int = 1024
+    """Tokens per sequence (also the RoPE table length)."""
+    rotary_base: int = 1_000_000
+    """RoPE base."""
+    init_method_std: float = 0.01
+    """Std of the normal weight init."""
+
+    router: RouterKind = "relu"
+    """``dense`` (no experts), ``topk`` (megatron's TopKRouter) or ``relu`` (ReMoE)."""
+    num_experts: int = 8
+    """Experts E before granularity."""
+    topk: int = 1
+    """k: TopK's active experts; for ReLU routing it sets the target sparsity 1 - k/E."""
+    granularity: int = 1
+    """G: fine-grained experts, E*G experts of width ffn/G with top-k*G."""
+    moe_aux_loss_coeff: float = 0.01
+    """Weight of TopK's Switch load-balancing loss (0 turns it off); ignored by ReLU routing."""
+    relu_l1_coeff_init: float = 1e-8
+    """lambda_0 of the adaptive L1 coefficient."""
+    relu_l1_coeff_multiplier: float = 1.2
+    """alpha of the adaptive L1 coefficient."""
+    relu_load_balancing: bool = True
+    """L1 with load balancing (Eq. 10) or plain L1 (Eq. 9)."""
+    token_dispatcher: str = "alltoall"
+    """megatron's token dispatcher: ``alltoall`` or ``allgather`` (both dropless)."""
+    moe_expert_capacity_factor: Optional[float] = None
+    """Token dropping capacity; must stay None (dropless) for ReLU routing."""
+    moe_grouped_gemm: bool = False
+    """Grouped GEMM for the experts (needs a GPU kernel)."""
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A paper preset (``182m``, ``469m``, ``978m``) or the CPU-sized ``tiny``."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def is_moe(self) -> bool:
+        return self.router != "dense"
+
+    @property
+    def dense_ffn_hidden_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def total_experts(self) -> int:
+        """E * G."""
+        return self.num_experts * self.granularity
+
+    @property
+    def total_topk(self) -> int:
+        """k * G."""
+        return self.topk * self.granularity
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """ffn / G."""
+        return self.dense_ffn_hidden_size // self.granularity
+
+    @property
+    def target_sparsity(self) -> float:
+        """1 - k/E, unchanged by granularity."""
+        return 1.0 - self.topk / self.num_experts
+
+    def validate(self) -> "ModelConfig":
+        """Raise ConfigError on a setting that cannot work; return self."""
+
+        def fail(field_name, message):
+            raise ConfigError(f"ModelConfig.{field_name}: {message}")
+
+        if self.router not in ROUTERS:
+            fail("router", f"{self.router!r} is not one of {', '.join(ROUTERS)}")
+        if self.num_attention_heads % self.num_query_groups:
+            fail(
+                "num_query_groups",
+                f"{self.num_query_groups} does not divide num_attention_heads="
+                f"{self.num_attention_heads}",
+            )
+        if self.hidden_size % self.num_attention_heads:
+            fail("num_attention_heads", f"{self.num_attention_heads} does not divide hidden_size")
+        if not self.is_moe:
+            return self
+        if self.topk < 1 or self.topk > self.num_experts:
+            fail("topk", f"topk={self.topk} must be between 1 and num_experts={self.num_experts}")
+        if self.granularity < 1 or self.dense_ffn_hidden_size % self.granularity:
+            fail(
+                "granularity",
+                f"{self.granularity} does not divide the FFN width {self.dense_ffn_hidden_size}; "
+                "pick a divisor of it",
+            )
+        if self.token_dispatcher not in DROPLESS_DISPATCHERS:
+            fail(
+                "token_dispatcher",
+                f"{self.token_dispatcher!r} is not supported; use one of "
+                f"{', '.join(DROPLESS_DISPATCHERS)}",
+            )
+        if self.router == "relu" and self.moe_expert_capacity_factor is not None:
+            fail(
+                "moe_expert_capacity_factor",
+                "ReLU routing is dropless (a token may use 0..E experts); leave the capacity "
+                "factor unset",
+            )
+        if self.router == "relu" and self.relu_l1_coeff_multiplier <= 1.0:
+            fail("relu_l1_coeff_multiplier", "must be > 1")
+        if self.router == "relu" and self.relu_l1_coeff_init <= 0.0:
+            fail("relu_l1_coeff_init", "must be > 0")
+        return self
+
+    def transformer_config(
+        self, parallel: "ParallelConfig", *, bf16: bool = False, **overrides
+    ) -> TransformerConfig:
+        """megatron-core's TransformerConfig for this model under ``parallel``."""
+        self.validate()
+        parallel.validate_for(self)
+        moe = {}
+        if self.is_moe:
+            moe = dict(
+                num_moe_experts=self.total_experts,
+                moe_router_topk=self.total_topk,
+                moe_ffn_hidden_size=self.expert_ffn_hidden_size,
+                moe_token_dispatcher_type=self.token_dispatcher,
+                moe_grouped_gemm=self.moe_grouped_gemm,
+                moe_expert_capacity_factor=self.moe_expert_capacity_factor,
+                # The ReLU router has its own regularizer instead of the Switch aux loss.
+                moe_router_load_balancing_type=(
+                    "aux_loss" if self.router == "topk" and self.moe_aux_loss_coeff > 0 else "none"
+                ),
+                moe_aux_loss_coeff=self.moe_aux_loss_coeff if self.router == "topk" else 0.0,
+                # TopK: softmax over all experts before the top-k, so k=1 still has a gradient
+                # (megatron insists on it for k=1 even though the ReLU router never reads it).
+                moe_router_pre_softmax=True,
+            )
+        kwargs = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            ffn_hidden_size=self.dense_ffn_hidden_size,
+            normalization="RMSNorm",
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=self.init_method_std,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
+            sequence_parallel=parallel.sequence_parallel,
+            **moe,
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over ranks (data parallelism takes the rest of the world)."""
+
+    tensor_model_parallel_size: int = 1
+    """TP: attention heads and FFN columns split over ranks."""
+    pipeline_model_parallel_size: int = 1
+    """PP: layers split into stages."""
+    expert_model_parallel_size: int = 1
+    """EP: experts split over ranks (carved out of data parallelism)."""
+    sequence_parallel: bool = False
+    """Split activations along the sequence in TP regions (required by MoE training at TP>1)."""
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    def validate_world(self, world_size: int) -> "ParallelConfig":
+        """Check that the layout tiles ``world_size`` ranks."""
+        tp, pp, ep = (
+            self.tensor_model_parallel_size,
+            self.pipeline_model_parallel_size,
+            self.expert_model_parallel_size,
+        )
+        if min(tp, pp, ep) < 1:
+            raise ConfigError(f"ParallelConfig: sizes must be >= 1, got TP={tp} PP={pp} EP={ep}")
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"ParallelConfig.tensor_model_parallel_size: TP={tp} x PP={pp} does not divide the "
+                f"world size {world_size}; choose sizes whose product divides it"
+            )
+        # megatron-core places experts on ETP x EP ranks of each pipeline stage (ETP = TP).
+        if (world_size // pp) % (tp * ep):
+            raise ConfigError(
+                f"ParallelConfig.expert_model_parallel_size: TP={tp} x EP={ep} does not divide the "
+                f"{world_size // pp} ranks of a pipeline stage (world {world_size} / PP={pp}); "
+                "lower EP or TP"
+            )
+        return self
+
+    def validate_for(self, model: ModelConfig) -> "ParallelConfig":
+        """Check that the layout splits ``model`` evenly."""
+        tp, pp, ep = (
+            self.tensor_model_parallel_size,
+            self.pipeline_model_parallel_size,
+            self.expert_model_parallel_size,
+        )
+        checks = [
+            (model.num_layers % pp == 0, "pipeline_model_parallel_size",
+             f"PP={pp} does not divide num_layers={model.num_layers}"),
+            (model.num_attention_heads % tp == 0, "tensor_model_parallel_size",
+             f"TP={tp} does not divide num_attention_heads={model.num_attention_heads}"),
+            (model.num_query_groups % tp == 0, "tensor_model_parallel_size",
+             f"TP={tp} does not divide num_query_groups={model.num_query_groups}"),
+            (not model.is_moe or model.total_experts % ep == 0, "expert_model_parallel_size",
+             f"EP={ep} does not divide the {model.total_experts} experts"),
+            (model.is_moe or ep == 1, "expert_model_parallel_size",
+             "a dense model has no experts to split; use EP=1"),
+        ]
+        for ok, field_name, message in checks:
+            if not ok:
+                raise ConfigError(f"ParallelConfig.{field_name}: {message}")
+        return self
+

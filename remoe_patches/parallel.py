@@ -1,0 +1,74 @@
+"""Start and stop torch.distributed and megatron-core's model-parallel groups.
+
+Works under torchrun (reads RANK, WORLD_SIZE, MASTER_ADDR, ...), from a test that spawns
+processes, and in a plain single process (a one-rank group). NCCL on GPUs, gloo on CPU, where
+the CPU shims are applied first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from remoe_patches.config import ParallelConfig
+from remoe_patches.cpu_compat import apply_cpu_shims
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize_parallel(
+    parallel: ParallelConfig,
+    *,
+    seed: int = 1234,
+    rank: int | None = None,
+    world_size: int | None = None,
+    timeout_minutes: int = 10,
+) -> None:
+    """Initialize the process group and megatron's TP/PP/EP/DP groups, then seed every RNG.
+
+    ``rank``/``world_size`` default to torchrun's environment, or a single process.
+    """
+    on_cpu = apply_cpu_shims()
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world_size > 1:
+                raise RuntimeError("MASTER_PORT must be set when several processes start together")
+            os.environ["MASTER_PORT"] = str(free_port())
+        if not on_cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        dist.init_process_group(
+            backend="gloo" if on_cpu else "nccl",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel.validate_world(dist.get_world_size())
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups and the process group (safe to call twice)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,158 @@
+"""``ReLURouter``: ReMoE's router as a megatron-core Router, for ``MoESubmodules.router``.
+
+Shape suffixes: T = tokens this rank routes, E = experts.
+
+The router returns what megatron-core's dropless token dispatchers expect: ``probs_TE`` (the ReLU
+gates, zero where inactive) and ``routing_map_TE`` (gate > 0). During training it attaches
+``coeff * L_reg_l / num_moe_layers`` to the backward pass through megatron-core's
+``MoEAuxLossAutoScaler`` (so the LM loss it reports is unchanged and the gradient is scaled like
+the LM loss over micro-batches), logs the layer's reg loss and sparsity in megatron-core's
+aux-loss tracker, and records the sparsity for the adaptive coefficient.
+
+Tokens: with sequence or context parallelism a rank routes only part of the layer's tokens.
+Expert counts are summed over the tensor-and-context-parallel group, exactly as megatron-core
+does for its own aux loss, so ``f_e`` and the sparsity are those of all the layer's tokens; each
+rank's reg loss is its share of the layer's, and the shares add up.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+    save_to_aux_losses_tracker,
+)
+from megatron.core.transformer.moe.router import Router
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from remoe_patches import routing
+from remoe_patches.regularizer import AdaptiveL1
+
+REG_LOSS_NAME = "remoe_reg_loss"
+SPARSITY_NAME = "remoe_sparsity"
+
+
+def num_moe_layers(config: TransformerConfig) -> int:
+    """How many of the model's layers are MoE layers (megatron's ``moe_layer_freq`` rule)."""
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return sum(1 for i in range(config.num_layers) if i % freq == 0)
+    return sum(freq)
+
+
+def target_sparsity(num_experts: int, topk: int) -> float:
+    """``1 - k/E``: the sparsity of a TopK router with the same active experts per token."""
+    return 1.0 - topk / num_experts
+
+
+class ReLURouter(Router):
+    """ReLU routing (spec Eq. 5) with the adaptive, load-balanced L1 regularizer (Eq. 6-11).
+
+    Args:
+        config: the model's TransformerConfig; ``moe_router_topk`` only sets the target sparsity.
+        pg_collection: megatron-core process groups (given by MoELayer).
+        regularizer: the model-wide adaptive coefficient, shared by every MoE layer.
+        load_balancing: Eq. 10 (True) or the plain L1 of Eq. 9 (False).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        pg_collection=None,
+        *,
+        regularizer: AdaptiveL1,
+        load_balancing: bool = True,
+    ):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.topk = config.moe_router_topk
+        self.regularizer = regularizer
+        self.load_balancing = load_balancing
+        self.num_moe_layers = num_moe_layers(config)
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if padding_mask is not None:
+            raise NotImplementedError(
+                "ReLURouter does not support padding masks: pretraining sequences are unpadded"
+            )
+        logits = self.gating(input)
+        return self.routing(logits)
+
+    def routing(self, logits: torch.Tensor):
+        logits_TE = logits.view(-1, self.num_experts)
+        gates_TE = routing.relu_gates(logits_TE)
+        routing_map_TE = routing.active_mask(gates_TE)
+        # Like megatron's aux loss: only where a backward follows (so not in evaluation, nor in
+        # the no-grad first pass of activation recomputation, which would count twice).
+        if self.training and torch.is_grad_enabled():
+            gates_TE = self._attach_regularizer(gates_TE, routing_map_TE)
+        return gates_TE, routing_map_TE
+
+    def _attach_regularizer(self, gates_TE, routing_map_TE):
+        local_num_tokens = gates_TE.shape[0]
+        num_tokens = local_num_tokens * self.tp_cp_group.size()
+        tokens_per_expert_E = reduce_from_tensor_model_parallel_region(
+            routing_map_TE.sum(dim=0, dtype=torch.float32), self.tp_cp_group
+        )
+        counts = dict(tokens_per_expert_E=tokens_per_expert_E, num_tokens=num_tokens)
+        if self.load_balancing:
+            reg_loss = routing.load_balanced_l1_loss(gates_TE, self.topk, **counts)
+        else:
+            reg_loss = routing.l1_loss(gates_TE, num_tokens=num_tokens)
+        layer_sparsity = routing.sparsity(gates_TE, **counts)
+
+        # The model's L_reg is the mean over MoE layers (spec Eq. 9/10 with their 1/L).
+        scaled_reg_loss = self.regularizer.coeff * reg_loss / self.num_moe_layers
+        if self.calculate_per_token_loss:
+            # megatron then divides every gradient by the token count; undo it as its aux loss does.
+            scaled_reg_loss = scaled_reg_loss * local_num_tokens
+        gates_TE = MoEAuxLossAutoScaler.apply(gates_TE, scaled_reg_loss)
+
+        if self.layer_number is not None:
+            self._log(reg_loss, layer_sparsity)
+            self.regularizer.record(self.layer_number, layer_sparsity)
+        return gates_TE
+
+    def _log(self, reg_loss, layer_sparsity):
+        # The tracker sums over the reduce group, then averages over data-parallel ranks: reg
+        # loss shares add up as they are; the sparsity (equal on every rank) is pre-divided.
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        group = self.tp_cp_group
+        save_to_aux_losses_tracker(
+            REG_LOSS_NAME, reg_loss, self.layer_number, num_layers, reduce_group=group
+        )
+        save_to_aux_losses_tracker(
+            SPARSITY_NAME, layer_sparsity / group.size(), self.layer_number, num_layers,
+            reduce_group=group,
+        )
+
+
+def relu_router_builder(regularizer: AdaptiveL1, load_balancing: bool = True):
+    """A RouterBuilder for ``MoESubmodules.router`` whose routers share ``regularizer``."""
+    return functools.partial(ReLURouter, regularizer=regularizer, load_balancing=load_balancing)
+
+
+def reduce_router_metrics(num_microbatches: int) -> dict[str, torch.Tensor]:
+    """The step's per-layer ReMoE reg loss and sparsity from megatron's aux-loss tracker.
+
+    Reduces over tensor/context, data-parallel ranks and pipeline stages, averages over the
+    step's micro-batches, and clears the tracker. Keys: ``reg_loss_L``, ``sparsity_L`` (all
+    layers; zero where a layer is not MoE).
+    """
+    tracker = get_moe_layer_wise_logging_tracker()
+    names = [name for name in (REG_LOSS_NAME, SPARSITY_NAME) if name in tracker]
+    reduce_aux_losses_tracker_across_ranks(names)
+    metrics = {
+        key: tracker[name]["values"].clone() / num_microbatches
+        for key, name in (("reg_loss_L", REG_LOSS_NAME), ("sparsity_L", SPARSITY_NAME))
+        if name in tracker
+    }
+    for name in names:
+        tracker[name]["values"].zero_()
+    return metrics

@@ -1,0 +1,95 @@
+"""One training step's forward and backward through megatron-core's pipeline schedules.
+
+Shape suffixes: B = sequences of a micro-batch, S = sequence positions.
+
+A batch is a dict of ``tokens_BS``, ``labels_BS``, ``loss_mask_BS`` and ``position_ids_BS``.
+The LM loss is the token mean over the step's micro-batches (megatron's convention); the ReLU
+routers' regularizer rides along in the backward pass through megatron's aux-loss scaler.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterable, Iterator
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def lm_loss_func(loss_mask_BS: torch.Tensor, output_tensor: torch.Tensor):
+    """Summed masked token losses, their count, and what to report (megatron's 3-tuple form)."""
+    losses = output_tensor.float().view(-1)
+    loss_mask = loss_mask_BS.reshape(-1).float()
+    loss = torch.sum(losses * loss_mask)
+    num_tokens = loss_mask.sum().to(torch.int)
+    report = torch.stack([loss.detach(), num_tokens.detach().float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def gpt_forward_step(data_iterator: Iterator[dict], model):
+    """megatron's ``forward_step_func`` for a GPT model on a batch dict."""
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens_BS"], batch["position_ids_BS"], None, labels=batch["labels_BS"]
+    )
+    return output, partial(lm_loss_func, batch["loss_mask_BS"])
+
+
+def wrap_with_ddp(
+    model: torch.nn.Module,
+    config: TransformerConfig,
+    *,
+    use_distributed_optimizer: bool = False,
+    overlap_grad_reduce: bool = False,
+) -> DistributedDataParallel:
+    """megatron's DDP: gradients accumulate in fp32 buffers (``param.main_grad``) and are
+    reduced over data-parallel ranks (and over TP for sequence-parallel params) once per step."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    wrapped = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def forward_backward(
+    model_chunks: list,
+    batches: Iterable[dict],
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Run one step's micro-batches; return the token-mean LM loss (last stage; NaN elsewhere).
+
+    Gradients land in ``param.main_grad`` (reduced over data-parallel ranks by
+    ``finalize_model_grads``) unless ``forward_only``.
+    """
+    for chunk in model_chunks:
+        if hasattr(chunk, "zero_grad_buffer") and not forward_only:
+            chunk.zero_grad_buffer()
+    iterator = iter(batches)
+    reports = get_forward_backward_func()(
+        forward_step_func=gpt_forward_step,
+        data_iterator=iterator,
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return {"lm_loss": torch.tensor(float("nan"))}
+    summed = torch.stack([report["lm loss"] for report in reports]).sum(dim=0)
+    group = parallel_state.get_data_parallel_group()
+    if torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(summed, group=group)
+    return {"lm_loss": summed[0] / summed[1]}

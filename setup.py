@@ -1,0 +1,27 @@
+"""Install the ReMoE plug-in for megatron-core.
+
+torch is pinned to the release whose CPU wheel these machines carry; nothing here may pull a
+CUDA build of torch. transformer-engine and NVIDIA apex are optional GPU accelerators that
+megatron-core uses when importable; they are never required (the PyPI package named "apex" is
+unrelated software: do not install it).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="remoe",
+    version="0.1.0",
+    description="ReMoE (ReLU-routed Mixture-of-Experts) on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["remoe_patches", "remoe_patches.*"]),
+    install_requires=[
+        "torch==2.13.0",
+        "megatron-core==0.16.1",
+        "numpy",
+        "PyYAML",
+        "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
+        "tokenizers",
+        "sentencepiece",
+    ],
+    extras_require={"test": ["pytest"]},
+)

@@ -1,0 +1,100 @@
+"""Training-step scenarios run on 1 or 2 CPU ranks by the parallel-equivalence tests.
+
+The reference run (1 rank) builds the model, saves its weights with megatron's distributed
+checkpointing, runs one step and saves its gradients the same way. A parallel run loads those
+weights into its own shards, runs the same global batch and compares its gradient shards with
+the reference ones loaded for the same layout, so megatron-core does all the resharding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megatron.core import dist_checkpointing, parallel_state
+
+from remoe_patches.config import ModelConfig, ParallelConfig
+from remoe_patches.model import build_model
+from remoe_patches.parallel import destroy_parallel, initialize_parallel
+from remoe_patches.router import reduce_router_metrics
+from remoe_patches.training_step import forward_backward, wrap_with_ddp
+
+MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+             ffn_hidden_size=64, vocab_size=128, seq_length=16)
+
+
+def make_batches(global_batch: int, num_chunks: int, seq_length: int, vocab_size: int, seed=7):
+    """The step's global batch, cut into ``num_chunks`` equal micro-batches."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (global_batch, seq_length + 1), generator=gen)
+    position_ids = torch.arange(seq_length).expand(global_batch, -1)
+    size = global_batch // num_chunks
+    return [
+        dict(
+            tokens_BS=tokens[i * size:(i + 1) * size, :-1],
+            labels_BS=tokens[i * size:(i + 1) * size, 1:],
+            loss_mask_BS=torch.ones(size, seq_length),
+            position_ids_BS=position_ids[i * size:(i + 1) * size],
+        )
+        for i in range(num_chunks)
+    ]
+
+
+def _sharded(model):
+    return model.sharded_state_dict()
+
+
+def _save(model, path):
+    os.makedirs(path, exist_ok=True)
+    dist_checkpointing.save(_sharded(model), path)
+
+
+def run_step(rank, world_size, *, ckpt_dir, parallel_kwargs, model_kwargs, global_batch,
+             micro_batch, reference):
+    """One training step; the reference saves weights and grads, the others compare to them."""
+    parallel = ParallelConfig(**parallel_kwargs)
+    initialize_parallel(parallel, rank=rank, world_size=world_size, seed=1234)
+    try:
+        model_config = ModelConfig(**{**MODEL, **model_kwargs})
+        built = build_model(model_config, parallel)
+        model = built.model
+        if reference:
+            _save(model, f"{ckpt_dir}/weights")
+        else:
+            model.load_state_dict(dist_checkpointing.load(_sharded(model), f"{ckpt_dir}/weights"))
+        ddp = wrap_with_ddp(model, built.transformer_config)
+
+        dp_size = parallel_state.get_data_parallel_world_size()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        num_microbatches = global_batch // (micro_batch * dp_size)
+        chunks = make_batches(global_batch, global_batch // micro_batch, MODEL["seq_length"],
+                              model_config.vocab_size)
+        mine = chunks[dp_rank * num_microbatches:(dp_rank + 1) * num_microbatches]
+        losses = forward_backward([ddp], mine, num_microbatches=num_microbatches,
+                                  seq_length=MODEL["seq_length"], micro_batch_size=micro_batch)
+        result = {"lm_loss": losses["lm_loss"]}
+        result.update(reduce_router_metrics(num_microbatches))
+        if built.regularizer is not None:
+            step = built.regularizer.finish_step(
+                data_parallel_group=parallel_state.get_data_parallel_group(),
+                pipeline_parallel_group=parallel_state.get_pipeline_model_parallel_group(),
+            )
+            result.update(step_sparsity=step.mean, step_sparsity_L=step.per_layer_L,
+                          coeff=built.regularizer.coeff.clone())
+
+        grads = {name: param.main_grad.clone() for name, param in model.named_parameters()}
+        if reference:
+            for name, param in model.named_parameters():
+                param.data.copy_(grads[name])
+            _save(model, f"{ckpt_dir}/grads")
+        else:
+            expected = dist_checkpointing.load(_sharded(model), f"{ckpt_dir}/grads")
+            result["grad_errors"] = {
+                name: ((grads[name] - expected[name]).abs().max() /
+                       expected[name].abs().max().clamp(min=1e-12)).item()
+                for name in grads
+            }
+        return result
+    finally:
+        destroy_parallel()
