@@ -48,8 +48,8 @@ class ModelConfig:
     """Key/value heads of grouped-query attention."""
     ffn_hidden_size: Optional[int] = None
     """Width of the dense FFN and of each expert before granularity; default 4 * hidden_size."""
-    vocab_size: int = 50304
-    """Padded vocabulary size (GPT-2 BPE padded to a multiple of 1024 in the paper: 51200)."""
+    vocab_size: int = 51200
+    """Padded vocabulary size (the paper: GPT-2 BPE padded to a multiple of 1024, 51200)."""
     seq_length: int = 1024
     """Tokens per sequence (also the RoPE table length)."""
     rotary_base: int = 1_000_000
@@ -114,6 +114,21 @@ class ModelConfig:
     def target_sparsity(self) -> float:
         """1 - k/E, unchanged by granularity."""
         return 1.0 - self.topk / self.num_experts
+
+    def num_parameters(self) -> int:
+        """Total parameters (all experts), as the paper counts them (spec §3's last column)."""
+        head_dim = self.hidden_size // self.num_attention_heads
+        kv_width = 2 * self.num_query_groups * head_dim
+        attention = self.hidden_size * (2 * self.hidden_size + kv_width)
+        swiglu = 3 * self.hidden_size  # gate, up and down projections per unit of FFN width
+        if self.is_moe:
+            mlp = self.total_experts * swiglu * self.expert_ffn_hidden_size
+            mlp += self.total_experts * self.hidden_size  # router
+        else:
+            mlp = swiglu * self.dense_ffn_hidden_size
+        norms = 2 * self.hidden_size
+        embeddings = 2 * self.vocab_size * self.hidden_size + self.hidden_size  # untied, final norm
+        return self.num_layers * (attention + mlp + norms) + embeddings
 
     def validate(self) -> "ModelConfig":
         """Raise ConfigError on a setting that cannot work; return self."""
@@ -266,6 +281,9 @@ class ParallelConfig:
              f"EP={ep} does not divide the {model.total_experts} experts"),
             (model.is_moe or ep == 1, "expert_model_parallel_size",
              "a dense model has no experts to split; use EP=1"),
+            # megatron-core's MoE layer refuses to train at TP>1 without it.
+            (not model.is_moe or tp == 1 or self.sequence_parallel, "sequence_parallel",
+             f"MoE layers at TP={tp} need sequence parallelism; turn it on"),
         ]
         for ok, field_name, message in checks:
             if not ok:

@@ -104,7 +104,9 @@ class AdaptiveL1:
         """Eq. 7: ``lambda *= alpha`` when sparsity < target, else ``lambda /= alpha``."""
         too_dense = sparsity.to(self.coeff.device) < self.target_sparsity
         factor = torch.where(too_dense, self.multiplier, 1.0 / self.multiplier)
-        self.coeff.mul_(factor.to(self.coeff.dtype))
+        # A new tensor, not an in-place update: graphs still waiting for their backward saved
+        # the old value.
+        self.coeff = self.coeff * factor.to(self.coeff.dtype)
 
     def finish_step(
         self,
@@ -128,6 +130,6 @@ class AdaptiveL1:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.coeff.copy_(torch.as_tensor(state["coeff"], dtype=torch.float32))
+        self.coeff = torch.as_tensor(state["coeff"], dtype=torch.float32).to(self.device).clone()
         self.multiplier = float(state["multiplier"])
         self.target_sparsity = float(state["target_sparsity"])

@@ -32,7 +32,7 @@ def active_mask(gates_TE: torch.Tensor) -> torch.Tensor:
 
 def tokens_per_expert(gates_TE: torch.Tensor) -> torch.Tensor:
     """Number of tokens each expert receives, as float (it feeds ratios, never indexing)."""
-    return active_mask(gates_TE).sum(dim=0, dtype=torch.float32)
+    return active_mask(gates_TE).sum(dim=0, dtype=_accumulation_dtype(gates_TE))
 
 
 def sparsity(
@@ -85,6 +85,10 @@ def load_balanced_l1_loss(
     return (_at_least_fp32(gates_TE).sum(dim=0) * f_E).sum() / num_tokens
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     # Sums over many bf16 gates lose precision; float64 (gradcheck) stays float64.
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(_accumulation_dtype(x))

@@ -1,0 +1,22 @@
+"""Shared fixtures: megatron's parallel state as a one-rank gloo group for in-process tests."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+# megatron-core announces at import that transformer-engine and apex are absent.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """One-process model parallelism (TP=PP=EP=1) for tests that build megatron models."""
+    from remoe_patches.config import ParallelConfig
+    from remoe_patches.parallel import destroy_parallel, initialize_parallel
+
+    parallel = ParallelConfig()
+    initialize_parallel(parallel, seed=1234)
+    yield parallel
+    destroy_parallel()

@@ -1,0 +1,168 @@
+"""megatron-core GPTModels built by remoe_patches.model, on one CPU rank.
+
+Dense, TopK MoE and ReMoE models run forward and backward; ReMoE's regularizer reaches the
+router weights with exactly the gradient of ``coeff * mean_l L_reg,l`` and leaves the LM loss
+unchanged; tokens without experts pass through the residual; empty experts work.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.router import TopKRouter
+
+from remoe_patches.config import ModelConfig, PRESETS
+from remoe_patches.model import build_model
+from remoe_patches.router import ReLURouter, reduce_router_metrics
+
+TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+            ffn_hidden_size=64, vocab_size=128, seq_length=16)
+
+
+def batch(seed=0, batch_size=3, cfg=TINY):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg["vocab_size"], (batch_size, cfg["seq_length"] + 1), generator=gen)
+    positions = torch.arange(cfg["seq_length"]).expand(batch_size, -1)
+    return tokens[:, :-1], positions, tokens[:, 1:]
+
+
+def lm_loss(model, seed=0):
+    tokens, positions, labels = batch(seed)
+    return model(tokens, positions, None, labels=labels).mean()
+
+
+@pytest.mark.parametrize("router, router_type", [("relu", ReLURouter), ("topk", TopKRouter),
+                                                 ("dense", None)])
+def test_forward_backward_every_router(single_rank, router, router_type):
+    built = build_model(ModelConfig(router=router, **TINY), single_rank)
+    routers = [m for m in built.model.modules() if isinstance(m, (ReLURouter, TopKRouter))]
+    assert [type(r) for r in routers] == ([router_type] * 2 if router_type else [])
+    loss = lm_loss(built.model)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in built.model.parameters())
+
+
+def test_parameter_count_matches_the_built_model(single_rank):
+    for router, granularity in [("dense", 1), ("topk", 1), ("relu", 1), ("relu", 2)]:
+        cfg = ModelConfig(router=router, granularity=granularity, **TINY)
+        built = build_model(cfg, single_rank)
+        assert sum(p.numel() for p in built.model.parameters()) == cfg.num_parameters()
+
+
+@pytest.mark.parametrize("preset, dense, moe", [("182m", 182e6, 777e6), ("469m", 469e6, 2.58e9),
+                                                ("978m", 978e6, 5.73e9)])
+def test_presets_have_the_papers_sizes(preset, dense, moe):
+    assert ModelConfig.preset(preset, router="dense").num_parameters() == pytest.approx(dense, rel=0.005)
+    assert ModelConfig.preset(preset, router="relu").num_parameters() == pytest.approx(moe, rel=0.005)
+    assert ModelConfig.preset(preset).num_query_groups == 4
+    assert set(PRESETS) >= {"182m", "469m", "978m", "tiny"}
+
+
+def test_llama_recipe(single_rank):
+    built = build_model(ModelConfig(router="relu", **TINY), single_rank)
+    config, model = built.transformer_config, built.model
+    assert config.normalization == "RMSNorm" and config.gated_linear_unit
+    assert not config.add_bias_linear and config.init_method_std == 0.01
+    assert not model.share_embeddings_and_output_weights
+    assert model.rotary_pos_emb.inv_freq[1].item() == pytest.approx(1e6 ** (-2 / 8))
+    assert config.num_query_groups == 2 and config.hidden_dropout == 0.0
+
+
+def test_fine_grained_experts(single_rank):
+    cfg = ModelConfig(router="relu", num_experts=4, topk=1, granularity=4, **TINY)
+    built = build_model(cfg, single_rank)
+    config = built.transformer_config
+    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (16, 4, 16)
+    assert built.regularizer.target_sparsity == pytest.approx(1 - 1 / 4)
+    lm_loss(built.model).backward()
+
+
+def reference_reg_loss(router_inputs, router_weights, topk):
+    """Eq. 10 per layer from the captured router inputs, averaged over layers (independent)."""
+    per_layer = []
+    for x, weight in zip(router_inputs, router_weights):
+        gates = torch.relu(x.reshape(-1, x.shape[-1]) @ weight.t())
+        num_tokens, num_experts = gates.shape
+        f = (gates > 0).float().sum(0).detach() * num_experts / (topk * num_tokens)
+        per_layer.append((gates * f).sum() / num_tokens)
+    return torch.stack(per_layer).mean(), torch.stack(per_layer).detach()
+
+
+def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
+    built = build_model(ModelConfig(router="relu", topk=2, **TINY), single_rank)
+    model, regularizer = built.model, built.regularizer
+    routers = [m for m in model.modules() if isinstance(m, ReLURouter)]
+    params = [p for p in model.parameters()]
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+
+    def run(coeff):
+        regularizer.coeff.fill_(coeff)
+        inputs = []
+        hooks = [r.register_forward_hook(lambda m, args, out: inputs.append(args[0])) for r in routers]
+        loss = lm_loss(model)
+        for hook in hooks:
+            hook.remove()
+        return loss, inputs
+
+    loss_without, inputs = run(0.0)
+    grads_without = torch.autograd.grad(loss_without, params, retain_graph=True)
+    expected_reg, expected_per_layer = reference_reg_loss(inputs, [r.weight for r in routers], topk=2)
+    coeff = 0.7
+    expected_extra = torch.autograd.grad(coeff * expected_reg, params, allow_unused=True)
+    reduce_router_metrics(1)  # drop the records of the run above
+
+    loss_with, _ = run(coeff)
+    grads_with = torch.autograd.grad(loss_with, params)
+    assert loss_with.item() == loss_without.item()
+    metrics = reduce_router_metrics(1)
+    torch.testing.assert_close(metrics["reg_loss_L"], expected_per_layer)
+    for param, g0, g1, extra in zip(params, grads_without, grads_with, expected_extra):
+        extra = torch.zeros_like(g0) if extra is None else extra
+        torch.testing.assert_close(g1 - g0, extra, rtol=1e-4, atol=1e-7)
+    router_extra = [e for p, e in zip(params, expected_extra) if any(p is r.weight for r in routers)]
+    assert all(e is not None and e.abs().max() > 0 for e in router_extra)
+
+
+def test_router_records_sparsity_for_the_coefficient(single_rank):
+    built = build_model(ModelConfig(router="relu", **TINY), single_rank)
+    for seed in range(3):
+        lm_loss(built.model, seed).backward()
+    metrics = reduce_router_metrics(3)
+    step = built.regularizer.step_sparsity()
+    torch.testing.assert_close(step.per_layer_L, metrics["sparsity_L"])
+    assert step.mean.item() == pytest.approx(metrics["sparsity_L"].mean().item())
+    # evaluation forwards record nothing
+    built.model.eval()
+    with torch.no_grad():
+        lm_loss(built.model)
+    assert torch.isnan(built.regularizer.step_sparsity().per_layer_L).all()
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_tokens_without_experts_and_experts_without_tokens(single_rank, dispatcher):
+    built = build_model(ModelConfig(router="relu", token_dispatcher=dispatcher, **TINY), single_rank)
+    moe = next(m for m in built.model.modules() if isinstance(m, MoELayer))
+    assert isinstance(moe.experts, SequentialMLP)
+    hidden = TINY["hidden_size"]
+    num_tokens = 12
+    sign = torch.tensor([1.0, -1.0] * (num_tokens // 2))
+    x = torch.randn(num_tokens, 1, hidden) * 0.1
+    x[:, 0, 0] = sign
+    x[:, 0, 1] = 1.0
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 1.0      # expert 0: only tokens with x0 = +1
+        moe.router.weight[1:, 1] = -1.0    # experts 1..E-1: never any token
+    out, _ = moe(x)
+    inactive = sign < 0
+    assert torch.equal(out[inactive], torch.zeros_like(out[inactive]))  # residual only
+    gate = x[~inactive, 0, 0].unsqueeze(-1)
+    expected, _ = moe.experts.local_experts[0](x[~inactive, 0])
+    torch.testing.assert_close(out[~inactive, 0], gate * expected)
+    out.sum().backward()
+    assert moe.router.weight.grad[0, 0] != 0
