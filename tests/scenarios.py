@@ -57,7 +57,12 @@ def run_step(rank, world_size, *, ckpt_dir, parallel_kwargs, model_kwargs, globa
     initialize_parallel(parallel, rank=rank, world_size=world_size, seed=1234)
     try:
         model_config = ModelConfig(**{**MODEL, **model_kwargs})
-        built = build_model(model_config, parallel)
+        built = build_model(
+            model_config,
+            parallel,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
         model = built.model
         if reference:
             _save(model, f"{ckpt_dir}/weights")
