@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: setup
-	$(PY) -c "print('The demo training run is coming with pretrain_gpt.py (issue 4).')"
+	$(PY) pretrain_gpt.py --config configs/demo.yaml
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -20,6 +20,8 @@ setup(
         "numpy",
         "PyYAML",
         "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
+        "tensorboard",
+        "tqdm",
         "tokenizers",
         "sentencepiece",
     ],

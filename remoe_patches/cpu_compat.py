@@ -38,6 +38,7 @@ def apply_cpu_shims() -> bool:
     _alltoall_dispatcher_without_streams()
     _hardcoded_cuda_tensors_on_cpu()
     _uneven_collectives_on_gloo()
+    _grad_clipping_on_cpu()
     _applied = True
     return True
 
@@ -129,7 +130,7 @@ def _cuda_to_cpu(factory):
 def _hardcoded_cuda_tensors_on_cpu() -> None:
     # These megatron modules allocate small tensors with a literal device='cuda' (optimizer and
     # grad-clipping scalars, the default causal mask, the schedules' token counter, the aux-loss
-    # tracker, data broadcast sizes, checkpoint exchange buffers). Each sees a torch whose
+    # tracker, data broadcast sizes, the fallback grad-norm kernel, checkpoint exchange buffers). Each sees a torch whose
     # factories put such tensors on the CPU instead.
     import importlib
 
@@ -142,6 +143,7 @@ def _hardcoded_cuda_tensors_on_cpu() -> None:
         "megatron.core.pipeline_parallel.schedules",
         "megatron.core.transformer.moe.moe_utils",
         "megatron.core.tensor_parallel.data",
+        "megatron.core.utils",
         "megatron.core.rerun_state_machine",
         "megatron.core.dist_checkpointing.exchange_utils",
         "megatron.core.dist_checkpointing.strategies.state_dict_saver",
@@ -192,3 +194,19 @@ class _done:
 
     def is_completed(self):
         return True
+
+
+def _grad_clipping_on_cpu() -> None:
+    # megatron's clip_grad_by_total_norm_fp32 asserts that gradients are torch.cuda.FloatTensor.
+    # The same scaling (by max_norm / (total_norm + 1e-6) when below 1), for CPU gradients.
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        attribute = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attribute, None) for p in parameters]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            torch._foreach_mul_([g.detach() for g in grads if g is not None], clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32

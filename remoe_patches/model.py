@@ -108,6 +108,7 @@ def build_regularizer(model_config: ModelConfig, device=None) -> Optional[Adapti
     return AdaptiveL1(
         target_sparsity=model_config.target_sparsity,
         num_layers=model_config.num_layers,
+        num_experts=model_config.total_experts,
         init_coeff=model_config.relu_l1_coeff_init,
         multiplier=model_config.relu_l1_coeff_multiplier,
         device=device,
@@ -131,6 +132,7 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     regularizer: Optional[AdaptiveL1] = None,
+    use_transformer_engine: bool = HAVE_TE,
     **transformer_overrides,
 ) -> BuiltModel:
     """Build this rank's GPTModel (megatron's parallel groups must be initialized).
@@ -142,7 +144,8 @@ def build_model(
     if regularizer is None:
         regularizer = build_regularizer(model_config)
     spec = decoder_block_spec(
-        transformer_config, regularizer, load_balancing=model_config.relu_load_balancing
+        transformer_config, regularizer, load_balancing=model_config.relu_load_balancing,
+        use_transformer_engine=use_transformer_engine,
     )
     model = GPTModel(
         config=transformer_config,

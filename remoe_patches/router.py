@@ -116,7 +116,9 @@ class ReLURouter(Router):
 
         if self.layer_number is not None:
             self._log(reg_loss, layer_sparsity)
-            self.regularizer.record(self.layer_number, layer_sparsity)
+            self.regularizer.record(
+                self.layer_number, layer_sparsity, tokens_per_expert_E, num_tokens
+            )
         return gates_TE
 
     def _log(self, reg_loss, layer_sparsity):
@@ -138,21 +140,18 @@ def relu_router_builder(regularizer: AdaptiveL1, load_balancing: bool = True):
     return functools.partial(ReLURouter, regularizer=regularizer, load_balancing=load_balancing)
 
 
-def reduce_router_metrics(num_microbatches: int) -> dict[str, torch.Tensor]:
-    """The step's per-layer ReMoE reg loss and sparsity from megatron's aux-loss tracker.
+def reduce_aux_loss_tracker(num_microbatches: int) -> dict[str, torch.Tensor]:
+    """The step's per-layer values of megatron's aux-loss tracker, then empty it.
 
-    Reduces over tensor/context, data-parallel ranks and pipeline stages, averages over the
-    step's micro-batches, and clears the tracker. Keys: ``reg_loss_L``, ``sparsity_L`` (all
-    layers; zero where a layer is not MoE).
+    Reduces over tensor/context, data-parallel ranks and pipeline stages and averages over the
+    step's micro-batches. Keys are the tracker's names: ``remoe_reg_loss`` and
+    ``remoe_sparsity`` from ReLU routers, ``load_balancing_loss`` from megatron's TopK router;
+    values have one entry per layer (zero where a layer is not MoE).
     """
     tracker = get_moe_layer_wise_logging_tracker()
-    names = [name for name in (REG_LOSS_NAME, SPARSITY_NAME) if name in tracker]
+    names = list(tracker)
     reduce_aux_losses_tracker_across_ranks(names)
-    metrics = {
-        key: tracker[name]["values"].clone() / num_microbatches
-        for key, name in (("reg_loss_L", REG_LOSS_NAME), ("sparsity_L", SPARSITY_NAME))
-        if name in tracker
-    }
+    metrics = {name: tracker[name]["values"].clone() / num_microbatches for name in names}
     for name in names:
         tracker[name]["values"].zero_()
     return metrics

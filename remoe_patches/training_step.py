@@ -46,6 +46,7 @@ def wrap_with_ddp(
     *,
     use_distributed_optimizer: bool = False,
     overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
 ) -> DistributedDataParallel:
     """megatron's DDP: gradients accumulate in fp32 buffers (``param.main_grad``) and are
     reduced over data-parallel ranks (and over TP for sequence-parallel params) once per step."""
@@ -53,6 +54,7 @@ def wrap_with_ddp(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
+        overlap_param_gather=overlap_param_gather,
     )
     wrapped = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     config.finalize_model_grads_func = finalize_model_grads

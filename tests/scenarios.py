@@ -17,7 +17,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from remoe_patches.config import ModelConfig, ParallelConfig
 from remoe_patches.model import build_model
 from remoe_patches.parallel import destroy_parallel, initialize_parallel
-from remoe_patches.router import reduce_router_metrics
+from remoe_patches.router import REG_LOSS_NAME, SPARSITY_NAME, reduce_aux_loss_tracker
 from remoe_patches.training_step import forward_backward, wrap_with_ddp
 
 MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
@@ -79,7 +79,10 @@ def run_step(rank, world_size, *, ckpt_dir, parallel_kwargs, model_kwargs, globa
         losses = forward_backward([ddp], mine, num_microbatches=num_microbatches,
                                   seq_length=MODEL["seq_length"], micro_batch_size=micro_batch)
         result = {"lm_loss": losses["lm_loss"]}
-        result.update(reduce_router_metrics(num_microbatches))
+        tracked = reduce_aux_loss_tracker(num_microbatches)
+        for key, name in (("reg_loss_L", REG_LOSS_NAME), ("sparsity_L", SPARSITY_NAME)):
+            if name in tracked:
+                result[key] = tracked[name]
         if built.regularizer is not None:
             step = built.regularizer.finish_step(
                 data_parallel_group=parallel_state.get_data_parallel_group(),

@@ -17,7 +17,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from remoe_patches.config import ModelConfig, PRESETS
 from remoe_patches.model import build_model
-from remoe_patches.router import ReLURouter, reduce_router_metrics
+from remoe_patches.router import REG_LOSS_NAME, SPARSITY_NAME, ReLURouter, reduce_aux_loss_tracker
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
             ffn_hidden_size=64, vocab_size=128, seq_length=16)
@@ -114,13 +114,13 @@ def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
     expected_reg, expected_per_layer = reference_reg_loss(inputs, [r.weight for r in routers], topk=2)
     coeff = 0.7
     expected_extra = torch.autograd.grad(coeff * expected_reg, params, allow_unused=True)
-    reduce_router_metrics(1)  # drop the records of the run above
+    reduce_aux_loss_tracker(1)  # drop the records of the run above
 
     loss_with, _ = run(coeff)
     grads_with = torch.autograd.grad(loss_with, params)
     assert loss_with.item() == loss_without.item()
-    metrics = reduce_router_metrics(1)
-    torch.testing.assert_close(metrics["reg_loss_L"], expected_per_layer)
+    metrics = reduce_aux_loss_tracker(1)
+    torch.testing.assert_close(metrics[REG_LOSS_NAME], expected_per_layer)
     for param, g0, g1, extra in zip(params, grads_without, grads_with, expected_extra):
         extra = torch.zeros_like(g0) if extra is None else extra
         torch.testing.assert_close(g1 - g0, extra, rtol=1e-4, atol=1e-7)
@@ -132,10 +132,10 @@ def test_router_records_sparsity_for_the_coefficient(single_rank):
     built = build_model(ModelConfig(router="relu", **TINY), single_rank)
     for seed in range(3):
         lm_loss(built.model, seed).backward()
-    metrics = reduce_router_metrics(3)
+    metrics = reduce_aux_loss_tracker(3)
     step = built.regularizer.step_sparsity()
-    torch.testing.assert_close(step.per_layer_L, metrics["sparsity_L"])
-    assert step.mean.item() == pytest.approx(metrics["sparsity_L"].mean().item())
+    torch.testing.assert_close(step.per_layer_L, metrics[SPARSITY_NAME])
+    assert step.mean.item() == pytest.approx(metrics[SPARSITY_NAME].mean().item())
     # evaluation forwards record nothing
     built.model.eval()
     with torch.no_grad():

@@ -1,0 +1,127 @@
+"""Where training metrics go: a Megatron-style console line, ``metrics.jsonl``, tensorboard, and a
+progress bar on interactive terminals. Only the logging rank (the last one, which holds the loss
+under pipeline parallelism) writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Optional
+
+# One object per logged step; evaluation records carry ``val_lm_loss`` (or ``test_lm_loss``).
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Writes each record to every configured sink."""
+
+    def __init__(
+        self,
+        *,
+        metrics_dir: Optional[str],
+        tensorboard_dir: Optional[str],
+        total_iterations: int,
+        start_iteration: int,
+        enabled: bool,
+    ):
+        self.enabled = enabled
+        self.metrics_path = os.path.join(metrics_dir, METRICS_FILE) if metrics_dir else None
+        self.writer = None
+        self.progress = None
+        if not enabled:
+            return
+        if self.metrics_path:
+            os.makedirs(metrics_dir, exist_ok=True)
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=total_iterations, initial=start_iteration, unit="it",
+                                 dynamic_ncols=True, leave=False)
+
+    def print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.write(line)
+        else:
+            print(line, flush=True)
+
+    def step(self, record: dict) -> None:
+        """A training-step record: console line, jsonl, tensorboard scalars."""
+        if not self.enabled:
+            return
+        self.print(format_step_line(record))
+        self._write(record)
+
+    def evaluation(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        name = "val_lm_loss" if "val_lm_loss" in record else "test_lm_loss"
+        loss = record[name]
+        self.print(
+            f" {'validation' if name.startswith('val') else 'test'} at iteration "
+            f"{record['iteration']:8d} | lm loss: {loss:.6E} | lm loss PPL: "
+            f"{math.exp(min(loss, 20)):.6E}"
+        )
+        self._write(record)
+
+    def advance(self, iterations: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.update(iterations)
+
+    def _write(self, record: dict) -> None:
+        if self.metrics_path:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            iteration = record["iteration"]
+            for key, value in record.items():
+                if key == "iteration":
+                    continue
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, iteration)
+                elif isinstance(value, list):
+                    for layer, item in enumerate(value):
+                        if isinstance(item, (int, float)) and math.isfinite(item):
+                            self.writer.add_scalar(f"{key}/layer_{layer}", item, iteration)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_step_line(r: dict) -> str:
+    """Megatron-LM's iteration line, with ReMoE's columns when present."""
+    parts = [
+        f" iteration {r['iteration']:8d}/{r['train_iters']:8d}",
+        f"consumed samples: {r['consumed_samples']:12d}",
+        f"elapsed time per iteration (ms): {r['ms_per_iteration']:.1f}",
+        f"tokens/s: {r['tokens_per_sec']:.0f}",
+        f"TFLOP/s/GPU: {r['tflops_per_gpu']:.2f}",
+        f"learning rate: {r['lr']:.6E}",
+        f"global batch size: {r['global_batch_size']:5d}",
+        f"lm loss: {r['lm_loss']:.6E}",
+    ]
+    if "reg_loss" in r:
+        parts += [
+            f"reg loss: {r['reg_loss']:.6E}",
+            f"l1 coeff: {r['l1_coeff']:.4E}",
+            f"sparsity: {r['sparsity']:.4f} (min {r['sparsity_min']:.4f}, max {r['sparsity_max']:.4f})",
+        ]
+    if "load_balancing_loss" in r:
+        parts.append(f"load balancing loss: {r['load_balancing_loss']:.6E}")
+    parts += [
+        f"grad norm: {r['grad_norm']:.3f}",
+        f"number of skipped iterations: {r['skipped_iterations']:3d}",
+    ]
+    return " | ".join(parts) + " |"

@@ -1,0 +1,313 @@
+"""pretrain_gpt.py's arguments: Megatron-LM launch scripts (the ReMoE authors' included) parse
+into the configs they mean, YAML presets and the command line combine, and every mistake is one
+clear line naming the flag."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from remoe_patches.arguments import (
+    ineffective_flags,
+    model_config_from_args,
+    parallel_config_from_args,
+    parse_args,
+    split_blend,
+    transformer_overrides_from_args,
+)
+from remoe_patches.config import ModelConfig, ParallelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# The authors' 182M ReMoE launch (spec §7), with the 29-pair --data-path blend cut to 3 pairs.
+AUTHORS_182M_REMOE = [
+    "--use-mcore-models", "--disable-bias-linear",
+    "--seq-length", "1024", "--max-position-embeddings", "1024",
+    "--num-layers", "12", "--hidden-size", "768", "--num-attention-heads", "12",
+    "--init-method-std", "0.01", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
+    "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--swiglu",
+    "--untie-embeddings-and-output-weights", "--group-query-attention", "--num-query-groups", "4",
+    "--no-masked-softmax-fusion", "--no-position-embedding", "--rotary-base", "1000000",
+    "--num-experts", "8", "--moe-router-topk", "1",
+    "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2",
+    "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall",
+    "--overlap-param-gather", "--overlap-grad-reduce",
+    "--moe-relu-routing", "--moe-router-pre-softmax", "--moe-granularity", "1",
+    "--moe-layer-recompute",
+    "--vocab-file", "gpt2-vocab.json", "--merge-file", "gpt2-merges.txt",
+    "--make-vocab-size-divisible-by", "1024",
+    "--data-path", "0.0260", "../pile/00_text_document", "0.0251", "../pile/01_text_document",
+    "0.0249", "../pile/02_text_document",
+    "--split", "969,30,1",
+    "--micro-batch-size", "16", "--global-batch-size", "512", "--lr", "5e-4",
+    "--train-iters", "60000", "--lr-decay-style", "cosine", "--min-lr", "5e-5",
+    "--lr-warmup-fraction", "0.01", "--clip-grad", "1.0", "--bf16", "--use-flash-attn",
+    "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
+    "--use-distributed-optimizer", "--sequence-parallel",
+    "--log-interval", "10", "--log-throughput", "--save-interval", "5000",
+    "--eval-interval", "1000", "--eval-iters", "100",
+    "--save", "ckpt/182m", "--load", "ckpt/182m", "--tensorboard-dir", "ckpt/182m/tensorboard",
+]
+
+TOPK_ONLY_FLAGS = [
+    "--moe-router-pre-softmax", "--moe-aux-loss-coeff", "--moe-router-load-balancing-type"
+]
+
+# A small valid LLaMA-recipe command line for the error tests.
+TINY = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+    "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "10",
+    "--normalization", "RMSNorm", "--swiglu", "--untie-embeddings-and-output-weights",
+    "--disable-bias-linear", "--position-embedding-type", "rope",
+    "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
+]
+TINY_MOE = TINY + ["--num-experts", "8", "--moe-router-topk", "1", "--moe-router-pre-softmax"]
+
+# Spec §3: layers, hidden, heads of each preset.
+PAPER_SIZES = {"182m": (12, 768, 12), "469m": (24, 1024, 16), "978m": (24, 1536, 16)}
+PATHS_ON_COMMAND_LINE = [
+    "--data-path", "0.6", "data/a_text_document", "0.4", "data/b_text_document",
+    "--vocab-file", "gpt2-vocab.json", "--merge-file", "gpt2-merges.txt", "--save", "runs/x",
+]
+
+
+def without(argv, flag):
+    """``argv`` without ``flag`` and, if it takes one, its value."""
+    index = argv.index(flag)
+    takes_value = index + 1 < len(argv) and not argv[index + 1].startswith("--")
+    return argv[:index] + argv[index + 1 + takes_value:]
+
+
+def parse_error(argv, capsys):
+    """The stderr line of a parse that must fail with exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, f"not one line: {err!r}"
+    return err
+
+
+def flags_of(args, **machine):
+    return [flag for flag, _ in ineffective_flags(args, **machine)]
+
+
+CPU = dict(cuda_available=False, transformer_engine_available=False)
+GPU_WITH_TE = dict(cuda_available=True, transformer_engine_available=True)
+
+
+# --- (a) the authors' launch script --------------------------------------------------------
+
+
+def test_authors_remoe_script_gives_the_papers_model():
+    with pytest.warns(UserWarning, match="--sequence-parallel"):
+        args = parse_args(AUTHORS_182M_REMOE)
+    expected = ModelConfig(
+        num_layers=12, hidden_size=768, num_attention_heads=12, num_query_groups=4,
+        ffn_hidden_size=3072, seq_length=1024, rotary_base=1_000_000, init_method_std=0.01,
+        router="relu", num_experts=8, topk=1, granularity=1, moe_aux_loss_coeff=0.01,
+        relu_l1_coeff_init=1e-8, relu_l1_coeff_multiplier=1.2, relu_load_balancing=True,
+        token_dispatcher="alltoall", moe_expert_capacity_factor=None, moe_grouped_gemm=True,
+        vocab_size=51200,
+    )
+    model = model_config_from_args(args, vocab_size=51200)
+    for field in dataclasses.fields(ModelConfig):
+        assert getattr(model, field.name) == getattr(expected, field.name), field.name
+    assert parallel_config_from_args(args) == ParallelConfig(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        expert_model_parallel_size=1, sequence_parallel=False,
+    )
+    assert args.tokenizer_type == "GPT2BPETokenizer"
+    assert args.split == "969,30,1"
+    assert split_blend(args.data_path) == (
+        ["../pile/00_text_document", "../pile/01_text_document", "../pile/02_text_document"],
+        [0.026, 0.0251, 0.0249],
+    )
+    schedule = (args.lr, args.min_lr, args.lr_warmup_fraction, args.train_iters)
+    assert schedule == (5e-4, 5e-5, 0.01, 60000)
+    assert args.add_position_embedding is False and args.add_bias_linear is False
+
+
+def test_authors_remoe_script_lists_what_has_no_effect():
+    with pytest.warns(UserWarning):
+        args = parse_args(AUTHORS_182M_REMOE)
+    on_cpu = flags_of(args, **CPU)
+    for flag in ["--use-flash-attn", "--moe-grouped-gemm", "--bf16", "--sequence-parallel",
+                 "--no-masked-softmax-fusion", "--use-distributed-optimizer", *TOPK_ONLY_FLAGS]:
+        assert flag in on_cpu
+    assert "--moe-router-topk" not in on_cpu  # it sets the target sparsity
+    assert len(on_cpu) == len(set(on_cpu))
+    on_gpu = flags_of(args, **GPU_WITH_TE)
+    assert "--moe-grouped-gemm" not in on_gpu and "--bf16" not in on_gpu
+    assert "--use-flash-attn" in on_gpu  # transformer-engine chooses its attention kernel
+    assert set(TOPK_ONLY_FLAGS) <= set(on_gpu)
+    # The overrides agree: on GPUs with transformer-engine the fused kernels are used, except
+    # the one the script turns off.
+    overrides = transformer_overrides_from_args(args, **GPU_WITH_TE)
+    assert overrides["moe_grouped_gemm"] and overrides["bias_activation_fusion"]
+    assert overrides["masked_softmax_fusion"] is False
+
+
+def test_authors_script_without_relu_routing_is_the_topk_baseline():
+    argv = without(without(AUTHORS_182M_REMOE, "--moe-relu-routing"), "--sequence-parallel")
+    args = parse_args(argv)
+    model = model_config_from_args(args)
+    assert (model.router, model.moe_aux_loss_coeff, model.topk) == ("topk", 0.01, 1)
+    assert not set(TOPK_ONLY_FLAGS) & set(flags_of(args, **CPU))
+    overrides = transformer_overrides_from_args(args, **CPU)
+    assert overrides["moe_router_pre_softmax"] is True
+
+
+def test_moe_layer_recompute_reaches_megatron_as_selective_moe_recompute():
+    with pytest.warns(UserWarning):
+        args = parse_args(AUTHORS_182M_REMOE)
+    overrides = transformer_overrides_from_args(args, **CPU)
+    assert overrides["moe_grouped_gemm"] is False  # no grouped-GEMM kernel on CPU
+    model, parallel = model_config_from_args(args), parallel_config_from_args(args)
+    config = model.transformer_config(parallel, **overrides)
+    assert (config.recompute_granularity, config.recompute_modules) == ("selective", ["moe"])
+
+
+# --- (b) YAML presets and the command line ------------------------------------------------
+
+
+def test_yaml_values_are_defaults_and_the_command_line_wins(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "num_layers: 4\nlr: 1e-3\nmoe_relu_routing: true\nnum_experts: 8\nmoe_router_topk: 1\n"
+        "data_path: [0.3, a, 0.7, b]\nlr_warmup_fraction: 0.01\n"
+    )
+    args = parse_args(["--config", str(config), *without(TINY, "--lr"), "--num-layers", "6",
+                       "--lr-warmup-iters", "5"])
+    assert args.lr == 1e-3  # from the YAML, through the flag's type
+    assert args.num_layers == 6  # the command line wins
+    assert args.moe_relu_routing and args.num_experts == 8
+    assert split_blend(args.data_path) == (["a", "b"], [0.3, 0.7])
+    # --lr-warmup-iters on the command line replaces the YAML's warm-up fraction.
+    assert (args.lr_warmup_iters, args.lr_warmup_fraction) == (5, None)
+    assert {"lr", "num_layers", "moe_relu_routing", "data_path"} <= args.given
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*m_*.yaml")), ids=lambda path: path.stem)
+def test_shipped_config_is_the_papers_setup(path):
+    size, router_name = path.stem.split("_")
+    args = parse_args(["--config", str(path), *PATHS_ON_COMMAND_LINE])
+    model = model_config_from_args(args)
+    assert (model.num_layers, model.hidden_size, model.num_attention_heads) == PAPER_SIZES[size]
+    assert model.num_query_groups == 4 and model.seq_length == 1024
+    assert model.dense_ffn_hidden_size == 4 * model.hidden_size
+    assert model.router == {"dense": "dense", "moe": "topk", "remoe": "relu"}[router_name]
+    if model.is_moe:
+        assert (model.num_experts, model.topk, model.granularity) == (8, 1, 1)
+        assert model.token_dispatcher == "alltoall" and model.moe_expert_capacity_factor is None
+    schedule = (args.global_batch_size, args.train_iters, args.lr, args.min_lr)
+    assert schedule == (512, 60000, 5e-4, 5e-5) and args.lr_warmup_fraction == 0.01
+    assert (args.clip_grad, args.adam_beta1, args.adam_beta2, args.lr_decay_style) == (
+        1.0, 0.9, 0.999, "cosine"
+    )
+    assert (args.split, args.make_vocab_size_divisible_by, args.bf16) == ("969,30,1", 1024, True)
+    assert args.recompute_granularity == (
+        "full" if size != "182m" else ("selective" if model.is_moe else None)
+    )
+    # On the paper's machines every flag of a shipped config does something.
+    assert ineffective_flags(args, **GPU_WITH_TE) == []
+    overrides = transformer_overrides_from_args(args, **CPU)
+    model.transformer_config(parallel_config_from_args(args), **overrides)
+
+
+def test_all_nine_configs_ship():
+    names = {path.stem for path in CONFIG_DIR.glob("*m_*.yaml")}
+    assert names == {f"{size}_{kind}" for size in PAPER_SIZES for kind in ("dense", "moe", "remoe")}
+
+
+def test_demo_config_is_a_cpu_sized_remoe_on_the_demo_corpus(capsys):
+    args = parse_args(["--config", str(CONFIG_DIR / "demo.yaml")])
+    assert args.demo_corpus and model_config_from_args(args).router == "relu"
+    # The demo corpus brings its own data and tokenizer; naming others is a mistake.
+    err = parse_error(["--config", str(CONFIG_DIR / "demo.yaml"), "--data-path", "x"], capsys)
+    assert "--demo-corpus sets the data and tokenizer itself; drop --data-path" in err
+
+
+# --- (c) unknown flags and keys ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("typo", ["--num-layer", "--num-lay", "--num-layer=12"])
+def test_unknown_flag_names_the_closest_one(typo, capsys):
+    err = parse_error(TINY + [typo, "12"], capsys)
+    assert f"unknown flag {typo.split('=')[0]}; did you mean --num-layers?" in err
+
+
+def test_unknown_yaml_key_names_file_key_and_closest_key(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("num_layer: 12\n")
+    err = parse_error(["--config", str(config), *TINY], capsys)
+    assert str(config) in err and "unknown key num_layer; did you mean num_layers?" in err
+
+
+def test_yaml_switch_needs_a_boolean(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("swiglu: 3\n")
+    err = parse_error(["--config", str(config), *TINY], capsys)
+    assert str(config) in err and "swiglu takes true or false" in err
+
+
+# --- (d) one line per mistake ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (TINY + ["--lr-warmup-iters", "10", "--lr-warmup-fraction", "0.1"], "--lr-warmup-fraction"),
+        (TINY + ["--global-batch-size", "7"],
+         "--global-batch-size 7 is not divisible by --micro-batch-size 2"),
+        (TINY + ["--num-experts", "4", "--moe-router-topk", "5"], "--moe-router-topk 5"),
+        (TINY_MOE + ["--moe-granularity", "5"], "--moe-granularity 5 does not divide"),
+        (TINY_MOE + ["--moe-relu-routing", "--moe-expert-capacity-factor", "1.0"],
+         "--moe-expert-capacity-factor"),
+        (TINY_MOE + ["--moe-relu-routing", "--moe-pad-expert-input-to-capacity"],
+         "--moe-pad-expert-input-to-capacity"),
+        (TINY_MOE + ["--moe-relu-routing", "--moe-token-dispatcher-type", "flex"],
+         "--moe-token-dispatcher-type flex"),
+        (TINY_MOE + ["--moe-token-dispatcher-type", "alltoall_seq"], "--moe-token-dispatcher-type"),
+        (TINY + ["--moe-relu-routing"], "--moe-relu-routing needs --num-experts"),
+        (TINY + ["--fp16"], "--fp16 is not supported: use --bf16"),
+        (without(TINY, "--num-layers"), "missing required flag(s): --num-layers"),
+        (without(TINY, "--hidden-size"), "missing required flag(s): --hidden-size"),
+        (without(TINY, "--num-attention-heads"), "missing required flag(s): --num-attention-heads"),
+        (without(TINY, "--seq-length"), "missing required flag(s): --seq-length"),
+        (TINY + ["--train-samples", "100"], "--train-iters and --train-samples"),
+        (without(TINY, "--swiglu"), "--swiglu must be given"),
+        (without(TINY, "--normalization"), "--normalization must be RMSNorm, not LayerNorm"),
+        (without(TINY, "--untie-embeddings-and-output-weights"),
+         "--untie-embeddings-and-output-weights must be given"),
+        (without(TINY, "--position-embedding-type"), "--position-embedding-type must be rope"),
+        (without(TINY, "--disable-bias-linear"), "--disable-bias-linear must be given"),
+        (without(TINY, "--hidden-dropout"), "--hidden-dropout must be 0.0, not 0.1"),
+        (without(TINY, "--attention-dropout"), "--attention-dropout must be 0.0, not 0.1"),
+        (TINY + ["--group-query-attention", "--num-query-groups", "3"], "--num-query-groups"),
+        (TINY_MOE + ["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
+        (TINY + ["--context-parallel-size", "2"], "--context-parallel-size must be 1"),
+        (TINY + ["--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size"),
+        (TINY + ["--recompute-granularity", "full"],
+         "--recompute-granularity full needs --recompute-method"),
+        (TINY + ["--recompute-num-layers", "1"], "need --recompute-granularity full"),
+        (without(TINY_MOE, "--moe-router-pre-softmax"),
+         "--moe-router-topk 1 needs --moe-router-pre-softmax"),
+        (TINY + ["--data-path", "0.5", "a", "b", "c"], "--data-path: mixes"),
+        (TINY + ["--vocab-file", "vocab.json"], "needs both --vocab-file and --merge-file"),
+        (TINY + ["--max-position-embeddings", "16"], "--max-position-embeddings 16"),
+        (TINY + ["--optimizer", "sgd"], "--optimizer"),
+    ],
+)
+def test_mistakes_are_one_line_naming_the_flag(argv, expected, capsys):
+    assert expected in parse_error(argv, capsys)
+
+
+def test_dense_model_lists_moe_flags_and_unsupported_logging():
+    args = parse_args(
+        TINY + ["--moe-grouped-gemm", "--wandb-project", "p", "--num-query-groups", "2"]
+    )
+    listed = dict(ineffective_flags(args, **GPU_WITH_TE))
+    assert listed.keys() == {"--moe-grouped-gemm", "--wandb-project", "--num-query-groups"}
+    assert "dense" in listed["--moe-grouped-gemm"]
+    assert model_config_from_args(args).num_query_groups == 4  # every head keeps its own K/V

@@ -1,0 +1,100 @@
+"""Checkpoints are atomic: a write that dies midway leaves the previous one and the pointer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from remoe_patches import checkpointing
+from remoe_patches.config import ModelConfig
+from remoe_patches.model import build_model
+from remoe_patches.training_step import forward_backward, wrap_with_ddp
+
+TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+            ffn_hidden_size=64, vocab_size=128, seq_length=16, router="relu")
+
+
+def make_run(single_rank):
+    built = build_model(ModelConfig(**TINY), single_rank)
+    ddp = wrap_with_ddp(built.model, built.transformer_config)
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3), [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=1, lr_decay_steps=10,
+        lr_decay_style="cosine", start_wd=0.0, end_wd=0.0, wd_incr_steps=10,
+        wd_incr_style="constant")
+    # one step, so that the optimizer has its Adam moments to save
+    tokens = torch.randint(0, TINY["vocab_size"], (2, TINY["seq_length"] + 1))
+    batch = dict(tokens_BS=tokens[:, :-1], labels_BS=tokens[:, 1:],
+                 loss_mask_BS=torch.ones(2, TINY["seq_length"]),
+                 position_ids_BS=torch.arange(TINY["seq_length"]).expand(2, -1))
+    forward_backward([ddp], [batch], num_microbatches=1, seq_length=TINY["seq_length"],
+                     micro_batch_size=2)
+    optimizer.step()
+    return built, ddp, optimizer, scheduler
+
+
+def weights(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_crash_mid_write_keeps_previous_checkpoint(single_rank, tmp_path, monkeypatch):
+    built, ddp, optimizer, scheduler = make_run(single_rank)
+    built.regularizer.coeff = torch.tensor(0.25)
+    checkpointing.save_checkpoint(str(tmp_path), 1, [ddp], optimizer, scheduler,
+                                  consumed_samples=4, regularizer=built.regularizer)
+    saved = weights(built.model)
+
+    with torch.no_grad():
+        for p in built.model.parameters():
+            p.add_(1.0)
+    real_save = checkpointing.dist_checkpointing.save
+
+    def dies_midway(state, directory):
+        real_save(state, directory)          # the shards are on disk...
+        raise Crash("killed while finishing the checkpoint")  # ...but the write never completes
+
+    monkeypatch.setattr(checkpointing.dist_checkpointing, "save", dies_midway)
+    with pytest.raises(Crash):
+        checkpointing.save_checkpoint(str(tmp_path), 2, [ddp], optimizer, scheduler,
+                                      consumed_samples=8, regularizer=built.regularizer)
+    monkeypatch.setattr(checkpointing.dist_checkpointing, "save", real_save)
+
+    assert checkpointing.latest_iteration(str(tmp_path)) == 1
+    assert not (tmp_path / "iter_0000002").exists()
+    assert (tmp_path / "iter_0000002.partial").exists()
+
+    fresh, fresh_ddp, fresh_optimizer, fresh_scheduler = make_run(single_rank)
+    restored = checkpointing.load_checkpoint(str(tmp_path), [fresh_ddp], fresh_optimizer,
+                                             fresh_scheduler, regularizer=fresh.regularizer)
+    assert restored["iteration"] == 1 and restored["consumed_samples"] == 4
+    assert fresh.regularizer.coeff.item() == 0.25
+    for key, value in weights(fresh.model).items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
+
+    # the next save replaces the stale partial directory and moves the pointer
+    checkpointing.save_checkpoint(str(tmp_path), 2, [fresh_ddp], fresh_optimizer,
+                                  fresh_scheduler, consumed_samples=8)
+    assert checkpointing.latest_iteration(str(tmp_path)) == 2
+    assert sorted(os.listdir(tmp_path)) == [
+        "iter_0000001", "iter_0000002", checkpointing.LATEST_FILE]
+
+
+def test_fresh_directory_is_a_fresh_start(single_rank, tmp_path):
+    _, ddp, optimizer, scheduler = make_run(single_rank)
+    assert checkpointing.load_checkpoint(str(tmp_path), [ddp], optimizer, scheduler) is None
+
+
+def test_pointer_to_missing_checkpoint_is_a_clear_error(single_rank, tmp_path):
+    _, ddp, optimizer, scheduler = make_run(single_rank)
+    (tmp_path / checkpointing.LATEST_FILE).write_text("7")
+    with pytest.raises(ValueError, match="iter_0000007 is missing"):
+        checkpointing.load_checkpoint(str(tmp_path), [ddp], optimizer, scheduler)
