@@ -168,8 +168,12 @@ def load_checkpoint(
     regularizer=None,
     load_optimizer: bool = True,
     load_rng: bool = True,
+    load_training_state: bool = True,
 ) -> Optional[dict]:
     """Restore the latest checkpoint under ``root`` into the given objects.
+
+    ``load_training_state=False`` restores the weights but not the LR schedule nor the ReMoE
+    coefficient (a new run from these weights).
 
     Returns ``{"iteration", "consumed_samples", "args", "rng_restored"}``, or None when ``root``
     holds no checkpoint (a fresh run). RNG states are restored only under the same parallel
@@ -200,9 +204,9 @@ def load_checkpoint(
         _unwrap(chunk).load_state_dict(state[key])
     if load_optimizer and optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
+    if load_training_state and scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    if regularizer is not None and state.get("regularizer") is not None:
+    if load_training_state and regularizer is not None and state.get("regularizer") is not None:
         regularizer.load_state_dict(state["regularizer"])
     if rng_wanted:
         _set_rng_state(state["rng_state"].data if hasattr(state["rng_state"], "data")

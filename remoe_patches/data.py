@@ -18,8 +18,44 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
+
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def drop_empty_splits(data_path: Sequence[str], split: str) -> tuple[str, list[str]]:
+    """``split`` with a zero weight for every split that gets no document of some dataset.
+
+    megatron-core cuts each dataset's documents by the split fractions; a split that receives no
+    document would make its GPT dataset loop forever looking for tokens. Returns the split to
+    use and the names of the splits dropped (a corpus too small for, say, a 1/1000 test split).
+    """
+    prefixes, _weights = get_blend_from_list(list(data_path))
+    weights = parse_and_normalize_split(split)
+    matrix = convert_split_vector_to_split_matrix(weights)
+    dropped = []
+    for prefix in prefixes:
+        num_documents = IndexedDataset(prefix).document_indices.shape[0] - 1
+        for index, bounds in enumerate(matrix):
+            if bounds is None or weights[index] == 0.0:
+                continue
+            begin, end = bounds
+            if round(end * num_documents) - round(begin * num_documents) == 0:
+                weights[index] = 0.0
+                dropped.append(SPLIT_NAMES[index])
+    if weights[0] == 0.0:
+        raise ValueError(
+            f"--split {split} leaves the training split without documents in {prefixes}; "
+            "give the training split a larger share"
+        )
+    return ",".join(f"{w:g}" for w in weights), dropped
 
 
 @dataclass

@@ -32,7 +32,13 @@ from remoe_patches.arguments import (
     transformer_overrides_from_args,
 )
 from remoe_patches.config import ConfigError
-from remoe_patches.data import build_splits, check_data_paths, micro_batches, to_device
+from remoe_patches.data import (
+    build_splits,
+    check_data_paths,
+    drop_empty_splits,
+    micro_batches,
+    to_device,
+)
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.metrics_log import MetricsLog
 from remoe_patches.model import HAVE_TE, build_model, build_regularizer
@@ -129,17 +135,31 @@ def pretrain(args) -> RunState:
     log = None
     try:
         if args.load:
+            # --finetune takes the weights only: a new run starts from them (as Megatron-LM).
+            fresh_start = bool(args.finetune)
             restored = checkpointing.load_checkpoint(
-                args.load, model_chunks, optimizer if not args.no_load_optim else None,
-                scheduler, regularizer=regularizer, load_optimizer=not args.no_load_optim,
-                load_rng=not args.no_load_rng,
+                args.load, model_chunks, optimizer, scheduler, regularizer=regularizer,
+                load_optimizer=not (args.no_load_optim or fresh_start),
+                load_rng=not (args.no_load_rng or fresh_start),
+                load_training_state=not fresh_start,
             )
-            if restored is not None and not args.finetune:
+            if restored is not None and not fresh_start:
                 state.iteration = restored["iteration"]
                 state.consumed_samples = restored["consumed_samples"]
+        if args.train_iters == 0:  # save the initial weights, e.g. to start several layouts
+            if args.save:
+                _save(args, state, model_chunks, optimizer, scheduler, regularizer, dp_size)
+            return state
 
+        split = args.split
+        if args.data_path is not None:
+            split, dropped = drop_empty_splits(args.data_path, args.split)
+            for name in dropped:
+                if dist.get_rank() == 0:
+                    print(f" note: the {name} split of --split {args.split} holds no document "
+                          "of the data; it is skipped", flush=True)
         splits = build_splits(
-            data_path=args.data_path, split=args.split,
+            data_path=args.data_path, split=split,
             per_split_paths=(args.train_data_path, args.valid_data_path, args.test_data_path), seq_length=args.seq_length,
             tokenizer=tokenizer, num_samples=num_samples(args), seed=args.seed,
             mock=args.mock_data, cache_path=args.data_cache_path,
@@ -236,6 +256,8 @@ def data_blends(args) -> list:
 def lr_scheduler(args, optimizer) -> OptimizerParamScheduler:
     """Megatron-LM's schedule, counted in samples: warm-up, then decay to --min-lr."""
     decay_iters = args.lr_decay_iters or args.train_iters
+    if decay_iters == 0:  # --train-iters 0: nothing will be trained
+        decay_iters = 1
     decay_samples = decay_iters * args.global_batch_size
     if args.lr_warmup_fraction is not None:
         warmup_samples = int(args.lr_warmup_fraction * decay_samples)
@@ -384,16 +406,25 @@ def log_window(log, window, args, state, model_config, regularizer, world_size) 
             sparsity_per_layer=[float(v) for v in sparsity_L[moe_layers]],
         )
         active = (1.0 - out["sparsity"]) * model_config.total_experts
-        for layer in torch.nonzero(moe_layers).flatten().tolist():
-            if sparsity_L[layer] >= COLLAPSE_SPARSITY:
-                log.print(f" WARNING: layer {layer + 1} collapsed at iteration {state.iteration}: "
-                          f"mean sparsity {float(sparsity_L[layer]):.4f} over the last "
-                          f"{len(records)} steps")
+        collapsed = [f"{layer + 1} ({float(sparsity_L[layer]):.4f})"
+                     for layer in torch.nonzero(moe_layers).flatten().tolist()
+                     if sparsity_L[layer] >= COLLAPSE_SPARSITY]
+        if collapsed:
+            log.print(f" WARNING: collapsed layers at iteration {state.iteration} (mean sparsity "
+                      f">= {COLLAPSE_SPARSITY} over the last {len(records)} steps): "
+                      + ", ".join(collapsed))
         load_LE = torch.stack([r["expert_load"] for r in records]).nanmean(0)
+        dead = {}
         for layer, expert in torch.nonzero(load_LE < DEAD_EXPERT_SHARE).tolist():
-            log.print(f" WARNING: dead expert {expert} in layer {layer + 1} at iteration "
-                      f"{state.iteration}: {100 * float(load_LE[layer, expert]):.2f}% of tokens "
-                      f"over the last {len(records)} steps (under 1/64)")
+            dead.setdefault(layer + 1, []).append(
+                f"{expert} ({100 * float(load_LE[layer, expert]):.2f}%)")
+        if dead:
+            log.print(f" WARNING: dead experts at iteration {state.iteration} (under 1/64 of "
+                      f"the layer's tokens over the last {len(records)} steps): "
+                      + "; ".join(f"layer {layer}: expert {', '.join(experts)}"
+                                  for layer, experts in dead.items()))
+        out["dead_experts"] = sum(len(experts) for experts in dead.values())
+        out["collapsed_layers"] = len(collapsed)
     elif model_config.router == "topk":
         active = model_config.total_topk
         if "load_balancing_loss_L" in last:
