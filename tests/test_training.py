@@ -202,3 +202,14 @@ def test_batch_not_divisible_by_data_parallel_ranks(corpus, tmp_path):
     assert result.returncode != 0
     assert "is not divisible by --micro-batch-size 2 x data-parallel size 2" in result.stderr
     assert not save.exists()
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path):
+    save = tmp_path / "diverged"
+    result = run(authors_style_flags(corpus, save, lr=1e30, min_lr=0.0, lr_warmup_fraction=None,
+                                     train_iters=20, max_skipped_steps=3, eval_interval=None,
+                                     save_interval=None))
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "4 steps in a row had a non-finite loss or gradient" in result.stderr
+    records = steps(save)
+    assert records[max(records)]["skipped_iterations"] >= 3  # logged before the stop
