@@ -43,15 +43,20 @@ def initialize_parallel(
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world_size > 1:
-                raise RuntimeError("MASTER_PORT must be set when several processes start together")
-            os.environ["MASTER_PORT"] = str(free_port())
+        if "MASTER_PORT" in os.environ:
+            init_method = "env://"
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        elif world_size == 1:
+            # A lone process gets a private port; the environment stays untouched, so that
+            # processes it starts do not inherit an address that is already taken.
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+        else:
+            raise RuntimeError("MASTER_PORT must be set when several processes start together")
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
+            init_method=init_method,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -74,7 +74,8 @@ def run(argv, nproc=1, timeout=600, env=None):
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                    "--master-port", str(free_port()), str(REPO / "pretrain_gpt.py"), *argv]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    full_env = {**inherited, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
 
