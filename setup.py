@@ -14,6 +14,7 @@ setup(
     description="ReMoE (ReLU-routed Mixture-of-Experts) on megatron-core",
     python_requires=">=3.10",
     packages=find_packages(include=["remoe_patches", "remoe_patches.*"]),
+    package_data={"remoe_patches.lm_eval_tasks": ["*.yaml"]},
     install_requires=[
         "torch==2.13.0",
         "megatron-core==0.16.1",
@@ -24,6 +25,8 @@ setup(
         "tqdm",
         "tokenizers",
         "sentencepiece",
+        "lm-eval==0.4.13",  # zero-shot evaluation (remoe_patches/evaluation.py)
+        "safetensors",  # checkpoint export (tools/export_checkpoint.py)
     ],
     extras_require={"test": ["pytest"]},
 )

@@ -1,0 +1,243 @@
+"""A small, self-contained PyTorch GPT that runs checkpoints exported by ``tools/export_checkpoint.py``.
+
+No megatron import: this file, torch and safetensors are all it needs, so an exported model runs
+anywhere PyTorch does. It reproduces the megatron-core model built by ``remoe_patches.model``
+(the paper's LLaMA recipe) to float32 rounding:
+
+- token embedding, no position embedding, untied output layer, no biases, no dropout;
+- pre-norm blocks: ``x = x + attn(rmsnorm(x)); x = x + mlp(rmsnorm(x))``, then a final RMSNorm;
+- RMSNorm: ``x / sqrt(mean(x^2) + eps) * weight``;
+- rotary position embedding as megatron applies it: inverse frequencies
+  ``base^(-2i/d)``, angles repeated as ``[f_0..f_{d/2-1}, f_0..f_{d/2-1}]`` and
+  ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]`` (halves, not
+  interleaved pairs), on every query and key head, positions 0..S-1;
+- grouped-query attention with megatron's fused ``linear_qkv`` layout: the output rows are
+  ``num_query_groups`` blocks, block g = [the query heads of group g, key g, value g];
+  query head h uses group ``h // (heads / groups)``; causal softmax with scale ``1/sqrt(d)``;
+- SwiGLU MLP: ``linear_fc1`` stacks [gate; up], ``fc2(silu(gate) * up)``;
+- the MLP of each layer is one of
+    * dense: one SwiGLU MLP;
+    * TopK MoE (megatron's TopKRouter with softmax scores): ``logits = x W_r^T``; with
+      ``pre_softmax`` the softmax over all E experts comes first and the k largest
+      probabilities are the gates, otherwise the k largest logits are soft-maxed among
+      themselves; gates times ``topk_scaling_factor`` when set;
+    * ReLU MoE (ReMoE, Eq. 5): gates ``ReLU(x W_r^T)``, experts with a positive gate are active
+      (0..E per token);
+  and the output is ``sum_e gate_e * expert_e(x)``.
+
+Parameter names are megatron's (``decoder.layers.0.self_attention.linear_qkv.weight``, ...), so
+an export is a plain ``load_state_dict``. ``config.json`` holds the fields of ``GPTConfig``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int  # padded vocabulary (rows of the embedding and of the output layer)
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int  # megatron's kv_channels
+    seq_length: int  # the context the model was trained with
+    rotary_base: float
+    norm_epsilon: float
+    router: str  # "dense", "topk" or "relu"
+    ffn_hidden_size: int  # dense MLP width
+    num_experts: int = 0  # total experts (E * granularity)
+    topk: int = 0  # TopK's k (k * granularity); ReLU routing ignores it
+    expert_ffn_hidden_size: int = 0  # each expert's width (ffn / granularity)
+    moe_router_pre_softmax: bool = True
+    moe_router_topk_scaling_factor: Optional[float] = None
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_angles(seq_len: int, head_dim: int, base: float, device=None):
+    """[S, head_dim] angles: megatron's RotaryEmbedding (non-interleaved)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+                               / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat((freqs, freqs), dim=-1)
+
+
+def apply_rotary(x, angles):
+    """x: [B, heads, S, d]; angles: [S, d]."""
+    return x * angles.cos() + rotate_half(x) * angles.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.heads, self.groups, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim)
+        qkv_width = (self.heads + 2 * self.groups) * self.head_dim
+        self.linear_qkv = nn.Linear(cfg.hidden_size, qkv_width, bias=False)
+        self.linear_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, angles):
+        B, S, _ = x.shape
+        heads_per_group = self.heads // self.groups
+        # [B, S, groups, (heads_per_group + 2) * d]: per group, its query heads, then k, then v
+        qkv = self.linear_qkv(x).view(B, S, self.groups, (heads_per_group + 2) * self.head_dim)
+        q, k, v = qkv.split(
+            [heads_per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        q = q.reshape(B, S, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, S, d]
+        k = k.transpose(1, 2)  # [B, groups, S, d]
+        v = v.transpose(1, 2)
+        q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        k = k.repeat_interleave(heads_per_group, dim=1)  # query head h reads group h // hpg
+        v = v.repeat_interleave(heads_per_group, dim=1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
+        attn = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(B, S, self.heads * self.head_dim)
+        return self.linear_proj(out)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(hidden_size, 2 * ffn_hidden_size, bias=False)  # [gate; up]
+        self.linear_fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.linear_fc1(x).chunk(2, dim=-1)
+        return self.linear_fc2(F.silu(gate) * up)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
+
+    def forward(self, x):
+        """x: [T, hidden] -> gates [T, E], zero where an expert is inactive."""
+        logits = x @ self.weight.t()
+        if self.cfg.router == "relu":
+            return F.relu(logits)
+        k = self.cfg.topk
+        if self.cfg.moe_router_pre_softmax:
+            top, index = logits.softmax(dim=-1).topk(k, dim=-1)
+        else:
+            top, index = logits.topk(k, dim=-1)
+            top = top.softmax(dim=-1)
+        if self.cfg.moe_router_topk_scaling_factor:
+            top = top * self.cfg.moe_router_topk_scaling_factor
+        return torch.zeros_like(logits).scatter(-1, index, top)
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.local_experts = nn.ModuleList(
+            SwiGLU(cfg.hidden_size, cfg.expert_ffn_hidden_size) for _ in range(cfg.num_experts))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        gates = self.router(x)  # [T, E]
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts.local_experts):
+            tokens = torch.nonzero(gates[:, e] > 0).flatten()
+            if tokens.numel():
+                out[tokens] += gates[tokens, e, None] * expert(x[tokens])
+        return out.reshape(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
+        self.self_attention = Attention(cfg)
+        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size) if cfg.router == "dense" \
+            else MoE(cfg)
+
+    def forward(self, x, angles):
+        x = x + self.self_attention(self.input_layernorm(x), angles)
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.router not in ("dense", "topk", "relu"):
+            raise ValueError(f"unknown router {cfg.router!r}; expected dense, topk or relu")
+        self.config = cfg
+        self.embedding = Embedding(cfg)
+        self.decoder = Decoder(cfg)
+        self.output_layer = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens):
+        """tokens: [B, S] int64 -> logits [B, S, vocab_size] (positions 0..S-1)."""
+        x = self.embedding.word_embeddings(tokens)
+        angles = rotary_angles(tokens.shape[1], self.config.head_dim, self.config.rotary_base,
+                               device=tokens.device)
+        for layer in self.decoder.layers:
+            x = layer(x, angles)
+        return self.output_layer(self.decoder.final_layernorm(x))
+
+
+def load_exported(directory: str, device=None) -> GPT:
+    """The model saved in ``directory`` (``config.json`` + ``model.safetensors``), in eval mode."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+        cfg = GPTConfig.from_dict(json.load(f))
+    model = GPT(cfg)
+    model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE)))
+    return model.to(device or "cpu").eval()

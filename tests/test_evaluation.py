@@ -1,0 +1,559 @@
+"""Zero-shot evaluation through lm-eval: the ``remoe`` model, offline tasks, tools/evaluate.py.
+
+Checkpoints are trained once per session by ``pretrain_gpt.py`` in subprocesses (3 steps on a
+small demo corpus) and cached under pytest's session temp dir, shared with test_export.py:
+
+- ``relu``: 1-process ReMoE; ``topk``: 1-process TopK MoE; ``dense``: 1-process dense.
+- ``relu-ep2`` / ``relu-tp2``: the ``relu`` checkpoint loaded by ``pretrain_gpt.py`` on 2 ranks
+  with EP=2 (resp. TP=2 + sequence parallel) and saved again with no training step: the same
+  weights, written as 2 ranks' shards. Evaluating them on one process must give exactly the
+  numbers of ``relu``, which exercises megatron's resharding into the 1-process model. The
+  ``relu`` run pads the vocabulary to a multiple of 256, the TP=2 run to 128 x TP = 256: the
+  loader must pad with the *saved* TP size to rebuild the same 512-row embedding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from remoe_patches.parallel import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+SEQ = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (shared with test_export.py through the session temp dir)
+
+
+def _cache_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.getbasetemp() / "remoe-eval-cache"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def _corpus(tmp_path_factory):
+    from remoe_patches.demo_corpus import build_demo_corpus
+
+    root = _cache_root(tmp_path_factory) / "corpus"
+    done = root / "built.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    corpus = build_demo_corpus(root, vocab_size=384, max_chars_per_domain=40_000)
+    info = dict(data_prefix=corpus.data_prefix, vocab_file=corpus.vocab_file,
+                merge_file=corpus.merge_file)
+    done.write_text(json.dumps(info))
+    return info
+
+
+def _flags(corpus, save, router, **overrides) -> list:
+    flags = dict(
+        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        seq_length=SEQ, max_position_embeddings=SEQ, ffn_hidden_size=128,
+        position_embedding_type="rope", rotary_base=1000000, normalization="RMSNorm",
+        init_method_std=0.02, attention_dropout=0.0, hidden_dropout=0.0,
+        make_vocab_size_divisible_by=256,
+        micro_batch_size=2, global_batch_size=4, lr=1e-3, min_lr=1e-4, lr_decay_style="cosine",
+        lr_warmup_iters=1, train_iters=3, seed=1234,
+        data_path=corpus["data_prefix"], split="969,30,1", vocab_file=corpus["vocab_file"],
+        merge_file=corpus["merge_file"], log_interval=1, eval_interval=None, eval_iters=1,
+        save=save,
+    )
+    if router != "dense":
+        flags.update(num_experts=8, moe_router_topk=1, moe_aux_loss_coeff=1e-2,
+                     moe_token_dispatcher_type="alltoall", moe_relu_l1_reg_coeff_init=0.05)
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        if value is not None:
+            argv += ["--" + key.replace("_", "-"), str(value)]
+    argv += ["--disable-bias-linear", "--no-position-embedding", "--swiglu",
+             "--untie-embeddings-and-output-weights", "--group-query-attention"]
+    if router == "topk":
+        argv += ["--moe-router-pre-softmax"]
+    if router == "relu":
+        argv += ["--moe-relu-routing"]
+    return argv
+
+
+def clean_env(**extra) -> dict:
+    """This process's environment without torch.distributed rendezvous variables: a
+    subprocess must not reuse a port that this process may hold."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _pretrain(argv, nproc=1):
+    script = str(REPO / "pretrain_gpt.py")
+    command = [sys.executable, script, *argv] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-port", str(free_port()), script, *argv]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=clean_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+RESAVED = {
+    "relu-ep2": ["--expert-model-parallel-size", "2"],
+    "relu-tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                 "--make-vocab-size-divisible-by", "128"],
+}
+
+
+def checkpoint(tmp_path_factory, name: str) -> str:
+    """The cached checkpoint ``name`` (see the module docstring), trained on first use."""
+    save = _cache_root(tmp_path_factory) / name
+    if (save / "latest_checkpointed_iteration.txt").exists():
+        return str(save)
+    corpus = _corpus(tmp_path_factory)
+    if name in ("relu", "topk", "dense"):
+        _pretrain(_flags(corpus, save, name))
+    else:
+        source = checkpoint(tmp_path_factory, "relu")
+        argv = _flags(corpus, save, "relu", load=source) + [
+            "--no-load-optim", "--no-load-rng", "--no-save-optim"] + RESAVED[name]
+        _pretrain(argv, nproc=2)
+    return str(save)
+
+
+@pytest.fixture(scope="module")
+def relu_checkpoint(tmp_path_factory):
+    return checkpoint(tmp_path_factory, "relu")
+
+
+@pytest.fixture(scope="module")
+def relu_lm(single_rank, relu_checkpoint):
+    from remoe_patches.evaluation import RemoeLM
+
+    return RemoeLM(load=relu_checkpoint, batch_size=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct computations the lm-eval model is checked against
+
+
+def direct_logprobs(lm, tokens: list) -> torch.Tensor:
+    """log-probabilities [len(tokens), vocab] of one unpadded sequence, one forward pass."""
+    from remoe_patches.inference import megatron_logits
+
+    logits = megatron_logits(lm.model, torch.tensor([tokens]))[0]
+    return torch.log_softmax(logits, dim=-1)
+
+
+def direct_score(lm, inputs: list, targets: list) -> tuple:
+    """Sum of log p(target) over the last len(targets) positions of ``inputs``, and greedy."""
+    logprobs = direct_logprobs(lm, inputs)[len(inputs) - len(targets):]
+    target = torch.tensor(targets)
+    return (float(logprobs.gather(-1, target[:, None]).sum()),
+            bool((logprobs.argmax(-1) == target).all()))
+
+
+def requests(kind, args_list):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type=kind, doc={}, arguments=args, idx=i)
+            for i, args in enumerate(args_list)]
+
+
+LONG_TEXT = (
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n"
+    "    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    "The module defines classes and functions; the reader should consult the documentation "
+    "of each before use, since the arguments are checked at run time.\n"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# loglikelihood, rolling, generation
+
+
+def test_loglikelihood_equals_direct_forward_sum(relu_lm):
+    lm = relu_lm
+    pairs = [
+        ("The value of", " the function"),
+        ("import os\nimport", " sys"),
+        ("", "def main():"),  # empty context: the end-of-document token stands in
+        (LONG_TEXT, " return None"),  # context longer than the window: left-truncated
+        ("Answer:", LONG_TEXT),  # continuation longer than the window: scored in pieces
+        ("x =", " 1"),
+    ]
+    got = lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    assert len(lm.tok_encode(LONG_TEXT)) > 2 * SEQ
+    L = lm.max_length
+    assert L == SEQ
+    for (context, continuation), (logprob, greedy) in zip(pairs, got):
+        if context:
+            context_tokens, continuation_tokens = lm._encode_pair(context, continuation)
+        else:
+            context_tokens, continuation_tokens = [lm.eot_token_id], lm.tok_encode(continuation)
+        whole = context_tokens + continuation_tokens
+        expected, expected_greedy = 0.0, True
+        # the continuation in pieces of at most L tokens, each predicted from the L tokens
+        # before its last token (one piece unless the continuation is longer than L)
+        for start in range(len(context_tokens), len(whole), L):
+            end = min(start + L, len(whole))
+            window = whole[max(0, end - 1 - L):end - 1]
+            score, is_greedy = direct_score(lm, window, whole[start:end])
+            expected += score
+            expected_greedy = expected_greedy and is_greedy
+        assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-5), (context, continuation)
+        assert greedy == expected_greedy
+        assert logprob < 0
+
+
+def test_short_request_is_one_plain_forward_pass(relu_lm):
+    lm = relu_lm
+    context, continuation = lm._encode_pair("for item in", " items:")
+    [(logprob, _)] = lm.loglikelihood(requests("loglikelihood", [("for item in", " items:")]),
+                                      disable_tqdm=True)
+    logprobs = direct_logprobs(lm, context + continuation)
+    expected = sum(float(logprobs[len(context) - 1 + i, token])
+                   for i, token in enumerate(continuation))
+    assert logprob == pytest.approx(expected, rel=1e-5)
+
+
+def test_loglikelihood_rolling_equals_whole_text_sum(relu_lm):
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    lm = relu_lm
+    short_text = "import os\nprint(os.getcwd())\n"
+    texts = [short_text, LONG_TEXT, LONG_TEXT[:90]]
+    got = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in texts]),
+                                   disable_tqdm=True)
+
+    # a text within the window: the sum over all its tokens, given the end-of-document token
+    tokens = lm.tok_encode(short_text)
+    assert len(tokens) < SEQ
+    logprobs = direct_logprobs(lm, [lm.eot_token_id] + tokens[:-1])
+    assert got[0] == pytest.approx(float(logprobs.gather(-1, torch.tensor(tokens)[:, None]).sum()),
+                                   rel=1e-5)
+
+    # longer texts: the same rolling windows, computed one by one without batching
+    for text, value in zip(texts[1:], got[1:]):
+        tokens = lm.tok_encode(text)
+        assert len(tokens) > SEQ
+        windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+            token_list=tokens, prefix_token=lm.eot_token_id, max_seq_len=SEQ, context_len=1)]
+        assert sum((w[1] for w in windows), []) == tokens  # every token predicted exactly once
+        assert len(windows) > 1
+        expected = sum(direct_score(lm, (c + t)[-(SEQ + 1):][:-1], t)[0] for c, t in windows)
+        assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_reference_backend_scores_like_megatron(relu_lm, relu_checkpoint):
+    from remoe_patches.evaluation import RemoeLM
+
+    reference = RemoeLM(load=relu_checkpoint, backend="reference", batch_size=2)
+    pairs = [("The value of", " the function"), (LONG_TEXT, " return None"), ("", "import os")]
+    a = relu_lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    b = reference.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    assert [x[0] for x in b] == pytest.approx([x[0] for x in a], rel=1e-5)
+    rolling = requests("loglikelihood_rolling", [(LONG_TEXT,)])
+    assert reference.loglikelihood_rolling(rolling, disable_tqdm=True) == pytest.approx(
+        relu_lm.loglikelihood_rolling(rolling, disable_tqdm=True), rel=1e-5)
+
+
+def test_generate_until_is_greedy(relu_lm):
+    lm = relu_lm
+    prompts = [("def main():\n", {"until": ["\n\n"], "max_gen_toks": 6}),
+               ("import", {"until": ["zzz"], "max_gen_toks": 6}),
+               (LONG_TEXT, {"until": ["zzz"], "max_gen_toks": SEQ + 8})]  # slides past the window
+    got = lm.generate_until(requests("generate_until", prompts), disable_tqdm=True)
+    vocab = lm.tokenizer.vocab_size
+    for (context, kwargs), text in zip(prompts, got):
+        n, stop = kwargs["max_gen_toks"], kwargs["until"][0]
+        room = SEQ - n
+        tokens = lm.tok_encode(context)
+        tokens = tokens[-(room if room > 0 else SEQ):]
+        generated = []
+        for _ in range(n):
+            logits = direct_logprobs(lm, (tokens + generated)[-SEQ:])[-1, :vocab]
+            token = int(logits.argmax())
+            if token == lm.eot_token_id:
+                break
+            generated.append(token)
+            if stop in lm.tok_decode(generated):
+                break
+        expected = lm.tok_decode(generated).split(stop)[0]
+        assert text == expected
+    assert len(lm.tok_encode(got[2])) > 0
+    with pytest.raises(ValueError, match="greedily"):
+        lm.generate_until(requests("generate_until", [("x", {"do_sample": True})]),
+                          disable_tqdm=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints saved under EP=2 / TP=2
+
+
+@pytest.mark.parametrize("name, key, size", [("relu-ep2", "expert_model_parallel_size", 2),
+                                             ("relu-tp2", "tensor_model_parallel_size", 2)])
+def test_sharded_checkpoint_evaluates_like_single_process(single_rank, relu_lm, tmp_path_factory,
+                                                          name, key, size):
+    from remoe_patches.evaluation import RemoeLM
+    from remoe_patches.inference import read_checkpoint_state, resolve_checkpoint_dir
+
+    directory = resolve_checkpoint_dir(checkpoint(tmp_path_factory, name))
+    saved = read_checkpoint_state(directory)["args"]
+    assert saved[key] == size
+    # both ranks wrote shards of the model
+    assert {p.name.split("_")[2] for p in Path(directory).glob("__*_*.distcp")} == {"0", "1"}
+
+    sharded = RemoeLM(load=directory, batch_size=3)
+    assert sharded.model.config.tensor_model_parallel_size == 1
+    expected_state = relu_lm.model.state_dict()
+    got_state = sharded.model.state_dict()
+    tensors = [k for k, v in expected_state.items() if torch.is_tensor(v)]
+    assert [k for k, v in got_state.items() if torch.is_tensor(v)] == tensors
+    assert expected_state["embedding.word_embeddings.weight"].shape[0] == 512
+    for name_ in tensors:
+        assert torch.equal(got_state[name_], expected_state[name_]), name_
+
+    pairs = [("The value of", " the function"), (LONG_TEXT, " return None"), ("", "import os")]
+    assert sharded.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True) == \
+        relu_lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    rolling = requests("loglikelihood_rolling", [(LONG_TEXT,)])
+    assert sharded.loglikelihood_rolling(rolling, disable_tqdm=True) == \
+        relu_lm.loglikelihood_rolling(rolling, disable_tqdm=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline tasks
+
+
+def write_fixtures(data_dir: Path) -> dict:
+    """4 made-up rows per task in each upstream dataset's schema; {task: rows written}."""
+    def arc(prefix):
+        return [dict(id=f"{prefix}-{i}", question=q,
+                     choices=dict(text=choices, label=labels), answerKey=answer)
+                for i, (q, choices, labels, answer) in enumerate([
+                    ("Which tool measures temperature?", ["ruler", "thermometer", "scale",
+                                                           "clock"], ["A", "B", "C", "D"], "B"),
+                    ("What do plants need to make food?", ["sunlight", "sand", "salt"],
+                     ["A", "B", "C"], "A"),
+                    ("Which is a liquid at room temperature?", ["iron", "water", "wood", "ice"],
+                     ["1", "2", "3", "4"], "2"),
+                    ("What pulls objects toward the ground?", ["magnetism", "friction",
+                                                                "gravity", "light"],
+                     ["A", "B", "C", "D"], "C"),
+                ])]
+
+    problems = lambda items: str([dict(question=q, options=o, answer=a) for q, o, a in items])
+    rows = {
+        "arc_easy": ("test", arc("easy")),
+        "arc_challenge": ("test", arc("challenge")),
+        "boolq": ("validation", [
+            dict(question="is the sky blue on a clear day", passage="On a clear day the sky "
+                 "looks blue because air scatters blue light more than red light.", idx=0,
+                 label=1),
+            dict(question="do fish breathe air with lungs", passage="Most fish take oxygen "
+                 "from water through their gills.", idx=1, label=0),
+            dict(question="is python a programming language", passage="Python is a "
+                 "programming language that emphasises readability.", idx=2, label=1),
+            dict(question="does ice sink in water", passage="Ice is less dense than liquid "
+                 "water, so it floats.", idx=3, label=0),
+        ]),
+        "hellaswag": ("validation", [
+            dict(ind=i, activity_label=activity, ctx_a=ctx_a, ctx_b=ctx_b,
+                 ctx=f"{ctx_a} {ctx_b}", endings=endings, source_id=f"src-{i}",
+                 split="val", split_type="indomain", label=label)
+            for i, (activity, ctx_a, ctx_b, endings, label) in enumerate([
+                ("Cooking", "A man cracks eggs into a bowl.", "he",
+                 ["whisks them with a fork.", "paints the wall.", "drives to work.",
+                  "reads a map."], "0"),
+                ("Running", "A woman ties her shoes at the track.", "she",
+                 ["sings an opera.", "starts jogging around the lane.", "bakes bread.",
+                  "opens a bank account."], "1"),
+                ("Gardening", "A boy kneels by a flower bed.", "he",
+                 ["flies a plane.", "writes a novel.", "pulls out the weeds.",
+                  "swims a lap."], "2"),
+                ("Home [title] How to clean a window", "[step] Spray the glass.", "then",
+                 ["eat the cloth.", "call a taxi.", "sleep on it.",
+                  "wipe it with a cloth."], "3"),
+            ])]),
+        "lambada_openai": ("test", [
+            dict(text="She opened the door and let the cat out into the garden"),
+            dict(text="He wrote the function, ran the tests and fixed the last bug"),
+            dict(text="The train left the station at noon and arrived in the city"),
+            dict(text="After the rain stopped the children went outside to play"),
+        ]),
+        "piqa": ("validation", [
+            dict(goal="To dry wet hands,", sol1="rub them with a towel.",
+                 sol2="put them in the freezer.", label=0),
+            dict(goal="To open a jar,", sol1="hit it with a book.",
+                 sol2="twist the lid counterclockwise.", label=1),
+            dict(goal="To cool soup,", sol1="let it rest for a few minutes.",
+                 sol2="add boiling water.", label=0),
+            dict(goal="To read at night,", sol1="close your eyes.", sol2="turn on a lamp.",
+                 label=1),
+        ]),
+        "race": ("test", [
+            dict(article="Tom likes to read books in the library after school. He borrows "
+                 "two books every week.", problems=problems([
+                     ("Where does Tom read?", ["At home", "In the library", "In a park",
+                                               "On a bus"], "B"),
+                     ("How many books does Tom borrow every week?", ["One", "Two", "Three",
+                                                                     "Four"], "B")])),
+            dict(article="The museum opens at nine and closes at five. Children enter for "
+                 "free.", problems=problems([
+                     ("The museum closes at  _  .", ["nine", "five", "noon", "midnight"], "B"),
+                     ("Who enters for free?", ["Teachers", "Children", "Doctors",
+                                               "Nobody"], "B")])),
+            dict(article="Rain fell all night, so the river rose and covered the road.",
+                 problems=problems([("Why did the river rise?", ["Rain", "Snow", "Wind",
+                                                                 "Sun"], "A")])),
+        ]),
+    }
+    for task, (split, items) in rows.items():
+        (data_dir / task).mkdir(parents=True)
+        with open(data_dir / task / f"{split}.jsonl", "w") as f:
+            for item in items:
+                f.write(json.dumps(item) + "\n")
+    return {task: len(items) for task, (_, items) in rows.items()}
+
+
+UPSTREAM_YAMLS = {
+    "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
+    "boolq": "super_glue/boolq/default.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+    "lambada_openai": "lambada/lambada_openai.yaml", "piqa": "piqa/piqa.yaml",
+    "race": "race/race.yaml",
+}
+
+
+def _comparable(config: dict) -> dict:
+    out = {}
+    for key, value in config.items():
+        if key in ("dataset_path", "dataset_name", "dataset_kwargs", "remoe_offline"):
+            continue
+        out[key] = (value.__name__, inspect.getsource(value)) if callable(value) else value
+    return out
+
+
+@pytest.mark.parametrize("task", list(UPSTREAM_YAMLS))
+def test_offline_task_equals_upstream_prompts_and_metrics(task):
+    import lm_eval.tasks
+
+    from remoe_patches.evaluation import TASKS_DIR, load_task_yaml
+
+    upstream = load_task_yaml(Path(lm_eval.tasks.__file__).parent / UPSTREAM_YAMLS[task])
+    mine = load_task_yaml(TASKS_DIR / f"{task}.yaml")
+    assert _comparable(mine) == _comparable(upstream)
+    assert mine["dataset_path"] == "json" and mine["dataset_name"] is None
+
+
+def test_offline_configs_read_the_data_dir(tmp_path):
+    from remoe_patches.evaluation import DEFAULT_TASKS, offline_task_configs
+
+    write_fixtures(tmp_path)
+    (tmp_path / "boolq" / "train.jsonl").write_text((tmp_path / "boolq" /
+                                                     "validation.jsonl").read_text())
+    configs = {c["task"]: c for c in offline_task_configs(DEFAULT_TASKS, tmp_path)}
+    assert configs["boolq"]["dataset_kwargs"]["data_files"] == {
+        "train": str(tmp_path / "boolq" / "train.jsonl"),
+        "validation": str(tmp_path / "boolq" / "validation.jsonl")}
+    assert configs["boolq"]["training_split"] == "train"
+    assert configs["piqa"]["training_split"] is None  # no file: few-shot uses the eval split
+    assert configs["arc_challenge"]["dataset_kwargs"]["data_files"] == {
+        "test": str(tmp_path / "arc_challenge" / "test.jsonl")}
+    assert all("remoe_offline" not in c for c in configs.values())
+    with pytest.raises(ValueError, match="no offline config"):
+        offline_task_configs(["mmlu"], tmp_path)
+
+
+def test_missing_file_names_task_path_and_schema(tmp_path):
+    from remoe_patches.evaluation import offline_task_configs
+
+    (tmp_path / "hellaswag").mkdir()
+    with pytest.raises(FileNotFoundError) as error:
+        offline_task_configs(["piqa", "hellaswag"], tmp_path)
+    message = str(error.value)
+    assert "task piqa" in message
+    assert str(tmp_path / "piqa" / "validation.jsonl") in message
+    assert '"goal": str, "sol1": str, "sol2": str, "label": int' in message
+
+
+def _evaluate_tool():
+    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_tool_reports_a_missing_file(tmp_path, capsys):
+    write_fixtures(tmp_path)
+    (tmp_path / "race" / "test.jsonl").unlink()
+    code = _evaluate_tool().main(["--load", str(tmp_path), "--data-dir", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "task race" in err and str(tmp_path / "race" / "test.jsonl") in err
+    assert '"article": str' in err
+
+
+def test_markdown_table_has_the_papers_columns():
+    from remoe_patches.evaluation import DEFAULT_TASKS, markdown_table
+
+    values = {"arc_challenge": 0.2, "arc_easy": 0.4, "boolq": 0.5, "hellaswag": 0.3,
+              "lambada_openai": 0.1, "piqa": 0.6, "race": 0.3}
+    results = {"results": {t: {"acc,none": v, "acc_norm,none": v + 0.01}
+                           for t, v in values.items()}}
+    partial = {"results": {t: r for t, r in results["results"].items() if t != "race"}}
+    lines = markdown_table([("ReMoE", results), ("MoE", partial)], DEFAULT_TASKS).splitlines()
+    assert lines[0] == ("| Model | ARC-c | ARC-e | BoolQ | HellaSwag | LAMBADA | PIQA | RACE "
+                        "| Avg. |")
+    # acc_norm for ARC-c, HellaSwag and PIQA, acc elsewhere
+    assert lines[2] == "| ReMoE | 21.00 | 40.00 | 50.00 | 31.00 | 10.00 | 61.00 | 30.00 | 34.71 |"
+    assert lines[3].endswith("| 61.00 | n/a | n/a |")
+
+
+def test_evaluate_tool_end_to_end(single_rank, relu_checkpoint, tmp_path):
+    from remoe_patches.evaluation import PAPER_TASKS
+    from remoe_patches.inference import export_checkpoint
+
+    data = tmp_path / "data"
+    counts = write_fixtures(data)
+    exported = export_checkpoint(relu_checkpoint, str(tmp_path / "exported"))
+    output = tmp_path / "out" / "results.json"
+    env = clean_env(HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "evaluate.py"), "--load", relu_checkpoint,
+         "--load", exported, "--data-dir", str(data), "--batch-size", "8",
+         "--output", str(output)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Running loglikelihood requests" in result.stderr  # the progress bar
+
+    lines = result.stdout.splitlines()
+    header = lines.index("| Model | ARC-c | ARC-e | BoolQ | HellaSwag | LAMBADA | PIQA | RACE "
+                         "| Avg. |")
+    rows = [line.strip("|").split("|") for line in lines[header + 2:header + 4]]
+    assert [row[0].strip() for row in rows] == ["ReMoE (relu)", "ReMoE (exported)"]
+    for index, row in enumerate(rows):
+        results = json.loads((tmp_path / "out" / f"results.{index + 1}.json").read_text())
+        cells = [float(cell) for cell in row[1:]]
+        assert len(cells) == 8
+        for (task, _, metric), cell in zip(PAPER_TASKS, cells):
+            task_results = results["results"][task]
+            assert cell == pytest.approx(100 * task_results[f"{metric},none"], abs=0.006)
+            assert "acc,none" in task_results
+            assert 0.0 <= task_results["acc,none"] <= 1.0
+            assert results["n-samples"][task]["effective"] == counts[task]
+        assert cells[-1] == pytest.approx(sum(cells[:-1]) / 7, abs=0.01)
+        assert results["results"]["lambada_openai"]["perplexity,none"] > 1.0
+        assert results["config"]["router"] == "relu"
+    assert rows[0][1:] == rows[1][1:]  # megatron and the exported reference model agree
+    first = json.loads((tmp_path / "out" / "results.1.json").read_text())
+    assert first["config"]["backend"] == "megatron"
+    assert json.loads((tmp_path / "out" / "results.2.json").read_text())["config"]["backend"] \
+        == "reference"
+    assert first["configs"]["race"]["dataset_kwargs"]["data_files"]["test"] == str(
+        data / "race" / "test.jsonl")

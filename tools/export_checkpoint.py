@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Export a pretrain_gpt.py checkpoint (any TP/EP/PP layout) to safetensors + config.json.
+
+    python tools/export_checkpoint.py --load ckpt/182m_remoe --output exported/182m_remoe
+
+writes ``OUT/model.safetensors`` (all parallel shards merged, megatron's parameter names,
+float32), ``OUT/config.json`` (the architecture: sizes, router kind, experts, k, granularity,
+rotary base, norm epsilon, vocabulary, tokenizer) and the tokenizer files. Run it with
+``remoe_patches.reference_model.load_exported(OUT)`` (plain PyTorch, no megatron) or evaluate
+it with ``tools/evaluate.py --load OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--load", required=True, metavar="DIR",
+                        help="pretrain_gpt.py --save directory (latest checkpoint) or one "
+                        "iter_XXXXXXX directory.")
+    parser.add_argument("--output", required=True, metavar="OUT", help="Export directory.")
+    parser.add_argument("--tokenizer-dir", metavar="DIR",
+                        help="Directory now holding the checkpoint's tokenizer files.")
+    args = parser.parse_args(argv)
+
+    from remoe_patches.inference import CheckpointError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.load, args.output, tokenizer_dir=args.tokenizer_dir)
+    except CheckpointError as error:
+        print(f"export_checkpoint.py: error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {args.load} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
