@@ -27,6 +27,7 @@ setup(
         "sentencepiece",
         "lm-eval==0.4.13",  # zero-shot evaluation (remoe_patches/evaluation.py)
         "safetensors",  # checkpoint export (tools/export_checkpoint.py)
+        "matplotlib",  # routing analyses (remoe_patches/analysis.py)
     ],
     extras_require={"test": ["pytest"]},
 )

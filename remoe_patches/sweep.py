@@ -1,0 +1,699 @@
+"""Config-driven sweeps: a base config plus a grid of flag values expands into named runs.
+
+A sweep file (``configs/sweeps/<name>.yaml``)::
+
+    name: experts                     # default: the file's stem
+    output_dir: runs/sweeps/experts   # default: runs/sweeps/<name>; run R lives in <output_dir>/R
+    base:                             # what every run shares
+      size: 182m                      # size + router pick configs/<size>_<router>.yaml, or
+      config: configs/182m_remoe.yaml #   name a config file (pretrain_gpt.py --config)
+      data_path: ${DATA_PATH}         # any pretrain_gpt.py flag, with underscores; ${VAR} is
+      vocab_file: ${VOCAB_FILE}       #   read from the environment when the sweep expands
+    grid:                             # flag -> values; the runs are the product, in this order
+      router: [moe, remoe]            # dense | moe | remoe
+      num_experts: [4, 8, 16]
+    exclude:                          # optional: combinations left out
+      - {router: moe, num_experts: 4}
+    launch:                           # optional: how one run starts
+      nproc_per_node: 8               # 1 runs python pretrain_gpt.py, more run torchrun
+      nnodes: 1
+      slurm: {time: "72:00:00", partition: gpu}   # extra #SBATCH options; max_parallel: N
+    table:                            # optional: the collected table's shape
+      rows: [num_experts]             # default: the grid keys but the column key
+      columns: router                 # default: router when it is a grid key
+      values: [val_lm_loss]           # default: val_lm_loss (+ zero_shot_avg when present)
+    paper:                            # optional: the paper's value of the table's first value,
+      moe_e-4: 1.971                  #   by run name, shown in parentheses
+
+Special keys (base or grid):
+
+- ``config``: the config file the run starts from.
+- ``size`` (``182m``, ``469m``, ``978m``): with ``router``, the config file
+  ``configs/<size>_<router>.yaml`` (the paper's presets).
+- ``router`` (``dense``, ``moe``, ``remoe``): without ``size``, switches the router of whatever
+  the config file and flags describe: ``moe`` sets the Switch aux loss (0.01, pre-softmax),
+  ``remoe`` sets ``--moe-relu-routing``, both default to E=8, k=1; ``dense`` drops every MoE
+  flag (``num_experts``, ``moe_*``).
+
+Any other key is a ``pretrain_gpt.py`` flag. A run's settings are the config file, then the
+router switch, then ``base``, then its grid values; they are written to ``<run dir>/config.yaml``
+and the run is ``pretrain_gpt.py --config <run dir>/config.yaml --save/--load <run dir>``.
+Every run is validated with pretrain_gpt.py's own parser when the sweep expands.
+
+Run names come from the grid values in grid order: ``size``, ``router`` and ``config`` (its
+file stem) by value, other keys as ``<short name>-<value>`` (``e-16``, ``g-4``, ``alpha-1.2``,
+``lambda0-1e-08``, ``lb-none``, ...), joined by ``_``.
+
+A run is finished when ``<run dir>/DONE`` exists (written after a run that reached its
+``train_iters``) or its latest checkpoint is at ``train_iters``; finished runs are skipped when
+the sweep is launched again. ``collect`` gathers each run's last validation loss, its settling
+iteration (ReMoE: when the sparsity entered and stayed within 0.02 of the target) and the
+zero-shot average of ``<run dir>/zero_shot.json`` (lm-eval's results JSON, as written by
+``tools/evaluate.py --output``, or ``{"avg": x}``) into ``results.md``, ``results.csv`` (the
+paper's table shape) and ``runs.csv`` (one line per run).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import glob
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from remoe_patches.analysis import read_metrics, settle_iteration, target_from_flags
+
+REPO = Path(__file__).resolve().parent.parent
+DONE_FILE = "DONE"
+RUN_CONFIG = "config.yaml"
+LOG_FILE = "train.log"
+ZERO_SHOT_FILE = "zero_shot.json"
+
+SPECIAL_KEYS = ("config", "size", "router")
+ROUTERS = ("dense", "moe", "remoe")
+ROUTER_TITLES = {"dense": "Dense", "moe": "TopK MoE", "remoe": "ReMoE"}
+# Flags that say which router a config uses; replaced when ``router`` switches it.
+ROUTER_IDENTITY = ("moe_relu_routing", "moe_router_pre_softmax", "moe_aux_loss_coeff",
+                   "moe_router_load_balancing_type")
+ROUTER_SWITCHES = {
+    "dense": {},
+    "moe": dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01,
+                moe_router_pre_softmax=True),
+    "remoe": dict(moe_relu_routing=True),
+}
+MOE_DEFAULTS = dict(num_experts=8, moe_router_topk=1, moe_token_dispatcher_type="alltoall")
+SHORT_NAMES = {
+    "num_experts": "e",
+    "moe_router_topk": "k",
+    "moe_granularity": "g",
+    "moe_relu_l1_reg_coeff_multiplier": "alpha",
+    "moe_relu_l1_reg_coeff_init": "lambda0",
+    "moe_router_load_balancing_type": "lb",
+    "moe_aux_loss_coeff": "aux",
+    "train_iters": "iters",
+}
+LABELS = {
+    "num_experts": "E",
+    "moe_router_topk": "k",
+    "moe_granularity": "G",
+    "moe_relu_l1_reg_coeff_multiplier": "alpha",
+    "moe_relu_l1_reg_coeff_init": "lambda_0",
+    "moe_router_load_balancing_type": "load balancing",
+    "size": "size",
+    "router": "router",
+}
+VALUE_TITLES = {
+    "val_lm_loss": "validation loss",
+    "test_lm_loss": "test loss",
+    "zero_shot_avg": "zero-shot average (%)",
+    "settle_iteration": "settling iteration",
+}
+# Flags that take several values (a blend); a string value is split at whitespace.
+LIST_FLAGS = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
+
+
+class SweepError(ValueError):
+    """A sweep file or run that cannot work; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep files and runs
+
+
+@dataclass
+class Run:
+    """One run of a sweep: its name, directory, grid values and resolved pretrain_gpt.py flags."""
+
+    name: str
+    directory: Path
+    values: dict
+    """The grid values that define it (grid order)."""
+    flags: dict
+    """Everything its config.yaml holds (flag names with underscores)."""
+    paper: Optional[float] = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / RUN_CONFIG
+
+    @property
+    def router(self) -> str:
+        if not self.flags.get("num_experts"):
+            return "dense"
+        return "remoe" if self.flags.get("moe_relu_routing") else "moe"
+
+    def config_text(self) -> str:
+        header = f"# sweep run {self.name}: written by tools/sweep.py; the grid values: " \
+                 f"{json.dumps(self.values)}\n"
+        return header + yaml.safe_dump(self.flags, sort_keys=False)
+
+    def config_digest(self) -> str:
+        return hashlib.sha256(yaml.safe_dump(self.flags, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    output_dir: Path
+    runs: list
+    grid_keys: list
+    launch: dict = field(default_factory=dict)
+    table: dict = field(default_factory=dict)
+
+
+def load_sweep(path, output_dir=None, environ=None) -> Sweep:
+    """Read a sweep file and expand its runs (not yet validated: see ``validate_runs``)."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except OSError as error:
+        raise SweepError(f"cannot read {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise SweepError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(spec, dict):
+        raise SweepError(f"{path}: must be a mapping with base: and grid:")
+    known = {"name", "description", "output_dir", "base", "grid", "exclude", "launch", "table",
+             "paper"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise SweepError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    name = str(spec.get("name") or path.stem)
+    environ = os.environ if environ is None else environ
+    base = _mapping(spec.get("base"), f"{path}: base")
+    grid = _mapping(spec.get("grid"), f"{path}: grid")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{path}: grid.{key} must be a non-empty list of values")
+    excludes = spec.get("exclude") or []
+    if not isinstance(excludes, list) or not all(isinstance(e, dict) for e in excludes):
+        raise SweepError(f"{path}: exclude must be a list of mappings")
+    for exclude in excludes:
+        stray = sorted(set(exclude) - set(grid))
+        if stray:
+            raise SweepError(f"{path}: exclude names {', '.join(stray)}, which is not a grid key")
+    paper = _mapping(spec.get("paper"), f"{path}: paper")
+    out = Path(output_dir) if output_dir is not None else Path(
+        spec.get("output_dir") or f"runs/sweeps/{name}")
+
+    runs = []
+    for combination in itertools.product(*grid.values()):
+        values = dict(zip(grid, combination))
+        if any(all(values[k] == v for k, v in exclude.items()) for exclude in excludes):
+            continue
+        run_name = run_name_for(values) or name
+        flags = resolve_flags(base, values, where=f"{path}: run {run_name}", environ=environ)
+        runs.append(Run(name=run_name, directory=out / run_name, values=values, flags=flags,
+                        paper=paper.get(run_name)))
+    names = [run.name for run in runs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SweepError(f"{path}: several runs are named {', '.join(duplicates)}; grid values "
+                         "must differ after formatting")
+    stray_paper = sorted(set(paper) - set(names))
+    if stray_paper:
+        raise SweepError(f"{path}: paper names unknown run(s) {', '.join(stray_paper)}")
+    launch = _mapping(spec.get("launch"), f"{path}: launch")
+    table = _mapping(spec.get("table"), f"{path}: table")
+    return Sweep(name=name, path=path, output_dir=out, runs=runs, grid_keys=list(grid),
+                 launch=launch, table=table)
+
+
+def _mapping(value, where) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SweepError(f"{where} must be a mapping")
+    return dict(value)
+
+
+def run_name_for(values: dict) -> str:
+    """The run's name from its grid values, e.g. ``182m_remoe`` or ``remoe_e-16``."""
+    parts = []
+    for key, value in values.items():
+        text = _format_value(value)
+        if key == "config":
+            text = Path(str(value)).stem
+        if key not in SPECIAL_KEYS:
+            text = f"{SHORT_NAMES.get(key, key)}-{text}"
+        parts.append(re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-"))
+    return "_".join(parts)
+
+
+def _format_value(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "-".join(_format_value(v) for v in value)
+    return str(value)
+
+
+def resolve_flags(base: dict, values: dict, *, where: str, environ) -> dict:
+    """A run's flags: config file, router switch, base flags, grid flags (later ones win)."""
+    settings = {**base, **values}
+    router = settings.get("router")
+    if router is not None and router not in ROUTERS:
+        raise SweepError(f"{where}: router {router!r} is not one of {', '.join(ROUTERS)}")
+    size = settings.get("size")
+    config = settings.get("config")
+    if size is not None and config is not None:
+        raise SweepError(f"{where}: give size (with router) or config, not both")
+    if size is not None:
+        config = f"configs/{size}_{router or 'remoe'}.yaml"
+    flags = {}
+    if config is not None:
+        config_path = resolve_path(config)
+        if not config_path.is_file():
+            raise SweepError(f"{where}: config file {config} does not exist")
+        loaded = yaml.safe_load(config_path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SweepError(f"{where}: {config} is not a mapping of flags")
+        flags.update(loaded)
+    explicit = {k: v for k, v in {**base, **values}.items() if k not in SPECIAL_KEYS}
+    if router is not None and size is None:
+        clashing = sorted(set(explicit) & {"moe_relu_routing", "moe_router_pre_softmax"})
+        if clashing:
+            raise SweepError(f"{where}: {', '.join(clashing)} conflicts with router: {router}; "
+                             "the router key sets it")
+        for key in ROUTER_IDENTITY:
+            flags.pop(key, None)
+        if router == "dense":
+            flags = {k: v for k, v in flags.items() if not _is_moe_flag(k)}
+        else:
+            flags.update(ROUTER_SWITCHES[router])
+            for key, value in MOE_DEFAULTS.items():
+                flags.setdefault(key, value)
+    flags.update(explicit)
+    if router == "dense":
+        flags = {k: v for k, v in flags.items() if not _is_moe_flag(k)}
+    flags = {key: _expand(value, where, environ) for key, value in flags.items()}
+    for key in LIST_FLAGS:
+        if isinstance(flags.get(key), str):  # "w1 prefix1 w2 prefix2", e.g. from ${DATA_PATH}
+            flags[key] = flags[key].split()
+    return flags
+
+
+def _is_moe_flag(key: str) -> bool:
+    return key == "num_experts" or key.startswith("moe_") or key.startswith("expert_")
+
+
+def _expand(value, where, environ):
+    if isinstance(value, list):
+        return [_expand(v, where, environ) for v in value]
+    if not isinstance(value, str):
+        return value
+    missing = [name for name in re.findall(r"\$\{(\w+)\}", value) if name not in environ]
+    if missing:
+        raise SweepError(f"{where}: {', '.join(missing)} not set in the environment "
+                         f"(used by {value!r})")
+    return re.sub(r"\$\{(\w+)\}", lambda m: environ[m[1]], value)
+
+
+def resolve_path(path) -> Path:
+    """A path as given if it exists from here, else relative to the repository."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    return REPO / path
+
+
+def run_argv(run: Run) -> list:
+    """pretrain_gpt.py's flags for ``run`` (its config file, save/load and tensorboard dirs)."""
+    directory = str(run.directory)
+    return ["--config", str(run.config_path), "--save", directory, "--load", directory,
+            "--tensorboard-dir", os.path.join(directory, "tensorboard")]
+
+
+def validate_runs(sweep: Sweep) -> None:
+    """Parse every run's flags with pretrain_gpt.py's parser; SweepError naming a bad run."""
+    from remoe_patches.arguments import parse_args
+
+    with tempfile.TemporaryDirectory() as scratch:
+        for run in sweep.runs:
+            config = Path(scratch) / f"{run.name}.yaml"
+            config.write_text(run.config_text())
+            argv = ["--config", str(config), "--save", str(run.directory)]
+            try:
+                parse_args(argv)
+            except SystemExit as error:
+                if error.code:
+                    raise SweepError(f"run {run.name}: pretrain_gpt.py refuses its flags (the "
+                                     "line above says why)") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# State of a run
+
+
+def latest_iteration(directory: Path) -> Optional[int]:
+    pointer = Path(directory) / "latest_checkpointed_iteration.txt"
+    try:
+        return int(pointer.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def is_finished(run: Run) -> bool:
+    """DONE marker, or a final checkpoint at ``train_iters``."""
+    if (run.directory / DONE_FILE).is_file():
+        return True
+    iters = run.flags.get("train_iters")
+    latest = latest_iteration(run.directory)
+    return (iters is not None and latest is not None and latest >= iters
+            and (run.directory / f"iter_{latest:07d}").is_dir())
+
+
+def mark_done(run: Run) -> bool:
+    """Write DONE when the run reached ``train_iters``; whether it did."""
+    latest = latest_iteration(run.directory)
+    iters = run.flags.get("train_iters")
+    if latest is None or (iters is not None and latest < iters):
+        return False
+    (run.directory / DONE_FILE).write_text(json.dumps(dict(
+        run=run.name, iteration=latest, config_sha256=run.config_digest(),
+        finished=datetime.datetime.now().isoformat(timespec="seconds"))) + "\n")
+    return True
+
+
+def prepare(run: Run) -> None:
+    """Write the run's config.yaml (a finished run keeps the one it was trained with)."""
+    run.directory.mkdir(parents=True, exist_ok=True)
+    run.config_path.write_text(run.config_text())
+
+
+def config_changed(run: Run) -> bool:
+    """Whether a finished run was trained with other settings than the sweep file now gives."""
+    try:
+        done = json.loads((run.directory / DONE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return done.get("config_sha256") not in (None, run.config_digest())
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def local_command(run: Run, nproc_per_node: int = 1, master_port: Optional[int] = None) -> list:
+    script = str(REPO / "pretrain_gpt.py")
+    if nproc_per_node == 1:
+        return [sys.executable, script, *run_argv(run)]
+    port = master_port if master_port is not None else _free_port()
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+            str(nproc_per_node), "--master-port", str(port), script, *run_argv(run)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def print_commands(sweep: Sweep, out=sys.stdout) -> None:
+    """List every run's command; unfinished runs get their config.yaml, so the commands run
+    as printed (one at a time: they share the master port)."""
+    nproc = int(sweep.launch.get("nproc_per_node", 1))
+    for run in sweep.runs:
+        finished = is_finished(run)
+        if not finished:
+            prepare(run)
+        state = "finished, skipped" if finished else "to run"
+        out.write(f"# {run.name} ({state}): {json.dumps(run.values)}\n")
+        out.write(shlex.join(local_command(run, nproc, master_port=6000)) + "\n")
+
+
+def run_local(sweep: Sweep, *, keep_going: bool = False, out=sys.stdout) -> dict:
+    """Run the unfinished runs one after another; ``{name: 'skipped'|'finished'|'failed'}``."""
+    nproc = int(sweep.launch.get("nproc_per_node", 1))
+    if int(sweep.launch.get("nnodes", 1)) != 1:
+        raise SweepError("--launcher local runs on this machine: launch.nnodes must be 1; use "
+                         "--launcher slurm")
+    outcome = {}
+    for index, run in enumerate(sweep.runs, start=1):
+        prefix = f"[{index}/{len(sweep.runs)}] {run.name}"
+        if is_finished(run):
+            note = " (its settings changed since; delete its DONE to run it again)" \
+                if config_changed(run) else ""
+            out.write(f"{prefix}: finished, skipped{note}\n")
+            out.flush()
+            outcome[run.name] = "skipped"
+            continue
+        prepare(run)
+        command = local_command(run, nproc)
+        out.write(f"{prefix}: {shlex.join(command)}\n")
+        out.flush()
+        code = _run_logged(command, run.directory / LOG_FILE, out)
+        if code == 0 and mark_done(run):
+            outcome[run.name] = "finished"
+            out.write(f"{prefix}: finished\n")
+        else:
+            outcome[run.name] = "failed"
+            reason = f"exit code {code}" if code else "stopped before --train-iters"
+            out.write(f"{prefix}: FAILED ({reason}); log: {run.directory / LOG_FILE}\n")
+            if not keep_going:
+                break
+        out.flush()
+    return outcome
+
+
+def _run_logged(command, log_path: Path, out) -> int:
+    """Run ``command``, its output both to ``log_path`` and ``out``; its exit code."""
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            log.write(line)
+            out.write(line)
+        return process.wait()
+
+
+def write_slurm(sweep: Sweep) -> Path:
+    """A job-array sbatch script over the runs (the unfinished ones are submitted)."""
+    launch = dict(sweep.launch)
+    nproc = int(launch.get("nproc_per_node", 8))
+    nnodes = int(launch.get("nnodes", 1))
+    options = dict(launch.get("slurm") or {})
+    max_parallel = options.pop("max_parallel", None)
+    pending = [i for i, run in enumerate(sweep.runs) if not is_finished(run)]
+    for index in pending:
+        prepare(sweep.runs[index])
+    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    (sweep.output_dir / "slurm").mkdir(exist_ok=True)
+    array = ",".join(map(str, pending)) if pending else "0"
+    if max_parallel:
+        array += f"%{int(max_parallel)}"
+    out_dir = sweep.output_dir.resolve()
+    lines = [
+        "#!/bin/bash",
+        f"# Sweep {sweep.name} ({sweep.path}): one array task per run; written by tools/sweep.py.",
+        "# Submit with: sbatch " + str(out_dir / "sweep.sbatch"),
+        f"#SBATCH --job-name=remoe-{sweep.name}",
+        f"#SBATCH --array={array}",
+        f"#SBATCH --nodes={nnodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={nproc}",
+        f"#SBATCH --output={out_dir}/slurm/%x_%A_%a.out",
+    ]
+    lines += [f"#SBATCH --{key.replace('_', '-')}={value}" for key, value in options.items()]
+    runs = " ".join(shlex.quote(run.name) for run in sweep.runs)
+    iters = " ".join(str(run.flags.get("train_iters", 0)) for run in sweep.runs)
+    lines += [
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(REPO))}",
+        f"RUNS=({runs})",
+        f"TRAIN_ITERS=({iters})",
+        'RUN="${RUNS[$SLURM_ARRAY_TASK_ID]}"',
+        f'export RUN_DIR={shlex.quote(str(out_dir))}/"$RUN"',
+        'if [ -f "$RUN_DIR/DONE" ]; then echo "$RUN: finished, skipped"; exit 0; fi',
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        "export MASTER_PORT=$((20000 + SLURM_ARRAY_TASK_ID % 10000))",
+        "export CUDA_DEVICE_MAX_CONNECTIONS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+        "srun --kill-on-bad-exit=1 bash -c 'exec torchrun "
+        f"--nproc-per-node {nproc} --nnodes \"$SLURM_NNODES\" --node-rank \"$SLURM_NODEID\" "
+        "--master-addr \"$MASTER_ADDR\" --master-port \"$MASTER_PORT\" pretrain_gpt.py "
+        "--config \"$RUN_DIR/config.yaml\" --save \"$RUN_DIR\" --load \"$RUN_DIR\" "
+        "--tensorboard-dir \"$RUN_DIR/tensorboard\"'",
+        'LATEST="$(cat "$RUN_DIR/latest_checkpointed_iteration.txt" 2>/dev/null || echo 0)"',
+        'if [ "$LATEST" -ge "${TRAIN_ITERS[$SLURM_ARRAY_TASK_ID]}" ]; then',
+        '    echo "{\\"run\\": \\"$RUN\\", \\"iteration\\": $LATEST}" > "$RUN_DIR/DONE"',
+        "else",
+        '    echo "$RUN stopped at iteration $LATEST; submit again to resume" >&2',
+        "fi",
+    ]
+    path = out_dir / "sweep.sbatch"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting results
+
+
+def zero_shot_average(directory: Path) -> Optional[float]:
+    """The zero-shot average (percent) of ``zero_shot.json`` or an lm-eval results file."""
+    candidates = [Path(directory) / ZERO_SHOT_FILE]
+    candidates += sorted((Path(p) for p in glob.glob(str(Path(directory) / "**" / "results*.json"),
+                                                      recursive=True)),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            continue
+        for key in ("avg", "average", "zero_shot_avg"):
+            if isinstance(data.get(key), (int, float)):
+                return float(data[key])
+        if isinstance(data.get("results"), dict):
+            from remoe_patches.evaluation import table_scores
+
+            tasks = [t for t, r in data["results"].items() if isinstance(r, dict)]
+            return table_scores(data, tasks).get("avg")
+    return None
+
+
+def run_result(run: Run) -> dict:
+    records = read_metrics(run.directory)
+    steps = [r for r in records if "lm_loss" in r]
+    val = [r for r in records if "val_lm_loss" in r]
+    test = [r for r in records if "test_lm_loss" in r]
+    target = target_from_flags(run.flags)
+    status = "finished" if is_finished(run) else ("partial" if steps else "not started")
+    result = dict(name=run.name)
+    result.update(run.values)
+    result.setdefault("router", run.router)
+    result.update(
+        status=status,
+        iteration=steps[-1]["iteration"] if steps else None,
+        val_lm_loss=val[-1]["val_lm_loss"] if val else None,
+        val_iteration=val[-1]["iteration"] if val else None,
+        test_lm_loss=test[-1]["test_lm_loss"] if test else None,
+        settle_iteration=settle_iteration(steps, target) if target is not None else None,
+        final_sparsity=steps[-1].get("sparsity") if steps else None,
+        zero_shot_avg=zero_shot_average(run.directory),
+        paper=run.paper,
+        run_dir=str(run.directory),
+    )
+    return result
+
+
+def collect(sweep: Sweep) -> dict:
+    """Write results.md, results.csv and runs.csv into the sweep's directory; their contents."""
+    results = [run_result(run) for run in sweep.runs]
+    columns_key = sweep.table.get("columns", "router" if "router" in sweep.grid_keys else None)
+    rows_keys = list(sweep.table.get("rows") or [k for k in sweep.grid_keys if k != columns_key])
+    values = list(sweep.table.get("values") or ["val_lm_loss"])
+    if "zero_shot_avg" not in values and any(r["zero_shot_avg"] is not None for r in results):
+        values.append("zero_shot_avg")
+    for key in rows_keys + ([columns_key] if columns_key else []):
+        if key not in sweep.grid_keys:
+            raise SweepError(f"{sweep.path}: table names {key}, which is not a grid key")
+
+    column_values = _unique([r[columns_key] for r in results]) if columns_key else [None]
+    row_values = _unique([tuple(r[k] for k in rows_keys) for r in results])
+    cell = {(tuple(r[k] for k in rows_keys), r[columns_key] if columns_key else None): r
+            for r in results}
+
+    def column_title(value):
+        if columns_key is None:
+            return None
+        if columns_key == "router":
+            return ROUTER_TITLES.get(value, str(value))
+        return f"{LABELS.get(columns_key, columns_key)}={_format_value(value)}"
+
+    row_title = " ".join(LABELS.get(k, k) for k in rows_keys) or "run"
+    markdown = [f"# Sweep {sweep.name}", ""]
+    table_rows = []
+    for value_key in values:
+        header = [row_title] + [column_title(c) or VALUE_TITLES.get(value_key, value_key)
+                                for c in column_values]
+        markdown += [f"{VALUE_TITLES.get(value_key, value_key).capitalize()}:", "",
+                     "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in row_values:
+            label = " ".join(_format_value(v) for v in row) or sweep.name
+            cells, csv_row = [], {row_title: label}
+            for column in column_values:
+                result = cell.get((row, column))
+                text = _cell(result, value_key, with_paper=value_key == values[0])
+                cells.append(text)
+                csv_row[f"{column_title(column) or 'value'} {value_key}"] = \
+                    "" if result is None or result[value_key] is None else result[value_key]
+            markdown.append("| " + " | ".join([label] + cells) + " |")
+            table_rows.append((value_key, csv_row))
+        markdown.append("")
+    unfinished = [r["name"] for r in results if r["status"] != "finished"]
+    if unfinished:
+        markdown.append(f"Not finished: {', '.join(unfinished)} (their cells show the last "
+                        "value logged, or n/a).")
+    if any(r["paper"] is not None for r in results):
+        markdown.append(f"In parentheses: the paper's {VALUE_TITLES.get(values[0], values[0])}.")
+    text = "\n".join(markdown).rstrip() + "\n"
+
+    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    (sweep.output_dir / "results.md").write_text(text)
+    wide = {}
+    for _value_key, csv_row in table_rows:
+        wide.setdefault(csv_row[row_title], {}).update(csv_row)
+    _write_csv(sweep.output_dir / "results.csv", list(wide.values()))
+    _write_csv(sweep.output_dir / "runs.csv", results)
+    return dict(markdown=text, results=results, table=list(wide.values()))
+
+
+def _cell(result, key, with_paper: bool = False) -> str:
+    if result is None:
+        return "-"
+    value = result[key]
+    if value is None:
+        text = "n/a"
+    elif key == "zero_shot_avg":
+        text = f"{value:.2f}"
+    elif isinstance(value, float):
+        text = f"{value:.4f}"
+    else:
+        text = str(value)
+    if with_paper and result.get("paper") is not None:
+        text += f" ({result['paper']:g})"
+    if value is not None and result["status"] != "finished":
+        at = result["val_iteration"] if key == "val_lm_loss" else result["iteration"]
+        text += f" (iter {at})"
+    return text
+
+
+def _unique(items) -> list:
+    seen = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+def _write_csv(path: Path, rows: list) -> None:
+    fields = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+    path.write_text(buffer.getvalue())

@@ -1,0 +1,178 @@
+"""Sweeps: a sweep file expands into deterministic runs; the CPU sweep (configs/sweeps/cpu_tiny.yaml)
+trains its two tiny configurations with ``--launcher local``, skips them when launched again,
+and ``--collect`` tabulates their final validation losses (and a zero-shot average)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from remoe_patches import sweep as sweeps
+
+REPO = Path(__file__).resolve().parent.parent
+TOOL = str(REPO / "tools" / "sweep.py")
+CPU_SWEEP = str(REPO / "configs" / "sweeps" / "cpu_tiny.yaml")
+
+
+def tool(*argv, timeout=900):
+    return subprocess.run([sys.executable, TOOL, *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpu_tiny")
+    first = tool(CPU_SWEEP, "--launcher", "local", "--output-dir", str(out))
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    return out, first
+
+
+def last_validation(run_dir: Path) -> float:
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [r["val_lm_loss"] for r in records if "val_lm_loss" in r][-1]
+
+
+def test_cpu_sweep_runs_both_configurations(swept):
+    out, first = swept
+    assert "sweep cpu_tiny: 2 finished, 0 skipped, 0 failed" in first.stdout
+    for name, relu in (("moe", False), ("remoe", True)):
+        run = out / name
+        assert (run / "DONE").is_file() and (run / "iter_0000008").is_dir()
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["num_experts"] == 8 and bool(config.get("moe_relu_routing")) == relu
+        assert config["demo_corpus"] is True and config["train_iters"] == 8
+        records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        assert [r["iteration"] for r in records if "lm_loss" in r] == [2, 4, 6, 8]
+        assert ("sparsity" in records[0]) == relu
+        assert (run / "train.log").read_text().count("iteration        8/       8") == 1
+
+
+def test_relaunch_skips_finished_runs(swept):
+    out, _ = swept
+    before = {name: (out / name / "metrics.jsonl").read_bytes() for name in ("moe", "remoe")}
+    again = tool(CPU_SWEEP, "--launcher", "local", "--output-dir", str(out))
+    assert again.returncode == 0, again.stderr
+    assert "[1/2] moe: finished, skipped" in again.stdout
+    assert "[2/2] remoe: finished, skipped" in again.stdout
+    assert "sweep cpu_tiny: 0 finished, 2 skipped, 0 failed" in again.stdout
+    assert "iteration" not in again.stdout.replace("finished", "")  # nothing trained
+    for name, content in before.items():
+        assert (out / name / "metrics.jsonl").read_bytes() == content
+    listed = tool(CPU_SWEEP, "--launcher", "print", "--output-dir", str(out))
+    assert listed.stdout.count("(finished, skipped)") == 2
+
+
+def test_collect_tabulates_the_runs(swept):
+    out, _ = swept
+    # an lm-eval results file for one run: its average is the table's zero-shot column
+    results = {"results": {"arc_easy": {"acc,none": 0.5, "acc_norm,none": 0.4},
+                           "piqa": {"acc,none": 0.6, "acc_norm,none": 0.7}}}
+    (out / "remoe" / "zero_shot.json").write_text(json.dumps(results))
+    collected = tool(CPU_SWEEP, "--collect", "--output-dir", str(out))
+    assert collected.returncode == 0, collected.stderr
+    losses = {name: last_validation(out / name) for name in ("moe", "remoe")}
+    markdown = (out / "results.md").read_text()
+    assert markdown in collected.stdout
+    assert "| run | TopK MoE | ReMoE |" in markdown
+    assert f"| cpu_tiny | {losses['moe']:.4f} | {losses['remoe']:.4f} |" in markdown
+    # ARC-e acc 50, PIQA acc_norm 70 (the paper's metrics): average 60
+    assert "| cpu_tiny | n/a | 60.00 |" in markdown
+    table = list(csv.DictReader(open(out / "results.csv")))
+    assert len(table) == 1
+    assert float(table[0]["TopK MoE val_lm_loss"]) == pytest.approx(losses["moe"])
+    assert float(table[0]["ReMoE val_lm_loss"]) == pytest.approx(losses["remoe"])
+    assert float(table[0]["ReMoE zero_shot_avg"]) == pytest.approx(60.0)
+    runs = {r["name"]: r for r in csv.DictReader(open(out / "runs.csv"))}
+    assert {r["status"] for r in runs.values()} == {"finished"}
+    assert runs["remoe"]["router"] == "remoe" and float(runs["remoe"]["final_sparsity"]) > 0
+    assert runs["moe"]["settle_iteration"] == "" and runs["moe"]["final_sparsity"] == ""
+
+
+def test_slurm_job_array(tmp_path):
+    result = tool(CPU_SWEEP, "--launcher", "slurm", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    script = Path(result.stdout.strip().splitlines()[-1])
+    assert script == tmp_path.resolve() / "sweep.sbatch"
+    text = script.read_text()
+    assert "#SBATCH --array=0,1\n" in text and "RUNS=(moe remoe)" in text
+    assert "TRAIN_ITERS=(8 8)" in text and "pretrain_gpt.py --config" in text
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    for name in ("moe", "remoe"):  # the jobs read these
+        assert (tmp_path / name / "config.yaml").is_file()
+
+
+def write_sweep(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_expansion_names_and_router_switch(tmp_path):
+    spec = dict(
+        base=dict(config="configs/demo.yaml", train_iters=4, data_path="${SWEEP_DATA}"),
+        grid=dict(router=["dense", "moe", "remoe"], num_experts=[4, 16],
+                  moe_relu_l1_reg_coeff_multiplier=[1.1]),
+        exclude=[dict(router="dense", num_experts=16)],
+        paper={"remoe_e-16_alpha-1.1": 1.5})
+    sweep = sweeps.load_sweep(write_sweep(tmp_path / "grid.yaml", spec), output_dir=tmp_path,
+                              environ={"SWEEP_DATA": "0.5 /d/a 0.5 /d/b"})
+    assert [r.name for r in sweep.runs] == [
+        "dense_e-4_alpha-1.1", "moe_e-4_alpha-1.1", "moe_e-16_alpha-1.1",
+        "remoe_e-4_alpha-1.1", "remoe_e-16_alpha-1.1"]
+    dense, moe, _, remoe, remoe16 = sweep.runs
+    assert not any(k == "num_experts" or k.startswith("moe_") for k in dense.flags)
+    assert dense.router == "dense" and moe.router == "moe" and remoe.router == "remoe"
+    assert moe.flags["moe_router_pre_softmax"] and moe.flags["moe_aux_loss_coeff"] == 0.01
+    assert "moe_relu_routing" not in moe.flags and remoe.flags["moe_relu_routing"]
+    assert remoe16.flags["num_experts"] == 16 and remoe16.paper == 1.5
+    assert remoe.flags["train_iters"] == 4 and remoe.flags["num_layers"] == 4  # base, demo.yaml
+    assert remoe.flags["data_path"] == ["0.5", "/d/a", "0.5", "/d/b"]
+    assert remoe.directory == tmp_path / "remoe_e-4_alpha-1.1"
+    with pytest.raises(sweeps.SweepError, match="SWEEP_DATA not set"):
+        sweeps.load_sweep(tmp_path / "grid.yaml", output_dir=tmp_path, environ={})
+
+
+def test_paper_sweeps_expand_and_parse(tmp_path):
+    env = dict(DATA_PATH="1.0 /d/pile_00_text_document", VOCAB_FILE="/d/v.json",
+               MERGE_FILE="/d/m.txt")
+    expected = {"size": 9, "experts": 12, "granularity": 14, "alpha": 5, "lambda0": 5,
+                "load_balancing": 4}
+    for name, count in expected.items():
+        sweep = sweeps.load_sweep(REPO / "configs" / "sweeps" / f"{name}.yaml",
+                                  output_dir=tmp_path / name, environ=env)
+        assert len(sweep.runs) == count, name
+        sweeps.validate_runs(sweep)  # pretrain_gpt.py's parser accepts every run
+    experts = sweeps.load_sweep(REPO / "configs" / "sweeps" / "experts.yaml",
+                                output_dir=tmp_path, environ=env)
+    e128 = next(r for r in experts.runs if r.name == "remoe_e-128")
+    assert e128.flags["num_experts"] == 128 and e128.flags["moe_relu_routing"]
+    assert e128.flags["hidden_size"] == 768 and e128.flags["moe_layer_recompute"]
+
+
+def test_bad_flag_names_the_run(tmp_path, capsys):
+    spec = dict(base=dict(config="configs/demo.yaml"), grid=dict(num_layer=[2]))
+    sweep = sweeps.load_sweep(write_sweep(tmp_path / "bad.yaml", spec), output_dir=tmp_path)
+    with pytest.raises(sweeps.SweepError, match="run num-layer-2: pretrain_gpt.py refuses"):
+        sweeps.validate_runs(sweep)
+    assert "unknown key num_layer; did you mean num_layers?" in capsys.readouterr().err
+
+
+def test_failed_run_is_not_marked_done(tmp_path):
+    spec = dict(base=dict(config="configs/demo.yaml", demo_corpus=None,
+                          data_path="/nonexistent/prefix_text_document",
+                          vocab_file="/nonexistent/v.json", merge_file="/nonexistent/m.txt"),
+                grid=dict(seed=[1, 2]))
+    sweep = sweeps.load_sweep(write_sweep(tmp_path / "fail.yaml", spec), output_dir=tmp_path)
+    log = []
+    outcome = sweeps.run_local(sweep, out=type("Out", (), dict(write=log.append,
+                                                               flush=lambda self: None))())
+    assert outcome == {"seed-1": "failed"}  # stops at the first failure
+    assert not (tmp_path / "seed-1" / "DONE").exists()
+    assert "FAILED (exit code 2)" in "".join(log)
+    assert "does not exist" in (tmp_path / "seed-1" / "train.log").read_text()
