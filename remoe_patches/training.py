@@ -180,7 +180,7 @@ def pretrain(args) -> RunState:
         train_batches = batches_of(splits.train, state.consumed_samples)
         step_kwargs = dict(num_microbatches=num_microbatches, seq_length=args.seq_length,
                            micro_batch_size=args.micro_batch_size)
-        window = _Window()
+        window = []  # step records since the last log line
         run_started = time.time()
         while state.iteration < args.train_iters:
             started = time.perf_counter()
@@ -191,11 +191,11 @@ def pretrain(args) -> RunState:
             _count_skips(state, record, args)
             record.update(iteration=state.iteration, step_seconds=time.perf_counter() - started)
             state.history.append(record)
-            window.add(record)
+            window.append(record)
             log.advance()
             if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
-                log_window(log, window, args, state, model_config, regularizer, world_size)
-                window = _Window()
+                log_window(log, window, args, state, model_config, world_size)
+                window = []
             if args.eval_interval and state.iteration % args.eval_interval == 0 and splits.valid:
                 val = evaluate(model_chunks, batches_of(splits.valid, 0), args, step_kwargs)
                 log.evaluation(dict(iteration=state.iteration, val_lm_loss=val))
@@ -366,21 +366,11 @@ def evaluate(model_chunks, batches, args, step_kwargs) -> float:
     return float(loss)
 
 
-class _Window:
-    """Steps since the last log line."""
-
-    def __init__(self):
-        self.records = []
-
-    def add(self, record):
-        self.records.append(record)
-
-
-def log_window(log, window, args, state, model_config, regularizer, world_size) -> None:
-    """Average the window's steps into one record; warn about collapsed layers, dead experts."""
-    records = [r for r in window.records if not r["skipped"]] or window.records
-    last = window.records[-1]
-    seconds = sum(r["step_seconds"] for r in window.records) / len(window.records)
+def log_window(log, window, args, state, model_config, world_size) -> None:
+    """Average the window's step records into one; warn about collapsed layers, dead experts."""
+    records = [r for r in window if not r["skipped"]] or window
+    last = window[-1]
+    seconds = sum(r["step_seconds"] for r in window) / len(window)
     tokens_per_step = args.global_batch_size * args.seq_length
     out = dict(
         iteration=state.iteration,

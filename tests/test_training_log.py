@@ -35,13 +35,13 @@ def test_window_warns_about_collapsed_layers_and_dead_experts():
                         num_experts=4, topk=1, router="relu", vocab_size=128, seq_length=16)
     healthy = [0.25, 0.25, 0.25, 0.25]
     starved = [0.50, 0.49, 0.005, 0.005]  # experts 2 and 3 get 0.5% of the tokens
-    window = SimpleNamespace(records=[
+    window = [
         step_record([0.70, 0.985], [healthy, starved]),
         step_record([0.72, 0.999], [healthy, starved]),
-    ])
+    ]
     args = SimpleNamespace(global_batch_size=4, seq_length=16, train_iters=10)
     log = CapturedLog()
-    log_window(log, window, args, RunState(iteration=2, consumed_samples=8), model, None, 1)
+    log_window(log, window, args, RunState(iteration=2, consumed_samples=8), model, 1)
     (record,) = log.records
     assert math.isclose(record["sparsity_min"], 0.71, rel_tol=1e-6)
     assert math.isclose(record["sparsity_max"], 0.992, rel_tol=1e-6)
@@ -59,8 +59,8 @@ def test_no_warning_for_a_healthy_window():
     model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                         num_experts=4, topk=1, router="relu", vocab_size=128, seq_length=16)
     even = [[0.25] * 4, [0.25] * 4]
-    window = SimpleNamespace(records=[step_record([0.75, 0.76], even)])
+    window = [step_record([0.75, 0.76], even)]
     log = CapturedLog()
     log_window(log, window, SimpleNamespace(global_batch_size=4, seq_length=16, train_iters=10),
-               RunState(iteration=1), model, None, 1)
+               RunState(iteration=1), model, 1)
     assert log.lines == [] and log.records[0]["dead_experts"] == 0
