@@ -943,7 +943,8 @@ def transformer_overrides_from_args(
         )
     if args.num_experts is not None:
         overrides.update(
-            moe_grouped_gemm=args.moe_grouped_gemm and te_on_gpu,
+            # TE's grouped GEMM with transformer-engine, torch's grouped_mm without it.
+            moe_grouped_gemm=args.moe_grouped_gemm and cuda_available,
             moe_permute_fusion=args.moe_permute_fusion and te_on_gpu,
         )
     if args.num_experts is not None and not args.moe_relu_routing:
@@ -977,7 +978,7 @@ def ineffective_flags(
     note("use_flash_attn", "--use-flash-attn",
          SPEED_ONLY_ON_CPU if on_cpu else
          ("transformer-engine picks flash attention by itself" if transformer_engine_available
-          else NEEDS_TE))
+          else "PyTorch's scaled_dot_product_attention picks flash attention by itself"))
     for dest, flag in [
         ("masked_softmax_fusion", "--no-masked-softmax-fusion"),
         ("bias_swiglu_fusion", "--no-bias-swiglu-fusion"),
@@ -1034,7 +1035,7 @@ def ineffective_flags(
                 note(dest, f"--{dest.replace('_', '-')}", "dense model (no --num-experts)")
         return list(found.items())
 
-    note("moe_grouped_gemm", "--moe-grouped-gemm", needs_te_kernel, when=te_missing)
+    note("moe_grouped_gemm", "--moe-grouped-gemm", SPEED_ONLY_ON_CPU, when=on_cpu)
     note("moe_permute_fusion", "--moe-permute-fusion", needs_te_kernel, when=te_missing)
     note("moe_layer_recompute", "--moe-layer-recompute",
          "full recomputation already recomputes every layer",

@@ -1,14 +1,18 @@
 """Build a megatron-core GPTModel: dense, TopK MoE or ReMoE, with the paper's LLaMA recipe.
 
-The layer spec is megatron-core's own GPT decoder spec (transformer-engine layers when TE is
-importable, megatron-core's local layers otherwise); for ReMoE only the ``router`` slot of each
-MoE layer's ``MoESubmodules`` is swapped for ``ReLURouter``. Nothing of megatron-core is copied.
+The layer spec is megatron-core's own GPT decoder spec; for ReMoE the ``router`` slot of each
+MoE layer's ``MoESubmodules`` is swapped for ``ReLURouter``. With transformer-engine importable
+that is megatron-core's TE spec (fused attention, TE grouped GEMM for the experts with
+``moe_grouped_gemm``). Without it, megatron-core's local spec with three slots filled from
+``local_layers``: PyTorch's scaled-dot-product attention, torch grouped-GEMM experts (with
+``moe_grouped_gemm``) and a sequence-parallel-aware RMSNorm. Nothing of megatron-core is copied.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +26,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from remoe_patches.config import ModelConfig, ParallelConfig
+from remoe_patches.local_layers import GroupedGemmExperts, RMSNorm, SDPAttention
 from remoe_patches.regularizer import AdaptiveL1
 from remoe_patches.router import relu_router_builder
 
@@ -33,34 +38,41 @@ except ImportError:
     HAVE_TE = False
 
 
-class RMSNorm(torch.nn.RMSNorm):
-    """torch's RMSNorm, built from megatron's norm arguments, usable with sequence parallelism.
-
-    megatron-core's local norm (``WrappedTorchNorm``) refuses sequence parallelism because its
-    weight lacks the ``sequence_parallel`` mark that makes megatron all-reduce the weight's
-    gradient over tensor-parallel ranks (each rank normalises only its slice of the sequence).
-    """
-
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
-        super().__init__(
-            hidden_size, eps=eps, dtype=config.params_dtype, device=torch.cuda.current_device()
-        )
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
-
-
 def customize_layers(
-    block_spec: TransformerBlockSubmodules, *, router_builder=None, norm=None
+    block_spec: TransformerBlockSubmodules,
+    *,
+    router_builder=None,
+    experts: Optional[ModuleSpec] = None,
+    core_attention: Optional[type] = None,
+    norm: Optional[type] = None,
 ) -> TransformerBlockSubmodules:
-    """A copy of ``block_spec`` with the MoE layers' router and/or every RMSNorm replaced."""
+    """A copy of ``block_spec`` with slots replaced; ``None`` leaves a slot as it is.
+
+    ``router_builder`` and ``experts`` go into every MoE layer's ``MoESubmodules``,
+    ``core_attention`` into every self-attention, ``norm`` into every norm slot.
+    """
     block_spec = copy.copy(block_spec)
     layer_specs = []
     for layer_spec in block_spec.layer_specs:
         changes = {}
         mlp_spec = layer_spec.submodules.mlp
         is_moe = isinstance(mlp_spec, ModuleSpec) and isinstance(mlp_spec.submodules, MoESubmodules)
-        if router_builder is not None and is_moe:
-            moe_submodules = dataclasses.replace(mlp_spec.submodules, router=router_builder)
+        moe_changes = {}
+        if router_builder is not None:
+            moe_changes["router"] = router_builder
+        if experts is not None:
+            moe_changes["experts"] = experts
+        if is_moe and moe_changes:
+            moe_submodules = dataclasses.replace(mlp_spec.submodules, **moe_changes)
             changes["mlp"] = dataclasses.replace(mlp_spec, submodules=moe_submodules)
+        attention_spec = layer_spec.submodules.self_attention
+        if core_attention is not None and isinstance(attention_spec, ModuleSpec):
+            attention_submodules = dataclasses.replace(
+                attention_spec.submodules, core_attention=core_attention
+            )
+            changes["self_attention"] = dataclasses.replace(
+                attention_spec, submodules=attention_submodules
+            )
         if norm is not None:
             changes.update(input_layernorm=norm, pre_mlp_layernorm=norm)
         layer_specs.append(
@@ -82,20 +94,30 @@ def decoder_block_spec(
 ) -> TransformerBlockSubmodules:
     """megatron-core's GPT decoder spec for this pipeline stage; ReLU routers if ``regularizer``.
 
-    Without transformer-engine the norms are ``RMSNorm`` above, so that sequence parallelism
-    works on megatron-core's local layers too.
+    With transformer-engine: megatron-core's TE spec as it is (plus the routers). Without it:
+    megatron-core's local spec with ``local_layers``' attention, norm and (when
+    ``transformer_config.moe_grouped_gemm``) grouped-GEMM experts.
     """
-    block_spec = get_gpt_decoder_block_spec(
-        transformer_config,
-        use_transformer_engine=use_transformer_engine,
-        normalization=transformer_config.normalization,
+    with warnings.catch_warnings():
+        # The local spec warns that its grouped GEMM (GroupedMLP) is legacy; it is replaced below.
+        warnings.filterwarnings("ignore", message="The legacy GroupedMLP")
+        block_spec = get_gpt_decoder_block_spec(
+            transformer_config,
+            use_transformer_engine=use_transformer_engine,
+            normalization=transformer_config.normalization,
+        )
+    router_builder = (
+        relu_router_builder(regularizer, load_balancing) if regularizer is not None else None
     )
+    if use_transformer_engine:
+        return customize_layers(block_spec, router_builder=router_builder)
+    grouped = transformer_config.num_moe_experts and transformer_config.moe_grouped_gemm
     return customize_layers(
         block_spec,
-        router_builder=(
-            relu_router_builder(regularizer, load_balancing) if regularizer is not None else None
-        ),
-        norm=None if use_transformer_engine else RMSNorm,
+        router_builder=router_builder,
+        experts=ModuleSpec(module=GroupedGemmExperts) if grouped else None,
+        core_attention=SDPAttention,
+        norm=RMSNorm,
     )
 
 

@@ -140,6 +140,12 @@ def test_authors_remoe_script_lists_what_has_no_effect():
     on_gpu = flags_of(args, **GPU_WITH_TE)
     assert "--moe-grouped-gemm" not in on_gpu and "--bf16" not in on_gpu
     assert "--use-flash-attn" in on_gpu  # transformer-engine chooses its attention kernel
+    # Without transformer-engine a GPU still has grouped GEMM (torch's grouped_mm), and SDPA
+    # chooses flash attention.
+    without_te = flags_of(args, cuda_available=True, transformer_engine_available=False)
+    assert "--moe-grouped-gemm" not in without_te and "--use-flash-attn" in without_te
+    assert transformer_overrides_from_args(
+        args, cuda_available=True, transformer_engine_available=False)["moe_grouped_gemm"]
     assert set(TOPK_ONLY_FLAGS) <= set(on_gpu)
     # The overrides agree: on GPUs with transformer-engine the fused kernels are used, except
     # the one the script turns off.
