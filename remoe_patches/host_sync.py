@@ -3,11 +3,21 @@
 ``.item()``, ``.tolist()``, ``.cpu()``, ``bool(tensor)`` and ``nonzero`` read device values on the
 host, so on a GPU each one stalls the CPU until the GPU catches up. ReMoE's router, regularizer
 and coefficient update must make none of them; tests and benchmarks check that with
-``HostSyncCounter``, which works on CPU too (it sees the calls, not the stalls).
+
+- ``HostSyncCounter``, a torch function mode that sees those calls from Python, on any device
+  (on CPU it sees the calls, not stalls);
+- ``CudaSyncCounter``, which counts what CUDA itself reports as synchronizing (PyTorch's sync
+  debug mode), on GPUs.
+
+Both tally each sync under the ``scope`` that is open when it happens (``with
+counter.scope("router"):``), so a whole training step can be counted and the syncs of its parts
+told apart. ``sync_counter(device)`` picks the one for the device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections import Counter
 
 import torch
@@ -21,9 +31,36 @@ SYNCING_CALLS = {
     torch.Tensor.nonzero: "nonzero",
     torch.nonzero: "nonzero",
 }
+OUTSIDE_SCOPES = "other"
 
 
-class HostSyncCounter(TorchFunctionMode):
+class _Scopes:
+    """The scope bookkeeping both counters share."""
+
+    def _reset_scopes(self) -> None:
+        self.counts: Counter = Counter()  # by kind of call
+        self.by_scope: Counter = Counter()
+        self._open_scope = OUTSIDE_SCOPES
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_scope.values())
+
+    @contextlib.contextmanager
+    def scope(self, name: str):
+        """Syncs made inside are tallied under ``name`` (scopes do not nest: the inner wins)."""
+        outer, self._open_scope = self._open_scope, name
+        try:
+            yield self
+        finally:
+            self._open_scope = outer
+
+    def _tally(self, kind: str) -> None:
+        self.counts[kind] += 1
+        self.by_scope[self._open_scope] += 1
+
+
+class HostSyncCounter(TorchFunctionMode, _Scopes):
     """Inside ``with HostSyncCounter() as syncs:``, ``syncs.counts`` tallies syncing calls.
 
     With ``raise_on_sync=True`` the first such call raises instead, pointing at its caller.
@@ -32,16 +69,49 @@ class HostSyncCounter(TorchFunctionMode):
     def __init__(self, raise_on_sync: bool = False):
         super().__init__()
         self.raise_on_sync = raise_on_sync
-        self.counts: Counter = Counter()
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
+        self._reset_scopes()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = SYNCING_CALLS.get(func)
         if name is not None:
             if self.raise_on_sync:
                 raise RuntimeError(f"host synchronisation: tensor.{name}()")
-            self.counts[name] += 1
+            self._tally(name)
         return func(*args, **(kwargs or {}))
+
+
+class CudaSyncCounter(_Scopes):
+    """Counts the synchronizing CUDA calls PyTorch reports (``torch.cuda.set_sync_debug_mode``),
+    from Python and from inside PyTorch's own kernels alike."""
+
+    _MESSAGE = "called a synchronizing CUDA operation"
+
+    def __init__(self):
+        self._reset_scopes()
+
+    def __enter__(self):
+        self._previous_mode = torch.cuda.get_sync_debug_mode()
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("always", message=f".*{self._MESSAGE}")
+        self._previous_show = warnings.showwarning
+        warnings.showwarning = self._on_warning
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self._previous_mode)
+        warnings.showwarning = self._previous_show
+        self._warnings.__exit__(*exc)
+        return False
+
+    def _on_warning(self, message, category, filename, lineno, file=None, line=None):
+        if self._MESSAGE in str(message):
+            self._tally("cuda")
+        else:
+            self._previous_show(message, category, filename, lineno, file, line)
+
+
+def sync_counter(device: torch.device):
+    """The counter that sees real synchronisations on ``device``."""
+    return CudaSyncCounter() if torch.device(device).type == "cuda" else HostSyncCounter()

@@ -31,7 +31,7 @@ from remoe_patches.arguments import (
     parallel_config_from_args,
     transformer_overrides_from_args,
 )
-from remoe_patches.config import ConfigError
+from remoe_patches.config import ConfigError, ModelConfig
 from remoe_patches.data import (
     build_splits,
     check_data_paths,
@@ -43,6 +43,7 @@ from remoe_patches.flops import training_flops_per_token
 from remoe_patches.metrics_log import MetricsLog
 from remoe_patches.model import HAVE_TE, build_model, build_regularizer
 from remoe_patches.parallel import initialize_parallel
+from remoe_patches.regularizer import AdaptiveL1
 from remoe_patches.router import REG_LOSS_NAME, SPARSITY_NAME, reduce_aux_loss_tracker
 from remoe_patches.tokenizer import build_tokenizer, vocab_size_with_padding
 from remoe_patches.training_step import forward_backward, wrap_with_ddp
@@ -98,37 +99,14 @@ def pretrain(args) -> RunState:
     dp_size = parallel.data_parallel_size(world_size)
     num_microbatches = check_batch_sizes(args, dp_size)
 
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     vocab_size = vocab_size_with_padding(
         tokenizer.vocab_size, args.make_vocab_size_divisible_by,
         parallel.tensor_model_parallel_size,
     )
-    model_config = model_config_from_args(args, vocab_size=vocab_size)
-    bf16 = bool(args.bf16) and use_cuda
-    use_te = HAVE_TE and args.transformer_impl == "transformer_engine"
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    regularizer = build_regularizer(model_config, device=device)
-    built = build_model(
-        model_config, parallel, bf16=bf16,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        regularizer=regularizer,
-        use_transformer_engine=use_te,
-        **transformer_overrides_from_args(
-            args, cuda_available=use_cuda, transformer_engine_available=use_te
-        ),
-    )
-    model = built.model.to(device)
-    if bf16:
-        model = Float16Module(built.transformer_config, model)
-    ddp = wrap_with_ddp(
-        model, built.transformer_config,
-        use_distributed_optimizer=bool(args.use_distributed_optimizer) and use_cuda,
-        overlap_grad_reduce=bool(args.overlap_grad_reduce) and use_cuda,
-        overlap_param_gather=bool(args.overlap_param_gather) and use_cuda,
-    )
-    model_chunks = [ddp]
-    optimizer = get_megatron_optimizer(optimizer_config(args, bf16, use_cuda), model_chunks)
-    scheduler = lr_scheduler(args, optimizer)
+    objects = build_training_objects(args, parallel, vocab_size=vocab_size, device=device)
+    model_config, model_chunks = objects.model_config, objects.model_chunks
+    optimizer, scheduler, regularizer = objects.optimizer, objects.scheduler, objects.regularizer
 
     state = RunState()
     is_logging_rank = dist.get_rank() == world_size - 1
@@ -222,6 +200,52 @@ def pretrain(args) -> RunState:
         if log is not None:
             log.close()
     return state
+
+
+@dataclass
+class TrainingObjects:
+    """What one rank trains with: its model chunks (in megatron's DDP), optimizer, LR schedule
+    and the ReMoE coefficient (None for dense and TopK models)."""
+
+    model_config: ModelConfig
+    model_chunks: list
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    regularizer: Optional[AdaptiveL1]
+
+
+def build_training_objects(args, parallel, *, vocab_size: int, device) -> TrainingObjects:
+    """This rank's model, DDP, optimizer and schedule as the flags say (megatron's parallel groups
+    must be initialized): bf16 and the distributed optimizer on GPUs, fp32 AdamW on CPU."""
+    use_cuda = device.type == "cuda"
+    model_config = model_config_from_args(args, vocab_size=vocab_size)
+    bf16 = bool(args.bf16) and use_cuda
+    use_te = HAVE_TE and args.transformer_impl == "transformer_engine"
+    regularizer = build_regularizer(model_config, device=device)
+    built = build_model(
+        model_config, parallel, bf16=bf16,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        regularizer=regularizer,
+        use_transformer_engine=use_te,
+        **transformer_overrides_from_args(
+            args, cuda_available=use_cuda, transformer_engine_available=use_te
+        ),
+    )
+    model = built.model.to(device)
+    if bf16:
+        model = Float16Module(built.transformer_config, model)
+    ddp = wrap_with_ddp(
+        model, built.transformer_config,
+        use_distributed_optimizer=bool(args.use_distributed_optimizer) and use_cuda,
+        overlap_grad_reduce=bool(args.overlap_grad_reduce) and use_cuda,
+        overlap_param_gather=bool(args.overlap_param_gather) and use_cuda,
+    )
+    optimizer = get_megatron_optimizer(optimizer_config(args, bf16, use_cuda), [ddp])
+    return TrainingObjects(
+        model_config=model_config, model_chunks=[ddp], optimizer=optimizer,
+        scheduler=lr_scheduler(args, optimizer), regularizer=regularizer,
+    )
 
 
 def optimizer_config(args, bf16: bool, use_cuda: bool) -> OptimizerConfig:

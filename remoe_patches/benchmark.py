@@ -1,0 +1,642 @@
+"""Training throughput of dense vs TopK MoE vs ReMoE models of one preset, in one process.
+
+The three models have the same active parameters per token: the dense FFN is ``k * G`` expert
+widths wide. Each is built and trained by the code ``pretrain_gpt.py`` runs (the same flags go
+through the same parser, ``training.build_training_objects`` and ``training.train_step``) on
+synthetic Zipf-distributed tokens that are already on the device, so that only the step is
+timed.
+
+Phases measured (``steps`` timed steps each, after ``warmup_steps`` untimed ones):
+
+- dense and TopK MoE: once, after the warm-up;
+- ReMoE ``stage I``: right after the warm-up, while routing is still dense (most experts
+  active); it then trains on until the sparsity has held the target ``1 - k/E`` for
+  ``settle_window`` steps (at most ``max_settle_steps``), and ``stage III`` is measured.
+
+The final phases (dense, TopK, ReMoE stage III) are timed in alternating rounds while all models
+stay in memory (``interleave``), so that drift of the machine falls on all alike; without it,
+each model is measured and freed in turn (for models that do not fit together).
+
+For every phase: ms per step (median, 25th-75th percentile), tokens/s, model TFLOP/s and MFU
+(FLOPs from the experts the routers actually activated, ``flops.training_flops_per_token``; MFU
+against the device's bf16 peak, none on CPU); memory: what the model holds between steps
+(weights, gradients, optimizer state) plus the peak of one step above it (CUDA: allocated
+bytes; CPU: resident set, sampled every millisecond), and that step peak alone; the routers'
+share of the step time (each router's forward and backward re-run alone on the input it last
+saw); host synchronisations per step: all of them, and those made by the routers, the
+regularizer and the coefficient update (which must be zero).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+from megatron.core.transformer.moe.router import Router
+
+from remoe_patches.arguments import parallel_config_from_args, parse_args
+from remoe_patches.config import PRESETS, ConfigError
+from remoe_patches.flops import training_flops_per_token
+from remoe_patches.host_sync import sync_counter
+from remoe_patches.router import reduce_aux_loss_tracker
+from remoe_patches.training import build_training_objects, train_step
+
+# Dense bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+ROUTERS = ("dense", "topk", "relu")
+LABELS = {"dense": "Dense", "topk": "TopK MoE", "relu": "ReMoE"}
+REMOE_SCOPE = "router+regularizer+update"
+
+
+@dataclass
+class BenchmarkConfig:
+    """What to benchmark. Model sizes come from ``config.PRESETS`` plus ``model_overrides``."""
+
+    preset: str = "tiny"
+    """``tiny`` (CPU), ``182m``, ``469m`` or ``978m``."""
+    model_overrides: dict = field(default_factory=dict)
+    """Preset fields to change: num_layers, hidden_size, num_attention_heads, seq_length, vocab_size."""
+    num_experts: int = 8
+    """E."""
+    topk: int = 1
+    """k (TopK's active experts; ReMoE's target sparsity 1 - k/E)."""
+    granularity: int = 1
+    """G."""
+    routers: tuple = ROUTERS
+    """Which of dense, topk, relu to run."""
+    micro_batch_size: int = 8
+    """Sequences per micro-batch."""
+    num_microbatches: int = 1
+    """Micro-batches per step (gradient accumulation)."""
+    warmup_steps: int = 5
+    """Untimed steps before the first measurement."""
+    steps: int = 20
+    """Timed steps per phase."""
+    settle_window: int = 5
+    """ReMoE's stage III starts once this many steps in a row were within ``settle_tolerance``."""
+    settle_tolerance: float = 0.02
+    """How close to the target sparsity counts as settled."""
+    max_settle_steps: int = 400
+    """Give up settling after this many steps (the phase is then reported as not settled)."""
+    interleave: bool = True
+    """Keep all models in memory and time their final phases in alternating rounds."""
+    rounds: int = 5
+    """Alternating rounds when interleaving (the timed steps are split over them)."""
+    router_timing_repeats: int = 5
+    """Repetitions of each router's isolated forward+backward."""
+    recompute: str = "none"
+    """Activation recomputation: ``none``, ``moe`` (the MoE layers) or ``full``."""
+    grouped_gemm: Optional[bool] = None
+    """Grouped GEMM experts; default: on GPUs."""
+    bf16: Optional[bool] = None
+    """bf16 mixed precision; default: on GPUs."""
+    lr: float = 5e-4
+    seed: int = 1234
+    peak_tflops: Optional[float] = None
+    """The device's peak for MFU; default: from ``PEAK_BF16_TFLOPS`` by device name."""
+
+    def validate(self) -> "BenchmarkConfig":
+        def fail(field_name, message):
+            raise ConfigError(f"BenchmarkConfig.{field_name}: {message}")
+
+        if self.preset not in PRESETS:
+            fail("preset", f"{self.preset!r} is not one of {', '.join(PRESETS)}")
+        unknown = set(self.model_overrides) - {
+            "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+            "seq_length", "vocab_size", "ffn_hidden_size"}
+        if unknown:
+            fail("model_overrides", f"unknown fields {sorted(unknown)}")
+        bad_routers = [r for r in self.routers if r not in ROUTERS]
+        if bad_routers or not self.routers:
+            fail("routers", f"{bad_routers or 'none'}: choose from {', '.join(ROUTERS)}")
+        if self.recompute not in ("none", "moe", "full"):
+            fail("recompute", f"{self.recompute!r} is not one of none, moe, full")
+        for name in ("micro_batch_size", "num_microbatches", "steps", "settle_window",
+                     "router_timing_repeats", "rounds"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        if self.interleave and self.rounds > self.steps:
+            fail("rounds", f"{self.rounds} rounds need at least as many steps (steps={self.steps})")
+        if self.warmup_steps < 1:
+            fail("warmup_steps", "must be >= 1 (the first step allocates the optimizer state)")
+        return self
+
+    @property
+    def model_fields(self) -> dict:
+        return {"num_query_groups": 4, "vocab_size": 51200, "seq_length": 1024,
+                **PRESETS[self.preset], **self.model_overrides}
+
+
+@dataclass
+class PhaseResult:
+    """One measured phase of one model; times in ms, memory in bytes."""
+
+    router: str
+    phase: str
+    step_ms: list
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    tokens_per_s: float
+    active_experts_per_token: float
+    sparsity: Optional[float]
+    model_tflops: float
+    mfu: Optional[float]
+    peak_memory: int
+    step_memory: int
+    router_ms_per_step: Optional[float]
+    router_share: Optional[float]
+    syncs_per_step: float
+    remoe_syncs_per_step: float
+    settled_after_steps: Optional[int] = None
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.router] + (f" ({self.phase})" if self.phase else "")
+
+    @property
+    def relative_spread(self) -> float:
+        """Half the interquartile range over the median."""
+        return (self.p75_ms - self.p25_ms) / 2.0 / self.median_ms
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a model through pretrain_gpt.py's flags
+
+
+def training_flags(config: BenchmarkConfig, router: str, device: torch.device) -> list[str]:
+    """The ``pretrain_gpt.py`` flags of ``router``'s model under ``config``."""
+    m = config.model_fields
+    on_gpu = device.type == "cuda"
+    flags = [
+        "--num-layers", m["num_layers"], "--hidden-size", m["hidden_size"],
+        "--num-attention-heads", m["num_attention_heads"],
+        "--group-query-attention", "--num-query-groups", m["num_query_groups"],
+        "--seq-length", m["seq_length"], "--max-position-embeddings", m["seq_length"],
+        "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
+        "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+        "--init-method-std", 0.01, "--attention-dropout", 0.0, "--hidden-dropout", 0.0,
+        "--micro-batch-size", config.micro_batch_size,
+        "--global-batch-size", config.micro_batch_size * config.num_microbatches,
+        # a long, flat schedule: the benchmark's steps all run near --lr
+        "--train-iters", 1_000_000, "--lr", config.lr, "--min-lr", config.lr / 10,
+        "--lr-warmup-iters", 1, "--lr-decay-style", "cosine", "--clip-grad", 1.0,
+        "--mock-data", "--seed", config.seed,
+    ]
+    ffn = m.get("ffn_hidden_size") or 4 * m["hidden_size"]
+    if router == "dense":
+        # the same active parameters per token as k of the E*G experts of width ffn/G
+        flags += ["--ffn-hidden-size", config.topk * ffn]
+    else:
+        flags += ["--num-experts", config.num_experts, "--moe-router-topk", config.topk,
+                  "--moe-granularity", config.granularity, "--moe-ffn-hidden-size", ffn,
+                  "--moe-token-dispatcher-type", "alltoall",
+                  "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", 0.01,
+                  "--moe-router-pre-softmax"]
+        if router == "relu":
+            flags += ["--moe-relu-routing"]
+        if config.grouped_gemm if config.grouped_gemm is not None else on_gpu:
+            flags += ["--moe-grouped-gemm"]
+    if config.bf16 if config.bf16 is not None else on_gpu:
+        flags += ["--bf16"]
+    if config.recompute == "moe":
+        flags += ["--moe-layer-recompute"]
+    elif config.recompute == "full":
+        flags += ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                  "--recompute-num-layers", 1]
+    return [str(flag) for flag in flags]
+
+
+def zipf_batches(vocab_size: int, seq_length: int, micro_batch_size: int, count: int,
+                 device: torch.device, seed: int) -> list[dict]:
+    """``count`` micro-batches of tokens drawn with Zipf-like frequencies (p ~ 1/(rank + 10)),
+    so routing sees frequent and rare tokens as in text; placed on ``device`` up front."""
+    gen = torch.Generator().manual_seed(seed)
+    probabilities = 1.0 / (torch.arange(vocab_size, dtype=torch.float64) + 10.0)
+    permutation = torch.randperm(vocab_size, generator=gen)
+    batches = []
+    for _ in range(count):
+        ranks = torch.multinomial(
+            probabilities, micro_batch_size * (seq_length + 1), replacement=True, generator=gen)
+        tokens = permutation[ranks].view(micro_batch_size, seq_length + 1)
+        batches.append({
+            "tokens_BS": tokens[:, :-1].contiguous().to(device),
+            "labels_BS": tokens[:, 1:].contiguous().to(device),
+            "loss_mask_BS": torch.ones(micro_batch_size, seq_length, device=device),
+            "position_ids_BS": torch.arange(seq_length, device=device).expand(
+                micro_batch_size, -1).contiguous(),
+        })
+    return batches
+
+
+def _cycle(items):
+    while True:
+        yield from items
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+class _Session:
+    """One model being benchmarked: its training objects, batches and instrumentation."""
+
+    def __init__(self, config: BenchmarkConfig, router: str, device: torch.device):
+        self.config, self.router, self.device = config, router, device
+        self.args = parse_args(training_flags(config, router, device))
+        parallel = parallel_config_from_args(self.args)
+        vocab = config.model_fields["vocab_size"]
+        self.objects = build_training_objects(self.args, parallel, vocab_size=vocab, device=device)
+        self.model_config = self.objects.model_config
+        self.step_kwargs = dict(num_microbatches=config.num_microbatches,
+                                seq_length=self.args.seq_length,
+                                micro_batch_size=config.micro_batch_size)
+        self.batches = _cycle(zipf_batches(
+            vocab, self.args.seq_length, config.micro_batch_size,
+            count=max(8, config.num_microbatches), device=device, seed=config.seed))
+        self.routers = [m for chunk in self.objects.model_chunks for m in chunk.modules()
+                        if isinstance(m, Router)]
+        self.router_inputs: dict = {}
+        self.syncs = None
+        # Created building the session, freed with it: so held memory counts from before.
+        self.resident_memory = 0
+        for router_module in self.routers:
+            router_module.register_forward_pre_hook(self._enter_router)
+            router_module.register_forward_hook(self._leave_router)
+
+    # Router hooks: remember each router's last input; count its syncs under REMOE_SCOPE.
+    def _enter_router(self, module, args):
+        self.router_inputs[module] = args[0].detach()
+        if self.syncs is not None:
+            self._scope = self.syncs.scope(REMOE_SCOPE)
+            self._scope.__enter__()
+
+    def _leave_router(self, module, args, output):
+        if self.syncs is not None:
+            self._scope.__exit__(None, None, None)
+
+    def _scoped(self, method):
+        def call(*args, **kwargs):
+            with self.syncs.scope(REMOE_SCOPE):
+                return method(*args, **kwargs)
+        return call
+
+    def step(self) -> dict:
+        o = self.objects
+        return train_step(o.model_chunks, o.optimizer, o.scheduler, o.regularizer,
+                          self.batches, self.step_kwargs, self.args)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed_steps(self, count: int, timing: "Timing") -> None:
+        """Run ``count`` steps, adding their times, records and host syncs to ``timing``."""
+        self.syncs = sync_counter(self.device)
+        regularizer = self.objects.regularizer
+        # The regularizer's step-end work (the coefficient update, its reductions, the expert
+        # load statistics) counts as ReMoE's too: scope this instance's methods while timing.
+        regularizer_methods = ("finish_step", "step_sparsity", "take_expert_load")
+        if regularizer is not None:
+            for name in regularizer_methods:
+                setattr(regularizer, name, self._scoped(getattr(regularizer, name)))
+        try:
+            with self.syncs:
+                for _ in range(count):
+                    self.synchronize()
+                    started = time.perf_counter()
+                    timing.records.append(self.step())
+                    self.synchronize()
+                    timing.step_ms.append(1000.0 * (time.perf_counter() - started))
+        finally:
+            if regularizer is not None:
+                for name in regularizer_methods:
+                    delattr(regularizer, name)  # back to the class's own
+        timing.syncs += self.syncs.total
+        timing.remoe_syncs += self.syncs.by_scope[REMOE_SCOPE]
+        self.syncs = None
+
+    def warm_up(self) -> None:
+        """The untimed first steps; afterwards ``resident_memory`` is what the model holds
+        between steps (weights, gradients, optimizer state), in bytes."""
+        before = self._held_memory()
+        for _ in range(self.config.warmup_steps):
+            self.step()
+        self.resident_memory = max(0, self._held_memory() - before)
+
+    def _held_memory(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        import psutil
+
+        _release_free_heap()
+        return psutil.Process().memory_info().rss
+
+    def step_memory(self) -> int:
+        """Peak memory of one step above what was held before it, in bytes (CUDA: allocated;
+        CPU: resident set, sampled every millisecond)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
+            self.step()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - held
+        sampler = _ResidentSetSampler()
+        with sampler:
+            self.step()
+        return sampler.peak - sampler.start
+
+    def router_ms_per_step(self) -> Optional[float]:
+        """Each router's forward+backward, re-run alone on the input it last saw, summed over
+        layers and micro-batches. Includes the regularizer's work on the gates."""
+        if not self.routers:
+            return None
+        repeats = self.config.router_timing_repeats
+        total_ms = 0.0
+        for router_module in self.routers:
+            inputs = self.router_inputs[router_module].clone().requires_grad_(True)
+            for rep in range(repeats + 1):  # the first run is untimed
+                self.synchronize()
+                started = time.perf_counter()
+                probs, _ = router_module(inputs)
+                torch.autograd.backward(probs, torch.ones_like(probs))
+                self.synchronize()
+                if rep:
+                    total_ms += 1000.0 * (time.perf_counter() - started) / repeats
+        # What the extra runs recorded must not reach the next step.
+        reduce_aux_loss_tracker(1)
+        if self.objects.regularizer is not None:
+            self.objects.regularizer.step_sparsity()
+            self.objects.regularizer.take_expert_load()
+        for chunk in self.objects.model_chunks:
+            chunk.zero_grad_buffer()
+        return total_ms * self.config.num_microbatches
+
+    def close(self) -> None:
+        self.objects = self.routers = self.router_inputs = self.batches = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class _ResidentSetSampler:
+    """The process's peak resident set size while inside, sampled every millisecond."""
+
+    def __enter__(self):
+        import psutil
+
+        self._process = psutil.Process()
+        _release_free_heap()
+        self.start = self.peak = self._process.memory_info().rss
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+        return False
+
+
+def _release_free_heap() -> None:
+    """Give freed heap memory back to the OS (glibc), so the baseline is what is held."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _percentile(values: list, q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass
+class Timing:
+    """What the timed steps of one phase gathered."""
+
+    step_ms: list = field(default_factory=list)
+    records: list = field(default_factory=list)
+    syncs: int = 0
+    remoe_syncs: int = 0
+
+
+def finish_phase(session: _Session, phase: str, timing: Timing, peak_tflops: Optional[float],
+                 settled_after: Optional[int] = None) -> PhaseResult:
+    """Turn a phase's timed steps into its row; times the routers and one step's memory."""
+    config, model_config = session.config, session.model_config
+    times, steps = timing.step_ms, len(timing.step_ms)
+    sparsity = None
+    if session.router == "relu":
+        sparsity = statistics.fmean(float(r["sparsity"]) for r in timing.records)
+        active = (1.0 - sparsity) * model_config.total_experts
+    elif session.router == "topk":
+        active = float(model_config.total_topk)
+    else:
+        active = 0.0
+    median = statistics.median(times)
+    tokens_per_step = config.micro_batch_size * config.num_microbatches * model_config.seq_length
+    flops_per_step = training_flops_per_token(model_config, active) * tokens_per_step
+    tflops = flops_per_step / (median / 1000.0) / 1e12
+    router_ms = session.router_ms_per_step()
+    step_memory = session.step_memory()
+    return PhaseResult(
+        router=session.router, phase=phase, step_ms=times, median_ms=median,
+        p25_ms=_percentile(times, 0.25), p75_ms=_percentile(times, 0.75),
+        tokens_per_s=tokens_per_step / (median / 1000.0),
+        active_experts_per_token=active, sparsity=sparsity, model_tflops=tflops,
+        mfu=None if peak_tflops is None else tflops / peak_tflops,
+        peak_memory=session.resident_memory + step_memory, step_memory=step_memory,
+        router_ms_per_step=router_ms,
+        router_share=None if router_ms is None else router_ms / median,
+        syncs_per_step=timing.syncs / steps, remoe_syncs_per_step=timing.remoe_syncs / steps,
+        settled_after_steps=settled_after,
+    )
+
+
+def measure_phase(session: _Session, phase: str, peak_tflops: Optional[float],
+                  settled_after: Optional[int] = None) -> PhaseResult:
+    """``steps`` timed steps of one session in one block."""
+    timing = Timing()
+    session.timed_steps(session.config.steps, timing)
+    return finish_phase(session, phase, timing, peak_tflops, settled_after)
+
+
+def settle(session: _Session) -> tuple[bool, int]:
+    """Train until the sparsity held the target for ``settle_window`` steps in a row."""
+    config = session.config
+    target = session.model_config.target_sparsity
+    in_a_row = 0
+    for step in range(1, config.max_settle_steps + 1):
+        record = session.step()
+        close = abs(float(record["sparsity"]) - target) <= config.settle_tolerance
+        in_a_row = in_a_row + 1 if close else 0
+        if in_a_row >= config.settle_window:
+            return True, step
+    return False, config.max_settle_steps
+
+
+def device_peak_tflops(device: torch.device, override: Optional[float]) -> Optional[float]:
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None,
+                  progress=print) -> dict:
+    """Benchmark each router of ``config``; megatron's parallel groups must be initialized
+    (one rank). Returns ``{"device", "peak_tflops", "config", "results", "ratios"}``.
+
+    With ``config.interleave`` all models stay in memory and their final phases are timed in
+    ``config.rounds`` alternating blocks, so that a machine's drift (other load, clocks) falls
+    on all of them alike; otherwise each model is measured, then freed, in turn.
+    """
+    config.validate()
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    peak_tflops = device_peak_tflops(device, config.peak_tflops)
+    results = []
+
+    def prepare(router) -> tuple:
+        """Build and warm up; for ReMoE measure stage I and settle. -> (session, phase, steps)"""
+        progress(f" benchmark: {LABELS[router]}: building, {config.warmup_steps} warm-up steps")
+        session = _Session(config, router, device)
+        session.warm_up()
+        if router != "relu":
+            return session, "", None
+        progress(f" benchmark: {LABELS[router]}: stage I, {config.steps} timed steps")
+        results.append(measure_phase(session, "stage I", peak_tflops))
+        progress(f" benchmark: {LABELS[router]}: settling (at most {config.max_settle_steps} steps)")
+        settled, steps = settle(session)
+        return session, "stage III" if settled else "not settled", steps
+
+    if config.interleave:
+        prepared = [prepare(router) for router in config.routers]
+        timings = [Timing() for _ in prepared]
+        progress(f" benchmark: timing {', '.join(LABELS[r] for r in config.routers)} in "
+                 f"{config.rounds} alternating rounds of {config.steps} steps in all")
+        for round_index in range(config.rounds):
+            block = _block_size(config.steps, config.rounds, round_index)
+            for (session, _, _), timing in zip(prepared, timings):
+                session.timed_steps(block, timing)
+        for (session, phase, settled_after), timing in zip(prepared, timings):
+            results.append(finish_phase(session, phase, timing, peak_tflops, settled_after))
+            session.close()
+    else:
+        for router in config.routers:
+            session, phase, settled_after = prepare(router)
+            try:
+                progress(f" benchmark: {LABELS[router]}: {config.steps} timed steps")
+                results.append(measure_phase(session, phase, peak_tflops, settled_after))
+            finally:
+                session.close()
+    order = {router: index for index, router in enumerate(config.routers)}
+    results.sort(key=lambda r: (order[r.router], r.phase != "stage I"))
+    return {"device": device_name(device), "peak_tflops": peak_tflops,
+            "config": asdict(config), "results": results, "ratios": step_time_ratios(results)}
+
+
+def _block_size(total: int, rounds: int, index: int) -> int:
+    """Split ``total`` steps over ``rounds`` blocks as evenly as possible."""
+    return total // rounds + (1 if index < total % rounds else 0)
+
+
+def step_time_ratios(results: list) -> dict:
+    """ReMoE/TopK (per ReMoE phase) and MoE/dense median step-time ratios with their spread
+    (the two phases' relative half-IQRs added in quadrature)."""
+    by_label = {r.label: r for r in results}
+    ratios = {}
+
+    def ratio(name, numerator, denominator):
+        spread = math.hypot(numerator.relative_spread, denominator.relative_spread)
+        value = numerator.median_ms / denominator.median_ms
+        ratios[name] = {"ratio": value, "spread": spread, "at_most_1": value <= 1.0 + spread}
+
+    topk, dense = by_label.get(LABELS["topk"]), by_label.get(LABELS["dense"])
+    for result in results:
+        if result.router == "relu" and topk is not None:
+            ratio(f"ReMoE ({result.phase}) / TopK MoE", result, topk)
+    for result in results:
+        if result.router != "dense" and dense is not None:
+            ratio(f"{result.label} / Dense", result, dense)
+    return ratios
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _memory(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def format_table(report: dict) -> str:
+    """The markdown table and the ratio lines."""
+    cuda = not report["device"].startswith("CPU")
+    memory_kind = "allocated" if cuda else "RSS"
+    header = ["model", "active experts/token", "ms/step median", "p25-p75", "tokens/s",
+              "model TFLOP/s", "MFU", f"peak memory ({memory_kind})", "step peak",
+              "router share", "host syncs/step", f"syncs in {REMOE_SCOPE}"]
+    rows = []
+    for r in report["results"]:
+        label = r.label
+        if r.settled_after_steps is not None:
+            label += f", after {r.settled_after_steps} settling steps"
+        active = f"{r.active_experts_per_token:.2f}"
+        if r.sparsity is not None:
+            active += f" (sparsity {r.sparsity:.3f})"
+        rows.append([
+            label, active, f"{r.median_ms:.1f}", f"{r.p25_ms:.1f}-{r.p75_ms:.1f}",
+            f"{r.tokens_per_s:,.0f}", f"{r.model_tflops:.3g}",
+            "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
+            _memory(r.peak_memory), _memory(r.step_memory),
+            "-" if r.router_share is None else f"{100 * r.router_share:.1f}%",
+            f"{r.syncs_per_step:g}", f"{r.remoe_syncs_per_step:g}",
+        ])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines.append("")
+    for name, value in report["ratios"].items():
+        verdict = "<= 1.00 within spread" if value["at_most_1"] else "> 1.00"
+        if "Dense" in name:
+            verdict = ""
+        lines.append(f"{name}: {value['ratio']:.3f} (spread +-{100 * value['spread']:.1f}%)"
+                     + (f"  {verdict}" if verdict else ""))
+    return "\n".join(lines)
+
+
+def to_json(report: dict) -> dict:
+    return {**report, "results": [{**asdict(r), "label": r.label} for r in report["results"]]}
