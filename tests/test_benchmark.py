@@ -1,0 +1,152 @@
+"""tools/benchmark.py on CPU: the table's numbers follow from what the runs did.
+
+Timings themselves are not asserted (they belong to the benchmark, not the tests); what is
+checked is that each column is computed from the right things: FLOPs from the experts actually
+used (against a count made here from the parameter shapes), ratios from the medians, ReMoE's
+stages, and the host-sync columns, which must be zero for ReMoE's parts and do catch a sync
+put there on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from remoe_patches import benchmark
+from remoe_patches.benchmark import BenchmarkConfig, format_table, run_benchmark
+from remoe_patches.config import ConfigError, ModelConfig
+from remoe_patches.router import ReLURouter
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = dict(preset="tiny", micro_batch_size=4, warmup_steps=2, steps=4, rounds=2,
+             router_timing_repeats=1, max_settle_steps=300)
+
+
+@pytest.fixture(scope="module")
+def report(single_rank):
+    return run_benchmark(BenchmarkConfig(**SMALL), progress=lambda line: None)
+
+
+def independent_flops_per_token(model: ModelConfig, active_experts: float) -> float:
+    """6 x (weights a token passes through) + causal-free attention scores, from the shapes."""
+    h, s = model.hidden_size, model.seq_length
+    kv = 2 * model.num_query_groups * (h // model.num_attention_heads)
+    qkv_and_proj = h * (h + kv) + h * h
+    if model.router == "dense":
+        mlp = 3 * h * model.dense_ffn_hidden_size
+    else:
+        mlp = active_experts * 3 * h * model.expert_ffn_hidden_size + h * model.total_experts
+    per_layer = qkv_and_proj + mlp
+    scores = 2 * s * h  # QK^T and AV: s*h multiply-adds each per token
+    return 6 * (model.num_layers * (per_layer + scores) + model.vocab_size * h)
+
+
+def test_rows_and_stages(report):
+    labels = [r.label for r in report["results"]]
+    assert labels == ["Dense", "TopK MoE", "ReMoE (stage I)", "ReMoE (stage III)"]
+    stage1, stage3 = report["results"][2:]
+    assert stage3.settled_after_steps is not None
+    assert abs(stage3.sparsity - 0.875) < 0.05
+    # stage I: routing still dense, far more experts per token than the target's one
+    assert stage1.active_experts_per_token > 2 * stage3.active_experts_per_token
+    assert report["results"][1].active_experts_per_token == 1.0
+    assert report["device"].startswith("CPU") and report["peak_tflops"] is None
+    assert all(r.mfu is None for r in report["results"])
+
+
+def test_flops_come_from_the_experts_used(report):
+    for r in report["results"]:
+        if r.router == "relu":  # what the routers activated over the timed steps
+            assert r.active_experts_per_token == pytest.approx((1 - r.sparsity) * 8)
+        model = ModelConfig.preset("tiny", num_query_groups=4, router=r.router,
+                                   ffn_hidden_size=256)
+        tokens = SMALL["micro_batch_size"] * model.seq_length
+        expected = independent_flops_per_token(model, r.active_experts_per_token) * tokens
+        assert r.model_tflops == pytest.approx(expected / (r.median_ms / 1000) / 1e12, rel=1e-9)
+        assert r.tokens_per_s == pytest.approx(tokens / (r.median_ms / 1000), rel=1e-12)
+
+
+def test_timings_memory_and_router_share_are_consistent(report):
+    for r in report["results"]:
+        assert len(r.step_ms) == SMALL["steps"]
+        assert min(r.step_ms) <= r.p25_ms <= r.median_ms <= r.p75_ms <= max(r.step_ms)
+        assert r.peak_memory >= r.step_memory >= 0
+        if r.router == "dense":
+            assert r.router_share is None
+        else:
+            assert 0 < r.router_ms_per_step and 0 < r.router_share < 1
+
+
+def test_ratios_are_the_medians_ratios(report):
+    by_label = {r.label: r for r in report["results"]}
+    ratios = report["ratios"]
+    remoe, topk, dense = (by_label["ReMoE (stage III)"], by_label["TopK MoE"], by_label["Dense"])
+    assert ratios["ReMoE (stage III) / TopK MoE"]["ratio"] == remoe.median_ms / topk.median_ms
+    assert ratios["TopK MoE / Dense"]["ratio"] == topk.median_ms / dense.median_ms
+    table = format_table(report)
+    assert "ReMoE (stage III) / TopK MoE: " in table and "| ReMoE (stage I) |" in table
+
+
+def test_no_host_sync_from_router_regularizer_or_update(report):
+    for r in report["results"]:
+        assert r.remoe_syncs_per_step == 0
+    # the counter is live: megatron's dispatcher and the loop's loss check do sync
+    assert all(r.syncs_per_step > 0 for r in report["results"])
+
+
+def test_a_sync_in_the_router_is_counted(single_rank, monkeypatch):
+    routing = ReLURouter.routing
+
+    def routing_that_syncs(self, logits):
+        logits.sum().item()
+        return routing(self, logits)
+
+    monkeypatch.setattr(ReLURouter, "routing", routing_that_syncs)
+    config = BenchmarkConfig(**{**SMALL, "routers": ("relu",), "max_settle_steps": 1,
+                                "interleave": False})
+    result = run_benchmark(config, progress=lambda line: None)["results"]
+    # one per MoE layer and step, in both phases
+    assert [r.remoe_syncs_per_step for r in result] == [2.0, 2.0]
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="BenchmarkConfig.preset"):
+        BenchmarkConfig(preset="7b").validate()
+    with pytest.raises(ConfigError, match="BenchmarkConfig.routers"):
+        BenchmarkConfig(routers=("softmax",)).validate()
+    with pytest.raises(ConfigError, match="BenchmarkConfig.rounds"):
+        BenchmarkConfig(steps=2, rounds=3).validate()
+
+
+def test_dense_twin_has_the_same_active_parameters():
+    flags = benchmark.training_flags(BenchmarkConfig(topk=2), "dense", benchmark.torch.device("cpu"))
+    assert flags[flags.index("--ffn-hidden-size") + 1] == str(2 * 4 * 64)
+
+
+def test_command_line_writes_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "tools/benchmark.py", "--preset", "tiny", "--routers", "topk", "relu",
+         "--micro-batch-size", "2", "--warmup-steps", "1", "--steps", "2", "--rounds", "1",
+         "--max-settle-steps", "3", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "| TopK MoE |" in run.stdout and "ReMoE (not settled) / TopK MoE" in run.stdout
+    saved = json.loads(out.read_text())
+    assert [r["label"] for r in saved["results"]] == [
+        "TopK MoE", "ReMoE (stage I)", "ReMoE (not settled)"]
+    assert saved["config"]["steps"] == 2 and "ReMoE (not settled) / TopK MoE" in saved["ratios"]
+
+
+def test_command_line_bad_input_is_one_line(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "tools/benchmark.py", "--steps", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip() == "error: BenchmarkConfig.steps: must be >= 1"
