@@ -1,10 +1,11 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make demo   -- the embedded demo training run
 #   make test   -- the test suite
+# and, beside them, make benchmark (tools/benchmark.py) and make test-gpu (tests_gpu/, CUDA).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-gpu benchmark
 
 setup: $(VENV)/.installed
 
@@ -21,3 +22,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# On a machine with a CUDA GPU: the GPU tests (not part of CI, which has none).
+test-gpu: setup
+	$(PY) -m pytest -q tests_gpu
+
+# The throughput table on this machine (tiny preset on CPU; pass e.g. ARGS="--preset 182m").
+benchmark: setup
+	$(PY) tools/benchmark.py $(ARGS)

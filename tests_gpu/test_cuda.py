@@ -1,0 +1,116 @@
+"""On a GPU: no host synchronisation from ReMoE's router, regularizer and coefficient update
+(CUDA's own sync detector, in error mode), the local fast layers against megatron's, and the
+benchmark end to end in bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from remoe_patches.benchmark import BenchmarkConfig, _Session, run_benchmark
+from remoe_patches.local_layers import GroupedGemmExperts, SDPAttention
+from remoe_patches.router import ReLURouter
+
+
+class sync_is_an_error:
+    """``torch.cuda.set_sync_debug_mode("error")`` while inside."""
+
+    def __enter__(self):
+        self.previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self.previous)
+        return False
+
+
+@pytest.mark.parametrize("grouped_gemm", [True, False])
+def test_training_steps_never_sync_in_router_regularizer_or_update(single_gpu, grouped_gemm):
+    config = BenchmarkConfig(preset="tiny", routers=("relu",), warmup_steps=2,
+                             grouped_gemm=grouped_gemm)
+    session = _Session(config, "relu", torch.device("cuda", torch.cuda.current_device()))
+    session.warm_up()
+    guards = {}
+
+    def enter(module, args):
+        guards[module] = sync_is_an_error()
+        guards[module].__enter__()
+
+    def leave(module, args, output):
+        guards.pop(module).__exit__(None, None, None)
+
+    routers = [m for m in session.routers if isinstance(m, ReLURouter)]
+    assert routers
+    for router in routers:
+        router.register_forward_pre_hook(enter)
+        router.register_forward_hook(leave)
+    regularizer = session.objects.regularizer
+    for name in ("finish_step", "step_sparsity", "take_expert_load"):
+        method = getattr(regularizer, name)
+
+        def guarded(*args, _method=method, **kwargs):
+            with sync_is_an_error():
+                return _method(*args, **kwargs)
+
+        setattr(regularizer, name, guarded)
+    for _ in range(3):
+        record = session.step()  # raises if anything inside the guards syncs
+    assert torch.isfinite(record["lm_loss"])
+    session.close()
+
+
+def test_sdpa_matches_megatron_attention_in_bf16(single_gpu):
+    config = TransformerConfig(num_layers=1, hidden_size=512, num_attention_heads=8,
+                               num_query_groups=2, bf16=True, params_dtype=torch.bfloat16,
+                               masked_softmax_fusion=False)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(256, 2, 8, 64, device="cuda", generator=gen)
+    k, v = (torch.randn(256, 2, 2, 64, device="cuda", generator=gen) for _ in range(2))
+    reference = DotProductAttention(config, 1, AttnMaskType.causal, "self")
+    expected = reference(q, k, v, None)  # float32 reference
+    actual = SDPAttention(config, 1, AttnMaskType.causal, "self")(
+        q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    torch.testing.assert_close(actual.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_grouped_experts_match_sequential_in_bf16(single_gpu):
+    experts, hidden, ffn = 8, 256, 512
+    config = TransformerConfig(
+        num_layers=1, hidden_size=hidden, num_attention_heads=4, moe_ffn_hidden_size=ffn,
+        num_moe_experts=experts, gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, bias_activation_fusion=False, bf16=True,
+        params_dtype=torch.bfloat16)
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    sequential = SequentialMLP(experts, config, MLPSubmodules(
+        linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear), pg_collection=groups)
+    grouped = GroupedGemmExperts(experts, config, pg_collection=groups)
+    with torch.no_grad():
+        for e, expert in enumerate(sequential.local_experts):
+            grouped.weight1.view(experts, hidden, -1)[e].copy_(expert.linear_fc1.weight.T)
+            grouped.weight2.view(experts, -1, hidden)[e].copy_(expert.linear_fc2.weight.T)
+    counts = torch.tensor([300, 0, 17, 1024, 5, 0, 64, 90])
+    x = torch.randn(int(counts.sum()), hidden, device="cuda", dtype=torch.bfloat16)
+    probs = torch.rand(x.shape[0], device="cuda", dtype=torch.bfloat16)
+    expected, _ = sequential(x, counts, probs)
+    actual, _ = grouped(x, counts.cuda(), probs)
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_benchmark_reports_mfu_and_no_remoe_syncs(single_gpu):
+    report = run_benchmark(BenchmarkConfig(preset="tiny", steps=4, rounds=2, warmup_steps=2),
+                           progress=lambda line: None)
+    assert [r.label for r in report["results"]][:3] == ["Dense", "TopK MoE", "ReMoE (stage I)"]
+    for r in report["results"]:
+        assert r.remoe_syncs_per_step == 0
+        assert r.peak_memory >= r.step_memory > 0
+        if report["peak_tflops"] is not None:
+            assert 0 < r.mfu < 1
