@@ -9,13 +9,14 @@ timed.
 Phases measured (``steps`` timed steps each, after ``warmup_steps`` untimed ones):
 
 - dense and TopK MoE: once, after the warm-up;
-- ReMoE ``stage I``: right after the warm-up, while routing is still dense (most experts
-  active); it then trains on until the sparsity has held the target ``1 - k/E`` for
+- ReMoE ``stage I``: ``stage1_steps`` steps right after the warm-up, while routing is still
+  dense (most experts active); it then trains on until the sparsity has held the target ``1 - k/E`` for
   ``settle_window`` steps (at most ``max_settle_steps``), and ``stage III`` is measured.
 
 The final phases (dense, TopK, ReMoE stage III) are timed in alternating rounds while all models
 stay in memory (``interleave``), so that drift of the machine falls on all alike; without it,
-each model is measured and freed in turn (for models that do not fit together).
+or when the models' weights and optimizer states would take more than half of the GPU's free
+memory, each model is measured and freed in turn.
 
 For every phase: ms per step (median, 25th-75th percentile), tokens/s, model TFLOP/s and MFU
 (FLOPs from the experts the routers actually activated, ``flops.training_flops_per_token``; MFU
@@ -79,6 +80,8 @@ class BenchmarkConfig:
     """Untimed steps before the first measurement."""
     steps: int = 20
     """Timed steps per phase."""
+    stage1_steps: int = 10
+    """Timed steps of ReMoE's stage I (short: routing is dense only for the first steps)."""
     settle_window: int = 5
     """ReMoE's stage III starts once this many steps in a row were within ``settle_tolerance``."""
     settle_tolerance: float = 0.02
@@ -118,7 +121,8 @@ class BenchmarkConfig:
             fail("routers", f"{bad_routers or 'none'}: choose from {', '.join(ROUTERS)}")
         if self.recompute not in ("none", "moe", "full"):
             fail("recompute", f"{self.recompute!r} is not one of none, moe, full")
-        for name in ("micro_batch_size", "num_microbatches", "steps", "settle_window",
+        for name in ("micro_batch_size", "num_microbatches", "steps", "stage1_steps",
+                     "settle_window",
                      "router_timing_repeats", "rounds"):
             if getattr(self, name) < 1:
                 fail(name, "must be >= 1")
@@ -475,10 +479,10 @@ def finish_phase(session: _Session, phase: str, timing: Timing, peak_tflops: Opt
 
 
 def measure_phase(session: _Session, phase: str, peak_tflops: Optional[float],
-                  settled_after: Optional[int] = None) -> PhaseResult:
-    """``steps`` timed steps of one session in one block."""
+                  settled_after: Optional[int] = None, steps: Optional[int] = None) -> PhaseResult:
+    """``steps`` (default ``config.steps``) timed steps of one session in one block."""
     timing = Timing()
-    session.timed_steps(session.config.steps, timing)
+    session.timed_steps(steps or session.config.steps, timing)
     return finish_phase(session, phase, timing, peak_tflops, settled_after)
 
 
@@ -537,13 +541,14 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
         session.warm_up()
         if router != "relu":
             return session, "", None
-        progress(f" benchmark: {LABELS[router]}: stage I, {config.steps} timed steps")
-        results.append(measure_phase(session, "stage I", peak_tflops))
+        progress(f" benchmark: {LABELS[router]}: stage I, {config.stage1_steps} timed steps")
+        results.append(measure_phase(session, "stage I", peak_tflops, steps=config.stage1_steps))
         progress(f" benchmark: {LABELS[router]}: settling (at most {config.max_settle_steps} steps)")
         settled, steps = settle(session)
         return session, "stage III" if settled else "not settled", steps
 
-    if config.interleave:
+    interleave = config.interleave and _fit_together(config, device, progress)
+    if interleave:
         prepared = [prepare(router) for router in config.routers]
         timings = [Timing() for _ in prepared]
         progress(f" benchmark: timing {', '.join(LABELS[r] for r in config.routers)} in "
@@ -567,6 +572,33 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
     results.sort(key=lambda r: (order[r.router], r.phase != "stage I"))
     return {"device": device_name(device), "peak_tflops": peak_tflops,
             "config": asdict(config), "results": results, "ratios": step_time_ratios(results)}
+
+
+def _fit_together(config: BenchmarkConfig, device: torch.device, progress) -> bool:
+    """Whether all models' weights, gradients and optimizer states take at most half of the
+    GPU's free memory (the rest for activations); always on CPU."""
+    if device.type != "cuda":
+        return True
+    bf16 = config.bf16 if config.bf16 is not None else True
+    # bf16 weights + fp32 gradients + fp32 master weights + two Adam moments; or fp32 all along
+    bytes_per_parameter = 18 if bf16 else 16
+    needed = sum(
+        parse_model_config(config, router, device).num_parameters() * bytes_per_parameter
+        for router in config.routers)
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed <= free / 2:
+        return True
+    progress(f" benchmark: the models need ~{needed / 2**30:.0f} GiB for weights and optimizer "
+             f"state together ({free / 2**30:.0f} GiB free): measuring one after another")
+    return False
+
+
+def parse_model_config(config: BenchmarkConfig, router: str, device: torch.device):
+    """``router``'s ModelConfig, as the session would build it."""
+    from remoe_patches.arguments import model_config_from_args
+
+    args = parse_args(training_flags(config, router, device))
+    return model_config_from_args(args, vocab_size=config.model_fields["vocab_size"])
 
 
 def _block_size(total: int, rounds: int, index: int) -> int:

@@ -47,6 +47,8 @@ def parse(argv):
     parser.add_argument("--num-microbatches", type=int, default=defaults.num_microbatches)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="Timed steps a phase.")
+    parser.add_argument("--stage1-steps", type=int, default=defaults.stage1_steps,
+                        help="Timed steps of ReMoE's stage I.")
     parser.add_argument("--max-settle-steps", type=int, default=defaults.max_settle_steps)
     parser.add_argument("--rounds", type=int, default=defaults.rounds,
                         help="Alternating timing rounds (the timed steps split over them).")
@@ -71,7 +73,7 @@ def parse(argv):
         preset=args.preset, model_overrides=overrides, num_experts=args.num_experts,
         topk=args.topk, granularity=args.granularity, routers=tuple(args.routers),
         micro_batch_size=args.micro_batch_size, num_microbatches=args.num_microbatches,
-        warmup_steps=args.warmup_steps, steps=args.steps,
+        warmup_steps=args.warmup_steps, steps=args.steps, stage1_steps=args.stage1_steps,
         max_settle_steps=args.max_settle_steps, recompute=args.recompute,
         interleave=not args.sequential, rounds=args.rounds,
         grouped_gemm=args.grouped_gemm, bf16=args.bf16, peak_tflops=args.peak_tflops,
@@ -100,7 +102,8 @@ def main(argv=None) -> int:
     print(f"\n{report['device']}, preset {config.preset}"
           + (f" {config.model_overrides}" if config.model_overrides else "")
           + f", E={config.num_experts} k={config.topk} G={config.granularity}, micro-batch "
-          f"{config.micro_batch_size} x {config.num_microbatches}, {config.steps} timed steps\n")
+          f"{config.micro_batch_size} x {config.num_microbatches}, {config.steps} timed steps "
+          f"({config.stage1_steps} in ReMoE's stage I)\n")
     print(format_table(report), flush=True)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
