@@ -63,7 +63,8 @@ class BenchmarkConfig:
     preset: str = "tiny"
     """``tiny`` (CPU), ``182m``, ``469m`` or ``978m``."""
     model_overrides: dict = field(default_factory=dict)
-    """Preset fields to change: num_layers, hidden_size, num_attention_heads, seq_length, vocab_size."""
+    """Preset fields to change (num_layers, hidden_size, num_attention_heads, num_query_groups,
+    seq_length, vocab_size, ffn_hidden_size)."""
     num_experts: int = 8
     """E."""
     topk: int = 1
@@ -82,10 +83,10 @@ class BenchmarkConfig:
     """Timed steps per phase."""
     stage1_steps: int = 10
     """Timed steps of ReMoE's stage I (short: routing is dense only for the first steps)."""
-    settle_window: int = 5
-    """ReMoE's stage III starts once this many steps in a row were within ``settle_tolerance``."""
-    settle_tolerance: float = 0.02
-    """How close to the target sparsity counts as settled."""
+    settle_window: int = 20
+    """ReMoE's stage III starts once the last this many steps held the target (see ``settle``)."""
+    settle_tolerance: float = 0.01
+    """How close to the target the window's mean sparsity must be (each step: 5 times this)."""
     max_settle_steps: int = 400
     """Give up settling after this many steps (the phase is then reported as not settled)."""
     interleave: bool = True
@@ -487,15 +488,17 @@ def measure_phase(session: _Session, phase: str, peak_tflops: Optional[float],
 
 
 def settle(session: _Session) -> tuple[bool, int]:
-    """Train until the sparsity held the target for ``settle_window`` steps in a row."""
+    """Train until the sparsity holds the target: over the last ``settle_window`` steps its mean
+    is within ``settle_tolerance`` of ``1 - k/E`` and every step within five times that (a
+    sparsity still climbing through the target, or overshooting, does not count)."""
     config = session.config
     target = session.model_config.target_sparsity
-    in_a_row = 0
+    window = []
     for step in range(1, config.max_settle_steps + 1):
-        record = session.step()
-        close = abs(float(record["sparsity"]) - target) <= config.settle_tolerance
-        in_a_row = in_a_row + 1 if close else 0
-        if in_a_row >= config.settle_window:
+        window = (window + [float(session.step()["sparsity"])])[-config.settle_window:]
+        if (len(window) == config.settle_window
+                and abs(statistics.fmean(window) - target) <= config.settle_tolerance
+                and max(abs(s - target) for s in window) <= 5 * config.settle_tolerance):
             return True, step
     return False, config.max_settle_steps
 

@@ -23,8 +23,7 @@ from remoe_patches.router import ReLURouter
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(preset="tiny", micro_batch_size=4, warmup_steps=2, steps=4, stage1_steps=3,
-             rounds=2,
-             router_timing_repeats=1, max_settle_steps=300)
+             rounds=2, router_timing_repeats=1, max_settle_steps=300)
 
 
 @pytest.fixture(scope="module")
