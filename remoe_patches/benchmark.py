@@ -255,6 +255,7 @@ class _Session:
 
     def __init__(self, config: BenchmarkConfig, router: str, device: torch.device):
         self.config, self.router, self.device = config, router, device
+        self._memory_before_build = self._held_memory()
         self.args = parse_args(training_flags(config, router, device))
         parallel = parallel_config_from_args(self.args)
         vocab = config.model_fields["vocab_size"]
@@ -270,8 +271,7 @@ class _Session:
                         if isinstance(m, Router)]
         self.router_inputs: dict = {}
         self.syncs = None
-        # Created building the session, freed with it: so held memory counts from before.
-        self.resident_memory = 0
+        self.resident_memory = 0  # known after the warm-up has created the optimizer state
         for router_module in self.routers:
             router_module.register_forward_pre_hook(self._enter_router)
             router_module.register_forward_hook(self._leave_router)
@@ -331,10 +331,9 @@ class _Session:
     def warm_up(self) -> None:
         """The untimed first steps; afterwards ``resident_memory`` is what the model holds
         between steps (weights, gradients, optimizer state), in bytes."""
-        before = self._held_memory()
         for _ in range(self.config.warmup_steps):
             self.step()
-        self.resident_memory = max(0, self._held_memory() - before)
+        self.resident_memory = max(0, self._held_memory() - self._memory_before_build)
 
     def _held_memory(self) -> int:
         if self.device.type == "cuda":
