@@ -69,9 +69,9 @@ def test_training_steps_never_sync_in_router_regularizer_or_update(single_gpu, g
 
 
 def test_sdpa_matches_megatron_attention_in_bf16(single_gpu):
+    # float32 config: megatron's unfused softmax would cast float32 scores to bf16 otherwise
     config = TransformerConfig(num_layers=1, hidden_size=512, num_attention_heads=8,
-                               num_query_groups=2, bf16=True, params_dtype=torch.bfloat16,
-                               masked_softmax_fusion=False)
+                               num_query_groups=2, masked_softmax_fusion=False)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(256, 2, 8, 64, device="cuda", generator=gen)
     k, v = (torch.randn(256, 2, 2, 64, device="cuda", generator=gen) for _ in range(2))
