@@ -42,7 +42,11 @@ import torch
 
 from megatron.core.transformer.moe.router import Router
 
-from remoe_patches.arguments import parallel_config_from_args, parse_args
+from remoe_patches.arguments import (
+    model_config_from_args,
+    parallel_config_from_args,
+    parse_args,
+)
 from remoe_patches.config import PRESETS, ConfigError
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.host_sync import sync_counter
@@ -597,8 +601,6 @@ def _fit_together(config: BenchmarkConfig, device: torch.device, progress) -> bo
 
 def parse_model_config(config: BenchmarkConfig, router: str, device: torch.device):
     """``router``'s ModelConfig, as the session would build it."""
-    from remoe_patches.arguments import model_config_from_args
-
     args = parse_args(training_flags(config, router, device))
     return model_config_from_args(args, vocab_size=config.model_fields["vocab_size"])
 

@@ -44,7 +44,7 @@ from remoe_patches.metrics_log import MetricsLog
 from remoe_patches.model import HAVE_TE, build_model, build_regularizer
 from remoe_patches.parallel import initialize_parallel
 from remoe_patches.regularizer import AdaptiveL1
-from remoe_patches.router import REG_LOSS_NAME, SPARSITY_NAME, reduce_aux_loss_tracker
+from remoe_patches.router import REG_LOSS_NAME, reduce_aux_loss_tracker
 from remoe_patches.tokenizer import build_tokenizer, vocab_size_with_padding
 from remoe_patches.training_step import forward_backward, wrap_with_ddp
 
