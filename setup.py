@@ -1,7 +1,9 @@
 """Install the ReMoE plug-in for megatron-core.
 
-torch is pinned to the release whose CPU wheel these machines carry; nothing here may pull a
-CUDA build of torch. transformer-engine and NVIDIA apex are optional GPU accelerators that
+torch is only bounded here (megatron-core 0.16 needs >= 2.6), so that ``pip install -e .`` keeps
+the CUDA torch a GPU machine already has (an NGC container, a cluster image). The exact CPU pin,
+torch==2.13.0, belongs to the README's set-up (``make setup``) and CI, which install it first.
+transformer-engine and NVIDIA apex are optional GPU accelerators that
 megatron-core uses when importable; they are never required (the PyPI package named "apex" is
 unrelated software: do not install it).
 """
@@ -16,7 +18,7 @@ setup(
     packages=find_packages(include=["remoe_patches", "remoe_patches.*"]),
     package_data={"remoe_patches.lm_eval_tasks": ["*.yaml"]},
     install_requires=[
-        "torch==2.13.0",
+        "torch>=2.6",
         "megatron-core==0.16.1",
         "numpy",
         "PyYAML",

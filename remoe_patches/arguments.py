@@ -34,6 +34,8 @@ Where we differ from Megatron-LM on purpose:
 - ``--micro-batch-size``, ``--lr`` and one of ``--train-iters``/``--train-samples`` are required
   at parse time (Megatron-LM fails later without them), besides the model sizes.
 - ``--sequence-parallel`` at TP=1 is turned off with a warning, as Megatron-LM does.
+- ``--moe-router-dtype`` defaults to fp32 from 32 experts (E x G), where megatron-core warns
+  that the model's dtype is unstable; below that it is the model's dtype, as in Megatron-LM.
 
 Environment variables exported by the authors' scripts that only matter for speed on GPUs and
 that this code neither needs nor reads: ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (orders kernel launches
@@ -266,7 +268,13 @@ def _add_moe_arguments(parser):
     )
     group.add_argument(
         "--moe-permute-fusion", action="store_true",
-        help="Fused token permutation (transformer-engine).",
+        help="Fused token permutation (transformer-engine); TopK only.",
+    )
+    group.add_argument(
+        "--moe-router-dtype", choices=["fp32", "fp64"],
+        help="Router GEMM, gates and the weighting of expert outputs in this dtype instead of "
+        "the model's (bf16 under --bf16). Default: fp32 from 32 experts (E x G), as "
+        "megatron-core advises; the model's dtype below (README, 'Router precision').",
     )
     group.add_argument("--moe-relu-routing", action="store_true", help="ReMoE: ReLU routing.")
     group.add_argument(
@@ -660,6 +668,10 @@ def _complete_and_validate(args, parser) -> None:
     _complete_recompute(args, parser)
     _complete_data_and_tokenizer(args, parser)
 
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        parser.error("--overlap-param-gather needs --use-distributed-optimizer")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        parser.error("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         warnings.warn("--sequence-parallel needs --tensor-model-parallel-size > 1; turned off")
         args.sequence_parallel = False
@@ -700,6 +712,15 @@ def _validate_moe(args, parser) -> None:
             parser.error(
                 f"--moe-relu-routing excludes --moe-token-dispatcher-type flex: {dropless}; "
                 "use alltoall or allgather"
+            )
+        if args.moe_permute_fusion:
+            # megatron-core 0.16.1's alltoall dispatcher sizes the fused permutation's output as
+            # tokens x k in the dropless case; ReLU routing gives a token up to E experts, and
+            # transformer-engine's kernel would write past that buffer.
+            parser.error(
+                "--moe-relu-routing excludes --moe-permute-fusion: the fused permutation's buffer "
+                "holds tokens x --moe-router-topk entries, and ReLU routing activates up to "
+                "--num-experts per token; drop --moe-permute-fusion"
             )
     else:
         if args.moe_pad_expert_input_to_capacity and args.moe_expert_capacity_factor is None:
@@ -855,6 +876,7 @@ def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelCo
             token_dispatcher=args.moe_token_dispatcher_type,
             moe_expert_capacity_factor=args.moe_expert_capacity_factor,
             moe_grouped_gemm=args.moe_grouped_gemm,
+            moe_router_dtype=router_dtype(args),
         )
     config = ModelConfig(
         num_layers=args.num_layers,
@@ -876,6 +898,19 @@ def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelCo
         return config.validate()
     except ConfigError as error:
         raise ConfigError(_in_flag_terms(error)) from None
+
+
+FP32_ROUTER_FROM_EXPERTS = 32
+"""megatron-core advises fp32 routing from this many experts (it warns otherwise)."""
+
+
+def router_dtype(args) -> Optional[str]:
+    """``--moe-router-dtype``, or the default: fp32 from 32 experts (E x G), the model's dtype
+    below, for TopK and ReLU routing alike (README, 'Router precision')."""
+    if args.moe_router_dtype is not None:
+        return args.moe_router_dtype
+    experts = (args.num_experts or 0) * args.moe_granularity
+    return "fp32" if experts >= FP32_ROUTER_FROM_EXPERTS else None
 
 
 def parallel_config_from_args(args) -> ParallelConfig:
@@ -942,11 +977,7 @@ def transformer_overrides_from_args(
             recompute_granularity="selective", recompute_modules=list(args.recompute_modules)
         )
     if args.num_experts is not None:
-        overrides.update(
-            # TE's grouped GEMM with transformer-engine, torch's grouped_mm without it.
-            moe_grouped_gemm=args.moe_grouped_gemm and cuda_available,
-            moe_permute_fusion=args.moe_permute_fusion and te_on_gpu,
-        )
+        overrides.update(moe_permute_fusion=args.moe_permute_fusion and te_on_gpu)
     if args.num_experts is not None and not args.moe_relu_routing:
         overrides.update(
             moe_router_pre_softmax=args.moe_router_pre_softmax,
@@ -983,15 +1014,10 @@ def ineffective_flags(
         ("masked_softmax_fusion", "--no-masked-softmax-fusion"),
         ("bias_swiglu_fusion", "--no-bias-swiglu-fusion"),
         ("bias_dropout_fusion", "--no-bias-dropout-fusion"),
-        ("overlap_grad_reduce", "--overlap-grad-reduce"),
-        ("overlap_param_gather", "--overlap-param-gather"),
     ]:
         note(dest, flag, SPEED_ONLY_ON_CPU, when=on_cpu)
     note("gradient_accumulation_fusion", "--no-gradient-accumulation-fusion", needs_te_kernel,
          when=te_missing)
-    note("bf16", "--bf16", "trains in fp32 on CPU", when=on_cpu)
-    note("use_distributed_optimizer", "--use-distributed-optimizer", "plain AdamW on CPU",
-         when=on_cpu)
     note("transformer_impl", "--transformer-impl",
          "transformer-engine is not installed; megatron-core's local layers are used",
          when=not transformer_engine_available)
@@ -1035,7 +1061,6 @@ def ineffective_flags(
                 note(dest, f"--{dest.replace('_', '-')}", "dense model (no --num-experts)")
         return list(found.items())
 
-    note("moe_grouped_gemm", "--moe-grouped-gemm", SPEED_ONLY_ON_CPU, when=on_cpu)
     note("moe_permute_fusion", "--moe-permute-fusion", needs_te_kernel, when=te_missing)
     note("moe_layer_recompute", "--moe-layer-recompute",
          "full recomputation already recomputes every layer",

@@ -13,6 +13,13 @@ next save removes the stale ``.partial`` directory.
 What is saved: the model (all parallel shards, reloadable under another TP/PP/EP/DP layout),
 the optimizer, the LR scheduler, the ReMoE coefficient, the iteration, the consumed samples,
 each rank's RNG states and the run's arguments.
+
+Like Megatron-LM, a checkpoint records how its sharded state was laid out ("content metadata",
+``megatron.core.dist_checkpointing.load_content_metadata``) and is read back with the same
+layout. With the distributed optimizer that layout is ``dp_reshardable``: each rank saves its
+own slice of the optimizer state, which loads under another data-parallel size but not under
+other TP/PP/EP sizes (give ``--no-load-optim`` for those). The optimizer's state of a checkpoint
+saved with the other ``--use-distributed-optimizer`` setting does not load either.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ import torch.distributed as dist
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from remoe_patches.megatron_fixes import restore_adam_steps
+from remoe_patches.training_step import sync_params
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 
@@ -84,15 +94,36 @@ def _layout() -> tuple[tuple[int, ...], tuple[int, ...]]:
     return sizes, ranks
 
 
-def _sharded_state(model_chunks, optimizer, *, is_loading: bool, rng: Optional[dict]) -> dict:
+def content_metadata(model_chunks) -> dict:
+    """How this run lays out its sharded state: Megatron-LM's choices for megatron-core 0.16.
+
+    Without it megatron-core falls back to the deprecated ``fully_sharded_model_space`` format
+    for the distributed optimizer, which cannot be saved at all (``flattened_range``).
+    """
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    ddp_config = getattr(model_chunks[0], "ddp_config", None)
+    if ddp_config is not None and ddp_config.use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = "dp_reshardable"
+    return metadata
+
+
+def _with_groups(metadata: dict) -> dict:
+    """The metadata as sharded_state_dict() wants it: with the process group it cannot save."""
+    return {**metadata,
+            "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+
+
+def _sharded_state(model_chunks, optimizer, *, is_loading: bool, rng: Optional[dict],
+                   metadata: dict) -> dict:
+    metadata = _with_groups(metadata)
     model_state = {}
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
-        model_state[key] = _unwrap(chunk).sharded_state_dict()
+        model_state[key] = _unwrap(chunk).sharded_state_dict(metadata=metadata)
     state = dict(model_state)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
-            _merged(model_state), is_loading=is_loading
+            _merged(model_state), is_loading=is_loading, metadata=metadata
         )
     sizes, ranks = _layout()
     state["rng_state"] = ShardedObject("rng_state", rng, sizes, ranks, replica_id=0)
@@ -134,7 +165,12 @@ def save_checkpoint(
         os.makedirs(partial)
     dist.barrier()
 
-    state = _sharded_state(model_chunks, optimizer, is_loading=False, rng=_rng_state())
+    # With --overlap-param-gather the last step's weights reach the other ranks' shards only in
+    # the next forward pass; gather them now or another rank's shards are saved one step stale.
+    sync_params(model_chunks)
+    metadata = content_metadata(model_chunks)
+    state = _sharded_state(model_chunks, optimizer, is_loading=False, rng=_rng_state(),
+                           metadata=metadata)
     state.update(
         iteration=iteration,
         consumed_samples=consumed_samples,
@@ -142,7 +178,7 @@ def save_checkpoint(
         regularizer=regularizer.state_dict() if regularizer is not None else None,
         args=args,
     )
-    dist_checkpointing.save(state, partial)
+    dist_checkpointing.save(state, partial, content_metadata=metadata)
     dist.barrier()
 
     if dist.get_rank() == 0:
@@ -192,8 +228,14 @@ def load_checkpoint(
     saved_args = common.get("args") or {}
     same_layout = _same_layout(saved_args)
     rng_wanted = load_rng and same_layout
+    # Checkpoints written before content metadata existed used megatron's defaults ({}).
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+    load_optimizer = load_optimizer and optimizer is not None and not saved_args.get("no_save_optim")
+    if load_optimizer:
+        _check_optimizer_layout(directory, metadata, content_metadata(model_chunks), saved_args)
     template = _sharded_state(
-        model_chunks, optimizer if load_optimizer else None, is_loading=True, rng=None
+        model_chunks, optimizer if load_optimizer else None, is_loading=True, rng=None,
+        metadata=metadata,
     )
     if not rng_wanted:
         del template["rng_state"]
@@ -202,8 +244,13 @@ def load_checkpoint(
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
         _unwrap(chunk).load_state_dict(state[key])
-    if load_optimizer and optimizer is not None:
+    if load_optimizer:
         optimizer.load_state_dict(state["optimizer"])
+        restore_adam_steps(optimizer)
+    elif optimizer is not None:
+        # The fp32 main weights of a bf16 or distributed optimizer are copies of the model's;
+        # refresh them from the weights just loaded (Megatron-LM does the same).
+        optimizer.reload_model_params()
     if load_training_state and scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if load_training_state and regularizer is not None and state.get("regularizer") is not None:
@@ -216,6 +263,37 @@ def load_checkpoint(
         consumed_samples=state["consumed_samples"],
         args=saved_args,
         rng_restored=rng_wanted,
+    )
+
+
+def _check_optimizer_layout(directory: str, saved: dict, current: dict, saved_args: dict) -> None:
+    """One clear error when the saved optimizer state cannot load into this run's optimizer."""
+    saved_type = saved.get("distrib_optim_sharding_type")
+    current_type = current.get("distrib_optim_sharding_type")
+    if saved and saved_type != current_type:
+        how = "with" if saved_type else "without"
+        raise ValueError(
+            f"{directory} holds optimizer state saved {how} --use-distributed-optimizer; resume "
+            f"{how} it, or load the weights alone with --no-load-optim"
+        )
+    if current_type == "dp_reshardable":
+        layout = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                  "expert_model_parallel_size")
+        now = _model_parallel_sizes()
+        before = tuple(saved_args.get(name, 1) for name in layout)
+        if before != now:
+            raise ValueError(
+                f"{directory} holds distributed-optimizer state for TP/PP/EP {before}, this run is "
+                f"{now}; the distributed optimizer's state only moves to another data-parallel "
+                "size. Load the weights alone with --no-load-optim, or resume with the saved layout"
+            )
+
+
+def _model_parallel_sizes() -> tuple[int, int, int]:
+    return (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_expert_model_parallel_world_size(),
     )
 
 

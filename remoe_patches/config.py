@@ -78,7 +78,9 @@ class ModelConfig:
     moe_expert_capacity_factor: Optional[float] = None
     """Token dropping capacity; must stay None (dropless) for ReLU routing."""
     moe_grouped_gemm: bool = False
-    """Grouped GEMM for the experts (needs a GPU kernel)."""
+    """All local experts in grouped GEMMs (transformer-engine's, or torch's ``grouped_mm``)."""
+    moe_router_dtype: Optional[Literal["fp32", "fp64"]] = None
+    """Router GEMM, gates and expert-output weighting in this dtype; None: the model's dtype."""
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -162,6 +164,8 @@ class ModelConfig:
                 f"{self.token_dispatcher!r} is not supported; use one of "
                 f"{', '.join(DROPLESS_DISPATCHERS)}",
             )
+        if self.moe_router_dtype not in (None, "fp32", "fp64"):
+            fail("moe_router_dtype", f"{self.moe_router_dtype!r} is not one of None, fp32, fp64")
         if self.router == "relu" and self.moe_expert_capacity_factor is not None:
             fail(
                 "moe_expert_capacity_factor",
@@ -188,6 +192,7 @@ class ModelConfig:
                 moe_ffn_hidden_size=self.expert_ffn_hidden_size,
                 moe_token_dispatcher_type=self.token_dispatcher,
                 moe_grouped_gemm=self.moe_grouped_gemm,
+                moe_router_dtype=self.moe_router_dtype,
                 moe_expert_capacity_factor=self.moe_expert_capacity_factor,
                 # The ReLU router has its own regularizer instead of the Switch aux loss.
                 moe_router_load_balancing_type=(

@@ -1,16 +1,21 @@
 """The one place where megatron-core is taught to run on a CPU with a gloo process group.
 
 megatron-core 0.16 is CUDA-first: it places parameters with ``torch.cuda.current_device()``,
-keeps its RNG tracker in CUDA generators, allocates optimizer scalars with ``device='cuda'``
-and creates CUDA streams in the alltoall token dispatcher. ``apply_cpu_shims()`` replaces exactly
-those touch points with CPU equivalents. It does nothing when CUDA is available, so the GPU path
-never goes through this module, and every shim is listed here so a reader can audit them all.
+keeps its RNG tracker in CUDA generators, allocates optimizer scalars with ``device='cuda'``,
+creates CUDA streams in the alltoall token dispatcher and accepts only ``torch.cuda.*Tensor``
+parameters in its mixed-precision and distributed optimizers. ``apply_cpu_shims()`` replaces
+exactly those touch points with CPU equivalents, so that the GPU configuration (bf16,
+``Float16Module``, the distributed optimizer, the overlap flags) runs on CPU with gloo with only
+the device kernels differing. It does nothing when CUDA is available, so the GPU path never goes
+through this module, and every shim is listed here so a reader can audit them all. Defects of
+megatron-core that every device needs fixed live in ``megatron_fixes.py``, not here.
 
 Call it before building a model (``remoe_patches.parallel.initialize_parallel`` does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import types
@@ -34,11 +39,10 @@ def apply_cpu_shims() -> bool:
         return True
     _place_cuda_allocations_on_cpu()
     _rng_tracker_on_cpu_generator()
-    _router_gemm_without_transformer_engine()
     _alltoall_dispatcher_without_streams()
     _hardcoded_cuda_tensors_on_cpu()
     _uneven_collectives_on_gloo()
-    _grad_clipping_on_cpu()
+    _cpu_tensors_pass_cuda_type_checks()
     _applied = True
     return True
 
@@ -72,15 +76,6 @@ def _rng_tracker_on_cpu_generator() -> None:
     logging.getLogger(mcore_random.__name__).addFilter(
         lambda record: "CPU RNG state changed" not in record.getMessage()
     )
-
-
-def _router_gemm_without_transformer_engine() -> None:
-    # moe_utils only defines te_general_gemm when transformer-engine imports; the router's
-    # gating GEMM then falls back to torch.mm if the name is None.
-    from megatron.core.transformer.moe import moe_utils
-
-    if getattr(moe_utils, "te_general_gemm", None) is None:
-        moe_utils.te_general_gemm = None
 
 
 def _alltoall_dispatcher_without_streams() -> None:
@@ -196,17 +191,53 @@ class _done:
         return True
 
 
-def _grad_clipping_on_cpu() -> None:
-    # megatron's clip_grad_by_total_norm_fp32 asserts that gradients are torch.cuda.FloatTensor.
-    # The same scaling (by max_norm / (total_norm + 1e-6) when below 1), for CPU gradients.
-    from megatron.core.optimizer import clip_grads, optimizer
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
 
-    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
-        attribute = "decoupled_grad" if use_decoupled_grad else "grad"
-        grads = [getattr(p, attribute, None) for p in parameters]
-        clip_coeff = max_norm / (total_norm + 1.0e-6)
-        if clip_coeff < 1.0:
-            torch._foreach_mul_([g.detach() for g in grads if g is not None], clip_coeff)
 
-    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
-    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+@contextlib.contextmanager
+def _cpu_tensors_named_like_cuda():
+    """While inside, ``tensor.type()`` (no argument) names a CPU tensor as its CUDA twin."""
+    original = torch.Tensor.type
+
+    def type_name(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_name
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _named_like_cuda(function):
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        with _cpu_tensors_named_like_cuda():
+            return function(*args, **kwargs)
+
+    return wrapped
+
+
+def _cpu_tensors_pass_cuda_type_checks() -> None:
+    # The mixed-precision and distributed optimizers sort parameters into fp32 and 16-bit groups
+    # by ``param.type() == 'torch.cuda.FloatTensor'`` (and refuse anything else), and gradient
+    # clipping asserts the same of every gradient. Those three functions, and only they, see CPU
+    # tensors under their CUDA names; all they do with the tensors is device-independent.
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    distrib_optimizer.DistributedOptimizer.__init__ = _named_like_cuda(
+        distrib_optimizer.DistributedOptimizer.__init__
+    )
+    optimizer.Float16OptimizerWithFloat16Params.__init__ = _named_like_cuda(
+        optimizer.Float16OptimizerWithFloat16Params.__init__
+    )
+    clip = _named_like_cuda(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = clip
+    optimizer.clip_grad_by_total_norm_fp32 = clip

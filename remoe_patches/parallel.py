@@ -1,8 +1,8 @@
 """Start and stop torch.distributed and megatron-core's model-parallel groups.
 
 Works under torchrun (reads RANK, WORLD_SIZE, MASTER_ADDR, ...), from a test that spawns
-processes, and in a plain single process (a one-rank group). NCCL on GPUs, gloo on CPU, where
-the CPU shims are applied first.
+processes, and in a plain single process (a one-rank group). NCCL on GPUs, gloo on CPU. The
+fixes for megatron-core's own defects are applied on every device, the CPU shims only on CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from remoe_patches.config import ParallelConfig
 from remoe_patches.cpu_compat import apply_cpu_shims
+from remoe_patches.megatron_fixes import apply_megatron_fixes
 
 
 def free_port() -> int:
@@ -39,6 +40,7 @@ def initialize_parallel(
 
     ``rank``/``world_size`` default to torchrun's environment, or a single process.
     """
+    apply_megatron_fixes()
     on_cpu = apply_cpu_shims()
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank

@@ -6,8 +6,9 @@ rank's model chunk, megatron's DDP, optimizer and LR scheduler; resume from ``--
 train, evaluate, log and checkpoint. After every optimizer step the ReMoE coefficient updates
 from the step's sparsity (averaged over layers, micro-batches, data-parallel ranks and stages).
 
-On a GPU this is megatron-core's bf16 mixed precision and (with ``--use-distributed-optimizer``)
-distributed optimizer; on a CPU the same AdamW runs in fp32 (megatron's FP32 optimizer).
+The flags mean the same on every device: ``--bf16`` is megatron-core's bf16 mixed precision
+(``Float16Module``, fp32 main weights), ``--use-distributed-optimizer`` its distributed
+optimizer, the overlap flags overlap its communication; on CPU they run the same code with gloo.
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ from remoe_patches.data import (
     to_device,
 )
 from remoe_patches.flops import training_flops_per_token
+from remoe_patches.megatron_fixes import initialize_adam_state
 from remoe_patches.metrics_log import MetricsLog
 from remoe_patches.model import HAVE_TE, build_model, build_regularizer
 from remoe_patches.parallel import initialize_parallel
 from remoe_patches.regularizer import AdaptiveL1
 from remoe_patches.router import REG_LOSS_NAME, reduce_aux_loss_tracker
 from remoe_patches.tokenizer import build_tokenizer, vocab_size_with_padding
-from remoe_patches.training_step import forward_backward, wrap_with_ddp
+from remoe_patches.training_step import forward_backward, sync_params, wrap_with_ddp
 
 COLLAPSE_SPARSITY = 0.99
 DEAD_EXPERT_SHARE = 1.0 / 64
@@ -184,6 +186,7 @@ def pretrain(args) -> RunState:
                 log.print(f" exiting at iteration {state.iteration} (--exit-interval or "
                           "--exit-duration-in-mins)")
                 break
+        sync_params(model_chunks)  # callers of pretrain() see the final weights
         if args.save and (not args.save_interval or state.iteration % args.save_interval):
             _save(args, state, model_chunks, optimizer, scheduler, regularizer, dp_size)
         if splits.test is not None and args.eval_iters:
@@ -216,10 +219,10 @@ class TrainingObjects:
 
 def build_training_objects(args, parallel, *, vocab_size: int, device) -> TrainingObjects:
     """This rank's model, DDP, optimizer and schedule as the flags say (megatron's parallel groups
-    must be initialized): bf16 and the distributed optimizer on GPUs, fp32 AdamW on CPU."""
+    must be initialized), the same on every device."""
     use_cuda = device.type == "cuda"
     model_config = model_config_from_args(args, vocab_size=vocab_size)
-    bf16 = bool(args.bf16) and use_cuda
+    bf16 = bool(args.bf16)
     use_te = HAVE_TE and args.transformer_impl == "transformer_engine"
     regularizer = build_regularizer(model_config, device=device)
     built = build_model(
@@ -237,18 +240,19 @@ def build_training_objects(args, parallel, *, vocab_size: int, device) -> Traini
         model = Float16Module(built.transformer_config, model)
     ddp = wrap_with_ddp(
         model, built.transformer_config,
-        use_distributed_optimizer=bool(args.use_distributed_optimizer) and use_cuda,
-        overlap_grad_reduce=bool(args.overlap_grad_reduce) and use_cuda,
-        overlap_param_gather=bool(args.overlap_param_gather) and use_cuda,
+        use_distributed_optimizer=bool(args.use_distributed_optimizer),
+        overlap_grad_reduce=bool(args.overlap_grad_reduce),
+        overlap_param_gather=bool(args.overlap_param_gather),
     )
-    optimizer = get_megatron_optimizer(optimizer_config(args, bf16, use_cuda), [ddp])
+    optimizer = get_megatron_optimizer(optimizer_config(args), [ddp])
+    initialize_adam_state(optimizer)
     return TrainingObjects(
         model_config=model_config, model_chunks=[ddp], optimizer=optimizer,
         scheduler=lr_scheduler(args, optimizer), regularizer=regularizer,
     )
 
 
-def optimizer_config(args, bf16: bool, use_cuda: bool) -> OptimizerConfig:
+def optimizer_config(args) -> OptimizerConfig:
     return OptimizerConfig(
         optimizer="adam",
         lr=args.lr,
@@ -258,10 +262,10 @@ def optimizer_config(args, bf16: bool, use_cuda: bool) -> OptimizerConfig:
         adam_beta2=args.adam_beta2,
         adam_eps=args.adam_eps,
         clip_grad=args.clip_grad,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=bool(args.use_distributed_optimizer) and use_cuda,
-        overlap_param_gather=bool(args.overlap_param_gather) and use_cuda,
+        bf16=bool(args.bf16),
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=bool(args.use_distributed_optimizer),
+        overlap_param_gather=bool(args.overlap_param_gather),
     )
 
 
@@ -370,6 +374,7 @@ def _count_skips(state: RunState, record: dict, args) -> None:
 @torch.no_grad()
 def evaluate(model_chunks, batches, args, step_kwargs) -> float:
     """Token-mean LM loss over ``--eval-iters`` global batches from the split's start."""
+    sync_params(model_chunks)  # the weights of the last step, on every rank
     for chunk in model_chunks:
         chunk.eval()
     total, count = 0.0, 0

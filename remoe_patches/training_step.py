@@ -49,7 +49,12 @@ def wrap_with_ddp(
     overlap_param_gather: bool = False,
 ) -> DistributedDataParallel:
     """megatron's DDP: gradients accumulate in fp32 buffers (``param.main_grad``) and are
-    reduced over data-parallel ranks (and over TP for sequence-parallel params) once per step."""
+    reduced over data-parallel ranks (and over TP for sequence-parallel params) once per step.
+
+    With ``overlap_grad_reduce`` a bucket's reduction starts in the backward pass of the step's
+    last micro-batch; the schedules mark the earlier ones with ``config.no_sync_func``, which is
+    set here as Megatron-LM's training loop sets it.
+    """
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
@@ -58,7 +63,26 @@ def wrap_with_ddp(
     )
     wrapped = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grad_reduce:
+        config.no_sync_func = wrapped.no_sync
+        config.grad_sync_func = wrapped.start_grad_sync
     return wrapped
+
+
+def params_gathered_lazily(model_chunks: list) -> bool:
+    """True when the distributed optimizer's all-gather of updated weights is deferred to the next
+    forward pass (``--overlap-param-gather``): until then, weights owned by other data-parallel
+    ranks are one step stale in this rank's model."""
+    ddp_config = model_chunks[0].ddp_config
+    return ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather
+
+
+def sync_params(model_chunks: list) -> None:
+    """Gather the weights the last optimizer step produced into every rank's model now (before a
+    checkpoint or an evaluation), as Megatron-LM's ``force_param_sync`` does."""
+    if params_gathered_lazily(model_chunks):
+        for chunk in model_chunks:
+            chunk.start_param_sync(force_sync=True)
 
 
 def forward_backward(

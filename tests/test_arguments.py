@@ -108,6 +108,7 @@ def test_authors_remoe_script_gives_the_papers_model():
         router="relu", num_experts=8, topk=1, granularity=1, moe_aux_loss_coeff=0.01,
         relu_l1_coeff_init=1e-8, relu_l1_coeff_multiplier=1.2, relu_load_balancing=True,
         token_dispatcher="alltoall", moe_expert_capacity_factor=None, moe_grouped_gemm=True,
+        moe_router_dtype=None,  # the model's dtype below 32 experts
         vocab_size=51200,
     )
     model = model_config_from_args(args, vocab_size=51200)
@@ -132,9 +133,13 @@ def test_authors_remoe_script_lists_what_has_no_effect():
     with pytest.warns(UserWarning):
         args = parse_args(AUTHORS_182M_REMOE)
     on_cpu = flags_of(args, **CPU)
-    for flag in ["--use-flash-attn", "--moe-grouped-gemm", "--bf16", "--sequence-parallel",
-                 "--no-masked-softmax-fusion", "--use-distributed-optimizer", *TOPK_ONLY_FLAGS]:
+    for flag in ["--use-flash-attn", "--sequence-parallel", "--no-masked-softmax-fusion",
+                 *TOPK_ONLY_FLAGS]:
         assert flag in on_cpu
+    # A GPU run's numerics and communication run on CPU too, with gloo and CPU kernels.
+    for flag in ["--moe-grouped-gemm", "--bf16", "--use-distributed-optimizer",
+                 "--overlap-grad-reduce", "--overlap-param-gather"]:
+        assert flag not in on_cpu
     assert "--moe-router-topk" not in on_cpu  # it sets the target sparsity
     assert len(on_cpu) == len(set(on_cpu))
     on_gpu = flags_of(args, **GPU_WITH_TE)
@@ -144,13 +149,13 @@ def test_authors_remoe_script_lists_what_has_no_effect():
     # chooses flash attention.
     without_te = flags_of(args, cuda_available=True, transformer_engine_available=False)
     assert "--moe-grouped-gemm" not in without_te and "--use-flash-attn" in without_te
-    assert transformer_overrides_from_args(
-        args, cuda_available=True, transformer_engine_available=False)["moe_grouped_gemm"]
+    assert model_config_from_args(args).transformer_config(
+        parallel_config_from_args(args)).moe_grouped_gemm
     assert set(TOPK_ONLY_FLAGS) <= set(on_gpu)
     # The overrides agree: on GPUs with transformer-engine the fused kernels are used, except
     # the one the script turns off.
     overrides = transformer_overrides_from_args(args, **GPU_WITH_TE)
-    assert overrides["moe_grouped_gemm"] and overrides["bias_activation_fusion"]
+    assert overrides["bias_activation_fusion"]
     assert overrides["masked_softmax_fusion"] is False
 
 
@@ -168,7 +173,6 @@ def test_moe_layer_recompute_reaches_megatron_as_selective_moe_recompute():
     with pytest.warns(UserWarning):
         args = parse_args(AUTHORS_182M_REMOE)
     overrides = transformer_overrides_from_args(args, **CPU)
-    assert overrides["moe_grouped_gemm"] is False  # no grouped-GEMM kernel on CPU
     model, parallel = model_config_from_args(args), parallel_config_from_args(args)
     config = model.transformer_config(parallel, **overrides)
     assert (config.recompute_granularity, config.recompute_modules) == ("selective", ["moe"])
@@ -303,6 +307,13 @@ def test_yaml_switch_needs_a_boolean(tmp_path, capsys):
         (TINY + ["--vocab-file", "vocab.json"], "needs both --vocab-file and --merge-file"),
         (TINY + ["--max-position-embeddings", "16"], "--max-position-embeddings 16"),
         (TINY + ["--optimizer", "sgd"], "--optimizer"),
+        (TINY_MOE + ["--moe-relu-routing", "--moe-permute-fusion"],
+         "--moe-relu-routing excludes --moe-permute-fusion"),
+        (TINY + ["--overlap-param-gather", "--overlap-grad-reduce"],
+         "--overlap-param-gather needs --use-distributed-optimizer"),
+        (TINY + ["--overlap-param-gather", "--use-distributed-optimizer"],
+         "--overlap-param-gather needs --overlap-grad-reduce"),
+        (TINY_MOE + ["--moe-router-dtype", "bf16"], "--moe-router-dtype"),
     ],
 )
 def test_mistakes_are_one_line_naming_the_flag(argv, expected, capsys):
@@ -317,3 +328,20 @@ def test_dense_model_lists_moe_flags_and_unsupported_logging():
     assert listed.keys() == {"--moe-grouped-gemm", "--wandb-project", "--num-query-groups"}
     assert "dense" in listed["--moe-grouped-gemm"]
     assert model_config_from_args(args).num_query_groups == 4  # every head keeps its own K/V
+
+
+def test_router_dtype_flag_and_its_default():
+    assert model_config_from_args(parse_args(TINY_MOE)).moe_router_dtype is None
+    explicit = parse_args(TINY_MOE + ["--moe-router-dtype", "fp64", "--bf16"])
+    model = model_config_from_args(explicit)
+    assert model.moe_router_dtype == "fp64"
+    assert model.transformer_config(parallel_config_from_args(explicit)).moe_router_dtype == "fp64"
+    # From 32 experts (E x G) the router runs in fp32 unless told otherwise, TopK and ReLU alike.
+    for extra in (["--moe-granularity", "4"], ["--moe-relu-routing", "--moe-granularity", "4"]):
+        fine_grained = parse_args(TINY_MOE + extra)
+        assert model_config_from_args(fine_grained).moe_router_dtype == "fp32", extra
+
+
+def test_permute_fusion_stays_available_to_topk():
+    args = parse_args(TINY_MOE + ["--moe-permute-fusion"])
+    assert transformer_overrides_from_args(args, **GPU_WITH_TE)["moe_permute_fusion"] is True

@@ -58,8 +58,8 @@ def test_crash_mid_write_keeps_previous_checkpoint(single_rank, tmp_path, monkey
             p.add_(1.0)
     real_save = checkpointing.dist_checkpointing.save
 
-    def dies_midway(state, directory):
-        real_save(state, directory)          # the shards are on disk...
+    def dies_midway(state, directory, **kwargs):
+        real_save(state, directory, **kwargs)  # the shards are on disk...
         raise Crash("killed while finishing the checkpoint")  # ...but the write never completes
 
     monkeypatch.setattr(checkpointing.dist_checkpointing, "save", dies_midway)

@@ -68,18 +68,35 @@ def test_training_steps_never_sync_in_router_regularizer_or_update(single_gpu, g
     session.close()
 
 
+def causal_attention_float64(q_SBHD, k_SBGD, v_SBGD, scale):
+    """softmax(q k^T * scale + causal mask) v in float64, straight from the formula."""
+    q, k, v = (t.double() for t in (q_SBHD, k_SBGD, v_SBGD))
+    repeats = q.shape[2] // k.shape[2]  # query head h reads key/value group h // repeats
+    k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
+    scores_BHST = torch.einsum("sbhd,tbhd->bhst", q, k) * scale
+    seq = q.shape[0]
+    future = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=q.device), diagonal=1)
+    probs_BHST = scores_BHST.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhst,tbhd->sbhd", probs_BHST, v).reshape(seq, q.shape[1], -1)
+
+
 def test_sdpa_matches_megatron_attention_in_bf16(single_gpu):
-    # float32 config: megatron's unfused softmax would cast float32 scores to bf16 otherwise
+    # attention_dropout=0: TransformerConfig's default of 0.1 makes both modules drop different
+    # random probabilities in training mode (what this test failed on at first on an H200).
+    # float32 config: megatron's unfused softmax would cast float32 scores to bf16 otherwise.
     config = TransformerConfig(num_layers=1, hidden_size=512, num_attention_heads=8,
-                               num_query_groups=2, masked_softmax_fusion=False)
+                               num_query_groups=2, masked_softmax_fusion=False,
+                               attention_dropout=0.0)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(256, 2, 8, 64, device="cuda", generator=gen)
     k, v = (torch.randn(256, 2, 2, 64, device="cuda", generator=gen) for _ in range(2))
-    reference = DotProductAttention(config, 1, AttnMaskType.causal, "self")
-    expected = reference(q, k, v, None)  # float32 reference
-    actual = SDPAttention(config, 1, AttnMaskType.causal, "self")(
-        q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
-    torch.testing.assert_close(actual.float(), expected, rtol=2e-2, atol=2e-2)
+    exact = causal_attention_float64(q, k, v, scale=64 ** -0.5).float()
+    reference = DotProductAttention(config, 1, AttnMaskType.causal, "self").eval()
+    torch.testing.assert_close(reference(q, k, v, None), exact, rtol=1e-4, atol=1e-4)
+    sdpa = SDPAttention(config, 1, AttnMaskType.causal, "self").eval()
+    torch.testing.assert_close(sdpa(q, k, v, None), exact, rtol=1e-4, atol=1e-4)
+    actual = sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    torch.testing.assert_close(actual.float(), exact, rtol=2e-2, atol=2e-2)
 
 
 def test_grouped_experts_match_sequential_in_bf16(single_gpu):
