@@ -245,7 +245,10 @@ def load_checkpoint(
         key = "model" if len(model_chunks) == 1 else f"model{index}"
         _unwrap(chunk).load_state_dict(state[key])
     if load_optimizer:
-        optimizer.load_state_dict(state["optimizer"])
+        # Without grad mode: an fp32 model under the distributed optimizer has main weights that
+        # are views of the parameters, which megatron-core then copies into in place.
+        with torch.no_grad():
+            optimizer.load_state_dict(state["optimizer"])
         restore_adam_steps(optimizer)
     elif optimizer is not None:
         # The fp32 main weights of a bf16 or distributed optimizer are copies of the model's;

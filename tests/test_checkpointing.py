@@ -98,3 +98,33 @@ def test_pointer_to_missing_checkpoint_is_a_clear_error(single_rank, tmp_path):
     (tmp_path / checkpointing.LATEST_FILE).write_text("7")
     with pytest.raises(ValueError, match="iter_0000007 is missing"):
         checkpointing.load_checkpoint(str(tmp_path), [ddp], optimizer, scheduler)
+
+
+def test_weights_only_load_refreshes_the_fp32_main_weights(single_rank, tmp_path):
+    from test_megatron_fixes import distributed_bf16_run, saved_after_training
+
+    saved_after_training(single_rank, tmp_path)
+    _, fresh_ddp, fresh = distributed_bf16_run(single_rank, seed=5)
+    checkpointing.load_checkpoint(str(tmp_path), [fresh_ddp], fresh, None, load_optimizer=False)
+    # The optimizer updates its fp32 copies and writes them into the bf16 model: they must be
+    # the loaded weights, or the first step would overwrite them with updated initial weights.
+    for name, param in fresh_ddp.module.named_parameters():
+        assert torch.equal(param.main_param, param.detach().view(-1).float()), name
+
+
+def test_optimizer_state_of_another_layout_is_refused_in_one_line(single_rank, tmp_path):
+    from test_megatron_fixes import saved_after_training
+
+    built, ddp, optimizer = saved_after_training(single_rank, tmp_path / "dist", steps=1)
+    _, plain_ddp, plain, _ = make_run(single_rank)  # no distributed optimizer
+    with pytest.raises(ValueError, match="saved with --use-distributed-optimizer.*--no-load-optim"):
+        checkpointing.load_checkpoint(str(tmp_path / "dist"), [plain_ddp], plain, None)
+    # the weights alone load
+    checkpointing.load_checkpoint(str(tmp_path / "dist"), [plain_ddp], plain, None,
+                                  load_optimizer=False)
+
+    checkpointing.save_checkpoint(str(tmp_path / "tp2"), 1, [ddp], optimizer, None,
+                                  consumed_samples=2, regularizer=built.regularizer,
+                                  args={"tensor_model_parallel_size": 2})
+    with pytest.raises(ValueError, match=r"TP/PP/EP \(2, 1, 1\).*\(1, 1, 1\).*--no-load-optim"):
+        checkpointing.load_checkpoint(str(tmp_path / "tp2"), [ddp], optimizer, None)

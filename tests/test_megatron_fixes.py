@@ -52,6 +52,15 @@ def distributed_bf16_run(parallel, *, eager_state=True, seed=0):
     return built, ddp, optimizer
 
 
+def saved_after_training(parallel, directory, steps=2):
+    """A run trained ``steps`` steps and saved to ``directory`` as checkpoint ``steps``."""
+    built, ddp, optimizer = distributed_bf16_run(parallel)
+    train(ddp, optimizer, steps)
+    checkpointing.save_checkpoint(str(directory), steps, [ddp], optimizer, None,
+                                  consumed_samples=2 * steps, regularizer=built.regularizer)
+    return built, ddp, optimizer
+
+
 def train(ddp, optimizer, steps, seed=1):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -89,11 +98,7 @@ def test_adam_state_exists_before_the_first_step_and_changes_no_update(single_ra
 
 
 def test_resumed_adam_steps_are_the_saved_ones_one_tensor_each(single_rank, tmp_path):
-    built, ddp, optimizer = distributed_bf16_run(single_rank)
-    train(ddp, optimizer, 2)
-    checkpointing.save_checkpoint(str(tmp_path), 2, [ddp], optimizer, None, consumed_samples=4,
-                                  regularizer=built.regularizer)
-
+    _, ddp, optimizer = saved_after_training(single_rank, tmp_path)
     fresh_built, fresh_ddp, fresh = distributed_bf16_run(single_rank, seed=5)
     checkpointing.load_checkpoint(str(tmp_path), [fresh_ddp], fresh, None,
                                   regularizer=fresh_built.regularizer)
