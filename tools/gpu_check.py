@@ -169,34 +169,39 @@ def launcher_check(out: Path, env: dict) -> tuple[bool, float, str]:
     return ok, time.time() - started, detail
 
 
-def resume_continuity(save: Path) -> tuple[bool, str]:
-    """The resumed run's first window continues the first run's last one."""
+def resume_continuity(save: Path, stop=200, end=240, interval=10) -> tuple[bool, str]:
+    """Whether the run resumed at ``stop`` continues it: the resumed run's first log window
+    (``stop + interval``) against the first run's last (``stop``), and a checkpoint at ``end``.
+
+    A window's loss may move by 5%, the sparsity by 0.05, lambda by at most one factor alpha
+    per step; a run that restarted from scratch (loss and lambda back at their start) fails.
+    """
     records = {}
     for line in open(save / "metrics.jsonl"):
         record = json.loads(line)
         if "lm_loss" in record:
             records[record["iteration"]] = record  # the resume appends; later wins
-    problems = []
-    if sorted(records) != list(range(10, 241, 10)):
-        problems.append(f"logged iterations {sorted(records)[:3]}...{sorted(records)[-3:]}")
-    before, after = records.get(200), records.get(210)
-    if before and after:
-        if abs(after["lm_loss"] - before["lm_loss"]) > 0.05 * before["lm_loss"]:
-            problems.append(f"lm loss jumps {before['lm_loss']:.3f} -> {after['lm_loss']:.3f}")
-        ratio = after["l1_coeff"] / before["l1_coeff"]
-        if not ALPHA ** -10.5 <= ratio <= ALPHA ** 10.5:
-            problems.append(f"l1 coeff jumps x{ratio:.3g} in 10 steps")
-        if abs(after["sparsity"] - before["sparsity"]) > 0.05:
-            problems.append(f"sparsity jumps {before['sparsity']:.3f} -> {after['sparsity']:.3f}")
-    latest = (save / "latest_checkpointed_iteration.txt")
-    if not latest.exists() or latest.read_text().strip() != "240":
-        problems.append("no checkpoint at 240")
+    before, after = records.get(stop), records.get(stop + interval)
     if not before or not after:
-        return False, "missing iterations 200/210 in metrics.jsonl"
-    detail = (f"loss {records[10]['lm_loss']:.2f} -> {before['lm_loss']:.2f} (200) -> "
-              f"{after['lm_loss']:.2f} (210) -> {records[240]['lm_loss']:.2f} (240); sparsity "
-              f"{before['sparsity']:.3f} -> {after['sparsity']:.3f}; lambda "
-              f"{before['l1_coeff']:.3g} -> {after['l1_coeff']:.3g}; "
+        return False, f"iterations {stop} and {stop + interval} are not both in metrics.jsonl"
+    problems = []
+    if sorted(records) != list(range(interval, end + 1, interval)):
+        problems.append(f"logged iterations {sorted(records)[:3]}...{sorted(records)[-3:]}")
+    if abs(after["lm_loss"] - before["lm_loss"]) > 0.05 * before["lm_loss"]:
+        problems.append(f"lm loss jumps {before['lm_loss']:.3f} -> {after['lm_loss']:.3f}")
+    ratio = after["l1_coeff"] / before["l1_coeff"]
+    if not ALPHA ** -(interval + 0.5) <= ratio <= ALPHA ** (interval + 0.5):
+        problems.append(f"l1 coeff jumps x{ratio:.3g} in {interval} steps")
+    if abs(after["sparsity"] - before["sparsity"]) > 0.05:
+        problems.append(f"sparsity jumps {before['sparsity']:.3f} -> {after['sparsity']:.3f}")
+    latest = save / "latest_checkpointed_iteration.txt"
+    if not latest.exists() or latest.read_text().strip() != str(end):
+        problems.append(f"no checkpoint at {end}")
+    first, last = records[min(records)], records[max(records)]
+    detail = (f"loss {first['lm_loss']:.2f} -> {before['lm_loss']:.2f} ({stop}) -> "
+              f"{after['lm_loss']:.2f} ({stop + interval}) -> {last['lm_loss']:.2f} "
+              f"({max(records)}); sparsity {before['sparsity']:.3f} -> {after['sparsity']:.3f}; "
+              f"lambda {before['l1_coeff']:.3g} -> {after['l1_coeff']:.3g}; "
               f"{before.get('tokens_per_sec', 0):,.0f} tokens/s")
     return not problems, detail + ("" if not problems else "; PROBLEMS: " + "; ".join(problems))
 
