@@ -58,7 +58,7 @@ def initialize_adam_state(optimizer) -> None:
                 state = adam.state[param]
                 if state:
                     continue
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] = _step_tensor(0.0, group, param)
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 if group.get("amsgrad"):
@@ -76,5 +76,11 @@ def restore_adam_steps(optimizer) -> None:
                 continue
             for param in group["params"]:
                 if "step" in adam.state[param]:
-                    adam.state[param]["step"] = torch.tensor(float(group["step"]),
-                                                             dtype=torch.float32)
+                    adam.state[param]["step"] = _step_tensor(float(group["step"]), group, param)
+
+
+def _step_tensor(value: float, group: dict, param: torch.Tensor) -> torch.Tensor:
+    # Where torch's Adam keeps it: on the parameter's device for capturable or fused Adam,
+    # on the host otherwise.
+    on_device = group.get("capturable") or group.get("fused")
+    return torch.tensor(value, dtype=torch.float32, device=param.device if on_device else "cpu")
