@@ -244,6 +244,32 @@ def _add_moe_arguments(parser):
     )
     group.add_argument("--moe-z-loss-coeff", type=float, help="Weight of TopK's router z-loss.")
     group.add_argument(
+        "--moe-router-topk-scaling-factor", type=float,
+        help="TopK: multiply the chosen experts' gates by this (e.g. E with k=1 and pre-softmax, "
+        "so that a gate starts near 1 rather than 1/E).",
+    )
+    group.add_argument(
+        "--moe-router-score-function", default="softmax", choices=["softmax", "sigmoid"],
+        help="TopK: the score the top-k picks from.",
+    )
+    group.add_argument(
+        "--moe-router-enable-expert-bias", action="store_true",
+        help="TopK: aux-loss-free load balancing with a per-expert bias in the top-k selection "
+        "(needs --moe-router-score-function sigmoid).",
+    )
+    group.add_argument(
+        "--moe-router-bias-update-rate", type=float, default=1e-3,
+        help="TopK: step of the expert bias update (--moe-router-enable-expert-bias).",
+    )
+    group.add_argument(
+        "--moe-input-jitter-eps", type=float,
+        help="TopK: multiply the router input by uniform noise in [1-eps, 1+eps] while training.",
+    )
+    group.add_argument(
+        "--moe-token-drop-policy", default="probs", choices=["probs", "position"],
+        help="TopK with a capacity factor: drop the lowest-probability tokens or the last ones.",
+    )
+    group.add_argument(
         "--moe-token-dispatcher-type", default="allgather",
         choices=["allgather", "alltoall", "alltoall_seq", "flex"],
         help="Token dispatcher; alltoall or allgather (both dropless).",
@@ -727,7 +753,11 @@ def _validate_moe(args, parser) -> None:
             parser.error("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
         top1 = args.moe_router_topk * args.moe_granularity == 1
         sinkhorn = args.moe_router_load_balancing_type == "sinkhorn"
-        if top1 and not args.moe_router_pre_softmax and not sinkhorn:
+        softmax = args.moe_router_score_function == "softmax"
+        if args.moe_router_enable_expert_bias and softmax:
+            parser.error("--moe-router-enable-expert-bias needs --moe-router-score-function "
+                         "sigmoid (megatron-core's rule)")
+        if top1 and softmax and not args.moe_router_pre_softmax and not sinkhorn:
             parser.error(
                 "--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over the one chosen "
                 "expert has no gradient; megatron-core refuses it)"
@@ -981,6 +1011,12 @@ def transformer_overrides_from_args(
     if args.num_experts is not None and not args.moe_relu_routing:
         overrides.update(
             moe_router_pre_softmax=args.moe_router_pre_softmax,
+            moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+            moe_router_score_function=args.moe_router_score_function,
+            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+            moe_input_jitter_eps=args.moe_input_jitter_eps,
+            moe_token_drop_policy=args.moe_token_drop_policy,
             moe_z_loss_coeff=args.moe_z_loss_coeff,
             moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
         )
@@ -1079,4 +1115,14 @@ def ineffective_flags(
     note("moe_router_load_balancing_type", "--moe-router-load-balancing-type",
          f"{instead} (load-balanced unless 'none')",
          when=relu and args.moe_router_load_balancing_type != "none")
+    gates = "the ReLU router's gates are ReLU(x W_r), unscaled and unselected"
+    for dest in ("moe_router_topk_scaling_factor", "moe_router_score_function",
+                 "moe_router_enable_expert_bias", "moe_router_bias_update_rate",
+                 "moe_input_jitter_eps"):
+        note(dest, f"--{dest.replace('_', '-')}", f"TopK only; {gates}", when=relu)
+    note("moe_token_drop_policy", "--moe-token-drop-policy",
+         "only with --moe-expert-capacity-factor (token dropping)",
+         when=args.moe_expert_capacity_factor is None)
+    note("moe_router_bias_update_rate", "--moe-router-bias-update-rate",
+         "needs --moe-router-enable-expert-bias", when=not args.moe_router_enable_expert_bias)
     return list(found.items())

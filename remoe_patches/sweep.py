@@ -19,9 +19,11 @@ A sweep file (``configs/sweeps/<name>.yaml``)::
       nnodes: 1
       slurm: {time: "72:00:00", partition: gpu}   # extra #SBATCH options; max_parallel: N
     table:                            # optional: the collected table's shape
-      rows: [num_experts]             # default: the grid keys but the column key
-      columns: router                 # default: router when it is a grid key
+      rows: [num_experts]             # default: the grid keys but the column and replicate keys
+      columns: router                 # default: router when it is a grid key; null: none
       values: [val_lm_loss]           # default: val_lm_loss (+ zero_shot_avg when present)
+      replicates: seed                # optional: a grid key whose runs are repeats; a cell
+                                      #   shows their mean +- half their range (n runs)
     paper:                            # optional: the paper's value of the table's first value,
       moe_e-4: 1.971                  #   by run name, shown in parentheses
 
@@ -103,6 +105,7 @@ SHORT_NAMES = {
     "moe_relu_l1_reg_coeff_init": "lambda0",
     "moe_router_load_balancing_type": "lb",
     "moe_aux_loss_coeff": "aux",
+    "moe_router_topk_scaling_factor": "scale",
     "train_iters": "iters",
 }
 LABELS = {
@@ -112,6 +115,7 @@ LABELS = {
     "moe_relu_l1_reg_coeff_multiplier": "alpha",
     "moe_relu_l1_reg_coeff_init": "lambda_0",
     "moe_router_load_balancing_type": "load balancing",
+    "moe_router_topk_scaling_factor": "gate scale",
     "size": "size",
     "router": "router",
 }
@@ -255,6 +259,8 @@ def run_name_for(values: dict) -> str:
 
 
 def _format_value(value) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
@@ -601,7 +607,12 @@ def collect(sweep: Sweep) -> dict:
     """Write results.md, results.csv and runs.csv into the sweep's directory; their contents."""
     results = [run_result(run) for run in sweep.runs]
     columns_key = sweep.table.get("columns", "router" if "router" in sweep.grid_keys else None)
-    rows_keys = list(sweep.table.get("rows") or [k for k in sweep.grid_keys if k != columns_key])
+    replicates_key = sweep.table.get("replicates")
+    if replicates_key is not None and replicates_key not in sweep.grid_keys:
+        raise SweepError(f"{sweep.path}: table.replicates names {replicates_key}, which is not "
+                         "a grid key")
+    rows_keys = list(sweep.table.get("rows") or [
+        k for k in sweep.grid_keys if k not in (columns_key, replicates_key)])
     values = list(sweep.table.get("values") or ["val_lm_loss"])
     if "zero_shot_avg" not in values and any(r["zero_shot_avg"] is not None for r in results):
         values.append("zero_shot_avg")
@@ -611,8 +622,10 @@ def collect(sweep: Sweep) -> dict:
 
     column_values = _unique([r[columns_key] for r in results]) if columns_key else [None]
     row_values = _unique([tuple(r[k] for k in rows_keys) for r in results])
-    cell = {(tuple(r[k] for k in rows_keys), r[columns_key] if columns_key else None): r
-            for r in results}
+    cell = {}  # (row, column) -> the runs in that cell (several only for replicates)
+    for r in results:
+        cell.setdefault((tuple(r[k] for k in rows_keys), r[columns_key] if columns_key else None),
+                        []).append(r)
 
     def column_title(value):
         if columns_key is None:
@@ -633,11 +646,19 @@ def collect(sweep: Sweep) -> dict:
             label = " ".join(_format_value(v) for v in row) or sweep.name
             cells, csv_row = [], {row_title: label}
             for column in column_values:
-                result = cell.get((row, column))
-                text = _cell(result, value_key, with_paper=value_key == values[0])
+                runs = cell.get((row, column))
+                if runs is None:
+                    text, mean, spread = "-", None, None
+                elif replicates_key is None:
+                    text = _cell(runs[0], value_key, with_paper=value_key == values[0])
+                    mean, spread = runs[0][value_key], None
+                else:
+                    text, mean, spread = _replicates_cell(runs, value_key)
                 cells.append(text)
-                csv_row[f"{column_title(column) or 'value'} {value_key}"] = \
-                    "" if result is None or result[value_key] is None else result[value_key]
+                title = f"{column_title(column) or 'value'} {value_key}"
+                csv_row[title] = "" if mean is None else mean
+                if replicates_key is not None:
+                    csv_row[f"{title} spread"] = "" if spread is None else spread
             markdown.append("| " + " | ".join([label] + cells) + " |")
             table_rows.append((value_key, csv_row))
         markdown.append("")
@@ -659,9 +680,20 @@ def collect(sweep: Sweep) -> dict:
     return dict(markdown=text, results=results, table=list(wide.values()))
 
 
+def _replicates_cell(runs: list, key) -> tuple:
+    """'mean ± half range (n=N)' of the runs' values, with the mean and the half range."""
+    values = [r[key] for r in runs if isinstance(r[key], (int, float))]
+    if not values:
+        return "n/a", None, None
+    mean = sum(values) / len(values)
+    spread = (max(values) - min(values)) / 2
+    text = f"{mean:.4f} ± {spread:.4f} (n={len(values)})"
+    if any(r["status"] != "finished" for r in runs):
+        text += " (not all finished)"
+    return text, mean, spread
+
+
 def _cell(result, key, with_paper: bool = False) -> str:
-    if result is None:
-        return "-"
     value = result[key]
     if value is None:
         text = "n/a"
