@@ -345,3 +345,40 @@ def test_router_dtype_flag_and_its_default():
 def test_permute_fusion_stays_available_to_topk():
     args = parse_args(TINY_MOE + ["--moe-permute-fusion"])
     assert transformer_overrides_from_args(args, **GPU_WITH_TE)["moe_permute_fusion"] is True
+
+
+def test_topk_flags_of_megatron_lm_reach_megatron():
+    args = parse_args(TINY_MOE + [
+        "--moe-router-topk-scaling-factor", "8", "--moe-input-jitter-eps", "0.01",
+        "--moe-z-loss-coeff", "1e-3", "--moe-expert-capacity-factor", "1.0",
+        "--moe-token-drop-policy", "position"])
+    overrides = transformer_overrides_from_args(args, **CPU)
+    assert (overrides["moe_router_topk_scaling_factor"], overrides["moe_input_jitter_eps"],
+            overrides["moe_z_loss_coeff"], overrides["moe_token_drop_policy"]) == \
+        (8.0, 0.01, 1e-3, "position")
+    assert not set(flags_of(args, **CPU)) & {"--moe-router-topk-scaling-factor",
+                                             "--moe-input-jitter-eps", "--moe-token-drop-policy"}
+    # aux-loss-free balancing: sigmoid scores (no pre-softmax needed at k=1) with a bias
+    free = parse_args(without(TINY_MOE, "--moe-router-pre-softmax") + [
+        "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+        "--moe-router-bias-update-rate", "0.01", "--moe-router-load-balancing-type", "none"])
+    overrides = transformer_overrides_from_args(free, **CPU)
+    assert (overrides["moe_router_score_function"], overrides["moe_router_enable_expert_bias"],
+            overrides["moe_router_bias_update_rate"]) == ("sigmoid", True, 0.01)
+
+
+def test_topk_flags_have_no_effect_under_relu_routing():
+    args = parse_args(TINY_MOE + ["--moe-relu-routing", "--moe-router-topk-scaling-factor", "8",
+                                  "--moe-input-jitter-eps", "0.01",
+                                  "--moe-router-score-function", "sigmoid"])
+    listed = dict(ineffective_flags(args, **CPU))
+    for flag in ("--moe-router-topk-scaling-factor", "--moe-input-jitter-eps",
+                 "--moe-router-score-function"):
+        assert "TopK only" in listed[flag], flag
+    overrides = transformer_overrides_from_args(args, **CPU)
+    assert "moe_router_topk_scaling_factor" not in overrides
+
+
+def test_expert_bias_needs_sigmoid_scores(capsys):
+    line = parse_error(TINY_MOE + ["--moe-router-enable-expert-bias"], capsys)
+    assert "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid" in line

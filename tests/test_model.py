@@ -194,3 +194,63 @@ def test_moe_layer_recomputation_changes_nothing_but_memory(single_rank):
         torch.testing.assert_close(recomputed[key], plain[key], rtol=0, atol=0)
     for name, grad in plain["grads"].items():
         torch.testing.assert_close(recomputed["grads"][name], grad, rtol=1e-6, atol=1e-9)
+
+
+def routed_gates(model, tokens, positions):
+    """Each MoE layer's (router input, gates) from one forward pass."""
+    seen = []
+
+    def keep(router, args, output):
+        seen.append((args[0], output[0]))
+
+    hooks = [router.register_forward_hook(keep)
+             for router in model.modules() if isinstance(router, TopKRouter)]
+    with torch.no_grad():
+        model(tokens, positions, None)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_scaled_topk_gates_are_the_scaled_softmax_probabilities(single_rank):
+    built = build_model(ModelConfig(router="topk", **TINY), single_rank,
+                        moe_router_topk_scaling_factor=8.0)
+    tokens, positions, _ = batch()
+    routers = [m for m in built.model.modules() if isinstance(m, TopKRouter)]
+    for router, (x, gates_TE) in zip(routers, routed_gates(built.model, tokens, positions)):
+        # independently: softmax over all experts, the largest probability, times E
+        probs_TE = torch.softmax(x.reshape(-1, x.shape[-1]) @ router.weight.T, dim=-1)
+        top_T, expert_T = probs_TE.max(dim=-1)
+        expected_TE = torch.zeros_like(probs_TE).scatter(1, expert_T[:, None], 8.0 * top_T[:, None])
+        torch.testing.assert_close(gates_TE, expected_TE)
+        assert gates_TE.max() > 1.0  # unscaled gates are probabilities
+
+
+def test_aux_loss_free_expert_bias_moves_towards_balance(single_rank):
+    from remoe_patches.training_step import forward_backward, wrap_with_ddp
+
+    rate = 0.125
+    built = build_model(ModelConfig(router="topk", moe_aux_loss_coeff=0.0, **TINY), single_rank,
+                        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                        moe_router_bias_update_rate=rate, moe_router_load_balancing_type="none")
+    ddp = wrap_with_ddp(built.model, built.transformer_config)
+    tokens, positions, labels = batch()
+    step = dict(tokens_BS=tokens, position_ids_BS=positions, labels_BS=labels,
+                loss_mask_BS=torch.ones_like(tokens, dtype=torch.float))
+    routers = [m for m in built.model.modules() if isinstance(m, TopKRouter)]
+    maps = {}
+
+    def keep_routing_map(router, args, output):
+        maps[router] = output[1]
+
+    hooks = [router.register_forward_hook(keep_routing_map) for router in routers]
+    forward_backward([ddp], [step], num_microbatches=1, seq_length=TINY["seq_length"],
+                     micro_batch_size=tokens.shape[0])
+    for hook in hooks:
+        hook.remove()
+    for router in routers:
+        # megatron's finalize_model_grads: bias += rate * sign(mean load - load), from zero
+        load_E = maps[router].sum(dim=0).float()
+        expected_E = rate * torch.sign(load_E.mean() - load_E)
+        torch.testing.assert_close(router.expert_bias, expected_E)
+        assert torch.count_nonzero(expected_E) > 0

@@ -176,3 +176,26 @@ def test_failed_run_is_not_marked_done(tmp_path):
     assert not (tmp_path / "seed-1" / "DONE").exists()
     assert "FAILED (exit code 2)" in "".join(log)
     assert "does not exist" in (tmp_path / "seed-1" / "train.log").read_text()
+
+
+def test_replicates_are_averaged_with_their_spread(tmp_path):
+    spec = dict(name="seeds", base=dict(config="configs/demo.yaml"),
+                grid=dict(router=["dense", "moe"], seed=[1, 2, 3]),
+                table=dict(columns=None, replicates="seed"))
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep = sweeps.load_sweep(path, output_dir=tmp_path / "out")
+    losses = {"dense": [4.0, 4.2, 4.1], "moe": [5.0, 5.5, 5.25]}
+    for run in sweep.runs:
+        run.directory.mkdir(parents=True)
+        value = losses[run.values["router"]][run.values["seed"] - 1]
+        (run.directory / "metrics.jsonl").write_text(
+            json.dumps({"iteration": 600, "lm_loss": value}) + "\n"
+            + json.dumps({"iteration": 600, "val_lm_loss": value}) + "\n")
+        (run.directory / "DONE").write_text("")
+    collected = sweeps.collect(sweep)
+    assert "| dense | 4.1000 ± 0.1000 (n=3) |" in collected["markdown"]
+    assert "| moe | 5.2500 ± 0.2500 (n=3) |" in collected["markdown"]
+    by_router = {row["router"]: row for row in collected["table"]}
+    assert by_router["moe"]["value val_lm_loss"] == pytest.approx(5.25)
+    assert by_router["moe"]["value val_lm_loss spread"] == pytest.approx(0.25)

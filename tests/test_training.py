@@ -222,3 +222,14 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path):
     assert "4 steps in a row had a non-finite loss or gradient" in result.stderr
     records = steps(save)
     assert records[max(records)]["skipped_iterations"] >= 3  # logged before the stop
+
+
+def test_scaled_topk_baseline_trains(corpus, tmp_path):
+    save = tmp_path / "topk"
+    result = ok(run(authors_style_flags(corpus, save, moe_relu_routing=None,
+                                        moe_router_topk_scaling_factor=8.0, train_iters=8,
+                                        eval_interval=None, save_interval=None)))
+    assert "--moe-router-topk-scaling-factor has no effect" not in result.stdout
+    records = steps(save)
+    assert records[8]["lm_loss"] < records[1]["lm_loss"]
+    assert "sparsity" not in records[8] and records[8]["load_balancing_loss"] > 0
