@@ -405,6 +405,11 @@ def _add_training_arguments(parser):
     )
     group.add_argument("--exit-duration-in-mins", type=int, help="Stop after this many minutes.")
     group.add_argument(
+        "--exit-signal-handler", action="store_true",
+        help="On SIGTERM or SIGINT (Ctrl-C), finish the step, save a checkpoint and exit 0; all "
+        "ranks stop at the same iteration.",
+    )
+    group.add_argument(
         "--max-skipped-steps", type=_positive_int, default=10,
         help="A step with NaN/Inf loss or gradients is skipped; this many in a row stop the run.",
     )
@@ -810,7 +815,7 @@ def _complete_data_and_tokenizer(args, parser) -> None:
                 split_blend(blend)
             except ValueError as error:
                 parser.error(f"{flag}: {error}")
-    if args.data_path is not None and args.split is None:
+    if (args.data_path is not None or args.demo_corpus) and args.split is None:
         args.split = "969, 30, 1"  # Megatron-LM's default for a single blend
 
     if args.tokenizer_type is None and (args.vocab_file or args.merge_file):
@@ -875,9 +880,10 @@ def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelCo
             for dest in ("hidden_dropout", "attention_dropout")
         ],
     ]
-    for refused, message in recipe:
-        if refused:
-            raise ConfigError(f"{message}: {LLAMA_RECIPE}")
+    # All at once: a Megatron-LM default command line misses several of them.
+    refused = [message for wrong, message in recipe if wrong]
+    if refused:
+        raise ConfigError(f"{'; '.join(refused)}: {LLAMA_RECIPE}")
     router = "relu" if args.moe_relu_routing else ("topk" if args.num_experts else "dense")
     layer_freq = args.moe_layer_freq
     capabilities = [

@@ -8,7 +8,10 @@ Layout (Megatron-LM's names)::
 A checkpoint is written into ``iter_XXXXXXX.partial`` and renamed into place only when every
 rank has finished; then the ``latest`` file is replaced (write a temporary file, ``os.replace``).
 A crash mid-write therefore leaves the previous checkpoint and the pointer untouched, and the
-next save removes the stale ``.partial`` directory.
+next save removes the stale ``.partial`` directory. A checkpoint damaged after the fact (a file
+truncated or lost on a shared filesystem) is found before loading, from the sizes its
+``.metadata`` records: resuming then falls back to the newest checkpoint that is whole, and says
+so; when none is, one line names each checkpoint and its bad file.
 
 What is saved: the model (all parallel shards, reloadable under another TP/PP/EP/DP layout),
 the optimizer, the LR scheduler, the ReMoE coefficient, the iteration, the consumed samples,
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from typing import Optional
 
@@ -40,6 +44,11 @@ from remoe_patches.megatron_fixes import restore_adam_steps
 from remoe_patches.training_step import sync_params
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+_ITERATION_DIR = re.compile(r"iter_(\d{7})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names it and what is wrong, in one line."""
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -58,6 +67,52 @@ def latest_iteration(root: Optional[str]) -> Optional[int]:
         return int(text)
     except ValueError:
         raise ValueError(f"{path} should hold an iteration number, found {text!r}") from None
+
+
+def saved_iterations(root: Optional[str]) -> list[int]:
+    """The iterations of the checkpoint directories under ``root``, newest first (written ones
+    only: ``.partial`` directories are left out)."""
+    if not root or not os.path.isdir(root):
+        return []
+    found = (_ITERATION_DIR.match(name) for name in os.listdir(root))
+    return sorted((int(m[1]) for m in found if m and os.path.isdir(os.path.join(root, m[0]))),
+                  reverse=True)
+
+
+def has_checkpoint(root: Optional[str]) -> bool:
+    """Whether ``root`` holds anything to resume from (a ``latest`` pointer or a checkpoint)."""
+    return latest_iteration(root) is not None or bool(saved_iterations(root))
+
+
+def checkpoint_problem(directory: str) -> Optional[str]:
+    """Why the checkpoint in ``directory`` cannot load, or None: a missing directory or file, a
+    shard file shorter than its ``.metadata`` says, an unreadable ``common.pt``."""
+    if not os.path.isdir(directory):
+        return "the directory is missing"
+    for name in ("metadata.json", "common.pt", ".metadata"):
+        if not os.path.isfile(os.path.join(directory, name)):
+            return f"{name} is missing"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(directory).read_metadata().storage_data
+    except Exception as error:  # any damage to the pickled metadata
+        return f".metadata does not read ({type(error).__name__})"
+    needed = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) < size:
+            return f"{name} is truncated ({os.path.getsize(path):,} of {size:,} bytes)"
+    try:
+        dist_checkpointing.load_common_state_dict(directory)
+    except Exception as error:
+        return f"common.pt does not read ({type(error).__name__})"
+    return None
 
 
 def _rng_state() -> dict:
@@ -206,24 +261,38 @@ def load_checkpoint(
     load_rng: bool = True,
     load_training_state: bool = True,
 ) -> Optional[dict]:
-    """Restore the latest checkpoint under ``root`` into the given objects.
+    """Restore the newest whole checkpoint under ``root`` into the given objects.
 
     ``load_training_state=False`` restores the weights but not the LR schedule nor the ReMoE
     coefficient (a new run from these weights).
 
-    Returns ``{"iteration", "consumed_samples", "args", "rng_restored"}``, or None when ``root``
-    holds no checkpoint (a fresh run). RNG states are restored only under the same parallel
-    layout they were saved with.
+    Returns ``{"iteration", "consumed_samples", "args", "rng_restored", "directory",
+    "skipped"}`` (``skipped``: the newer checkpoints that were damaged, with the reason), or None
+    when ``root`` holds no checkpoint (a fresh run). RNG states are restored only under the same
+    parallel layout they were saved with. Raises CheckpointError when no checkpoint is whole.
     """
-    iteration = latest_iteration(root)
-    if iteration is None:
-        return None
-    directory = checkpoint_dir(root, iteration)
-    if not os.path.isdir(directory):
-        raise ValueError(
-            f"{os.path.join(root, LATEST_FILE)} names iteration {iteration}, but {directory} is "
-            "missing; point --load at a complete checkpoint directory"
-        )
+    latest = latest_iteration(root)
+    candidates = saved_iterations(root)
+    if latest is not None:  # the pointer's checkpoint first, then the older ones
+        candidates = [latest] + [i for i in candidates if i < latest]
+    skipped = []
+    for iteration in candidates:
+        directory = checkpoint_dir(root, iteration)
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            restored = _load(directory, model_chunks, optimizer, scheduler,
+                             regularizer=regularizer, load_optimizer=load_optimizer,
+                             load_rng=load_rng, load_training_state=load_training_state)
+            return {**restored, "directory": directory, "skipped": skipped}
+        skipped.append((directory, problem))
+    if skipped:
+        raise CheckpointError(f"no checkpoint under {root} loads: " + "; ".join(
+            f"{directory}: {problem}" for directory, problem in skipped))
+    return None
+
+
+def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_optimizer,
+          load_rng, load_training_state) -> dict:
     common = dist_checkpointing.load_common_state_dict(directory)
     saved_args = common.get("args") or {}
     same_layout = _same_layout(saved_args)

@@ -68,5 +68,7 @@ def main(argv=None) -> int:
     finally:
         destroy_parallel()
     if int(os.environ.get("RANK", 0)) == int(os.environ.get("WORLD_SIZE", 1)) - 1:
-        print(f" done: {state.iteration} iterations in {time.time() - started:.0f} s", flush=True)
+        ran = state.iteration - state.start_iteration
+        print(f" done: iteration {state.iteration} ({ran} in this launch, "
+              f"{time.time() - started:.0f} s)", flush=True)
     return 0

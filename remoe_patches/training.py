@@ -14,6 +14,7 @@ optimizer, the overlap flags overlap its communication; on CPU they run the same
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -40,6 +41,7 @@ from remoe_patches.data import (
     micro_batches,
     to_device,
 )
+from remoe_patches.exit_signals import ExitSignals
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.megatron_fixes import initialize_adam_state
 from remoe_patches.metrics_log import MetricsLog
@@ -63,6 +65,7 @@ class RunState:
     """Where the run stands; what a checkpoint restores besides the objects' own state."""
 
     iteration: int = 0
+    start_iteration: int = 0  # where this launch began (a resumed run's checkpoint)
     consumed_samples: int = 0
     skipped_iterations: int = 0
     skipped_in_a_row: int = 0
@@ -90,6 +93,7 @@ def pretrain(args) -> RunState:
     # Checks that need no process group come first, so bad input writes nothing anywhere.
     for blend in data_blends(args):
         check_data_paths(blend)
+    fresh_run = check_load_path(args)
     tokenizer = build_tokenizer(
         args.tokenizer_type,
         vocab_file=args.vocab_file,
@@ -112,7 +116,7 @@ def pretrain(args) -> RunState:
 
     state = RunState()
     is_logging_rank = dist.get_rank() == world_size - 1
-    log = None
+    log = signals = None
     try:
         if args.load:
             # --finetune takes the weights only: a new run starts from them (as Megatron-LM).
@@ -124,8 +128,10 @@ def pretrain(args) -> RunState:
                 load_training_state=not fresh_start,
             )
             if restored is not None and not fresh_start:
-                state.iteration = restored["iteration"]
+                state.iteration = state.start_iteration = restored["iteration"]
                 state.consumed_samples = restored["consumed_samples"]
+            if is_logging_rank:
+                _report_load(args, restored, regularizer, fresh_run)
         if args.train_iters == 0:  # save the initial weights, e.g. to start several layouts
             if args.save:
                 _save(args, state, model_chunks, optimizer, scheduler, regularizer, dp_size)
@@ -162,6 +168,8 @@ def pretrain(args) -> RunState:
                            micro_batch_size=args.micro_batch_size)
         window = []  # step records since the last log line
         run_started = time.time()
+        signals = ExitSignals() if args.exit_signal_handler else None
+        saved_at = None
         while state.iteration < args.train_iters:
             started = time.perf_counter()
             record = train_step(model_chunks, optimizer, scheduler, regularizer, train_batches,
@@ -181,14 +189,15 @@ def pretrain(args) -> RunState:
                 log.evaluation(dict(iteration=state.iteration, val_lm_loss=val))
                 state.history[-1]["val_lm_loss"] = val
             if args.save and args.save_interval and state.iteration % args.save_interval == 0:
-                _save(args, state, model_chunks, optimizer, scheduler, regularizer, dp_size)
-            if _should_exit(args, state, run_started):
-                log.print(f" exiting at iteration {state.iteration} (--exit-interval or "
-                          "--exit-duration-in-mins)")
+                _save(args, state, model_chunks, optimizer, scheduler, regularizer, dp_size, log)
+                saved_at = state.iteration
+            reason = _exit_reason(args, state, run_started, signals, device)
+            if reason:
+                log.print(f" exiting at iteration {state.iteration}: {reason}")
                 break
         sync_params(model_chunks)  # callers of pretrain() see the final weights
-        if args.save and (not args.save_interval or state.iteration % args.save_interval):
-            _save(args, state, model_chunks, optimizer, scheduler, regularizer, dp_size)
+        if args.save and saved_at != state.iteration:
+            _save(args, state, model_chunks, optimizer, scheduler, regularizer, dp_size, log)
         if splits.test is not None and args.eval_iters:
             test = evaluate(model_chunks, batches_of(splits.test, 0), args, step_kwargs)
             log.evaluation(dict(iteration=state.iteration, test_lm_loss=test))
@@ -200,9 +209,48 @@ def pretrain(args) -> RunState:
         if args.tensorboard_dir:
             log.print(f" tensorboard: {args.tensorboard_dir}")
     finally:
+        if signals is not None:
+            signals.close()
         if log is not None:
             log.close()
     return state
+
+
+def check_load_path(args) -> bool:
+    """Refuse a ``--load`` that holds no checkpoint, unless it is also ``--save`` (a run that
+    resumes itself, launched for the first time); return whether the run starts from scratch."""
+    if not args.load or checkpointing.has_checkpoint(args.load):
+        return False
+    same_as_save = args.save and os.path.realpath(args.save) == os.path.realpath(args.load)
+    if same_as_save and not args.finetune:
+        return True
+    missing = "does not exist" if not os.path.exists(args.load) else "holds no checkpoint"
+    raise ConfigError(
+        f"--load {args.load} {missing} (no {checkpointing.LATEST_FILE}, no iter_XXXXXXX); "
+        "point it at the --save directory of a run, or drop --load to train from scratch "
+        "(with --load equal to --save, a first launch starts from scratch by itself)"
+    )
+
+
+def _report_load(args, restored, regularizer, fresh_run) -> None:
+    """Say before the first step where the run starts from."""
+    if fresh_run:
+        print(f" note: no checkpoint in {args.load} yet: training from scratch", flush=True)
+        return
+    for directory, problem in restored["skipped"]:
+        print(f" WARNING: checkpoint {directory} does not load ({problem}); using the previous "
+              "one", flush=True)
+    if args.finetune:
+        print(f" loaded the weights of {restored['directory']} (iteration "
+              f"{restored['iteration']}) for a new run (--finetune)", flush=True)
+        return
+    details = [f"iteration {restored['iteration']}",
+               f"consumed samples {restored['consumed_samples']:,}"]
+    if regularizer is not None:
+        details.append(f"l1 coeff {float(regularizer.coeff):.4E}")
+    weights_only = " (weights only: --no-load-optim)" if args.no_load_optim else ""
+    print(f" resuming from {restored['directory']}: {', '.join(details)}{weights_only}",
+          flush=True)
 
 
 @dataclass
@@ -456,14 +504,21 @@ def log_window(log, window, args, state, model_config, world_size) -> None:
     log.step(out)
 
 
-def _should_exit(args, state, run_started) -> bool:
+def _exit_reason(args, state, run_started, signals, device) -> Optional[str]:
+    """Why the run stops after this step (every rank gets the same answer), or None."""
+    if signals is not None:
+        received = signals.received(device)
+        if received:
+            return f"received {received} (--exit-signal-handler)"
     if args.exit_interval and state.iteration % args.exit_interval == 0:
-        return True
+        return f"--exit-interval {args.exit_interval}"
     if args.exit_duration_in_mins:
-        elapsed = torch.tensor(float(time.time() - run_started > 60 * args.exit_duration_in_mins))
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        return bool(elapsed.item())
-    return False
+        over = time.time() - run_started > 60 * args.exit_duration_in_mins
+        over = torch.tensor(float(over), device=device)
+        dist.all_reduce(over, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        if over.item():
+            return f"--exit-duration-in-mins {args.exit_duration_in_mins}"
+    return None
 
 
 def _mean(values) -> float:
@@ -471,14 +526,18 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _save(args, state, model_chunks, optimizer, scheduler, regularizer, dp_size) -> None:
+def _save(args, state, model_chunks, optimizer, scheduler, regularizer, dp_size,
+          log=None) -> None:
     saved_args = {k: v for k, v in vars(args).items() if _plain(v)}
     saved_args["data_parallel_size"] = dp_size
-    checkpointing.save_checkpoint(
+    started = time.perf_counter()
+    directory = checkpointing.save_checkpoint(
         args.save, state.iteration, model_chunks, None if args.no_save_optim else optimizer,
         scheduler,
         consumed_samples=state.consumed_samples, regularizer=regularizer, args=saved_args,
     )
+    if log is not None:
+        log.print(f" saved checkpoint {directory} ({time.perf_counter() - started:.1f} s)")
 
 
 def _plain(value) -> bool:

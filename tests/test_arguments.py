@@ -382,3 +382,20 @@ def test_topk_flags_have_no_effect_under_relu_routing():
 def test_expert_bias_needs_sigmoid_scores(capsys):
     line = parse_error(TINY_MOE + ["--moe-router-enable-expert-bias"], capsys)
     assert "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid" in line
+
+
+def test_every_missing_recipe_flag_is_reported_at_once(capsys):
+    megatron_defaults = [
+        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--seq-length", "32", "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "10"]
+    line = parse_error(megatron_defaults, capsys)
+    for needle in ("--normalization must be RMSNorm", "--swiglu must be given",
+                   "--untie-embeddings-and-output-weights must be given",
+                   "--position-embedding-type must be rope", "--disable-bias-linear must be given",
+                   "--hidden-dropout must be 0.0", "--attention-dropout must be 0.0"):
+        assert needle in line, needle
+
+
+def test_demo_corpus_gets_megatron_lms_default_split():
+    args = parse_args([*without(TINY, "--train-iters"), "--train-iters", "2", "--demo-corpus"])
+    assert args.split == "969, 30, 1"

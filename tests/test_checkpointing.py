@@ -96,7 +96,7 @@ def test_fresh_directory_is_a_fresh_start(single_rank, tmp_path):
 def test_pointer_to_missing_checkpoint_is_a_clear_error(single_rank, tmp_path):
     _, ddp, optimizer, scheduler = make_run(single_rank)
     (tmp_path / checkpointing.LATEST_FILE).write_text("7")
-    with pytest.raises(ValueError, match="iter_0000007 is missing"):
+    with pytest.raises(checkpointing.CheckpointError, match="iter_0000007: the directory is missing"):
         checkpointing.load_checkpoint(str(tmp_path), [ddp], optimizer, scheduler)
 
 
