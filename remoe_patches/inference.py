@@ -271,18 +271,28 @@ def _tokenizer_files(tokenizer: Tokenizer) -> dict:
 
 
 def export_checkpoint(load_dir: str, output_dir: str, *,
-                      tokenizer_dir: Optional[str] = None) -> str:
-    """Write ``model.safetensors``, ``config.json`` and the tokenizer files to ``output_dir``."""
+                      tokenizer_dir: Optional[str] = None, force: bool = False) -> str:
+    """Write ``model.safetensors``, ``config.json`` and the tokenizer files to ``output_dir``.
+
+    A non-empty ``output_dir`` is refused unless ``force`` (then the export's files replace
+    theirs; other files stay). Each file is written under a temporary name and renamed into
+    place, readable as the umask allows (like any file the user writes).
+    """
     from safetensors.torch import save_file
 
     from remoe_patches.reference_model import CONFIG_FILE, WEIGHTS_FILE
 
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not force:
+        raise CheckpointError(
+            f"{output_dir} is not empty; export into a new directory, or pass --force to "
+            "overwrite the exported files in it")
     model, tokenizer, model_config = load_model_for_inference(load_dir, tokenizer_dir=tokenizer_dir)
     config = reference_config(model, model_config, tokenizer)
     os.makedirs(output_dir, exist_ok=True)
     files = {}
     for keyword, (source, name) in _tokenizer_files(tokenizer).items():
-        shutil.copyfile(source, os.path.join(output_dir, name))
+        _write_atomically(os.path.join(output_dir, name),
+                          lambda path, source=source: shutil.copyfile(source, path))
         files[keyword] = name
     config.update(
         format=EXPORT_FORMAT,
@@ -291,12 +301,32 @@ def export_checkpoint(load_dir: str, output_dir: str, *,
         source_checkpoint=os.path.abspath(model.checkpoint_dir),
         iteration=model.checkpoint_iteration,
     )
-    save_file(reference_state(model), os.path.join(output_dir, WEIGHTS_FILE),
-              metadata={"format": EXPORT_FORMAT})
-    with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    state = reference_state(model)
+    _write_atomically(os.path.join(output_dir, WEIGHTS_FILE),
+                      lambda path: save_file(state, path, metadata={"format": EXPORT_FORMAT}))
+    _write_atomically(os.path.join(output_dir, CONFIG_FILE),
+                      lambda path: _write_json(path, config))
     return output_dir
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _write_atomically(path: str, write) -> None:
+    """``write(temporary path)``, then the umask's permissions and a rename onto ``path``."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def is_export_dir(path: str) -> bool:

@@ -9,17 +9,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 
-# megatron-core announces at import that transformer-engine and apex are absent.
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-warnings.filterwarnings("ignore", message="full scope is deprecated")
+import torch
 
-import torch  # noqa: E402
-
-from remoe_patches.arguments import ineffective_flags, parse_args  # noqa: E402
-from remoe_patches.model import HAVE_TE  # noqa: E402
-from remoe_patches.parallel import destroy_parallel  # noqa: E402
+from remoe_patches.arguments import ineffective_flags, parse_args
+from remoe_patches.model import HAVE_TE
+from remoe_patches.parallel import destroy_parallel
 
 
 def _is_first_rank() -> bool:

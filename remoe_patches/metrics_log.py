@@ -88,7 +88,8 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(key, value, iteration)
                 elif isinstance(value, list):
-                    for layer, item in enumerate(value):
+                    # layers numbered from 1, as in megatron and the console's warnings
+                    for layer, item in enumerate(value, start=1):
                         if isinstance(item, (int, float)) and math.isfinite(item):
                             self.writer.add_scalar(f"{key}/layer_{layer}", item, iteration)
             self.writer.flush()

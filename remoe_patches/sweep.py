@@ -57,6 +57,7 @@ paper's table shape) and ``runs.csv`` (one line per run).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import glob
@@ -177,10 +178,16 @@ class Sweep:
     grid_keys: list
     launch: dict = field(default_factory=dict)
     table: dict = field(default_factory=dict)
+    unset: list = field(default_factory=list)
+    """``${VAR}`` names left unexpanded (``load_sweep(missing_ok=True)``)."""
 
 
-def load_sweep(path, output_dir=None, environ=None) -> Sweep:
-    """Read a sweep file and expand its runs (not yet validated: see ``validate_runs``)."""
+def load_sweep(path, output_dir=None, environ=None, missing_ok=False) -> Sweep:
+    """Read a sweep file and expand its runs (not yet validated: see ``validate_runs``).
+
+    ``missing_ok``: a ``${VAR}`` that the environment lacks stays as it is (listing commands,
+    collecting results) instead of being an error (writing or starting runs).
+    """
     path = Path(path)
     try:
         spec = yaml.safe_load(path.read_text()) or {}
@@ -198,6 +205,10 @@ def load_sweep(path, output_dir=None, environ=None) -> Sweep:
                          f"known: {', '.join(sorted(known))}")
     name = str(spec.get("name") or path.stem)
     environ = os.environ if environ is None else environ
+    unset = sorted({name for name in re.findall(r"\$\{(\w+)\}", path.read_text())
+                    if name not in environ})
+    if missing_ok:
+        environ = {**{name: "${" + name + "}" for name in unset}, **environ}
     base = _mapping(spec.get("base"), f"{path}: base")
     grid = _mapping(spec.get("grid"), f"{path}: grid")
     for key, values in grid.items():
@@ -234,7 +245,7 @@ def load_sweep(path, output_dir=None, environ=None) -> Sweep:
     launch = _mapping(spec.get("launch"), f"{path}: launch")
     table = _mapping(spec.get("table"), f"{path}: table")
     return Sweep(name=name, path=path, output_dir=out, runs=runs, grid_keys=list(grid),
-                 launch=launch, table=table)
+                 launch=launch, table=table, unset=unset if missing_ok else [])
 
 
 def _mapping(value, where) -> dict:
@@ -347,20 +358,36 @@ def run_argv(run: Run) -> list:
 
 
 def validate_runs(sweep: Sweep) -> None:
-    """Parse every run's flags with pretrain_gpt.py's parser; SweepError naming a bad run."""
-    from remoe_patches.arguments import parse_args
+    """Parse every run's flags with pretrain_gpt.py's parser; SweepError naming the sweep file,
+    the run and what the parser says (an unknown key with the closest known one)."""
+    from remoe_patches.arguments import build_parser, parse_args
 
+    known = {flag[2:].replace("-", "_") for action in build_parser()._actions
+             for flag in action.option_strings if flag.startswith("--")}
+    for run in sweep.runs:
+        for key in run.flags:
+            if key not in known:
+                import difflib
+
+                closest = difflib.get_close_matches(key, sorted(known), n=1)
+                where = "grid" if key in run.values else "base"
+                raise SweepError(f"{sweep.path}: {where}.{key} is not a pretrain_gpt.py flag"
+                                 + (f"; did you mean {closest[0]}?" if closest else ""))
     with tempfile.TemporaryDirectory() as scratch:
         for run in sweep.runs:
             config = Path(scratch) / f"{run.name}.yaml"
             config.write_text(run.config_text())
             argv = ["--config", str(config), "--save", str(run.directory)]
+            errors = io.StringIO()
             try:
-                parse_args(argv)
+                with contextlib.redirect_stderr(errors):
+                    parse_args(argv)
             except SystemExit as error:
                 if error.code:
-                    raise SweepError(f"run {run.name}: pretrain_gpt.py refuses its flags (the "
-                                     "line above says why)") from None
+                    said = errors.getvalue().strip().replace(f"{config}: ", "")
+                    said = said.removeprefix("pretrain_gpt.py: error: ")
+                    raise SweepError(f"{sweep.path}: run {run.name}: pretrain_gpt.py refuses "
+                                     f"its flags: {said}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,9 +464,13 @@ def print_commands(sweep: Sweep, out=sys.stdout) -> None:
     """List every run's command; unfinished runs get their config.yaml, so the commands run
     as printed (one at a time: they share the master port)."""
     nproc = int(sweep.launch.get("nproc_per_node", 1))
+    if sweep.unset:
+        names = ", ".join(sweep.unset)
+        out.write(f"# {names} not set: the commands show them as ${{...}}; set them and list "
+                  "again to write the runs' config.yaml\n")
     for run in sweep.runs:
         finished = is_finished(run)
-        if not finished:
+        if not finished and not sweep.unset:
             prepare(run)
         state = "finished, skipped" if finished else "to run"
         out.write(f"# {run.name} ({state}): {json.dumps(run.values)}\n")

@@ -170,6 +170,7 @@ def pretrain(args) -> RunState:
         run_started = time.time()
         signals = ExitSignals() if args.exit_signal_handler else None
         saved_at = None
+        health = RoutingHealth()
         while state.iteration < args.train_iters:
             started = time.perf_counter()
             record = train_step(model_chunks, optimizer, scheduler, regularizer, train_batches,
@@ -182,7 +183,7 @@ def pretrain(args) -> RunState:
             window.append(record)
             log.advance()
             if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
-                log_window(log, window, args, state, model_config, world_size)
+                log_window(log, window, args, state, model_config, world_size, health)
                 window = []
             if args.eval_interval and state.iteration % args.eval_interval == 0 and splits.valid:
                 val = evaluate(model_chunks, batches_of(splits.valid, 0), args, step_kwargs)
@@ -195,6 +196,8 @@ def pretrain(args) -> RunState:
             if reason:
                 log.print(f" exiting at iteration {state.iteration}: {reason}")
                 break
+        if health.summary():
+            log.print(health.summary())
         sync_params(model_chunks)  # callers of pretrain() see the final weights
         if args.save and saved_at != state.iteration:
             _save(args, state, model_chunks, optimizer, scheduler, regularizer, dp_size, log)
@@ -443,8 +446,59 @@ def evaluate(model_chunks, batches, args, step_kwargs) -> float:
     return float(loss)
 
 
-def log_window(log, window, args, state, model_config, world_size) -> None:
-    """Average the window's step records into one; warn about collapsed layers, dead experts."""
+@dataclass
+class RoutingHealth:
+    """Which experts are dead (under 1/64 of their layer's tokens over a log window) and which
+    layers collapsed (mean sparsity >= 0.99); it speaks when that changes, and at the end."""
+
+    dead: set = field(default_factory=set)  # (layer, expert), layers numbered from 1
+    collapsed: set = field(default_factory=set)  # layers
+    ever_dead: set = field(default_factory=set)
+    ever_collapsed: set = field(default_factory=set)
+
+    def update(self, iteration: int, dead: set, collapsed: set, steps: int) -> list:
+        window = f"over the last {steps} steps"
+        lines = []
+        if dead - self.dead:
+            lines.append(f" WARNING: experts dead from iteration {iteration} (under 1/64 of their "
+                         f"layer's tokens {window}): {_by_layer(dead - self.dead)}")
+        if self.dead - dead:
+            lines.append(f" note: experts active again at iteration {iteration}: "
+                         f"{_by_layer(self.dead - dead)}")
+        if collapsed - self.collapsed:
+            lines.append(f" WARNING: layers collapsed from iteration {iteration} (mean sparsity "
+                         f">= {COLLAPSE_SPARSITY} {window}): "
+                         + ", ".join(map(str, sorted(collapsed - self.collapsed))))
+        if self.collapsed - collapsed:
+            lines.append(f" note: layers routing again at iteration {iteration}: "
+                         + ", ".join(map(str, sorted(self.collapsed - collapsed))))
+        self.dead, self.collapsed = set(dead), set(collapsed)
+        self.ever_dead |= dead
+        self.ever_collapsed |= collapsed
+        return lines
+
+    def summary(self) -> Optional[str]:
+        """The end state, if anything was ever wrong."""
+        if not self.ever_dead and not self.ever_collapsed:
+            return None
+        parts = [f"{len(self.dead)} dead experts at the end"
+                 + (f" ({_by_layer(self.dead)})" if self.dead else ""),
+                 f"{len(self.ever_dead)} dead at some point"]
+        if self.ever_collapsed:
+            parts.append(f"collapsed layers: {sorted(self.collapsed) or 'none'} at the end, "
+                         f"{sorted(self.ever_collapsed)} at some point")
+        return " routing health: " + "; ".join(parts) + " (per window: metrics.jsonl)"
+
+
+def _by_layer(pairs: set) -> str:
+    layers = sorted({layer for layer, _ in pairs})
+    return "; ".join(f"layer {layer}: expert "
+                     + ", ".join(str(e) for l, e in sorted(pairs) if l == layer)
+                     for layer in layers)
+
+
+def log_window(log, window, args, state, model_config, world_size, health=None) -> None:
+    """Average the window's step records into one; report changes of the routing's health."""
     records = [r for r in window if not r["skipped"]] or window
     last = window[-1]
     seconds = sum(r["step_seconds"] for r in window) / len(window)
@@ -473,25 +527,19 @@ def log_window(log, window, args, state, model_config, world_size) -> None:
             sparsity_per_layer=[float(v) for v in sparsity_L[moe_layers]],
         )
         active = (1.0 - out["sparsity"]) * model_config.total_experts
-        collapsed = [f"{layer + 1} ({float(sparsity_L[layer]):.4f})"
-                     for layer in torch.nonzero(moe_layers).flatten().tolist()
-                     if sparsity_L[layer] >= COLLAPSE_SPARSITY]
-        if collapsed:
-            log.print(f" WARNING: collapsed layers at iteration {state.iteration} (mean sparsity "
-                      f">= {COLLAPSE_SPARSITY} over the last {len(records)} steps): "
-                      + ", ".join(collapsed))
+        collapsed = {layer + 1 for layer in torch.nonzero(moe_layers).flatten().tolist()
+                     if sparsity_L[layer] >= COLLAPSE_SPARSITY}
         load_LE = torch.stack([r["expert_load"] for r in records]).nanmean(0)
-        dead = {}
-        for layer, expert in torch.nonzero(load_LE < DEAD_EXPERT_SHARE).tolist():
-            dead.setdefault(layer + 1, []).append(
-                f"{expert} ({100 * float(load_LE[layer, expert]):.2f}%)")
-        if dead:
-            log.print(f" WARNING: dead experts at iteration {state.iteration} (under 1/64 of "
-                      f"the layer's tokens over the last {len(records)} steps): "
-                      + "; ".join(f"layer {layer}: expert {', '.join(experts)}"
-                                  for layer, experts in dead.items()))
-        out["dead_experts"] = sum(len(experts) for experts in dead.values())
+        dead = {(layer + 1, expert)
+                for layer, expert in torch.nonzero(load_LE < DEAD_EXPERT_SHARE).tolist()}
+        # Every window's state goes to metrics.jsonl; the console hears only of changes.
+        out["dead_experts"] = len(dead)
+        out["dead_experts_per_layer"] = [sorted(e for l, e in dead if l == layer + 1)
+                                         for layer in torch.nonzero(moe_layers).flatten().tolist()]
         out["collapsed_layers"] = len(collapsed)
+        if health is not None:
+            for line in health.update(state.iteration, dead, collapsed, len(records)):
+                log.print(line)
     elif model_config.router == "topk":
         active = model_config.total_topk
         if "load_balancing_loss_L" in last:

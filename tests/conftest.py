@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 
-# megatron-core announces at import that transformer-engine and apex are absent.
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+import remoe_patches  # noqa: F401  (quiets megatron-core's import-time notices)
 
 
 @pytest.fixture(scope="session")

@@ -199,3 +199,41 @@ def test_replicates_are_averaged_with_their_spread(tmp_path):
     by_router = {row["router"]: row for row in collected["table"]}
     assert by_router["moe"]["value val_lm_loss"] == pytest.approx(5.25)
     assert by_router["moe"]["value val_lm_loss spread"] == pytest.approx(0.25)
+
+
+def test_listing_and_collecting_need_no_environment_variables(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATA_PATH", "VOCAB_FILE", "MERGE_FILE")}
+    experts = str(REPO / "configs" / "sweeps" / "experts.yaml")
+
+    def sweep_tool(*argv):
+        return subprocess.run([sys.executable, TOOL, experts, "--output-dir", str(tmp_path),
+                               *argv], cwd=REPO, capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    listed = sweep_tool()
+    assert listed.returncode == 0, listed.stderr
+    assert "# DATA_PATH, MERGE_FILE, VOCAB_FILE not set" in listed.stdout
+    assert listed.stdout.count("pretrain_gpt.py --config") == 12
+    assert not list(tmp_path.glob("*/config.yaml"))  # nothing written with placeholders
+    assert sweep_tool("--collect").returncode == 0
+    started = sweep_tool("--launcher", "local")
+    assert started.returncode == 2
+    assert "DATA_PATH not set in the environment" in started.stderr
+
+
+@pytest.mark.parametrize("grid_line, message", [
+    ("num_expert: [4]", "{path}: grid.num_expert is not a pretrain_gpt.py flag; did you mean "
+                        "num_experts?"),
+    ("moe_router_topk: [9]", "{path}: run moe_k-9: pretrain_gpt.py refuses its flags: "
+                             "--moe-router-topk 9 must be between 1 and --num-experts 8"),
+])
+def test_a_bad_grid_value_is_reported_against_the_sweep_file(tmp_path, grid_line, message):
+    spec = yaml.safe_load(open(CPU_SWEEP))
+    key, values = grid_line.split(": ")
+    spec["grid"] = {"router": ["moe"], key: yaml.safe_load(values)}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = tool(str(path), "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "sweep.py: error: " + message.format(path=path)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from remoe_patches.config import ModelConfig
-from remoe_patches.training import RunState, log_window
+from remoe_patches.training import RoutingHealth, RunState, log_window
 
 
 class CapturedLog:
@@ -30,37 +30,57 @@ def step_record(sparsity_L, load_LE, lm_loss=3.0):
                 expert_load=torch.tensor(load_LE), step_seconds=0.5)
 
 
-def test_window_warns_about_collapsed_layers_and_dead_experts():
-    model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                        num_experts=4, topk=1, router="relu", vocab_size=128, seq_length=16)
-    healthy = [0.25, 0.25, 0.25, 0.25]
-    starved = [0.50, 0.49, 0.005, 0.005]  # experts 2 and 3 get 0.5% of the tokens
+MODEL = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                    num_experts=4, topk=1, router="relu", vocab_size=128, seq_length=16)
+ARGS = SimpleNamespace(global_batch_size=4, seq_length=16, train_iters=10)
+HEALTHY = [0.25, 0.25, 0.25, 0.25]
+STARVED = [0.50, 0.49, 0.005, 0.005]  # experts 2 and 3 get 0.5% of the tokens
+
+
+def test_window_averages_and_per_layer_routing_state():
     window = [
-        step_record([0.70, 0.985], [healthy, starved]),
-        step_record([0.72, 0.999], [healthy, starved]),
+        step_record([0.70, 0.985], [HEALTHY, STARVED]),
+        step_record([0.72, 0.999], [HEALTHY, STARVED]),
     ]
-    args = SimpleNamespace(global_batch_size=4, seq_length=16, train_iters=10)
     log = CapturedLog()
-    log_window(log, window, args, RunState(iteration=2, consumed_samples=8), model, 1)
+    log_window(log, window, ARGS, RunState(iteration=2, consumed_samples=8), MODEL, 1)
     (record,) = log.records
     assert math.isclose(record["sparsity_min"], 0.71, rel_tol=1e-6)
     assert math.isclose(record["sparsity_max"], 0.992, rel_tol=1e-6)
     assert record["sparsity_per_layer"] == [record["sparsity_min"], record["sparsity_max"]]
     assert record["collapsed_layers"] == 1 and record["dead_experts"] == 2
-    collapsed = [l for l in log.lines if "collapsed layers" in l]
-    dead = [l for l in log.lines if "dead experts" in l]
-    assert collapsed == [" WARNING: collapsed layers at iteration 2 (mean sparsity >= 0.99 over "
-                         "the last 2 steps): 2 (0.9920)"]
-    assert dead == [" WARNING: dead experts at iteration 2 (under 1/64 of the layer's tokens over "
-                    "the last 2 steps): layer 2: expert 2 (0.50%), 3 (0.50%)"]
+    assert record["dead_experts_per_layer"] == [[], [2, 3]]
+
+
+def test_warnings_only_when_the_routing_state_changes_and_a_summary_at_the_end():
+    health = RoutingHealth()
+    log = CapturedLog()
+    sick = [step_record([0.70, 0.999], [HEALTHY, STARVED])]
+    well = [step_record([0.70, 0.80], [HEALTHY, HEALTHY])]
+    for iteration, window in [(2, sick), (4, sick), (6, sick), (8, well), (10, sick)]:
+        log_window(log, window, ARGS, RunState(iteration=iteration), MODEL, 1, health)
+    assert log.lines == [
+        " WARNING: experts dead from iteration 2 (under 1/64 of their layer's tokens over the "
+        "last 1 steps): layer 2: expert 2, 3",
+        " WARNING: layers collapsed from iteration 2 (mean sparsity >= 0.99 over the last 1 "
+        "steps): 2",
+        " note: experts active again at iteration 8: layer 2: expert 2, 3",
+        " note: layers routing again at iteration 8: 2",
+        " WARNING: experts dead from iteration 10 (under 1/64 of their layer's tokens over the "
+        "last 1 steps): layer 2: expert 2, 3",
+        " WARNING: layers collapsed from iteration 10 (mean sparsity >= 0.99 over the last 1 "
+        "steps): 2",
+    ]
+    assert [r["dead_experts"] for r in log.records] == [2, 2, 2, 0, 2]  # every window, in jsonl
+    assert health.summary() == (
+        " routing health: 2 dead experts at the end (layer 2: expert 2, 3); 2 dead at some "
+        "point; collapsed layers: [2] at the end, [2] at some point (per window: metrics.jsonl)")
 
 
 def test_no_warning_for_a_healthy_window():
-    model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                        num_experts=4, topk=1, router="relu", vocab_size=128, seq_length=16)
-    even = [[0.25] * 4, [0.25] * 4]
-    window = [step_record([0.75, 0.76], even)]
+    health = RoutingHealth()
+    window = [step_record([0.75, 0.76], [HEALTHY, HEALTHY])]
     log = CapturedLog()
-    log_window(log, window, SimpleNamespace(global_batch_size=4, seq_length=16, train_iters=10),
-               RunState(iteration=1), model, 1)
+    log_window(log, window, ARGS, RunState(iteration=1), MODEL, 1, health)
     assert log.lines == [] and log.records[0]["dead_experts"] == 0
+    assert health.summary() is None

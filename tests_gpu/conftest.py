@@ -5,12 +5,10 @@ They are kept out of the CPU suite (``tests/``, which CI runs) because they cann
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+import remoe_patches  # noqa: F401  (quiets megatron-core's import-time notices)
 
 
 def pytest_configure(config):

@@ -25,12 +25,8 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-warnings.filterwarnings("ignore", message="full scope is deprecated")
-warnings.filterwarnings("ignore", category=FutureWarning)  # megatron's checkpoint loading
 
 from remoe_patches import analysis  # noqa: E402
 

@@ -18,12 +18,9 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 
 def parse(argv):

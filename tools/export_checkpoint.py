@@ -27,12 +27,15 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, metavar="OUT", help="Export directory.")
     parser.add_argument("--tokenizer-dir", metavar="DIR",
                         help="Directory now holding the checkpoint's tokenizer files.")
+    parser.add_argument("--force", action="store_true",
+                        help="Export into a non-empty directory, overwriting the exported files.")
     args = parser.parse_args(argv)
 
     from remoe_patches.inference import CheckpointError, export_checkpoint
 
     try:
-        out = export_checkpoint(args.load, args.output, tokenizer_dir=args.tokenizer_dir)
+        out = export_checkpoint(args.load, args.output, tokenizer_dir=args.tokenizer_dir,
+                                force=args.force)
     except CheckpointError as error:
         print(f"export_checkpoint.py: error: {error}", file=sys.stderr)
         return 2

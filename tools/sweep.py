@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 
 from remoe_patches import sweep as sweeps  # noqa: E402
 
@@ -45,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        sweep = sweeps.load_sweep(args.sweep, output_dir=args.output_dir)
+        # Listing commands and collecting results need no ${VAR}; writing or starting runs do.
+        listing = args.collect or args.launcher == "print"
+        sweep = sweeps.load_sweep(args.sweep, output_dir=args.output_dir, missing_ok=listing)
         if args.collect:
             print(sweeps.collect(sweep)["markdown"], end="")
             print(f"\nwritten: {sweep.output_dir / 'results.md'}, results.csv, runs.csv")
