@@ -1118,9 +1118,8 @@ def ineffective_flags(
     note("moe_router_pre_softmax", "--moe-router-pre-softmax", f"TopK only; {instead}", when=relu)
     note("moe_aux_loss_coeff", "--moe-aux-loss-coeff", f"TopK only; {instead}", when=relu)
     note("moe_z_loss_coeff", "--moe-z-loss-coeff", f"TopK only; {instead}", when=relu)
-    note("moe_router_load_balancing_type", "--moe-router-load-balancing-type",
-         f"{instead} (load-balanced unless 'none')",
-         when=relu and args.moe_router_load_balancing_type != "none")
+    # --moe-router-load-balancing-type is honoured by ReLU routing too: 'none' turns the L1
+    # regularizer's load balancing off (Eq. 9 instead of Eq. 10), so it gets no note.
     gates = "the ReLU router's gates are ReLU(x W_r), unscaled and unselected"
     for dest in ("moe_router_topk_scaling_factor", "moe_router_score_function",
                  "moe_router_enable_expert_bias", "moe_router_bias_update_rate",

@@ -49,9 +49,7 @@ AUTHORS_182M_REMOE = [
     "--save", "ckpt/182m", "--load", "ckpt/182m", "--tensorboard-dir", "ckpt/182m/tensorboard",
 ]
 
-TOPK_ONLY_FLAGS = [
-    "--moe-router-pre-softmax", "--moe-aux-loss-coeff", "--moe-router-load-balancing-type"
-]
+TOPK_ONLY_FLAGS = ["--moe-router-pre-softmax", "--moe-aux-loss-coeff"]
 
 # A small valid LLaMA-recipe command line for the error tests.
 TINY = [
