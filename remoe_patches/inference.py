@@ -23,6 +23,7 @@ routers record nothing in eval.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -157,6 +158,9 @@ def load_model_for_inference(
     args = checkpoint_args(common["args"])
     tokenizer = tokenizer_from_args(args, tokenizer_dir)
     model_config = model_config_from_args(args, vocab_size=padded_vocab_size(args, tokenizer))
+    # One expert MLP per expert (megatron's SequentialMLP) whatever the run used: dist
+    # checkpointing maps grouped-GEMM weights onto them, and the export names are theirs.
+    model_config = dataclasses.replace(model_config, moe_grouped_gemm=False)
 
     _ensure_single_rank_groups()
     use_cuda = torch.cuda.is_available()

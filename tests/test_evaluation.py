@@ -105,6 +105,7 @@ def _pretrain(argv, nproc=1):
 
 RESAVED = {
     "relu-ep2": ["--expert-model-parallel-size", "2"],
+    "relu-grouped-ep2": ["--expert-model-parallel-size", "2", "--moe-grouped-gemm"],
     "relu-tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                  "--make-vocab-size-divisible-by", "128"],
 }

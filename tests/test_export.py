@@ -123,7 +123,7 @@ def test_reference_model_matches_megatron(single_rank, tmp_path_factory, tmp_pat
         assert int((active.sum(0) > 0).sum()) >= 4  # several experts used across tokens
 
 
-@pytest.mark.parametrize("name", ["relu-ep2", "relu-tp2"])
+@pytest.mark.parametrize("name", ["relu-ep2", "relu-tp2", "relu-grouped-ep2"])
 def test_export_of_a_sharded_checkpoint_equals_the_single_process_one(
         single_rank, tmp_path_factory, tmp_path, name):
     from safetensors.torch import load_file
