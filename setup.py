@@ -32,4 +32,5 @@ setup(
         "matplotlib",  # routing analyses (remoe_patches/analysis.py)
     ],
     extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["remoe-lm-eval = remoe_patches.lm_eval_cli:main"]},
 )

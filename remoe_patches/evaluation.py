@@ -26,11 +26,13 @@ context model) to ``max_length`` tokens, generation then sliding over the last `
 Batches are sorted by length and right-padded (padding cannot reach earlier positions through
 causal attention, and dropless routing treats every token on its own).
 
-**Offline tasks.** ``offline_task_configs(tasks, data_dir)`` gives lm-eval task configs for the
-paper's seven tasks that read local files, ``DIR/<task>/<split>.jsonl`` with one JSON object per
-line in the upstream Hugging Face dataset's own schema. The prompts, targets, choices and
-metrics are the upstream lm-eval 0.4.13 tasks' (copied into
-``remoe_patches/lm_eval_tasks/<task>.yaml``; the tests check they still equal upstream's):
+**Offline tasks.** ``remoe_patches/lm_eval_tasks/`` holds lm-eval task YAMLs for the paper's
+seven tasks that read local files, ``DIR/<task>/<split>.jsonl`` with one JSON object per line in
+the upstream Hugging Face dataset's own schema, through lm-eval's ``custom_dataset``. The
+prompts, targets, choices and metrics are the upstream lm-eval 0.4.13 tasks' (the tests check
+they still equal upstream's). They are ordinary lm-eval tasks: ``--include_path`` that directory
+and pass ``--metadata '{"data_dir": "DIR"}'`` to lm-eval's CLI (``remoe-lm-eval``, which also
+registers the ``remoe`` model), or use ``offline_task_manager(tasks, DIR)`` from Python:
 
 =============== ============================== ================================================
 task            file (evaluated split)         one row
@@ -81,6 +83,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from remoe_patches.lm_eval_tasks.functions import offline_files
+
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 
 # (task, column title, metric reported) in the paper's Table 2 order.
@@ -95,8 +99,6 @@ PAPER_TASKS = (
 )
 DEFAULT_TASKS = tuple(task for task, _, _ in PAPER_TASKS)
 ROUTER_TITLES = {"dense": "Dense", "topk": "MoE", "relu": "ReMoE"}
-OFFLINE_KEY = "remoe_offline"
-FEWSHOT_SPLIT_KEYS = ("training_split", "validation_split", "test_split")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,42 +144,23 @@ def offline_tasks() -> tuple:
     return tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))
 
 
-def offline_task_configs(tasks, data_dir) -> list:
-    """lm-eval task config dicts for ``tasks`` that read ``data_dir/<task>/<split>.jsonl``.
+def offline_task_manager(tasks, data_dir):
+    """An lm-eval TaskManager whose ``tasks`` read ``data_dir`` (and nothing from the hub).
 
-    Raises FileNotFoundError naming the task, the expected path and the row schema when the
-    evaluated split's file is missing, and ValueError for a task without an offline config.
+    Checks first that every task has offline files: FileNotFoundError naming the task, the
+    expected path and the row schema, ValueError for a task without an offline config.
     """
-    available = offline_tasks()
-    configs = []
+    from lm_eval.tasks import TaskManager
+
     for task in tasks:
-        if task not in available:
+        if task not in offline_tasks():
             raise ValueError(
-                f"task {task!r} has no offline config; --data-dir supports {', '.join(available)}"
-                " (leave --data-dir out to load other tasks from the Hugging Face hub)")
-        config = load_task_yaml(TASKS_DIR / f"{task}.yaml")
-        offline = config.pop(OFFLINE_KEY)
-        task_dir = Path(data_dir) / task
-        expected = task_dir / f"{offline['eval_split']}.jsonl"
-        if not expected.is_file():
-            raise FileNotFoundError(
-                f"task {task}: expected {expected} (not found): the {offline['eval_split']} split "
-                f"of {offline['dataset']}, one JSON object per line with the schema "
-                f"{offline['schema']}")
-        data_files = {}
-        for key in FEWSHOT_SPLIT_KEYS:
-            split = config.get(key)
-            if split is None:
-                continue
-            file = task_dir / f"{split}.jsonl"
-            if file.is_file():
-                data_files[split] = str(file)
-            else:  # an optional few-shot split without a file
-                config[key] = None
-        config.update(dataset_path="json", dataset_name=None,
-                      dataset_kwargs={"data_files": data_files})
-        configs.append(config)
-    return configs
+                f"task {task!r} has no offline config; --data-dir supports "
+                f"{', '.join(offline_tasks())} (leave --data-dir out to load other tasks from "
+                "the Hugging Face hub)")
+        offline_files(task, data_dir)
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                       metadata={"data_dir": str(Path(data_dir).resolve())})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +210,10 @@ class RemoeLM(TemplateLM):
         if backend == "megatron" and is_export:
             raise ValueError(f"{self.load} is an exported model: use backend=reference (or auto)")
         self.model_backend = backend
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI asks for cuda by default; its own HF model falls back the same way
+            print(f" note: device {device} is not available here; using the CPU", flush=True)
+            device = "cpu"
         ref_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if is_export:
             self.model, self.tokenizer, config = inference.load_export_for_inference(

@@ -434,7 +434,7 @@ UPSTREAM_YAMLS = {
 def _comparable(config: dict) -> dict:
     out = {}
     for key, value in config.items():
-        if key in ("dataset_path", "dataset_name", "dataset_kwargs", "remoe_offline"):
+        if key in ("dataset_path", "dataset_name", "dataset_kwargs", "custom_dataset"):
             continue
         out[key] = (value.__name__, inspect.getsource(value)) if callable(value) else value
     return out
@@ -452,35 +452,44 @@ def test_offline_task_equals_upstream_prompts_and_metrics(task):
     assert mine["dataset_path"] == "json" and mine["dataset_name"] is None
 
 
-def test_offline_configs_read_the_data_dir(tmp_path):
-    from remoe_patches.evaluation import DEFAULT_TASKS, offline_task_configs
+def test_offline_dataset_reads_the_data_dir(tmp_path):
+    from remoe_patches.evaluation import DEFAULT_TASKS, TASKS_DIR, load_task_yaml
+    from remoe_patches.lm_eval_tasks.functions import offline_dataset
 
-    write_fixtures(tmp_path)
-    (tmp_path / "boolq" / "train.jsonl").write_text((tmp_path / "boolq" /
-                                                     "validation.jsonl").read_text())
-    configs = {c["task"]: c for c in offline_task_configs(DEFAULT_TASKS, tmp_path)}
-    assert configs["boolq"]["dataset_kwargs"]["data_files"] == {
-        "train": str(tmp_path / "boolq" / "train.jsonl"),
-        "validation": str(tmp_path / "boolq" / "validation.jsonl")}
-    assert configs["boolq"]["training_split"] == "train"
-    assert configs["piqa"]["training_split"] is None  # no file: few-shot uses the eval split
-    assert configs["arc_challenge"]["dataset_kwargs"]["data_files"] == {
-        "test": str(tmp_path / "arc_challenge" / "test.jsonl")}
-    assert all("remoe_offline" not in c for c in configs.values())
-    with pytest.raises(ValueError, match="no offline config"):
-        offline_task_configs(["mmlu"], tmp_path)
+    counts = write_fixtures(tmp_path)
+    (tmp_path / "boolq" / "train.jsonl").write_text(
+        (tmp_path / "boolq" / "validation.jsonl").read_text().splitlines()[0] + "\n")
+    boolq = offline_dataset("boolq", data_dir=str(tmp_path), version=2.0)
+    assert (len(boolq["train"]), len(boolq["validation"])) == (1, counts["boolq"])
+    piqa = offline_dataset("piqa", data_dir=str(tmp_path))
+    # no training file: the training split is the evaluated one (lm-eval's own fallback)
+    assert piqa["train"]["goal"] == piqa["validation"]["goal"]
+    # the task YAMLs name their own task for the loader, and nothing lm-eval does not know
+    for task in DEFAULT_TASKS:
+        config = load_task_yaml(TASKS_DIR / f"{task}.yaml")
+        assert config["dataset_kwargs"] == {"remoe_task": task}
+        assert config["custom_dataset"] is offline_dataset or \
+            config["custom_dataset"].__name__ == "offline_dataset"
+    with pytest.raises(ValueError, match="no offline files"):
+        offline_dataset("mmlu", data_dir=str(tmp_path))
 
 
-def test_missing_file_names_task_path_and_schema(tmp_path):
-    from remoe_patches.evaluation import offline_task_configs
+def test_missing_file_or_data_dir_names_what_to_do(tmp_path, monkeypatch):
+    from remoe_patches.evaluation import offline_task_manager
+    from remoe_patches.lm_eval_tasks.functions import offline_dataset
 
     (tmp_path / "hellaswag").mkdir()
     with pytest.raises(FileNotFoundError) as error:
-        offline_task_configs(["piqa", "hellaswag"], tmp_path)
+        offline_task_manager(["piqa", "hellaswag"], tmp_path)
     message = str(error.value)
     assert "task piqa" in message
     assert str(tmp_path / "piqa" / "validation.jsonl") in message
     assert '"goal": str, "sol1": str, "sol2": str, "label": int' in message
+    with pytest.raises(ValueError, match="has no offline config"):
+        offline_task_manager(["mmlu"], tmp_path)
+    monkeypatch.delenv("REMOE_ZERO_SHOT_DIR", raising=False)
+    with pytest.raises(ValueError, match="--metadata .*data_dir.* or set REMOE_ZERO_SHOT_DIR"):
+        offline_dataset("piqa")
 
 
 def _evaluate_tool():
@@ -556,5 +565,43 @@ def test_evaluate_tool_end_to_end(single_rank, relu_checkpoint, tmp_path):
     assert first["config"]["backend"] == "megatron"
     assert json.loads((tmp_path / "out" / "results.2.json").read_text())["config"]["backend"] \
         == "reference"
-    assert first["configs"]["race"]["dataset_kwargs"]["data_files"]["test"] == str(
-        data / "race" / "test.jsonl")
+    assert first["configs"]["race"]["metadata"]["data_dir"] == str(data.resolve())
+
+
+def lm_eval_cli(*argv, env):
+    return subprocess.run([sys.executable, "-m", "remoe_patches.lm_eval_cli", *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_lm_evals_own_cli_runs_the_remoe_model_on_offline_tasks(relu_checkpoint, tmp_path):
+    data = tmp_path / "data"
+    counts = write_fixtures(data)
+    env = clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    common = ["--model", "remoe", "--model_args", f"load={relu_checkpoint}",
+              "--tasks", "piqa,arc_easy", "--batch_size", "4"]
+    # the shortcut, and lm-eval's own flags for the same thing
+    short = lm_eval_cli(*common, "--data_dir", str(data), "--output_path",
+                        str(tmp_path / "short"), env=env)
+    native = lm_eval_cli(*common, "--include_path", str(REPO / "remoe_patches" / "lm_eval_tasks"),
+                         "--metadata", json.dumps({"data_dir": str(data)}), "--output_path",
+                         str(tmp_path / "native"), env=env)
+    results = []
+    for result, name in ((short, "short"), (native, "native")):
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        (path,) = (tmp_path / name).rglob("results_*.json")
+        results.append(json.loads(path.read_text()))
+        assert "|piqa" in result.stdout  # lm-eval's own table
+    for task in ("piqa", "arc_easy"):
+        assert results[0]["n-samples"][task]["effective"] == counts[task]
+        assert results[0]["results"][task] == results[1]["results"][task]
+
+
+def test_evaluate_without_data_dir_and_network_says_so_in_one_line(relu_checkpoint, tmp_path):
+    env = clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "--load",
+                             relu_checkpoint, "--tasks", "piqa"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("evaluate.py")]
+    assert len(errors) == 1 and "there is no network here; pass --data-dir DIR" in errors[0]
+    assert "Traceback" not in result.stderr

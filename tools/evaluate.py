@@ -95,17 +95,17 @@ def main(argv=None) -> int:
     from lm_eval.utils import handle_non_serializable
 
     from remoe_patches.evaluation import ROUTER_TITLES, RemoeLM, markdown_table, \
-        offline_task_configs
+        offline_task_manager
 
+    tasks = list(args.tasks)
     if args.data_dir is not None:
         try:
-            tasks = offline_task_configs(args.tasks, args.data_dir)
+            task_manager = offline_task_manager(tasks, args.data_dir)
         except (FileNotFoundError, ValueError) as error:
             print(f"evaluate.py: error: {error}", file=sys.stderr)
             return 2
-        task_manager = TaskManager(include_defaults=False)
     else:
-        tasks, task_manager = list(args.tasks), TaskManager()
+        task_manager = TaskManager()
 
     rows, paths = [], output_paths(args.output, len(args.load))
     for index, directory in enumerate(args.load):
@@ -116,13 +116,19 @@ def main(argv=None) -> int:
             label = args.label[index]
         else:
             label = f"{ROUTER_TITLES[lm.router]} ({Path(directory).resolve().name})"
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-            batch_size=args.batch_size,
-            log_samples=False, task_manager=task_manager, random_seed=args.seed,
-            numpy_random_seed=args.seed, torch_random_seed=args.seed,
-            fewshot_random_seed=args.seed,
-        )
+        try:
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                batch_size=args.batch_size, log_samples=False, task_manager=task_manager,
+                random_seed=args.seed, numpy_random_seed=args.seed,
+                torch_random_seed=args.seed, fewshot_random_seed=args.seed,
+            )
+        except ConnectionError as error:  # datasets' own, raised when the hub is out of reach
+            print(f"evaluate.py: error: {error}: there is no network here; pass --data-dir DIR "
+                  "with the tasks' files (DIR/<task>/<split>.jsonl, see "
+                  "remoe_patches/lm_eval_tasks/functions.py for each task's file and schema)",
+                  file=sys.stderr)
+            return 2
         results["config"]["label"] = label
         rows.append((label, results))
         if paths[index] is not None:
