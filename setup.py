@@ -16,7 +16,8 @@ setup(
     description="ReMoE (ReLU-routed Mixture-of-Experts) on megatron-core",
     python_requires=">=3.10",
     packages=find_packages(include=["remoe_patches", "remoe_patches.*"]),
-    package_data={"remoe_patches.lm_eval_tasks": ["*.yaml"]},
+    package_data={"remoe_patches.lm_eval_tasks": ["*.yaml"],
+                  "remoe_patches": ["hf_remote_code/*.py"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core==0.16.1",
@@ -31,6 +32,9 @@ setup(
         "safetensors",  # checkpoint export (tools/export_checkpoint.py)
         "matplotlib",  # routing analyses (remoe_patches/analysis.py)
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "hf": ["transformers>=4.56"],  # loading exports with AutoModelForCausalLM
+        "test": ["pytest", "transformers>=4.56"],
+    },
     entry_points={"console_scripts": ["remoe-lm-eval = remoe_patches.lm_eval_cli:main"]},
 )

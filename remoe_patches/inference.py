@@ -18,6 +18,13 @@ routers record nothing in eval.
                             tokenizer, the source checkpoint and the iteration
     OUT/<tokenizer files>   vocab.json + merges.txt (GPT-2 BPE), tokenizer.model (SentencePiece)
                             or tokenizer.json (Hugging Face), as named in config.json
+
+and what transformers needs to load it with ``trust_remote_code=True``: ``config.json`` also
+carries ``model_type``, ``architectures`` and ``auto_map``; ``configuration_remoe.py``,
+``modeling_remoe.py`` (from ``remoe_patches/hf_remote_code/``) and a copy of
+``reference_model.py`` are the model's code; ``generation_config.json``; and for tokenizers of the
+``tokenizers`` library (GPT-2 BPE, tokenizer.json) ``tokenizer.json`` + ``tokenizer_config.json``
+for ``AutoTokenizer`` (a SentencePiece tokenizer is not written in a form AutoTokenizer reads).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from remoe_patches.tokenizer import Tokenizer, build_tokenizer, vocab_size_with_
 
 EXPORT_FORMAT = "remoe-reference-gpt"
 EXPORT_VERSION = 1
+HF_REMOTE_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote_code")
 
 
 class LoadedModel(NamedTuple):
@@ -305,12 +313,49 @@ def export_checkpoint(load_dir: str, output_dir: str, *,
         source_checkpoint=os.path.abspath(model.checkpoint_dir),
         iteration=model.checkpoint_iteration,
     )
+    config.update(_transformers_files(output_dir, tokenizer, config))
     state = reference_state(model)
     _write_atomically(os.path.join(output_dir, WEIGHTS_FILE),
                       lambda path: save_file(state, path, metadata={"format": EXPORT_FORMAT}))
     _write_atomically(os.path.join(output_dir, CONFIG_FILE),
                       lambda path: _write_json(path, config))
     return output_dir
+
+
+def _transformers_files(output_dir: str, tokenizer: Tokenizer, config: dict) -> dict:
+    """Write the model code and tokenizer files transformers loads; config.json's fields for it."""
+    import remoe_patches.reference_model as reference_model
+
+    sources = [os.path.join(HF_REMOTE_CODE, name)
+               for name in ("configuration_remoe.py", "modeling_remoe.py")]
+    for source in sources + [reference_model.__file__]:
+        _write_atomically(os.path.join(output_dir, os.path.basename(source)),
+                          lambda path, source=source: shutil.copyfile(source, path))
+    eod = tokenizer.eod
+    # Ids past the tokenizer's vocabulary (the padding rows of the output layer) are never
+    # generated, as in tools/generate.py; the logits themselves stay those of training.
+    padding_ids = list(range(tokenizer.vocab_size, config["vocab_size"]))
+    _write_atomically(os.path.join(output_dir, "generation_config.json"), lambda path: _write_json(
+        path, {"eos_token_id": eod, "pad_token_id": eod, "use_cache": False,
+               "suppress_tokens": padding_ids}))
+    if tokenizer.hf_tokenizer is not None:
+        if "tokenizer.json" not in config["tokenizer"]["files"].values():  # else copied already
+            _write_atomically(os.path.join(output_dir, "tokenizer.json"),
+                              lambda path: tokenizer.hf_tokenizer.save(path))
+        _write_atomically(os.path.join(output_dir, "tokenizer_config.json"), lambda path: _write_json(
+            path, {"tokenizer_class": "PreTrainedTokenizerFast",
+                   "eos_token": tokenizer.hf_tokenizer.id_to_token(eod),
+                   "model_max_length": config["seq_length"],
+                   "clean_up_tokenization_spaces": False}))
+    return {
+        "model_type": "remoe",
+        "architectures": ["RemoeForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_remoe.RemoeConfig",
+                     "AutoModelForCausalLM": "modeling_remoe.RemoeForCausalLM"},
+        "eos_token_id": eod,
+        "torch_dtype": "float32",
+        "use_cache": False,
+    }
 
 
 def _write_json(path: str, data: dict) -> None:

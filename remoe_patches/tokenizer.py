@@ -42,8 +42,12 @@ class Tokenizer:
         encode: Callable[[str], list],
         decode: Callable[[list], str],
         source: dict,
+        hf_tokenizer=None,
     ) -> None:
         self.kind = kind
+        # The ``tokenizers.Tokenizer`` behind GPT-2 BPE and tokenizer.json kinds (what an export
+        # saves as tokenizer.json for transformers' AutoTokenizer); None for SentencePiece.
+        self.hf_tokenizer = hf_tokenizer
         self.vocab_size = vocab_size
         self.eod = eod
         self._encode = encode
@@ -161,6 +165,7 @@ def _build_gpt2_bpe(vocab_file: Optional[str], merge_file: Optional[str]) -> Tok
         encode=lambda text: hf.encode(text).ids,
         decode=lambda ids: hf.decode(ids, skip_special_tokens=False),
         source={"vocab_file": vocab_file, "merge_file": merge_file},
+        hf_tokenizer=hf,
     )
 
 
@@ -225,4 +230,5 @@ def _build_huggingface(tokenizer_model: Optional[str]) -> Tokenizer:
         encode=lambda text: hf.encode(text).ids,
         decode=lambda ids: hf.decode(ids, skip_special_tokens=False),
         source={"tokenizer_model": path},
+        hf_tokenizer=hf,
     )

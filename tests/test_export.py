@@ -12,6 +12,7 @@ routers pick clearly different experts for different tokens.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,27 @@ def test_exported_files(single_rank, tmp_path_factory, tmp_path):
         env=clean_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "merges.txt", "model.safetensors", "vocab.json"]
+        "config.json", "configuration_remoe.py", "generation_config.json", "merges.txt",
+        "model.safetensors", "modeling_remoe.py", "reference_model.py", "tokenizer.json",
+        "tokenizer_config.json", "vocab.json"]
+    # readable as the umask allows, like any file the user writes (not 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
+    # a second export into the same directory is refused; --force overwrites
+    again = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "export_checkpoint.py"), "--load", load,
+         "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=clean_env())
+    assert again.returncode == 2
+    assert f"{out} is not empty; export into a new directory, or pass --force" in again.stderr
+    (out / "keep.txt").write_text("mine")
+    forced = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "export_checkpoint.py"), "--load", load,
+         "--output", str(out), "--force"], cwd=REPO, capture_output=True, text=True,
+        timeout=600, env=clean_env())
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert (out / "keep.txt").read_text() == "mine"
 
     model, tokenizer, model_config = load_model_for_inference(load)
     weights = load_file(str(out / "model.safetensors"))

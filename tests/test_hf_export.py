@@ -1,0 +1,79 @@
+"""An export loads in transformers (the release installed from the registry): AutoConfig,
+AutoModelForCausalLM and AutoTokenizer with ``trust_remote_code=True``; its logits equal the
+megatron-core model's, its loss is the training loss, and ``generate()`` gives the text
+tools/generate.py gives. transformers runs in a subprocess with its own HF_HOME (it copies the
+remote code into its module cache)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_evaluation import REPO, SEQ, checkpoint, clean_env
+from test_export import RELATIVE_TOLERANCE, tokens_for
+
+TRANSFORMERS_SIDE = """
+import json, sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+export, tokens_file, out = sys.argv[1:4]
+config = AutoConfig.from_pretrained(export, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
+tokens = torch.load(tokens_file)
+with torch.no_grad():
+    logits = model(tokens).logits
+    loss = model(tokens, labels=tokens).loss
+prompt = tokenizer("def main(", return_tensors="pt").input_ids
+generated = model.generate(prompt, max_new_tokens=12, do_sample=False)
+torch.save(dict(logits=logits, loss=loss), out)
+print(json.dumps(dict(config_class=type(config).__name__, model_class=type(model).__name__,
+                      router=config.router, prompt_ids=prompt[0].tolist(),
+                      new_ids=generated[0, prompt.shape[1]:].tolist(),
+                      text=tokenizer.decode(generated[0]))))
+"""
+
+
+@pytest.mark.parametrize("router", ["relu", "topk"])
+def test_transformers_loads_an_export_and_agrees_with_megatron(single_rank, tmp_path_factory,
+                                                               tmp_path, router):
+    from remoe_patches.generation import SamplingConfig, generate
+    from remoe_patches.inference import (export_checkpoint, load_model_for_inference,
+                                         megatron_logits)
+
+    load = checkpoint(tmp_path_factory, router)
+    export = export_checkpoint(load, str(tmp_path / "export"))
+    model, tokenizer, model_config = load_model_for_inference(load)
+    tokens = tokens_for(tokenizer.vocab_size, length=SEQ)
+    torch.save(tokens, tmp_path / "tokens.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", TRANSFORMERS_SIDE, export, str(tmp_path / "tokens.pt"),
+         str(tmp_path / "out.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (seen["config_class"], seen["model_class"], seen["router"]) == (
+        "RemoeConfig", "RemoeForCausalLM", router)
+
+    out = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        expected = megatron_logits(model, tokens)
+    scale = float(expected.abs().max())
+    assert float((out["logits"] - expected).abs().max()) <= RELATIVE_TOLERANCE * scale
+    training_loss = torch.nn.functional.cross_entropy(
+        expected[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    assert float(out["loss"]) == pytest.approx(float(training_loss), rel=1e-5)
+
+    # AutoTokenizer reads the exported files as the training tokenizer does
+    assert seen["prompt_ids"] == tokenizer.tokenize("def main(")
+    ours = generate(lambda t: megatron_logits(model, t), seen["prompt_ids"],
+                    SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
+                    vocab_size=tokenizer.vocab_size, context_length=SEQ)
+    assert seen["new_ids"] == ours
+    assert seen["text"] == "def main(" + tokenizer.detokenize(ours)
+    config = json.loads((Path(export) / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_remoe.RemoeForCausalLM"
