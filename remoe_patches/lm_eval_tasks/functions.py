@@ -24,16 +24,13 @@ DATA_DIR_VARIABLE = "REMOE_ZERO_SHOT_DIR"
 # The upstream task's splits, in the order lm-eval looks for few-shot examples.
 SPLITS = ("train", "validation", "test")
 
+ARC_SCHEMA = ('{"id": str, "question": str, "choices": {"text": [str, ...], "label": [str, ...]}, '
+              '"answerKey": str (one of choices.label)}')
 # task: the upstream dataset, the split lm-eval evaluates, one row of it.
 OFFLINE = {
-    "arc_challenge": dict(
-        dataset="allenai/ai2_arc, ARC-Challenge", eval_split="test",
-        schema='{"id": str, "question": str, "choices": {"text": [str, ...], "label": [str, '
-               '...]}, "answerKey": str (one of choices.label)}'),
-    "arc_easy": dict(
-        dataset="allenai/ai2_arc, ARC-Easy", eval_split="test",
-        schema='{"id": str, "question": str, "choices": {"text": [str, ...], "label": [str, '
-               '...]}, "answerKey": str (one of choices.label)}'),
+    "arc_challenge": dict(dataset="allenai/ai2_arc, ARC-Challenge", eval_split="test",
+                          schema=ARC_SCHEMA),
+    "arc_easy": dict(dataset="allenai/ai2_arc, ARC-Easy", eval_split="test", schema=ARC_SCHEMA),
     "boolq": dict(
         dataset="super_glue, boolq", eval_split="validation",
         schema='{"question": str, "passage": str, "idx": int, "label": int (0 = no, 1 = yes)}'),
