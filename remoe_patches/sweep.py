@@ -674,7 +674,8 @@ def collect(sweep: Sweep) -> dict:
         markdown += [f"{VALUE_TITLES.get(value_key, value_key).capitalize()}:", "",
                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in row_values:
-            label = " ".join(_format_value(v) for v in row) or sweep.name
+            label = " ".join(_row_label_part(k, v) for k, v in zip(rows_keys, row)
+                             if v is not None) or sweep.name
             cells, csv_row = [], {row_title: label}
             for column in column_values:
                 runs = cell.get((row, column))
@@ -709,6 +710,10 @@ def collect(sweep: Sweep) -> dict:
     _write_csv(sweep.output_dir / "results.csv", list(wide.values()))
     _write_csv(sweep.output_dir / "runs.csv", results)
     return dict(markdown=text, results=results, table=list(wide.values()))
+
+
+def _row_label_part(key, value) -> str:
+    return ROUTER_TITLES.get(value, str(value)) if key == "router" else _format_value(value)
 
 
 def _replicates_cell(runs: list, key) -> tuple:

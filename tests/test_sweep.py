@@ -195,11 +195,11 @@ def test_replicates_are_averaged_with_their_spread(tmp_path):
             + json.dumps({"iteration": 600, "val_lm_loss": value}) + "\n")
         (run.directory / "DONE").write_text("")
     collected = sweeps.collect(sweep)
-    assert "| dense | 4.1000 ± 0.1000 (n=3) |" in collected["markdown"]
-    assert "| moe | 5.2500 ± 0.2500 (n=3) |" in collected["markdown"]
+    assert "| Dense | 4.1000 ± 0.1000 (n=3) |" in collected["markdown"]
+    assert "| TopK MoE | 5.2500 ± 0.2500 (n=3) |" in collected["markdown"]
     by_router = {row["router"]: row for row in collected["table"]}
-    assert by_router["moe"]["value val_lm_loss"] == pytest.approx(5.25)
-    assert by_router["moe"]["value val_lm_loss spread"] == pytest.approx(0.25)
+    assert by_router["TopK MoE"]["value val_lm_loss"] == pytest.approx(5.25)
+    assert by_router["TopK MoE"]["value val_lm_loss spread"] == pytest.approx(0.25)
 
 
 def test_listing_and_collecting_need_no_environment_variables(tmp_path):
