@@ -211,6 +211,8 @@ def training_flags(config: BenchmarkConfig, router: str, device: torch.device) -
                   "--moe-router-pre-softmax"]
         if router == "relu":
             flags += ["--moe-relu-routing"]
+        else:  # the dMoE baseline of configs/*_moe.yaml: gates scaled by E/k
+            flags += ["--moe-router-topk-scaling-factor", config.num_experts / config.topk]
         if config.grouped_gemm if config.grouped_gemm is not None else on_gpu:
             flags += ["--moe-grouped-gemm"]
     if config.bf16 if config.bf16 is not None else on_gpu:

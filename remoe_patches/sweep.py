@@ -90,11 +90,13 @@ ROUTERS = ("dense", "moe", "remoe")
 ROUTER_TITLES = {"dense": "Dense", "moe": "TopK MoE", "remoe": "ReMoE"}
 # Flags that say which router a config uses; replaced when ``router`` switches it.
 ROUTER_IDENTITY = ("moe_relu_routing", "moe_router_pre_softmax", "moe_aux_loss_coeff",
-                   "moe_router_load_balancing_type")
+                   "moe_router_load_balancing_type", "moe_router_topk_scaling_factor")
+# TopK is the project's dMoE baseline (configs/*_moe.yaml, README "A fair TopK baseline"): the
+# Switch aux loss, softmax before the top-k, and the chosen gates scaled by E/k.
 ROUTER_SWITCHES = {
     "dense": {},
     "moe": dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01,
-                moe_router_pre_softmax=True),
+                moe_router_pre_softmax=True, moe_router_topk_scaling_factor="E/k"),
     "remoe": dict(moe_relu_routing=True),
 }
 MOE_DEFAULTS = dict(num_experts=8, moe_router_topk=1, moe_token_dispatcher_type="alltoall")
@@ -317,6 +319,13 @@ def resolve_flags(base: dict, values: dict, *, where: str, environ) -> dict:
             for key, value in MOE_DEFAULTS.items():
                 flags.setdefault(key, value)
     flags.update(explicit)
+    if flags.get("moe_router_topk_scaling_factor") is not None and (
+            "moe_router_topk_scaling_factor" not in explicit or
+            flags["moe_router_topk_scaling_factor"] == "E/k"):
+        # A TopK baseline keeps its gates scaled by the run's own E/k when a grid changes E
+        # or k (a config's 8.0 is E/k for its E=8, k=1); the sweep can set the value itself.
+        topk = flags.get("moe_router_topk", MOE_DEFAULTS["moe_router_topk"])
+        flags["moe_router_topk_scaling_factor"] = float(flags["num_experts"]) / topk
     if router == "dense":
         flags = {k: v for k, v in flags.items() if not _is_moe_flag(k)}
     flags = {key: _expand(value, where, environ) for key, value in flags.items()}

@@ -238,3 +238,16 @@ def test_a_bad_grid_value_is_reported_against_the_sweep_file(tmp_path, grid_line
     result = tool(str(path), "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.strip() == "sweep.py: error: " + message.format(path=path)
+
+
+def test_topk_runs_keep_their_gates_scaled_by_their_own_e_over_k(tmp_path):
+    experts = sweeps.load_sweep(REPO / "configs" / "sweeps" / "experts.yaml", output_dir=tmp_path,
+                                environ=dict(DATA_PATH="d", VOCAB_FILE="v", MERGE_FILE="m"))
+    scales = {run.name: run.flags.get("moe_router_topk_scaling_factor") for run in experts.runs}
+    assert scales["moe_e-8"] == 8.0 and scales["moe_e-64"] == 64.0  # the config says 8.0 for E=8
+    assert scales["remoe_e-64"] is None
+    baseline = sweeps.load_sweep(REPO / "configs" / "sweeps" / "topk_baseline.yaml",
+                                 output_dir=tmp_path)
+    scales = {run.name: run.flags.get("moe_router_topk_scaling_factor") for run in baseline.runs}
+    assert scales["moe_scale-none_seed-1234"] is None and scales["moe_scale-8.0_seed-1234"] == 8.0
+    assert "moe_router_topk_scaling_factor" not in baseline.runs[0].flags  # dense
