@@ -38,7 +38,12 @@ def test_bad_model_settings(changes, needles):
 
 
 def test_topk_router_may_drop_tokens_but_relu_may_not():
-    ModelConfig(**TINY, router="topk", moe_expert_capacity_factor=1.0).validate()
+    topk = ModelConfig(**TINY, router="topk", moe_expert_capacity_factor=1.0)
+    assert topk.validate() is topk
+    assert topk.transformer_config(ParallelConfig()).moe_expert_capacity_factor == 1.0
+    one_line_error(
+        lambda: ModelConfig(**TINY, router="relu", moe_expert_capacity_factor=1.0).validate(),
+        "ModelConfig.moe_expert_capacity_factor", "dropless")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 
-from remoe_patches.config import ModelConfig, PRESETS
+from remoe_patches.config import ModelConfig
 from remoe_patches.model import build_model
 from remoe_patches.router import REG_LOSS_NAME, SPARSITY_NAME, ReLURouter, reduce_aux_loss_tracker
 
@@ -54,13 +54,16 @@ def test_parameter_count_matches_the_built_model(single_rank):
         assert sum(p.numel() for p in built.model.parameters()) == cfg.num_parameters()
 
 
-@pytest.mark.parametrize("preset, dense, moe", [("182m", 182e6, 777e6), ("469m", 469e6, 2.58e9),
-                                                ("978m", 978e6, 5.73e9)])
-def test_presets_have_the_papers_sizes(preset, dense, moe):
+# spec §3: layers, width, heads, and the dense / MoE (E=8) parameter counts
+@pytest.mark.parametrize("preset, shape, dense, moe", [
+    ("182m", (12, 768, 12), 182e6, 777e6), ("469m", (24, 1024, 16), 469e6, 2.58e9),
+    ("978m", (24, 1536, 16), 978e6, 5.73e9)])
+def test_presets_have_the_papers_sizes(preset, shape, dense, moe):
     assert ModelConfig.preset(preset, router="dense").num_parameters() == pytest.approx(dense, rel=0.005)
     assert ModelConfig.preset(preset, router="relu").num_parameters() == pytest.approx(moe, rel=0.005)
-    assert ModelConfig.preset(preset).num_query_groups == 4
-    assert set(PRESETS) >= {"182m", "469m", "978m", "tiny"}
+    built = ModelConfig.preset(preset)
+    assert (built.num_layers, built.hidden_size, built.num_attention_heads) == shape
+    assert built.num_query_groups == 4 and built.dense_ffn_hidden_size == 4 * shape[1]
 
 
 def test_llama_recipe(single_rank):

@@ -76,9 +76,19 @@ def test_load_balanced_gradient_is_f_over_t_on_active_gates_only():
 
 
 def test_f_carries_no_gradient():
+    # Counts that could carry a gradient (a soft count, say, or counts reduced by a collective
+    # that keeps the graph): Eq. 11's f is still a constant, and the loss's gradient only the
+    # f-weighted gates'.
     gates = routing.relu_gates(logits_away_from_zero().requires_grad_())
-    f = routing.load_balance_weights(routing.tokens_per_expert(gates), T, K)
+    soft_counts_E = gates.sum(dim=0)
+    assert soft_counts_E.requires_grad
+    f = routing.load_balance_weights(soft_counts_E, T, K)
     assert not f.requires_grad
+    loss = routing.load_balanced_l1_loss(gates, K, tokens_per_expert_E=soft_counts_E,
+                                         num_tokens=T)
+    (grad_gates,) = torch.autograd.grad(loss, gates)
+    expected = (f / T).expand_as(gates)
+    torch.testing.assert_close(grad_gates, expected.to(grad_gates.dtype))
 
 
 def test_global_counts_make_token_shards_add_up():
