@@ -448,34 +448,58 @@ def evaluate(model_chunks, batches, args, step_kwargs) -> float:
 
 @dataclass
 class RoutingHealth:
-    """Which experts are dead (under 1/64 of their layer's tokens over a log window) and which
-    layers collapsed (mean sparsity >= 0.99); it speaks when that changes, and at the end."""
+    """Which experts are dead (under 1/64 of their layer's tokens) and which layers collapsed
+    (mean sparsity >= 0.99), judged per log window; it speaks when that changes, and at the end.
 
+    Near the target sparsity an expert's share of a 20-step window moves around 1/64 by chance,
+    so a state counts as changed only after ``persist`` windows in a row say so: a dead expert
+    is reported once it has been starved that long, and back once it has been fed that long.
+    """
+
+    persist: int = 5
     dead: set = field(default_factory=set)  # (layer, expert), layers numbered from 1
     collapsed: set = field(default_factory=set)  # layers
     ever_dead: set = field(default_factory=set)
     ever_collapsed: set = field(default_factory=set)
+    _streaks: dict = field(default_factory=dict)  # item -> windows in a row against its state
 
     def update(self, iteration: int, dead: set, collapsed: set, steps: int) -> list:
-        window = f"over the last {steps} steps"
+        span = f"in {self.persist} windows of {steps} steps in a row"
         lines = []
-        if dead - self.dead:
-            lines.append(f" WARNING: experts dead from iteration {iteration} (under 1/64 of their "
-                         f"layer's tokens {window}): {_by_layer(dead - self.dead)}")
-        if self.dead - dead:
+        started, ended = self._changes(self.dead, dead, kind="expert")
+        if started:
+            lines.append(f" WARNING: experts dead at iteration {iteration} (under 1/64 of their "
+                         f"layer's tokens {span}): {_by_layer(started)}")
+        if ended:
             lines.append(f" note: experts active again at iteration {iteration}: "
-                         f"{_by_layer(self.dead - dead)}")
-        if collapsed - self.collapsed:
-            lines.append(f" WARNING: layers collapsed from iteration {iteration} (mean sparsity "
-                         f">= {COLLAPSE_SPARSITY} {window}): "
-                         + ", ".join(map(str, sorted(collapsed - self.collapsed))))
-        if self.collapsed - collapsed:
+                         f"{_by_layer(ended)}")
+        started, ended = self._changes(self.collapsed, collapsed, kind="layer")
+        if started:
+            lines.append(f" WARNING: layers collapsed at iteration {iteration} (mean sparsity "
+                         f">= {COLLAPSE_SPARSITY} {span}): " + ", ".join(map(str, sorted(started))))
+        if ended:
             lines.append(f" note: layers routing again at iteration {iteration}: "
-                         + ", ".join(map(str, sorted(self.collapsed - collapsed))))
-        self.dead, self.collapsed = set(dead), set(collapsed)
-        self.ever_dead |= dead
-        self.ever_collapsed |= collapsed
+                         + ", ".join(map(str, sorted(ended))))
+        self.ever_dead |= self.dead
+        self.ever_collapsed |= self.collapsed
         return lines
+
+    def _changes(self, state: set, now: set, kind: str) -> tuple[set, set]:
+        """Update ``state`` in place from this window's ``now``; the items that entered, left."""
+        entered, left = set(), set()
+        counting = {item for k, item in self._streaks if k == kind}
+        for item in state | now | counting:
+            key = (kind, item)
+            if (item in now) == (item in state):
+                self._streaks.pop(key, None)
+                continue
+            self._streaks[key] = self._streaks.get(key, 0) + 1
+            if self._streaks[key] >= self.persist:
+                del self._streaks[key]
+                (entered if item in now else left).add(item)
+        state |= entered
+        state -= left
+        return entered, left
 
     def summary(self) -> Optional[str]:
         """The end state, if anything was ever wrong."""

@@ -52,29 +52,30 @@ def test_window_averages_and_per_layer_routing_state():
     assert record["dead_experts_per_layer"] == [[], [2, 3]]
 
 
-def test_warnings_only_when_the_routing_state_changes_and_a_summary_at_the_end():
-    health = RoutingHealth()
+def test_warnings_only_when_a_state_persists_and_a_summary_at_the_end():
+    health = RoutingHealth(persist=2)
     log = CapturedLog()
     sick = [step_record([0.70, 0.999], [HEALTHY, STARVED])]
     well = [step_record([0.70, 0.80], [HEALTHY, HEALTHY])]
-    for iteration, window in [(2, sick), (4, sick), (6, sick), (8, well), (10, sick)]:
-        log_window(log, window, ARGS, RunState(iteration=iteration), MODEL, 1, health)
+    windows = [sick, well,  # one starved window alone: chance, no warning
+               sick, sick, sick,  # starved twice in a row: warned once
+               well, sick,  # one fed window: still dead
+               well, well]  # fed twice in a row: back
+    for index, window in enumerate(windows, start=1):
+        log_window(log, window, ARGS, RunState(iteration=2 * index), MODEL, 1, health)
     assert log.lines == [
-        " WARNING: experts dead from iteration 2 (under 1/64 of their layer's tokens over the "
-        "last 1 steps): layer 2: expert 2, 3",
-        " WARNING: layers collapsed from iteration 2 (mean sparsity >= 0.99 over the last 1 "
-        "steps): 2",
-        " note: experts active again at iteration 8: layer 2: expert 2, 3",
-        " note: layers routing again at iteration 8: 2",
-        " WARNING: experts dead from iteration 10 (under 1/64 of their layer's tokens over the "
-        "last 1 steps): layer 2: expert 2, 3",
-        " WARNING: layers collapsed from iteration 10 (mean sparsity >= 0.99 over the last 1 "
-        "steps): 2",
+        " WARNING: experts dead at iteration 8 (under 1/64 of their layer's tokens in 2 windows "
+        "of 1 steps in a row): layer 2: expert 2, 3",
+        " WARNING: layers collapsed at iteration 8 (mean sparsity >= 0.99 in 2 windows of 1 "
+        "steps in a row): 2",
+        " note: experts active again at iteration 18: layer 2: expert 2, 3",
+        " note: layers routing again at iteration 18: 2",
     ]
-    assert [r["dead_experts"] for r in log.records] == [2, 2, 2, 0, 2]  # every window, in jsonl
+    # every window's own state is in metrics.jsonl
+    assert [r["dead_experts"] for r in log.records] == [2, 0, 2, 2, 2, 0, 2, 0, 0]
     assert health.summary() == (
-        " routing health: 2 dead experts at the end (layer 2: expert 2, 3); 2 dead at some "
-        "point; collapsed layers: [2] at the end, [2] at some point (per window: metrics.jsonl)")
+        " routing health: 0 dead experts at the end; 2 dead at some point; collapsed layers: "
+        "none at the end, [2] at some point (per window: metrics.jsonl)")
 
 
 def test_no_warning_for_a_healthy_window():
