@@ -46,8 +46,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-DEAD_EXPERT_SHARE = 1.0 / 64
-COLLAPSE_SPARSITY = 0.99
+from remoe_patches.routing_health import COLLAPSE_SPARSITY, DEAD_EXPERT_SHARE
+
 SETTLE_TOLERANCE = 0.02
 DPI = 110
 CALIBRATION_SEED = 1234

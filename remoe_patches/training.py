@@ -48,13 +48,10 @@ from remoe_patches.metrics_log import MetricsLog
 from remoe_patches.model import HAVE_TE, build_model, build_regularizer
 from remoe_patches.parallel import initialize_parallel
 from remoe_patches.regularizer import AdaptiveL1
+from remoe_patches.routing_health import RoutingHealth, collapsed_layers, dead_experts
 from remoe_patches.router import REG_LOSS_NAME, reduce_aux_loss_tracker
 from remoe_patches.tokenizer import build_tokenizer, vocab_size_with_padding
 from remoe_patches.training_step import forward_backward, sync_params, wrap_with_ddp
-
-COLLAPSE_SPARSITY = 0.99
-DEAD_EXPERT_SHARE = 1.0 / 64
-
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (too many non-finite steps in a row)."""
@@ -446,81 +443,6 @@ def evaluate(model_chunks, batches, args, step_kwargs) -> float:
     return float(loss)
 
 
-@dataclass
-class RoutingHealth:
-    """Which experts are dead (under 1/64 of their layer's tokens) and which layers collapsed
-    (mean sparsity >= 0.99), judged per log window; it speaks when that changes, and at the end.
-
-    Near the target sparsity an expert's share of a 20-step window moves around 1/64 by chance,
-    so a state counts as changed only after ``persist`` windows in a row say so: a dead expert
-    is reported once it has been starved that long, and back once it has been fed that long.
-    """
-
-    persist: int = 5
-    dead: set = field(default_factory=set)  # (layer, expert), layers numbered from 1
-    collapsed: set = field(default_factory=set)  # layers
-    ever_dead: set = field(default_factory=set)
-    ever_collapsed: set = field(default_factory=set)
-    _streaks: dict = field(default_factory=dict)  # item -> windows in a row against its state
-
-    def update(self, iteration: int, dead: set, collapsed: set, steps: int) -> list:
-        span = f"in {self.persist} windows of {steps} steps in a row"
-        lines = []
-        started, ended = self._changes(self.dead, dead, kind="expert")
-        if started:
-            lines.append(f" WARNING: experts dead at iteration {iteration} (under 1/64 of their "
-                         f"layer's tokens {span}): {_by_layer(started)}")
-        if ended:
-            lines.append(f" note: experts active again at iteration {iteration}: "
-                         f"{_by_layer(ended)}")
-        started, ended = self._changes(self.collapsed, collapsed, kind="layer")
-        if started:
-            lines.append(f" WARNING: layers collapsed at iteration {iteration} (mean sparsity "
-                         f">= {COLLAPSE_SPARSITY} {span}): " + ", ".join(map(str, sorted(started))))
-        if ended:
-            lines.append(f" note: layers routing again at iteration {iteration}: "
-                         + ", ".join(map(str, sorted(ended))))
-        self.ever_dead |= self.dead
-        self.ever_collapsed |= self.collapsed
-        return lines
-
-    def _changes(self, state: set, now: set, kind: str) -> tuple[set, set]:
-        """Update ``state`` in place from this window's ``now``; the items that entered, left."""
-        entered, left = set(), set()
-        counting = {item for k, item in self._streaks if k == kind}
-        for item in state | now | counting:
-            key = (kind, item)
-            if (item in now) == (item in state):
-                self._streaks.pop(key, None)
-                continue
-            self._streaks[key] = self._streaks.get(key, 0) + 1
-            if self._streaks[key] >= self.persist:
-                del self._streaks[key]
-                (entered if item in now else left).add(item)
-        state |= entered
-        state -= left
-        return entered, left
-
-    def summary(self) -> Optional[str]:
-        """The end state, if anything was ever wrong."""
-        if not self.ever_dead and not self.ever_collapsed:
-            return None
-        parts = [f"{len(self.dead)} dead experts at the end"
-                 + (f" ({_by_layer(self.dead)})" if self.dead else ""),
-                 f"{len(self.ever_dead)} dead at some point"]
-        if self.ever_collapsed:
-            parts.append(f"collapsed layers: {sorted(self.collapsed) or 'none'} at the end, "
-                         f"{sorted(self.ever_collapsed)} at some point")
-        return " routing health: " + "; ".join(parts) + " (per window: metrics.jsonl)"
-
-
-def _by_layer(pairs: set) -> str:
-    layers = sorted({layer for layer, _ in pairs})
-    return "; ".join(f"layer {layer}: expert "
-                     + ", ".join(str(e) for l, e in sorted(pairs) if l == layer)
-                     for layer in layers)
-
-
 def log_window(log, window, args, state, model_config, world_size, health=None) -> None:
     """Average the window's step records into one; report changes of the routing's health."""
     records = [r for r in window if not r["skipped"]] or window
@@ -551,11 +473,8 @@ def log_window(log, window, args, state, model_config, world_size, health=None) 
             sparsity_per_layer=[float(v) for v in sparsity_L[moe_layers]],
         )
         active = (1.0 - out["sparsity"]) * model_config.total_experts
-        collapsed = {layer + 1 for layer in torch.nonzero(moe_layers).flatten().tolist()
-                     if sparsity_L[layer] >= COLLAPSE_SPARSITY}
-        load_LE = torch.stack([r["expert_load"] for r in records]).nanmean(0)
-        dead = {(layer + 1, expert)
-                for layer, expert in torch.nonzero(load_LE < DEAD_EXPERT_SHARE).tolist()}
+        collapsed = collapsed_layers(sparsity_L)
+        dead = dead_experts(torch.stack([r["expert_load"] for r in records]).nanmean(0))
         # Every window's state goes to metrics.jsonl; the console hears only of changes.
         out["dead_experts"] = len(dead)
         out["dead_experts_per_layer"] = [sorted(e for l, e in dead if l == layer + 1)

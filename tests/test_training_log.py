@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import torch
 
 from remoe_patches.config import ModelConfig
-from remoe_patches.training import RoutingHealth, RunState, log_window
+from remoe_patches.routing_health import RoutingHealth
+from remoe_patches.training import RunState, log_window
 
 
 class CapturedLog:
