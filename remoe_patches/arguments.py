@@ -20,10 +20,8 @@ Design:
   ``ineffective_flags`` as having no effect on this machine, for the driver to list once at
   start-up. ``args.given`` holds the destinations set explicitly (command line or YAML), which
   is what "a flag given" means there.
-- ``model_config_from_args`` and ``parallel_config_from_args`` map the flags onto
-  ``remoe_patches.config``; ``transformer_overrides_from_args`` gives the TransformerConfig
-  settings that ModelConfig does not hold (recomputation, fusions, TopK-only router options),
-  to be passed as ``ModelConfig.transformer_config(parallel, **overrides)``.
+- ``parse_command_line`` maps the flags, once, onto a ``run_config.RunConfig`` (the typed run
+  configuration everything after start-up takes); ``parse_args`` is the flags alone.
 
 Where we differ from Megatron-LM on purpose:
 
@@ -51,11 +49,19 @@ import difflib
 import re
 import sys
 import warnings
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import yaml
 
 from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
+from remoe_patches.run_config import (
+    CheckpointConfig,
+    DataConfig,
+    LayerOptions,
+    LoggingConfig,
+    RunConfig,
+    TrainingConfig,
+)
 from remoe_patches.tokenizer import TOKENIZER_TYPES
 
 # Flags that Megatron-LM treats as alternatives; a command-line one drops the YAML's other one.
@@ -561,10 +567,19 @@ def _add_distributed_arguments(parser):
 # Parsing
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse ``argv`` (default ``sys.argv[1:]``) over ``--config`` YAML defaults, then validate.
+class CommandLine(NamedTuple):
+    """A parsed command line: the run it describes, and the flags as given (for the notes on
+    flags without effect, ``ineffective_flags``)."""
 
-    Every error exits with code 2 and one line on stderr. The result also carries ``given``
+    config: RunConfig
+    args: argparse.Namespace
+
+
+def parse_command_line(argv: Optional[Sequence[str]] = None) -> CommandLine:
+    """Parse ``argv`` (default ``sys.argv[1:]``) over ``--config`` YAML defaults, validate, and
+    build the ``RunConfig`` (once).
+
+    Every error exits with code 2 and one line on stderr. ``args`` also carries ``given``
     (destinations set explicitly), ``recompute_modules`` and the Megatron-LM derived defaults
     (FFN width, max positions, split, tokenizer type).
     """
@@ -586,7 +601,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = _parse_strictly(parser, argv)
     args.given = frozenset(yaml_given | cli_given)
     _complete_and_validate(args, parser)
-    return args
+    try:
+        config = run_config_from_args(args)
+    except ConfigError as error:
+        parser.error(str(error))
+    return CommandLine(config, args)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The flags of ``parse_command_line`` alone (Megatron-LM's ``parse_args``)."""
+    return parse_command_line(argv).args
+
+
+def parse_run_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
+    """The ``RunConfig`` of ``parse_command_line`` alone."""
+    return parse_command_line(argv).config
 
 
 def _config_path(argv) -> Optional[str]:
@@ -708,11 +737,8 @@ def _complete_and_validate(args, parser) -> None:
         args.sequence_parallel = False
     if args.num_experts and args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
         parser.error("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
-    try:
-        model_config_from_args(args)
-        parallel_config_from_args(args)
-    except ConfigError as error:
-        parser.error(str(error))
+    if args.train_samples is not None and args.global_batch_size is None:
+        parser.error("--train-samples needs --global-batch-size (steps are counted from it)")
 
 
 def _validate_moe(args, parser) -> None:
@@ -950,7 +976,8 @@ def router_dtype(args) -> Optional[str]:
 
 
 def parallel_config_from_args(args) -> ParallelConfig:
-    """The ParallelConfig the flags describe; ConfigError, naming the flag, if unsupported."""
+    """The ParallelConfig the flags describe; ConfigError, naming the flag, if unsupported
+    (``run_config_from_args`` checks it against the model)."""
     tp = args.tensor_model_parallel_size
     unsupported = [
         (args.context_parallel_size != 1,
@@ -969,10 +996,7 @@ def parallel_config_from_args(args) -> ParallelConfig:
         expert_model_parallel_size=args.expert_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
     )
-    try:
-        return parallel.validate_for(model_config_from_args(args))
-    except ConfigError as error:
-        raise ConfigError(_in_flag_terms(error)) from None
+    return parallel
 
 
 def _in_flag_terms(error: ConfigError) -> str:
@@ -983,39 +1007,12 @@ def _in_flag_terms(error: ConfigError) -> str:
     return str(error)
 
 
-def transformer_overrides_from_args(
-    args, *, cuda_available: bool, transformer_engine_available: bool
-) -> dict:
-    """TransformerConfig settings the flags make that ModelConfig does not hold.
-
-    Pass them as ``ModelConfig.transformer_config(parallel, **overrides)``: recomputation,
-    the norm epsilon, kv channels, the fusions (on only where their kernels exist, as
-    ``ineffective_flags`` reports) and the TopK-only router options.
-    """
-    te_on_gpu = cuda_available and transformer_engine_available
-    overrides = dict(
-        layernorm_epsilon=args.norm_epsilon,
-        masked_softmax_fusion=args.masked_softmax_fusion and cuda_available,
-        bias_activation_fusion=args.bias_swiglu_fusion and cuda_available,
-        bias_dropout_fusion=args.bias_dropout_fusion and cuda_available,
-        gradient_accumulation_fusion=args.gradient_accumulation_fusion and te_on_gpu,
-    )
-    if args.kv_channels is not None:
-        overrides["kv_channels"] = args.kv_channels
-    if args.recompute_granularity == "full":
-        overrides.update(
-            recompute_granularity="full",
-            recompute_method=args.recompute_method,
-            recompute_num_layers=args.recompute_num_layers,
-        )
-    elif args.recompute_granularity == "selective":
-        overrides.update(
-            recompute_granularity="selective", recompute_modules=list(args.recompute_modules)
-        )
-    if args.num_experts is not None:
-        overrides.update(moe_permute_fusion=args.moe_permute_fusion and te_on_gpu)
+def layer_options_from_args(args) -> LayerOptions:
+    """The TransformerConfig options the flags set that ModelConfig does not hold: recomputation,
+    the norm epsilon, kv channels, the fusions and the TopK-only router options."""
+    topk_router = {}
     if args.num_experts is not None and not args.moe_relu_routing:
-        overrides.update(
+        topk_router = dict(
             moe_router_pre_softmax=args.moe_router_pre_softmax,
             moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
             moe_router_score_function=args.moe_router_score_function,
@@ -1026,7 +1023,98 @@ def transformer_overrides_from_args(
             moe_z_loss_coeff=args.moe_z_loss_coeff,
             moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
         )
-    return overrides
+    return LayerOptions(
+        norm_epsilon=args.norm_epsilon,
+        kv_channels=args.kv_channels,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=tuple(args.recompute_modules),
+        masked_softmax_fusion=args.masked_softmax_fusion,
+        bias_swiglu_fusion=args.bias_swiglu_fusion,
+        bias_dropout_fusion=args.bias_dropout_fusion,
+        gradient_accumulation_fusion=args.gradient_accumulation_fusion,
+        moe_permute_fusion=bool(args.num_experts is not None and args.moe_permute_fusion),
+        transformer_impl=args.transformer_impl,
+        topk_router=topk_router,
+    )
+
+
+def run_config_from_args(args) -> RunConfig:
+    """The whole run the (completed, validated) flags describe; ConfigError names the flag."""
+    def tuple_or_none(value):
+        return None if value is None else tuple(value)
+
+    train_iters = args.train_iters
+    if train_iters is None:  # --train-samples
+        train_iters = -(-args.train_samples // args.global_batch_size)
+    model = model_config_from_args(args)
+    parallel = parallel_config_from_args(args)
+    try:
+        parallel.validate_for(model)
+    except ConfigError as error:
+        raise ConfigError(_in_flag_terms(error)) from None
+    return RunConfig(
+        model=model,
+        parallel=parallel,
+        layers=layer_options_from_args(args),
+        training=TrainingConfig(
+            micro_batch_size=args.micro_batch_size,
+            global_batch_size=args.global_batch_size,
+            train_iters=train_iters,
+            lr=args.lr,
+            min_lr=args.min_lr,
+            lr_decay_style=args.lr_decay_style,
+            lr_decay_iters=args.lr_decay_iters,
+            lr_warmup_iters=args.lr_warmup_iters,
+            lr_warmup_fraction=args.lr_warmup_fraction,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            seed=args.seed,
+            bf16=bool(args.bf16),
+            use_distributed_optimizer=bool(args.use_distributed_optimizer),
+            overlap_grad_reduce=bool(args.overlap_grad_reduce),
+            overlap_param_gather=bool(args.overlap_param_gather),
+            max_skipped_steps=args.max_skipped_steps,
+            exit_interval=args.exit_interval,
+            exit_duration_in_mins=args.exit_duration_in_mins,
+            exit_signal_handler=bool(args.exit_signal_handler),
+            distributed_timeout_minutes=args.distributed_timeout_minutes,
+        ),
+        data=DataConfig(
+            data_path=tuple_or_none(args.data_path),
+            split=args.split,
+            train_data_path=tuple_or_none(args.train_data_path),
+            valid_data_path=tuple_or_none(args.valid_data_path),
+            test_data_path=tuple_or_none(args.test_data_path),
+            mock_data=bool(args.mock_data),
+            data_cache_path=args.data_cache_path,
+            demo_corpus=bool(args.demo_corpus),
+            tokenizer_type=args.tokenizer_type,
+            vocab_file=args.vocab_file,
+            merge_file=args.merge_file,
+            tokenizer_model=args.tokenizer_model,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        ),
+        checkpoint=CheckpointConfig(
+            save=args.save,
+            load=args.load,
+            save_interval=args.save_interval,
+            finetune=bool(args.finetune),
+            no_load_optim=bool(args.no_load_optim),
+            no_load_rng=bool(args.no_load_rng),
+            no_save_optim=bool(args.no_save_optim),
+        ),
+        logging=LoggingConfig(
+            log_interval=args.log_interval,
+            tensorboard_dir=args.tensorboard_dir,
+            eval_interval=args.eval_interval,
+            eval_iters=args.eval_iters,
+        ),
+    ).validate()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from remoe_patches.megatron_fixes import restore_adam_steps
+from remoe_patches.run_config import RunConfig
 from remoe_patches.training_step import sync_params
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -82,6 +83,45 @@ def saved_iterations(root: Optional[str]) -> list[int]:
 def has_checkpoint(root: Optional[str]) -> bool:
     """Whether ``root`` holds anything to resume from (a ``latest`` pointer or a checkpoint)."""
     return latest_iteration(root) is not None or bool(saved_iterations(root))
+
+
+def resolve_checkpoint_dir(load_dir: str) -> str:
+    """``<save>`` (follows ``latest_checkpointed_iteration.txt``) or ``<save>/iter_XXXXXXX``."""
+    load_dir = os.fspath(load_dir)
+    if os.path.isfile(os.path.join(load_dir, "metadata.json")):
+        return load_dir
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"checkpoint directory {load_dir} does not exist")
+    iteration = latest_iteration(load_dir)
+    if iteration is None:
+        raise CheckpointError(
+            f"{load_dir} holds no checkpoint: expected {LATEST_FILE} (a pretrain_gpt.py --save "
+            "directory) or a megatron distributed checkpoint (iter_XXXXXXX with metadata.json)"
+        )
+    directory = checkpoint_dir(load_dir, iteration)
+    if not os.path.isdir(directory):
+        raise CheckpointError(
+            f"{os.path.join(load_dir, LATEST_FILE)} names iteration {iteration}, but {directory} "
+            "is missing"
+        )
+    return directory
+
+
+def read_checkpoint_state(directory: str) -> dict:
+    """The checkpoint's common (non-sharded) state: ``run_config``, ``iteration``, ..."""
+    common = dist_checkpointing.load_common_state_dict(directory)
+    if not common.get("run_config"):
+        raise CheckpointError(
+            f"{directory} has no saved run configuration ('run_config' in its common state): it "
+            "was not written by this version of pretrain_gpt.py"
+        )
+    return common
+
+
+def read_run_config(load_dir: str) -> RunConfig:
+    """The ``RunConfig`` a checkpoint was trained with (``load_dir`` as in
+    ``resolve_checkpoint_dir``)."""
+    return RunConfig.from_dict(read_checkpoint_state(resolve_checkpoint_dir(load_dir))["run_config"])
 
 
 def checkpoint_problem(directory: str) -> Optional[str]:
@@ -209,9 +249,14 @@ def save_checkpoint(
     *,
     consumed_samples: int,
     regularizer=None,
-    args: Optional[dict] = None,
+    run_config: Optional[dict] = None,
+    data_parallel_size: Optional[int] = None,
 ) -> str:
-    """Write checkpoint ``iteration`` under ``root`` atomically; return its directory."""
+    """Write checkpoint ``iteration`` under ``root`` atomically; return its directory.
+
+    ``run_config`` is ``RunConfig.to_dict()`` (plain data); with ``data_parallel_size`` it tells
+    a later load the layout the checkpoint was written with.
+    """
     final = checkpoint_dir(root, iteration)
     partial = final + ".partial"
     if dist.get_rank() == 0:
@@ -231,7 +276,9 @@ def save_checkpoint(
         consumed_samples=consumed_samples,
         scheduler=scheduler.state_dict() if scheduler is not None else None,
         regularizer=regularizer.state_dict() if regularizer is not None else None,
-        args=args,
+        run_config=run_config,
+        data_parallel_size=data_parallel_size,
+        optimizer_saved=optimizer is not None,
     )
     dist_checkpointing.save(state, partial, content_metadata=metadata)
     dist.barrier()
@@ -266,7 +313,7 @@ def load_checkpoint(
     ``load_training_state=False`` restores the weights but not the LR schedule nor the ReMoE
     coefficient (a new run from these weights).
 
-    Returns ``{"iteration", "consumed_samples", "args", "rng_restored", "directory",
+    Returns ``{"iteration", "consumed_samples", "run_config", "rng_restored", "directory",
     "skipped"}`` (``skipped``: the newer checkpoints that were damaged, with the reason), or None
     when ``root`` holds no checkpoint (a fresh run). RNG states are restored only under the same
     parallel layout they were saved with. Raises CheckpointError when no checkpoint is whole.
@@ -294,14 +341,15 @@ def load_checkpoint(
 def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_optimizer,
           load_rng, load_training_state) -> dict:
     common = dist_checkpointing.load_common_state_dict(directory)
-    saved_args = common.get("args") or {}
-    same_layout = _same_layout(saved_args)
-    rng_wanted = load_rng and same_layout
+    run_config = common.get("run_config") or {}
+    saved_parallel = run_config.get("parallel") or {}
+    rng_wanted = load_rng and _same_layout(saved_parallel, common.get("data_parallel_size"))
     # Checkpoints written before content metadata existed used megatron's defaults ({}).
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
-    load_optimizer = load_optimizer and optimizer is not None and not saved_args.get("no_save_optim")
+    load_optimizer = load_optimizer and optimizer is not None and common.get("optimizer_saved")
     if load_optimizer:
-        _check_optimizer_layout(directory, metadata, content_metadata(model_chunks), saved_args)
+        _check_optimizer_layout(directory, metadata, content_metadata(model_chunks),
+                                saved_parallel)
     template = _sharded_state(
         model_chunks, optimizer if load_optimizer else None, is_loading=True, rng=None,
         metadata=metadata,
@@ -333,12 +381,13 @@ def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_op
     return dict(
         iteration=state["iteration"],
         consumed_samples=state["consumed_samples"],
-        args=saved_args,
+        run_config=run_config,
         rng_restored=rng_wanted,
     )
 
 
-def _check_optimizer_layout(directory: str, saved: dict, current: dict, saved_args: dict) -> None:
+def _check_optimizer_layout(directory: str, saved: dict, current: dict,
+                            saved_parallel: dict) -> None:
     """One clear error when the saved optimizer state cannot load into this run's optimizer."""
     saved_type = saved.get("distrib_optim_sharding_type")
     current_type = current.get("distrib_optim_sharding_type")
@@ -352,7 +401,7 @@ def _check_optimizer_layout(directory: str, saved: dict, current: dict, saved_ar
         layout = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "expert_model_parallel_size")
         now = _model_parallel_sizes()
-        before = tuple(saved_args.get(name, 1) for name in layout)
+        before = tuple(saved_parallel.get(name, 1) for name in layout)
         if before != now:
             raise ValueError(
                 f"{directory} holds distributed-optimizer state for TP/PP/EP {before}, this run is "
@@ -369,11 +418,11 @@ def _model_parallel_sizes() -> tuple[int, int, int]:
     )
 
 
-def _same_layout(saved_args: dict) -> bool:
+def _same_layout(saved_parallel: dict, data_parallel_size: Optional[int]) -> bool:
     sizes, _ = _layout()
     saved = (
-        saved_args.get("pipeline_model_parallel_size"),
-        saved_args.get("tensor_model_parallel_size"),
-        saved_args.get("data_parallel_size"),
+        saved_parallel.get("pipeline_model_parallel_size"),
+        saved_parallel.get("tensor_model_parallel_size"),
+        data_parallel_size,
     )
     return saved == sizes

@@ -4,7 +4,7 @@
 
 - a checkpoint written by ``pretrain_gpt.py`` (``load=<save dir>`` or one ``iter_XXXXXXX``),
   whatever TP/EP/PP/DP layout it was saved with: the model is rebuilt on one process and
-  megatron-core's distributed checkpointing reshards it (``remoe_patches.inference``); or
+  megatron-core's distributed checkpointing reshards it (``remoe_patches.trained_model``); or
 - a directory written by ``tools/export_checkpoint.py`` (``config.json`` + ``model.safetensors``),
   run by the plain-PyTorch ``remoe_patches.reference_model``.
 
@@ -194,7 +194,7 @@ class RemoeLM(TemplateLM):
                  device: Optional[str] = None, tokenizer_dir: Optional[str] = None,
                  max_batch_size=None):
         super().__init__()
-        from remoe_patches import inference
+        from remoe_patches import hf_export, trained_model
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError("RemoeLM runs on one process; launch it without torchrun")
@@ -202,7 +202,7 @@ class RemoeLM(TemplateLM):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.load = os.fspath(load)
-        is_export = inference.is_export_dir(self.load)
+        is_export = hf_export.is_export_dir(self.load)
         if backend == "auto":
             backend = "reference" if is_export else "megatron"
         if backend not in ("megatron", "reference"):
@@ -216,17 +216,17 @@ class RemoeLM(TemplateLM):
             device = "cpu"
         ref_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if is_export:
-            self.model, self.tokenizer, config = inference.load_export_for_inference(
+            self.model, self.tokenizer, config = hf_export.load_export_for_inference(
                 self.load, device=ref_device)
             self.router, self.seq_length = config["router"], config["seq_length"]
             self.iteration = config.get("iteration")
         else:
-            model, self.tokenizer, model_config = inference.load_model_for_inference(
+            model, self.tokenizer, model_config = trained_model.load_model_for_inference(
                 self.load, tokenizer_dir=tokenizer_dir)
             self.router, self.seq_length = model_config.router, model_config.seq_length
             self.iteration = model.checkpoint_iteration
             if backend == "reference":
-                model = inference.reference_from_megatron(
+                model = hf_export.reference_from_megatron(
                     model, model_config, self.tokenizer, device=ref_device)
             self.model = model
         self._device = next(self.model.parameters()).device
@@ -275,7 +275,7 @@ class RemoeLM(TemplateLM):
     @torch.no_grad()
     def logits(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         """float32 logits [B, S, padded vocab] for tokens at positions 0..S-1."""
-        from remoe_patches.inference import megatron_logits
+        from remoe_patches.trained_model import megatron_logits
 
         if self.model_backend == "megatron":
             return megatron_logits(self.model, tokens_BS)

@@ -3,7 +3,7 @@
 Shape suffixes: S = positions, V = vocabulary.
 
 ``generate(logits_fn, prompt_ids, ...)`` works with any function from token ids ``[1, S]`` to
-logits ``[1, S, V]``: a megatron checkpoint (``inference.megatron_logits``) or an export
+logits ``[1, S, V]``: a megatron checkpoint (``trained_model.megatron_logits``) or an export
 (``reference_model.GPT``). Each new token recomputes the whole context (no key/value cache: the
 models here are small, and both model kinds then run the same code), at most the model's
 ``seq_length`` tokens of it. Logits of the padded vocabulary rows (ids the tokenizer does not

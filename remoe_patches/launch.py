@@ -1,4 +1,5 @@
-"""``pretrain_gpt.py``'s body: parse the flags, report what has no effect here, train.
+"""``pretrain_gpt.py``'s body: parse the flags into a ``RunConfig``, report what has no effect
+here, train.
 
 Bad input ends the run with one line on stderr (``error: ...``, exit code 2) before anything is
 written; set ``REMOE_DEBUG=1`` to see the traceback instead.
@@ -12,17 +13,18 @@ import time
 
 import torch
 
-from remoe_patches.arguments import ineffective_flags, parse_args
+from remoe_patches.arguments import ineffective_flags, parse_command_line
 from remoe_patches.model import HAVE_TE
 from remoe_patches.parallel import destroy_parallel
+from remoe_patches.run_config import RunConfig
 
 
 def _is_first_rank() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
-def use_demo_corpus(args) -> None:
-    """Point the data and tokenizer flags at the embedded demo corpus, building it if needed."""
+def use_demo_corpus(config: RunConfig) -> RunConfig:
+    """``config`` reading the embedded demo corpus and its tokenizer, built if needed."""
     from remoe_patches.demo_corpus import ensure_demo_corpus
 
     if _is_first_rank():
@@ -30,19 +32,19 @@ def use_demo_corpus(args) -> None:
     corpus = ensure_demo_corpus()
     if _is_first_rank():
         print(f" demo corpus: {corpus.root} ({corpus.num_tokens:,} tokens)", flush=True)
-    args.data_path = [corpus.data_prefix]
-    args.vocab_file, args.merge_file = corpus.vocab_file, corpus.merge_file
-    args.tokenizer_type = "GPT2BPETokenizer"
+    return config.replace(data=dict(
+        data_path=(corpus.data_prefix,), vocab_file=corpus.vocab_file,
+        merge_file=corpus.merge_file, tokenizer_type="GPT2BPETokenizer"))
 
 
 def main(argv=None) -> int:
     from remoe_patches.training import TrainingStopped, pretrain
 
-    args = parse_args(argv)
+    config, args = parse_command_line(argv)
     started = time.time()
     try:
-        if args.demo_corpus:
-            use_demo_corpus(args)
+        if config.data.demo_corpus:
+            config = use_demo_corpus(config)
         if _is_first_rank():
             notes = ineffective_flags(
                 args, cuda_available=torch.cuda.is_available(),
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
             )
             for flag, reason in notes:
                 print(f" note: {flag} has no effect here: {reason}", flush=True)
-        state = pretrain(args)
+        state = pretrain(config)
     except ValueError as error:
         if os.environ.get("REMOE_DEBUG"):
             raise

@@ -1,16 +1,25 @@
-"""The adaptive L1 coefficient of ReMoE (spec Eq. 7/8) and the step's sparsity reduction.
+"""ReMoE's regularizer: the L1 losses (spec Eq. 9-11), the adaptive coefficient (Eq. 7) and the
+one owner of the step's routing statistics.
 
-Shape suffixes: L = all transformer layers of the model (MoE or not; indexed by layer number - 1),
-E = experts.
+Shape suffixes: T = tokens of a layer's micro-batch, E = experts, L = all transformer layers of
+the model (MoE or not; index = layer number - 1), C = the statistics' columns (see ``_COLUMNS``).
 
-Each ReLU router calls ``record`` once per micro-batch it trains on, with its layer's sparsity
-(already reduced over the tokens the layer sees). After the optimizer step the training loop
-calls ``finish_step`` (or ``step_sparsity`` then ``update``): the per-layer values are averaged
-over micro-batches, data-parallel ranks and pipeline stages, then over MoE layers, and the
-coefficient moves by ``multiplier ** sign(target - sparsity)``.
+Each ReLU router calls ``AdaptiveL1.record`` once per micro-batch it trains on, with its layer's
+sparsity, reg loss and expert counts. They accumulate in ONE packed ``L x C`` buffer; after the
+optimizer step the loop calls ``finish_step``, which sums the buffer over all ranks in a single
+collective, turns it into a ``RoutingStats`` (what the log, the lambda update and the health
+report read) and moves the coefficient by ``multiplier ** sign(target - sparsity)``.
+
+Losses: every function works on ONE MoE layer. The model-level quantities of the paper average the
+per-layer values over the L MoE layers, so the 1/(L*T) of Eq. 9/10 holds exactly:
+
+    L_reg = mean_l reg_l        S = mean_l sparsity_l
+
+(The authors' code sums the per-layer terms without the 1/L; the adaptive coefficient absorbs that
+constant, but its values then differ from ours by a factor L.)
 
 Everything stays on the device: no ``.item()``, ``.tolist()``, ``bool(tensor)`` or ``.cpu()``,
-so the host never waits for the GPU.
+so the host never waits for the GPU. Nothing here imports megatron.
 """
 
 from __future__ import annotations
@@ -21,25 +30,69 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from remoe_patches.relu_gates import at_least_fp32, tokens_per_expert
+
+
+def l1_loss(gates_TE: torch.Tensor, *, num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 9 for one layer: ``1/T sum_t ||R(x_t)||_1`` (gates are non-negative)."""
+    if num_tokens is None:
+        num_tokens = gates_TE.shape[0]
+    return at_least_fp32(gates_TE).sum() / num_tokens
+
+
+def load_balance_weights(
+    tokens_per_expert_E: torch.Tensor, num_tokens: int | torch.Tensor, topk: int
+) -> torch.Tensor:
+    """Eq. 11: ``f_e = E/(k T) sum_t 1{R_te > 0}``, a constant (no gradient flows through it)."""
+    num_experts = tokens_per_expert_E.shape[-1]
+    return (tokens_per_expert_E * (num_experts / (topk * num_tokens))).detach()
+
+
+def load_balanced_l1_loss(
+    gates_TE: torch.Tensor,
+    topk: int,
+    *,
+    tokens_per_expert_E: torch.Tensor | None = None,
+    num_tokens: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eq. 10 for one layer: ``1/T sum_t sum_e f_e R_te``.
+
+    Its gradient with respect to ``R_te`` is ``f_e / T``, so frequently used experts are pushed
+    towards zero harder than rarely used ones.
+    """
+    if tokens_per_expert_E is None:
+        tokens_per_expert_E = tokens_per_expert(gates_TE)
+    if num_tokens is None:
+        num_tokens = gates_TE.shape[0]
+    f_E = load_balance_weights(tokens_per_expert_E, num_tokens, topk)
+    return (at_least_fp32(gates_TE).sum(dim=0) * f_E).sum() / num_tokens
+
+
+# Columns of the per-layer statistics buffer. Every column is a sum over ranks and micro-batches.
+_SPARSITY, _RECORDS, _REG_LOSS, _TOKENS = range(4)
+_LOAD = 4  # then one column per expert: tokens routed to it
+_COLUMNS = ("sparsity", "records", "reg_loss", "tokens", "load_0..E-1")
+
 
 @dataclass
-class ExpertLoad:
-    """Share of each layer's tokens routed to each expert, over a window of steps."""
+class RoutingStats:
+    """One step's routing statistics, over every rank and micro-batch. Per-layer tensors hold NaN
+    for layers that are not MoE (or live on another pipeline stage and recorded nothing)."""
 
-    fraction_LE: torch.Tensor
-    """NaN rows for layers that are not MoE (or saw no tokens)."""
-
-
-@dataclass
-class StepSparsity:
-    """The step's sparsity: ``mean`` over MoE layers and ``per_layer_L`` (NaN for non-MoE layers)."""
-
-    mean: torch.Tensor
-    per_layer_L: torch.Tensor
+    sparsity: torch.Tensor
+    """Eq. 8 for the model: the mean over MoE layers (0-dim)."""
+    sparsity_L: torch.Tensor
+    reg_loss_L: torch.Tensor
+    """Each layer's L_reg (Eq. 9 or 10), averaged over micro-batches and data-parallel ranks."""
+    expert_load_LE: torch.Tensor
+    """Each expert's share of its layer's tokens."""
+    coeff: torch.Tensor
+    """The lambda this step trained with (before the update)."""
 
 
 class AdaptiveL1:
-    """The coefficient ``lambda`` of ``L = L_lm + lambda * L_reg`` and its per-step update.
+    """The coefficient ``lambda`` of ``L = L_lm + lambda * L_reg``, its per-step update, and the
+    step's routing statistics.
 
     Args:
         target_sparsity: ``1 - k/E``, the sparsity the coefficient steers towards.
@@ -48,7 +101,7 @@ class AdaptiveL1:
         init_coeff: ``lambda_0``.
         multiplier: ``alpha`` > 1; ``lambda *= alpha`` while too dense, ``/= alpha`` otherwise
             (a step exactly at the target divides, as in the authors' code).
-        device: where ``coeff`` and the accumulators live (the model's device).
+        device: where ``coeff`` and the statistics live (the model's device).
     """
 
     def __init__(
@@ -69,12 +122,11 @@ class AdaptiveL1:
         self.target_sparsity = float(target_sparsity)
         self.multiplier = float(multiplier)
         self.num_layers = int(num_layers)
+        self.num_experts = int(num_experts)
         self.coeff = torch.tensor(init_coeff, dtype=torch.float32, device=device)
-        # Row 0: summed sparsity, row 1: number of records, per layer.
-        self._records_2L = torch.zeros(2, self.num_layers, dtype=torch.float32, device=device)
-        # Tokens routed to each expert and tokens seen, per layer, until ``take_expert_load``.
-        self._load_LE = torch.zeros(self.num_layers, num_experts, dtype=torch.float32, device=device)
-        self._tokens_L = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
+        self._stats_LC = torch.zeros(
+            self.num_layers, _LOAD + self.num_experts, dtype=torch.float32, device=device
+        )
 
     @property
     def device(self) -> torch.device:
@@ -82,84 +134,74 @@ class AdaptiveL1:
 
     def to(self, device: torch.device | str) -> "AdaptiveL1":
         self.coeff = self.coeff.to(device)
-        self._records_2L = self._records_2L.to(device)
-        self._load_LE = self._load_LE.to(device)
-        self._tokens_L = self._tokens_L.to(device)
+        self._stats_LC = self._stats_LC.to(device)
         return self
 
     def record(
         self,
         layer_number: int,
-        layer_sparsity: torch.Tensor,
+        *,
+        sparsity: torch.Tensor,
+        reg_loss: Optional[torch.Tensor] = None,
         tokens_per_expert_E: Optional[torch.Tensor] = None,
         num_tokens: int = 0,
+        replicas: int = 1,
     ) -> None:
-        """Add one micro-batch of MoE layer ``layer_number`` (1-based, global): its sparsity and,
-        optionally, how many of its ``num_tokens`` tokens each expert received."""
-        index = layer_number - 1
-        self._records_2L[0, index] += layer_sparsity.detach().float()
-        self._records_2L[1, index] += 1.0
+        """Add one micro-batch of MoE layer ``layer_number`` (1-based, global).
+
+        ``reg_loss`` is this rank's share of the layer's loss (shares add up over the ranks that
+        split the layer's tokens). ``sparsity``, the counts and the record itself are the same on
+        each of the ``replicas`` ranks that split the tokens (they were reduced over them), so they
+        are weighted ``1/replicas``: summed over all ranks, each micro-batch counts once.
+        """
+        row_C = self._stats_LC[layer_number - 1]
+        weight = 1.0 / replicas
+        row_C[_SPARSITY] += sparsity.detach().float() * weight
+        row_C[_RECORDS] += weight
+        if reg_loss is not None:
+            row_C[_REG_LOSS] += reg_loss.detach().float()
         if tokens_per_expert_E is not None:
-            self._load_LE[index] += tokens_per_expert_E.detach().float()
-            self._tokens_L[index] += num_tokens
+            row_C[_LOAD:] += tokens_per_expert_E.detach().float() * weight
+            row_C[_TOKENS] += num_tokens * weight
 
-    def take_expert_load(
-        self,
-        *,
-        data_parallel_group: Optional[dist.ProcessGroup] = None,
-        pipeline_parallel_group: Optional[dist.ProcessGroup] = None,
-    ) -> ExpertLoad:
-        """The expert load since the last call, over all ranks; resets the window."""
-        load_LE = torch.cat([self._load_LE, self._tokens_L[:, None]], dim=1)
-        self._load_LE.zero_()
-        self._tokens_L.zero_()
-        _sum_over(load_LE, pipeline_parallel_group, data_parallel_group)
-        tokens_L = load_LE[:, -1:]
-        fraction_LE = torch.where(tokens_L > 0, load_LE[:, :-1] / tokens_L.clamp(min=1.0), torch.nan)
-        return ExpertLoad(fraction_LE=fraction_LE)
+    def finish_step(self, *, group: Optional[dist.ProcessGroup] = None,
+                    update: bool = True) -> RoutingStats:
+        """Reduce the step's statistics over ``group`` (default: all ranks), reset them and, with
+        ``update``, move the coefficient (Eq. 7) by the step's mean sparsity.
 
-    def step_sparsity(
-        self,
-        *,
-        data_parallel_group: Optional[dist.ProcessGroup] = None,
-        pipeline_parallel_group: Optional[dist.ProcessGroup] = None,
-    ) -> StepSparsity:
-        """Average the recorded values over micro-batches, DP ranks and PP stages, then reset.
-
-        Layers on other pipeline stages hold zeros here, so one sum over both groups gives every
-        layer's total and its number of records; their ratio is the mean over micro-batches and
+        Layers on other pipeline stages hold zeros here, so one sum over all ranks gives every
+        layer's totals and its number of records; their ratios are means over micro-batches and
         data-parallel ranks.
         """
-        records_2L = self._records_2L.clone()
-        self._records_2L.zero_()
-        _sum_over(records_2L, pipeline_parallel_group, data_parallel_group)
-        summed_L, count_L = records_2L
-        is_moe_L = count_L > 0
-        per_layer_L = torch.where(is_moe_L, summed_L / count_L.clamp(min=1.0), torch.nan)
-        mean = torch.where(is_moe_L, per_layer_L, 0.0).sum() / is_moe_L.sum().clamp(min=1)
-        return StepSparsity(mean=mean, per_layer_L=per_layer_L)
+        stats_LC = self._stats_LC.clone()
+        self._stats_LC.zero_()
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(stats_LC, group=group)
+        records_L = stats_LC[:, _RECORDS]
+        is_moe_L = records_L > 0
+        per_record_L = records_L.clamp(min=1.0)
+        sparsity_L = torch.where(is_moe_L, stats_LC[:, _SPARSITY] / per_record_L, torch.nan)
+        sparsity = torch.where(is_moe_L, sparsity_L, 0.0).sum() / is_moe_L.sum().clamp(min=1)
+        tokens_L1 = stats_LC[:, _TOKENS:_TOKENS + 1]
+        stats = RoutingStats(
+            sparsity=sparsity,
+            sparsity_L=sparsity_L,
+            reg_loss_L=torch.where(is_moe_L, stats_LC[:, _REG_LOSS] / per_record_L, torch.nan),
+            expert_load_LE=torch.where(
+                tokens_L1 > 0, stats_LC[:, _LOAD:] / tokens_L1.clamp(min=1.0), torch.nan),
+            coeff=self.coeff,
+        )
+        if update:
+            self.update(sparsity)
+        return stats
 
     def update(self, sparsity: torch.Tensor) -> None:
         """Eq. 7: ``lambda *= alpha`` when sparsity < target, else ``lambda /= alpha``."""
         too_dense = sparsity.to(self.coeff.device) < self.target_sparsity
         factor = torch.where(too_dense, self.multiplier, 1.0 / self.multiplier)
         # A new tensor, not an in-place update: graphs still waiting for their backward saved
-        # the old value.
+        # the old value (and RoutingStats.coeff keeps the one the step used).
         self.coeff = self.coeff * factor.to(self.coeff.dtype)
-
-    def finish_step(
-        self,
-        *,
-        data_parallel_group: Optional[dist.ProcessGroup] = None,
-        pipeline_parallel_group: Optional[dist.ProcessGroup] = None,
-    ) -> StepSparsity:
-        """After an optimizer step: reduce the step's sparsity and update the coefficient."""
-        step = self.step_sparsity(
-            data_parallel_group=data_parallel_group,
-            pipeline_parallel_group=pipeline_parallel_group,
-        )
-        self.update(step.mean)
-        return step
 
     def state_dict(self) -> dict:
         return {
@@ -172,9 +214,3 @@ class AdaptiveL1:
         self.coeff = torch.as_tensor(state["coeff"], dtype=torch.float32).to(self.device).clone()
         self.multiplier = float(state["multiplier"])
         self.target_sparsity = float(state["target_sparsity"])
-
-
-def _sum_over(tensor: torch.Tensor, *groups: Optional[dist.ProcessGroup]) -> None:
-    for group in groups:
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(tensor, group=group)

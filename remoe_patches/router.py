@@ -6,8 +6,9 @@ The router returns what megatron-core's dropless token dispatchers expect: ``pro
 gates, zero where inactive) and ``routing_map_TE`` (gate > 0). During training it attaches
 ``coeff * L_reg_l / num_moe_layers`` to the backward pass through megatron-core's
 ``MoEAuxLossAutoScaler`` (so the LM loss it reports is unchanged and the gradient is scaled like
-the LM loss over micro-batches), logs the layer's reg loss and sparsity in megatron-core's
-aux-loss tracker, and records the sparsity for the adaptive coefficient.
+the LM loss over micro-batches) and records the layer's sparsity, reg loss and expert counts in
+the regularizer, the one owner of the step's routing statistics (not megatron's global aux-loss
+tracker).
 
 Tokens: with sequence or context parallelism a rank routes only part of the layer's tokens.
 Expert counts are summed over the tensor-and-context-parallel group, exactly as megatron-core
@@ -23,20 +24,12 @@ from typing import Optional
 import torch
 
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
-    get_moe_layer_wise_logging_tracker,
-    reduce_aux_losses_tracker_across_ranks,
-    save_to_aux_losses_tracker,
-)
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from remoe_patches import routing
-from remoe_patches.regularizer import AdaptiveL1
-
-REG_LOSS_NAME = "remoe_reg_loss"
-SPARSITY_NAME = "remoe_sparsity"
+from remoe_patches import relu_gates
+from remoe_patches.regularizer import AdaptiveL1, l1_loss, load_balanced_l1_loss
 
 
 def num_moe_layers(config: TransformerConfig) -> int:
@@ -86,8 +79,8 @@ class ReLURouter(Router):
 
     def routing(self, logits: torch.Tensor):
         logits_TE = logits.view(-1, self.num_experts)
-        gates_TE = routing.relu_gates(logits_TE)
-        routing_map_TE = routing.active_mask(gates_TE)
+        gates_TE = relu_gates.relu_gates(logits_TE)
+        routing_map_TE = relu_gates.active_mask(gates_TE)
         # Like megatron's aux loss: only where a backward follows (so not in evaluation, nor in
         # the no-grad first pass of activation recomputation, which would count twice).
         if self.training and torch.is_grad_enabled():
@@ -102,10 +95,10 @@ class ReLURouter(Router):
         )
         counts = dict(tokens_per_expert_E=tokens_per_expert_E, num_tokens=num_tokens)
         if self.load_balancing:
-            reg_loss = routing.load_balanced_l1_loss(gates_TE, self.topk, **counts)
+            reg_loss = load_balanced_l1_loss(gates_TE, self.topk, **counts)
         else:
-            reg_loss = routing.l1_loss(gates_TE, num_tokens=num_tokens)
-        layer_sparsity = routing.sparsity(gates_TE, **counts)
+            reg_loss = l1_loss(gates_TE, num_tokens=num_tokens)
+        layer_sparsity = relu_gates.sparsity(gates_TE, **counts)
 
         # The model's L_reg is the mean over MoE layers (spec Eq. 9/10 with their 1/L).
         scaled_reg_loss = self.regularizer.coeff * reg_loss / self.num_moe_layers
@@ -115,43 +108,14 @@ class ReLURouter(Router):
         gates_TE = MoEAuxLossAutoScaler.apply(gates_TE, scaled_reg_loss)
 
         if self.layer_number is not None:
-            self._log(reg_loss, layer_sparsity)
             self.regularizer.record(
-                self.layer_number, layer_sparsity, tokens_per_expert_E, num_tokens
+                self.layer_number, sparsity=layer_sparsity, reg_loss=reg_loss,
+                tokens_per_expert_E=tokens_per_expert_E, num_tokens=num_tokens,
+                replicas=self.tp_cp_group.size(),
             )
         return gates_TE
-
-    def _log(self, reg_loss, layer_sparsity):
-        # The tracker sums over the reduce group, then averages over data-parallel ranks: reg
-        # loss shares add up as they are; the sparsity (equal on every rank) is pre-divided.
-        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
-        group = self.tp_cp_group
-        save_to_aux_losses_tracker(
-            REG_LOSS_NAME, reg_loss, self.layer_number, num_layers, reduce_group=group
-        )
-        save_to_aux_losses_tracker(
-            SPARSITY_NAME, layer_sparsity / group.size(), self.layer_number, num_layers,
-            reduce_group=group,
-        )
 
 
 def relu_router_builder(regularizer: AdaptiveL1, load_balancing: bool = True):
     """A RouterBuilder for ``MoESubmodules.router`` whose routers share ``regularizer``."""
     return functools.partial(ReLURouter, regularizer=regularizer, load_balancing=load_balancing)
-
-
-def reduce_aux_loss_tracker(num_microbatches: int) -> dict[str, torch.Tensor]:
-    """The step's per-layer values of megatron's aux-loss tracker, then empty it.
-
-    Reduces over tensor/context, data-parallel ranks and pipeline stages and averages over the
-    step's micro-batches. Keys are the tracker's names: ``remoe_reg_loss`` and
-    ``remoe_sparsity`` from ReLU routers, ``load_balancing_loss`` from megatron's TopK router;
-    values have one entry per layer (zero where a layer is not MoE).
-    """
-    tracker = get_moe_layer_wise_logging_tracker()
-    names = list(tracker)
-    reduce_aux_losses_tracker_across_ranks(names)
-    metrics = {name: tracker[name]["values"].clone() / num_microbatches for name in names}
-    for name in names:
-        tracker[name]["values"].zero_()
-    return metrics

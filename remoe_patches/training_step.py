@@ -1,24 +1,37 @@
-"""One training step's forward and backward through megatron-core's pipeline schedules.
+"""One training step: forward and backward through megatron-core's pipeline schedules, the
+optimizer step (or a skipped one), and the step's record.
 
-Shape suffixes: B = sequences of a micro-batch, S = sequence positions.
+Shape suffixes: B = sequences of a micro-batch, S = sequence positions, L = transformer layers.
 
 A batch is a dict of ``tokens_BS``, ``labels_BS``, ``loss_mask_BS`` and ``position_ids_BS``.
 The LM loss is the token mean over the step's micro-batches (megatron's convention); the ReLU
-routers' regularizer rides along in the backward pass through megatron's aux-loss scaler.
+routers' regularizer rides along in the backward pass through megatron's aux-loss scaler, and
+their statistics come back from ``AdaptiveL1.finish_step`` as one ``RoutingStats``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+from dataclasses import dataclass
 from functools import partial
-from typing import Iterable, Iterator
+from typing import Callable, ContextManager, Iterable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import (
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from remoe_patches.regularizer import AdaptiveL1, RoutingStats
 
 
 def lm_loss_func(loss_mask_BS: torch.Tensor, output_tensor: torch.Tensor):
@@ -119,3 +132,97 @@ def forward_backward(
     if torch.distributed.get_world_size(group) > 1:
         torch.distributed.all_reduce(summed, group=group)
     return {"lm_loss": summed[0] / summed[1]}
+
+
+@dataclass
+class StepRecord:
+    """What one optimizer step did; the loop adds where it stands and the evaluations."""
+
+    lm_loss: torch.Tensor
+    """Token-mean LM loss of the step (NaN off the last pipeline stage)."""
+    grad_norm: float
+    skipped: bool
+    """The loss or the gradient was not finite: no update, and lambda kept."""
+    lr: float
+    routing: Optional[RoutingStats] = None
+    """ReLU routing's statistics (None for dense and TopK models)."""
+    load_balancing_loss_L: Optional[torch.Tensor] = None
+    """megatron's TopK router's Switch loss per layer (zero where not MoE)."""
+    iteration: int = 0
+    step_seconds: float = 0.0
+    val_lm_loss: Optional[float] = None
+    test_lm_loss: Optional[float] = None
+
+
+def train_step(
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    regularizer: Optional[AdaptiveL1],
+    batches: list,
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    global_batch_size: int,
+    regularizer_scope: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> StepRecord:
+    """One optimizer step on this rank's ``batches`` (its micro-batches), or a skipped one.
+
+    ``regularizer_scope`` is the seam for observers: the regularizer's step-end work (the one
+    reduction of its statistics and the lambda update) runs inside it (the benchmark counts the
+    host syncs made there).
+    """
+    optimizer.zero_grad()
+    lm_loss = forward_backward(model_chunks, batches, num_microbatches=len(batches),
+                               seq_length=seq_length, micro_batch_size=micro_batch_size)["lm_loss"]
+    # The optimizer's own step() in parts, so that a non-finite loss or gradient skips the update
+    # after the norm is known, without preparing the gradients and taking the norm twice.
+    optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm() or 0.0)
+    loss_bad = torch.tensor(
+        0.0 if not parallel_state.is_pipeline_last_stage() else float(not torch.isfinite(lm_loss)),
+        device=lm_loss.device,
+    )
+    dist.all_reduce(loss_bad, op=dist.ReduceOp.MAX)
+    finite = loss_bad.item() == 0.0 and math.isfinite(grad_norm)
+
+    record = StepRecord(lm_loss=lm_loss, grad_norm=grad_norm, skipped=not finite,
+                        lr=optimizer.param_groups[0]["lr"])
+    if finite:
+        _clip_grads(optimizer, grad_norm)
+        optimizer.step_with_ready_grads()
+        scheduler.step(increment=global_batch_size)
+    if regularizer is not None:
+        with regularizer_scope():
+            # A skipped step's sparsity is not trusted: it is consumed without an update.
+            record.routing = regularizer.finish_step(update=finite)
+    else:
+        record.load_balancing_loss_L = topk_load_balancing_loss(len(batches))
+    return record
+
+
+def _clip_grads(optimizer, grad_norm: float) -> None:
+    """Clip every (chained) optimizer's gradients by the global norm, as its ``step`` does."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = part.get_parameters()
+        if part.config.clip_grad > 0.0 and params:
+            # Through the module, like megatron's optimizer: a CPU run's shim replaces it there.
+            clip_grads.clip_grad_by_total_norm_fp32(
+                params, max_norm=part.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+
+
+def topk_load_balancing_loss(num_microbatches: int) -> Optional[torch.Tensor]:
+    """The step's Switch load-balancing loss per layer from megatron's TopK router, which logs it
+    in megatron's global aux-loss tracker (reduced over ranks, averaged over micro-batches, then
+    cleared); None when nothing was logged (dense model, or the loss off)."""
+    tracker = get_moe_layer_wise_logging_tracker()
+    if "load_balancing_loss" not in tracker:
+        return None
+    names = list(tracker)
+    reduce_aux_losses_tracker_across_ranks(names)
+    values = tracker["load_balancing_loss"]["values"].clone() / num_microbatches
+    for name in names:
+        tracker[name]["values"].zero_()
+    return values

@@ -145,7 +145,7 @@ def relu_lm(single_rank, relu_checkpoint):
 
 def direct_logprobs(lm, tokens: list) -> torch.Tensor:
     """log-probabilities [len(tokens), vocab] of one unpadded sequence, one forward pass."""
-    from remoe_patches.inference import megatron_logits
+    from remoe_patches.trained_model import megatron_logits
 
     logits = megatron_logits(lm.model, torch.tensor([tokens]))[0]
     return torch.log_softmax(logits, dim=-1)
@@ -302,10 +302,10 @@ def test_generate_until_is_greedy(relu_lm):
 def test_sharded_checkpoint_evaluates_like_single_process(single_rank, relu_lm, tmp_path_factory,
                                                           name, key, size):
     from remoe_patches.evaluation import RemoeLM
-    from remoe_patches.inference import read_checkpoint_state, resolve_checkpoint_dir
+    from remoe_patches.checkpointing import read_checkpoint_state, resolve_checkpoint_dir
 
     directory = resolve_checkpoint_dir(checkpoint(tmp_path_factory, name))
-    saved = read_checkpoint_state(directory)["args"]
+    saved = read_checkpoint_state(directory)["run_config"]["parallel"]
     assert saved[key] == size
     # both ranks wrote shards of the model
     assert {p.name.split("_")[2] for p in Path(directory).glob("__*_*.distcp")} == {"0", "1"}
@@ -527,7 +527,7 @@ def test_markdown_table_has_the_papers_columns():
 
 def test_evaluate_tool_end_to_end(single_rank, relu_checkpoint, tmp_path):
     from remoe_patches.evaluation import PAPER_TASKS
-    from remoe_patches.inference import export_checkpoint
+    from remoe_patches.hf_export import export_checkpoint
 
     data = tmp_path / "data"
     counts = write_fixtures(data)

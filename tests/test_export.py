@@ -31,7 +31,7 @@ def tokens_for(vocab_size: int, batch=3, length=SEQ, seed=0) -> torch.Tensor:
 
 
 def assert_logits_match(megatron, reference, tokens):
-    from remoe_patches.inference import megatron_logits
+    from remoe_patches.trained_model import megatron_logits
 
     expected = megatron_logits(megatron, tokens)
     with torch.no_grad():
@@ -46,7 +46,8 @@ def assert_logits_match(megatron, reference, tokens):
 def test_exported_files(single_rank, tmp_path_factory, tmp_path):
     from safetensors.torch import load_file
 
-    from remoe_patches.inference import load_export_for_inference, load_model_for_inference
+    from remoe_patches.hf_export import load_export_for_inference
+    from remoe_patches.trained_model import load_model_for_inference
 
     load = checkpoint(tmp_path_factory, "relu")
     out = tmp_path / "export"
@@ -109,9 +110,9 @@ def test_exported_files(single_rank, tmp_path_factory, tmp_path):
 
 @pytest.mark.parametrize("router", ROUTERS)
 def test_reference_model_matches_megatron(single_rank, tmp_path_factory, tmp_path, router):
-    from remoe_patches.inference import (
-        export_checkpoint, load_export_for_inference, load_model_for_inference,
-        reference_from_megatron)
+    from remoe_patches.hf_export import (
+        export_checkpoint, load_export_for_inference, reference_from_megatron)
+    from remoe_patches.trained_model import load_model_for_inference
     from remoe_patches.reference_model import MoE, SwiGLU
 
     load = checkpoint(tmp_path_factory, router)
@@ -149,7 +150,7 @@ def test_export_of_a_sharded_checkpoint_equals_the_single_process_one(
         single_rank, tmp_path_factory, tmp_path, name):
     from safetensors.torch import load_file
 
-    from remoe_patches.inference import export_checkpoint
+    from remoe_patches.hf_export import export_checkpoint
 
     single = export_checkpoint(checkpoint(tmp_path_factory, "relu"), str(tmp_path / "single"))
     sharded = export_checkpoint(checkpoint(tmp_path_factory, name), str(tmp_path / "sharded"))
@@ -166,7 +167,7 @@ def test_export_of_a_sharded_checkpoint_equals_the_single_process_one(
 
 
 def test_transformer_engine_names_are_mapped_to_the_reference_names():
-    from remoe_patches.inference import reference_state
+    from remoe_patches.hf_export import reference_state
 
     class FakeModel:
         def state_dict(self):

@@ -42,8 +42,8 @@ print(json.dumps(dict(config_class=type(config).__name__, model_class=type(model
 def test_transformers_loads_an_export_and_agrees_with_megatron(single_rank, tmp_path_factory,
                                                                tmp_path, router):
     from remoe_patches.generation import SamplingConfig, generate
-    from remoe_patches.inference import (export_checkpoint, load_model_for_inference,
-                                         megatron_logits)
+    from remoe_patches.hf_export import export_checkpoint
+    from remoe_patches.trained_model import load_model_for_inference, megatron_logits
 
     load = checkpoint(tmp_path_factory, router)
     export = export_checkpoint(load, str(tmp_path / "export"))

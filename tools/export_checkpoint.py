@@ -31,7 +31,8 @@ def main(argv=None) -> int:
                         help="Export into a non-empty directory, overwriting the exported files.")
     args = parser.parse_args(argv)
 
-    from remoe_patches.inference import CheckpointError, export_checkpoint
+    from remoe_patches.checkpointing import CheckpointError
+    from remoe_patches.hf_export import export_checkpoint
 
     try:
         out = export_checkpoint(args.load, args.output, tokenizer_dir=args.tokenizer_dir,

@@ -47,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load(directory: str, tokenizer_dir=None):
     """(logits function, tokenizer, context length) of a checkpoint or an export."""
-    from remoe_patches.inference import (is_export_dir, load_export_for_inference,
-                                         load_model_for_inference, megatron_logits)
+    from remoe_patches.hf_export import is_export_dir, load_export_for_inference
+    from remoe_patches.trained_model import load_model_for_inference, megatron_logits
 
     if is_export_dir(directory):
         model, tokenizer, config = load_export_for_inference(directory)
@@ -61,7 +61,7 @@ def load(directory: str, tokenizer_dir=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from remoe_patches.generation import SamplingConfig, generate
-    from remoe_patches.inference import CheckpointError
+    from remoe_patches.checkpointing import CheckpointError
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed,

@@ -1,13 +1,4 @@
-"""Load a ``pretrain_gpt.py`` checkpoint for inference, and export it to a standard format.
-
-``load_model_for_inference(load_dir)`` rebuilds everything from the checkpoint itself: the run's
-arguments are in its common state (``args``), so the model config, the tokenizer and the padded
-vocabulary come out exactly as at training time (the vocabulary was padded to a multiple of
-``--make-vocab-size-divisible-by`` times the *saved* tensor-parallel size). The model is built
-on one process (TP = PP = EP = 1, megatron's parallel groups started as a one-rank group when
-they are not yet) and megatron's distributed checkpointing reshards whatever layout the
-checkpoint was saved with (TP, EP, PP, DP) into it. The model is returned in eval mode; ReLU
-routers record nothing in eval.
+"""Export a ``pretrain_gpt.py`` checkpoint to a standard format, and load such an export.
 
 ``export_checkpoint(load_dir, output_dir)`` writes what ``remoe_patches.reference_model`` loads:
 
@@ -29,177 +20,24 @@ for ``AutoTokenizer`` (a SentencePiece tokenizer is not written in a form AutoTo
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import re
 import shutil
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
+from remoe_patches.checkpointing import CheckpointError
 from remoe_patches.config import ModelConfig
-from remoe_patches.tokenizer import Tokenizer, build_tokenizer, vocab_size_with_padding
+from remoe_patches.tokenizer import Tokenizer, build_tokenizer
+from remoe_patches.trained_model import load_model_for_inference
 
 EXPORT_FORMAT = "remoe-reference-gpt"
 EXPORT_VERSION = 1
 HF_REMOTE_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote_code")
 
 
-class LoadedModel(NamedTuple):
-    model: torch.nn.Module
-    tokenizer: Tokenizer
-    model_config: ModelConfig
-
-
-class CheckpointError(ValueError):
-    """A directory that is not a loadable checkpoint; the message says what is missing."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a checkpoint
-
-
-def resolve_checkpoint_dir(load_dir: str) -> str:
-    """``<save>`` (follows ``latest_checkpointed_iteration.txt``) or ``<save>/iter_XXXXXXX``."""
-    from remoe_patches.checkpointing import LATEST_FILE, checkpoint_dir, latest_iteration
-
-    load_dir = os.fspath(load_dir)
-    if os.path.isfile(os.path.join(load_dir, "metadata.json")):
-        return load_dir
-    if not os.path.isdir(load_dir):
-        raise CheckpointError(f"checkpoint directory {load_dir} does not exist")
-    iteration = latest_iteration(load_dir)
-    if iteration is None:
-        raise CheckpointError(
-            f"{load_dir} holds no checkpoint: expected {LATEST_FILE} (a pretrain_gpt.py --save "
-            "directory) or a megatron distributed checkpoint (iter_XXXXXXX with metadata.json)"
-        )
-    directory = checkpoint_dir(load_dir, iteration)
-    if not os.path.isdir(directory):
-        raise CheckpointError(
-            f"{os.path.join(load_dir, LATEST_FILE)} names iteration {iteration}, but {directory} "
-            "is missing"
-        )
-    return directory
-
-
-def read_checkpoint_state(directory: str) -> dict:
-    """The checkpoint's common (non-sharded) state: ``args``, ``iteration``, ..."""
-    from megatron.core import dist_checkpointing
-
-    common = dist_checkpointing.load_common_state_dict(directory)
-    if not common.get("args"):
-        raise CheckpointError(
-            f"{directory} has no saved arguments ('args' in its common state): it was not "
-            "written by pretrain_gpt.py"
-        )
-    return common
-
-
-def checkpoint_args(saved: dict) -> argparse.Namespace:
-    """The saved arguments over pretrain_gpt.py's defaults (for keys an older run lacked)."""
-    from remoe_patches.arguments import build_parser
-
-    values = vars(build_parser().parse_args([]))
-    values.update(saved)
-    values["given"] = frozenset()
-    return argparse.Namespace(**values)
-
-
-def tokenizer_from_args(args, tokenizer_dir: Optional[str] = None) -> Tokenizer:
-    """The run's tokenizer; ``tokenizer_dir`` replaces the saved files' directories (moved files)."""
-    files = dict(vocab_file=args.vocab_file, merge_file=args.merge_file,
-                 tokenizer_model=args.tokenizer_model)
-    if tokenizer_dir is not None:
-        files = {k: (os.path.join(tokenizer_dir, os.path.basename(v)) if v else v)
-                 for k, v in files.items()}
-    try:
-        return build_tokenizer(args.tokenizer_type, **files)
-    except ValueError as error:
-        raise CheckpointError(
-            f"cannot rebuild the checkpoint's tokenizer ({error}); the checkpoint records the "
-            "tokenizer files by path: pass tokenizer_dir=DIR holding them if they moved"
-        ) from None
-
-
-def padded_vocab_size(args, tokenizer: Tokenizer) -> int:
-    """The vocabulary size the model was built with (padding uses the saved TP size)."""
-    return vocab_size_with_padding(
-        tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
-
-
-def _ensure_single_rank_groups() -> None:
-    from megatron.core import parallel_state
-
-    from remoe_patches.config import ParallelConfig
-    from remoe_patches.parallel import initialize_parallel
-
-    if not parallel_state.model_parallel_is_initialized():
-        initialize_parallel(ParallelConfig())
-        return
-    sizes = (parallel_state.get_tensor_model_parallel_world_size(),
-             parallel_state.get_pipeline_model_parallel_world_size(),
-             parallel_state.get_expert_model_parallel_world_size())
-    if sizes != (1, 1, 1):
-        raise RuntimeError(
-            f"inference builds a 1-process model, but megatron's groups are TP/PP/EP={sizes}")
-
-
-def load_model_for_inference(
-    load_dir: str, *, tokenizer_dir: Optional[str] = None
-) -> LoadedModel:
-    """(model, tokenizer, model_config) of the checkpoint in ``load_dir``, on one process.
-
-    ``load_dir`` is a ``--save`` directory (its latest checkpoint) or one ``iter_XXXXXXX``.
-    The model is megatron-core's GPTModel in eval mode (float32), on the GPU when there is one.
-    """
-    from megatron.core import dist_checkpointing
-
-    from remoe_patches.arguments import model_config_from_args, transformer_overrides_from_args
-    from remoe_patches.config import ParallelConfig
-    from remoe_patches.model import HAVE_TE, build_model
-
-    directory = resolve_checkpoint_dir(load_dir)
-    common = read_checkpoint_state(directory)
-    args = checkpoint_args(common["args"])
-    tokenizer = tokenizer_from_args(args, tokenizer_dir)
-    model_config = model_config_from_args(args, vocab_size=padded_vocab_size(args, tokenizer))
-    # One expert MLP per expert (megatron's SequentialMLP) whatever the run used: dist
-    # checkpointing maps grouped-GEMM weights onto them, and the export names are theirs.
-    model_config = dataclasses.replace(model_config, moe_grouped_gemm=False)
-
-    _ensure_single_rank_groups()
-    use_cuda = torch.cuda.is_available()
-    use_te = HAVE_TE and args.transformer_impl == "transformer_engine"
-    overrides = transformer_overrides_from_args(
-        args, cuda_available=use_cuda, transformer_engine_available=use_te)
-    for key in ("recompute_granularity", "recompute_method", "recompute_num_layers",
-                "recompute_modules"):
-        overrides.pop(key, None)
-    built = build_model(model_config, ParallelConfig(), use_transformer_engine=use_te,
-                        **overrides)
-    model = built.model
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, directory)
-    model.load_state_dict(state["model"])
-    model.eval()
-    model.checkpoint_dir = directory
-    model.checkpoint_iteration = common.get("iteration")
-    return LoadedModel(model, tokenizer, model_config)
-
-
-@torch.no_grad()
-def megatron_logits(model, tokens_BS: torch.Tensor) -> torch.Tensor:
-    """float32 logits [B, S, vocab] of a megatron GPTModel for tokens at positions 0..S-1."""
-    device = next(model.parameters()).device
-    tokens_BS = tokens_BS.to(device)
-    positions = torch.arange(tokens_BS.shape[1], device=device).expand_as(tokens_BS)
-    return model(tokens_BS, positions, None).float()
-
-
-# ---------------------------------------------------------------------------------------------
-# Export
 
 # transformer-engine layer specs fuse the norms into the following linear layer and group the
 # experts' weights; the reference model uses the local layers' names.
