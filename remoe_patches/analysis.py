@@ -3,15 +3,14 @@
 Shape suffixes: N = calibration sequences, S = positions, L = MoE layers, E = experts (after
 granularity), V = vocabulary, D = domains.
 
-From ``metrics.jsonl`` alone:
+From ``metrics.jsonl`` alone (read by ``run_metrics``):
 
 - ``stages``: the three training stages of ReLU routing: sparsity (mean and per layer) against
   the target, the L1 coefficient (log scale), the regularization and LM losses over steps.
 
-From checkpoints, on a fixed calibration set of an indexed dataset: ``route`` runs the model in
-eval mode with forward hooks on every MoE router and keeps the routing masks (``M[n, s, l, e]``
-= token ``s`` of sequence ``n`` uses expert ``e`` in MoE layer ``l``: gate > 0 for ReLU routing,
-in the top k for TopK); the analyses are counts over those masks:
+From checkpoints' routing masks on a fixed calibration set (``routing_capture``: ``M[n, s, l,
+e]`` = token ``s`` of sequence ``n`` uses expert ``e`` in MoE layer ``l``); the analyses are
+counts over those masks:
 
 - ``per_token``: average active experts per vocabulary id against the token's frequency;
 - ``per_domain``: per layer, the fraction of each domain's tokens routed to each expert, and
@@ -20,131 +19,29 @@ in the top k for TopK); the analyses are counts over those masks:
   tokens) and collapsed layers (sparsity >= 0.99), for one or several checkpoints;
 - ``stability``: the flip rate ``sum_l ||M_i^l - M_j^l||_1 / (L T E)`` between checkpoints.
 
-The calibration set is ``N`` sequences of ``S`` tokens from the dataset's documents: by default
-the run's validation documents (the part of ``--split`` that training never read) when they
-are enough, else all; documents drawn in a fixed random order, each giving at most its first
-``4 S`` tokens, concatenated (as megatron's GPT dataset concatenates documents), and every
-token keeps the index of its document (for the domains). ``write_report`` puts every plot of a
+Each writes its files through ``analysis_report``, whose ``write_report`` puts every plot of a
 directory on one HTML page. ``tools/analyze_routing.py`` is the command line.
-
-Torch, megatron-core and matplotlib are imported only by the functions that need them, so
-``read_metrics``/``settle_iteration`` stay cheap for other tools.
 """
 
 from __future__ import annotations
 
-import base64
-import csv
-import html
-import io
 import json
 import math
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from remoe_patches.analysis_report import AnalysisResult, pyplot, save_figure, write_summary
+from remoe_patches.csv_table import write_csv
+from remoe_patches.router_titles import ROUTER_TITLES
+from remoe_patches.routing_capture import AnalysisError, RoutedSample
 from remoe_patches.routing_health import COLLAPSE_SPARSITY, DEAD_EXPERT_SHARE
-
-SETTLE_TOLERANCE = 0.02
-DPI = 110
-CALIBRATION_SEED = 1234
-
-DESCRIPTIONS = {
-    "stages": "Training stages (from metrics.jsonl): sparsity per layer and its mean against the "
-              "target 1 - k/E, the adaptive L1 coefficient (log scale), the regularization loss "
-              "and the LM loss. Stage I: dense warm-up (the routing gets denser while lambda is "
-              "tiny); stage II: lambda grows until the sparsity climbs to the target; stage III: "
-              "sparsity held at the target.",
-    "per_token": "Per-token allocation: average active experts (per MoE layer) of each "
-                 "vocabulary id against how often it occurs in the calibration set; the line is "
-                 "the mean in frequency bins. ReLU routing gives rare tokens more experts.",
-    "per_domain": "Per-domain routing: for each layer, the fraction of each domain's tokens "
-                  "routed to each expert, and the average active experts per domain and layer.",
-    "load": "Expert load: each expert's share of each layer's tokens (dead: under 1/64), and "
-            "each layer's sparsity (collapsed: >= 0.99).",
-    "stability": "Routing stability: the flip rate sum_l ||M_i - M_j||_1 / (L T E) of the routing "
-                 "masks between checkpoints on the same calibration tokens, per layer and overall.",
-}
-REPORT_ORDER = ("stages", "per_token", "per_domain", "load", "stability")
-
-
-class AnalysisError(ValueError):
-    """Input an analysis cannot work with; the message says what is missing."""
+from remoe_patches.run_metrics import SETTLE_TOLERANCE, _run_target, read_metrics, settle_iteration
 
 
 # ---------------------------------------------------------------------------------------------
-# metrics.jsonl
-
-
-def read_metrics(path) -> list:
-    """The records of ``metrics.jsonl`` (``path`` may be the file or its run directory)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a crash
-    return records
-
-
-def settle_iteration(records: Sequence[dict], target: float,
-                     tolerance: float = SETTLE_TOLERANCE) -> Optional[int]:
-    """The first logged iteration from which the sparsity stays within ``tolerance`` of
-    ``target`` to the end of the run (the end of stage II); None if it never does."""
-    settled = None
-    for record in records:
-        if "sparsity" not in record:
-            continue
-        if abs(record["sparsity"] - target) <= tolerance:
-            if settled is None:
-                settled = record["iteration"]
-        else:
-            settled = None
-    return settled
-
-
-def target_from_flags(flags: dict) -> Optional[float]:
-    """ReMoE's target sparsity ``1 - k/E`` from pretrain_gpt.py flags (None unless ReLU routed)."""
-    if not flags.get("moe_relu_routing") or not flags.get("num_experts"):
-        return None
-    return 1.0 - int(flags.get("moe_router_topk") or 2) / int(flags["num_experts"])
-
-
-def _run_target(run_dir: Path) -> Optional[float]:
-    """The target sparsity of a run directory: its sweep config.yaml, else its checkpoint."""
-    import yaml
-
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        flags = yaml.safe_load(config.read_text()) or {}
-        if isinstance(flags, dict) and flags.get("moe_relu_routing"):
-            return target_from_flags(flags)
-    if (run_dir / "latest_checkpointed_iteration.txt").is_file():
-        from remoe_patches.inference import read_checkpoint_state, resolve_checkpoint_dir
-
-        args = read_checkpoint_state(resolve_checkpoint_dir(str(run_dir)))["args"]
-        return target_from_flags(args)
-    return None
-
-
-@dataclass
-class AnalysisResult:
-    """What an analysis wrote, and its headline numbers."""
-
-    name: str
-    png: Path
-    csv: Path
-    summary: dict = field(default_factory=dict)
+# Training stages
 
 
 def stages(run_dir, out_dir, *, target: Optional[float] = None,
@@ -191,7 +88,7 @@ def stages(run_dir, out_dir, *, target: Optional[float] = None,
         for layer in range(num_layers):
             row[f"sparsity_layer_{layer + 1}"] = per_layer[layer] if layer < len(per_layer) else None
         rows.append(row)
-    csv_path = _write_csv(out_dir / "stages.csv", rows)
+    csv_path = write_csv(out_dir / "stages.csv", rows)
 
     stage3 = sparsity[iterations >= settle] if settle is not None else np.array([])
     summary = dict(
@@ -207,7 +104,7 @@ def stages(run_dir, out_dir, *, target: Optional[float] = None,
         final_val_lm_loss=evaluations[max(evaluations)] if evaluations else None,
     )
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(4, 1, figsize=(10.5, 11), sharex=True)
     colors = plt.cm.viridis(np.linspace(0.1, 0.9, max(num_layers, 1)))
     ax = axes[0]
@@ -245,269 +142,15 @@ def stages(run_dir, out_dir, *, target: Optional[float] = None,
         for axis in axes:
             axis.axvspan(start, end, color=color, alpha=0.08)
         axes[0].text((start + end) / 2, 0.04, name, ha="center", fontsize=9, fontweight="bold")
-    title = "ReMoE training stages"
+    title = f"{ROUTER_TITLES['relu']} training stages"
     if settle is not None:
         title += (f": settled at iteration {settle}; stage III sparsity "
                   f"{summary['stage3_sparsity_mean']:.4f} $\\pm$ {summary['stage3_sparsity_std']:.4f}")
     elif target is not None:
         title += f": sparsity not yet within {tolerance} of the target"
     axes[0].set_title(title, fontsize=10)
-    png = _save(fig, out_dir / "stages.png")
-    return _finish(AnalysisResult("stages", png, csv_path, summary), out_dir)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints, calibration data and routing masks
-
-
-def checkpoint_dirs(path) -> list:
-    """``iter_*`` checkpoint directories of a run (oldest first), or ``[path]`` for one."""
-    path = Path(path)
-    if (path / "metadata.json").is_file() or path.name.startswith("iter_"):
-        return [path]
-    found = sorted(p for p in path.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
-    if not found:
-        raise AnalysisError(f"{path} holds no checkpoint (iter_XXXXXXX directories)")
-    return found
-
-
-def run_dir_of(load) -> Path:
-    """The run directory (``--save``) of a checkpoint path."""
-    path = Path(load)
-    return path.parent if path.name.startswith("iter_") else path
-
-
-@dataclass
-class LoadedCheckpoint:
-    model: object
-    tokenizer: object
-    model_config: object
-    args: dict
-    """The run's saved pretrain_gpt.py arguments."""
-    iteration: Optional[int]
-    directory: str
-
-
-def load_checkpoint(load) -> LoadedCheckpoint:
-    """A checkpoint (``--save`` dir: its latest; or ``iter_XXXXXXX``) as an eval-mode model."""
-    from remoe_patches.inference import load_model_for_inference, read_checkpoint_state
-
-    model, tokenizer, model_config = load_model_for_inference(str(load))
-    if not model_config.is_moe:
-        raise AnalysisError(f"{load} is a dense model: it has no routing to analyse")
-    common = read_checkpoint_state(model.checkpoint_dir)
-    return LoadedCheckpoint(model, tokenizer, model_config, dict(common["args"]),
-                            model.checkpoint_iteration, model.checkpoint_dir)
-
-
-def data_prefix_from_args(args: dict) -> str:
-    """The (first, heaviest) dataset prefix the run trained on."""
-    from remoe_patches.arguments import split_blend
-
-    blend = args.get("data_path") or args.get("valid_data_path") or args.get("train_data_path")
-    if not blend:
-        raise AnalysisError("the checkpoint records no --data-path; give the data path")
-    prefixes, weights = split_blend(blend)
-    if weights is None:
-        return prefixes[0]
-    return prefixes[int(np.argmax(weights))]
-
-
-def document_range(num_documents: int, split: str, part: str) -> tuple:
-    """``[begin, end)`` documents of ``part`` (train/valid/test/all) under megatron's ``split``."""
-    if part == "all":
-        return 0, num_documents
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
-
-    parts = ("train", "valid", "test")
-    if part not in parts:
-        raise AnalysisError(f"documents must be one of all, {', '.join(parts)}; got {part!r}")
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    bounds = matrix[parts.index(part)]
-    if bounds is None:
-        return 0, 0
-    # megatron's BlendedMegatronDatasetBuilder cuts documents this way
-    return int(round(bounds[0] * num_documents)), int(round(bounds[1] * num_documents))
-
-
-@dataclass
-class Calibration:
-    """The fixed token set every routing analysis runs on."""
-
-    tokens_NS: np.ndarray
-    documents_NS: np.ndarray
-    """Index (in the dataset) of each token's document."""
-    prefix: str
-    first_document: int
-    end_document: int
-
-
-def calibration_set(prefix: str, *, seq_length: int, num_sequences: int,
-                    documents: tuple = None, seed: Optional[int] = CALIBRATION_SEED,
-                    max_document_tokens: Optional[int] = None) -> Calibration:
-    """Up to ``num_sequences`` sequences of ``seq_length`` tokens from the documents
-    ``[begin, end)`` (default: all): documents drawn in a seeded random order (``seed=None``:
-    dataset order), each contributing its first ``max_document_tokens`` tokens (default
-    ``4 * seq_length``; 0 for whole documents), concatenated. Drawing and capping spread the
-    set over many documents, so that a few long ones do not make it up."""
-    dataset = _indexed_dataset(prefix)
-    document_indices = dataset.document_indices
-    begin, end = documents if documents is not None else (0, len(document_indices) - 1)
-    cap = 4 * seq_length if max_document_tokens is None else max_document_tokens
-    wanted = num_sequences * seq_length
-    count = max(end - begin, 0)
-    if seed is None:
-        order = np.arange(begin, min(end, begin + wanted))
-    else:  # at most `wanted` documents are needed: draw only those (memory stays bounded)
-        order = begin + np.random.default_rng(seed).choice(count, size=min(count, wanted),
-                                                            replace=False)
-    tokens, owners, have = [], [], 0
-    for document in order:
-        sequences = range(document_indices[document], document_indices[document + 1])
-        chunk = np.concatenate([np.asarray(dataset[i], dtype=np.int64) for i in sequences]
-                               or [np.zeros(0, np.int64)])
-        if cap:
-            chunk = chunk[:cap]
-        tokens.append(chunk)
-        owners.append(np.full(len(chunk), document, dtype=np.int64))
-        have += len(chunk)
-        if have >= wanted:
-            break
-    found = min(num_sequences, have // seq_length)
-    if found == 0:
-        raise AnalysisError(
-            f"documents {begin}..{end - 1} of {prefix} give {have} tokens, fewer than one "
-            f"sequence of {seq_length}; use more documents (e.g. documents='all')")
-    used = found * seq_length
-    return Calibration(
-        tokens_NS=np.concatenate(tokens)[:used].reshape(found, seq_length),
-        documents_NS=np.concatenate(owners)[:used].reshape(found, seq_length),
-        prefix=prefix, first_document=begin, end_document=end)
-
-
-def _indexed_dataset(prefix: str):
-    from remoe_patches.preprocess import import_indexed_dataset
-
-    return import_indexed_dataset().IndexedDataset(prefix)
-
-
-def _capped_tokens(dataset, begin: int, end: int, cap: int) -> int:
-    """Tokens the documents ``[begin, end)`` give with at most ``cap`` each (0: no cap)."""
-    if end <= begin:
-        return 0
-    indices = dataset.document_indices
-    lengths = np.asarray(dataset.sequence_lengths[indices[begin]:indices[end]], dtype=np.int64)
-    per_document = np.add.reduceat(lengths, np.asarray(indices[begin:end]) - indices[begin]) \
-        if lengths.size else np.zeros(0, np.int64)
-    return int(np.minimum(per_document, cap).sum() if cap else per_document.sum())
-
-
-def moe_routers(model) -> list:
-    """``[(layer_number, router)]`` of every MoE layer (ReLURouter or megatron's TopKRouter)."""
-    from megatron.core.transformer.moe.router import Router
-
-    routers = [(module.layer_number, module) for module in model.modules()
-               if isinstance(module, Router)]
-    if not routers:
-        raise AnalysisError("the model has no MoE router")
-    return sorted(routers, key=lambda item: item[0])
-
-
-def route(model, tokens_NS: np.ndarray, *, batch_size: int = 16) -> tuple:
-    """Routing masks ``mask_NSLE`` (bool) of ``tokens_NS`` and the MoE layer numbers.
-
-    Forward hooks on the routers take each router's ``routing_map`` (``[S*B, E]``, megatron's
-    sequence-major token order) during an eval-mode forward pass.
-    """
-    import torch
-
-    routers = moe_routers(model)
-    captured = {}
-
-    def hook_for(layer_number):
-        def hook(module, inputs, output):
-            captured[layer_number] = output[1].detach()
-        return hook
-
-    handles = [router.register_forward_hook(hook_for(number)) for number, router in routers]
-    device = next(model.parameters()).device
-    num_sequences, seq_length = tokens_NS.shape
-    masks = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, num_sequences, batch_size):
-                batch = torch.as_tensor(tokens_NS[start:start + batch_size], device=device)
-                positions = torch.arange(seq_length, device=device).expand_as(batch)
-                captured.clear()
-                model(batch, positions, None)
-                per_layer = []
-                for number, _ in routers:
-                    routing_map = captured[number]  # [S*B, E], s-major
-                    per_layer.append(routing_map.view(seq_length, batch.shape[0], -1)
-                                     .transpose(0, 1).bool().cpu())
-                masks.append(torch.stack(per_layer, dim=2))  # [B, S, L, E]
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return torch.cat(masks).numpy(), [number for number, _ in routers]
-
-
-@dataclass
-class RoutedSample:
-    """A checkpoint's routing masks on a calibration set, with what the analyses need."""
-
-    calibration: Calibration
-    mask_NSLE: np.ndarray
-    layers: list
-    """Global layer numbers (1-based) of the MoE layers."""
-    iteration: Optional[int]
-    topk: int
-    """k*G: the experts a TopK router gives every token (ReMoE's average at the target)."""
-    target_sparsity: Optional[float]
-    """ReMoE's 1 - k/E (None for TopK)."""
-    router: str
-    tokenizer: object = None
-    checkpoint: str = ""
-
-
-def route_checkpoint(checkpoint: LoadedCheckpoint, calibration: Calibration, *,
-                     batch_size: int = 16) -> RoutedSample:
-    config = checkpoint.model_config
-    if calibration.tokens_NS.shape[1] > config.seq_length:
-        raise AnalysisError(f"calibration sequences of {calibration.tokens_NS.shape[1]} tokens "
-                            f"exceed the model's --seq-length {config.seq_length}")
-    mask, layers = route(checkpoint.model, calibration.tokens_NS, batch_size=batch_size)
-    return RoutedSample(
-        calibration=calibration, mask_NSLE=mask, layers=layers, iteration=checkpoint.iteration,
-        topk=config.total_topk, router=config.router, tokenizer=checkpoint.tokenizer,
-        target_sparsity=config.target_sparsity if config.router == "relu" else None,
-        checkpoint=checkpoint.directory)
-
-
-def default_calibration(checkpoint: LoadedCheckpoint, *, data_path: Optional[str] = None,
-                        num_sequences: int = 256, seq_length: Optional[int] = None,
-                        documents: str = "auto") -> Calibration:
-    """The calibration set of a run: its data and sequence length, and the documents of
-    ``documents``: ``train``/``valid``/``test`` (the run's ``--split``), ``all``, or ``auto``:
-    the validation documents if they give ``num_sequences`` sequences, else all documents."""
-    prefix = data_path or data_prefix_from_args(checkpoint.args)
-    if not os.path.isfile(prefix + ".idx"):
-        raise AnalysisError(f"dataset {prefix}.bin/.idx not found; give the data path")
-    seq_length = seq_length or checkpoint.model_config.seq_length
-    dataset = _indexed_dataset(prefix)
-    num_documents = len(dataset.document_indices) - 1
-    split = checkpoint.args.get("split") or "969,30,1"
-    part = "valid" if documents == "auto" else documents
-    begin, end = document_range(num_documents, split, part)
-    if documents == "auto" and _capped_tokens(dataset, begin, end, 4 * seq_length) \
-            < num_sequences * seq_length:
-        begin, end = 0, num_documents
-    return calibration_set(prefix, seq_length=seq_length, num_sequences=num_sequences,
-                           documents=(begin, end))
+    png = save_figure(fig, out_dir / "stages.png")
+    return write_summary(AnalysisResult("stages", png, csv_path, summary), out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,15 +173,15 @@ def per_token(sample: RoutedSample, out_dir) -> AnalysisResult:
     rows = []
     for token in order:
         count = int(counts_V[token])
-        row = dict(token_id=int(token), token=_token_text(sample.tokenizer, token), count=count,
-                   frequency=count / tokens.size, active_total=int(active_V[token]),
+        row = dict(token_id=int(token), token=_one_line(_token_text(sample.tokenizer, token)),
+                   count=count, frequency=count / tokens.size, active_total=int(active_V[token]),
                    mean_active_experts=active_V[token] / (count * num_layers))
         for index, layer in enumerate(sample.layers):
             row[f"mean_active_layer_{layer}"] = active_VL[token, index] / count
         rows.append(row)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = _write_csv(out_dir / "per_token.csv", rows)
+    csv_path = write_csv(out_dir / "per_token.csv", rows)
 
     frequency = counts_V[order] / tokens.size
     mean_active = active_V[order] / (counts_V[order] * num_layers)
@@ -558,7 +201,7 @@ def per_token(sample: RoutedSample, out_dir) -> AnalysisResult:
                    mean_active_experts=float(active_V.sum() / (tokens.size * num_layers)),
                    active_total=int(active_V.sum()), iteration=sample.iteration)
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.scatter(frequency, mean_active, s=np.clip(counts_V[order] / counts_V.max() * 60, 3, 60),
                alpha=0.35, color="tab:blue", edgecolors="none", label="vocabulary id")
@@ -578,8 +221,8 @@ def per_token(sample: RoutedSample, out_dir) -> AnalysisResult:
     ax.set_title(f"Active experts per vocabulary id ({present.size} ids, {tokens.size:,} tokens, "
                  f"iteration {sample.iteration}); Spearman rho = {rho:.2f}", fontsize=10)
     ax.legend(fontsize=8)
-    png = _save(fig, out_dir / "per_token.png")
-    return _finish(AnalysisResult("per_token", png, csv_path, summary), out_dir)
+    png = save_figure(fig, out_dir / "per_token.png")
+    return write_summary(AnalysisResult("per_token", png, csv_path, summary), out_dir)
 
 
 def _token_text(tokenizer, token) -> str:
@@ -667,20 +310,20 @@ def per_domain(sample: RoutedSample, domains: Sequence[str], out_dir) -> Analysi
     rows = []
     for index, layer in enumerate(sample.layers):
         for d, name in enumerate(names):
-            row = dict(layer=layer, domain=name, tokens=int(tokens_D[d]))
+            row = dict(layer=layer, domain=_one_line(name), tokens=int(tokens_D[d]))
             for expert in range(num_experts):
                 row[f"expert_{expert}"] = fraction_DLE[d, index, expert]
             row["active_experts"] = active_DL[d, index]
             rows.append(row)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = _write_csv(out_dir / "per_domain.csv", rows)
+    csv_path = write_csv(out_dir / "per_domain.csv", rows)
     summary = dict(domains={name: int(tokens_D[d]) for d, name in enumerate(names)},
                    active_experts={name: [round(float(v), 4) for v in active_DL[d]]
                                    for d, name in enumerate(names)},
                    layers=sample.layers, iteration=sample.iteration)
 
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.gridspec import GridSpec
 
     num_layers = len(sample.layers)
@@ -723,8 +366,8 @@ def per_domain(sample: RoutedSample, domains: Sequence[str], out_dir) -> Analysi
     ax.legend(fontsize=8, ncol=len(names) + 1)
     fig.suptitle(f"Routing by domain (iteration {sample.iteration}): share of each domain's "
                  "tokens per expert, and active experts per domain and layer", fontsize=10)
-    png = _save(fig, out_dir / "per_domain.png")
-    return _finish(AnalysisResult("per_domain", png, csv_path, summary), out_dir)
+    png = save_figure(fig, out_dir / "per_domain.png")
+    return write_summary(AnalysisResult("per_domain", png, csv_path, summary), out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,7 +394,7 @@ def expert_load(samples: Sequence[RoutedSample], out_dir) -> AnalysisResult:
                                  collapsed=bool(collapsed_L[index])))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = _write_csv(out_dir / "load.csv", rows)
+    csv_path = write_csv(out_dir / "load.csv", rows)
     last, load_LE, sparsity_L, dead_LE, collapsed_L = per_iteration[-1]
     summary = dict(
         iteration=last.iteration,
@@ -763,7 +406,7 @@ def expert_load(samples: Sequence[RoutedSample], out_dir) -> AnalysisResult:
         max_load=float(load_LE.max()), min_load=float(load_LE.min()),
         dead_share=DEAD_EXPERT_SHARE, collapse_sparsity=COLLAPSE_SPARSITY)
 
-    plt = _pyplot()
+    plt = pyplot()
     several = len(per_iteration) > 1
     fig, axes = plt.subplots(1, 3 if several else 2, figsize=(16 if several else 11, 4.8),
                              gridspec_kw=dict(width_ratios=[1.4, 1, 1] if several else [1.4, 1]))
@@ -808,8 +451,8 @@ def expert_load(samples: Sequence[RoutedSample], out_dir) -> AnalysisResult:
         ax.legend(fontsize=7)
         ax.set_title("over checkpoints", fontsize=9)
     fig.tight_layout()
-    png = _save(fig, out_dir / "load.png")
-    return _finish(AnalysisResult("load", png, csv_path, summary), out_dir)
+    png = save_figure(fig, out_dir / "load.png")
+    return write_summary(AnalysisResult("load", png, csv_path, summary), out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -847,14 +490,14 @@ def stability(samples: Sequence[RoutedSample], out_dir) -> AnalysisResult:
         rows.append(dict(common, layer="all", flips=int(flips_L.sum()), flip_rate=total))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = _write_csv(out_dir / "stability.csv", rows)
+    csv_path = write_csv(out_dir / "stability.csv", rows)
     layers = samples[0].layers
     summary = dict(pairs=[dict(from_iteration=a, to_iteration=b, flip_rate=total,
                                flip_rate_per_layer=[round(float(v), 6) for v in rate])
                           for a, b, rate, total in pairs],
                    tokens=int(samples[0].mask_NSLE.shape[0] * samples[0].mask_NSLE.shape[1]))
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     if len(pairs) == 1:
         a, b, rate_L, total = pairs[0]
@@ -874,113 +517,19 @@ def stability(samples: Sequence[RoutedSample], out_dir) -> AnalysisResult:
     ax.set_ylabel("flip rate: $||M_i^l - M_j^l||_1 / (T E)$ per layer,\n"
                   "$\\sum_l ||M_i^l - M_j^l||_1 / (L T E)$ for all layers", fontsize=9)
     ax.legend(fontsize=8)
-    png = _save(fig, out_dir / "stability.png")
-    return _finish(AnalysisResult("stability", png, csv_path, summary), out_dir)
-
-
-# ---------------------------------------------------------------------------------------------
-# HTML report
-
-
-def write_report(directory, title: Optional[str] = None) -> Path:
-    """``index.html`` in ``directory`` showing all its plots (embedded), summaries and CSVs."""
-    directory = Path(directory)
-    pngs = sorted(directory.glob("*.png"))
-    if not pngs:
-        raise AnalysisError(f"{directory} holds no plots (*.png); run the analyses first")
-    order = {name: i for i, name in enumerate(REPORT_ORDER)}
-    pngs.sort(key=lambda p: (order.get(p.stem, len(order)), p.stem))
-    title = title or f"Routing analysis: {directory.resolve().parent.name}"
-    parts = [
-        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-        "img{max-width:100%;border:1px solid #ddd}pre{background:#f6f6f6;padding:.6em;"
-        "font-size:12px;overflow-x:auto}nav a{margin-right:1em}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        "<nav>" + "".join(f"<a href='#{p.stem}'>{p.stem.replace('_', '-')}</a>" for p in pngs)
-        + "</nav>",
-    ]
-    for png in pngs:
-        name = png.stem
-        encoded = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(f"<h2 id='{name}'>{html.escape(name.replace('_', '-'))}</h2>")
-        if name in DESCRIPTIONS:
-            parts.append(f"<p>{html.escape(DESCRIPTIONS[name])}</p>")
-        parts.append(f"<img alt='{name}' src='data:image/png;base64,{encoded}'>")
-        data = png.with_suffix(".csv")
-        if data.is_file():
-            parts.append(f"<p>Data: <a href='{html.escape(data.name)}'>{html.escape(data.name)}"
-                         "</a></p>")
-        summary = png.with_suffix(".json")
-        if summary.is_file():
-            parts.append(f"<pre>{html.escape(summary.read_text())}</pre>")
-    parts.append("</body></html>")
-    path = directory / "index.html"
-    path.write_text("\n".join(parts) + "\n")
-    return path
+    png = save_figure(fig, out_dir / "stability.png")
+    return write_summary(AnalysisResult("stability", png, csv_path, summary), out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
-
-
-def _finish(result: AnalysisResult, out_dir: Path) -> AnalysisResult:
-    (Path(out_dir) / f"{result.name}.json").write_text(
-        json.dumps(result.summary, indent=2, default=_json_default) + "\n")
-    return result
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    raise TypeError(f"{type(value)} is not JSON serializable")
-
-
 def _floats(values) -> np.ndarray:
+    """Plot values with None (not logged) as NaN (a gap in the line)."""
     return np.array([np.nan if v is None else float(v) for v in values])
 
 
-def _write_csv(path: Path, rows: list) -> Path:
-    fields = []
-    for row in rows:
-        fields += [key for key in row if key not in fields]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: _csv_value(row.get(key)) for key in fields})
-    path.write_text(buffer.getvalue())
-    return path
-
-
-def _csv_value(value):
-    if value is None:
-        return ""
-    if isinstance(value, (float, np.floating)):
-        return repr(float(value))
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, str):
-        # control characters (newlines, tabs in token texts) escaped, so one row is one line
-        return value.encode("unicode_escape").decode("ascii") if not value.isprintable() else value
-    return value
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped, so that its CSV row stays one line."""
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text

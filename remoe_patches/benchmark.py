@@ -2,7 +2,7 @@
 
 The three models have the same active parameters per token: the dense FFN is ``k * G`` expert
 widths wide. Each is built and trained by the code ``pretrain_gpt.py`` runs (the same flags go
-through the same parser, ``training.build_training_objects`` and ``training.train_step``) on
+through the same parser, ``training.build_training_objects`` and ``training_step.train_step``) on
 synthetic Zipf-distributed tokens that are already on the device, so that only the step is
 timed.
 
@@ -30,6 +30,7 @@ regularizer and the coefficient update (which must be zero).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import statistics
@@ -42,21 +43,19 @@ import torch
 
 from megatron.core.transformer.moe.router import Router
 
-from remoe_patches.arguments import (
-    model_config_from_args,
-    parallel_config_from_args,
-    parse_args,
-)
+from remoe_patches.arguments import parse_run_config
 from remoe_patches.config import PRESETS, ConfigError
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.host_sync import sync_counter
-from remoe_patches.router import reduce_aux_loss_tracker
-from remoe_patches.training import build_training_objects, train_step
+from remoe_patches.parallel import local_device
+from remoe_patches.router_titles import ROUTER_TITLES
+from remoe_patches.run_config import RunConfig
+from remoe_patches.training import build_training_objects
+from remoe_patches.training_step import StepRecord, topk_load_balancing_loss, train_step
 
 # Dense bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 ROUTERS = ("dense", "topk", "relu")
-LABELS = {"dense": "Dense", "topk": "TopK MoE", "relu": "ReMoE"}
 REMOE_SCOPE = "router+regularizer+update"
 
 
@@ -168,7 +167,7 @@ class PhaseResult:
 
     @property
     def label(self) -> str:
-        return LABELS[self.router] + (f" ({self.phase})" if self.phase else "")
+        return ROUTER_TITLES[self.router] + (f" ({self.phase})" if self.phase else "")
 
     @property
     def relative_spread(self) -> float:
@@ -262,16 +261,12 @@ class _Session:
     def __init__(self, config: BenchmarkConfig, router: str, device: torch.device):
         self.config, self.router, self.device = config, router, device
         self._memory_before_build = self._held_memory()
-        self.args = parse_args(training_flags(config, router, device))
-        parallel = parallel_config_from_args(self.args)
-        vocab = config.model_fields["vocab_size"]
-        self.objects = build_training_objects(self.args, parallel, vocab_size=vocab, device=device)
-        self.model_config = self.objects.model_config
-        self.step_kwargs = dict(num_microbatches=config.num_microbatches,
-                                seq_length=self.args.seq_length,
-                                micro_batch_size=config.micro_batch_size)
+        self.run_config = run_config(config, router, device)
+        self.objects = build_training_objects(self.run_config, device=device)
+        self.model_config = self.run_config.model
+        vocab, seq_length = self.model_config.vocab_size, self.model_config.seq_length
         self.batches = _cycle(zipf_batches(
-            vocab, self.args.seq_length, config.micro_batch_size,
+            vocab, seq_length, config.micro_batch_size,
             count=max(8, config.num_microbatches), device=device, seed=config.seed))
         self.routers = [m for chunk in self.objects.model_chunks for m in chunk.modules()
                         if isinstance(m, Router)]
@@ -293,16 +288,21 @@ class _Session:
         if self.syncs is not None:
             self._scope.__exit__(None, None, None)
 
-    def _scoped(self, method):
-        def call(*args, **kwargs):
-            with self.syncs.scope(REMOE_SCOPE):
-                return method(*args, **kwargs)
-        return call
+    def step(self) -> StepRecord:
+        o, training = self.objects, self.run_config.training
+        batches = [next(self.batches) for _ in range(self.config.num_microbatches)]
+        return train_step(o.model_chunks, o.optimizer, o.scheduler, o.regularizer, batches,
+                          seq_length=self.model_config.seq_length,
+                          micro_batch_size=training.micro_batch_size,
+                          global_batch_size=training.global_batch_size,
+                          regularizer_scope=self._regularizer_scope)
 
-    def step(self) -> dict:
-        o = self.objects
-        return train_step(o.model_chunks, o.optimizer, o.scheduler, o.regularizer,
-                          self.batches, self.step_kwargs, self.args)
+    def _regularizer_scope(self):
+        # train_step's seam: the regularizer's step-end work (its reduction, the coefficient
+        # update) counts as ReMoE's syncs while timing.
+        if self.syncs is None:
+            return contextlib.nullcontext()
+        return self.syncs.scope(REMOE_SCOPE)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -311,25 +311,13 @@ class _Session:
     def timed_steps(self, count: int, timing: "Timing") -> None:
         """Run ``count`` steps, adding their times, records and host syncs to ``timing``."""
         self.syncs = sync_counter(self.device)
-        regularizer = self.objects.regularizer
-        # The regularizer's step-end work (the coefficient update, its reductions, the expert
-        # load statistics) counts as ReMoE's too: scope this instance's methods while timing.
-        regularizer_methods = ("finish_step", "step_sparsity", "take_expert_load")
-        if regularizer is not None:
-            for name in regularizer_methods:
-                setattr(regularizer, name, self._scoped(getattr(regularizer, name)))
-        try:
-            with self.syncs:
-                for _ in range(count):
-                    self.synchronize()
-                    started = time.perf_counter()
-                    timing.records.append(self.step())
-                    self.synchronize()
-                    timing.step_ms.append(1000.0 * (time.perf_counter() - started))
-        finally:
-            if regularizer is not None:
-                for name in regularizer_methods:
-                    delattr(regularizer, name)  # back to the class's own
+        with self.syncs:
+            for _ in range(count):
+                self.synchronize()
+                started = time.perf_counter()
+                timing.records.append(self.step())
+                self.synchronize()
+                timing.step_ms.append(1000.0 * (time.perf_counter() - started))
         timing.syncs += self.syncs.total
         timing.remoe_syncs += self.syncs.by_scope[REMOE_SCOPE]
         self.syncs = None
@@ -383,10 +371,9 @@ class _Session:
                 if rep:
                     total_ms += 1000.0 * (time.perf_counter() - started) / repeats
         # What the extra runs recorded must not reach the next step.
-        reduce_aux_loss_tracker(1)
+        topk_load_balancing_loss(1)
         if self.objects.regularizer is not None:
-            self.objects.regularizer.step_sparsity()
-            self.objects.regularizer.take_expert_load()
+            self.objects.regularizer.finish_step(update=False)
         for chunk in self.objects.model_chunks:
             chunk.zero_grad_buffer()
         return total_ms * self.config.num_microbatches
@@ -458,7 +445,7 @@ def finish_phase(session: _Session, phase: str, timing: Timing, peak_tflops: Opt
     times, steps = timing.step_ms, len(timing.step_ms)
     sparsity = None
     if session.router == "relu":
-        sparsity = statistics.fmean(float(r["sparsity"]) for r in timing.records)
+        sparsity = statistics.fmean(float(r.routing.sparsity) for r in timing.records)
         active = (1.0 - sparsity) * model_config.total_experts
     elif session.router == "topk":
         active = float(model_config.total_topk)
@@ -500,7 +487,7 @@ def settle(session: _Session) -> tuple[bool, int]:
     target = session.model_config.target_sparsity
     window = []
     for step in range(1, config.max_settle_steps + 1):
-        window = (window + [float(session.step()["sparsity"])])[-config.settle_window:]
+        window = (window + [float(session.step().routing.sparsity)])[-config.settle_window:]
         if (len(window) == config.settle_window
                 and abs(statistics.fmean(window) - target) <= config.settle_tolerance
                 and max(abs(s - target) for s in window) <= 5 * config.settle_tolerance):
@@ -537,21 +524,20 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
     """
     config.validate()
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        device = local_device()
     peak_tflops = device_peak_tflops(device, config.peak_tflops)
     results = []
 
     def prepare(router) -> tuple:
         """Build and warm up; for ReMoE measure stage I and settle. -> (session, phase, steps)"""
-        progress(f" benchmark: {LABELS[router]}: building, {config.warmup_steps} warm-up steps")
+        progress(f" benchmark: {ROUTER_TITLES[router]}: building, {config.warmup_steps} warm-up steps")
         session = _Session(config, router, device)
         session.warm_up()
         if router != "relu":
             return session, "", None
-        progress(f" benchmark: {LABELS[router]}: stage I, {config.stage1_steps} timed steps")
+        progress(f" benchmark: {ROUTER_TITLES[router]}: stage I, {config.stage1_steps} timed steps")
         results.append(measure_phase(session, "stage I", peak_tflops, steps=config.stage1_steps))
-        progress(f" benchmark: {LABELS[router]}: settling (at most {config.max_settle_steps} steps)")
+        progress(f" benchmark: {ROUTER_TITLES[router]}: settling (at most {config.max_settle_steps} steps)")
         settled, steps = settle(session)
         return session, "stage III" if settled else "not settled", steps
 
@@ -559,7 +545,7 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
     if interleave:
         prepared = [prepare(router) for router in config.routers]
         timings = [Timing() for _ in prepared]
-        progress(f" benchmark: timing {', '.join(LABELS[r] for r in config.routers)} in "
+        progress(f" benchmark: timing {', '.join(ROUTER_TITLES[r] for r in config.routers)} in "
                  f"{config.rounds} alternating rounds of {config.steps} steps in all")
         for round_index in range(config.rounds):
             block = _block_size(config.steps, config.rounds, round_index)
@@ -572,7 +558,7 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
         for router in config.routers:
             session, phase, settled_after = prepare(router)
             try:
-                progress(f" benchmark: {LABELS[router]}: {config.steps} timed steps")
+                progress(f" benchmark: {ROUTER_TITLES[router]}: {config.steps} timed steps")
                 results.append(measure_phase(session, phase, peak_tflops, settled_after))
             finally:
                 session.close()
@@ -591,7 +577,7 @@ def _fit_together(config: BenchmarkConfig, device: torch.device, progress) -> bo
     # bf16 weights + fp32 gradients + fp32 master weights + two Adam moments; or fp32 all along
     bytes_per_parameter = 18 if bf16 else 16
     needed = sum(
-        parse_model_config(config, router, device).num_parameters() * bytes_per_parameter
+        run_config(config, router, device).model.num_parameters() * bytes_per_parameter
         for router in config.routers)
     free, _ = torch.cuda.mem_get_info(device)
     if needed <= free / 2:
@@ -601,10 +587,11 @@ def _fit_together(config: BenchmarkConfig, device: torch.device, progress) -> bo
     return False
 
 
-def parse_model_config(config: BenchmarkConfig, router: str, device: torch.device):
-    """``router``'s ModelConfig, as the session would build it."""
-    args = parse_args(training_flags(config, router, device))
-    return model_config_from_args(args, vocab_size=config.model_fields["vocab_size"])
+def run_config(config: BenchmarkConfig, router: str, device: torch.device) -> RunConfig:
+    """``router``'s RunConfig, as ``pretrain_gpt.py`` would build it from ``training_flags``
+    (with the preset's vocabulary, which needs no tokenizer)."""
+    parsed = parse_run_config(training_flags(config, router, device))
+    return parsed.replace(model=dict(vocab_size=config.model_fields["vocab_size"]))
 
 
 def _block_size(total: int, rounds: int, index: int) -> int:
@@ -623,7 +610,7 @@ def step_time_ratios(results: list) -> dict:
         value = numerator.median_ms / denominator.median_ms
         ratios[name] = {"ratio": value, "spread": spread, "at_most_1": value <= 1.0 + spread}
 
-    topk, dense = by_label.get(LABELS["topk"]), by_label.get(LABELS["dense"])
+    topk, dense = by_label.get(ROUTER_TITLES["topk"]), by_label.get(ROUTER_TITLES["dense"])
     for result in results:
         if result.router == "relu" and topk is not None:
             ratio(f"ReMoE ({result.phase}) / TopK MoE", result, topk)

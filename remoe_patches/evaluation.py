@@ -98,7 +98,6 @@ PAPER_TASKS = (
     ("race", "RACE", "acc"),
 )
 DEFAULT_TASKS = tuple(task for task, _, _ in PAPER_TASKS)
-ROUTER_TITLES = {"dense": "Dense", "topk": "MoE", "relu": "ReMoE"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.experts import GroupedMLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from remoe_patches.parallel import local_device
+
 # Public from torch 2.10; the device machines' 2.x builds before that only have the private name.
 grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -47,7 +49,7 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__(
-            hidden_size, eps=eps, dtype=config.params_dtype, device=torch.cuda.current_device()
+            hidden_size, eps=eps, dtype=config.params_dtype, device=local_device()
         )
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
@@ -156,7 +158,7 @@ class GroupedGemmExperts(MegatronModule):
         tp_size = self.tp_group.size()
         fc1_width = divide(2 * config.moe_ffn_hidden_size * num_local_experts, tp_size)
         fc2_width = divide(config.moe_ffn_hidden_size * num_local_experts, tp_size)
-        device = torch.cuda.current_device()
+        device = local_device()
         dtype = config.params_dtype
         self.weight1 = Parameter(torch.empty(config.hidden_size, fc1_width, device=device, dtype=dtype))
         self.weight2 = Parameter(torch.empty(fc2_width, config.hidden_size, device=device, dtype=dtype))

@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from remoe_patches.config import ModelConfig, ParallelConfig
 from remoe_patches.local_layers import GroupedGemmExperts, RMSNorm, SDPAttention
+from remoe_patches.parallel import local_device
 from remoe_patches.regularizer import AdaptiveL1
 from remoe_patches.router import relu_router_builder
 
@@ -126,7 +127,7 @@ def build_regularizer(model_config: ModelConfig, device=None) -> Optional[Adapti
     if model_config.router != "relu":
         return None
     if device is None:
-        device = torch.cuda.current_device()
+        device = local_device()
     return AdaptiveL1(
         target_sparsity=model_config.target_sparsity,
         num_layers=model_config.num_layers,

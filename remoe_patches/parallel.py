@@ -22,6 +22,14 @@ from remoe_patches.cpu_compat import apply_cpu_shims
 from remoe_patches.megatron_fixes import apply_megatron_fixes
 
 
+def local_device() -> torch.device:
+    """This process's device: its current GPU, or the CPU where there is none. Our own modules
+    and tensors are placed with it, so they never depend on the CPU shims of ``torch.cuda``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -58,7 +58,6 @@ paper's table shape) and ``runs.csv`` (one line per run).
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime
 import glob
 import hashlib
@@ -77,7 +76,9 @@ from typing import Optional
 
 import yaml
 
-from remoe_patches.analysis import read_metrics, settle_iteration, target_from_flags
+from remoe_patches.csv_table import write_csv
+from remoe_patches.router_titles import SWEEP_ROUTER_KINDS, sweep_router_title
+from remoe_patches.run_metrics import read_metrics, settle_iteration, target_from_flags
 
 REPO = Path(__file__).resolve().parent.parent
 DONE_FILE = "DONE"
@@ -86,8 +87,7 @@ LOG_FILE = "train.log"
 ZERO_SHOT_FILE = "zero_shot.json"
 
 SPECIAL_KEYS = ("config", "size", "router")
-ROUTERS = ("dense", "moe", "remoe")
-ROUTER_TITLES = {"dense": "Dense", "moe": "TopK MoE", "remoe": "ReMoE"}
+ROUTERS = tuple(SWEEP_ROUTER_KINDS)
 # Flags that say which router a config uses; replaced when ``router`` switches it.
 ROUTER_IDENTITY = ("moe_relu_routing", "moe_router_pre_softmax", "moe_aux_loss_coeff",
                    "moe_router_load_balancing_type", "moe_router_topk_scaling_factor")
@@ -404,10 +404,14 @@ def validate_runs(sweep: Sweep) -> None:
 
 
 def latest_iteration(directory: Path) -> Optional[int]:
-    pointer = Path(directory) / "latest_checkpointed_iteration.txt"
+    """The iteration of the run's latest checkpoint; None when it has none."""
+    # imported here, not at the top: checkpointing brings torch and megatron-core, which
+    # listing commands and collecting results do not otherwise need
+    from remoe_patches.checkpointing import latest_iteration as checkpointed_iteration
+
     try:
-        return int(pointer.read_text().strip())
-    except (OSError, ValueError):
+        return checkpointed_iteration(str(directory))
+    except (OSError, ValueError):  # an unreadable or garbled pointer: as if none were written
         return None
 
 
@@ -456,17 +460,12 @@ def local_command(run: Run, nproc_per_node: int = 1, master_port: Optional[int] 
     script = str(REPO / "pretrain_gpt.py")
     if nproc_per_node == 1:
         return [sys.executable, script, *run_argv(run)]
-    port = master_port if master_port is not None else _free_port()
+    if master_port is None:
+        from remoe_patches.parallel import free_port  # torch and megatron-core: only when needed
+
+        master_port = free_port()
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-            str(nproc_per_node), "--master-port", str(port), script, *run_argv(run)]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+            str(nproc_per_node), "--master-port", str(master_port), script, *run_argv(run)]
 
 
 def print_commands(sweep: Sweep, out=sys.stdout) -> None:
@@ -671,7 +670,7 @@ def collect(sweep: Sweep) -> dict:
         if columns_key is None:
             return None
         if columns_key == "router":
-            return ROUTER_TITLES.get(value, str(value))
+            return sweep_router_title(value)
         return f"{LABELS.get(columns_key, columns_key)}={_format_value(value)}"
 
     row_title = " ".join(LABELS.get(k, k) for k in rows_keys) or "run"
@@ -716,13 +715,14 @@ def collect(sweep: Sweep) -> dict:
     wide = {}
     for _value_key, csv_row in table_rows:
         wide.setdefault(csv_row[row_title], {}).update(csv_row)
-    _write_csv(sweep.output_dir / "results.csv", list(wide.values()))
-    _write_csv(sweep.output_dir / "runs.csv", results)
+    # results.csv and runs.csv have always had the csv module's default \r\n line ends
+    write_csv(sweep.output_dir / "results.csv", list(wide.values()), line_end="\r\n")
+    write_csv(sweep.output_dir / "runs.csv", results, line_end="\r\n")
     return dict(markdown=text, results=results, table=list(wide.values()))
 
 
 def _row_label_part(key, value) -> str:
-    return ROUTER_TITLES.get(value, str(value)) if key == "router" else _format_value(value)
+    return sweep_router_title(value) if key == "router" else _format_value(value)
 
 
 def _replicates_cell(runs: list, key) -> tuple:
@@ -763,14 +763,3 @@ def _unique(items) -> list:
             seen.append(item)
     return seen
 
-
-def _write_csv(path: Path, rows: list) -> None:
-    fields = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
-    path.write_text(buffer.getvalue())

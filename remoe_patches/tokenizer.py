@@ -158,14 +158,8 @@ def _build_gpt2_bpe(vocab_file: Optional[str], merge_file: Optional[str]) -> Tok
         raise ValueError(
             f"--vocab-file {vocab_file} has no {GPT2_EOD_TOKEN} token; use a GPT-2 style vocab.json"
         )
-    return Tokenizer(
-        kind="GPT2BPETokenizer",
-        vocab_size=hf.get_vocab_size(with_added_tokens=True),
-        eod=eod,
-        encode=lambda text: hf.encode(text).ids,
-        decode=lambda ids: hf.decode(ids, skip_special_tokens=False),
-        source={"vocab_file": vocab_file, "merge_file": merge_file},
-        hf_tokenizer=hf,
+    return _hf_backed_tokenizer(
+        "GPT2BPETokenizer", hf, eod, {"vocab_file": vocab_file, "merge_file": merge_file}
     )
 
 
@@ -221,14 +215,19 @@ def _build_huggingface(tokenizer_model: Optional[str]) -> Tokenizer:
             f"{path} has none of the end-of-document tokens {', '.join(HF_EOD_CANDIDATES)}; "
             "add one of them to the tokenizer"
         )
+    return _hf_backed_tokenizer("HuggingFaceTokenizer", hf, eod, {"tokenizer_model": path})
+
+
+def _hf_backed_tokenizer(kind: str, hf, eod: int, source: dict) -> Tokenizer:
+    """A ``Tokenizer`` over the ``tokenizers.Tokenizer`` ``hf`` (GPT-2 BPE, tokenizer.json)."""
     return Tokenizer(
-        kind="HuggingFaceTokenizer",
+        kind=kind,
         vocab_size=hf.get_vocab_size(with_added_tokens=True),
         eod=eod,
-        # encode() adds the tokenizer's own special tokens (e.g. BOS), as transformers does
-        # for Megatron-LM's HuggingFaceTokenizer.
+        # encode() adds the tokenizer's own special tokens (e.g. BOS of a tokenizer.json), as
+        # transformers does for Megatron-LM's HuggingFaceTokenizer; GPT-2 BPE has none.
         encode=lambda text: hf.encode(text).ids,
         decode=lambda ids: hf.decode(ids, skip_special_tokens=False),
-        source={"tokenizer_model": path},
+        source=source,
         hf_tokenizer=hf,
     )

@@ -41,7 +41,7 @@ from remoe_patches.flops import training_flops_per_token
 from remoe_patches.megatron_fixes import initialize_adam_state
 from remoe_patches.metrics_log import MetricsLog
 from remoe_patches.model import HAVE_TE, build_model, build_regularizer
-from remoe_patches.parallel import initialize_parallel
+from remoe_patches.parallel import initialize_parallel, local_device
 from remoe_patches.regularizer import AdaptiveL1
 from remoe_patches.routing_health import RoutingHealth, collapsed_layers, dead_experts
 from remoe_patches.run_config import RunConfig, TrainingConfig
@@ -98,8 +98,7 @@ def pretrain(config: RunConfig) -> RunState:
                         timeout_minutes=training.distributed_timeout_minutes)
     world_size = dist.get_world_size()
     dp_size = config.parallel.data_parallel_size(world_size)
-    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-              else torch.device("cpu"))
+    device = local_device()
     vocab_size = vocab_size_with_padding(
         tokenizer.vocab_size, data.make_vocab_size_divisible_by,
         config.parallel.tensor_model_parallel_size,

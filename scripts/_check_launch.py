@@ -41,50 +41,52 @@ def main(argv=None) -> int:
     options = own.parse_args(argv[:split])
     flags = argv[split + 1:]
 
-    from remoe_patches.arguments import (
-        model_config_from_args, parallel_config_from_args, parse_args, split_blend)
+    from remoe_patches.arguments import parse_run_config, split_blend
     from remoe_patches.config import ConfigError
+    from remoe_patches.router_titles import ROUTER_TITLES
     from remoe_patches.tokenizer import build_tokenizer, vocab_size_with_padding
     from remoe_patches.training import check_batch_sizes
 
-    args = parse_args(flags)  # one line on stderr and exit 2 when the flags are not valid
+    # one line on stderr and exit 2 when the flags are not valid
+    config = parse_run_config(flags)
+    parallel, data, training = config.parallel, config.data, config.training
     prog = "_check_launch.py: error: "
     try:
-        parallel = parallel_config_from_args(args)
         parallel.validate_world(options.world_size)
         dp = parallel.data_parallel_size(options.world_size)
-        accumulation = check_batch_sizes(args, dp) if args.global_batch_size else 1
+        training = check_batch_sizes(training, dp)
     except ConfigError as error:
         print(prog + str(error), file=sys.stderr)
         return 2
+    accumulation = training.global_batch_size // (training.micro_batch_size * dp)
 
     notes = []
     vocab = None
-    if args.tokenizer_type == "GPT2BPETokenizer":
-        if os.path.isfile(args.vocab_file) and os.path.isfile(args.merge_file):
-            vocab = build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file,
-                                    merge_file=args.merge_file).vocab_size
+    if data.tokenizer_type == "GPT2BPETokenizer":
+        if os.path.isfile(data.vocab_file) and os.path.isfile(data.merge_file):
+            vocab = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
+                                    merge_file=data.merge_file).vocab_size
         else:
-            notes.append(f"tokenizer files not found here ({args.vocab_file}, {args.merge_file}); "
+            notes.append(f"tokenizer files not found here ({data.vocab_file}, {data.merge_file}); "
                          f"the parameter count assumes GPT-2's {GPT2_VOCAB} tokens")
-    padded = vocab_size_with_padding(vocab or GPT2_VOCAB, args.make_vocab_size_divisible_by,
+    padded = vocab_size_with_padding(vocab or GPT2_VOCAB, data.make_vocab_size_divisible_by,
                                      parallel.tensor_model_parallel_size)
-    model = model_config_from_args(args, vocab_size=padded)
-    if args.data_path:
-        prefixes, _ = split_blend(args.data_path)
+    model = config.replace(model=dict(vocab_size=padded)).model
+    if data.data_path:
+        prefixes, _ = split_blend(data.data_path)
         absent = [p for p in prefixes if not os.path.isfile(p + ".idx")]
         if absent:
             notes.append(f"{len(absent)} of {len(prefixes)} --data-path prefixes not found here "
                          f"(first: {absent[0]}.bin/.idx)")
 
-    router = {"dense": "dense", "topk": "TopK MoE", "relu": "ReMoE"}[model.router]
+    router = ROUTER_TITLES[model.router]
     moe = ""
     if model.is_moe:
         moe = (f"; E={model.num_experts} k={model.topk} G={model.granularity}"
                + (f", target sparsity {model.target_sparsity:g}" if model.router == "relu" else ""))
-    global_batch = args.global_batch_size or args.micro_batch_size * dp
-    iterations = args.train_iters or -(-args.train_samples // global_batch)
-    tokens = iterations * global_batch * args.seq_length
+    global_batch = training.global_batch_size
+    iterations = training.train_iters
+    tokens = iterations * global_batch * model.seq_length
     nodes = f"{options.nnodes} node(s) x {options.gpus_per_node} GPUs" if options.gpus_per_node \
         else f"{options.world_size} ranks"
     print("dry run: valid for pretrain_gpt.py (nothing was started)")
@@ -96,9 +98,10 @@ def main(argv=None) -> int:
           f"{model.dense_ffn_hidden_size}{moe}; {model.num_parameters() / 1e6:,.0f}M parameters "
           f"(vocabulary {padded})")
     print(f"  training: {iterations} iterations x {global_batch} sequences x "
-          f"{args.seq_length} tokens = {_count(tokens)} tokens; micro batch "
-          f"{args.micro_batch_size} x {accumulation} accumulation steps x DP {dp}; lr {args.lr:g}"
-          f" -> {args.min_lr:g} {args.lr_decay_style}; {'bf16' if args.bf16 else 'fp32'}")
+          f"{model.seq_length} tokens = {_count(tokens)} tokens; micro batch "
+          f"{training.micro_batch_size} x {accumulation} accumulation steps x DP {dp}; lr "
+          f"{training.lr:g} -> {training.min_lr:g} {training.lr_decay_style}; "
+          f"{'bf16' if training.bf16 else 'fp32'}")
     for note in notes:
         print(f"  note: {note}")
     return 0

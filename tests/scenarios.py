@@ -17,7 +17,6 @@ from megatron.core import dist_checkpointing, parallel_state
 from remoe_patches.config import ModelConfig, ParallelConfig
 from remoe_patches.model import build_model
 from remoe_patches.parallel import destroy_parallel, initialize_parallel
-from remoe_patches.router import REG_LOSS_NAME, SPARSITY_NAME, reduce_aux_loss_tracker
 from remoe_patches.training_step import forward_backward, wrap_with_ddp
 
 MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
@@ -79,16 +78,10 @@ def run_step(rank, world_size, *, ckpt_dir, parallel_kwargs, model_kwargs, globa
         losses = forward_backward([ddp], mine, num_microbatches=num_microbatches,
                                   seq_length=MODEL["seq_length"], micro_batch_size=micro_batch)
         result = {"lm_loss": losses["lm_loss"]}
-        tracked = reduce_aux_loss_tracker(num_microbatches)
-        for key, name in (("reg_loss_L", REG_LOSS_NAME), ("sparsity_L", SPARSITY_NAME)):
-            if name in tracked:
-                result[key] = tracked[name]
         if built.regularizer is not None:
-            step = built.regularizer.finish_step(
-                data_parallel_group=parallel_state.get_data_parallel_group(),
-                pipeline_parallel_group=parallel_state.get_pipeline_model_parallel_group(),
-            )
-            result.update(step_sparsity=step.mean, step_sparsity_L=step.per_layer_L,
+            stats = built.regularizer.finish_step()
+            result.update(reg_loss_L=stats.reg_loss_L, sparsity_L=stats.sparsity_L,
+                          expert_load_LE=stats.expert_load_LE, step_sparsity=stats.sparsity,
                           coeff=built.regularizer.coeff.clone())
 
         grads = {name: param.main_grad.clone() for name, param in model.named_parameters()}

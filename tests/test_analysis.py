@@ -1,78 +1,17 @@
-"""Routing analyses on a small trained run: every analysis writes its PNG and CSV, and the CSV's
-numbers equal a direct computation here (own router hooks, one sequence per forward pass, own
-counts), so neither the hooks' token order nor the bookkeeping can go wrong unnoticed.
-
-The run is trained once for the module by ``pretrain_gpt.py`` (6 steps, checkpoints at 3 and 6)
-on a small multi-domain corpus.
-"""
+"""Routing analyses on a small trained run (``routing_fixtures``): every analysis writes its PNG
+and CSV, and the CSV's numbers equal a direct computation here (own router hooks, one sequence
+per forward pass, own counts), so the bookkeeping cannot go wrong unnoticed."""
 
 from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from remoe_patches import analysis
-from remoe_patches.demo_corpus import build_demo_corpus
-from remoe_patches.preprocess import import_indexed_dataset
-from test_training import authors_style_flags, ok, run
-
-REPO = Path(__file__).resolve().parent.parent
-SEQ_LENGTH = 32
-NUM_SEQUENCES = 24
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_demo_corpus(tmp_path_factory.mktemp("corpus"), vocab_size=384,
-                             max_chars_per_domain=40_000)
-
-
-@pytest.fixture(scope="module")
-def trained(corpus, tmp_path_factory):
-    save = tmp_path_factory.mktemp("run")
-    ok(run(authors_style_flags(corpus, save, seq_length=SEQ_LENGTH, train_iters=6,
-                               save_interval=3, eval_interval=3, log_interval=1)))
-    return save
-
-
-def direct_masks(model, tokens_NS) -> np.ndarray:
-    """[N, S, L, E] routing masks: one sequence per forward, hooks on each layer's router."""
-    routers = [layer.mlp.router for layer in model.decoder.layers]
-    seen = {}
-    handles = [router.register_forward_hook(
-        lambda module, inputs, output, i=i: seen.__setitem__(i, output[1].clone()))
-        for i, router in enumerate(routers)]
-    masks = []
-    try:
-        with torch.no_grad():
-            for sequence in tokens_NS:
-                tokens = torch.as_tensor(sequence)[None]
-                model(tokens, torch.arange(len(sequence))[None], None)
-                masks.append(torch.stack([seen[i] for i in range(len(routers))], dim=1))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return torch.stack(masks).bool().numpy()  # [N, S(T of one sequence), L, E]
-
-
-@pytest.fixture(scope="module")
-def routed(single_rank, corpus, trained):
-    calibration = analysis.calibration_set(corpus.data_prefix, seq_length=SEQ_LENGTH,
-                                           num_sequences=NUM_SEQUENCES)
-    samples, direct = [], []
-    for directory in analysis.checkpoint_dirs(trained):
-        checkpoint = analysis.load_checkpoint(directory)
-        samples.append(analysis.route_checkpoint(checkpoint, calibration, batch_size=5))
-        direct.append(direct_masks(checkpoint.model, calibration.tokens_NS))
-    assert [s.iteration for s in samples] == [3, 6]
-    return dict(calibration=calibration, samples=samples, direct=direct)
+from remoe_patches import analysis, routing_capture, run_metrics
 
 
 def read_csv(path) -> list:
@@ -86,34 +25,10 @@ def check_outputs(result, name):
     return read_csv(result.csv)
 
 
-def test_calibration_is_document_beginnings(corpus, routed):
-    calibration = routed["calibration"]
-    dataset = import_indexed_dataset().IndexedDataset(corpus.data_prefix)
-    documents = calibration.documents_NS.reshape(-1)
-    tokens = calibration.tokens_NS.reshape(-1)
-    starts = np.r_[0, np.nonzero(np.diff(documents))[0] + 1]
-    ends = np.r_[starts[1:], documents.size]
-    order = documents[starts]
-    assert len(set(order.tolist())) == len(order) > 1  # each document once, several of them
-    for index, (start, end) in enumerate(zip(starts, ends)):
-        document = np.asarray(dataset[order[index]], dtype=np.int64)
-        assert np.array_equal(tokens[start:end], document[:end - start])
-        if index < len(order) - 1:  # all but the last: the first 4 * S tokens, or all of them
-            assert end - start == min(len(document), 4 * SEQ_LENGTH)
-    assert calibration.tokens_NS.shape == (NUM_SEQUENCES, SEQ_LENGTH)
-
-
-def test_routing_masks_match_one_sequence_at_a_time(routed):
-    for sample, direct in zip(routed["samples"], routed["direct"]):
-        assert sample.layers == [1, 2]
-        assert sample.mask_NSLE.shape == direct.shape == (NUM_SEQUENCES, SEQ_LENGTH, 2, 8)
-        assert np.array_equal(sample.mask_NSLE, direct)
-
-
-def test_stages_from_metrics(trained, tmp_path):
-    result = analysis.stages(trained, tmp_path)
+def test_stages_from_metrics(routing_run, tmp_path):
+    result = analysis.stages(routing_run, tmp_path)
     rows = check_outputs(result, "stages")
-    records = [r for r in analysis.read_metrics(trained) if "lm_loss" in r]
+    records = [r for r in run_metrics.read_metrics(routing_run) if "lm_loss" in r]
     assert [int(r["iteration"]) for r in rows] == [r["iteration"] for r in records] == list(range(1, 7))
     for row, record in zip(rows, records):
         for key in ("sparsity", "l1_coeff", "reg_loss", "lm_loss"):
@@ -122,16 +37,9 @@ def test_stages_from_metrics(trained, tmp_path):
             pytest.approx(record["sparsity_per_layer"], rel=1e-12)
     validation = {int(r["iteration"]): float(r["val_lm_loss"]) for r in rows if r["val_lm_loss"]}
     assert validation == {r["iteration"]: r["val_lm_loss"]
-                          for r in analysis.read_metrics(trained) if "val_lm_loss" in r}
+                          for r in run_metrics.read_metrics(routing_run) if "val_lm_loss" in r}
     assert result.summary["target_sparsity"] == 0.875  # 1 - k/E, read from the checkpoint
     assert {row["stage"] for row in rows} <= {"I", "II", "III"}
-
-
-def test_settle_iteration():
-    records = [dict(iteration=i, sparsity=s) for i, s in
-               enumerate([0.3, 0.2, 0.6, 0.87, 0.95, 0.88, 0.874, 0.876], start=1)]
-    assert analysis.settle_iteration(records, 0.875, tolerance=0.02) == 6
-    assert analysis.settle_iteration(records[:5], 0.875, tolerance=0.02) is None
 
 
 def test_per_token_counts_add_up(routed, tmp_path):
@@ -153,11 +61,11 @@ def test_per_token_counts_add_up(routed, tmp_path):
     assert counts == sorted(counts, reverse=True)
 
 
-def test_per_domain_fractions_are_direct_counts(corpus, routed, tmp_path):
+def test_per_domain_fractions_are_direct_counts(routing_corpus, routed, tmp_path):
     sample, direct = routed["samples"][-1], routed["direct"][-1]
-    domains = json.loads(Path(corpus.domains_file).read_text())
-    rows = check_outputs(analysis.per_domain(sample, analysis.read_domains(corpus.domains_file),
-                                             tmp_path), "per_domain")
+    domains = json.loads(Path(routing_corpus.domains_file).read_text())
+    rows = check_outputs(analysis.per_domain(
+        sample, analysis.read_domains(routing_corpus.domains_file), tmp_path), "per_domain")
     token_domains = np.array([domains[d] for d in routed["calibration"].documents_NS.reshape(-1)])
     flat = direct.reshape(-1, 2, 8)
     assert len(rows) == 2 * len(set(token_domains))
@@ -192,7 +100,7 @@ def test_collapsed_layer_and_dead_experts_are_flagged(routed, tmp_path):
     mask = sample.mask_NSLE.copy()
     mask[:, :, 1, :] = False  # layer 2: no token uses any expert
     mask[:, :, 0, 3] = False  # layer 1: expert 3 gets nothing
-    forged = analysis.RoutedSample(**{**sample.__dict__, "mask_NSLE": mask})
+    forged = routing_capture.RoutedSample(**{**sample.__dict__, "mask_NSLE": mask})
     result = analysis.expert_load([forged], tmp_path)
     assert result.summary["collapsed_layers"] == [2]
     assert 3 in result.summary["dead_experts"]["1"]
@@ -214,26 +122,3 @@ def test_flip_rate(routed, tmp_path):
         assert int(by_layer[str(layer)]["flips"]) == flips
         assert float(by_layer[str(layer)]["flip_rate"]) == pytest.approx(flips / (T * E))
     assert {(r["from_iteration"], r["to_iteration"]) for r in rows} == {("3", "6")}
-
-
-def test_command_line_all_and_report(trained, tmp_path):
-    out = tmp_path / "analysis"
-    tool = str(REPO / "tools" / "analyze_routing.py")
-    result = subprocess.run(
-        [sys.executable, tool, "all", str(trained), "--documents", "all", "--num-sequences", "4",
-         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for name in analysis.REPORT_ORDER:
-        assert (out / f"{name}.png").is_file() and (out / f"{name}.csv").is_file(), name
-    page = (out / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == 5
-    assert "Routing stability" in page and "per_domain.csv" in page
-    # --report alone rebuilds the page from a run directory's analysis/ folder
-    (out / "index.html").unlink()
-    result = subprocess.run([sys.executable, tool, "--report", str(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert (out / "index.html").is_file()
-    bad = subprocess.run([sys.executable, tool, "stability", str(trained / "iter_0000006")],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "two or more checkpoints" in bad.stderr.strip().splitlines()[-1]

@@ -12,8 +12,8 @@ from remoe_patches.arguments import (
     model_config_from_args,
     parallel_config_from_args,
     parse_args,
+    run_config_from_args,
     split_blend,
-    transformer_overrides_from_args,
 )
 from remoe_patches.config import ModelConfig, ParallelConfig
 
@@ -94,6 +94,12 @@ CPU = dict(cuda_available=False, transformer_engine_available=False)
 GPU_WITH_TE = dict(cuda_available=True, transformer_engine_available=True)
 
 
+def transformer_overrides(args, **device) -> dict:
+    """The TransformerConfig options the flags give on ``device``, via the run's config."""
+    config = run_config_from_args(args)
+    return config.layers.transformer_overrides(is_moe=config.model.is_moe, **device)
+
+
 # --- (a) the authors' launch script --------------------------------------------------------
 
 
@@ -152,7 +158,7 @@ def test_authors_remoe_script_lists_what_has_no_effect():
     assert set(TOPK_ONLY_FLAGS) <= set(on_gpu)
     # The overrides agree: on GPUs with transformer-engine the fused kernels are used, except
     # the one the script turns off.
-    overrides = transformer_overrides_from_args(args, **GPU_WITH_TE)
+    overrides = transformer_overrides(args, **GPU_WITH_TE)
     assert overrides["bias_activation_fusion"]
     assert overrides["masked_softmax_fusion"] is False
 
@@ -163,14 +169,14 @@ def test_authors_script_without_relu_routing_is_the_topk_baseline():
     model = model_config_from_args(args)
     assert (model.router, model.moe_aux_loss_coeff, model.topk) == ("topk", 0.01, 1)
     assert not set(TOPK_ONLY_FLAGS) & set(flags_of(args, **CPU))
-    overrides = transformer_overrides_from_args(args, **CPU)
+    overrides = transformer_overrides(args, **CPU)
     assert overrides["moe_router_pre_softmax"] is True
 
 
 def test_moe_layer_recompute_reaches_megatron_as_selective_moe_recompute():
     with pytest.warns(UserWarning):
         args = parse_args(AUTHORS_182M_REMOE)
-    overrides = transformer_overrides_from_args(args, **CPU)
+    overrides = transformer_overrides(args, **CPU)
     model, parallel = model_config_from_args(args), parallel_config_from_args(args)
     config = model.transformer_config(parallel, **overrides)
     assert (config.recompute_granularity, config.recompute_modules) == ("selective", ["moe"])
@@ -219,7 +225,7 @@ def test_shipped_config_is_the_papers_setup(path):
     )
     # On the paper's machines every flag of a shipped config does something.
     assert ineffective_flags(args, **GPU_WITH_TE) == []
-    overrides = transformer_overrides_from_args(args, **CPU)
+    overrides = transformer_overrides(args, **CPU)
     model.transformer_config(parallel_config_from_args(args), **overrides)
 
 
@@ -342,7 +348,7 @@ def test_router_dtype_flag_and_its_default():
 
 def test_permute_fusion_stays_available_to_topk():
     args = parse_args(TINY_MOE + ["--moe-permute-fusion"])
-    assert transformer_overrides_from_args(args, **GPU_WITH_TE)["moe_permute_fusion"] is True
+    assert transformer_overrides(args, **GPU_WITH_TE)["moe_permute_fusion"] is True
 
 
 def test_topk_flags_of_megatron_lm_reach_megatron():
@@ -350,7 +356,7 @@ def test_topk_flags_of_megatron_lm_reach_megatron():
         "--moe-router-topk-scaling-factor", "8", "--moe-input-jitter-eps", "0.01",
         "--moe-z-loss-coeff", "1e-3", "--moe-expert-capacity-factor", "1.0",
         "--moe-token-drop-policy", "position"])
-    overrides = transformer_overrides_from_args(args, **CPU)
+    overrides = transformer_overrides(args, **CPU)
     assert (overrides["moe_router_topk_scaling_factor"], overrides["moe_input_jitter_eps"],
             overrides["moe_z_loss_coeff"], overrides["moe_token_drop_policy"]) == \
         (8.0, 0.01, 1e-3, "position")
@@ -360,7 +366,7 @@ def test_topk_flags_of_megatron_lm_reach_megatron():
     free = parse_args(without(TINY_MOE, "--moe-router-pre-softmax") + [
         "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
         "--moe-router-bias-update-rate", "0.01", "--moe-router-load-balancing-type", "none"])
-    overrides = transformer_overrides_from_args(free, **CPU)
+    overrides = transformer_overrides(free, **CPU)
     assert (overrides["moe_router_score_function"], overrides["moe_router_enable_expert_bias"],
             overrides["moe_router_bias_update_rate"]) == ("sigmoid", True, 0.01)
 
@@ -373,7 +379,7 @@ def test_topk_flags_have_no_effect_under_relu_routing():
     for flag in ("--moe-router-topk-scaling-factor", "--moe-input-jitter-eps",
                  "--moe-router-score-function"):
         assert "TopK only" in listed[flag], flag
-    overrides = transformer_overrides_from_args(args, **CPU)
+    overrides = transformer_overrides(args, **CPU)
     assert "moe_router_topk_scaling_factor" not in overrides
 
 

@@ -125,6 +125,6 @@ def test_optimizer_state_of_another_layout_is_refused_in_one_line(single_rank, t
 
     checkpointing.save_checkpoint(str(tmp_path / "tp2"), 1, [ddp], optimizer, None,
                                   consumed_samples=2, regularizer=built.regularizer,
-                                  args={"tensor_model_parallel_size": 2})
+                                  run_config={"parallel": {"tensor_model_parallel_size": 2}})
     with pytest.raises(ValueError, match=r"TP/PP/EP \(2, 1, 1\).*\(1, 1, 1\).*--no-load-optim"):
         checkpointing.load_checkpoint(str(tmp_path / "tp2"), [ddp], optimizer, None)

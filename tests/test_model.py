@@ -17,7 +17,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from remoe_patches.config import ModelConfig
 from remoe_patches.model import build_model
-from remoe_patches.router import REG_LOSS_NAME, SPARSITY_NAME, ReLURouter, reduce_aux_loss_tracker
+from remoe_patches.router import ReLURouter
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
             ffn_hidden_size=64, vocab_size=128, seq_length=16)
@@ -117,13 +117,13 @@ def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
     expected_reg, expected_per_layer = reference_reg_loss(inputs, [r.weight for r in routers], topk=2)
     coeff = 0.7
     expected_extra = torch.autograd.grad(coeff * expected_reg, params, allow_unused=True)
-    reduce_aux_loss_tracker(1)  # drop the records of the run above
+    regularizer.finish_step(update=False)  # drop the records of the run above
 
     loss_with, _ = run(coeff)
     grads_with = torch.autograd.grad(loss_with, params)
     assert loss_with.item() == loss_without.item()
-    metrics = reduce_aux_loss_tracker(1)
-    torch.testing.assert_close(metrics[REG_LOSS_NAME], expected_per_layer)
+    torch.testing.assert_close(regularizer.finish_step(update=False).reg_loss_L,
+                               expected_per_layer)
     for param, g0, g1, extra in zip(params, grads_without, grads_with, expected_extra):
         extra = torch.zeros_like(g0) if extra is None else extra
         torch.testing.assert_close(g1 - g0, extra, rtol=1e-4, atol=1e-7)
@@ -131,19 +131,31 @@ def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
     assert all(e is not None and e.abs().max() > 0 for e in router_extra)
 
 
-def test_router_records_sparsity_for_the_coefficient(single_rank):
+def test_router_records_the_steps_routing_statistics(single_rank):
+    """Sparsity (Eq. 8) and expert load per layer, averaged over micro-batches, against the
+    routing maps the routers returned; their mean is what the coefficient update reads."""
     built = build_model(ModelConfig(router="relu", **TINY), single_rank)
+    routers = [m for m in built.model.modules() if isinstance(m, ReLURouter)]
+    maps = {router: [] for router in routers}
+    for router in routers:
+        router.register_forward_hook(lambda m, args, out: maps[m].append(out[1].detach()))
     for seed in range(3):
         lm_loss(built.model, seed).backward()
-    metrics = reduce_aux_loss_tracker(3)
-    step = built.regularizer.step_sparsity()
-    torch.testing.assert_close(step.per_layer_L, metrics[SPARSITY_NAME])
-    assert step.mean.item() == pytest.approx(metrics[SPARSITY_NAME].mean().item())
+    stats = built.regularizer.finish_step(update=False)
+    for router in routers:
+        layer = router.layer_number - 1
+        expected_sparsity = sum(1 - m.float().mean() for m in maps[router]) / len(maps[router])
+        assert stats.sparsity_L[layer].item() == pytest.approx(expected_sparsity.item(), rel=1e-6)
+        counts_E = sum(m.float().sum(0) for m in maps[router])
+        tokens = sum(m.shape[0] for m in maps[router])
+        torch.testing.assert_close(stats.expert_load_LE[layer], counts_E / tokens)
+    assert stats.sparsity.item() == pytest.approx(stats.sparsity_L.nanmean().item(), rel=1e-6)
     # evaluation forwards record nothing
     built.model.eval()
     with torch.no_grad():
         lm_loss(built.model)
-    assert torch.isnan(built.regularizer.step_sparsity().per_layer_L).all()
+    empty = built.regularizer.finish_step(update=False)
+    assert torch.isnan(empty.sparsity_L).all() and torch.isnan(empty.expert_load_LE).all()
 
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
@@ -182,17 +194,15 @@ def test_moe_layer_recomputation_changes_nothing_but_memory(single_rank):
         model_parallel_cuda_manual_seed(0)
         built = build_model(ModelConfig(router="relu", relu_l1_coeff_init=0.5, **TINY),
                             single_rank, **recompute)
-        reduce_aux_loss_tracker(1)  # empty megatron's global tracker of earlier tests' values
         loss = lm_loss(built.model, seed=1)
         loss.backward()
-        tracked = reduce_aux_loss_tracker(1)
+        stats = built.regularizer.finish_step(update=False)
         runs.append(dict(
-            loss=loss.detach(), reg_loss=tracked[REG_LOSS_NAME],
-            sparsity=built.regularizer.step_sparsity().per_layer_L,
+            loss=loss.detach(), reg_loss=stats.reg_loss_L, sparsity=stats.sparsity_L,
             grads={name: p.grad.clone() for name, p in built.model.named_parameters()},
         ))
     plain, recomputed = runs
-    assert plain["reg_loss"].sum() > 0
+    assert plain["reg_loss"].nansum() > 0
     for key in ("loss", "reg_loss", "sparsity"):
         torch.testing.assert_close(recomputed[key], plain[key], rtol=0, atol=0)
     for name, grad in plain["grads"].items():

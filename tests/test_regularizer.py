@@ -1,13 +1,22 @@
-"""AdaptiveL1 (spec Eq. 7/8): scripted updates, the tie rule, the step reduction, state."""
+"""The regularizer: its L1 losses (spec Eq. 9-11) against independent computations, and
+AdaptiveL1 (Eq. 7/8): scripted updates, the tie rule, the step's statistics, state."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from remoe_patches.regularizer import AdaptiveL1
+from remoe_patches import relu_gates
+from remoe_patches.regularizer import (
+    AdaptiveL1,
+    l1_loss,
+    load_balance_weights,
+    load_balanced_l1_loss,
+)
+from test_relu_gates import E, K, T, logits_away_from_zero
 
 
 def test_scripted_sparsity_sequence_with_tie():
@@ -23,27 +32,57 @@ def test_scripted_sparsity_sequence_with_tie():
     assert reg.coeff.dtype == torch.float32 and reg.coeff.dim() == 0
 
 
-def test_step_sparsity_averages_micro_batches_then_moe_layers():
-    reg = AdaptiveL1(target_sparsity=0.5, num_layers=4)
+def test_step_statistics_average_micro_batches_then_moe_layers():
+    reg = AdaptiveL1(target_sparsity=0.5, num_layers=4, num_experts=2)
     # layers 1 and 3 are MoE (two micro-batches each); 2 and 4 are dense and never record
-    for value_1, value_3 in [(0.2, 0.6), (0.4, 1.0)]:
-        reg.record(1, torch.tensor(value_1))
-        reg.record(3, torch.tensor(value_3))
-    step = reg.step_sparsity()
-    assert step.per_layer_L[0].item() == pytest.approx(0.3)
-    assert step.per_layer_L[2].item() == pytest.approx(0.8)
-    assert math.isnan(step.per_layer_L[1].item()) and math.isnan(step.per_layer_L[3].item())
-    assert step.mean.item() == pytest.approx((0.3 + 0.8) / 2)
+    for value_1, value_3, loss_3, counts_3 in [(0.2, 0.6, 1.0, [3.0, 1.0]),
+                                               (0.4, 1.0, 3.0, [0.0, 0.0])]:
+        reg.record(1, sparsity=torch.tensor(value_1))
+        reg.record(3, sparsity=torch.tensor(value_3), reg_loss=torch.tensor(loss_3),
+                   tokens_per_expert_E=torch.tensor(counts_3), num_tokens=4)
+    stats = reg.finish_step(update=False)
+    assert stats.sparsity_L[0].item() == pytest.approx(0.3)
+    assert stats.sparsity_L[2].item() == pytest.approx(0.8)
+    assert math.isnan(stats.sparsity_L[1].item()) and math.isnan(stats.sparsity_L[3].item())
+    assert stats.sparsity.item() == pytest.approx((0.3 + 0.8) / 2)
+    assert stats.reg_loss_L[2].item() == pytest.approx(2.0)
+    # 3 of 8 tokens went to expert 0, 1 of 8 to expert 1; layer 1 recorded no counts
+    assert stats.expert_load_LE[2].tolist() == pytest.approx([3 / 8, 1 / 8])
+    assert torch.isnan(stats.expert_load_LE[0]).all()
     # the records are consumed: the next step starts empty
-    reg.record(1, torch.tensor(1.0))
-    assert reg.step_sparsity().mean.item() == pytest.approx(1.0)
+    reg.record(1, sparsity=torch.tensor(1.0))
+    assert reg.finish_step().sparsity.item() == pytest.approx(1.0)
+
+
+def test_replicated_records_count_once_and_loss_shares_add_up():
+    """Two ranks splitting a layer's tokens (TP/SP/CP) record the same sparsity and counts and
+    half of the loss each; summed over both (what finish_step's reduction does) the step's
+    statistics are those of one rank recording the whole layer."""
+    whole = AdaptiveL1(target_sparsity=0.5, num_layers=1, num_experts=2)
+    whole.record(1, sparsity=torch.tensor(0.25), reg_loss=torch.tensor(3.0),
+                 tokens_per_expert_E=torch.tensor([6.0, 2.0]), num_tokens=8)
+    shards = [AdaptiveL1(target_sparsity=0.5, num_layers=1, num_experts=2) for _ in range(2)]
+    for shard, share in zip(shards, (1.0, 2.0)):
+        shard.record(1, sparsity=torch.tensor(0.25), reg_loss=torch.tensor(share),
+                     tokens_per_expert_E=torch.tensor([6.0, 2.0]), num_tokens=8, replicas=2)
+    summed = shards[0]
+    summed._stats_LC += shards[1]._stats_LC  # the all-reduce over the two ranks
+    expected, got = whole.finish_step(), summed.finish_step()
+    for field in ("sparsity", "sparsity_L", "reg_loss_L", "expert_load_LE", "coeff"):
+        torch.testing.assert_close(getattr(got, field), getattr(expected, field))
+    assert summed.coeff.item() == whole.coeff.item()
 
 
 def test_finish_step_updates_from_the_reduced_value():
     reg = AdaptiveL1(target_sparsity=0.875, num_layers=2, init_coeff=1.0, multiplier=2.0)
-    reg.record(1, torch.tensor(0.9))
-    reg.record(2, torch.tensor(0.8))  # mean 0.85 < 0.875: too dense
-    reg.finish_step()
+    reg.record(1, sparsity=torch.tensor(0.9))
+    reg.record(2, sparsity=torch.tensor(0.8))  # mean 0.85 < 0.875: too dense
+    stats = reg.finish_step()
+    assert reg.coeff.item() == 2.0
+    assert stats.coeff.item() == 1.0  # the coefficient the step trained with
+    # a skipped step's statistics are consumed without an update
+    reg.record(1, sparsity=torch.tensor(0.1))
+    reg.finish_step(update=False)
     assert reg.coeff.item() == 2.0
 
 
@@ -71,3 +110,82 @@ def test_state_round_trip():
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"AdaptiveL1.{field}"):
         AdaptiveL1(num_layers=1, **kwargs)
+
+
+# The losses (one layer)
+
+
+def test_l1_loss_is_mean_token_l1_norm():
+    gates = relu_gates.relu_gates(logits_away_from_zero())
+    expected = sum(abs(gates[t, e].item()) for t in range(T) for e in range(E)) / T
+    assert l1_loss(gates).item() == pytest.approx(expected, rel=1e-12)
+
+
+def reference_lb_loss(gates: np.ndarray, topk: int) -> float:
+    """Eq. 10/11 written out with loops."""
+    num_tokens, num_experts = gates.shape
+    f = [num_experts / (topk * num_tokens) * sum(gates[t, e] > 0 for t in range(num_tokens))
+         for e in range(num_experts)]
+    return sum(f[e] * gates[t, e] for t in range(num_tokens) for e in range(num_experts)) / num_tokens
+
+
+def test_load_balanced_l1_loss_matches_eq_10_11():
+    gates = relu_gates.relu_gates(logits_away_from_zero())
+    expected = reference_lb_loss(gates.numpy(), K)
+    assert load_balanced_l1_loss(gates, K).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["l1", "lb"])
+def test_gradcheck_float64(loss):
+    logits = logits_away_from_zero().requires_grad_()
+
+    def fn(x):
+        gates = relu_gates.relu_gates(x)
+        return l1_loss(gates) if loss == "l1" else load_balanced_l1_loss(gates, K)
+
+    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-8)
+
+
+def test_load_balanced_gradient_is_f_over_t_on_active_gates_only():
+    logits = logits_away_from_zero().requires_grad_()
+    load_balanced_l1_loss(relu_gates.relu_gates(logits), K).backward()
+    active = (logits.detach() > 0).numpy()
+    f = E / (K * T) * active.sum(axis=0)
+    expected = np.where(active, f[None, :] / T, 0.0)
+    np.testing.assert_allclose(logits.grad.numpy(), expected, rtol=1e-12, atol=0)
+
+
+def test_f_carries_no_gradient():
+    # Counts that could carry a gradient (a soft count, say, or counts reduced by a collective
+    # that keeps the graph): Eq. 11's f is still a constant, and the loss's gradient only the
+    # f-weighted gates'.
+    gates = relu_gates.relu_gates(logits_away_from_zero().requires_grad_())
+    soft_counts_E = gates.sum(dim=0)
+    assert soft_counts_E.requires_grad
+    f = load_balance_weights(soft_counts_E, T, K)
+    assert not f.requires_grad
+    loss = load_balanced_l1_loss(gates, K, tokens_per_expert_E=soft_counts_E,
+                                         num_tokens=T)
+    (grad_gates,) = torch.autograd.grad(loss, gates)
+    expected = (f / T).expand_as(gates)
+    torch.testing.assert_close(grad_gates, expected.to(grad_gates.dtype))
+
+
+def test_global_counts_make_token_shards_add_up():
+    # A rank that routes half of the layer's tokens uses the layer-wide counts; the shards'
+    # losses then sum to the whole layer's loss and their sparsities agree with it.
+    gates = relu_gates.relu_gates(logits_away_from_zero())
+    counts = relu_gates.tokens_per_expert(gates)
+    halves = gates[: T // 2], gates[T // 2:]
+    shared = dict(tokens_per_expert_E=counts, num_tokens=T)
+    lb = sum(load_balanced_l1_loss(h, K, **shared) for h in halves)
+    l1 = sum(l1_loss(h, num_tokens=T) for h in halves)
+    assert lb.item() == pytest.approx(load_balanced_l1_loss(gates, K).item(), rel=1e-12)
+    assert l1.item() == pytest.approx(l1_loss(gates).item(), rel=1e-12)
+    assert relu_gates.sparsity(halves[0], **shared).item() == relu_gates.sparsity(gates).item()
+
+
+def test_bf16_gates_are_summed_in_fp32():
+    gates = torch.full((4096, E), 0.01, dtype=torch.bfloat16)
+    assert l1_loss(gates).dtype == torch.float32
+    assert l1_loss(gates).item() == pytest.approx(E * gates[0, 0].float().item(), rel=1e-6)

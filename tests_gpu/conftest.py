@@ -1,14 +1,13 @@
 """GPU tests: run ``pytest tests_gpu`` (or ``make test-gpu``) on a machine with CUDA.
 
 They are kept out of the CPU suite (``tests/``, which CI runs) because they cannot run there.
+The repository's root ``conftest.py`` holds the fixtures both suites share.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-import remoe_patches  # noqa: F401  (quiets megatron-core's import-time notices)
 
 
 def pytest_configure(config):
@@ -17,12 +16,6 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def single_gpu():
+def single_gpu(single_rank):
     """One-rank NCCL group and megatron's parallel state on the current GPU."""
-    from remoe_patches.config import ParallelConfig
-    from remoe_patches.parallel import destroy_parallel, initialize_parallel
-
-    parallel = ParallelConfig()
-    initialize_parallel(parallel, seed=1234)
-    yield parallel
-    destroy_parallel()
+    return single_rank

@@ -53,18 +53,11 @@ def test_training_steps_never_sync_in_router_regularizer_or_update(single_gpu, g
     for router in routers:
         router.register_forward_pre_hook(enter)
         router.register_forward_hook(leave)
-    regularizer = session.objects.regularizer
-    for name in ("finish_step", "step_sparsity", "take_expert_load"):
-        method = getattr(regularizer, name)
-
-        def guarded(*args, _method=method, **kwargs):
-            with sync_is_an_error():
-                return _method(*args, **kwargs)
-
-        setattr(regularizer, name, guarded)
+    # train_step's seam around the regularizer's step-end work (reduction, lambda update)
+    session._regularizer_scope = sync_is_an_error
     for _ in range(3):
         record = session.step()  # raises if anything inside the guards syncs
-    assert torch.isfinite(record["lm_loss"])
+    assert torch.isfinite(record.lm_loss) and record.routing is not None
     session.close()
 
 

@@ -28,7 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from remoe_patches import analysis  # noqa: E402
+from remoe_patches import analysis, analysis_report, routing_capture, run_metrics  # noqa: E402
 
 
 def _add_data_options(parser):
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory (or its metrics.jsonl)")
     p.add_argument("--target-sparsity", type=float,
                    help="default: 1 - k/E from the run's checkpoint or sweep config")
-    p.add_argument("--tolerance", type=float, default=analysis.SETTLE_TOLERANCE,
+    p.add_argument("--tolerance", type=float, default=run_metrics.SETTLE_TOLERANCE,
                    help="stage III: sparsity within this of the target to the end")
     p.add_argument("--out", metavar="DIR")
 
@@ -100,20 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _out_dir(args, path) -> str:
-    return args.out or os.path.join(str(analysis.run_dir_of(path)), "analysis")
+    return args.out or os.path.join(str(routing_capture.run_dir_of(path)), "analysis")
 
 
 def _route(load_path, args, calibration=None):
-    checkpoint = analysis.load_checkpoint(load_path)
+    checkpoint = routing_capture.load_checkpoint(load_path)
     if calibration is None:
-        calibration = analysis.default_calibration(
+        calibration = routing_capture.default_calibration(
             checkpoint, data_path=args.data_path, num_sequences=args.num_sequences,
             seq_length=args.seq_length, documents=args.documents)
         print(f" calibration: {calibration.tokens_NS.shape[0]} sequences x "
               f"{calibration.tokens_NS.shape[1]} tokens from documents "
               f"{calibration.first_document}..{calibration.end_document - 1} of "
               f"{calibration.prefix}", flush=True)
-    sample = analysis.route_checkpoint(checkpoint, calibration, batch_size=args.batch_size)
+    sample = routing_capture.route_checkpoint(checkpoint, calibration, batch_size=args.batch_size)
     print(f" routed {checkpoint.directory} (iteration {checkpoint.iteration})", flush=True)
     return sample
 
@@ -128,7 +128,7 @@ def _routes(paths, args) -> list:
 def _domains(args, sample):
     path = args.domains or analysis.default_domains_file(sample.calibration.prefix)
     if path is None:
-        raise analysis.AnalysisError(
+        raise routing_capture.AnalysisError(
             f"no domains.json next to {sample.calibration.prefix}; give --domains FILE")
     return analysis.read_domains(path, args.domain_key)
 
@@ -142,7 +142,7 @@ def _report_dir(path: str) -> str:
 def _print(result) -> None:
     print(f" {result.name}: {result.png}")
     print(f" {' ' * len(result.name)}  {result.csv}")
-    print("   " + json.dumps(result.summary, default=analysis._json_default)[:600])
+    print("   " + json.dumps(result.summary, default=analysis_report.json_default)[:600])
 
 
 def main(argv=None) -> int:
@@ -164,39 +164,40 @@ def main(argv=None) -> int:
                 _print(analysis.per_domain(sample, _domains(args, sample),
                                            _out_dir(args, args.load)))
         elif command == "load":
-            paths = analysis.checkpoint_dirs(args.load) if args.all_checkpoints else [args.load]
+            paths = (routing_capture.checkpoint_dirs(args.load) if args.all_checkpoints
+                     else [args.load])
             _print(analysis.expert_load(_routes(paths, args), _out_dir(args, args.load)))
         elif command == "stability":
             paths = args.checkpoints
             if len(paths) == 1:
-                paths = analysis.checkpoint_dirs(paths[0])
+                paths = routing_capture.checkpoint_dirs(paths[0])
             if len(paths) < 2:
-                raise analysis.AnalysisError("stability needs two or more checkpoints")
+                raise routing_capture.AnalysisError("stability needs two or more checkpoints")
             _print(analysis.stability(_routes(paths, args), _out_dir(args, paths[-1])))
         elif command == "all":
             out = _out_dir(args, args.run)
-            if analysis.read_metrics(args.run):
+            if run_metrics.read_metrics(args.run):
                 try:
                     _print(analysis.stages(args.run, out))
-                except analysis.AnalysisError as error:  # a TopK run has no stages
+                except routing_capture.AnalysisError as error:  # a TopK run has no stages
                     print(f" stages skipped: {error}")
-            samples = _routes(analysis.checkpoint_dirs(args.run), args)
+            samples = _routes(routing_capture.checkpoint_dirs(args.run), args)
             latest = samples[-1]
             _print(analysis.per_token(latest, out))
             try:
                 domains = _domains(args, latest)
-            except analysis.AnalysisError as error:
+            except routing_capture.AnalysisError as error:
                 print(f" per-domain skipped: {error}")
             else:
                 _print(analysis.per_domain(latest, domains, out))
             _print(analysis.expert_load(samples, out))
             if len(samples) > 1:
                 _print(analysis.stability(samples, out))
-            print(f" report: {analysis.write_report(out)}")
+            print(f" report: {analysis_report.write_report(out)}")
         elif command == "report":
-            print(f" report: {analysis.write_report(_report_dir(args.dir))}")
+            print(f" report: {analysis_report.write_report(_report_dir(args.dir))}")
         if args.report is not None:
-            print(f" report: {analysis.write_report(_report_dir(args.report))}")
+            print(f" report: {analysis_report.write_report(_report_dir(args.report))}")
     except ValueError as error:  # AnalysisError, or a checkpoint/config that cannot load
         if os.environ.get("REMOE_DEBUG"):
             raise

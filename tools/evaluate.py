@@ -94,8 +94,9 @@ def main(argv=None) -> int:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
-    from remoe_patches.evaluation import ROUTER_TITLES, RemoeLM, markdown_table, \
+    from remoe_patches.evaluation import RemoeLM, markdown_table, \
         offline_task_manager
+    from remoe_patches.router_titles import ROUTER_TITLES
 
     tasks = list(args.tasks)
     if args.data_dir is not None:

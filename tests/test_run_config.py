@@ -1,0 +1,103 @@
+"""RunConfig: built once from the flags, plain data through JSON and back, frozen parts, and
+errors that name the config and the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from remoe_patches.arguments import parse_command_line, parse_run_config
+from remoe_patches.config import ConfigError
+from remoe_patches.run_config import LayerOptions, RunConfig, TrainingConfig
+
+from test_arguments import AUTHORS_182M_REMOE, TINY, TINY_MOE
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("source", ["authors", "demo", "469m_remoe"])
+def test_round_trip_through_json_and_yaml(source):
+    argv = {"authors": AUTHORS_182M_REMOE,
+            "demo": ["--config", str(CONFIG_DIR / "demo.yaml")],
+            "469m_remoe": ["--config", str(CONFIG_DIR / "469m_remoe.yaml"), "--data-path", "d",
+                           "--vocab-file", "v.json", "--merge-file", "m.txt"]}[source]
+    config = parse_run_config(argv)
+    as_json = json.loads(json.dumps(config.to_dict()))
+    assert RunConfig.from_dict(as_json) == config
+    assert RunConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
+
+
+def test_the_flags_land_in_their_parts():
+    config, args = parse_command_line(AUTHORS_182M_REMOE)
+    assert (config.model.router, config.model.num_experts, config.model.topk) == ("relu", 8, 1)
+    assert config.model.target_sparsity == pytest.approx(0.875)
+    assert config.training.lr == args.lr and config.training.bf16 == bool(args.bf16)
+    assert config.training.micro_batch_size == args.micro_batch_size
+    assert config.data.data_path == tuple(args.data_path) and config.data.split == args.split
+    assert config.checkpoint.save == args.save
+    assert config.logging.log_interval == args.log_interval
+    assert config.layers.recompute_modules == tuple(args.recompute_modules)
+
+
+def test_train_samples_become_whole_steps():
+    argv = [a for a in TINY if a not in ("--train-iters", "10")]
+    config = parse_run_config(argv + ["--train-samples", "41", "--global-batch-size", "4"])
+    assert config.training.train_iters == 11  # ceil(41 / 4)
+
+
+def test_train_samples_need_a_global_batch_size(capsys):
+    argv = [a for a in TINY if a not in ("--train-iters", "10")]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_run_config(argv + ["--train-samples", "41"])
+    assert exit_info.value.code == 2
+    assert "--train-samples needs --global-batch-size" in capsys.readouterr().err
+
+
+def test_parts_are_frozen_and_replace_makes_a_new_config():
+    config = parse_run_config(TINY_MOE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.training.lr = 1.0
+    changed = config.replace(training=dict(lr=0.5), model=dict(vocab_size=256))
+    assert (changed.training.lr, changed.model.vocab_size) == (0.5, 256)
+    assert config.training.lr == 1e-3 and config.model.vocab_size != 256
+    assert changed.data is config.data
+
+
+@pytest.mark.parametrize("training, field", [
+    (dict(micro_batch_size=0), "micro_batch_size"),
+    (dict(global_batch_size=6, micro_batch_size=4), "global_batch_size"),
+    (dict(overlap_param_gather=True, overlap_grad_reduce=True), "overlap_param_gather"),
+])
+def test_training_errors_name_the_field(training, field):
+    values = {**dict(micro_batch_size=2, train_iters=1, lr=1e-3), **training}
+    with pytest.raises(ConfigError, match=f"TrainingConfig.{field}"):
+        TrainingConfig(**values).validate()
+
+
+def test_unknown_fields_in_a_saved_config_are_named():
+    data = parse_run_config(TINY).to_dict()
+    data["training"]["warp_drive"] = True
+    with pytest.raises(ConfigError, match=r"RunConfig.training: unknown fields \['warp_drive'\]"):
+        RunConfig.from_dict(data)
+
+
+def test_fusions_only_where_their_kernels_run():
+    options = LayerOptions(moe_permute_fusion=True, recompute_granularity="selective",
+                           recompute_modules=("moe",))
+    cpu = options.transformer_overrides(is_moe=True, cuda_available=False,
+                                        transformer_engine_available=False)
+    gpu = options.transformer_overrides(is_moe=True, cuda_available=True,
+                                        transformer_engine_available=True)
+    for key in ("masked_softmax_fusion", "bias_activation_fusion", "gradient_accumulation_fusion",
+                "moe_permute_fusion"):
+        assert cpu[key] is False and gpu[key] is True, key
+    assert cpu["recompute_modules"] == ["moe"]
+    dense = options.transformer_overrides(is_moe=False, cuda_available=True,
+                                          transformer_engine_available=True)
+    assert "moe_permute_fusion" not in dense
+    assert "recompute_granularity" not in options.without_recomputation().transformer_overrides(
+        is_moe=True, cuda_available=False, transformer_engine_available=False)
