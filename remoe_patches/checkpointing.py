@@ -15,7 +15,7 @@ so; when none is, one line names each checkpoint and its bad file.
 
 What is saved: the model (all parallel shards, reloadable under another TP/PP/EP/DP layout),
 the optimizer, the LR scheduler, the ReMoE coefficient, the iteration, the consumed samples,
-each rank's RNG states and the run's arguments.
+each rank's RNG states and the run's configuration (``RunConfig.to_dict()``).
 
 Like Megatron-LM, a checkpoint records how its sharded state was laid out ("content metadata",
 ``megatron.core.dist_checkpointing.load_content_metadata``) and is read back with the same

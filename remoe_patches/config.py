@@ -136,42 +136,32 @@ class ModelConfig:
         """Raise ConfigError on a setting that cannot work; return self."""
 
         def fail(field_name, message):
-            raise ConfigError(f"ModelConfig.{field_name}: {message}")
+            value = getattr(self, field_name)
+            raise ConfigError(f"ModelConfig.{field_name}={value}: {message}")
 
         if self.router not in ROUTERS:
-            fail("router", f"{self.router!r} is not one of {', '.join(ROUTERS)}")
+            fail("router", f"not one of {', '.join(ROUTERS)}")
         if self.num_attention_heads % self.num_query_groups:
-            fail(
-                "num_query_groups",
-                f"{self.num_query_groups} does not divide num_attention_heads="
-                f"{self.num_attention_heads}",
-            )
+            fail("num_query_groups",
+                 f"does not divide num_attention_heads={self.num_attention_heads}")
         if self.hidden_size % self.num_attention_heads:
-            fail("num_attention_heads", f"{self.num_attention_heads} does not divide hidden_size")
+            fail("num_attention_heads", f"does not divide hidden_size={self.hidden_size}")
         if not self.is_moe:
             return self
         if self.topk < 1 or self.topk > self.num_experts:
-            fail("topk", f"topk={self.topk} must be between 1 and num_experts={self.num_experts}")
+            fail("topk", f"must be between 1 and num_experts={self.num_experts}")
         if self.granularity < 1 or self.dense_ffn_hidden_size % self.granularity:
-            fail(
-                "granularity",
-                f"{self.granularity} does not divide the FFN width {self.dense_ffn_hidden_size}; "
-                "pick a divisor of it",
-            )
+            fail("granularity", f"does not divide the FFN width {self.dense_ffn_hidden_size}; "
+                                "pick a divisor of it")
         if self.token_dispatcher not in DROPLESS_DISPATCHERS:
-            fail(
-                "token_dispatcher",
-                f"{self.token_dispatcher!r} is not supported; use one of "
-                f"{', '.join(DROPLESS_DISPATCHERS)}",
-            )
+            fail("token_dispatcher",
+                 f"not supported; use one of {', '.join(DROPLESS_DISPATCHERS)}")
         if self.moe_router_dtype not in (None, "fp32", "fp64"):
-            fail("moe_router_dtype", f"{self.moe_router_dtype!r} is not one of None, fp32, fp64")
+            fail("moe_router_dtype", "not one of None, fp32, fp64")
         if self.router == "relu" and self.moe_expert_capacity_factor is not None:
-            fail(
-                "moe_expert_capacity_factor",
-                "ReLU routing is dropless (a token may use 0..E experts); leave the capacity "
-                "factor unset",
-            )
+            fail("moe_expert_capacity_factor",
+                 "ReLU routing is dropless (a token may use 0..E experts); leave the capacity "
+                 "factor unset")
         if self.router == "relu" and self.relu_l1_coeff_multiplier <= 1.0:
             fail("relu_l1_coeff_multiplier", "must be > 1")
         if self.router == "relu" and self.relu_l1_coeff_init <= 0.0:

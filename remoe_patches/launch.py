@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from remoe_patches.arguments import ineffective_flags, parse_command_line
+from remoe_patches.argument_notes import ineffective_flags
+from remoe_patches.arguments import parse_command_line
 from remoe_patches.model import HAVE_TE
 from remoe_patches.parallel import destroy_parallel
 from remoe_patches.run_config import RunConfig

@@ -16,7 +16,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec

@@ -82,7 +82,7 @@ def load_checkpoint(load) -> LoadedCheckpoint:
 
 def data_prefix(data) -> str:
     """The (first, heaviest) dataset prefix the run trained on (``data``: its DataConfig)."""
-    from remoe_patches.arguments import split_blend
+    from remoe_patches.argument_checks import split_blend
 
     blend = data.data_path or data.valid_data_path or data.train_data_path
     if not blend:

@@ -28,7 +28,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from remoe_patches import checkpointing
-from remoe_patches.config import ConfigError, ModelConfig
+from remoe_patches.config import ConfigError
 from remoe_patches.data import (
     build_splits,
     check_data_paths,

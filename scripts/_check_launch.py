@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     options = own.parse_args(argv[:split])
     flags = argv[split + 1:]
 
-    from remoe_patches.arguments import parse_run_config, split_blend
+    from remoe_patches.argument_checks import split_blend
+    from remoe_patches.arguments import parse_run_config
     from remoe_patches.config import ConfigError
     from remoe_patches.router_titles import ROUTER_TITLES
     from remoe_patches.tokenizer import build_tokenizer, vocab_size_with_padding

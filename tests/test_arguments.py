@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from remoe_patches.arguments import (
-    ineffective_flags,
+from remoe_patches.argument_checks import split_blend
+from remoe_patches.argument_mapping import (
     model_config_from_args,
     parallel_config_from_args,
-    parse_args,
     run_config_from_args,
-    split_blend,
 )
+from remoe_patches.argument_notes import ineffective_flags
+from remoe_patches.arguments import parse_args
 from remoe_patches.config import ModelConfig, ParallelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -275,7 +275,7 @@ def test_yaml_switch_needs_a_boolean(tmp_path, capsys):
         (TINY + ["--global-batch-size", "7"],
          "--global-batch-size 7 is not divisible by --micro-batch-size 2"),
         (TINY + ["--num-experts", "4", "--moe-router-topk", "5"], "--moe-router-topk 5"),
-        (TINY_MOE + ["--moe-granularity", "5"], "--moe-granularity 5 does not divide"),
+        (TINY_MOE + ["--moe-granularity", "5"], "--moe-granularity 5: does not divide"),
         (TINY_MOE + ["--moe-relu-routing", "--moe-expert-capacity-factor", "1.0"],
          "--moe-expert-capacity-factor"),
         (TINY_MOE + ["--moe-relu-routing", "--moe-pad-expert-input-to-capacity"],

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from remoe_patches.arguments import model_config_from_args, parallel_config_from_args, parse_args
+from remoe_patches.argument_mapping import model_config_from_args, parallel_config_from_args
+from remoe_patches.arguments import parse_args
 from remoe_patches.config import PRESETS
 from remoe_patches.demo_corpus import build_demo_corpus
 from remoe_patches.preprocess import import_indexed_dataset

@@ -7,7 +7,6 @@ corpus that the tests build, and compare what they write to ``<save>/metrics.jso
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys

@@ -1,0 +1,274 @@
+"""The parsed flags onto the typed ``RunConfig`` (``run_config_from_args``), once.
+
+A flag the builder cannot honour is refused with a ConfigError naming the flag; errors of
+``ModelConfig``/``ParallelConfig`` validation are reworded in flag terms (``--moe-router-topk 5:
+...`` rather than ``ModelConfig.topk=5: ...``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
+from remoe_patches.run_config import (
+    CheckpointConfig,
+    DataConfig,
+    LayerOptions,
+    LoggingConfig,
+    RunConfig,
+    TrainingConfig,
+)
+
+# ModelConfig/ParallelConfig fields named in their validation errors, as flags.
+FIELD_FLAGS = {
+    "num_query_groups": "--num-query-groups",
+    "num_attention_heads": "--num-attention-heads",
+    "topk": "--moe-router-topk",
+    "granularity": "--moe-granularity",
+    "token_dispatcher": "--moe-token-dispatcher-type",
+    "moe_router_dtype": "--moe-router-dtype",
+    "moe_expert_capacity_factor": "--moe-expert-capacity-factor",
+    "relu_l1_coeff_init": "--moe-relu-l1-reg-coeff-init",
+    "relu_l1_coeff_multiplier": "--moe-relu-l1-reg-coeff-multiplier",
+    "tensor_model_parallel_size": "--tensor-model-parallel-size",
+    "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
+    "expert_model_parallel_size": "--expert-model-parallel-size",
+}
+
+LLAMA_RECIPE = (
+    "ReMoE's builder implements the LLaMA recipe of the paper (RMSNorm, SwiGLU, RoPE, untied "
+    "embeddings, no bias, no dropout)"
+)
+
+def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelConfig:
+    """The ModelConfig the flags describe (``vocab_size``: the padded tokenizer vocabulary).
+
+    Raises ConfigError, naming the flag, for a setting the builder cannot honour.
+    """
+    recipe = [
+        (args.normalization != "RMSNorm",
+         f"--normalization must be RMSNorm, not {args.normalization}"),
+        (not args.swiglu, "--swiglu must be given"),
+        (not args.untie_embeddings_and_output_weights,
+         "--untie-embeddings-and-output-weights must be given (tied embeddings are not built)"),
+        (args.position_embedding_type != "rope",
+         f"--position-embedding-type must be rope, not {args.position_embedding_type}"),
+        (args.add_bias_linear, "--disable-bias-linear must be given (linear layers have no bias)"),
+        *[
+            (getattr(args, dest) != 0.0,
+             f"--{dest.replace('_', '-')} must be 0.0, not {getattr(args, dest)}"
+             + ("" if dest in args.given else " (Megatron-LM's default)"))
+            for dest in ("hidden_dropout", "attention_dropout")
+        ],
+    ]
+    # All at once: a Megatron-LM default command line misses several of them.
+    refused = [message for wrong, message in recipe if wrong]
+    if refused:
+        raise ConfigError(f"{'; '.join(refused)}: {LLAMA_RECIPE}")
+    router = "relu" if args.moe_relu_routing else ("topk" if args.num_experts else "dense")
+    layer_freq = args.moe_layer_freq
+    capabilities = [
+        (args.rotary_percent != 1.0,
+         "--rotary-percent must be 1.0: the builder rotates whole heads"),
+        (router != "dense" and layer_freq != 1 and layer_freq != [1] * args.num_layers,
+         "--moe-layer-freq must be 1: the builder makes every layer an MoE layer"),
+        (router == "topk" and args.moe_router_load_balancing_type not in ("aux_loss", "none"),
+         f"--moe-router-load-balancing-type {args.moe_router_load_balancing_type} is not built for "
+         "TopK routing; use aux_loss or none"),
+    ]
+    for refused, message in capabilities:
+        if refused:
+            raise ConfigError(message)
+    moe = {}
+    if router != "dense":
+        topk_without_aux_loss = router == "topk" and args.moe_router_load_balancing_type == "none"
+        moe = dict(
+            num_experts=args.num_experts,
+            topk=args.moe_router_topk,
+            granularity=args.moe_granularity,
+            moe_aux_loss_coeff=0.0 if topk_without_aux_loss else args.moe_aux_loss_coeff,
+            relu_l1_coeff_init=args.moe_relu_l1_reg_coeff_init,
+            relu_l1_coeff_multiplier=args.moe_relu_l1_reg_coeff_multiplier,
+            relu_load_balancing=args.moe_router_load_balancing_type != "none",
+            token_dispatcher=args.moe_token_dispatcher_type,
+            moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+            moe_grouped_gemm=args.moe_grouped_gemm,
+            moe_router_dtype=router_dtype(args),
+        )
+    config = ModelConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=(
+            args.num_query_groups if args.group_query_attention else args.num_attention_heads
+        ),
+        # Every layer of an MoE model is an MoE layer, so the experts' width is the FFN width.
+        ffn_hidden_size=args.ffn_hidden_size if router == "dense" else args.moe_ffn_hidden_size,
+        seq_length=args.seq_length,
+        rotary_base=args.rotary_base,
+        init_method_std=args.init_method_std,
+        router=router,
+        **moe,
+        **({} if vocab_size is None else dict(vocab_size=vocab_size)),
+    )
+    try:
+        return config.validate()
+    except ConfigError as error:
+        raise ConfigError(_in_flag_terms(error)) from None
+
+
+FP32_ROUTER_FROM_EXPERTS = 32
+"""megatron-core advises fp32 routing from this many experts (it warns otherwise)."""
+
+
+def router_dtype(args) -> Optional[str]:
+    """``--moe-router-dtype``, or the default: fp32 from 32 experts (E x G), the model's dtype
+    below, for TopK and ReLU routing alike (README, 'Router precision')."""
+    if args.moe_router_dtype is not None:
+        return args.moe_router_dtype
+    experts = (args.num_experts or 0) * args.moe_granularity
+    return "fp32" if experts >= FP32_ROUTER_FROM_EXPERTS else None
+
+
+def parallel_config_from_args(args) -> ParallelConfig:
+    """The ParallelConfig the flags describe; ConfigError, naming the flag, if unsupported
+    (``run_config_from_args`` checks it against the model)."""
+    tp = args.tensor_model_parallel_size
+    unsupported = [
+        (args.context_parallel_size != 1,
+         "--context-parallel-size must be 1 (no context parallelism)"),
+        (args.expert_tensor_parallel_size not in (None, tp),
+         f"--expert-tensor-parallel-size must equal --tensor-model-parallel-size ({tp})"),
+        (args.num_layers_per_virtual_pipeline_stage is not None,
+         "--num-layers-per-virtual-pipeline-stage is not supported (no interleaved pipeline)"),
+    ]
+    for refused, message in unsupported:
+        if refused:
+            raise ConfigError(message)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+    )
+    return parallel
+
+
+def _in_flag_terms(error: ConfigError) -> str:
+    """'ModelConfig.topk=5: ...' as '--moe-router-topk 5: ...' (and without a value alike)."""
+    match = re.match(r"(?:ModelConfig|ParallelConfig)\.(\w+)(=\S+)?: (.*)", str(error))
+    if match and match[1] in FIELD_FLAGS:
+        value = f" {match[2][1:]}" if match[2] else ""
+        return f"{FIELD_FLAGS[match[1]]}{value}: {match[3]}"
+    return str(error)
+
+
+def layer_options_from_args(args) -> LayerOptions:
+    """The TransformerConfig options the flags set that ModelConfig does not hold: recomputation,
+    the norm epsilon, kv channels, the fusions and the TopK-only router options."""
+    topk_router = {}
+    if args.num_experts is not None and not args.moe_relu_routing:
+        topk_router = dict(
+            moe_router_pre_softmax=args.moe_router_pre_softmax,
+            moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+            moe_router_score_function=args.moe_router_score_function,
+            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+            moe_input_jitter_eps=args.moe_input_jitter_eps,
+            moe_token_drop_policy=args.moe_token_drop_policy,
+            moe_z_loss_coeff=args.moe_z_loss_coeff,
+            moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+        )
+    return LayerOptions(
+        norm_epsilon=args.norm_epsilon,
+        kv_channels=args.kv_channels,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=tuple(args.recompute_modules),
+        masked_softmax_fusion=args.masked_softmax_fusion,
+        bias_swiglu_fusion=args.bias_swiglu_fusion,
+        bias_dropout_fusion=args.bias_dropout_fusion,
+        gradient_accumulation_fusion=args.gradient_accumulation_fusion,
+        moe_permute_fusion=bool(args.num_experts is not None and args.moe_permute_fusion),
+        transformer_impl=args.transformer_impl,
+        topk_router=topk_router,
+    )
+
+
+def run_config_from_args(args) -> RunConfig:
+    """The whole run the (completed, validated) flags describe; ConfigError names the flag."""
+    def tuple_or_none(value):
+        return None if value is None else tuple(value)
+
+    train_iters = args.train_iters
+    if train_iters is None:  # --train-samples
+        train_iters = -(-args.train_samples // args.global_batch_size)
+    model = model_config_from_args(args)
+    parallel = parallel_config_from_args(args)
+    try:
+        parallel.validate_for(model)
+    except ConfigError as error:
+        raise ConfigError(_in_flag_terms(error)) from None
+    return RunConfig(
+        model=model,
+        parallel=parallel,
+        layers=layer_options_from_args(args),
+        training=TrainingConfig(
+            micro_batch_size=args.micro_batch_size,
+            global_batch_size=args.global_batch_size,
+            train_iters=train_iters,
+            lr=args.lr,
+            min_lr=args.min_lr,
+            lr_decay_style=args.lr_decay_style,
+            lr_decay_iters=args.lr_decay_iters,
+            lr_warmup_iters=args.lr_warmup_iters,
+            lr_warmup_fraction=args.lr_warmup_fraction,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            seed=args.seed,
+            bf16=bool(args.bf16),
+            use_distributed_optimizer=bool(args.use_distributed_optimizer),
+            overlap_grad_reduce=bool(args.overlap_grad_reduce),
+            overlap_param_gather=bool(args.overlap_param_gather),
+            max_skipped_steps=args.max_skipped_steps,
+            exit_interval=args.exit_interval,
+            exit_duration_in_mins=args.exit_duration_in_mins,
+            exit_signal_handler=bool(args.exit_signal_handler),
+            distributed_timeout_minutes=args.distributed_timeout_minutes,
+        ),
+        data=DataConfig(
+            data_path=tuple_or_none(args.data_path),
+            split=args.split,
+            train_data_path=tuple_or_none(args.train_data_path),
+            valid_data_path=tuple_or_none(args.valid_data_path),
+            test_data_path=tuple_or_none(args.test_data_path),
+            mock_data=bool(args.mock_data),
+            data_cache_path=args.data_cache_path,
+            demo_corpus=bool(args.demo_corpus),
+            tokenizer_type=args.tokenizer_type,
+            vocab_file=args.vocab_file,
+            merge_file=args.merge_file,
+            tokenizer_model=args.tokenizer_model,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        ),
+        checkpoint=CheckpointConfig(
+            save=args.save,
+            load=args.load,
+            save_interval=args.save_interval,
+            finetune=bool(args.finetune),
+            no_load_optim=bool(args.no_load_optim),
+            no_load_rng=bool(args.no_load_rng),
+            no_save_optim=bool(args.no_save_optim),
+        ),
+        logging=LoggingConfig(
+            log_interval=args.log_interval,
+            tensorboard_dir=args.tensorboard_dir,
+            eval_interval=args.eval_interval,
+            eval_iters=args.eval_iters,
+        ),
+    ).validate()

@@ -1,0 +1,107 @@
+"""Flags that have no effect on this machine (``ineffective_flags``): ``pretrain_gpt.py`` lists
+each given one once at start-up with the reason, so nothing is silently ignored."""
+
+from __future__ import annotations
+
+SPEED_ONLY_ON_CPU = "speed-only on GPUs; no effect on CPU"
+NEEDS_TE = "needs transformer-engine, which is not installed"
+
+
+def ineffective_flags(
+    args, *, cuda_available: bool, transformer_engine_available: bool
+) -> list:
+    """``(flag, reason)`` for each flag given (``args.given``) that has no effect here."""
+    given = args.given
+    found = {}
+
+    def note(dest, flag, reason, when=True):
+        if dest in given and when and flag not in found:
+            found[flag] = reason
+
+    on_cpu = not cuda_available
+    needs_te_kernel = SPEED_ONLY_ON_CPU if on_cpu else NEEDS_TE
+    te_missing = not (cuda_available and transformer_engine_available)
+
+    note("use_flash_attn", "--use-flash-attn",
+         SPEED_ONLY_ON_CPU if on_cpu else
+         ("transformer-engine picks flash attention by itself" if transformer_engine_available
+          else "PyTorch's scaled_dot_product_attention picks flash attention by itself"))
+    for dest, flag in [
+        ("masked_softmax_fusion", "--no-masked-softmax-fusion"),
+        ("bias_swiglu_fusion", "--no-bias-swiglu-fusion"),
+        ("bias_dropout_fusion", "--no-bias-dropout-fusion"),
+    ]:
+        note(dest, flag, SPEED_ONLY_ON_CPU, when=on_cpu)
+    note("gradient_accumulation_fusion", "--no-gradient-accumulation-fusion", needs_te_kernel,
+         when=te_missing)
+    note("transformer_impl", "--transformer-impl",
+         "transformer-engine is not installed; megatron-core's local layers are used",
+         when=not transformer_engine_available)
+    backend_used = "gloo" if on_cpu else "nccl"
+    note("distributed_backend", "--distributed-backend",
+         f"{'CPU' if on_cpu else 'GPU'} runs use {backend_used}",
+         when=args.distributed_backend != backend_used)
+    note("use_mcore_models", "--use-mcore-models",
+         "always on: megatron-core models are the only ones")
+    note("log_throughput", "--log-throughput", "always on: throughput is always logged")
+    note("sequence_parallel", "--sequence-parallel",
+         "needs --tensor-model-parallel-size > 1; turned off",
+         when=args.tensor_model_parallel_size == 1)
+    note("wandb_project", "--wandb-project",
+         "Weights & Biases is not supported here; use --tensorboard-dir")
+    note("num_query_groups", "--num-query-groups", "needs --group-query-attention",
+         when=not args.group_query_attention)
+    for dest in ("tensorboard_log_interval", "log_timers_to_tensorboard"):
+        note(dest, f"--{dest.replace('_', '-')}", "needs --tensorboard-dir",
+             when=args.tensorboard_dir is None)
+    note("num_workers", "--num-workers", "batches are read in the training process")
+    note("use_checkpoint_args", "--use-checkpoint-args",
+         "the model comes from the command line and YAML; a mismatching checkpoint fails to load")
+    note("dist_ckpt_strictness", "--dist-ckpt-strictness",
+         "checkpoints always load strictly (every saved tensor must fit the model)")
+    note("moe_per_layer_logging", "--moe-per-layer-logging",
+         "always on: per-layer sparsity is always logged")
+    note("log_timers_to_tensorboard", "--log-timers-to-tensorboard", "no timers are logged",
+         when=args.tensorboard_dir is not None)
+    note("tensorboard_log_interval", "--tensorboard-log-interval",
+         "tensorboard is written at every --log-interval", when=args.tensorboard_dir is not None)
+    gpt2 = args.tokenizer_type == "GPT2BPETokenizer"
+    unused_by = f"unused by --tokenizer-type {args.tokenizer_type}"
+    note("vocab_file", "--vocab-file", unused_by, when=not gpt2)
+    note("merge_file", "--merge-file", unused_by, when=not gpt2)
+    note("tokenizer_model", "--tokenizer-model", unused_by, when=gpt2)
+
+    if args.num_experts is None:
+        for dest in sorted(given):
+            if dest.startswith("moe_") or dest.startswith("expert_"):
+                note(dest, f"--{dest.replace('_', '-')}", "dense model (no --num-experts)")
+        return list(found.items())
+
+    note("moe_permute_fusion", "--moe-permute-fusion", needs_te_kernel, when=te_missing)
+    note("moe_layer_recompute", "--moe-layer-recompute",
+         "full recomputation already recomputes every layer",
+         when=args.recompute_granularity == "full")
+    note("ffn_hidden_size", "--ffn-hidden-size",
+         "every layer is an MoE layer and the experts use --moe-ffn-hidden-size",
+         when="moe_ffn_hidden_size" in given)
+    relu = args.moe_relu_routing
+    for dest in ("moe_relu_l1_reg_coeff_init", "moe_relu_l1_reg_coeff_multiplier"):
+        note(dest, f"--{dest.replace('_', '-')}", "only used with --moe-relu-routing",
+             when=not relu)
+    instead = "the ReLU router uses its L1 regularizer instead"
+    note("moe_router_pre_softmax", "--moe-router-pre-softmax", f"TopK only; {instead}", when=relu)
+    note("moe_aux_loss_coeff", "--moe-aux-loss-coeff", f"TopK only; {instead}", when=relu)
+    note("moe_z_loss_coeff", "--moe-z-loss-coeff", f"TopK only; {instead}", when=relu)
+    # --moe-router-load-balancing-type is honoured by ReLU routing too: 'none' turns the L1
+    # regularizer's load balancing off (Eq. 9 instead of Eq. 10), so it gets no note.
+    gates = "the ReLU router's gates are ReLU(x W_r), unscaled and unselected"
+    for dest in ("moe_router_topk_scaling_factor", "moe_router_score_function",
+                 "moe_router_enable_expert_bias", "moe_router_bias_update_rate",
+                 "moe_input_jitter_eps"):
+        note(dest, f"--{dest.replace('_', '-')}", f"TopK only; {gates}", when=relu)
+    note("moe_token_drop_policy", "--moe-token-drop-policy",
+         "only with --moe-expert-capacity-factor (token dropping)",
+         when=args.moe_expert_capacity_factor is None)
+    note("moe_router_bias_update_rate", "--moe-router-bias-update-rate",
+         "needs --moe-router-enable-expert-bias", when=not args.moe_router_enable_expert_bias)
+    return list(found.items())
