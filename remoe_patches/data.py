@@ -69,7 +69,8 @@ class Splits:
 
 def check_data_paths(data_path: Sequence[str]) -> None:
     """Fail with one line naming the first prefix whose .bin/.idx is missing."""
-    blend = get_blend_from_list(list(data_path))
+    # megatron's get_blend_from_list gives ([], []) for an empty list, not None
+    blend = get_blend_from_list(list(data_path)) if data_path else None
     if blend is None:
         raise ValueError("--data-path is empty; give one or more dataset prefixes")
     prefixes, _weights = blend
