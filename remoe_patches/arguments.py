@@ -246,8 +246,9 @@ def _add_moe_arguments(parser):
     )
     group.add_argument(
         "--moe-token-dispatcher-type", default="allgather",
-        choices=["allgather", "alltoall", "alltoall_seq", "flex"],
-        help="Token dispatcher; alltoall or allgather (both dropless).",
+        choices=["allgather", "alltoall", "alltoall_seq", "flex", "sorted"],
+        help="Token dispatcher; alltoall or allgather (both dropless), or sorted: no "
+             "communication, device-side expert offsets, one host read per layer (EP=TP=1).",
     )
     group.add_argument(
         "--moe-grouped-gemm", action="store_true", help="Grouped GEMM for the experts.",

@@ -36,6 +36,7 @@ import math
 import statistics
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -46,7 +47,7 @@ from megatron.core.transformer.moe.router import Router
 from remoe_patches.arguments import parse_run_config
 from remoe_patches.config import PRESETS, ConfigError
 from remoe_patches.flops import training_flops_per_token
-from remoe_patches.host_sync import sync_counter
+from remoe_patches.host_sync import OUTSIDE_SCOPES, SOURCES, sync_counter
 from remoe_patches.parallel import local_device
 from remoe_patches.router_titles import ROUTER_TITLES
 from remoe_patches.run_config import RunConfig
@@ -102,6 +103,9 @@ class BenchmarkConfig:
     """Activation recomputation: ``none``, ``moe`` (the MoE layers) or ``full``."""
     grouped_gemm: Optional[bool] = None
     """Grouped GEMM experts; default: on GPUs."""
+    token_dispatcher: str = "sorted"
+    """The MoE models' token path: ``sorted`` (one process needs no communication: device-side
+    offsets, one host read per layer) or megatron's ``alltoall``/``allgather``."""
     bf16: Optional[bool] = None
     """bf16 mixed precision; default: on GPUs."""
     lr: float = 5e-4
@@ -125,6 +129,9 @@ class BenchmarkConfig:
             fail("routers", f"{bad_routers or 'none'}: choose from {', '.join(ROUTERS)}")
         if self.recompute not in ("none", "moe", "full"):
             fail("recompute", f"{self.recompute!r} is not one of none, moe, full")
+        if self.token_dispatcher not in ("sorted", "alltoall", "allgather"):
+            fail("token_dispatcher",
+                 f"{self.token_dispatcher!r} is not one of sorted, alltoall, allgather")
         for name in ("micro_batch_size", "num_microbatches", "steps", "stage1_steps",
                      "settle_window",
                      "router_timing_repeats", "rounds"):
@@ -164,6 +171,8 @@ class PhaseResult:
     syncs_per_step: float
     remoe_syncs_per_step: float
     settled_after_steps: Optional[int] = None
+    syncs_by_source: dict = field(default_factory=dict)
+    """Host syncs per step by the part of the step that made them (``host_sync.SOURCES``)."""
 
     @property
     def label(self) -> str:
@@ -205,7 +214,7 @@ def training_flags(config: BenchmarkConfig, router: str, device: torch.device) -
     else:
         flags += ["--num-experts", config.num_experts, "--moe-router-topk", config.topk,
                   "--moe-granularity", config.granularity, "--moe-ffn-hidden-size", ffn,
-                  "--moe-token-dispatcher-type", "alltoall",
+                  "--moe-token-dispatcher-type", config.token_dispatcher,
                   "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", 0.01,
                   "--moe-router-pre-softmax"]
         if router == "relu":
@@ -320,6 +329,7 @@ class _Session:
                 timing.step_ms.append(1000.0 * (time.perf_counter() - started))
         timing.syncs += self.syncs.total
         timing.remoe_syncs += self.syncs.by_scope[REMOE_SCOPE]
+        timing.syncs_by_source.update(self.syncs.by_source)
         self.syncs = None
 
     def warm_up(self) -> None:
@@ -436,6 +446,7 @@ class Timing:
     records: list = field(default_factory=list)
     syncs: int = 0
     remoe_syncs: int = 0
+    syncs_by_source: Counter = field(default_factory=Counter)
 
 
 def finish_phase(session: _Session, phase: str, timing: Timing, peak_tflops: Optional[float],
@@ -468,6 +479,8 @@ def finish_phase(session: _Session, phase: str, timing: Timing, peak_tflops: Opt
         router_share=None if router_ms is None else router_ms / median,
         syncs_per_step=timing.syncs / steps, remoe_syncs_per_step=timing.remoe_syncs / steps,
         settled_after_steps=settled_after,
+        syncs_by_source={source: count / steps
+                         for source, count in sorted(timing.syncs_by_source.items())},
     )
 
 
@@ -654,6 +667,8 @@ def format_table(report: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines.append("")
+    lines += _syncs_by_source_table(report["results"])
+    lines.append("")
     for name, value in report["ratios"].items():
         verdict = "<= 1.00 within spread" if value["at_most_1"] else "> 1.00"
         if "Dense" in name:
@@ -661,6 +676,18 @@ def format_table(report: dict) -> str:
         lines.append(f"{name}: {value['ratio']:.3f} (spread +-{100 * value['spread']:.1f}%)"
                      + (f"  {verdict}" if verdict else ""))
     return "\n".join(lines)
+
+
+def _syncs_by_source_table(results: list) -> list:
+    """Host syncs per step by source, one row per measured phase."""
+    sources = [name for name, _ in SOURCES] + [OUTSIDE_SCOPES]
+    present = [s for s in sources if any(r.syncs_by_source.get(s) for r in results)]
+    header = ["host syncs/step by source", *present, "all"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        counts = [f"{r.syncs_by_source.get(s, 0):g}" for s in present]
+        lines.append("| " + " | ".join([r.label, *counts, f"{r.syncs_per_step:g}"]) + " |")
+    return lines
 
 
 def to_json(report: dict) -> dict:

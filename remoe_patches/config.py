@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 RouterKind = Literal["dense", "topk", "relu"]
 ROUTERS = ("dense", "topk", "relu")
-DROPLESS_DISPATCHERS = ("alltoall", "allgather")
+DROPLESS_DISPATCHERS = ("alltoall", "allgather", "sorted")
 
 
 class ConfigError(ValueError):
@@ -74,7 +74,8 @@ class ModelConfig:
     relu_load_balancing: bool = True
     """L1 with load balancing (Eq. 10) or plain L1 (Eq. 9)."""
     token_dispatcher: str = "alltoall"
-    """megatron's token dispatcher: ``alltoall`` or ``allgather`` (both dropless)."""
+    """The dropless token path: megatron's ``alltoall`` or ``allgather`` dispatcher, or ``sorted``
+    (``token_dispatch.py``: all on the device, one host read per layer; EP = TP = 1 only)."""
     moe_expert_capacity_factor: Optional[float] = None
     """Token dropping capacity; must stay None (dropless) for ReLU routing."""
     moe_grouped_gemm: bool = False
@@ -180,7 +181,9 @@ class ModelConfig:
                 num_moe_experts=self.total_experts,
                 moe_router_topk=self.total_topk,
                 moe_ffn_hidden_size=self.expert_ffn_hidden_size,
-                moe_token_dispatcher_type=self.token_dispatcher,
+                # megatron builds its alltoall dispatcher, which the sorted path's layer replaces
+                moe_token_dispatcher_type=(
+                    "alltoall" if self.token_dispatcher == "sorted" else self.token_dispatcher),
                 moe_grouped_gemm=self.moe_grouped_gemm,
                 moe_router_dtype=self.moe_router_dtype,
                 moe_expert_capacity_factor=self.moe_expert_capacity_factor,
@@ -276,6 +279,10 @@ class ParallelConfig:
              f"EP={ep} does not divide the {model.total_experts} experts"),
             (model.is_moe or ep == 1, "expert_model_parallel_size",
              "a dense model has no experts to split; use EP=1"),
+            (model.token_dispatcher != "sorted" or (ep == 1 and tp == 1),
+             "expert_model_parallel_size" if ep != 1 else "tensor_model_parallel_size",
+             f"the sorted token dispatcher keeps every expert and token on its rank (EP=1, TP=1), "
+             f"not EP={ep} TP={tp}; use the alltoall dispatcher"),
             # megatron-core's MoE layer refuses to train at TP>1 without it.
             (not model.is_moe or tp == 1 or self.sequence_parallel, "sequence_parallel",
              f"MoE layers at TP={tp} need sequence parallelism; turn it on"),

@@ -17,6 +17,12 @@ fix names the defect and is a no-op once megatron-core no longer has it.
       state). Adam's bias correction restarts, and torch's foreach AdamW adds 1 to that shared
       tensor once per parameter per step. ``restore_adam_steps`` gives every parameter its own
       step tensor holding the saved step (which ``load_state_dict`` left in the param groups).
+3. The gradient norm without apex or transformer-engine: megatron's stand-in for the fused L2
+   norm, ``utils.local_multi_tensor_l2_norm``, builds ``torch.tensor(list of norms)`` and then
+   ``float()``s the result: one host read per gradient tensor plus one (157 per step at 182M on
+   an H200), where the fused kernel reads none. ``device_l2_norm`` computes the same values in
+   the same order on the device; ``get_grad_norm_fp32`` then reads the norm once, as it does
+   with the fused kernel.
 """
 
 from __future__ import annotations
@@ -29,10 +35,25 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 def apply_megatron_fixes() -> None:
     """Install the module-level fixes (idempotent); call before building a model."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = device_l2_norm
+
+
+def device_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """``local_multi_tensor_l2_norm``'s result (defect 3), computed without leaving the device:
+    the L2 norm over the per-tensor L2 norms, as a float32 tensor of shape [1]."""
+    norms = [torch.norm(tensor) for tensor_list in tensor_lists for tensor in tensor_list]
+    if not norms:  # no gradient on this rank (as the original: a zero on the device)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        return torch.zeros(1, dtype=torch.float, device=device), None
+    total = torch.norm(torch.stack(norms).float())
+    return total.reshape(1), None
 
 
 def _distributed_torch_adams(optimizer):

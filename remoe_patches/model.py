@@ -29,6 +29,7 @@ from remoe_patches.local_layers import GroupedGemmExperts, RMSNorm, SDPAttention
 from remoe_patches.parallel import local_device
 from remoe_patches.regularizer import AdaptiveL1
 from remoe_patches.router import relu_router_builder
+from remoe_patches.token_dispatch import use_sorted_token_path
 
 try:
     import transformer_engine  # noqa: F401
@@ -43,6 +44,7 @@ def customize_layers(
     *,
     router_builder=None,
     experts: Optional[ModuleSpec] = None,
+
     core_attention: Optional[type] = None,
     norm: Optional[type] = None,
 ) -> TransformerBlockSubmodules:
@@ -180,4 +182,6 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=model_config.rotary_base,
     )
+    if model_config.is_moe and model_config.token_dispatcher == "sorted":
+        use_sorted_token_path(model)
     return BuiltModel(model=model, transformer_config=transformer_config, regularizer=regularizer)

@@ -18,7 +18,6 @@ from functools import partial
 from typing import Callable, ContextManager, Iterable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -175,16 +174,13 @@ def train_step(
     optimizer.zero_grad()
     lm_loss = forward_backward(model_chunks, batches, num_microbatches=len(batches),
                                seq_length=seq_length, micro_batch_size=micro_batch_size)["lm_loss"]
-    # The optimizer's own step() in parts, so that a non-finite loss or gradient skips the update
-    # after the norm is known, without preparing the gradients and taking the norm twice.
+    # The optimizer's own step() in parts, so that a non-finite gradient skips the update after
+    # the norm is known, without preparing the gradients and taking the norm twice. The norm is
+    # the step's one host read (as in Megatron-LM), and it decides for every rank: it is reduced
+    # over all model-parallel ranks, and a non-finite loss makes every gradient non-finite.
     optimizer.prepare_grads()
     grad_norm = float(optimizer.get_grad_norm() or 0.0)
-    loss_bad = torch.tensor(
-        0.0 if not parallel_state.is_pipeline_last_stage() else float(not torch.isfinite(lm_loss)),
-        device=lm_loss.device,
-    )
-    dist.all_reduce(loss_bad, op=dist.ReduceOp.MAX)
-    finite = loss_bad.item() == 0.0 and math.isfinite(grad_norm)
+    finite = math.isfinite(grad_norm)
 
     record = StepRecord(lm_loss=lm_loss, grad_norm=grad_norm, skipped=not finite,
                         lr=optimizer.param_groups[0]["lr"])

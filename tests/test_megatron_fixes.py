@@ -110,3 +110,28 @@ def test_resumed_adam_steps_are_the_saved_ones_one_tensor_each(single_rank, tmp_
     assert [float(s) for s in adam_steps(fresh)] == [4.0] * len(steps)
     for (name, a), b in zip(weights(ddp).items(), weights(fresh_ddp).values()):
         assert torch.equal(a, b), name
+
+
+def test_gradient_norm_stays_on_the_device_and_equals_megatrons(single_rank):
+    """Defect 3: the same norm, bit for bit, as megatron's local L2 norm, read by nobody; and
+    ``get_grad_norm_fp32`` (with the fix installed by ``initialize_parallel``) reads it once."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    from remoe_patches.host_sync import HostSyncCounter
+    from remoe_patches.megatron_fixes import device_l2_norm
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=gen) for shape in [(7, 3), (5,), (2, 2, 2), (1,)]]
+    with HostSyncCounter() as syncs:
+        ours, _ = device_l2_norm(2048, None, [grads], False)
+    assert syncs.total == 0 and ours.shape == (1,) and ours.dtype == torch.float32
+    theirs, _ = utils.local_multi_tensor_l2_norm(2048, None, [grads], False)
+    assert torch.equal(ours, theirs)
+    expected = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    assert abs(ours.item() - expected.item()) < 1e-5 * expected.item()
+
+    assert clip_grads.l2_norm_impl is device_l2_norm
+    with HostSyncCounter() as syncs:
+        norm = clip_grads.get_grad_norm_fp32(grads)
+    assert syncs.total == 1 and abs(norm - ours.item()) < 1e-6 * norm

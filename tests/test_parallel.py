@@ -30,6 +30,8 @@ LAYOUTS = [
     ("relu", "allgather", dict(expert_model_parallel_size=2)),
     ("relu", "alltoall", dict()),  # DP=2
     ("relu", "alltoall", dict(pipeline_model_parallel_size=2)),
+    ("relu", "sorted", dict()),  # DP=2, against the 1-rank alltoall reference
+    ("topk", "sorted", dict(pipeline_model_parallel_size=2)),
     ("topk", "alltoall", dict(expert_model_parallel_size=2)),
     ("dense", "alltoall", dict(tensor_model_parallel_size=2)),
 ]

@@ -56,6 +56,9 @@ def parse(argv):
                         default=defaults.recompute)
     parser.add_argument("--grouped-gemm", action=argparse.BooleanOptionalAction, default=None,
                         help="Grouped-GEMM experts (default: on GPUs).")
+    parser.add_argument("--moe-token-dispatcher-type", dest="token_dispatcher",
+                        choices=["sorted", "alltoall", "allgather"],
+                        default=defaults.token_dispatcher, help="The MoE models' token path.")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 mixed precision (default: on GPUs).")
     parser.add_argument("--peak-tflops", type=float,
@@ -74,6 +77,7 @@ def parse(argv):
         max_settle_steps=args.max_settle_steps, recompute=args.recompute,
         interleave=not args.sequential, rounds=args.rounds,
         grouped_gemm=args.grouped_gemm, bf16=args.bf16, peak_tflops=args.peak_tflops,
+        token_dispatcher=args.token_dispatcher,
         seed=args.seed,
     )
     return config, args.json
