@@ -101,8 +101,10 @@ class BenchmarkConfig:
     """Repetitions of each router's isolated forward+backward."""
     recompute: str = "none"
     """Activation recomputation: ``none``, ``moe`` (the MoE layers) or ``full``."""
-    grouped_gemm: Optional[bool] = None
-    """Grouped GEMM experts; default: on GPUs."""
+    grouped_gemm: bool = True
+    """Grouped GEMM experts (``grouped_mm``, which takes the sorted path's offsets on the device;
+    on CPU a loop over the experts); off: megatron's SequentialMLP, which reads counts on the
+    host."""
     token_dispatcher: str = "sorted"
     """The MoE models' token path: ``sorted`` (one process needs no communication: device-side
     offsets, one host read per layer) or megatron's ``alltoall``/``allgather``."""
@@ -221,7 +223,7 @@ def training_flags(config: BenchmarkConfig, router: str, device: torch.device) -
             flags += ["--moe-relu-routing"]
         else:  # the dMoE baseline of configs/*_moe.yaml: gates scaled by E/k
             flags += ["--moe-router-topk-scaling-factor", config.num_experts / config.topk]
-        if config.grouped_gemm if config.grouped_gemm is not None else on_gpu:
+        if config.grouped_gemm:
             flags += ["--moe-grouped-gemm"]
     if config.bf16 if config.bf16 is not None else on_gpu:
         flags += ["--bf16"]

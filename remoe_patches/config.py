@@ -157,6 +157,9 @@ class ModelConfig:
         if self.token_dispatcher not in DROPLESS_DISPATCHERS:
             fail("token_dispatcher",
                  f"not supported; use one of {', '.join(DROPLESS_DISPATCHERS)}")
+        if self.token_dispatcher == "sorted" and self.moe_expert_capacity_factor is not None:
+            fail("token_dispatcher", "the sorted token path is dropless; leave the capacity "
+                                     "factor unset or use the alltoall dispatcher")
         if self.moe_router_dtype not in (None, "fp32", "fp64"):
             fail("moe_router_dtype", "not one of None, fp32, fp64")
         if self.router == "relu" and self.moe_expert_capacity_factor is not None:

@@ -93,3 +93,9 @@ def test_refused_where_tokens_or_experts_are_split(layout):
     model = ModelConfig(router="relu", token_dispatcher="sorted", num_experts=4, topk=1, **TINY)
     with pytest.raises(ConfigError, match="sorted token dispatcher keeps every expert"):
         ParallelConfig(**layout).validate_for(model)
+
+
+def test_refused_with_token_dropping():
+    with pytest.raises(ConfigError, match="ModelConfig.token_dispatcher=sorted: .*dropless"):
+        ModelConfig(router="topk", token_dispatcher="sorted", moe_expert_capacity_factor=1.0,
+                    num_experts=4, topk=1, **TINY).validate()

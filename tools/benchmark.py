@@ -54,8 +54,8 @@ def parse(argv):
                         "in memory together) instead of alternating rounds.")
     parser.add_argument("--recompute", choices=["none", "moe", "full"],
                         default=defaults.recompute)
-    parser.add_argument("--grouped-gemm", action=argparse.BooleanOptionalAction, default=None,
-                        help="Grouped-GEMM experts (default: on GPUs).")
+    parser.add_argument("--grouped-gemm", action=argparse.BooleanOptionalAction,
+                        default=defaults.grouped_gemm, help="Grouped-GEMM experts.")
     parser.add_argument("--moe-token-dispatcher-type", dest="token_dispatcher",
                         choices=["sorted", "alltoall", "allgather"],
                         default=defaults.token_dispatcher, help="The MoE models' token path.")
