@@ -21,11 +21,16 @@ def single_rank():
 
 
 @pytest.fixture(autouse=True)
-def fresh_aux_loss_scale():
-    """megatron keeps the MoE aux-loss scale in a class attribute: a test whose first backward
-    runs outside megatron's schedule leaves it 0-dim, which the schedule cannot copy its [1]
-    into later; every test starts without one, as a fresh process does."""
+def fresh_moe_globals():
+    """megatron keeps MoE state in globals, which every test gets fresh, as a process does: the
+    aux-loss scale (a test whose first backward runs outside megatron's schedule leaves it 0-dim,
+    which the schedule cannot copy its [1] into later) and the aux-loss tracker (a TopK model's
+    losses would reach the next test's step records)."""
     yield
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_moe_layer_wise_logging_tracker,
+    )
 
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    get_moe_layer_wise_logging_tracker().clear()

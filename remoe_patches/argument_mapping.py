@@ -25,6 +25,9 @@ FIELD_FLAGS = {
     "num_query_groups": "--num-query-groups",
     "num_attention_heads": "--num-attention-heads",
     "topk": "--moe-router-topk",
+    "num_experts": "--num-experts",
+    "hidden_size": "--hidden-size",
+    "num_layers": "--num-layers",
     "granularity": "--moe-granularity",
     "token_dispatcher": "--moe-token-dispatcher-type",
     "moe_router_dtype": "--moe-router-dtype",
@@ -156,12 +159,16 @@ def parallel_config_from_args(args) -> ParallelConfig:
 
 
 def _in_flag_terms(error: ConfigError) -> str:
-    """'ModelConfig.topk=5: ...' as '--moe-router-topk 5: ...' (and without a value alike)."""
+    """'ModelConfig.topk=5: ... num_experts=4' as '--moe-router-topk 5: ... --num-experts 4'
+    (and without a value alike)."""
     match = re.match(r"(?:ModelConfig|ParallelConfig)\.(\w+)(=\S+)?: (.*)", str(error))
-    if match and match[1] in FIELD_FLAGS:
-        value = f" {match[2][1:]}" if match[2] else ""
-        return f"{FIELD_FLAGS[match[1]]}{value}: {match[3]}"
-    return str(error)
+    if not match or match[1] not in FIELD_FLAGS:
+        return str(error)
+    value = f" {match[2][1:]}" if match[2] else ""
+    message = re.sub(r"\b([a-z_]+)=([^\s;,]+)",
+                     lambda m: f"{FIELD_FLAGS[m[1]]} {m[2]}" if m[1] in FIELD_FLAGS else m[0],
+                     match[3])
+    return f"{FIELD_FLAGS[match[1]]}{value}: {message}"
 
 
 def layer_options_from_args(args) -> LayerOptions:

@@ -227,7 +227,7 @@ def test_listing_and_collecting_need_no_environment_variables(tmp_path):
     ("num_expert: [4]", "{path}: grid.num_expert is not a pretrain_gpt.py flag; did you mean "
                         "num_experts?"),
     ("moe_router_topk: [9]", "{path}: run moe_k-9: pretrain_gpt.py refuses its flags: "
-                             "--moe-router-topk 9 must be between 1 and --num-experts 8"),
+                             "--moe-router-topk 9: must be between 1 and --num-experts 8"),
 ])
 def test_a_bad_grid_value_is_reported_against_the_sweep_file(tmp_path, grid_line, message):
     spec = yaml.safe_load(open(CPU_SWEEP))
