@@ -34,7 +34,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """One GPT model: LLaMA architecture (spec §3) with a dense, TopK-MoE or ReLU-MoE MLP."""
 
@@ -225,7 +225,7 @@ class ModelConfig:
         return TransformerConfig(**kwargs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     """How the model is split over ranks (data parallelism takes the rest of the world)."""
 

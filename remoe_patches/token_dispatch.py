@@ -34,7 +34,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 class SortedTokenDispatcher(MoETokenDispatcher):
     """megatron-core's dispatcher interface for all experts on this rank (EP = TP = 1)."""
 
-    def __init__(self, num_local_experts: int, config, pg_collection=None):
+    def __init__(self, config, pg_collection=None):
         super().__init__(config=config, pg_collection=pg_collection)
         if self.ep_size != 1 or self.tp_size != 1:
             raise ValueError(
@@ -42,7 +42,6 @@ class SortedTokenDispatcher(MoETokenDispatcher):
                 f"tensor parallel sizes 1, not EP={self.ep_size} TP={self.tp_size}; use "
                 "--moe-token-dispatcher-type alltoall"
             )
-        self.num_local_experts = num_local_experts
         self._input_shape: Optional[torch.Size] = None
         self._token_of_pair_P: Optional[torch.Tensor] = None
         self._tokens_per_expert_E: Optional[torch.Tensor] = None
@@ -95,5 +94,5 @@ def use_sorted_token_path(model: torch.nn.Module) -> None:
         if isinstance(module, MoELayer):
             old = module.token_dispatcher
             groups = SimpleNamespace(ep=old.ep_group, expt_tp=old.tp_group, tp_ep=old.tp_ep_group)
-            module.token_dispatcher = SortedTokenDispatcher(
-                module.num_local_experts, config=module.config, pg_collection=groups)
+            module.token_dispatcher = SortedTokenDispatcher(config=module.config,
+                                                            pg_collection=groups)

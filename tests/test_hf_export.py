@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_evaluation import REPO, SEQ, checkpoint, clean_env
+from test_evaluation import SEQ, checkpoint, clean_env
 from test_export import RELATIVE_TOLERANCE, tokens_for
 
 TRANSFORMERS_SIDE = """

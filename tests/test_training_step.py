@@ -382,8 +382,8 @@ def test_a_non_finite_loss_skips_the_update_and_keeps_lambda(single_rank):
     from remoe_patches.training_step import train_step
 
     config, objects = training_objects("relu")
-    before, coeff, lr = weights(objects), objects.regularizer.coeff.clone(), \
-        objects.scheduler.num_steps
+    before, coeff = weights(objects), objects.regularizer.coeff.clone()
+    scheduler_steps = objects.scheduler.num_steps
     bad = make_batch(1)
     with torch.no_grad():  # an inf weight makes the loss (and every gradient) non-finite
         objects.model_chunks[0].module.output_layer.weight[0, 0] = float("inf")
@@ -394,11 +394,11 @@ def test_a_non_finite_loss_skips_the_update_and_keeps_lambda(single_rank):
     for name, value in weights(objects).items():
         assert torch.equal(value, before[name]), name
     assert objects.regularizer.coeff.item() == coeff.item()
-    assert objects.scheduler.num_steps == lr
+    assert objects.scheduler.num_steps == scheduler_steps
     assert record.routing is not None  # the step's statistics were consumed all the same
-    good = train_step(objects.model_chunks, objects.optimizer, objects.scheduler,
-                      objects.regularizer, [make_batch(3), make_batch(4)], **step_kwargs(config))
-    assert good.skipped  # the inf weight is still there: skipped again, nothing updated
+    again = train_step(objects.model_chunks, objects.optimizer, objects.scheduler,
+                       objects.regularizer, [make_batch(3), make_batch(4)], **step_kwargs(config))
+    assert again.skipped  # the inf weight is still there: skipped again, nothing updated
 
 
 @pytest.mark.parametrize("router", ["dense", "topk", "relu"])
