@@ -5,7 +5,7 @@ Shape suffixes: T = tokens of a layer's micro-batch, E = experts, L = all transf
 the model (MoE or not; index = layer number - 1), C = the statistics' columns (see ``_COLUMNS``).
 
 Each ReLU router calls ``AdaptiveL1.record`` once per micro-batch it trains on, with its layer's
-sparsity, reg loss and expert counts. They accumulate in ONE packed ``L x C`` buffer; after the
+reg loss and expert counts (which give its sparsity). They accumulate in ONE packed ``L x C`` buffer; after the
 optimizer step the loop calls ``finish_step``, which sums the buffer over all ranks in a single
 collective, turns it into a ``RoutingStats`` (what the log, the lambda update and the health
 report read) and moves the coefficient by ``multiplier ** sign(target - sparsity)``.
@@ -68,10 +68,26 @@ def load_balanced_l1_loss(
     return (at_least_fp32(gates_TE).sum(dim=0) * f_E).sum() / num_tokens
 
 
-# Columns of the per-layer statistics buffer. Every column is a sum over ranks and micro-batches.
-_SPARSITY, _RECORDS, _REG_LOSS, _TOKENS = range(4)
-_LOAD = 4  # then one column per expert: tokens routed to it
-_COLUMNS = ("sparsity", "records", "reg_loss", "tokens", "load_0..E-1")
+def reg_loss_gradient(
+    tokens_per_expert_E: torch.Tensor, num_tokens: int | torch.Tensor, topk: int,
+    load_balancing: bool = True,
+) -> torch.Tensor:
+    """``dL_reg/dR_te``, the same for every token: ``f_e/T`` for Eq. 10, ``1/T`` for Eq. 9.
+
+    Both losses are linear in the gates (``f_e`` is a constant), ``L_reg = sum_te g_e R_te`` with
+    this ``g_E``, which is how the router applies them (``relu_gates.relu_gates_with_penalty``).
+    """
+    if load_balancing:
+        return load_balance_weights(tokens_per_expert_E, num_tokens, topk) / num_tokens
+    return torch.full_like(tokens_per_expert_E, 1.0 / num_tokens).detach()
+
+
+# Columns of the per-layer statistics buffer. Every column is a sum over ranks and micro-batches;
+# the reg loss is weighted by the tokens it averages, so dividing by the tokens column gives the
+# mean over micro-batches and ranks, and Eq. 8's sparsity follows from the loads and the tokens.
+_TOKENS, _TOKEN_REG_LOSS = 0, 1
+_LOAD = 2  # then one column per expert: tokens routed to it
+_COLUMNS = ("tokens", "reg_loss x tokens", "load_0..E-1")
 
 
 @dataclass
@@ -141,28 +157,24 @@ class AdaptiveL1:
         self,
         layer_number: int,
         *,
-        sparsity: torch.Tensor,
-        reg_loss: Optional[torch.Tensor] = None,
-        tokens_per_expert_E: Optional[torch.Tensor] = None,
-        num_tokens: int = 0,
+        reg_loss: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        num_tokens: int,
         replicas: int = 1,
     ) -> None:
-        """Add one micro-batch of MoE layer ``layer_number`` (1-based, global).
+        """Add one micro-batch of MoE layer ``layer_number`` (1-based, global) of ``num_tokens``
+        tokens, ``tokens_per_expert_E`` of which went to each expert.
 
         ``reg_loss`` is this rank's share of the layer's loss (shares add up over the ranks that
-        split the layer's tokens). ``sparsity``, the counts and the record itself are the same on
-        each of the ``replicas`` ranks that split the tokens (they were reduced over them), so they
-        are weighted ``1/replicas``: summed over all ranks, each micro-batch counts once.
+        split the layer's tokens). The counts are the same on each of the ``replicas`` ranks that
+        split the tokens (they were reduced over them), so they are weighted ``1/replicas``:
+        summed over all ranks, each micro-batch counts once.
         """
         row_C = self._stats_LC[layer_number - 1]
-        weight = 1.0 / replicas
-        row_C[_SPARSITY] += sparsity.detach().float() * weight
-        row_C[_RECORDS] += weight
-        if reg_loss is not None:
-            row_C[_REG_LOSS] += reg_loss.detach().float()
-        if tokens_per_expert_E is not None:
-            row_C[_LOAD:] += tokens_per_expert_E.detach().float() * weight
-            row_C[_TOKENS] += num_tokens * weight
+        row_C[_TOKENS] += num_tokens / replicas
+        row_C[_TOKEN_REG_LOSS] += reg_loss.detach().float() * num_tokens
+        load_E = tokens_per_expert_E.detach().float()
+        row_C[_LOAD:] += load_E if replicas == 1 else load_E / replicas
 
     def finish_step(self, *, group: Optional[dist.ProcessGroup] = None,
                     update: bool = True) -> RoutingStats:
@@ -170,25 +182,27 @@ class AdaptiveL1:
         ``update``, move the coefficient (Eq. 7) by the step's mean sparsity.
 
         Layers on other pipeline stages hold zeros here, so one sum over all ranks gives every
-        layer's totals and its number of records; their ratios are means over micro-batches and
+        layer's totals; their ratios to the layer's tokens are means over micro-batches and
         data-parallel ranks.
         """
         stats_LC = self._stats_LC.clone()
         self._stats_LC.zero_()
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(stats_LC, group=group)
-        records_L = stats_LC[:, _RECORDS]
-        is_moe_L = records_L > 0
-        per_record_L = records_L.clamp(min=1.0)
-        sparsity_L = torch.where(is_moe_L, stats_LC[:, _SPARSITY] / per_record_L, torch.nan)
+        tokens_L = stats_LC[:, _TOKENS]
+        is_moe_L = tokens_L > 0
+        tokens_L1 = tokens_L.clamp(min=1.0).unsqueeze(1)
+        expert_load_LE = torch.where(is_moe_L.unsqueeze(1), stats_LC[:, _LOAD:] / tokens_L1,
+                                     torch.nan)
+        # Eq. 8: the share of zero gates, 1 - (active pairs) / (tokens x experts)
+        sparsity_L = 1.0 - expert_load_LE.sum(dim=1) / self.num_experts
         sparsity = torch.where(is_moe_L, sparsity_L, 0.0).sum() / is_moe_L.sum().clamp(min=1)
-        tokens_L1 = stats_LC[:, _TOKENS:_TOKENS + 1]
         stats = RoutingStats(
             sparsity=sparsity,
             sparsity_L=sparsity_L,
-            reg_loss_L=torch.where(is_moe_L, stats_LC[:, _REG_LOSS] / per_record_L, torch.nan),
-            expert_load_LE=torch.where(
-                tokens_L1 > 0, stats_LC[:, _LOAD:] / tokens_L1.clamp(min=1.0), torch.nan),
+            reg_loss_L=torch.where(is_moe_L, stats_LC[:, _TOKEN_REG_LOSS] / tokens_L1[:, 0],
+                                   torch.nan),
+            expert_load_LE=expert_load_LE,
             coeff=self.coeff,
         )
         if update:

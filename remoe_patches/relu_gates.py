@@ -11,12 +11,43 @@ are computed from ``gates_TE`` itself.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, Optional
+
 import torch
 
 
 def relu_gates(logits_TE: torch.Tensor) -> torch.Tensor:
     """Eq. 5: ``R(x) = ReLU(x W)``. No softmax and no normalisation: a token may use 0..E experts."""
     return torch.relu(logits_TE)
+
+
+def relu_gates_with_penalty(
+    logits_TE: torch.Tensor,
+    penalty_grad_E: torch.Tensor,
+    grad_scale: Callable[[], Optional[torch.Tensor]] = lambda: None,
+) -> torch.Tensor:
+    """Eq. 5 whose backward also carries the gradient of a penalty linear in the gates,
+    ``P = sum_t sum_e p_e R_te`` (``penalty_grad_E`` = p_E): ``dlogits_te = (dR_te + s p_e) 1{R_te > 0}``.
+
+    The L1 losses of Eq. 9/10 are such penalties (``regularizer.reg_loss_gradient``). This gives
+    the same gradient as ``relu_gates`` followed by autograd through the penalty (what
+    ``loss + P`` would do), through a hook on the gates instead of the loss's six autograd nodes, which is most of a
+    small router's time. ``grad_scale()`` (read in the backward pass; None means 1) is the scale
+    the LM loss's gradient carries, e.g. 1/micro-batches.
+    """
+    gates_TE = torch.relu(logits_TE)
+    if gates_TE.requires_grad:
+        # ReLU's backward then keeps the sum only where the gate is positive.
+        gates_TE.register_hook(functools.partial(_add_penalty_grad, penalty_grad_E, grad_scale))
+    return gates_TE
+
+
+def _add_penalty_grad(penalty_grad_E, grad_scale, grad_gates_TE):
+    scale = grad_scale()
+    if scale is not None:
+        penalty_grad_E = penalty_grad_E * scale
+    return grad_gates_TE + penalty_grad_E.to(grad_gates_TE.dtype)
 
 
 def active_mask(gates_TE: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,11 @@
 Shape suffixes: T = tokens this rank routes, E = experts.
 
 The router returns what megatron-core's dropless token dispatchers expect: ``probs_TE`` (the ReLU
-gates, zero where inactive) and ``routing_map_TE`` (gate > 0). During training it attaches
-``coeff * L_reg_l / num_moe_layers`` to the backward pass through megatron-core's
-``MoEAuxLossAutoScaler`` (so the LM loss it reports is unchanged and the gradient is scaled like
-the LM loss over micro-batches) and records the layer's sparsity, reg loss and expert counts in
-the regularizer, the one owner of the step's routing statistics (not megatron's global aux-loss
+gates, zero where inactive) and ``routing_map_TE`` (gate > 0). During training the gates' backward
+adds the gradient of ``coeff * L_reg_l / num_moe_layers``, scaled like the LM loss's gradient over
+micro-batches (the scale megatron's ``MoEAuxLossAutoScaler`` holds for its aux losses), so the LM
+loss it reports is unchanged; and it records the layer's reg loss and expert counts in the
+regularizer, the one owner of the step's routing statistics (not megatron's global aux-loss
 tracker).
 
 Tokens: with sequence or context parallelism a rank routes only part of the layer's tokens.
@@ -31,7 +31,8 @@ from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from remoe_patches import relu_gates
-from remoe_patches.regularizer import AdaptiveL1, l1_loss, load_balanced_l1_loss
+from remoe_patches.regularizer import AdaptiveL1, reg_loss_gradient
+from remoe_patches.relu_gates import at_least_fp32
 
 
 ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -95,43 +96,49 @@ class ReLURouter(Router):
 
     def routing(self, logits: torch.Tensor):
         logits_TE = logits.view(-1, self.num_experts)
-        gates_TE = relu_gates.relu_gates(logits_TE)
-        routing_map_TE = relu_gates.active_mask(gates_TE)
         # Like megatron's aux loss: only where a backward follows (so not in evaluation, nor in
         # the no-grad first pass of activation recomputation, which would count twice).
         if self.training and torch.is_grad_enabled():
-            gates_TE = self._attach_regularizer(gates_TE, routing_map_TE)
-        return gates_TE, routing_map_TE
+            return self._routing_with_regularizer(logits_TE)
+        gates_TE = relu_gates.relu_gates(logits_TE)
+        return gates_TE, relu_gates.active_mask(gates_TE)
 
-    def _attach_regularizer(self, gates_TE, routing_map_TE):
-        local_num_tokens = gates_TE.shape[0]
+    def _routing_with_regularizer(self, logits_TE):
+        """The gates, whose backward adds ``coeff * dL_reg/dR / num_moe_layers`` (the loss is
+        linear in the gates), scaled like the LM loss's gradient as megatron's aux losses are."""
+        routing_map_TE = relu_gates.active_mask(logits_TE.detach())  # ReLU keeps the sign
+        local_num_tokens = logits_TE.shape[0]
         replicas = self.tp_cp_group.size()
         num_tokens = local_num_tokens * replicas
         tokens_per_expert_E = routing_map_TE.sum(dim=0, dtype=torch.float32)
         if replicas > 1:  # (an autograd function's overhead for nothing on one rank)
             tokens_per_expert_E = reduce_from_tensor_model_parallel_region(
                 tokens_per_expert_E, self.tp_cp_group)
-        counts = dict(tokens_per_expert_E=tokens_per_expert_E, num_tokens=num_tokens)
-        if self.load_balancing:
-            reg_loss = load_balanced_l1_loss(gates_TE, self.topk, **counts)
-        else:
-            reg_loss = l1_loss(gates_TE, num_tokens=num_tokens)
-        layer_sparsity = relu_gates.sparsity(gates_TE, **counts)
+        reg_grad_E = reg_loss_gradient(tokens_per_expert_E, num_tokens, self.topk,
+                                       self.load_balancing)
 
         # The model's L_reg is the mean over MoE layers (spec Eq. 9/10 with their 1/L).
-        scaled_reg_loss = self.regularizer.coeff * reg_loss / self.num_moe_layers
+        weight = self.regularizer.coeff / self.num_moe_layers
         if self.calculate_per_token_loss:
             # megatron then divides every gradient by the token count; undo it as its aux loss does.
-            scaled_reg_loss = scaled_reg_loss * local_num_tokens
-        gates_TE = MoEAuxLossAutoScaler.apply(gates_TE, scaled_reg_loss)
+            weight = weight * local_num_tokens
+        gates_TE = relu_gates.relu_gates_with_penalty(
+            logits_TE, reg_grad_E * weight, _main_loss_backward_scale)
 
         if self.layer_number is not None:
+            with torch.no_grad():  # L_reg = sum_te g_e R_te; this rank's share, for the log
+                gates_E = at_least_fp32(gates_TE).sum(dim=0)
+                reg_loss = (gates_E * reg_grad_E).sum()
             self.regularizer.record(
-                self.layer_number, sparsity=layer_sparsity, reg_loss=reg_loss,
-                tokens_per_expert_E=tokens_per_expert_E, num_tokens=num_tokens,
-                replicas=replicas,
+                self.layer_number, reg_loss=reg_loss, tokens_per_expert_E=tokens_per_expert_E,
+                num_tokens=num_tokens, replicas=replicas,
             )
-        return gates_TE
+        return gates_TE, routing_map_TE
+
+
+def _main_loss_backward_scale():
+    """The scale megatron's schedule gives the LM loss's gradient (and its aux losses')."""
+    return MoEAuxLossAutoScaler.main_loss_backward_scale
 
 
 def relu_router_builder(regularizer: AdaptiveL1, load_balancing: bool = True):

@@ -15,6 +15,7 @@ from remoe_patches.regularizer import (
     l1_loss,
     load_balance_weights,
     load_balanced_l1_loss,
+    reg_loss_gradient,
 )
 from test_relu_gates import E, K, T, logits_away_from_zero
 
@@ -34,54 +35,67 @@ def test_scripted_sparsity_sequence_with_tie():
 
 def test_step_statistics_average_micro_batches_then_moe_layers():
     reg = AdaptiveL1(target_sparsity=0.5, num_layers=4, num_experts=2)
-    # layers 1 and 3 are MoE (two micro-batches each); 2 and 4 are dense and never record
-    for value_1, value_3, loss_3, counts_3 in [(0.2, 0.6, 1.0, [3.0, 1.0]),
-                                               (0.4, 1.0, 3.0, [0.0, 0.0])]:
-        reg.record(1, sparsity=torch.tensor(value_1))
-        reg.record(3, sparsity=torch.tensor(value_3), reg_loss=torch.tensor(loss_3),
-                   tokens_per_expert_E=torch.tensor(counts_3), num_tokens=4)
+    # layers 1 and 3 are MoE (two micro-batches of 4 tokens each); 2 and 4 are dense, no records
+    # micro-batch sparsities (Eq. 8, 1 - pairs / (4 x 2)): layer 1: 0.5, 0.0; layer 3: 0.5, 1.0
+    for counts_1, loss_1, counts_3, loss_3 in [([2.0, 2.0], 1.0, [3.0, 1.0], 0.5),
+                                               ([4.0, 4.0], 3.0, [0.0, 0.0], 0.5)]:
+        reg.record(1, reg_loss=torch.tensor(loss_1), tokens_per_expert_E=torch.tensor(counts_1),
+                   num_tokens=4)
+        reg.record(3, reg_loss=torch.tensor(loss_3), tokens_per_expert_E=torch.tensor(counts_3),
+                   num_tokens=4)
     stats = reg.finish_step(update=False)
-    assert stats.sparsity_L[0].item() == pytest.approx(0.3)
-    assert stats.sparsity_L[2].item() == pytest.approx(0.8)
+    assert stats.sparsity_L[0].item() == pytest.approx(0.25)
+    assert stats.sparsity_L[2].item() == pytest.approx(0.75)
     assert math.isnan(stats.sparsity_L[1].item()) and math.isnan(stats.sparsity_L[3].item())
-    assert stats.sparsity.item() == pytest.approx((0.3 + 0.8) / 2)
-    assert stats.reg_loss_L[2].item() == pytest.approx(2.0)
-    # 3 of 8 tokens went to expert 0, 1 of 8 to expert 1; layer 1 recorded no counts
+    assert stats.sparsity.item() == pytest.approx((0.25 + 0.75) / 2)
+    assert stats.reg_loss_L[0].item() == pytest.approx(2.0)
+    assert stats.reg_loss_L[2].item() == pytest.approx(0.5)
+    assert math.isnan(stats.reg_loss_L[1].item())
+    # 3 of 8 tokens went to expert 0 of layer 3, 1 of 8 to expert 1
     assert stats.expert_load_LE[2].tolist() == pytest.approx([3 / 8, 1 / 8])
-    assert torch.isnan(stats.expert_load_LE[0]).all()
+    assert stats.expert_load_LE[0].tolist() == pytest.approx([6 / 8, 6 / 8])
+    assert torch.isnan(stats.expert_load_LE[1]).all()
     # the records are consumed: the next step starts empty
-    reg.record(1, sparsity=torch.tensor(1.0))
+    reg.record(1, reg_loss=torch.tensor(0.0), tokens_per_expert_E=torch.zeros(2), num_tokens=4)
     assert reg.finish_step().sparsity.item() == pytest.approx(1.0)
 
 
 def test_replicated_records_count_once_and_loss_shares_add_up():
-    """Two ranks splitting a layer's tokens (TP/SP/CP) record the same sparsity and counts and
-    half of the loss each; summed over both (what finish_step's reduction does) the step's
-    statistics are those of one rank recording the whole layer."""
+    """Two ranks splitting a layer's tokens (TP/SP/CP) record the same counts and half of the
+    loss each; summed over both (what finish_step's reduction does) the step's statistics are
+    those of one rank recording the whole layer."""
     whole = AdaptiveL1(target_sparsity=0.5, num_layers=1, num_experts=2)
-    whole.record(1, sparsity=torch.tensor(0.25), reg_loss=torch.tensor(3.0),
-                 tokens_per_expert_E=torch.tensor([6.0, 2.0]), num_tokens=8)
+    whole.record(1, reg_loss=torch.tensor(3.0), tokens_per_expert_E=torch.tensor([6.0, 2.0]),
+                 num_tokens=8)
     shards = [AdaptiveL1(target_sparsity=0.5, num_layers=1, num_experts=2) for _ in range(2)]
     for shard, share in zip(shards, (1.0, 2.0)):
-        shard.record(1, sparsity=torch.tensor(0.25), reg_loss=torch.tensor(share),
+        shard.record(1, reg_loss=torch.tensor(share),
                      tokens_per_expert_E=torch.tensor([6.0, 2.0]), num_tokens=8, replicas=2)
     summed = shards[0]
     summed._stats_LC += shards[1]._stats_LC  # the all-reduce over the two ranks
     expected, got = whole.finish_step(), summed.finish_step()
     for field in ("sparsity", "sparsity_L", "reg_loss_L", "expert_load_LE", "coeff"):
         torch.testing.assert_close(getattr(got, field), getattr(expected, field))
+    assert expected.sparsity.item() == pytest.approx(0.5)
     assert summed.coeff.item() == whole.coeff.item()
 
 
 def test_finish_step_updates_from_the_reduced_value():
-    reg = AdaptiveL1(target_sparsity=0.875, num_layers=2, init_coeff=1.0, multiplier=2.0)
-    reg.record(1, sparsity=torch.tensor(0.9))
-    reg.record(2, sparsity=torch.tensor(0.8))  # mean 0.85 < 0.875: too dense
+    reg = AdaptiveL1(target_sparsity=0.875, num_layers=2, num_experts=8, init_coeff=1.0,
+                     multiplier=2.0)
+
+    def record(layer, active_pairs):  # of 10 tokens x 8 experts
+        reg.record(layer, reg_loss=torch.tensor(0.0), num_tokens=10,
+                   tokens_per_expert_E=torch.tensor([active_pairs] + [0.0] * 7))
+
+    record(1, 8.0)   # sparsity 0.9
+    record(2, 16.0)  # sparsity 0.8: mean 0.85 < 0.875, too dense
     stats = reg.finish_step()
+    assert stats.sparsity.item() == pytest.approx(0.85)
     assert reg.coeff.item() == 2.0
     assert stats.coeff.item() == 1.0  # the coefficient the step trained with
     # a skipped step's statistics are consumed without an update
-    reg.record(1, sparsity=torch.tensor(0.1))
+    record(1, 72.0)
     reg.finish_step(update=False)
     assert reg.coeff.item() == 2.0
 
@@ -189,3 +203,16 @@ def test_bf16_gates_are_summed_in_fp32():
     gates = torch.full((4096, E), 0.01, dtype=torch.bfloat16)
     assert l1_loss(gates).dtype == torch.float32
     assert l1_loss(gates).item() == pytest.approx(E * gates[0, 0].float().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("load_balancing", [True, False])
+def test_reg_loss_gradient_is_the_losses_gradient(load_balancing):
+    """The per-expert gradient the router applies is autograd's gradient of Eq. 10 / Eq. 9 with
+    respect to every gate, and the losses are linear in the gates with it."""
+    gates = relu_gates.relu_gates(logits_away_from_zero()).requires_grad_()
+    counts = relu_gates.tokens_per_expert(gates)
+    loss = load_balanced_l1_loss(gates, K) if load_balancing else l1_loss(gates)
+    (expected_TE,) = torch.autograd.grad(loss, gates)
+    grad_E = reg_loss_gradient(counts, T, K, load_balancing)
+    torch.testing.assert_close(grad_E.expand(T, E).to(expected_TE.dtype), expected_TE)
+    assert (gates.detach() * grad_E).sum().item() == pytest.approx(loss.item(), rel=1e-12)
