@@ -48,7 +48,7 @@ from remoe_patches.arguments import parse_run_config
 from remoe_patches.config import PRESETS, ConfigError
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.host_sync import OUTSIDE_SCOPES, SOURCES, sync_counter
-from remoe_patches.parallel import local_device
+from remoe_patches.parallel import local_device, seed_all
 from remoe_patches.router_titles import ROUTER_TITLES
 from remoe_patches.run_config import RunConfig
 from remoe_patches.training import build_training_objects
@@ -97,8 +97,8 @@ class BenchmarkConfig:
     """Keep all models in memory and time their final phases in alternating rounds."""
     rounds: int = 5
     """Alternating rounds when interleaving (the timed steps are split over them)."""
-    router_timing_repeats: int = 5
-    """Repetitions of each router's isolated forward+backward."""
+    router_timing_repeats: int = 21
+    """Repetitions of each router's isolated forward+backward (their median counts)."""
     recompute: str = "none"
     """Activation recomputation: ``none``, ``moe`` (the MoE layers) or ``full``."""
     grouped_gemm: bool = True
@@ -273,6 +273,7 @@ class _Session:
         self.config, self.router, self.device = config, router, device
         self._memory_before_build = self._held_memory()
         self.run_config = run_config(config, router, device)
+        seed_all(config.seed)  # every model starts from the same weights, whatever ran before
         self.objects = build_training_objects(self.run_config, device=device)
         self.model_config = self.run_config.model
         vocab, seq_length = self.model_config.vocab_size, self.model_config.seq_length
@@ -284,9 +285,18 @@ class _Session:
         self.router_inputs: dict = {}
         self.syncs = None
         self.resident_memory = 0  # known after the warm-up has created the optimizer state
+        self._router_hooks = []
+        self._hook_routers()
+
+    def _hook_routers(self) -> None:
         for router_module in self.routers:
-            router_module.register_forward_pre_hook(self._enter_router)
-            router_module.register_forward_hook(self._leave_router)
+            self._router_hooks += [router_module.register_forward_pre_hook(self._enter_router),
+                                   router_module.register_forward_hook(self._leave_router)]
+
+    def _unhook_routers(self) -> None:
+        for handle in self._router_hooks:
+            handle.remove()
+        self._router_hooks = []
 
     # Router hooks: remember each router's last input; count its syncs under REMOE_SCOPE.
     def _enter_router(self, module, args):
@@ -366,22 +376,26 @@ class _Session:
         return sampler.peak - sampler.start
 
     def router_ms_per_step(self) -> Optional[float]:
-        """Each router's forward+backward, re-run alone on the input it last saw, summed over
+        """Each router's forward+backward, re-run alone on the input it last saw (the median of
+        ``router_timing_repeats`` runs: single runs of a small router are noisy), summed over
         layers and micro-batches. Includes the regularizer's work on the gates."""
         if not self.routers:
             return None
         repeats = self.config.router_timing_repeats
         total_ms = 0.0
+        self._unhook_routers()  # time the routers, not the benchmark's instrumentation
         for router_module in self.routers:
             inputs = self.router_inputs[router_module].clone().requires_grad_(True)
+            run_ms = []
             for rep in range(repeats + 1):  # the first run is untimed
                 self.synchronize()
                 started = time.perf_counter()
                 probs, _ = router_module(inputs)
                 torch.autograd.backward(probs, torch.ones_like(probs))
                 self.synchronize()
-                if rep:
-                    total_ms += 1000.0 * (time.perf_counter() - started) / repeats
+                run_ms.append(1000.0 * (time.perf_counter() - started))
+            total_ms += statistics.median(run_ms[1:])
+        self._hook_routers()
         # What the extra runs recorded must not reach the next step.
         topk_load_balancing_loss(1)
         if self.objects.regularizer is not None:

@@ -77,6 +77,11 @@ def initialize_parallel(
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
     )
+    seed_all(seed)
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch's generator and megatron's model-parallel RNG tracker (weight init, dropout)."""
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 

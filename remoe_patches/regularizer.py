@@ -77,8 +77,9 @@ def reg_loss_gradient(
     Both losses are linear in the gates (``f_e`` is a constant), ``L_reg = sum_te g_e R_te`` with
     this ``g_E``, which is how the router applies them (``relu_gates.relu_gates_with_penalty``).
     """
-    if load_balancing:
-        return load_balance_weights(tokens_per_expert_E, num_tokens, topk) / num_tokens
+    num_experts = tokens_per_expert_E.shape[-1]
+    if load_balancing:  # f_e / T, in one multiplication (this runs per layer and micro-batch)
+        return (tokens_per_expert_E * (num_experts / (topk * num_tokens * num_tokens))).detach()
     return torch.full_like(tokens_per_expert_E, 1.0 / num_tokens).detach()
 
 
@@ -170,11 +171,12 @@ class AdaptiveL1:
         split the tokens (they were reduced over them), so they are weighted ``1/replicas``:
         summed over all ranks, each micro-batch counts once.
         """
-        row_C = self._stats_LC[layer_number - 1]
-        row_C[_TOKENS] += num_tokens / replicas
-        row_C[_TOKEN_REG_LOSS] += reg_loss.detach().float() * num_tokens
-        load_E = tokens_per_expert_E.detach().float()
-        row_C[_LOAD:] += load_E if replicas == 1 else load_E / replicas
+        # One addition to the layer's row (this runs per layer and micro-batch); a filled tensor,
+        # not torch.tensor(), so that nothing is copied from the host.
+        tokens = torch.full((1,), num_tokens / replicas, device=self.device)
+        token_reg_loss = (reg_loss.detach() * num_tokens).view(1).to(torch.float32)
+        load_E = tokens_per_expert_E if replicas == 1 else tokens_per_expert_E / replicas
+        self._stats_LC[layer_number - 1].add_(torch.cat((tokens, token_reg_loss, load_E)))
 
     def finish_step(self, *, group: Optional[dist.ProcessGroup] = None,
                     update: bool = True) -> RoutingStats:

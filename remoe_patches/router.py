@@ -32,7 +32,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from remoe_patches import relu_gates
 from remoe_patches.regularizer import AdaptiveL1, reg_loss_gradient
-from remoe_patches.relu_gates import at_least_fp32
 
 
 ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -106,7 +105,7 @@ class ReLURouter(Router):
     def _routing_with_regularizer(self, logits_TE):
         """The gates, whose backward adds ``coeff * dL_reg/dR / num_moe_layers`` (the loss is
         linear in the gates), scaled like the LM loss's gradient as megatron's aux losses are."""
-        routing_map_TE = relu_gates.active_mask(logits_TE.detach())  # ReLU keeps the sign
+        routing_map_TE = relu_gates.active_mask(logits_TE)  # ReLU keeps the sign
         local_num_tokens = logits_TE.shape[0]
         replicas = self.tp_cp_group.size()
         num_tokens = local_num_tokens * replicas
@@ -126,9 +125,9 @@ class ReLURouter(Router):
             logits_TE, reg_grad_E * weight, _main_loss_backward_scale)
 
         if self.layer_number is not None:
-            with torch.no_grad():  # L_reg = sum_te g_e R_te; this rank's share, for the log
-                gates_E = at_least_fp32(gates_TE).sum(dim=0)
-                reg_loss = (gates_E * reg_grad_E).sum()
+            # L_reg = sum_te g_e R_te: this rank's share, for the log
+            gate_sums_E = gates_TE.detach().sum(dim=0, dtype=torch.float32)
+            reg_loss = torch.dot(gate_sums_E, reg_grad_E.float())
             self.regularizer.record(
                 self.layer_number, reg_loss=reg_loss, tokens_per_expert_E=tokens_per_expert_E,
                 num_tokens=num_tokens, replicas=replicas,
