@@ -62,10 +62,31 @@ def complete_and_validate(args, parser) -> None:
 
 
 def _validate_moe(args, parser) -> None:
+    if args.moe_relu_routing and args.moe_router_type not in (None, "relu"):
+        parser.error(f"--moe-relu-routing contradicts --moe-router-type {args.moe_router_type}; "
+                     "give one of them")
     if args.num_experts is None:
-        if args.moe_relu_routing:
-            parser.error("--moe-relu-routing needs --num-experts")
+        if args.moe_relu_routing or args.moe_router_type is not None:
+            parser.error(f"{'--moe-relu-routing' if args.moe_relu_routing else '--moe-router-type'}"
+                         " needs --num-experts")
         return
+    if args.moe_router_type is None:
+        args.moe_router_type = "relu" if args.moe_relu_routing else "topk"
+    args.moe_relu_routing = args.moe_router_type == "relu"
+    if args.moe_router_type == "hash" and args.pipeline_model_parallel_size > 1 and (
+            args.moe_layer_recompute or args.recompute_granularity == "full"):
+        # The hash routers hold the ids of the last forward; under 1F1B a recomputed forward of
+        # micro-batch i runs after micro-batch i+1's forward (hash_router.py).
+        parser.error("--moe-router-type hash with recomputation at --pipeline-model-parallel-size "
+                     f"{args.pipeline_model_parallel_size} would route recomputed layers with "
+                     "another micro-batch's token ids; drop --moe-layer-recompute/"
+                     "--recompute-granularity full or use PP=1")
+    if args.moe_router_type == "expert_choice" and args.moe_permute_fusion:
+        parser.error("--moe-router-type expert_choice excludes --moe-permute-fusion: the fused "
+                     "permutation's buffer holds tokens x --moe-router-topk entries, and Expert "
+                     "Choice gives a token 0..--num-experts; drop --moe-permute-fusion")
+    if args.moe_router_type not in ("topk", "relu"):
+        return  # the baselines' rules are ModelConfig's and their routers' own
     # The rules on the model's own settings (k, granularity, dispatcher, capacity) are
     # ModelConfig.validate's, reported in flag terms; these are about flags it does not hold.
     if args.moe_relu_routing:

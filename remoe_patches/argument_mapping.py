@@ -34,6 +34,14 @@ FIELD_FLAGS = {
     "moe_expert_capacity_factor": "--moe-expert-capacity-factor",
     "relu_l1_coeff_init": "--moe-relu-l1-reg-coeff-init",
     "relu_l1_coeff_multiplier": "--moe-relu-l1-reg-coeff-multiplier",
+    "seq_length": "--seq-length",
+    "router": "--moe-router-type",
+    "hash_seed": "--moe-hash-seed",
+    "expert_choice_capacity_factor": "--moe-expert-choice-capacity-factor",
+    "expert_choice_group": "--moe-expert-choice-group",
+    "sparsemixer_jitter_eps": "--moe-sparsemixer-jitter-eps",
+    "lory_segment_length": "--moe-lory-segment-length",
+    "lory_first_segment": "--moe-lory-first-segment",
     "tensor_model_parallel_size": "--tensor-model-parallel-size",
     "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
     "expert_model_parallel_size": "--expert-model-parallel-size",
@@ -69,28 +77,29 @@ def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelCo
     refused = [message for wrong, message in recipe if wrong]
     if refused:
         raise ConfigError(f"{'; '.join(refused)}: {LLAMA_RECIPE}")
-    router = "relu" if args.moe_relu_routing else ("topk" if args.num_experts else "dense")
+    router = args.moe_router_type if args.num_experts else "dense"
     layer_freq = args.moe_layer_freq
     capabilities = [
         (args.rotary_percent != 1.0,
          "--rotary-percent must be 1.0: the builder rotates whole heads"),
         (router != "dense" and layer_freq != 1 and layer_freq != [1] * args.num_layers,
          "--moe-layer-freq must be 1: the builder makes every layer an MoE layer"),
-        (router == "topk" and args.moe_router_load_balancing_type not in ("aux_loss", "none"),
+        (router in ("topk", "sparsemixer")
+         and args.moe_router_load_balancing_type not in ("aux_loss", "none"),
          f"--moe-router-load-balancing-type {args.moe_router_load_balancing_type} is not built for "
-         "TopK routing; use aux_loss or none"),
+         f"{router} routing; use aux_loss or none"),
     ]
     for refused, message in capabilities:
         if refused:
             raise ConfigError(message)
     moe = {}
     if router != "dense":
-        topk_without_aux_loss = router == "topk" and args.moe_router_load_balancing_type == "none"
+        without_aux_loss = args.moe_router_load_balancing_type == "none"
         moe = dict(
             num_experts=args.num_experts,
             topk=args.moe_router_topk,
             granularity=args.moe_granularity,
-            moe_aux_loss_coeff=0.0 if topk_without_aux_loss else args.moe_aux_loss_coeff,
+            moe_aux_loss_coeff=0.0 if without_aux_loss else args.moe_aux_loss_coeff,
             relu_l1_coeff_init=args.moe_relu_l1_reg_coeff_init,
             relu_l1_coeff_multiplier=args.moe_relu_l1_reg_coeff_multiplier,
             relu_load_balancing=args.moe_router_load_balancing_type != "none",
@@ -98,6 +107,12 @@ def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelCo
             moe_expert_capacity_factor=args.moe_expert_capacity_factor,
             moe_grouped_gemm=args.moe_grouped_gemm,
             moe_router_dtype=router_dtype(args),
+            hash_seed=args.moe_hash_seed,
+            expert_choice_capacity_factor=args.moe_expert_choice_capacity_factor,
+            expert_choice_group=args.moe_expert_choice_group,
+            sparsemixer_jitter_eps=args.moe_sparsemixer_jitter_eps,
+            lory_segment_length=args.moe_lory_segment_length,
+            lory_first_segment=args.moe_lory_first_segment,
         )
     config = ModelConfig(
         num_layers=args.num_layers,
@@ -175,7 +190,11 @@ def layer_options_from_args(args) -> LayerOptions:
     """The TransformerConfig options the flags set that ModelConfig does not hold: recomputation,
     the norm epsilon, kv channels, the fusions and the TopK-only router options."""
     topk_router = {}
-    if args.num_experts is not None and not args.moe_relu_routing:
+    if args.num_experts is not None and args.moe_router_type == "sparsemixer":
+        # TopKRouter's input jitter and z-loss; SparseMixer-v2 picks and scales the gates itself
+        topk_router = dict(moe_input_jitter_eps=args.moe_input_jitter_eps,
+                           moe_z_loss_coeff=args.moe_z_loss_coeff)
+    if args.num_experts is not None and args.moe_router_type == "topk":
         topk_router = dict(
             moe_router_pre_softmax=args.moe_router_pre_softmax,
             moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,

@@ -99,6 +99,22 @@ def ineffective_flags(
                  "moe_router_enable_expert_bias", "moe_router_bias_update_rate",
                  "moe_input_jitter_eps"):
         note(dest, f"--{dest.replace('_', '-')}", f"TopK only; {gates}", when=relu)
+    router = getattr(args, "moe_router_type", None)
+    baseline = router in ("hash", "expert_choice", "sparsemixer", "lory")
+    for dest in ("moe_router_pre_softmax", "moe_aux_loss_coeff", "moe_router_topk_scaling_factor",
+                 "moe_router_score_function", "moe_router_enable_expert_bias",
+                 "moe_input_jitter_eps", "moe_z_loss_coeff"):
+        kept = router == "sparsemixer" and dest in ("moe_aux_loss_coeff", "moe_input_jitter_eps",
+                                                     "moe_z_loss_coeff")
+        note(dest, f"--{dest.replace('_', '-')}", f"not used by --moe-router-type {router}",
+             when=baseline and not kept)
+    for dest, owner in (("moe_hash_seed", "hash"),
+                        ("moe_expert_choice_capacity_factor", "expert_choice"),
+                        ("moe_expert_choice_group", "expert_choice"),
+                        ("moe_sparsemixer_jitter_eps", "sparsemixer"),
+                        ("moe_lory_segment_length", "lory"), ("moe_lory_first_segment", "lory")):
+        note(dest, f"--{dest.replace('_', '-')}", f"only used with --moe-router-type {owner}",
+             when=router != owner)
     note("moe_token_drop_policy", "--moe-token-drop-policy",
          "only with --moe-expert-capacity-factor (token dropping)",
          when=args.moe_expert_capacity_factor is None)

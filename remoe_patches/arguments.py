@@ -278,7 +278,31 @@ def _add_moe_arguments(parser):
         "the model's (bf16 under --bf16). Default: fp32 from 32 experts (E x G), as "
         "megatron-core advises; the model's dtype below (README, 'Router precision').",
     )
-    group.add_argument("--moe-relu-routing", action="store_true", help="ReMoE: ReLU routing.")
+    group.add_argument("--moe-relu-routing", action="store_true",
+                       help="ReMoE: ReLU routing (the same as --moe-router-type relu).")
+    group.add_argument(
+        "--moe-router-type", choices=["topk", "relu", "hash", "expert_choice", "sparsemixer", "lory"],
+        help="The router: topk (default), relu (ReMoE), or a baseline of the paper's Table 2: "
+        "hash (Hash Layers), expert_choice, sparsemixer (SparseMixer-v2), lory (merged experts).",
+    )
+    group.add_argument("--moe-hash-seed", type=int, default=0,
+                       help="Hash routing: seed of the vocabulary's random hash to experts.")
+    group.add_argument(
+        "--moe-expert-choice-capacity-factor", type=float, default=1.0,
+        help="Expert Choice: each expert takes capacity x k / E of its group's tokens.")
+    group.add_argument(
+        "--moe-expert-choice-group", choices=["sequence", "batch"], default="sequence",
+        help="Expert Choice: an expert chooses among each sequence's tokens or the micro-batch's "
+        "(both see later tokens of a sequence: README, 'Table 2 baselines').")
+    group.add_argument(
+        "--moe-sparsemixer-jitter-eps", type=float, default=0.01,
+        help="SparseMixer-v2: experts within this relative band of the top logit are sampled.")
+    group.add_argument("--moe-lory-segment-length", type=int, default=256,
+                       help="Lory: tokens per segment (segment i is routed from segment i-1).")
+    group.add_argument(
+        "--moe-lory-first-segment", choices=["own_detached", "uniform"], default="own_detached",
+        help="Lory: route the first segment from its own mean without gradient (the paper) or "
+        "uniformly (strictly causal).")
     group.add_argument(
         "--moe-relu-l1-reg-coeff-init", type=float, default=1e-8,
         help="ReMoE: initial L1 coefficient lambda_0.",

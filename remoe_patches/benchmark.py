@@ -56,7 +56,8 @@ from remoe_patches.training_step import StepRecord, topk_load_balancing_loss, tr
 
 # Dense bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-ROUTERS = ("dense", "topk", "relu")
+ROUTERS = ("dense", "topk", "relu", "hash", "expert_choice", "sparsemixer", "lory")
+DEFAULT_ROUTERS = ("dense", "topk", "relu")
 REMOE_SCOPE = "router+regularizer+update"
 
 
@@ -75,8 +76,9 @@ class BenchmarkConfig:
     """k (TopK's active experts; ReMoE's target sparsity 1 - k/E)."""
     granularity: int = 1
     """G."""
-    routers: tuple = ROUTERS
-    """Which of dense, topk, relu to run."""
+    routers: tuple = DEFAULT_ROUTERS
+    """Which routers to run: dense, topk, relu, or the Table 2 baselines hash, expert_choice,
+    sparsemixer, lory."""
     micro_batch_size: int = 8
     """Sequences per micro-batch."""
     num_microbatches: int = 1
@@ -219,10 +221,12 @@ def training_flags(config: BenchmarkConfig, router: str, device: torch.device) -
                   "--moe-token-dispatcher-type", config.token_dispatcher,
                   "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", 0.01,
                   "--moe-router-pre-softmax"]
-        if router == "relu":
-            flags += ["--moe-relu-routing"]
-        else:  # the dMoE baseline of configs/*_moe.yaml: gates scaled by E/k
+        if router == "topk":  # the dMoE baseline of configs/*_moe.yaml: gates scaled by E/k
             flags += ["--moe-router-topk-scaling-factor", config.num_experts / config.topk]
+        else:  # ReMoE or a Table 2 baseline (configs/182m_<router>.yaml's settings)
+            flags += ["--moe-router-type", router]
+        if router == "lory":  # the paper's 256-token segments, or one segment of a short sequence
+            flags += ["--moe-lory-segment-length", math.gcd(256, m["seq_length"])]
         if config.grouped_gemm:
             flags += ["--moe-grouped-gemm"]
     if config.bf16 if config.bf16 is not None else on_gpu:
@@ -391,7 +395,8 @@ class _Session:
                 self.synchronize()
                 started = time.perf_counter()
                 probs, _ = router_module(inputs)
-                torch.autograd.backward(probs, torch.ones_like(probs))
+                if probs.requires_grad:  # (a hash router has nothing to learn)
+                    torch.autograd.backward(probs, torch.ones_like(probs))
                 self.synchronize()
                 run_ms.append(1000.0 * (time.perf_counter() - started))
             total_ms += statistics.median(run_ms[1:])
@@ -474,10 +479,8 @@ def finish_phase(session: _Session, phase: str, timing: Timing, peak_tflops: Opt
     if session.router == "relu":
         sparsity = statistics.fmean(float(r.routing.sparsity) for r in timing.records)
         active = (1.0 - sparsity) * model_config.total_experts
-    elif session.router == "topk":
-        active = float(model_config.total_topk)
     else:
-        active = 0.0
+        active = model_config.nominal_active_experts
     median = statistics.median(times)
     tokens_per_step = config.micro_batch_size * config.num_microbatches * model_config.seq_length
     flops_per_step = training_flops_per_token(model_config, active) * tokens_per_step

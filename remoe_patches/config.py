@@ -1,7 +1,8 @@
 """Typed configs for a model and its parallel layout, the paper's presets, and validation.
 
 ``ModelConfig`` describes one GPT model of the paper (spec §3): the LLaMA recipe is fixed, the
-router is a choice (``dense``, ``topk``, ``relu``). ``ParallelConfig`` holds the layout.
+router is a choice: ``dense``, ``topk``, ``relu`` (ReMoE), or one of the Table 2 baselines
+``hash``, ``expert_choice``, ``sparsemixer`` (SparseMixer-v2) and ``lory``. ``ParallelConfig`` holds the layout.
 ``ModelConfig.transformer_config(parallel)`` turns both into megatron-core's TransformerConfig.
 Every check fails with a ``ConfigError`` that names the config, the field and the fix.
 """
@@ -16,8 +17,12 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-RouterKind = Literal["dense", "topk", "relu"]
-ROUTERS = ("dense", "topk", "relu")
+RouterKind = Literal["dense", "topk", "relu", "hash", "expert_choice", "sparsemixer", "lory"]
+ROUTERS = ("dense", "topk", "relu", "hash", "expert_choice", "sparsemixer", "lory")
+SWITCH_AUX_LOSS_ROUTERS = ("topk", "sparsemixer")
+"""Routers balanced by megatron's Switch aux loss (``moe_aux_loss_coeff``)."""
+EXPERT_CHOICE_GROUPS = ("sequence", "batch")
+LORY_FIRST_SEGMENT_RULES = ("own_detached", "uniform")
 DROPLESS_DISPATCHERS = ("alltoall", "allgather", "sorted")
 
 
@@ -58,7 +63,9 @@ class ModelConfig:
     """Std of the normal weight init."""
 
     router: RouterKind = "relu"
-    """``dense`` (no experts), ``topk`` (megatron's TopKRouter) or ``relu`` (ReMoE)."""
+    """``dense`` (no experts), ``topk`` (megatron's TopKRouter), ``relu`` (ReMoE), or a Table 2
+    baseline: ``hash`` (``hash_router.py``), ``expert_choice`` (``expert_choice_router.py``),
+    ``sparsemixer`` (``sparsemixer_router.py``), ``lory`` (``lory_layer.py``, merged experts)."""
     num_experts: int = 8
     """Experts E before granularity."""
     topk: int = 1
@@ -66,13 +73,28 @@ class ModelConfig:
     granularity: int = 1
     """G: fine-grained experts, E*G experts of width ffn/G with top-k*G."""
     moe_aux_loss_coeff: float = 0.01
-    """Weight of TopK's Switch load-balancing loss (0 turns it off); ignored by ReLU routing."""
+    """Weight of the Switch load-balancing loss of TopK and SparseMixer-v2 (0 turns it off);
+    the other routers ignore it."""
     relu_l1_coeff_init: float = 1e-8
     """lambda_0 of the adaptive L1 coefficient."""
     relu_l1_coeff_multiplier: float = 1.2
     """alpha of the adaptive L1 coefficient."""
     relu_load_balancing: bool = True
     """L1 with load balancing (Eq. 10) or plain L1 (Eq. 9)."""
+    hash_seed: int = 0
+    """Hash routing: the seed of the vocabulary's random hash to experts."""
+    expert_choice_capacity_factor: float = 1.0
+    """Expert Choice: each expert takes ``factor * k / E`` of its group's tokens."""
+    expert_choice_group: str = "sequence"
+    """Expert Choice: the tokens an expert chooses among, ``sequence`` or ``batch``."""
+    sparsemixer_jitter_eps: float = 0.01
+    """SparseMixer-v2: the relative band around the top logit an expert is sampled from (GRIN's
+    0.01)."""
+    lory_segment_length: int = 256
+    """Lory: tokens per segment; segment i is routed from segment i-1's mean."""
+    lory_first_segment: str = "own_detached"
+    """Lory: the first segment is routed from its own mean without gradient (the paper's rule),
+    or ``uniform`` (strictly causal)."""
     token_dispatcher: str = "alltoall"
     """The dropless token path: megatron's ``alltoall`` or ``allgather`` dispatcher, or ``sorted``
     (``token_dispatch.py``: all on the device, one host read per layer; EP = TP = 1 only)."""
@@ -112,6 +134,19 @@ class ModelConfig:
     def expert_ffn_hidden_size(self) -> int:
         """ffn / G."""
         return self.dense_ffn_hidden_size // self.granularity
+
+    @property
+    def nominal_active_experts(self) -> float:
+        """Experts a token uses by construction (0 for dense): k*G for TopK and SparseMixer-v2,
+        1 for Hash and Lory (one merged FFN), capacity x k*G on average for Expert Choice; for
+        ReLU routing the k*G its target sparsity aims at (its log counts the actual ones)."""
+        if not self.is_moe:
+            return 0.0
+        if self.router in ("hash", "lory"):
+            return 1.0
+        if self.router == "expert_choice":
+            return self.expert_choice_capacity_factor * self.total_topk
+        return float(self.total_topk)
 
     @property
     def target_sparsity(self) -> float:
@@ -166,10 +201,31 @@ class ModelConfig:
             fail("moe_expert_capacity_factor",
                  "ReLU routing is dropless (a token may use 0..E experts); leave the capacity "
                  "factor unset")
+        if self.router not in ("topk", "relu") and self.moe_expert_capacity_factor is not None:
+            fail("moe_expert_capacity_factor",
+                 f"token dropping is TopK's; {self.router} routing is built dropless, leave the "
+                 "capacity factor unset")
         if self.router == "relu" and self.relu_l1_coeff_multiplier <= 1.0:
             fail("relu_l1_coeff_multiplier", "must be > 1")
         if self.router == "relu" and self.relu_l1_coeff_init <= 0.0:
             fail("relu_l1_coeff_init", "must be > 0")
+        if self.router == "hash" and self.total_topk != 1:
+            fail("topk", "hash routing sends each token to exactly one expert; use k=1 and "
+                         "granularity 1")
+        if self.router == "expert_choice" and self.expert_choice_group not in EXPERT_CHOICE_GROUPS:
+            fail("expert_choice_group", f"not one of {', '.join(EXPERT_CHOICE_GROUPS)}")
+        if self.router == "expert_choice" and not self.expert_choice_capacity_factor > 0:
+            fail("expert_choice_capacity_factor", "must be > 0")
+        if self.router == "sparsemixer" and self.total_topk not in (1, 2):
+            fail("topk", "SparseMixer-v2 samples one or two experts per token; use k*G of 1 or 2")
+        if self.router == "sparsemixer" and not self.sparsemixer_jitter_eps > 0:
+            fail("sparsemixer_jitter_eps", "must be > 0")
+        if self.router == "lory":
+            if self.lory_segment_length < 1 or self.seq_length % self.lory_segment_length:
+                fail("lory_segment_length",
+                     f"must divide seq_length={self.seq_length}; pick a divisor of it")
+            if self.lory_first_segment not in LORY_FIRST_SEGMENT_RULES:
+                fail("lory_first_segment", f"not one of {', '.join(LORY_FIRST_SEGMENT_RULES)}")
         return self
 
     def transformer_config(
@@ -190,11 +246,14 @@ class ModelConfig:
                 moe_grouped_gemm=self.moe_grouped_gemm,
                 moe_router_dtype=self.moe_router_dtype,
                 moe_expert_capacity_factor=self.moe_expert_capacity_factor,
-                # The ReLU router has its own regularizer instead of the Switch aux loss.
+                # The ReLU router has its own regularizer; Hash and Expert Choice are balanced by
+                # construction; Lory merges every expert.
                 moe_router_load_balancing_type=(
-                    "aux_loss" if self.router == "topk" and self.moe_aux_loss_coeff > 0 else "none"
+                    "aux_loss" if self.router in SWITCH_AUX_LOSS_ROUTERS
+                    and self.moe_aux_loss_coeff > 0 else "none"
                 ),
-                moe_aux_loss_coeff=self.moe_aux_loss_coeff if self.router == "topk" else 0.0,
+                moe_aux_loss_coeff=(
+                    self.moe_aux_loss_coeff if self.router in SWITCH_AUX_LOSS_ROUTERS else 0.0),
                 # TopK: softmax over all experts before the top-k, so k=1 still has a gradient
                 # (megatron insists on it for k=1 even though the ReLU router never reads it).
                 moe_router_pre_softmax=True,
@@ -286,6 +345,12 @@ class ParallelConfig:
              "expert_model_parallel_size" if ep != 1 else "tensor_model_parallel_size",
              f"the sorted token dispatcher keeps every expert and token on its rank (EP=1, TP=1), "
              f"not EP={ep} TP={tp}; use the alltoall dispatcher"),
+            (model.router not in ("expert_choice", "lory") or (tp == 1 and not self.sequence_parallel),
+             "tensor_model_parallel_size",
+             f"{model.router} routing needs whole sequences on a rank (TP={tp} with sequence "
+             "parallelism splits them); use TP=1"),
+            (model.router != "lory" or ep == 1, "expert_model_parallel_size",
+             f"Lory merges all experts' weights on every rank; use EP=1, not EP={ep}"),
             # megatron-core's MoE layer refuses to train at TP>1 without it.
             (not model.is_moe or tp == 1 or self.sequence_parallel, "sequence_parallel",
              f"MoE layers at TP={tp} need sequence parallelism; turn it on"),

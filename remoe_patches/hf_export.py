@@ -67,6 +67,8 @@ def reference_config(model, model_config: ModelConfig, tokenizer: Tokenizer) -> 
     """``config.json``'s architecture fields (``reference_model.GPTConfig``), checked."""
     tc = model.config
     unsupported = [
+        (model_config.router not in ("dense", "topk", "relu"),
+         f"the {model_config.router} router (it exports Dense, TopK MoE and ReMoE models)"),
         (tc.rotary_interleaved, "interleaved rotary embedding"),
         (tc.qk_layernorm, "query/key layer norm"),
         (tc.add_bias_linear, "linear biases"),

@@ -1,7 +1,9 @@
 """Build a megatron-core GPTModel: dense, TopK MoE or ReMoE, with the paper's LLaMA recipe.
 
-The layer spec is megatron-core's own GPT decoder spec; for ReMoE the ``router`` slot of each
-MoE layer's ``MoESubmodules`` is swapped for ``ReLURouter``. With transformer-engine importable
+The layer spec is megatron-core's own GPT decoder spec; the ``router`` slot of each MoE layer's
+``MoESubmodules`` holds the model's router (``router_builder``): megatron's ``TopKRouter``, or
+ReMoE's ``ReLURouter``, or a Table 2 baseline (Hash, Expert Choice, SparseMixer-v2). Lory
+replaces the whole MoE layer by ``LoryMLP`` (merged experts). With transformer-engine importable
 that is megatron-core's TE spec (fused attention, TE grouped GEMM for the experts with
 ``moe_grouped_gemm``). Without it, megatron-core's local spec with three slots filled from
 ``local_layers``: PyTorch's scaled-dot-product attention, torch grouped-GEMM experts (with
@@ -25,10 +27,14 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from remoe_patches.config import ModelConfig, ParallelConfig
+from remoe_patches.expert_choice_router import expert_choice_router_builder
+from remoe_patches.hash_router import feed_token_ids, hash_router_builder
 from remoe_patches.local_layers import GroupedGemmExperts, RMSNorm, SDPAttention
+from remoe_patches.lory_layer import lory_block_spec
 from remoe_patches.parallel import local_device
 from remoe_patches.regularizer import AdaptiveL1
 from remoe_patches.router import relu_router_builder
+from remoe_patches.sparsemixer_router import sparsemixer_router_builder
 from remoe_patches.token_dispatch import use_sorted_token_path
 
 try:
@@ -88,13 +94,30 @@ def customize_layers(
     return block_spec
 
 
+def router_builder_for(model: ModelConfig, regularizer: Optional[AdaptiveL1] = None):
+    """The ``MoESubmodules.router`` builder of ``model.router``; None keeps megatron's
+    ``TopKRouter`` (and suits dense models and Lory, which have no router slot)."""
+    if model.router == "relu":
+        if regularizer is None:
+            raise ValueError("router_builder_for: ReLU routing needs its AdaptiveL1 regularizer")
+        return relu_router_builder(regularizer, model.relu_load_balancing)
+    if model.router == "hash":
+        return hash_router_builder(model.vocab_size, model.hash_seed)
+    if model.router == "expert_choice":
+        return expert_choice_router_builder(model.expert_choice_capacity_factor,
+                                            model.expert_choice_group)
+    if model.router == "sparsemixer":
+        return sparsemixer_router_builder(model.sparsemixer_jitter_eps)
+    return None
+
+
 def decoder_block_spec(
     transformer_config: TransformerConfig,
-    regularizer: Optional[AdaptiveL1] = None,
-    load_balancing: bool = True,
+    router_builder=None,
     use_transformer_engine: bool = HAVE_TE,
 ) -> TransformerBlockSubmodules:
-    """megatron-core's GPT decoder spec for this pipeline stage; ReLU routers if ``regularizer``.
+    """megatron-core's GPT decoder spec for this pipeline stage, with ``router_builder`` in every
+    MoE layer's router slot (None: megatron's TopKRouter).
 
     With transformer-engine: megatron-core's TE spec as it is (plus the routers). Without it:
     megatron-core's local spec with ``local_layers``' attention, norm and (when
@@ -108,9 +131,6 @@ def decoder_block_spec(
             use_transformer_engine=use_transformer_engine,
             normalization=transformer_config.normalization,
         )
-    router_builder = (
-        relu_router_builder(regularizer, load_balancing) if regularizer is not None else None
-    )
     if use_transformer_engine:
         return customize_layers(block_spec, router_builder=router_builder)
     grouped = transformer_config.num_moe_experts and transformer_config.moe_grouped_gemm
@@ -168,9 +188,12 @@ def build_model(
     if regularizer is None:
         regularizer = build_regularizer(model_config)
     spec = decoder_block_spec(
-        transformer_config, regularizer, load_balancing=model_config.relu_load_balancing,
+        transformer_config, router_builder_for(model_config, regularizer),
         use_transformer_engine=use_transformer_engine,
     )
+    if model_config.router == "lory":
+        spec = lory_block_spec(spec, model_config.lory_segment_length,
+                               model_config.lory_first_segment)
     model = GPTModel(
         config=transformer_config,
         transformer_layer_spec=spec,
@@ -184,4 +207,6 @@ def build_model(
     )
     if model_config.is_moe and model_config.token_dispatcher == "sorted":
         use_sorted_token_path(model)
+    if model_config.router == "hash":
+        feed_token_ids(model)  # the hash routers route by the input's token ids
     return BuiltModel(model=model, transformer_config=transformer_config, regularizer=regularizer)

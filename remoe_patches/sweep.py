@@ -10,7 +10,7 @@ A sweep file (``configs/sweeps/<name>.yaml``)::
       data_path: ${DATA_PATH}         # any pretrain_gpt.py flag, with underscores; ${VAR} is
       vocab_file: ${VOCAB_FILE}       #   read from the environment when the sweep expands
     grid:                             # flag -> values; the runs are the product, in this order
-      router: [moe, remoe]            # dense | moe | remoe
+      router: [moe, remoe]            # dense | moe | remoe | hash | ec | sparsemixer | lory
       num_experts: [4, 8, 16]
     exclude:                          # optional: combinations left out
       - {router: moe, num_experts: 4}
@@ -32,9 +32,11 @@ Special keys (base or grid):
 - ``config``: the config file the run starts from.
 - ``size`` (``182m``, ``469m``, ``978m``): with ``router``, the config file
   ``configs/<size>_<router>.yaml`` (the paper's presets).
-- ``router`` (``dense``, ``moe``, ``remoe``): without ``size``, switches the router of whatever
-  the config file and flags describe: ``moe`` sets the Switch aux loss (0.01, pre-softmax),
-  ``remoe`` sets ``--moe-relu-routing``, both default to E=8, k=1; ``dense`` drops every MoE
+- ``router`` (``dense``, ``moe``, ``remoe``, or a Table 2 baseline ``hash``, ``ec``,
+  ``sparsemixer``, ``lory``): without ``size``, switches the router of whatever the config file
+  and flags describe: ``moe`` sets the Switch aux loss (0.01, pre-softmax), ``remoe`` sets
+  ``--moe-relu-routing``, a baseline ``--moe-router-type`` (SparseMixer-v2 with the Switch aux
+  loss), all default to E=8, k=1; ``dense`` drops every MoE
   flag (``num_experts``, ``moe_*``).
 
 Any other key is a ``pretrain_gpt.py`` flag. A run's settings are the config file, then the
@@ -89,7 +91,8 @@ ZERO_SHOT_FILE = "zero_shot.json"
 SPECIAL_KEYS = ("config", "size", "router")
 ROUTERS = tuple(SWEEP_ROUTER_KINDS)
 # Flags that say which router a config uses; replaced when ``router`` switches it.
-ROUTER_IDENTITY = ("moe_relu_routing", "moe_router_pre_softmax", "moe_aux_loss_coeff",
+ROUTER_IDENTITY = ("moe_relu_routing", "moe_router_type", "moe_router_pre_softmax",
+                   "moe_aux_loss_coeff",
                    "moe_router_load_balancing_type", "moe_router_topk_scaling_factor")
 # TopK is the project's dMoE baseline (configs/*_moe.yaml, README "A fair TopK baseline"): the
 # Switch aux loss, softmax before the top-k, and the chosen gates scaled by E/k.
@@ -98,6 +101,13 @@ ROUTER_SWITCHES = {
     "moe": dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01,
                 moe_router_pre_softmax=True, moe_router_topk_scaling_factor="E/k"),
     "remoe": dict(moe_relu_routing=True),
+    # The paper's Table 2 baselines (configs/182m_<router>.yaml); SparseMixer-v2 keeps GRIN's
+    # Switch aux loss, Hash and Expert Choice are balanced by construction, Lory has no loss.
+    "hash": dict(moe_router_type="hash"),
+    "ec": dict(moe_router_type="expert_choice"),
+    "sparsemixer": dict(moe_router_type="sparsemixer", moe_router_load_balancing_type="aux_loss",
+                        moe_aux_loss_coeff=0.01),
+    "lory": dict(moe_router_type="lory"),
 }
 MOE_DEFAULTS = dict(num_experts=8, moe_router_topk=1, moe_token_dispatcher_type="alltoall")
 SHORT_NAMES = {
@@ -160,7 +170,10 @@ class Run:
     def router(self) -> str:
         if not self.flags.get("num_experts"):
             return "dense"
-        return "remoe" if self.flags.get("moe_relu_routing") else "moe"
+        if self.flags.get("moe_relu_routing"):
+            return "remoe"
+        kind = self.flags.get("moe_router_type") or "topk"
+        return next(name for name, value in SWEEP_ROUTER_KINDS.items() if value == kind)
 
     def config_text(self) -> str:
         header = f"# sweep run {self.name}: written by tools/sweep.py; the grid values: " \
@@ -306,7 +319,8 @@ def resolve_flags(base: dict, values: dict, *, where: str, environ) -> dict:
         flags.update(loaded)
     explicit = {k: v for k, v in {**base, **values}.items() if k not in SPECIAL_KEYS}
     if router is not None and size is None:
-        clashing = sorted(set(explicit) & {"moe_relu_routing", "moe_router_pre_softmax"})
+        clashing = sorted(set(explicit) & {"moe_relu_routing", "moe_router_type",
+                                           "moe_router_pre_softmax"})
         if clashing:
             raise SweepError(f"{where}: {', '.join(clashing)} conflicts with router: {router}; "
                              "the router key sets it")

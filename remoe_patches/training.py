@@ -28,7 +28,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from remoe_patches import checkpointing
-from remoe_patches.config import ConfigError
+from remoe_patches.config import SWITCH_AUX_LOSS_ROUTERS, ConfigError
 from remoe_patches.data import (
     build_splits,
     check_data_paths,
@@ -450,13 +450,11 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
         if health is not None:
             for line in health.update(state.iteration, dead, collapsed, len(records)):
                 log.print(line)
-    elif model_config.router == "topk":
-        active = model_config.total_topk
-        if last.load_balancing_loss_L is not None:
+    else:
+        active = model_config.nominal_active_experts
+        if model_config.router in SWITCH_AUX_LOSS_ROUTERS and last.load_balancing_loss_L is not None:
             out["load_balancing_loss"] = _mean(
                 float(r.load_balancing_loss_L.sum() / model_config.num_layers) for r in records)
-    else:
-        active = 0.0
     flops = training_flops_per_token(model_config, active) * tokens_per_step
     out["tflops_per_gpu"] = flops / seconds / world_size / 1e12
     log.step(out)

@@ -84,10 +84,13 @@ def run_step(rank, world_size, *, ckpt_dir, parallel_kwargs, model_kwargs, globa
                           expert_load_LE=stats.expert_load_LE, step_sparsity=stats.sparsity,
                           coeff=built.regularizer.coeff.clone())
 
-        grads = {name: param.main_grad.clone() for name, param in model.named_parameters()}
+        # (a hash router's weight is frozen: no gradient)
+        grads = {name: param.main_grad.clone() for name, param in model.named_parameters()
+                 if param.requires_grad}
         if reference:
             for name, param in model.named_parameters():
-                param.data.copy_(grads[name])
+                if name in grads:
+                    param.data.copy_(grads[name])
             _save(model, f"{ckpt_dir}/grads")
         else:
             expected = dist_checkpointing.load(_sharded(model), f"{ckpt_dir}/grads")

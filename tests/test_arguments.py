@@ -16,6 +16,7 @@ from remoe_patches.argument_mapping import (
 from remoe_patches.argument_notes import ineffective_flags
 from remoe_patches.arguments import parse_args
 from remoe_patches.config import ModelConfig, ParallelConfig
+from remoe_patches.router_titles import SWEEP_ROUTER_KINDS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -210,10 +211,11 @@ def test_shipped_config_is_the_papers_setup(path):
     assert (model.num_layers, model.hidden_size, model.num_attention_heads) == PAPER_SIZES[size]
     assert model.num_query_groups == 4 and model.seq_length == 1024
     assert model.dense_ffn_hidden_size == 4 * model.hidden_size
-    assert model.router == {"dense": "dense", "moe": "topk", "remoe": "relu"}[router_name]
+    assert model.router == SWEEP_ROUTER_KINDS[router_name]
     if model.is_moe:
         assert (model.num_experts, model.topk, model.granularity) == (8, 1, 1)
-        assert model.token_dispatcher == "alltoall" and model.moe_expert_capacity_factor is None
+        assert model.moe_expert_capacity_factor is None
+        assert model.router == "lory" or model.token_dispatcher == "alltoall"
     schedule = (args.global_batch_size, args.train_iters, args.lr, args.min_lr)
     assert schedule == (512, 60000, 5e-4, 5e-5) and args.lr_warmup_fraction == 0.01
     assert (args.clip_grad, args.adam_beta1, args.adam_beta2, args.lr_decay_style) == (
@@ -221,7 +223,8 @@ def test_shipped_config_is_the_papers_setup(path):
     )
     assert (args.split, args.make_vocab_size_divisible_by, args.bf16) == ("969,30,1", 1024, True)
     assert args.recompute_granularity == (
-        "full" if size != "182m" else ("selective" if model.is_moe else None)
+        "full" if size != "182m" else ("selective" if model.is_moe and model.router != "lory"
+                                       else None)
     )
     # On the paper's machines every flag of a shipped config does something.
     assert ineffective_flags(args, **GPU_WITH_TE) == []
@@ -229,9 +232,11 @@ def test_shipped_config_is_the_papers_setup(path):
     model.transformer_config(parallel_config_from_args(args), **overrides)
 
 
-def test_all_nine_configs_ship():
+def test_the_nine_configs_and_the_table_2_baselines_ship():
     names = {path.stem for path in CONFIG_DIR.glob("*m_*.yaml")}
-    assert names == {f"{size}_{kind}" for size in PAPER_SIZES for kind in ("dense", "moe", "remoe")}
+    baselines = {f"182m_{kind}" for kind in ("hash", "ec", "sparsemixer", "lory")}
+    assert names == baselines | {f"{size}_{kind}" for size in PAPER_SIZES
+                                 for kind in ("dense", "moe", "remoe")}
 
 
 def test_demo_config_is_a_cpu_sized_remoe_on_the_demo_corpus(capsys):

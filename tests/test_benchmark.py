@@ -163,3 +163,15 @@ def test_command_line_bad_input_is_one_line(tmp_path):
     )
     assert run.returncode == 2
     assert run.stderr.strip() == "error: BenchmarkConfig.steps: must be >= 1"
+
+
+def test_the_table_2_baselines_are_benchmarked(single_rank):
+    config = BenchmarkConfig(**{**SMALL, "routers": ("hash", "expert_choice", "sparsemixer",
+                                                     "lory")})
+    results = run_benchmark(config, progress=lambda line: None)["results"]
+    assert [r.label for r in results] == ["Hash", "Expert Choice", "SparseMixer-v2", "Lory"]
+    for result in results:
+        assert len(result.step_ms) == SMALL["steps"] and result.median_ms > 0
+        # Lory merges experts in every layer: it has no router to time
+        assert (result.router_share is None) == (result.router == "lory")
+        assert result.active_experts_per_token == 1.0

@@ -87,3 +87,32 @@ def test_fine_grained_sizes_and_target():
     cfg = ModelConfig(**TINY, router="relu", num_experts=8, topk=1, granularity=4)
     assert (cfg.total_experts, cfg.total_topk, cfg.expert_ffn_hidden_size) == (32, 4, 16)
     assert cfg.target_sparsity == 1 - 1 / 8
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(router="hash", topk=2), "ModelConfig.topk=2"),
+    (dict(router="hash", granularity=2), "ModelConfig.topk=1"),
+    (dict(router="expert_choice", expert_choice_group="document"), "expert_choice_group"),
+    (dict(router="expert_choice", expert_choice_capacity_factor=0.0),
+     "expert_choice_capacity_factor"),
+    (dict(router="sparsemixer", topk=3), "ModelConfig.topk=3"),
+    (dict(router="sparsemixer", sparsemixer_jitter_eps=0.0), "sparsemixer_jitter_eps"),
+    (dict(router="lory", lory_segment_length=24), "lory_segment_length=24"),
+    (dict(router="lory", lory_segment_length=16, lory_first_segment="last"), "lory_first_segment"),
+    (dict(router="expert_choice", moe_expert_capacity_factor=1.0), "moe_expert_capacity_factor"),
+])
+def test_table_2_baseline_settings_are_checked(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig(**{**TINY, "seq_length": 32, **changes}).validate()
+
+
+@pytest.mark.parametrize("router, parallel, needle", [
+    ("expert_choice", dict(tensor_model_parallel_size=2, sequence_parallel=True),
+     "whole sequences"),
+    ("lory", dict(tensor_model_parallel_size=2, sequence_parallel=True), "whole sequences"),
+    ("lory", dict(expert_model_parallel_size=2), "Lory merges"),
+])
+def test_baselines_refuse_layouts_that_split_what_they_need(router, parallel, needle):
+    with pytest.raises(ConfigError, match=needle):
+        ParallelConfig(**parallel).validate_for(ModelConfig(**{**TINY, "router": router}))
+    ParallelConfig(expert_model_parallel_size=2).validate_for(ModelConfig(**{**TINY, "router": "hash"}))

@@ -21,6 +21,13 @@ MODELS = {
     "relu": dict(router="relu", relu_l1_coeff_init=0.5),
     "topk": dict(router="topk"),
     "dense": dict(router="dense"),
+    # The Table 2 baselines. SparseMixer-v2 samples its experts, and each rank draws its own
+    # noise; with a band this narrow only the top expert can be drawn, so the step is the same
+    # on any layout (the dispatch, the estimator's gates and the aux loss are compared).
+    "hash": dict(router="hash"),
+    "expert_choice": dict(router="expert_choice"),
+    "sparsemixer": dict(router="sparsemixer", sparsemixer_jitter_eps=1e-6),
+    "lory": dict(router="lory", lory_segment_length=8),
 }
 TP2_SP = dict(tensor_model_parallel_size=2, sequence_parallel=True)
 LAYOUTS = [
@@ -34,6 +41,12 @@ LAYOUTS = [
     ("topk", "sorted", dict(pipeline_model_parallel_size=2)),
     ("topk", "alltoall", dict(expert_model_parallel_size=2)),
     ("dense", "alltoall", dict(tensor_model_parallel_size=2)),
+    ("hash", "alltoall", dict(expert_model_parallel_size=2)),
+    ("hash", "alltoall", TP2_SP),
+    ("expert_choice", "alltoall", dict(expert_model_parallel_size=2)),
+    ("sparsemixer", "alltoall", dict(expert_model_parallel_size=2)),
+    ("lory", "alltoall", dict()),  # DP=2
+    ("lory", "alltoall", dict(pipeline_model_parallel_size=2)),
 ]
 
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from remoe_patches import sweep as sweeps
+from remoe_patches.arguments import parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL = str(REPO / "tools" / "sweep.py")
@@ -142,7 +143,7 @@ def test_paper_sweeps_expand_and_parse(tmp_path):
     env = dict(DATA_PATH="1.0 /d/pile_00_text_document", VOCAB_FILE="/d/v.json",
                MERGE_FILE="/d/m.txt")
     expected = {"size": 9, "experts": 12, "granularity": 14, "alpha": 5, "lambda0": 5,
-                "load_balancing": 4}
+                "load_balancing": 4, "table2": 7, "table2_cpu": 7}
     for name, count in expected.items():
         sweep = sweeps.load_sweep(REPO / "configs" / "sweeps" / f"{name}.yaml",
                                   output_dir=tmp_path / name, environ=env)
@@ -177,6 +178,33 @@ def test_failed_run_is_not_marked_done(tmp_path):
     assert not (tmp_path / "seed-1" / "DONE").exists()
     assert "FAILED (exit code 2)" in "".join(log)
     assert "does not exist" in (tmp_path / "seed-1" / "train.log").read_text()
+
+
+def test_table2_collects_the_papers_shape_with_its_numbers(tmp_path):
+    """configs/sweeps/table2.yaml: one row per router in the paper's order, our zero-shot
+    average with the paper's beside it, then our validation loss; each run's router is the
+    one its row names."""
+    env = dict(DATA_PATH="1.0 /d/pile_00_text_document", VOCAB_FILE="/d/v.json",
+               MERGE_FILE="/d/m.txt")
+    sweep = sweeps.load_sweep(REPO / "configs" / "sweeps" / "table2.yaml",
+                              output_dir=tmp_path, environ=env)
+    for run in sweep.runs:
+        sweeps.prepare(run)  # writes its config.yaml
+    kinds = {run.name: parse_args(sweeps.run_argv(run)).moe_router_type
+             for run in sweep.runs if run.flags.get("num_experts")}
+    assert kinds == {"182m_hash": "hash", "182m_lory": "lory", "182m_sparsemixer": "sparsemixer",
+                     "182m_ec": "expert_choice", "182m_moe": "topk", "182m_remoe": "relu"}
+    for index, run in enumerate(sweep.runs):
+        (run.directory / "metrics.jsonl").write_text(
+            json.dumps({"iteration": 60000, "val_lm_loss": 2.0 - index / 100}) + "\n")
+        (run.directory / "zero_shot.json").write_text(json.dumps({"avg": 38.0 + index / 10}))
+    markdown = sweeps.collect(sweep)["markdown"]
+    zero_shot, loss = markdown.split("Validation loss:")
+    rows = [line for line in zero_shot.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == [
+        "Dense", "Hash", "Lory", "SparseMixer-v2", "Expert Choice", "TopK MoE", "ReMoE"]
+    assert "| Dense | 38.00 (38.2)" in rows[1] and "| ReMoE | 38.60 (40.03)" in rows[7]
+    assert "| ReMoE | 1.9400" in loss  # the 7th run's validation loss
 
 
 def test_replicates_are_averaged_with_their_spread(tmp_path):

@@ -232,3 +232,31 @@ def test_scaled_topk_baseline_trains(corpus, tmp_path):
     records = steps(save)
     assert records[8]["lm_loss"] < records[1]["lm_loss"]
     assert "sparsity" not in records[8] and records[8]["load_balancing_loss"] > 0
+
+
+BASELINES = {
+    "hash": {},
+    "expert_choice": {},
+    "sparsemixer": dict(moe_aux_loss_coeff=1e-2),
+    "lory": dict(moe_lory_segment_length=16),  # two segments of the 32-token sequences
+}
+
+
+@pytest.mark.parametrize("router", list(BASELINES))
+def test_table_2_baseline_trains_and_resumes(corpus, tmp_path, router):
+    """Each Table 2 baseline trains through pretrain_gpt.py and resumes where it stopped: the
+    steps after the restart are those of the uninterrupted run."""
+    overrides = dict(moe_relu_routing=None, moe_router_type=router, save_interval=None,
+                     eval_interval=None, train_iters=6, **BASELINES[router])
+    straight = tmp_path / "straight"
+    ok(run(authors_style_flags(corpus, straight, **overrides)))
+    resumed = tmp_path / "resumed"
+    flags = authors_style_flags(corpus, resumed, **overrides)
+    ok(run(flags + ["--exit-interval", "3"]))
+    ok(run(flags + ["--load", str(resumed)]))
+    expected, got = steps(straight), steps(resumed)
+    assert expected[6]["lm_loss"] < expected[1]["lm_loss"]
+    for iteration in (4, 5, 6):
+        for key in ("lm_loss", "lr", "grad_norm"):
+            assert got[iteration][key] == expected[iteration][key], (iteration, key)
+    assert ("load_balancing_loss" in expected[6]) == (router == "sparsemixer")

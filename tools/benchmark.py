@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def parse(argv):
-    from remoe_patches.benchmark import ROUTERS, BenchmarkConfig
+    from remoe_patches.benchmark import DEFAULT_ROUTERS, ROUTERS, BenchmarkConfig
     from remoe_patches.config import PRESETS
 
     defaults = BenchmarkConfig()
@@ -39,7 +39,8 @@ def parse(argv):
                         help="k.")
     parser.add_argument("--moe-granularity", type=int, default=defaults.granularity,
                         dest="granularity", help="G.")
-    parser.add_argument("--routers", nargs="+", choices=ROUTERS, default=list(ROUTERS))
+    parser.add_argument("--routers", nargs="+", choices=ROUTERS, default=list(DEFAULT_ROUTERS),
+                        help="Routers to compare (default: dense topk relu).")
     parser.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size)
     parser.add_argument("--num-microbatches", type=int, default=defaults.num_microbatches)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)

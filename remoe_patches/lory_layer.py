@@ -1,0 +1,191 @@
+"""``LoryMLP``: a Lory layer (arXiv 2405.03133) for the ``mlp`` slot of megatron-core's
+TransformerLayer, and ``lory_block_spec`` to put it into every layer of a GPT decoder spec.
+
+Shape suffixes: S = sequence positions, B = sequences, N = segments per sequence, E = experts,
+h = hidden size, f = expert FFN width.
+
+The math is ``remoe_patches.lory``'s: E SwiGLU experts merged in parameter space per segment of
+``segment_length`` tokens, with weights routed from the previous segment's mean input.
+
+What is not reproduced from the paper:
+- Similarity-based data batching (Lory packs similar documents into one training sequence, so
+  that adjacent segments share a domain): the data pipeline is the project's own.
+- Lory's training recipe around the layer (summaries of the paper mention a dense warm-up
+  before the experts diverge; not checked against the paper's text): the experts start from
+  independent random initialisations, as megatron's do.
+- Inference-time routing: Lory decodes with one routing decision made from the whole prompt
+  and keeps that merged FFN for every generated token. Here evaluation and generation run the
+  training-time segment routing on the full (recomputed) context; sequence lengths must be a
+  multiple of ``segment_length`` there too (right-pad; padding only reaches later segments,
+  except within the first segment under ``first_segment="own_detached"``).
+Lory trains with the language-modelling loss only (no load-balancing loss); so does this layer,
+and the MoE aux-loss settings of the config are ignored.
+
+Refused: tensor, sequence, context and expert parallelism (merging needs every expert's full
+weights, and a segment's routing needs the previous segment, on the same rank), biases, and
+anything but SwiGLU experts (the project's LLaMA recipe).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parameter import Parameter
+
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from remoe_patches import lory
+from remoe_patches.config import ConfigError
+from remoe_patches.parallel import local_device
+
+DEFAULT_SEGMENT_LENGTH = 256
+"""The paper's segment length (for its 4096-token sequences)."""
+
+
+class LoryMLP(MegatronModule):
+    """E SwiGLU experts merged per segment by causal segment routing; returns ``(output, None)``.
+
+    Parameters (plain tensors, saved by MegatronModule's default ``sharded_state_dict`` as
+    replicated tensors): ``router_weight`` ``[E, h]``, ``fc1_weight`` ``[E, h, 2f]`` (each
+    expert's gate and up matrices side by side, gate first) and ``fc2_weight`` ``[E, f, h]``,
+    with E = ``config.num_moe_experts`` and f = ``config.moe_ffn_hidden_size``.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules=None,
+        segment_length: int = DEFAULT_SEGMENT_LENGTH,
+        first_segment: str = "own_detached",
+        pg_collection=None,
+        tp_group=None,
+        layer_number: Optional[int] = None,
+    ):
+        super().__init__(config=config)
+        check_lory_config(config)
+        if not isinstance(segment_length, int) or segment_length < 1:
+            raise ConfigError(f"LoryMLP.segment_length={segment_length!r}: must be an int >= 1")
+        if first_segment not in lory.FIRST_SEGMENT_RULES:
+            raise ConfigError(
+                f"LoryMLP.first_segment={first_segment!r}: choose one of "
+                f"{', '.join(lory.FIRST_SEGMENT_RULES)}"
+            )
+        self.segment_length = segment_length
+        self.first_segment = first_segment
+        self.layer_number = layer_number
+        if pg_collection is not None and tp_group is None:
+            tp_group = getattr(pg_collection, "tp", None)
+        if tp_group is not None:
+            # MegatronModule.sharded_state_dict reads the TP group from here when it exists.
+            self.tp_group = tp_group
+        experts, hidden, width = (
+            config.num_moe_experts, config.hidden_size, config.moe_ffn_hidden_size
+        )
+        device, dtype = local_device(), config.params_dtype
+        self.router_weight = Parameter(torch.empty(experts, hidden, device=device, dtype=dtype))
+        self.fc1_weight = Parameter(
+            torch.empty(experts, hidden, 2 * width, device=device, dtype=dtype)
+        )
+        self.fc2_weight = Parameter(torch.empty(experts, width, hidden, device=device, dtype=dtype))
+        if config.perform_initialization:
+            # As megatron's Router (default generator) and its linear layers' GPU path (the
+            # model-parallel RNG stream), so every data-parallel rank starts identical.
+            config.init_method(self.router_weight)
+            with get_cuda_rng_tracker().fork():
+                config.init_method(self.fc1_weight)
+                config.output_layer_init_method(self.fc2_weight)
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """TransformerLayer tells its mlp which layer it is (1-based)."""
+        self.layer_number = layer_number
+
+    def routing_weights(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The routing weights ``[B, N, E]`` (float32) each segment is merged with."""
+        return lory.lory_routing_weights(
+            hidden_states, self.router_weight, self.segment_length, self.first_segment
+        )
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None, **unused):
+        """``hidden_states`` ``[S, B, h]`` -> ``(output [S, B, h], None)``.
+
+        ``padding_mask`` is accepted and ignored: megatron passes it to mlp slots for MoE
+        aux-loss bookkeeping, and Lory has no aux loss.
+        """
+        try:
+            weights_BNE = self.routing_weights(hidden_states)
+        except ValueError as error:
+            raise ConfigError(f"LoryMLP (layer {self.layer_number}): {error}") from None
+        output_SBh = lory.merged_swiglu_ffn(
+            hidden_states, weights_BNE, self.fc1_weight, self.fc2_weight
+        )
+        return output_SBh.to(hidden_states.dtype), None
+
+
+def check_lory_config(config: TransformerConfig) -> None:
+    """Raise ``ConfigError`` naming the field when ``config`` cannot run a Lory layer."""
+    if not config.num_moe_experts or config.num_moe_experts < 1:
+        raise ConfigError("TransformerConfig.num_moe_experts: Lory needs the number of experts")
+    if not config.moe_ffn_hidden_size:
+        raise ConfigError("TransformerConfig.moe_ffn_hidden_size: Lory needs the expert width")
+    why = "merging needs every expert's full weights on the rank"
+    refused = [
+        ("tensor_model_parallel_size", config.tensor_model_parallel_size > 1, why, "1"),
+        ("sequence_parallel", config.sequence_parallel,
+         "a segment's routing needs the whole previous segment on the rank", "False"),
+        ("expert_model_parallel_size", config.expert_model_parallel_size > 1, why, "1"),
+        ("expert_tensor_parallel_size", (config.expert_tensor_parallel_size or 1) > 1, why, "1"),
+        ("context_parallel_size", config.context_parallel_size > 1,
+         "a segment's routing needs the previous segment on the rank", "1"),
+        ("mlp_chunks_for_prefill", config.mlp_chunks_for_prefill > 1,
+         "chunks along the sequence would cut segments apart", "1"),
+        ("add_bias_linear", config.add_bias_linear, "Lory's experts have no biases", "False"),
+        ("gated_linear_unit", not config.gated_linear_unit,
+         "Lory's experts are SwiGLU FFNs", "True (--swiglu)"),
+        ("activation_func", config.activation_func is not F.silu,
+         "Lory's experts are SwiGLU FFNs", "torch.nn.functional.silu (--swiglu)"),
+    ]
+    for field, is_refused, reason, fix in refused:
+        if is_refused:
+            raise ConfigError(
+                f"TransformerConfig.{field}={getattr(config, field)!r}: LoryMLP does not support "
+                f"it ({reason}); set it to {fix}"
+            )
+
+
+def lory_block_spec(
+    block_spec: TransformerBlockSubmodules,
+    segment_length: int = DEFAULT_SEGMENT_LENGTH,
+    first_segment: str = "own_detached",
+) -> TransformerBlockSubmodules:
+    """A copy of a GPT decoder ``block_spec`` with every layer's ``mlp`` a ``LoryMLP``.
+
+    The config the block is built with must carry ``num_moe_experts`` and
+    ``moe_ffn_hidden_size`` (e.g. a TopK MoE model's), and pass ``check_lory_config``.
+    TransformerLayer logs "Unknown MLP type ... Using default kwargs" for each layer: it passes
+    only ``config``, which is all ``LoryMLP`` needs.
+    """
+    if not isinstance(segment_length, int) or segment_length < 1:
+        raise ConfigError(f"segment_length={segment_length!r}: must be an int >= 1")
+    if first_segment not in lory.FIRST_SEGMENT_RULES:
+        raise ConfigError(
+            f"first_segment={first_segment!r}: choose one of {', '.join(lory.FIRST_SEGMENT_RULES)}"
+        )
+    mlp_spec = ModuleSpec(
+        module=LoryMLP, params={"segment_length": segment_length, "first_segment": first_segment}
+    )
+    block_spec = copy.copy(block_spec)
+    block_spec.layer_specs = [
+        dataclasses.replace(
+            layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp_spec)
+        )
+        for layer_spec in block_spec.layer_specs
+    ]
+    return block_spec

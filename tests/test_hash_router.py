@@ -1,0 +1,180 @@
+"""``HashRouter`` in megatron-core: routing depends on the token id alone, the ids reach the
+routers through ``feed_token_ids`` in [s, b] order (and in sequence-parallel slices), a tiny
+GPTModel trains with it, and missing or mismatched ids fail clearly."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
+from remoe_patches.hash_router import (
+    DEFAULT_HASH_SEED,
+    HashRouter,
+    feed_token_ids,
+    hash_router_builder,
+)
+from remoe_patches.model import customize_layers, decoder_block_spec
+
+from test_baseline_routing import reference_hash_table
+from test_model import TINY, batch
+
+NUM_EXPERTS = 8  # ModelConfig's default
+
+
+def transformer_config(**model_fields):
+    """TINY's TransformerConfig with a topk MoE layout (the router slot is replaced)."""
+    return ModelConfig(router="topk", moe_aux_loss_coeff=0.0, **{**TINY, **model_fields}
+                       ).transformer_config(ParallelConfig())
+
+
+def build_gpt(router_builder, **model_fields):
+    """A TINY GPTModel with ``router_builder`` in every MoE layer (megatron's TopK if None)."""
+    torch.manual_seed(1)
+    model_parallel_cuda_manual_seed(1)
+    config = transformer_config(**model_fields)
+    spec = customize_layers(decoder_block_spec(config), router_builder=router_builder)
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=TINY["vocab_size"],
+                    max_sequence_length=TINY["seq_length"], pre_process=True, post_process=True,
+                    share_embeddings_and_output_weights=False, position_embedding_type="rope")
+
+
+def fake_groups(rank=0, size=1):
+    """A pg_collection whose groups only answer rank() and size(), all the Router needs."""
+    group = SimpleNamespace(rank=lambda: rank, size=lambda: size)
+    return SimpleNamespace(tp=group, cp=group, tp_cp=group, tp_dp_cp=group)
+
+
+def hash_router(config=None, pg_collection=None, seed=DEFAULT_HASH_SEED):
+    return hash_router_builder(TINY["vocab_size"], seed)(
+        config=config or transformer_config(), pg_collection=pg_collection or fake_groups())
+
+
+def expected_map(token_ids_SB, seed=DEFAULT_HASH_SEED):
+    """The one-hot routing map of ``token_ids_SB`` [s, b] by the hand-dealt table, s-major."""
+    table = reference_hash_table(TINY["vocab_size"], NUM_EXPERTS, seed)
+    ids = token_ids_SB.reshape(-1).tolist()
+    routing_map = torch.zeros(len(ids), NUM_EXPERTS, dtype=torch.bool)
+    for t, token_id in enumerate(ids):
+        routing_map[t, table[token_id]] = True
+    return routing_map
+
+
+def test_routing_is_a_function_of_the_token_id_alone():
+    router = hash_router()
+    gen = torch.Generator().manual_seed(0)
+    # ids 40..47, each twice per sequence at shuffled positions, in all three sequences
+    token_ids_BS = torch.stack([torch.randperm(16, generator=gen) % 8 + 40 for _ in range(3)])
+    router.token_ids_BS = token_ids_BS
+    probs, routing_map = router(torch.randn(16, 3, 32, generator=gen))
+    other_probs, other_map = router(torch.randn(16, 3, 32, generator=gen) * 100)
+    assert torch.equal(routing_map, other_map) and torch.equal(probs, other_probs)
+    assert torch.equal(routing_map, expected_map(token_ids_BS.t()))
+    assert torch.equal(probs, routing_map.float())
+    experts_of_id, positions_of_id = {}, {}
+    for t, token_id in enumerate(token_ids_BS.t().reshape(-1).tolist()):
+        experts_of_id.setdefault(token_id, set()).add(routing_map[t].nonzero().item())
+        positions_of_id.setdefault(token_id, set()).add(divmod(t, 3))  # (s, b)
+    assert len(experts_of_id) == 8
+    assert all(len(experts) == 1 for experts in experts_of_id.values())
+    # each id recurred at several positions of several sequences: the check above had work
+    assert all(len({s for s, _ in sb}) > 1 and len({b for _, b in sb}) > 1
+               for sb in positions_of_id.values())
+
+
+def test_the_table_follows_the_seed_and_is_not_saved():
+    router = hash_router(seed=11)
+    assert router.expert_of_token_V.tolist() == reference_hash_table(TINY["vocab_size"],
+                                                                     NUM_EXPERTS, 11)
+    assert "expert_of_token_V" not in router.state_dict()
+    assert not router.weight.requires_grad  # the unused gate stays out of the optimizer
+
+
+def test_a_tiny_gpt_model_trains_one_step(single_rank):
+    model = build_gpt(hash_router_builder(TINY["vocab_size"]))
+    handles = feed_token_ids(model)
+    routers = [m for m in model.modules() if isinstance(m, HashRouter)]
+    assert len(routers) == 2 and len(handles) == 1
+    outputs = {}
+    for router in routers:
+        router.register_forward_hook(lambda m, args, out: outputs.__setitem__(m, out))
+    tokens, positions, labels = batch(0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=1.0)
+
+    loss = model(tokens, positions, None, labels=labels).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    routing_map = expected_map(tokens.t())  # input_ids [b, s] -> [s, b] order
+    for router in routers:
+        probs, router_map = outputs[router]
+        assert torch.equal(router_map, routing_map) and torch.equal(probs, routing_map.float())
+        assert router.weight.grad is None
+    tokens_per_expert = routing_map.sum(0)
+    for layer in [m for m in model.modules() if isinstance(m, MoELayer)]:
+        for expert, count in zip(layer.experts.local_experts, tokens_per_expert):
+            grad = sum(p.grad.abs().sum() for p in expert.parameters() if p.grad is not None)
+            assert (grad > 0) == (count > 0)
+    assert (tokens_per_expert > 0).sum() >= NUM_EXPERTS - 1  # the check above saw real work
+
+    optimizer.step()
+    outputs.clear()
+    with torch.no_grad():  # input_ids as a keyword reaches the routers too
+        next_loss = model(input_ids=tokens, position_ids=positions, attention_mask=None,
+                          labels=labels).mean()
+    assert torch.isfinite(next_loss) and next_loss < loss
+    assert all(torch.equal(outputs[router][1], routing_map) for router in routers)
+
+
+def test_without_feed_token_ids_the_router_says_what_to_call(single_rank):
+    model = build_gpt(hash_router_builder(TINY["vocab_size"]))
+    tokens, positions, _ = batch(0)
+    with pytest.raises(RuntimeError, match=r"call remoe_patches\.hash_router\.feed_token_ids"):
+        model(tokens, positions, None)
+
+
+def test_ids_that_do_not_match_the_hidden_states_are_refused():
+    router = hash_router()
+    router.token_ids_BS = torch.zeros(3, 16, dtype=torch.long)
+    expected = r"\[s, b\] = \[16, 3\] .* do not match the hidden states' \[s, b\] = \[16, 2\]"
+    with pytest.raises(ValueError, match=expected):
+        router(torch.zeros(16, 2, 32))
+    with pytest.raises(ValueError, match="do not match"):
+        router(torch.zeros(3, 16, 32))  # [b, s, h]: the ids are transposed, the states not
+
+
+def test_sequence_parallel_routers_take_their_ranks_slice():
+    """TP=2 with sequence parallelism, on fake groups: rank r routes positions [8r, 8r+8) of
+    the 16, so its routing map is that of those ids."""
+    config = transformer_config()
+    config.sequence_parallel = True
+    token_ids_BS = torch.randint(0, TINY["vocab_size"], (3, 16),
+                                 generator=torch.Generator().manual_seed(1))
+    for rank in range(2):
+        router = hash_router(config, fake_groups(rank, 2))
+        router.token_ids_BS = token_ids_BS
+        _, routing_map = router(torch.zeros(8, 3, 32))
+        assert torch.equal(routing_map, expected_map(token_ids_BS.t()[8 * rank:8 * rank + 8]))
+
+
+def test_topk_other_than_one_is_refused():
+    with pytest.raises(ConfigError, match="moe_router_topk=2.*set topk=1"):
+        hash_router(transformer_config(topk=2))
+
+
+@pytest.mark.parametrize("vocab_size, seed, field", [(0, 0, "vocab_size"), (12.5, 0, "vocab_size"),
+                                                     (128, "a", "seed")])
+def test_builder_validates_its_arguments(vocab_size, seed, field):
+    with pytest.raises(ConfigError, match=f"hash_router_builder: {field}"):
+        hash_router_builder(vocab_size, seed)
+
+
+def test_feed_token_ids_needs_a_gpt_model():
+    with pytest.raises(ValueError, match="contains no megatron GPTModel"):
+        feed_token_ids(torch.nn.Linear(2, 2))
