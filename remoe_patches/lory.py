@@ -19,6 +19,11 @@ output depend only on the tokens at or before it, exactly.
 
 Everything here is differentiable: the gradient reaches every expert and the router (except
 through the first segment's routing, as above).
+
+Training sequences are a whole number of segments. A sequence of any other length (evaluation
+batches, generation's growing context) ends in a shorter segment: ``lory_ffn`` zero-pads it to a
+whole segment, takes its mean over its real tokens only and drops the padding's outputs, so the
+real tokens' outputs do not depend on the padding.
 """
 
 from __future__ import annotations
@@ -60,12 +65,20 @@ def unsegment(segments_XLh: torch.Tensor, batch: int) -> torch.Tensor:
     return segments_BNLh.permute(1, 2, 0, 3).reshape(count * segment_length, batch, hidden)
 
 
-def segment_means(hidden_SBh: torch.Tensor, segment_length: int) -> torch.Tensor:
-    """``h_bar``: each segment's mean input, ``[B, N, h]``, in at least float32."""
-    batch = hidden_SBh.shape[1]
+def segment_means(hidden_SBh: torch.Tensor, segment_length: int,
+                  real_length: int | None = None) -> torch.Tensor:
+    """``h_bar``: each segment's mean input, ``[B, N, h]``, in at least float32. With
+    ``real_length`` (< S), positions from it on are zero padding: the last segment's mean is
+    taken over its real tokens."""
+    batch, hidden = hidden_SBh.shape[1], hidden_SBh.shape[-1]
     # bf16 sums of hundreds of tokens lose precision; the router reads these means.
-    means_Xh = segments(hidden_SBh, segment_length).to(_at_least_fp32(hidden_SBh.dtype)).mean(dim=1)
-    return means_Xh.reshape(batch, -1, hidden_SBh.shape[-1])
+    sums_BNh = segments(hidden_SBh, segment_length).to(_at_least_fp32(hidden_SBh.dtype)).sum(
+        dim=1).reshape(batch, -1, hidden)
+    tokens_N = torch.full((sums_BNh.shape[1],), float(segment_length), device=sums_BNh.device,
+                          dtype=sums_BNh.dtype)
+    if real_length is not None and real_length < hidden_SBh.shape[0]:
+        tokens_N[-1] = real_length - (sums_BNh.shape[1] - 1) * segment_length
+    return sums_BNh / tokens_N[:, None]
 
 
 def causal_segment_weights(
@@ -129,9 +142,11 @@ def lory_routing_weights(
     router_Eh: torch.Tensor,
     segment_length: int,
     first_segment: str = "own_detached",
+    real_length: int | None = None,
 ) -> torch.Tensor:
-    """Each segment's routing weights ``[B, N, E]`` (float32 or wider) for the layer input."""
-    means_BNh = segment_means(hidden_SBh, segment_length)
+    """Each segment's routing weights ``[B, N, E]`` (float32 or wider) for the layer input
+    (``real_length``: see ``segment_means``)."""
+    means_BNh = segment_means(hidden_SBh, segment_length, real_length)
     logits_BNE = means_BNh @ router_Eh.to(means_BNh.dtype).t()
     return causal_segment_weights(logits_BNE, first_segment)
 
@@ -144,9 +159,17 @@ def lory_ffn(
     segment_length: int,
     first_segment: str = "own_detached",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Lory layer: ``(output [S, B, h], routing weights [B, N, E])``."""
-    weights_BNE = lory_routing_weights(hidden_SBh, router_Eh, segment_length, first_segment)
-    return merged_swiglu_ffn(hidden_SBh, weights_BNE, fc1_Eh2f, fc2_Efh), weights_BNE
+    """A Lory layer: ``(output [S, B, h], routing weights [B, N, E])``; a sequence that is not a
+    whole number of segments ends in a shorter one (see the module docstring)."""
+    seq_length = hidden_SBh.shape[0]
+    if segment_length < 1:
+        num_segments(seq_length, segment_length)  # its error
+    padding = -seq_length % segment_length
+    padded_SBh = F.pad(hidden_SBh, (0, 0, 0, 0, 0, padding)) if padding else hidden_SBh
+    weights_BNE = lory_routing_weights(padded_SBh, router_Eh, segment_length, first_segment,
+                                       real_length=seq_length)
+    output_SBh = merged_swiglu_ffn(padded_SBh, weights_BNE, fc1_Eh2f, fc2_Efh)
+    return output_SBh[:seq_length], weights_BNE
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:

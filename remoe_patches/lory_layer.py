@@ -119,13 +119,8 @@ class LoryMLP(MegatronModule):
         ``padding_mask`` is accepted and ignored: megatron passes it to mlp slots for MoE
         aux-loss bookkeeping, and Lory has no aux loss.
         """
-        try:
-            weights_BNE = self.routing_weights(hidden_states)
-        except ValueError as error:
-            raise ConfigError(f"LoryMLP (layer {self.layer_number}): {error}") from None
-        output_SBh = lory.merged_swiglu_ffn(
-            hidden_states, weights_BNE, self.fc1_weight, self.fc2_weight
-        )
+        output_SBh, _ = lory.lory_ffn(hidden_states, self.router_weight, self.fc1_weight,
+                                      self.fc2_weight, self.segment_length, self.first_segment)
         return output_SBh.to(hidden_states.dtype), None
 
 

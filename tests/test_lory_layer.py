@@ -135,10 +135,26 @@ def test_unsupported_settings_are_refused_by_name(single_rank, field, value):
         LoryMLP(config, segment_length=SEGMENT)
 
 
-def test_segment_length_that_does_not_divide_the_sequence_is_refused(single_rank):
-    layer = LoryMLP(tiny_config(), segment_length=5)
-    with pytest.raises(ConfigError, match="segment_length=5 does not divide the sequence len"):
-        layer(torch.randn(16, 2, TINY["hidden_size"]))
+def test_a_sequence_ending_in_a_short_segment(single_rank):
+    """Evaluation and generation feed sequences of any length. Strictly causal routing
+    (``uniform``): the outputs of a sequence cut anywhere are the first outputs of the whole
+    one. Lory's own rule: a sequence shorter than a segment is routed by its own mean, as a
+    layer whose segments are exactly that long routes it."""
+    torch.manual_seed(3)
+    hidden = torch.randn(16, 2, TINY["hidden_size"])
+    causal = LoryMLP(tiny_config(), segment_length=5, first_segment="uniform")
+    whole, _ = causal(hidden)
+    for cut in (3, 5, 7, 11):
+        part, _ = causal(hidden[:cut])
+        torch.testing.assert_close(part, whole[:cut])
+    paper = LoryMLP(tiny_config(), segment_length=8)
+    exact = LoryMLP(tiny_config(), segment_length=6)
+    exact.load_state_dict(paper.state_dict())
+    torch.testing.assert_close(paper(hidden[:6])[0], exact(hidden[:6])[0])
+    assert not torch.allclose(paper(hidden[:6])[0], paper(hidden[:8])[0][:6])
+
+
+def test_bad_segment_settings_are_refused(single_rank):
     spec = decoder_block_spec(tiny_config())
     with pytest.raises(ConfigError, match="segment_length=0"):
         lory_block_spec(spec, 0)
