@@ -55,7 +55,13 @@ import yaml
 
 from remoe_patches.argument_checks import complete_and_validate
 from remoe_patches.argument_mapping import run_config_from_args
-from remoe_patches.config import ConfigError
+from remoe_patches.config import (
+    EXPERT_CHOICE_GROUPS,
+    LORY_FIRST_SEGMENT_RULES,
+    ROUTERS,
+    ConfigError,
+    ModelConfig,
+)
 from remoe_patches.run_config import RunConfig
 from remoe_patches.tokenizer import TOKENIZER_TYPES
 
@@ -281,7 +287,7 @@ def _add_moe_arguments(parser):
     group.add_argument("--moe-relu-routing", action="store_true",
                        help="ReMoE: ReLU routing (the same as --moe-router-type relu).")
     group.add_argument(
-        "--moe-router-type", choices=["topk", "relu", "hash", "expert_choice", "sparsemixer", "lory"],
+        "--moe-router-type", choices=[router for router in ROUTERS if router != "dense"],
         help="The router: topk (default), relu (ReMoE), or a baseline of the paper's Table 2: "
         "hash (Hash Layers), expert_choice, sparsemixer (SparseMixer-v2), lory (merged experts).",
     )
@@ -291,16 +297,17 @@ def _add_moe_arguments(parser):
         "--moe-expert-choice-capacity-factor", type=float, default=1.0,
         help="Expert Choice: each expert takes capacity x k / E of its group's tokens.")
     group.add_argument(
-        "--moe-expert-choice-group", choices=["sequence", "batch"], default="sequence",
+        "--moe-expert-choice-group", choices=EXPERT_CHOICE_GROUPS, default="sequence",
         help="Expert Choice: an expert chooses among each sequence's tokens or the micro-batch's "
         "(both see later tokens of a sequence: README, 'Table 2 baselines').")
     group.add_argument(
-        "--moe-sparsemixer-jitter-eps", type=float, default=0.01,
+        "--moe-sparsemixer-jitter-eps", type=float,
+        default=ModelConfig.sparsemixer_jitter_eps,
         help="SparseMixer-v2: experts within this relative band of the top logit are sampled.")
     group.add_argument("--moe-lory-segment-length", type=int, default=256,
                        help="Lory: tokens per segment (segment i is routed from segment i-1).")
     group.add_argument(
-        "--moe-lory-first-segment", choices=["own_detached", "uniform"], default="own_detached",
+        "--moe-lory-first-segment", choices=LORY_FIRST_SEGMENT_RULES, default="own_detached",
         help="Lory: route the first segment from its own mean without gradient (the paper) or "
         "uniformly (strictly causal).")
     group.add_argument(

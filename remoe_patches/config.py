@@ -17,12 +17,15 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from remoe_patches.baseline_routing import EXPERT_CHOICE_GROUPS
+from remoe_patches.lory import FIRST_SEGMENT_RULES as LORY_FIRST_SEGMENT_RULES
+from remoe_patches.sparsemixer import JITTER_EPS_DEFAULT, SUPPORTED_TOPK as SPARSEMIXER_TOPK
+
 RouterKind = Literal["dense", "topk", "relu", "hash", "expert_choice", "sparsemixer", "lory"]
 ROUTERS = ("dense", "topk", "relu", "hash", "expert_choice", "sparsemixer", "lory")
 SWITCH_AUX_LOSS_ROUTERS = ("topk", "sparsemixer")
 """Routers balanced by megatron's Switch aux loss (``moe_aux_loss_coeff``)."""
-EXPERT_CHOICE_GROUPS = ("sequence", "batch")
-LORY_FIRST_SEGMENT_RULES = ("own_detached", "uniform")
+
 DROPLESS_DISPATCHERS = ("alltoall", "allgather", "sorted")
 
 
@@ -87,7 +90,7 @@ class ModelConfig:
     """Expert Choice: each expert takes ``factor * k / E`` of its group's tokens."""
     expert_choice_group: str = "sequence"
     """Expert Choice: the tokens an expert chooses among, ``sequence`` or ``batch``."""
-    sparsemixer_jitter_eps: float = 0.01
+    sparsemixer_jitter_eps: float = JITTER_EPS_DEFAULT
     """SparseMixer-v2: the relative band around the top logit an expert is sampled from (GRIN's
     0.01)."""
     lory_segment_length: int = 256
@@ -216,7 +219,7 @@ class ModelConfig:
             fail("expert_choice_group", f"not one of {', '.join(EXPERT_CHOICE_GROUPS)}")
         if self.router == "expert_choice" and not self.expert_choice_capacity_factor > 0:
             fail("expert_choice_capacity_factor", "must be > 0")
-        if self.router == "sparsemixer" and self.total_topk not in (1, 2):
+        if self.router == "sparsemixer" and self.total_topk not in SPARSEMIXER_TOPK:
             fail("topk", "SparseMixer-v2 samples one or two experts per token; use k*G of 1 or 2")
         if self.router == "sparsemixer" and not self.sparsemixer_jitter_eps > 0:
             fail("sparsemixer_jitter_eps", "must be > 0")
@@ -345,7 +348,8 @@ class ParallelConfig:
              "expert_model_parallel_size" if ep != 1 else "tensor_model_parallel_size",
              f"the sorted token dispatcher keeps every expert and token on its rank (EP=1, TP=1), "
              f"not EP={ep} TP={tp}; use the alltoall dispatcher"),
-            (model.router not in ("expert_choice", "lory") or (tp == 1 and not self.sequence_parallel),
+            (model.router not in ("expert_choice", "lory")
+             or (tp == 1 and not self.sequence_parallel),
              "tensor_model_parallel_size",
              f"{model.router} routing needs whole sequences on a rank (TP={tp} with sequence "
              "parallelism splits them); use TP=1"),

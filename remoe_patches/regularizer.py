@@ -5,8 +5,8 @@ Shape suffixes: T = tokens of a layer's micro-batch, E = experts, L = all transf
 the model (MoE or not; index = layer number - 1), C = the statistics' columns (see ``_COLUMNS``).
 
 Each ReLU router calls ``AdaptiveL1.record`` once per micro-batch it trains on, with its layer's
-reg loss and expert counts (which give its sparsity). They accumulate in ONE packed ``L x C`` buffer; after the
-optimizer step the loop calls ``finish_step``, which sums the buffer over all ranks in a single
+reg loss and expert counts (which give its sparsity). They accumulate in ONE packed ``L x C``
+buffer; after the optimizer step the loop calls ``finish_step``, which sums the buffer over all ranks in a single
 collective, turns it into a ``RoutingStats`` (what the log, the lambda update and the health
 report read) and moves the coefficient by ``multiplier ** sign(target - sparsity)``.
 
@@ -77,9 +77,8 @@ def reg_loss_gradient(
     Both losses are linear in the gates (``f_e`` is a constant), ``L_reg = sum_te g_e R_te`` with
     this ``g_E``, which is how the router applies them (``relu_gates.relu_gates_with_penalty``).
     """
-    num_experts = tokens_per_expert_E.shape[-1]
-    if load_balancing:  # f_e / T, in one multiplication (this runs per layer and micro-batch)
-        return (tokens_per_expert_E * (num_experts / (topk * num_tokens * num_tokens))).detach()
+    if load_balancing:
+        return load_balance_weights(tokens_per_expert_E, num_tokens, topk) / num_tokens
     return torch.full_like(tokens_per_expert_E, 1.0 / num_tokens).detach()
 
 

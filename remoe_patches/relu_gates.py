@@ -28,12 +28,13 @@ def relu_gates_with_penalty(
     grad_scale: Callable[[], Optional[torch.Tensor]] = lambda: None,
 ) -> torch.Tensor:
     """Eq. 5 whose backward also carries the gradient of a penalty linear in the gates,
-    ``P = sum_t sum_e p_e R_te`` (``penalty_grad_E`` = p_E): ``dlogits_te = (dR_te + s p_e) 1{R_te > 0}``.
+    ``P = sum_t sum_e p_e R_te`` (``penalty_grad_E`` = p_E):
+    ``dlogits_te = (dR_te + s p_e) 1{R_te > 0}``.
 
     The L1 losses of Eq. 9/10 are such penalties (``regularizer.reg_loss_gradient``). This gives
     the same gradient as ``relu_gates`` followed by autograd through the penalty (what
-    ``loss + P`` would do), through a hook on the gates instead of the loss's six autograd nodes, which is most of a
-    small router's time. ``grad_scale()`` (read in the backward pass; None means 1) is the scale
+    ``loss + P`` would do), through one hook on the gates instead of the loss's autograd nodes,
+    which were most of a small router's time. ``grad_scale()`` (read in the backward pass; None means 1) is the scale
     the LM loss's gradient carries, e.g. 1/micro-batches.
     """
     gates_TE = torch.relu(logits_TE)

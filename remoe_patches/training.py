@@ -452,7 +452,8 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
                 log.print(line)
     else:
         active = model_config.nominal_active_experts
-        if model_config.router in SWITCH_AUX_LOSS_ROUTERS and last.load_balancing_loss_L is not None:
+        switch_loss = model_config.router in SWITCH_AUX_LOSS_ROUTERS
+        if switch_loss and last.load_balancing_loss_L is not None:
             out["load_balancing_loss"] = _mean(
                 float(r.load_balancing_loss_L.sum() / model_config.num_layers) for r in records)
     flops = training_flops_per_token(model_config, active) * tokens_per_step
