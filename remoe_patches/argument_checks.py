@@ -65,6 +65,18 @@ def _validate_moe(args, parser) -> None:
     if args.moe_relu_routing and args.moe_router_type not in (None, "relu"):
         parser.error(f"--moe-relu-routing contradicts --moe-router-type {args.moe_router_type}; "
                      "give one of them")
+    if args.num_experts is not None and args.num_experts < 1:
+        # 0 reads as "no experts": a dense model, unless routing flags ask for experts.
+        routing = "--moe-relu-routing" if args.moe_relu_routing else (
+            f"--moe-router-type {args.moe_router_type}" if args.moe_router_type else None)
+        if routing:
+            parser.error(f"--num-experts {args.num_experts} contradicts {routing}: routing needs "
+                         f"experts; give --num-experts >= 1, or drop {routing.split()[0]} for a "
+                         "dense model")
+        if args.num_experts < 0:
+            parser.error(f"--num-experts {args.num_experts} must be >= 1; leave it out (or give 0) "
+                         "for a dense model")
+        args.num_experts = None
     if args.num_experts is None:
         if args.moe_relu_routing or args.moe_router_type is not None:
             parser.error(f"{'--moe-relu-routing' if args.moe_relu_routing else '--moe-router-type'}"

@@ -71,10 +71,12 @@ def ineffective_flags(
     note("merge_file", "--merge-file", unused_by, when=not gpt2)
     note("tokenizer_model", "--tokenizer-model", unused_by, when=gpt2)
 
-    if args.num_experts is None:
+    if args.num_experts is None:  # argument_checks reads --num-experts 0 as None
+        dense = ("dense model (--num-experts 0)" if "num_experts" in given
+                 else "dense model (no --num-experts)")
         for dest in sorted(given):
             if dest.startswith("moe_") or dest.startswith("expert_"):
-                note(dest, f"--{dest.replace('_', '-')}", "dense model (no --num-experts)")
+                note(dest, f"--{dest.replace('_', '-')}", dense)
         return list(found.items())
 
     note("moe_permute_fusion", "--moe-permute-fusion", needs_te_kernel, when=te_missing)

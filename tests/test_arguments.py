@@ -339,6 +339,24 @@ def test_dense_model_lists_moe_flags_and_unsupported_logging():
     assert model_config_from_args(args).num_query_groups == 4  # every head keeps its own K/V
 
 
+def test_zero_experts_with_remoe_routing_is_refused_naming_both_flags(capsys):
+    # issue 26: the ReMoE config with --num-experts 0 trained a dense model without a word
+    line = parse_error(["--config", str(CONFIG_DIR / "182m_remoe.yaml"), "--num-experts", "0",
+                        "--mock-data"], capsys)
+    assert "--num-experts 0 contradicts --moe-relu-routing" in line
+    line = parse_error(TINY + ["--num-experts", "0", "--moe-router-type", "hash"], capsys)
+    assert "--num-experts 0 contradicts --moe-router-type hash" in line
+    assert "--num-experts -1 must be >= 1" in parse_error(TINY + ["--num-experts", "-1"], capsys)
+
+
+def test_zero_experts_is_a_dense_model_that_lists_the_moe_flags():
+    args = parse_args(["--config", str(CONFIG_DIR / "182m_moe.yaml"), "--num-experts", "0",
+                       "--mock-data"])
+    assert model_config_from_args(args).router == "dense"
+    listed = dict(ineffective_flags(args, **GPU_WITH_TE))
+    assert listed["--moe-router-topk"] == "dense model (--num-experts 0)"
+
+
 def test_router_dtype_flag_and_its_default():
     assert model_config_from_args(parse_args(TINY_MOE)).moe_router_dtype is None
     explicit = parse_args(TINY_MOE + ["--moe-router-dtype", "fp64", "--bf16"])
