@@ -40,12 +40,37 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from remoe_patches.config import ModelConfig
 from remoe_patches.megatron_fixes import restore_adam_steps
 from remoe_patches.run_config import RunConfig
 from remoe_patches.training_step import sync_params
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 _ITERATION_DIR = re.compile(r"iter_(\d{7})$")
+
+# The one tensor the two layer implementations save under different names: an MoE layer's
+# pre-MLP norm is a separate TENorm in megatron's TE spec, while its local spec maps the norm
+# onto the fused TE name that dense layers use. Everything else (the attention norm as
+# linear_qkv.layer_norm_weight, the experts, the _extra_state objects) is named alike, so a
+# checkpoint of either implementation loads into the other once this name is matched.
+_ALIASES = {
+    "decoder.layers.pre_mlp_layernorm.weight": "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+    "decoder.layers.mlp.linear_fc1.layer_norm_weight": "decoder.layers.pre_mlp_layernorm.weight",
+}
+
+# Model fields that shape the weights, with the flag that sets each.
+_SHAPE_FLAGS = {
+    "num_layers": "--num-layers",
+    "hidden_size": "--hidden-size",
+    "num_attention_heads": "--num-attention-heads",
+    "num_query_groups": "--num-query-groups",
+    "dense_ffn_hidden_size": "--ffn-hidden-size",
+    "vocab_size": "the padded vocabulary (--vocab-file/--tokenizer-model, "
+                  "--make-vocab-size-divisible-by)",
+    "is_moe": "--num-experts (dense vs MoE)",
+    "total_experts": "--num-experts x --moe-granularity",
+    "expert_ffn_hidden_size": "--moe-granularity",
+}
 
 
 class CheckpointError(ValueError):
@@ -155,6 +180,39 @@ def checkpoint_problem(directory: str) -> Optional[str]:
     return None
 
 
+def match_saved_names(sharded_state: dict, directory: str) -> dict:
+    """``sharded_state`` (a load template) with each tensor the checkpoint in ``directory`` holds
+    under the other layer implementation's name renamed to it (see ``_ALIASES``); in place."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = set(dist_checkpointing.load_tensors_metadata(directory))
+    for item in nested_values(sharded_state):
+        if isinstance(item, ShardedTensor) and item.key not in saved:
+            alias = _ALIASES.get(item.key)
+            if alias in saved:
+                item.key = alias
+    return sharded_state
+
+
+def check_same_architecture(directory: str, saved_model: dict, model: ModelConfig) -> None:
+    """One line naming each flag whose value gives this run other weight shapes than the
+    checkpoint's (``saved_model``: its ``RunConfig.to_dict()['model']``)."""
+    if not saved_model:  # a checkpoint without a saved RunConfig: megatron's own check decides
+        return
+    try:
+        saved = ModelConfig(**saved_model)
+    except TypeError:  # fields of another version: leave it to the shape check
+        return
+    differ = [f"{flag}: checkpoint {getattr(saved, name)}, this run {getattr(model, name)}"
+              for name, flag in _SHAPE_FLAGS.items()
+              if getattr(saved, name) != getattr(model, name)]
+    if differ:
+        raise CheckpointError(
+            f"{directory} holds another model than this run builds ({'; '.join(differ)}); give "
+            "the flags the checkpoint was trained with, or --load another checkpoint")
+
+
 def _rng_state() -> dict:
     return {
         "random": random.getstate(),
@@ -209,12 +267,15 @@ def _with_groups(metadata: dict) -> dict:
 
 
 def _sharded_state(model_chunks, optimizer, *, is_loading: bool, rng: Optional[dict],
-                   metadata: dict) -> dict:
+                   metadata: dict, directory: Optional[str] = None) -> dict:
+    """The sharded state to save, or with ``directory`` the template to load it from."""
     metadata = _with_groups(metadata)
     model_state = {}
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
         model_state[key] = _unwrap(chunk).sharded_state_dict(metadata=metadata)
+    if directory is not None:  # before the optimizer's keys are derived from the model's
+        match_saved_names(model_state, directory)
     state = dict(model_state)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -307,11 +368,14 @@ def load_checkpoint(
     load_optimizer: bool = True,
     load_rng: bool = True,
     load_training_state: bool = True,
+    model_config: Optional[ModelConfig] = None,
 ) -> Optional[dict]:
     """Restore the newest whole checkpoint under ``root`` into the given objects.
 
     ``load_training_state=False`` restores the weights but not the LR schedule nor the ReMoE
-    coefficient (a new run from these weights).
+    coefficient (a new run from these weights). With ``model_config`` (the model the chunks
+    were built from), a checkpoint of another architecture is refused in one line naming the
+    flags that differ.
 
     Returns ``{"iteration", "consumed_samples", "run_config", "rng_restored", "directory",
     "skipped"}`` (``skipped``: the newer checkpoints that were damaged, with the reason), or None
@@ -329,7 +393,8 @@ def load_checkpoint(
         if problem is None:
             restored = _load(directory, model_chunks, optimizer, scheduler,
                              regularizer=regularizer, load_optimizer=load_optimizer,
-                             load_rng=load_rng, load_training_state=load_training_state)
+                             load_rng=load_rng, load_training_state=load_training_state,
+                             model_config=model_config)
             return {**restored, "directory": directory, "skipped": skipped}
         skipped.append((directory, problem))
     if skipped:
@@ -339,9 +404,11 @@ def load_checkpoint(
 
 
 def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_optimizer,
-          load_rng, load_training_state) -> dict:
+          load_rng, load_training_state, model_config=None) -> dict:
     common = dist_checkpointing.load_common_state_dict(directory)
     run_config = common.get("run_config") or {}
+    if model_config is not None:
+        check_same_architecture(directory, run_config.get("model"), model_config)
     saved_parallel = run_config.get("parallel") or {}
     rng_wanted = load_rng and _same_layout(saved_parallel, common.get("data_parallel_size"))
     # Checkpoints written before content metadata existed used megatron's defaults ({}).
@@ -352,7 +419,7 @@ def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_op
                                 saved_parallel)
     template = _sharded_state(
         model_chunks, optimizer if load_optimizer else None, is_loading=True, rng=None,
-        metadata=metadata,
+        metadata=metadata, directory=directory,
     )
     if not rng_wanted:
         del template["rng_state"]

@@ -20,7 +20,10 @@ from typing import Optional
 
 
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE, get_gpt_decoder_block_spec
+from megatron.core.tensor_parallel.layers import (
+    _grad_accum_fusion_available as HAVE_WGRAD_FUSION,
+)
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -37,12 +40,16 @@ from remoe_patches.router import relu_router_builder
 from remoe_patches.sparsemixer_router import sparsemixer_router_builder
 from remoe_patches.token_dispatch import use_sorted_token_path
 
-try:
-    import transformer_engine  # noqa: F401
+# megatron-core's own probes, so that what we select is what megatron-core can build: HAVE_TE
+# is true only when transformer-engine and megatron's TE extension both import (a broken TE
+# install selects the local layers); HAVE_WGRAD_FUSION when apex's fused_weight_gradient_mlp_cuda
+# imports, which megatron's own ColumnParallelLinear needs for gradient_accumulation_fusion.
 
-    HAVE_TE = True
-except ImportError:
-    HAVE_TE = False
+
+def transformer_impl_in_use(requested: str) -> str:
+    """The layers a run asking for ``requested`` gets here: 'transformer_engine' only where
+    transformer-engine imports, else 'local' (what the checkpoint's RunConfig records)."""
+    return "transformer_engine" if HAVE_TE and requested == "transformer_engine" else "local"
 
 
 def customize_layers(

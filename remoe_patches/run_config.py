@@ -45,22 +45,31 @@ class LayerOptions:
     moe_permute_fusion: bool = False
     """The fusions wanted; each is on only where its kernel exists (see ``transformer_overrides``)."""
     transformer_impl: str = "transformer_engine"
-    """'transformer_engine' (when installed) or 'local' (megatron-core's own layers)."""
+    """'transformer_engine' (when installed) or 'local' (megatron-core's own layers). A run saves
+    the implementation it used (``model.transformer_impl_in_use``), not the one asked for."""
     topk_router: dict = field(default_factory=dict)
     """TopK-only TransformerConfig options (pre-softmax, scaling factor, score function, expert
     bias, jitter, token-drop policy, z-loss, capacity padding); empty for dense and ReLU models."""
 
     def transformer_overrides(self, *, is_moe: bool, cuda_available: bool,
-                              transformer_engine_available: bool) -> dict:
+                              transformer_engine_available: bool,
+                              wgrad_fusion_available: bool = False) -> dict:
         """The TransformerConfig keyword arguments, as ``ModelConfig.transformer_config(parallel,
-        **overrides)`` takes them; a fusion is on only where its kernel runs."""
+        **overrides)`` takes them; a fusion is on only where its kernel runs.
+
+        ``wgrad_fusion_available``: apex's ``fused_weight_gradient_mlp_cuda`` imports
+        (``model.HAVE_WGRAD_FUSION``). megatron's own ColumnParallelLinear (the output layer, in
+        the TE spec too) refuses to build with gradient_accumulation_fusion without it, so TE
+        alone is not enough.
+        """
         te_on_gpu = cuda_available and transformer_engine_available
         overrides = dict(
             layernorm_epsilon=self.norm_epsilon,
             masked_softmax_fusion=self.masked_softmax_fusion and cuda_available,
             bias_activation_fusion=self.bias_swiglu_fusion and cuda_available,
             bias_dropout_fusion=self.bias_dropout_fusion and cuda_available,
-            gradient_accumulation_fusion=self.gradient_accumulation_fusion and te_on_gpu,
+            gradient_accumulation_fusion=(self.gradient_accumulation_fusion and cuda_available
+                                          and wgrad_fusion_available),
         )
         if self.kv_channels is not None:
             overrides["kv_channels"] = self.kv_channels

@@ -18,6 +18,7 @@ import torch
 
 from remoe_patches.checkpointing import (
     CheckpointError,
+    match_saved_names,
     read_checkpoint_state,
     resolve_checkpoint_dir,
 )
@@ -32,6 +33,21 @@ class LoadedModel(NamedTuple):
     model_config: ModelConfig
 
 
+class TokenizerFilesError(CheckpointError):
+    """The checkpoint's tokenizer files are not where it recorded them. The message names the
+    command-line tools' ``--tokenizer-dir DIR``; ``naming(option)`` words it for another caller
+    (lm-eval's ``tokenizer_dir=DIR``)."""
+
+    def __init__(self, reason: str, option: str = "--tokenizer-dir DIR"):
+        self.reason = reason
+        super().__init__(
+            f"cannot rebuild the checkpoint's tokenizer ({reason}); the checkpoint records the "
+            f"tokenizer files by path: pass {option} holding them if they moved")
+
+    def naming(self, option: str) -> "TokenizerFilesError":
+        return TokenizerFilesError(self.reason, option)
+
+
 def tokenizer_from_config(data: DataConfig, tokenizer_dir: Optional[str] = None) -> Tokenizer:
     """The run's tokenizer; ``tokenizer_dir`` replaces the saved files' directories (moved files)."""
     files = dict(vocab_file=data.vocab_file, merge_file=data.merge_file,
@@ -42,10 +58,7 @@ def tokenizer_from_config(data: DataConfig, tokenizer_dir: Optional[str] = None)
     try:
         return build_tokenizer(data.tokenizer_type, **files)
     except ValueError as error:
-        raise CheckpointError(
-            f"cannot rebuild the checkpoint's tokenizer ({error}); the checkpoint records the "
-            "tokenizer files by path: pass tokenizer_dir=DIR holding them if they moved"
-        ) from None
+        raise TokenizerFilesError(str(error)) from None
 
 
 def _ensure_single_rank_groups() -> None:
@@ -76,7 +89,7 @@ def load_model_for_inference(
     from megatron.core import dist_checkpointing
 
     from remoe_patches.config import ParallelConfig
-    from remoe_patches.model import HAVE_TE, build_model
+    from remoe_patches.model import HAVE_WGRAD_FUSION, build_model, transformer_impl_in_use
 
     directory = resolve_checkpoint_dir(load_dir)
     common = read_checkpoint_state(directory)
@@ -87,14 +100,16 @@ def load_model_for_inference(
     model_config = dataclasses.replace(config.model, moe_grouped_gemm=False)
 
     _ensure_single_rank_groups()
-    use_te = HAVE_TE and config.layers.transformer_impl == "transformer_engine"
+    # Either implementation reads either's checkpoint (checkpointing maps the norm keys).
+    use_te = transformer_impl_in_use(config.layers.transformer_impl) == "transformer_engine"
     overrides = config.layers.without_recomputation().transformer_overrides(
         is_moe=model_config.is_moe, cuda_available=torch.cuda.is_available(),
-        transformer_engine_available=use_te)
+        transformer_engine_available=use_te, wgrad_fusion_available=HAVE_WGRAD_FUSION)
     built = build_model(model_config, ParallelConfig(), use_transformer_engine=use_te,
                         **overrides)
     model = built.model
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, directory)
+    template = match_saved_names({"model": model.sharded_state_dict()}, directory)
+    state = dist_checkpointing.load(template, directory)
     model.load_state_dict(state["model"])
     model.eval()
     model.checkpoint_dir = directory

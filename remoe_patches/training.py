@@ -40,7 +40,12 @@ from remoe_patches.exit_signals import ExitSignals
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.megatron_fixes import initialize_adam_state
 from remoe_patches.metrics_log import MetricsLog
-from remoe_patches.model import HAVE_TE, build_model, build_regularizer
+from remoe_patches.model import (
+    HAVE_WGRAD_FUSION,
+    build_model,
+    build_regularizer,
+    transformer_impl_in_use,
+)
 from remoe_patches.parallel import initialize_parallel, local_device
 from remoe_patches.regularizer import AdaptiveL1
 from remoe_patches.routing_health import RoutingHealth, collapsed_layers, dead_experts
@@ -103,9 +108,12 @@ def pretrain(config: RunConfig) -> RunState:
         tokenizer.vocab_size, data.make_vocab_size_divisible_by,
         config.parallel.tensor_model_parallel_size,
     )
-    # The run as it is trained (and saved): the padded vocabulary, the global batch size.
+    # The run as it is trained (and saved): the padded vocabulary, the global batch size, the
+    # layers actually built (a checkpoint says 'local' when TE was asked for but absent).
     config = config.replace(model=dict(vocab_size=vocab_size),
-                            training=check_batch_sizes(training, dp_size))
+                            training=check_batch_sizes(training, dp_size),
+                            layers=dict(transformer_impl=transformer_impl_in_use(
+                                config.layers.transformer_impl)))
     training, ckpt, logging = config.training, config.checkpoint, config.logging
     num_microbatches = training.global_batch_size // (training.micro_batch_size * dp_size)
     objects = build_training_objects(config, device=device)
@@ -127,7 +135,7 @@ def pretrain(config: RunConfig) -> RunState:
                 ckpt.load, model_chunks, optimizer, scheduler, regularizer=regularizer,
                 load_optimizer=not (ckpt.no_load_optim or fresh_start),
                 load_rng=not (ckpt.no_load_rng or fresh_start),
-                load_training_state=not fresh_start,
+                load_training_state=not fresh_start, model_config=config.model,
             )
             if restored is not None and not fresh_start:
                 state.iteration = state.start_iteration = restored["iteration"]
@@ -280,7 +288,7 @@ def build_training_objects(config: RunConfig, *, device: torch.device) -> Traini
     initialized; ``config.model.vocab_size`` is the padded vocabulary and
     ``config.training.global_batch_size`` is set), the same on every device."""
     training = config.training
-    use_te = HAVE_TE and config.layers.transformer_impl == "transformer_engine"
+    use_te = transformer_impl_in_use(config.layers.transformer_impl) == "transformer_engine"
     regularizer = build_regularizer(config.model, device=device)
     built = build_model(
         config.model, config.parallel, bf16=training.bf16,
@@ -290,7 +298,7 @@ def build_training_objects(config: RunConfig, *, device: torch.device) -> Traini
         use_transformer_engine=use_te,
         **config.layers.transformer_overrides(
             is_moe=config.model.is_moe, cuda_available=device.type == "cuda",
-            transformer_engine_available=use_te,
+            transformer_engine_available=use_te, wgrad_fusion_available=HAVE_WGRAD_FUSION,
         ),
     )
     model = built.model.to(device)

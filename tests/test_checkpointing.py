@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -128,3 +129,76 @@ def test_optimizer_state_of_another_layout_is_refused_in_one_line(single_rank, t
                                   run_config={"parallel": {"tensor_model_parallel_size": 2}})
     with pytest.raises(ValueError, match=r"TP/PP/EP \(2, 1, 1\).*\(1, 1, 1\).*--no-load-optim"):
         checkpointing.load_checkpoint(str(tmp_path / "tp2"), [ddp], optimizer, None)
+
+
+TE_MOE_NORM = "decoder.layers.pre_mlp_layernorm.weight"  # megatron's TE spec: a separate TENorm
+LOCAL_MOE_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"  # its local spec's mapped name
+
+
+def named_as_transformer_engine(ddp, monkeypatch):
+    """The model's sharded state as megatron's TE spec names it (no TE on CPU to build one)."""
+    module = checkpointing._unwrap(ddp)
+    real = module.sharded_state_dict
+
+    def renamed(*args, **kwargs):
+        state = real(*args, **kwargs)
+        for item in state.values():
+            if getattr(item, "key", None) == LOCAL_MOE_NORM:
+                item.key = TE_MOE_NORM
+        return state
+
+    monkeypatch.setattr(module, "sharded_state_dict", renamed)
+
+
+def adam_moments(optimizer):
+    return [state["exp_avg"].clone() for state in optimizer.optimizer.state.values()]
+
+
+@pytest.mark.parametrize("saved_as", ["transformer_engine", "local"])
+def test_checkpoint_of_the_other_layer_implementation_loads(single_rank, tmp_path, monkeypatch,
+                                                            saved_as):
+    built, ddp, optimizer, scheduler = make_run(single_rank)
+    if saved_as == "transformer_engine":
+        named_as_transformer_engine(ddp, monkeypatch)
+    checkpointing.save_checkpoint(str(tmp_path), 1, [ddp], optimizer, scheduler,
+                                  consumed_samples=2, regularizer=built.regularizer)
+    keys = set(checkpointing.dist_checkpointing.load_tensors_metadata(str(tmp_path / "iter_0000001")))
+    assert (TE_MOE_NORM in keys) == (saved_as == "transformer_engine")
+    assert (LOCAL_MOE_NORM in keys) == (saved_as == "local")
+
+    fresh, fresh_ddp, fresh_optimizer, fresh_scheduler = make_run(single_rank)
+    if saved_as == "local":
+        named_as_transformer_engine(fresh_ddp, monkeypatch)
+    with torch.no_grad():  # the norms would load as ones by chance otherwise
+        for name, param in fresh.model.named_parameters():
+            param.add_(0.5)
+    checkpointing.load_checkpoint(str(tmp_path), [fresh_ddp], fresh_optimizer, fresh_scheduler,
+                                  regularizer=fresh.regularizer)
+    expected = weights(built.model)
+    for key, value in weights(fresh.model).items():
+        assert torch.equal(value, expected[key]), key
+    for got, saved in zip(adam_moments(fresh_optimizer), adam_moments(optimizer)):
+        assert torch.equal(got, saved)
+
+
+def test_checkpoint_of_another_architecture_is_refused_naming_the_flags(single_rank, tmp_path):
+    built, ddp, optimizer, scheduler = make_run(single_rank)
+    saved = ModelConfig(**{**TINY, "hidden_size": 64, "num_experts": 4})
+    checkpointing.save_checkpoint(str(tmp_path), 1, [ddp], optimizer, scheduler,
+                                  consumed_samples=2, regularizer=built.regularizer,
+                                  run_config={"model": dataclasses.asdict(saved)})
+    with pytest.raises(checkpointing.CheckpointError) as error:
+        checkpointing.load_checkpoint(str(tmp_path), [ddp], optimizer, scheduler,
+                                      model_config=ModelConfig(**TINY))
+    message = str(error.value)
+    assert "\n" not in message
+    assert "--hidden-size: checkpoint 64, this run 32" in message
+    assert "--num-experts x --moe-granularity: checkpoint 4, this run 8" in message
+    assert "--num-layers" not in message
+    # the same architecture with other routing settings loads
+    same_shapes = ModelConfig(**{**TINY, "topk": 2, "relu_l1_coeff_init": 1e-4})
+    checkpointing.save_checkpoint(str(tmp_path / "same"), 1, [ddp], optimizer, scheduler,
+                                  consumed_samples=2, regularizer=built.regularizer,
+                                  run_config={"model": dataclasses.asdict(same_shapes)})
+    checkpointing.load_checkpoint(str(tmp_path / "same"), [ddp], optimizer, scheduler,
+                                  model_config=ModelConfig(**TINY))

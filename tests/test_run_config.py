@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from remoe_patches.arguments import parse_command_line, parse_run_config
-from remoe_patches.config import ConfigError
+from remoe_patches.config import ConfigError, ModelConfig
+from remoe_patches.model import HAVE_WGRAD_FUSION, build_model
 from remoe_patches.run_config import LayerOptions, RunConfig, TrainingConfig
 
 from test_arguments import AUTHORS_182M_REMOE, TINY, TINY_MOE
@@ -91,7 +92,8 @@ def test_fusions_only_where_their_kernels_run():
     cpu = options.transformer_overrides(is_moe=True, cuda_available=False,
                                         transformer_engine_available=False)
     gpu = options.transformer_overrides(is_moe=True, cuda_available=True,
-                                        transformer_engine_available=True)
+                                        transformer_engine_available=True,
+                                        wgrad_fusion_available=True)
     for key in ("masked_softmax_fusion", "bias_activation_fusion", "gradient_accumulation_fusion",
                 "moe_permute_fusion"):
         assert cpu[key] is False and gpu[key] is True, key
@@ -101,3 +103,21 @@ def test_fusions_only_where_their_kernels_run():
     assert "moe_permute_fusion" not in dense
     assert "recompute_granularity" not in options.without_recomputation().transformer_overrides(
         is_moe=True, cuda_available=False, transformer_engine_available=False)
+
+
+def test_gradient_accumulation_fusion_needs_apex_kernel_not_transformer_engine(single_rank):
+    """TE without apex: megatron's own output layer (a ColumnParallelLinear, in the TE spec too)
+    refuses to build with the fusion unless fused_weight_gradient_mlp_cuda imports."""
+    te_without_apex = LayerOptions().transformer_overrides(
+        is_moe=True, cuda_available=True, transformer_engine_available=True,
+        wgrad_fusion_available=False)
+    assert te_without_apex["gradient_accumulation_fusion"] is False
+    model = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                        vocab_size=128, seq_length=16)
+    wanted = dict(layernorm_epsilon=1e-5, gradient_accumulation_fusion=
+                  te_without_apex["gradient_accumulation_fusion"])
+    build_model(model, single_rank, use_transformer_engine=False, **wanted)
+    if not HAVE_WGRAD_FUSION:  # what the build did before the gate (TE alone turned it on)
+        with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda"):
+            build_model(model, single_rank, use_transformer_engine=False,
+                        **{**wanted, "gradient_accumulation_fusion": True})

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from remoe_patches.checkpointing import read_run_config
 from remoe_patches.demo_corpus import build_demo_corpus
 from remoe_patches.parallel import free_port
 
@@ -109,6 +110,8 @@ def test_megatron_launch_flags_train(corpus, tmp_path):
     assert [e["iteration"] for e in evaluations] == [3, 6]
     assert (save / "iter_0000006").is_dir()
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "6"
+    # the layers actually built are recorded, not the --transformer-impl default asked for
+    assert read_run_config(str(save)).layers.transformer_impl == "local"
 
 
 LAYOUTS = {
