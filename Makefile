@@ -28,12 +28,14 @@ test: setup
 test-gpu: setup
 	$(PY) -m pytest -q tests_gpu
 
-# On a GPU machine, with its own python3 and CUDA torch (no .venv, which holds the CPU wheel):
-# tests_gpu, the benchmark at 182m and 469m, the 182M launcher's save and resume; about 8 minutes
-# on one H100/H200. megatron-core comes from .whl/megatron_core-*.whl where it is not installed.
+# On a GPU machine, with its own python3 and CUDA torch (no .venv, which holds the CPU wheel),
+# in parts of under 8 minutes each on one H100: PART=tests (tests_gpu), PART=train (the 182M
+# launcher's save and resume), PART=bench (the benchmark at 182m and 469m); all three without
+# PART. megatron-core and psutil come from .whl/ where they are not installed.
 OUT ?= gpu_check
+PART ?= all
 gpu-check:
-	python3 tools/gpu_check.py --out $(OUT)
+	python3 tools/gpu_check.py --part $(PART) --out $(OUT)
 
 # The throughput table on this machine (tiny preset on CPU; pass e.g. ARGS="--preset 182m").
 benchmark: setup

@@ -107,9 +107,10 @@ class BenchmarkConfig:
     """Grouped GEMM experts (``grouped_mm``, which takes the sorted path's offsets on the device;
     on CPU a loop over the experts); off: megatron's SequentialMLP, which reads counts on the
     host."""
-    token_dispatcher: str = "sorted"
-    """The MoE models' token path: ``sorted`` (one process needs no communication: device-side
-    offsets, one host read per layer) or megatron's ``alltoall``/``allgather``."""
+    token_dispatcher: str = "alltoall"
+    """The MoE models' token path: megatron's ``alltoall`` (the launchers' ``configs/*.yaml``, so
+    the figures describe a paper run), ``allgather``, or ``sorted`` (one process needs no
+    communication: device-side offsets, one host read per layer)."""
     bf16: Optional[bool] = None
     """bf16 mixed precision; default: on GPUs."""
     lr: float = 5e-4

@@ -77,6 +77,20 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and what is wrong, in one line."""
 
 
+def check_writer_dependencies() -> None:
+    """Refuse, before anything runs, a save that would hang: megatron-core's checkpoint writer
+    imports psutil in each forked writer process, outside its error handling, so without it the
+    writer dies and the trainer waits for it forever (megatron-core 0.16.1 does not declare the
+    dependency)."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        raise CheckpointError(
+            "--save needs psutil, which megatron-core's checkpoint writer imports (without it "
+            "every save hangs): pip install psutil (an offline GPU machine: its wheel, see the "
+            "README's 'GPU acceptance')") from None
+
+
 def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 

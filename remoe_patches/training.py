@@ -92,6 +92,8 @@ def check_batch_sizes(training: TrainingConfig, data_parallel_size: int) -> Trai
 def pretrain(config: RunConfig) -> RunState:
     """Train as ``config`` says; return the final state (with the per-step history)."""
     # Checks that need no process group come first, so bad input writes nothing anywhere.
+    if config.checkpoint.save:
+        checkpointing.check_writer_dependencies()
     for blend in config.data.blends():
         check_data_paths(blend)
     fresh_run = check_load_path(config)

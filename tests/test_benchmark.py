@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from remoe_patches import benchmark
 from remoe_patches.benchmark import BenchmarkConfig, format_table, run_benchmark
@@ -23,7 +24,7 @@ from remoe_patches.router import ReLURouter
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(preset="tiny", micro_batch_size=4, warmup_steps=2, steps=4, stage1_steps=3,
-             rounds=2, router_timing_repeats=1, max_settle_steps=300)
+             rounds=2, router_timing_repeats=1, max_settle_steps=300, token_dispatcher="sorted")
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +101,17 @@ def test_no_host_sync_from_router_regularizer_or_update(report):
     assert all(r.syncs_by_source["optimizer"] == 1 for r in report["results"])
 
 
+def test_default_token_path_is_the_launchers():
+    """The figures describe a paper run: the dispatcher and expert kind of configs/*.yaml."""
+    for name in ("182m_remoe", "469m_remoe", "978m_remoe"):
+        config = yaml.safe_load(open(REPO / "configs" / f"{name}.yaml"))
+        assert BenchmarkConfig().token_dispatcher == config["moe_token_dispatcher_type"], name
+        assert BenchmarkConfig().grouped_gemm == config["moe_grouped_gemm"], name
+
+
 def test_host_syncs_at_most_one_per_moe_layer_plus_four(report):
-    """Issue 14's target 1, on the benchmark's default path (the sorted token dispatcher and
-    grouped-GEMM experts): the 2-layer tiny MoE models read the host once per layer, plus the
-    gradient norm once."""
+    """Issue 14's target 1, on the sorted token path with grouped-GEMM experts: the 2-layer tiny
+    MoE models read the host once per layer, plus the gradient norm once."""
     for r in report["results"]:
         assert r.syncs_per_step <= (2 if r.router != "dense" else 0) + 4, r.label
         if r.router != "dense":

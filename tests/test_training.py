@@ -207,6 +207,20 @@ def test_bad_input_one_line_and_nothing_written(corpus, tmp_path, changes, needl
     assert not save.exists()
 
 
+def test_save_without_psutil_is_refused_at_start_instead_of_hanging(corpus, tmp_path):
+    """megatron's checkpoint writer imports psutil in its forked writers, where a failure
+    leaves the trainer waiting forever; the run must refuse before step 1 instead."""
+    save = tmp_path / "never"
+    without_psutil = ("import sys; sys.modules['psutil'] = None; "
+                      "from remoe_patches.launch import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", without_psutil,
+                             *authors_style_flags(corpus, save)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert error_line(result).startswith("error: --save needs psutil")
+    assert not save.exists()
+
+
 def test_batch_not_divisible_by_data_parallel_ranks(corpus, tmp_path):
     save = tmp_path / "never"
     result = run(authors_style_flags(corpus, save, global_batch_size=6), nproc=2)

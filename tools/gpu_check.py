@@ -1,23 +1,28 @@
 #!/usr/bin/env python3
-"""GPU acceptance in one command: ``make gpu-check OUT=dir`` (or ``python3 tools/gpu_check.py``).
+"""GPU acceptance in parts: ``make gpu-check PART=tests|train|bench OUT=dir``.
 
-Sized for one H100/H200 in about 8 minutes. In order, each step a subprocess with a time limit:
+Each part fits one 10-minute GPU command with room to spare (under 8 minutes on one H100) and
+prints its own summary (also ``OUT/summary_<part>.md`` and ``.json``); without ``PART`` all
+three run in turn.
 
-1. ``pytest tests_gpu`` (CUDA sync detector around ReMoE's router and regularizer, the local
-   fast layers against megatron's and a float64 formula, the launcher path with save/resume);
-2. ``tools/benchmark.py --preset 182m`` and ``--preset 469m`` with ``--json`` (dense, TopK,
-   ReMoE stage I and III: ms/step, MFU, memory, router share, host syncs);
-3. the real launcher, ``scripts/pretrain_182m_remoe.sh`` with ``configs/182m_remoe.yaml`` (bf16,
-   distributed optimizer, both overlap flags, grouped GEMM, MoE-layer recomputation) on the demo
-   corpus: 200 steps saving at 100 and 200, then a resume to 240 that must continue from 200
-   (loss, the L1 coefficient and sparsity continuous).
+- ``tests``: ``pytest tests_gpu`` (CUDA's sync detector around ReMoE's router, regularizer and
+  update; SDPA and megatron's attention against float64; grouped against sequential experts,
+  outputs and gradients; the launcher path with bf16, the distributed optimizer, save and resume).
+- ``train``: the real launcher, ``scripts/pretrain_182m_remoe.sh`` with
+  ``configs/182m_remoe.yaml`` as written, on the demo corpus: 200 steps saving at 100 and 200,
+  then a resume to 240 that must continue from 200 (loss, lambda and sparsity continuous). The
+  checkpoints (~10 GB each) go to a temporary directory that is deleted afterwards; the metrics
+  and logs stay in ``OUT``.
+- ``bench``: ``tools/benchmark.py`` at 182m on the launchers' token path (alltoall) and on the
+  sorted one, then at 469m one model at a time, with MoE-layer recomputation on a card of less
+  than 100 GiB (ReMoE's stage I, where routing is still dense, peaked at 75.5 GiB on an H200).
 
-It prints a summary (also ``OUT/summary.md`` and ``OUT/summary.json``) and exits non-zero if a
-step failed. Everything it writes goes to ``OUT`` (default ``gpu_check/``): logs, benchmark
-JSON, the launcher's metrics. On an offline machine that has only python3 with a CUDA torch and
-common packages, megatron-core comes from its wheel: ``--megatron-wheel PATH`` (default: the
-``megatron_core-*.whl`` in ``.whl/``) is installed with ``--no-deps`` into ``OUT/site`` when
-``megatron.core`` does not import.
+Before any part: one line and exit 2 when torch does not import or sees no CUDA device, and
+when a package the runs need is missing. On an offline machine with python3, a CUDA torch and
+the common packages, megatron-core and psutil (without which megatron's checkpoint writer hangs)
+come as wheels in ``.whl/`` (or ``--wheels DIR``), installed with ``--no-deps`` into
+``OUT/site``. A step that outlives its time limit is killed with every process it started,
+also those in sessions of their own (torchrun's workers).
 """
 
 from __future__ import annotations
@@ -27,77 +32,85 @@ import glob
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+PARTS = ("tests", "train", "bench")
 ALPHA = 1.2  # configs/182m_remoe.yaml's coefficient multiplier (the default)
+LARGE_CARD_GIB = 100  # 469m's benchmark needs MoE recomputation below this
+
+# What the GPU runs import, by module, with the distribution that provides it; the first two are
+# the ones an offline machine brings as wheels.
+NEEDED = {"megatron.core": "megatron-core==0.16.1", "psutil": "psutil", "numpy": "numpy",
+          "yaml": "PyYAML", "tokenizers": "tokenizers", "tensorboard": "tensorboard",
+          "pytest": "pytest"}
+FROM_WHEELS = {"megatron.core": "megatron_core-*.whl", "psutil": "psutil-*.whl"}
+
+
+def refuse(message: str):
+    """gpu-check cannot run here: one line on stderr, exit code 2."""
+    print(f"gpu-check: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=PARTS + ("all",), default="all",
+                        help="Which part to run (default: all, one after another).")
     parser.add_argument("--out", default="gpu_check", help="Output directory.")
-    parser.add_argument("--megatron-wheel", help="megatron-core wheel for an offline machine.")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "benchmark", "launcher"])
+    parser.add_argument("--wheels", default=str(REPO / ".whl"),
+                        help="Where megatron-core's and psutil's wheels are (offline machines).")
     args = parser.parse_args(argv)
+    require_cuda()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = environment(out, args.megatron_wheel)
-    rows, started = [], time.time()
-
-    def record(name, ok, seconds, detail):
-        rows.append(dict(step=name, ok=ok, seconds=round(seconds), detail=detail))
-        print(f"[gpu-check] {name}: {'ok' if ok else 'FAILED'} ({seconds:.0f} s) {detail}",
-              flush=True)
-
-    if "tests" not in args.skip:
-        result, seconds = run(out / "tests_gpu.log", env, 240,
-                              sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              str(REPO / "tests_gpu"))
-        record("tests_gpu", result == 0, seconds, pytest_counts(out / "tests_gpu.log"))
-    if "benchmark" not in args.skip:
-        for preset, settle in (("182m", 300), ("469m", 300)):
-            path = out / f"bench_{preset}.json"
-            result, seconds = run(out / f"bench_{preset}.log", env, 150,
-                                  sys.executable, str(REPO / "tools" / "benchmark.py"),
-                                  "--preset", preset, "--micro-batch-size", "8", "--steps", "10",
-                                  "--rounds", "2", "--stage1-steps", "5",
-                                  "--max-settle-steps", str(settle), "--json", str(path))
-            record(f"benchmark {preset}", result == 0 and path.exists(), seconds,
-                   benchmark_summary(path))
-    if "launcher" not in args.skip:
-        ok, seconds, detail = launcher_check(out, env)
-        record("launcher 182m_remoe save+resume", ok, seconds, detail)
-
-    total = time.time() - started
-    lines = [f"# gpu-check, {device_name(env)}, {time.strftime('%Y-%m-%d')}, {total:.0f} s", "",
-             "| step | result | seconds | detail |", "|---|---|---|---|"]
-    lines += [f"| {r['step']} | {'ok' if r['ok'] else 'FAILED'} | {r['seconds']} | {r['detail']} |"
-              for r in rows]
-    summary = "\n".join(lines)
-    print("\n" + summary, flush=True)
-    (out / "summary.md").write_text(summary + "\n")
-    (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    return 0 if rows and all(r["ok"] for r in rows) else 1
+    env = environment(out, Path(args.wheels))
+    device = device_name(env)
+    failed = False
+    for part in PARTS if args.part == "all" else (args.part,):
+        failed |= not write_summary(out, part, device, RUNS[part](out, env))
+    return 1 if failed else 0
 
 
-def environment(out: Path, wheel) -> dict:
-    """The subprocesses' environment: the repo importable, megatron-core from its wheel if need be."""
+def require_cuda() -> None:
+    """Refuse in one line where the GPU runs cannot start."""
+    try:
+        import torch
+    except ImportError as error:
+        refuse(f"torch does not import ({error}); this needs python3 with a CUDA build of "
+               "torch (the CPU suite is `make test`)")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        refuse(f"needs a CUDA GPU, and torch {torch.__version__} ({build}) sees none; run it "
+               "on a GPU machine (the CPU suite is `make test`)")
+
+
+def environment(out: Path, wheels: Path) -> dict:
+    """The subprocesses' environment: the repo importable, missing wheels installed, every
+    needed module importable (else a one-line refusal naming each)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    paths = [str(REPO)]
-    probe = subprocess.run([sys.executable, "-c", "import megatron.core"], capture_output=True)
-    if probe.returncode != 0:
-        wheels = [wheel] if wheel else glob.glob(str(REPO / ".whl" / "megatron_core-*.whl"))
-        if not wheels:
-            sys.exit("gpu-check: megatron.core does not import and no megatron_core-*.whl was "
-                     "found; pass --megatron-wheel PATH (pip download megatron-core==0.16.1)")
-        site = out / "site"
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                        "--no-compile", "--upgrade", "--target", str(site), wheels[0]], check=True)
-        paths.insert(0, str(site))
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    missing = missing_modules(env, FROM_WHEELS)
+    if missing:
+        found = [w for m in missing for w in sorted(glob.glob(str(wheels / FROM_WHEELS[m])))[-1:]]
+        if found:
+            site = out / "site"
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index",
+                            "--no-deps", "--no-compile", "--upgrade", "--target", str(site),
+                            *found], check=True)
+            env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    missing = missing_modules(env, NEEDED)
+    if missing:
+        refuse(
+            "missing " + ", ".join(f"{m} ({NEEDED[m]})" for m in missing) + f" for {sys.executable}"
+            f"; pip install them, or on an offline machine put the wheels in {wheels} "
+            "(README: 'GPU acceptance')")
     # The launchers call `python` and `torchrun` from PATH: make both this interpreter.
     bin_dir = out / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -111,22 +124,125 @@ def environment(out: Path, wheel) -> dict:
     return env
 
 
-def run(log: Path, env: dict, timeout: int, *command, extra_env=None) -> tuple[int, float]:
+def missing_modules(env: dict, modules) -> list:
+    code = ("import importlib.util as u, sys\n"
+            "for m in sys.argv[1:]:\n"
+            "    try:\n        found = u.find_spec(m) is not None\n"
+            "    except ImportError:\n        found = False\n"
+            "    found or print(m)")
+    probe = subprocess.run([sys.executable, "-c", code, *modules], env=env, capture_output=True,
+                           text=True)
+    return probe.stdout.split()
+
+
+def run(log: Path, env: dict, timeout: float, *command, extra_env=None) -> tuple[int, float]:
+    """``command`` with its output in ``log``; past ``timeout`` it and every process it started
+    are killed (exit code 124)."""
     started = time.time()
     with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, env={**env, **(extra_env or {})},
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            result = subprocess.run(command, cwd=REPO, env={**env, **(extra_env or {})},
-                                    stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
-            code = result.returncode
+            code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            out.write(f"\n[gpu-check] timed out after {timeout} s\n")
+            kill_tree(process.pid)
+            process.wait()
+            out.write(f"\n[gpu-check] timed out after {timeout:.0f} s; killed it and every "
+                      "process it started\n")
             code = 124
     return code, time.time() - started
 
 
-def pytest_counts(log: Path) -> str:
+def descendants(pid: int) -> list:
+    """Every process below ``pid``, found through parent links (a process that moved to its own
+    session or group, as torchrun's workers do, is still a child)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def kill_tree(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM to ``pid`` and all its descendants, SIGKILL to whatever is left after ``grace``."""
+    targets = [pid] + descendants(pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for target in targets:
+            try:
+                os.kill(target, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while sig == signal.SIGTERM and time.time() < deadline and any(map(alive, targets[1:])):
+            time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+# ---- the parts: each returns its rows (step, ok, seconds, detail) ----
+
+
+def row(step, ok, seconds, detail) -> dict:
+    print(f"[gpu-check] {step}: {'ok' if ok else 'FAILED'} ({seconds:.0f} s) {detail}", flush=True)
+    return dict(step=step, ok=ok, seconds=round(seconds), detail=detail)
+
+
+def tests_part(out: Path, env: dict) -> list:
+    code, seconds = run(out / "tests_gpu.log", env, 420, sys.executable, "-m", "pytest", "-q",
+                        "-p", "no:cacheprovider", str(REPO / "tests_gpu"))
+    return [row("tests_gpu", code == 0, seconds, pytest_counts(out / "tests_gpu.log", code))]
+
+
+def pytest_counts(log: Path, code: int) -> str:
     lines = [l for l in log.read_text().splitlines() if re.search(r"\d+ (passed|failed)", l)]
+    if code == 124:
+        return "timed out (see tests_gpu.log)"
     return lines[-1].strip("= ") if lines else "no pytest summary (see tests_gpu.log)"
+
+
+def bench_part(out: Path, env: dict) -> list:
+    runs = [("182m", "alltoall", []), ("182m", "sorted", [])]
+    if total_memory_gib(env) < LARGE_CARD_GIB:
+        runs.append(("469m", "alltoall", ["--sequential", "--recompute", "moe"]))
+    else:
+        runs.append(("469m", "alltoall", ["--sequential"]))
+    rows = []
+    for preset, dispatcher, extra in runs:
+        name = f"bench_{preset}_{dispatcher}"
+        path = out / f"{name}.json"
+        code, seconds = run(out / f"{name}.log", env, 170, sys.executable,
+                            str(REPO / "tools" / "benchmark.py"), "--preset", preset,
+                            "--moe-token-dispatcher-type", dispatcher, "--micro-batch-size", "8",
+                            "--steps", "10", "--rounds", "2", "--stage1-steps", "5",
+                            "--max-settle-steps", "300", "--json", str(path), *extra)
+        label = f"benchmark {preset} {dispatcher}" + (f" ({' '.join(extra)})" if extra else "")
+        rows.append(row(label, code == 0 and path.exists(), seconds,
+                        benchmark_summary(path) if code != 124 else "timed out"))
+    return rows
+
+
+def total_memory_gib(env) -> float:
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda."
+                            "get_device_properties(0).total_memory / 2**30)"],
+                           env=env, capture_output=True, text=True)
+    return float(probe.stdout.strip() or 0)
 
 
 def benchmark_summary(path: Path) -> str:
@@ -136,12 +252,13 @@ def benchmark_summary(path: Path) -> str:
     parts = []
     for r in report["results"]:
         mfu = f"{100 * r['mfu']:.1f}% MFU" if r.get("mfu") is not None else "no MFU"
+        memory = f", {r['peak_memory'] / 2**30:.1f} GiB peak" if r.get("peak_memory") else ""
         parts.append(f"{r['label']}: {r['median_ms']:.1f} ms, {mfu}, "
-                     f"{r['syncs_per_step']:.0f} syncs")
+                     f"{r['syncs_per_step']:.0f} syncs{memory}")
     return "; ".join(parts)
 
 
-def launcher_check(out: Path, env: dict) -> tuple[bool, float, str]:
+def train_part(out: Path, env: dict) -> list:
     """200 steps saving at 100 and 200, then a resume to 240: it must continue from 200."""
     started = time.time()
     corpus_code = ("from remoe_patches.demo_corpus import ensure_demo_corpus as e; c = e(); "
@@ -150,9 +267,20 @@ def launcher_check(out: Path, env: dict) -> tuple[bool, float, str]:
                             capture_output=True, text=True, timeout=300)
     if corpus.returncode != 0:
         (out / "demo_corpus.log").write_text(corpus.stdout + corpus.stderr)
-        return False, time.time() - started, "demo corpus failed (see demo_corpus.log)"
+        return [row("launcher 182m_remoe save+resume", False, time.time() - started,
+                    "demo corpus failed (see demo_corpus.log)")]
     data, vocab, merges = corpus.stdout.split()[-3:]
-    save = out / "launcher"
+    save = Path(tempfile.mkdtemp(prefix="gpu_check_launcher_"))
+    try:
+        ok, detail = launch_and_resume(out, env, save, data, vocab, merges)
+    finally:
+        if (save / "metrics.jsonl").exists():
+            shutil.copy(save / "metrics.jsonl", out / "launcher_metrics.jsonl")
+        shutil.rmtree(save, ignore_errors=True)
+    return [row("launcher 182m_remoe save+resume", ok, time.time() - started, detail)]
+
+
+def launch_and_resume(out, env, save, data, vocab, merges) -> tuple[bool, str]:
     launch_env = dict(GPUS_PER_NODE="1", CHECKPOINT_DIR=str(save), DATA_PATH=data,
                       VOCAB_FILE=vocab, MERGE_FILE=merges, MASTER_PORT="29517")
     # The same schedule (decay over 240 steps) in both runs, so the resume continues one run.
@@ -160,13 +288,13 @@ def launcher_check(out: Path, env: dict) -> tuple[bool, float, str]:
              "--save-interval", "100", "--eval-interval", "100", "--eval-iters", "2",
              "--log-interval", "10", "--make-vocab-size-divisible-by", "128"]
     script = str(REPO / "scripts" / "pretrain_182m_remoe.sh")
-    for log, iters in (("launcher_200.log", "200"), ("launcher_resume_240.log", "240")):
-        code, _ = run(out / log, env, 200, script, *flags, "--train-iters", iters,
+    for log, iters, limit in (("launcher_200.log", "200", 230), ("launcher_resume_240.log",
+                                                                 "240", 150)):
+        code, _ = run(out / log, env, limit, script, *flags, "--train-iters", iters,
                       extra_env=launch_env)
         if code != 0:
-            return False, time.time() - started, f"exit {code} (see {log})"
-    ok, detail = resume_continuity(save)
-    return ok, time.time() - started, detail
+            return False, f"exit {code}{' (timed out)' if code == 124 else ''} (see {log})"
+    return resume_continuity(save)
 
 
 def resume_continuity(save: Path, stop=200, end=240, interval=10) -> tuple[bool, str]:
@@ -204,6 +332,23 @@ def resume_continuity(save: Path, stop=200, end=240, interval=10) -> tuple[bool,
               f"lambda {before['l1_coeff']:.3g} -> {after['l1_coeff']:.3g}; "
               f"{before.get('tokens_per_sec', 0):,.0f} tokens/s")
     return not problems, detail + ("" if not problems else "; PROBLEMS: " + "; ".join(problems))
+
+
+RUNS = {"tests": tests_part, "train": train_part, "bench": bench_part}
+
+
+def write_summary(out: Path, part: str, device: str, rows: list) -> bool:
+    """Print and write the part's summary; whether every step passed."""
+    total = sum(r["seconds"] for r in rows)
+    lines = [f"# gpu-check {part}, {device}, {time.strftime('%Y-%m-%d')}, {total} s", "",
+             "| step | result | seconds | detail |", "|---|---|---|---|"]
+    lines += [f"| {r['step']} | {'ok' if r['ok'] else 'FAILED'} | {r['seconds']} | {r['detail']} |"
+              for r in rows]
+    summary = "\n".join(lines)
+    print("\n" + summary, flush=True)
+    (out / f"summary_{part}.md").write_text(summary + "\n")
+    (out / f"summary_{part}.json").write_text(json.dumps(rows, indent=1))
+    return bool(rows) and all(r["ok"] for r in rows)
 
 
 def device_name(env) -> str:
