@@ -18,8 +18,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from remoe_patches import local_layers
 from remoe_patches.config import ModelConfig
 from remoe_patches.local_layers import GroupedGemmExperts, SDPAttention
+
+from expert_precision import BF16_TOLERANCE, grouped_experts_bf16_errors
 from remoe_patches.model import build_model
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
@@ -178,3 +181,20 @@ def test_remoe_checkpoint_moves_between_expert_layouts(single_rank, tmp_path):
     torch.testing.assert_close(losses[2], losses[0], rtol=0, atol=0)
     torch.testing.assert_close(embedding_grads[1], embedding_grads[0], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(embedding_grads[2], embedding_grads[0], rtol=0, atol=0)
+
+
+RAGGED_COUNTS = [30, 0, 7, 64, 1, 0, 12, 9]  # uneven groups, two empty
+
+
+def test_grouped_experts_in_bf16_match_float64_outputs_and_gradients(single_rank):
+    errors = grouped_experts_bf16_errors("cpu", RAGGED_COUNTS)
+    assert max(errors.values()) < BF16_TOLERANCE, errors
+
+
+def test_bf16_expert_check_catches_probabilities_applied_twice(single_rank, monkeypatch):
+    """The check the GPU runs (tests_gpu/test_cuda.py) fails on a real bug, here on CPU."""
+    swiglu = local_layers._swiglu_with_probs
+    monkeypatch.setattr(local_layers, "_swiglu_with_probs",
+                        lambda fc1, probs: swiglu(fc1, probs) * probs)
+    errors = grouped_experts_bf16_errors("cpu", RAGGED_COUNTS)
+    assert errors["output"] > 10 * BF16_TOLERANCE, errors

@@ -4,21 +4,22 @@ benchmark end to end in bf16."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-import torch.nn.functional as F
 
-from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from remoe_patches.benchmark import BenchmarkConfig, _Session, run_benchmark
-from remoe_patches.local_layers import GroupedGemmExperts, SDPAttention
+from remoe_patches.local_layers import SDPAttention
 from remoe_patches.router import ReLURouter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from expert_precision import BF16_TOLERANCE, grouped_experts_bf16_errors  # noqa: E402
 
 
 class sync_is_an_error:
@@ -92,27 +93,14 @@ def test_sdpa_matches_megatron_attention_in_bf16(single_gpu):
     torch.testing.assert_close(actual.float(), exact, rtol=2e-2, atol=2e-2)
 
 
-def test_grouped_experts_match_sequential_in_bf16(single_gpu):
-    experts, hidden, ffn = 8, 256, 512
-    config = TransformerConfig(
-        num_layers=1, hidden_size=hidden, num_attention_heads=4, moe_ffn_hidden_size=ffn,
-        num_moe_experts=experts, gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, bias_activation_fusion=False, bf16=True,
-        params_dtype=torch.bfloat16)
-    groups = ProcessGroupCollection.use_mpu_process_groups()
-    sequential = SequentialMLP(experts, config, MLPSubmodules(
-        linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear), pg_collection=groups)
-    grouped = GroupedGemmExperts(experts, config, pg_collection=groups)
-    with torch.no_grad():
-        for e, expert in enumerate(sequential.local_experts):
-            grouped.weight1.view(experts, hidden, -1)[e].copy_(expert.linear_fc1.weight.T)
-            grouped.weight2.view(experts, -1, hidden)[e].copy_(expert.linear_fc2.weight.T)
-    counts = torch.tensor([300, 0, 17, 1024, 5, 0, 64, 90])
-    x = torch.randn(int(counts.sum()), hidden, device="cuda", dtype=torch.bfloat16)
-    probs = torch.rand(x.shape[0], device="cuda", dtype=torch.bfloat16)
-    expected, _ = sequential(x, counts, probs)
-    actual, _ = grouped(x, counts.cuda(), probs)
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=2e-2, atol=2e-2)
+def test_grouped_experts_in_bf16_match_float64_outputs_and_gradients(single_gpu):
+    """CUTLASS grouped_mm (sm90) or its fallback, forward and backward, ragged and empty groups,
+    against float64 arithmetic; tests/test_local_layers.py shows the check fails on a wrong
+    formula (probabilities applied twice) on CPU."""
+    counts = [300, 0, 17, 1024, 5, 0, 64, 90]
+    errors = grouped_experts_bf16_errors(torch.device("cuda", torch.cuda.current_device()),
+                                         counts, hidden=256, ffn=512)
+    assert max(errors.values()) < BF16_TOLERANCE, errors
 
 
 def test_benchmark_reports_mfu_and_no_remoe_syncs(single_gpu):
