@@ -20,6 +20,7 @@
 #                   the rest: DP = GPUS_PER_NODE * NNODES / (TP * PP). TP > 1 adds
 #                   --sequence-parallel (megatron-core's MoE layers need it).
 #   TORCHRUN [torchrun]  PYTHON [python]   the programs used
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT [300]  seconds torchrun gives its ranks after a SIGTERM
 #
 # Arguments: --dry-run (anywhere) prints the full command, validates it with pretrain_gpt.py's
 # own parser (remoe_patches.arguments) and exits without training: 0 when valid, 2 otherwise.
@@ -106,6 +107,9 @@ TRAIN_ARGS+=(${PASS_THROUGH[@]+"${PASS_THROUGH[@]}"})
 # Speed-only on GPUs, as the authors' scripts export them.
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+# torchrun SIGKILLs its ranks this long after it forwards a SIGTERM (30 s by default), too short
+# for --exit-signal-handler's last step and save at 978M; torch >= 2.12 reads it.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
 
 COMMAND=(
     "$TORCHRUN"
@@ -124,9 +128,12 @@ _check() {
 }
 
 if [ "$DRY_RUN" = 1 ]; then
-    printf 'CUDA_DEVICE_MAX_CONNECTIONS=%q PYTORCH_CUDA_ALLOC_CONF=%q' \
-        "$CUDA_DEVICE_MAX_CONNECTIONS" "$PYTORCH_CUDA_ALLOC_CONF"
-    printf ' %q' "${COMMAND[@]}"
+    for _name in CUDA_DEVICE_MAX_CONNECTIONS PYTORCH_CUDA_ALLOC_CONF \
+        TORCH_ELASTIC_SHUTDOWN_TIMEOUT; do
+        printf '%s=%q ' "$_name" "${!_name}"
+    done
+    printf '%q' "${COMMAND[0]}"
+    printf ' %q' "${COMMAND[@]:1}"
     printf '\n'
     _check
     exit $?

@@ -53,7 +53,8 @@ def environment(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
                         "TP", "EP", "PP", "CHECKPOINT_DIR", "DATA_PATH", "VOCAB_FILE",
-                        "MERGE_FILE", "TORCHRUN", "PYTHON") and not k.startswith("SLURM_")}
+                        "MERGE_FILE", "TORCHRUN", "PYTHON", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+           and not k.startswith("SLURM_")}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return {**env, "OMP_NUM_THREADS": "1", **DATA_ENV, **extra}
 
@@ -123,7 +124,8 @@ def test_dry_run_is_the_papers_setup(launched, size, router):
     env, program, torchrun, argv = parse_command(launched[size, router])
     assert program == "torchrun"
     assert env == {"CUDA_DEVICE_MAX_CONNECTIONS": "1",
-                   "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+                   "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+                   "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
     assert (torchrun.nproc_per_node, torchrun.nnodes, torchrun.node_rank) == ("8", "1", "0")
     assert (torchrun.master_addr, torchrun.master_port) == ("localhost", "6000")
     world_size = int(torchrun.nproc_per_node) * int(torchrun.nnodes)
@@ -265,6 +267,21 @@ def test_smoke_cpu_trains_the_shrunken_182m_remoe(corpus, tmp_path):
     # the 182M config's bf16, distributed optimizer and overlap flags all take effect on CPU
     assert "note: --bf16" not in result.stdout
     assert "note: --use-distributed-optimizer" not in result.stdout
+
+
+def test_smoke_cpu_removes_its_temporary_run(corpus, tmp_path):
+    env = environment(GPUS_PER_NODE="1", TMPDIR=str(tmp_path), DATA_PATH=corpus.data_prefix,
+                      VOCAB_FILE=corpus.vocab_file, MERGE_FILE=corpus.merge_file)
+    result = subprocess.run([str(SCRIPTS / "smoke_cpu.sh"), "--train-iters", "3",
+                             "--lr-warmup-iters", "1", "--eval-interval", "3",
+                             "--save-interval", "3"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "iter_0000003" in result.stdout  # a checkpoint was written, then removed
+    assert not list(tmp_path.glob("remoe_smoke.*"))
+    assert result.stdout.strip().splitlines()[-1] == (
+        "smoke_cpu.sh: done; its temporary checkpoints are removed (set CHECKPOINT_DIR to keep "
+        "them)")
 
 
 def test_preprocess_pile_shards_and_blend(corpus, tmp_path):
