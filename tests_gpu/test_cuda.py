@@ -112,3 +112,28 @@ def test_benchmark_reports_mfu_and_no_remoe_syncs(single_gpu):
         assert r.peak_memory >= r.step_memory > 0
         if report["peak_tflops"] is not None:
             assert 0 < r.mfu < 1
+
+
+def test_checkpoint_of_the_layers_built_here_loads_into_local_layers(single_gpu, tmp_path):
+    """With transformer-engine installed: a TE-spec ReMoE checkpoint loads into megatron's local
+    layers (the one differently named tensor is matched); without it, the local layers' own."""
+    from megatron.core import dist_checkpointing
+
+    from remoe_patches.checkpointing import match_saved_names
+    from remoe_patches.config import ModelConfig, ParallelConfig
+    from remoe_patches.model import HAVE_TE, build_model
+
+    config = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                         ffn_hidden_size=128, vocab_size=256, seq_length=32, router="relu",
+                         moe_grouped_gemm=True)
+    saved = build_model(config, ParallelConfig(), use_transformer_engine=HAVE_TE).model.cuda()
+    dist_checkpointing.save(saved.sharded_state_dict(), str(tmp_path))
+    local = build_model(config, ParallelConfig(), use_transformer_engine=False).model.cuda()
+    template = match_saved_names(local.sharded_state_dict(), str(tmp_path))
+    local.load_state_dict(dist_checkpointing.load(template, str(tmp_path)))
+    tokens = torch.randint(0, 256, (2, 32), device="cuda")
+    positions = torch.arange(32, device="cuda").expand(2, -1)
+    with torch.no_grad():
+        expected = saved.eval()(tokens, positions, None)
+        torch.testing.assert_close(local.eval()(tokens, positions, None), expected,
+                                   rtol=2e-3, atol=2e-3)
