@@ -67,8 +67,11 @@ accuracy elsewhere). lm-eval's JSON holds both acc and acc_norm wherever the tas
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import inspect
 import json
+import logging
 import math
 import os
 import sys
@@ -81,9 +84,10 @@ from tqdm import tqdm
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, \
+    simple_parse_args_string
 
-from remoe_patches.lm_eval_tasks.functions import offline_files
+from remoe_patches.lm_eval_tasks.functions import OFFLINE, offline_files
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 
@@ -98,6 +102,48 @@ PAPER_TASKS = (
     ("race", "RACE", "acc"),
 )
 DEFAULT_TASKS = tuple(task for task, _, _ in PAPER_TASKS)
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-eval's warnings that our own offline tasks trigger by design
+
+
+class _OfflineTaskWarnings(logging.Filter):
+    """Drops two lm-eval warnings about our offline tasks, and only about them: that their
+    ``custom_dataset`` takes ``--metadata`` (ours reads ``data_dir`` from it), and that they and
+    their upstream tags override lm-eval's tasks and tags of the same name (the point of
+    ``--include_path``)."""
+
+    _tags = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith("Task '%s' from %s overrides existing task") and record.args:
+            name, path = record.args[0], record.args[1]
+            if path is None:  # a tag: lm-eval records no file for it
+                return name not in self.offline_tags()
+            return Path(str(path)).parent != TASKS_DIR
+        if "Custom kwargs can be passed to `--metadata`" in message:
+            return message.split(":", 1)[0] not in OFFLINE
+        return True
+
+    @classmethod
+    def offline_tags(cls) -> set:
+        if cls._tags is None:
+            class Loader(yaml.SafeLoader):  # the tags only: no !function is imported
+                pass
+
+            Loader.add_constructor("!function", lambda loader, node: None)
+            tags = set()
+            for path in TASKS_DIR.glob("*.yaml"):
+                tag = yaml.load(path.read_text(), Loader=Loader).get("tag") or []  # noqa: S506
+                tags.update([tag] if isinstance(tag, str) else tag)
+            cls._tags = tags
+        return cls._tags
+
+
+for _logger in ("lm_eval.api.task", "lm_eval.tasks._index"):
+    logging.getLogger(_logger).addFilter(_OfflineTaskWarnings())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,11 +212,20 @@ def offline_task_manager(tasks, data_dir):
 # The lm-eval model
 
 
+class ModelArgsError(ValueError):
+    """A ``remoe`` model argument (``--model_args key=value``) that is missing, unknown or
+    unusable; the message names it and the fix, and ``remoe-lm-eval`` prints it as one line."""
+
+
 def _as_int(value, name: str) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+        raise ModelArgsError(f"{name} must be a positive integer, got {value!r}") from None
+
+
+LOAD_HELP = ("a pretrain_gpt.py --save directory, one of its iter_XXXXXXX directories or a "
+             "tools/export_checkpoint.py export")
 
 
 @register_model("remoe")
@@ -186,7 +241,41 @@ class RemoeLM(TemplateLM):
         device: for the reference backend (default: CUDA when available, else CPU).
         tokenizer_dir: where the tokenizer files are now, when they moved since training.
         max_batch_size: accepted from lm-eval's ``simple_evaluate`` and unused.
+
+    From lm-eval (``--model_args``, ``simple_evaluate(model_args=...)``) an argument given in
+    the model arguments wins over lm-eval's own ``--batch_size`` / ``--device``: its CLI always
+    passes a batch size (1 unless ``--batch_size``), which would otherwise collide.
     """
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None):
+        arguments = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        arguments.update(arg_dict)
+        known = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        for name in arg_dict:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]}=? " if close else ""
+                raise ModelArgsError(
+                    f"--model_args {name}=...: the remoe model has no argument {name!r} ({hint}"
+                    f"it takes {', '.join(known)})")
+        if "load" not in arguments:
+            raise ModelArgsError(
+                f"--model_args needs load=DIR ({LOAD_HELP}), e.g. --model_args load=runs/demo")
+        from remoe_patches.checkpointing import CheckpointError
+        from remoe_patches.trained_model import TokenizerFilesError
+
+        try:
+            return cls(**arguments)
+        except TokenizerFilesError as error:
+            raise ModelArgsError(f"load={arguments['load']}: "
+                                 f"{error.naming('tokenizer_dir=DIR in --model_args')}") from None
+        except CheckpointError as error:
+            raise ModelArgsError(f"load={arguments['load']}: {error}") from None
 
     def __init__(self, load: str, backend: str = "auto", batch_size=16,
                  max_length: Optional[int] = None, max_gen_toks: int = 256,
@@ -199,15 +288,19 @@ class RemoeLM(TemplateLM):
             raise RuntimeError("RemoeLM runs on one process; launch it without torchrun")
         self.batch_size = _as_int(batch_size, "batch_size")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise ModelArgsError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.load = os.fspath(load)
+        if not os.path.isdir(self.load):
+            raise ModelArgsError(f"load={self.load}: no such directory; load=DIR takes {LOAD_HELP}")
         is_export = hf_export.is_export_dir(self.load)
         if backend == "auto":
             backend = "reference" if is_export else "megatron"
         if backend not in ("megatron", "reference"):
-            raise ValueError(f"backend must be megatron, reference or auto, not {backend!r}")
+            raise ModelArgsError(
+                f"backend must be megatron, reference or auto, not {backend!r}")
         if backend == "megatron" and is_export:
-            raise ValueError(f"{self.load} is an exported model: use backend=reference (or auto)")
+            raise ModelArgsError(
+                f"{self.load} is an exported model: it runs on the reference backend (or auto)")
         self.model_backend = backend
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's CLI asks for cuda by default; its own HF model falls back the same way

@@ -6,9 +6,12 @@ CLI unchanged. One convenience is added: ``--data_dir DIR`` stands for lm-eval's
 ``--include_path <the offline task YAMLs> --metadata '{"data_dir": "DIR"}'``, so that the paper's
 seven tasks read ``DIR/<task>/<split>.jsonl`` instead of the Hugging Face hub::
 
-    remoe-lm-eval --model remoe --model_args load=runs/demo --tasks arc_easy,piqa \\
-        --data_dir benchmarks/zero_shot --output_path results/
+    remoe-lm-eval --model remoe --model_args load=runs/demo,batch_size=16 \\
+        --tasks arc_easy,piqa --data_dir benchmarks/zero_shot --output_path results/
     python -m remoe_patches.lm_eval_cli ...     # the same without the installed script
+
+A wrong ``--model_args`` entry (no ``load=DIR``, a misspelt key, a directory without a
+checkpoint) or a task file without the task's fields ends in one line saying so.
 """
 
 from __future__ import annotations
@@ -47,11 +50,17 @@ def expand_data_dir(argv: list) -> list:
 
 def main(argv=None) -> None:
     argv = expand_data_dir(sys.argv[1:] if argv is None else argv)
-    import remoe_patches.evaluation  # noqa: F401  (registers the "remoe" model)
+    from remoe_patches.evaluation import ModelArgsError  # registers the "remoe" model
+    from remoe_patches.lm_eval_tasks import TaskDataError
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm-eval", *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (ModelArgsError, TaskDataError) as error:
+        # the user's --model_args or task files: one line that says what to change
+        print(f"remoe-lm-eval: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

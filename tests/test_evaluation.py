@@ -605,3 +605,127 @@ def test_evaluate_without_data_dir_and_network_says_so_in_one_line(relu_checkpoi
     errors = [line for line in result.stderr.splitlines() if line.startswith("evaluate.py")]
     assert len(errors) == 1 and "there is no network here; pass --data-dir DIR" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's commands, as written; what a wrong argument or task file says
+
+
+def readme_blocks(section: str) -> list:
+    """``(language, text)`` of each fenced code block under the README heading ``section``."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    blocks, language, lines = [], None, None
+    for line in text[start:end if end > 0 else None].splitlines():
+        if line.startswith("```") and lines is None:
+            language, lines = line[3:].strip(), []
+        elif line.startswith("```"):
+            blocks.append((language, "\n".join(lines)))
+            lines = None
+        elif lines is not None:
+            lines.append(line)
+    return blocks
+
+
+def test_readme_zero_shot_commands_run_as_written(relu_checkpoint, tmp_path):
+    """Every block of "Zero-shot evaluation and export", unchanged, in a directory where
+    ``runs/demo`` is a checkpoint, ``DIR`` the task files and ``tools`` this repository's."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "demo").symlink_to(relu_checkpoint)
+    (tmp_path / "tools").symlink_to(REPO / "tools")
+    counts = write_fixtures(tmp_path / "DIR")
+    env = clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                    PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    blocks = readme_blocks("Zero-shot evaluation and export")
+    assert [language for language, _ in blocks] == ["bash", "bash", "python", "python", "bash"]
+    outputs = []
+    for language, block in blocks:
+        command = ["bash", "-euo", "pipefail", "-c", block] if language == "bash" else \
+            ["python", "-c", block]
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=600, env=env)
+        assert result.returncode == 0, block + "\n" + result.stdout[-3000:] + \
+            result.stderr[-3000:]
+        outputs.append(result)
+    assert json.loads((tmp_path / "results.json").read_text())["n-samples"]["piqa"][
+        "effective"] == counts["piqa"]
+    assert (tmp_path / "export" / "demo" / "model.safetensors").is_file()
+    (lm_eval_results,) = (tmp_path / "results").rglob("results_*.json")
+    lm_eval_results = json.loads(lm_eval_results.read_text())
+    assert set(lm_eval_results["results"]) == {"arc_easy", "piqa"}
+    # lm-eval's warnings about our own task registration are expected and not printed
+    assert "Custom kwargs" not in outputs[1].stderr
+    assert "overrides existing task" not in outputs[1].stderr
+    assert outputs[4].stdout.startswith("def fibonacci(n):")
+
+
+def test_model_args_win_over_lm_evals_batch_size(relu_checkpoint):
+    from remoe_patches.evaluation import RemoeLM
+
+    lm_eval_cli_defaults = {"batch_size": 1, "max_batch_size": None, "device": None}
+    lm = RemoeLM.create_from_arg_string(f"load={relu_checkpoint},batch_size=16",
+                                        lm_eval_cli_defaults)
+    assert lm.batch_size == 16
+    assert RemoeLM.create_from_arg_string(f"load={relu_checkpoint}",
+                                          {"batch_size": 4}).batch_size == 4
+
+
+def test_wrong_model_args_say_which_and_what_to_do(relu_checkpoint, tmp_path):
+    from remoe_patches.evaluation import ModelArgsError, RemoeLM
+
+    with pytest.raises(ModelArgsError, match=r"--model_args lod=\.\.\.: .*did you mean load=\?"):
+        RemoeLM.create_from_arg_string(f"lod={relu_checkpoint}", {"batch_size": 1})
+    with pytest.raises(ModelArgsError, match=r"--model_args needs load=DIR"):
+        RemoeLM.create_from_arg_string("batch_size=16", {"batch_size": 1})
+    with pytest.raises(ModelArgsError, match=r"load=runs/nowhere: no such directory"):
+        RemoeLM.create_from_arg_string("load=runs/nowhere")
+    with pytest.raises(ModelArgsError, match=rf"load={tmp_path}: {tmp_path} holds no checkpoint"):
+        RemoeLM.create_from_arg_string(f"load={tmp_path}")
+
+
+def test_moved_tokenizer_names_the_callers_option(relu_checkpoint, tmp_path):
+    from remoe_patches.evaluation import ModelArgsError, RemoeLM
+
+    with pytest.raises(ModelArgsError, match=r"pass tokenizer_dir=DIR in --model_args"):
+        RemoeLM.create_from_arg_string(f"load={relu_checkpoint},tokenizer_dir={tmp_path}")
+    export = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "export_checkpoint.py"), "--load",
+         relu_checkpoint, "--output", str(tmp_path / "out"), "--tokenizer-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=clean_env())
+    assert export.returncode == 2
+    assert export.stderr.startswith("export_checkpoint.py: error: cannot rebuild")
+    assert "pass --tokenizer-dir DIR holding them" in export.stderr
+
+
+def test_remoe_lm_eval_errors_are_one_line(relu_checkpoint, tmp_path):
+    data = tmp_path / "data"
+    write_fixtures(data)
+    # piqa rows in another dataset's schema
+    (data / "piqa" / "validation.jsonl").write_text(
+        json.dumps({"question": "To open a jar,", "answer": "twist the lid."}) + "\n")
+    env = clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    for model_args, expected in (
+            ("batch_size=16", "remoe-lm-eval: error: --model_args needs load=DIR"),
+            (f"load={relu_checkpoint}",
+             f"remoe-lm-eval: error: task piqa: the rows of {data / 'piqa' / 'validation.jsonl'}"
+             ' lack goal, sol1, sol2, label (they have question, answer): expected one JSON '
+             'object per line with the schema {"goal": str, "sol1": str')):
+        result = lm_eval_cli("--model", "remoe", "--model_args", model_args, "--tasks", "piqa",
+                             "--data_dir", str(data), env=env)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.stderr.splitlines()[-1].startswith(expected), result.stderr[-3000:]
+
+
+def test_task_rows_without_the_tasks_fields_are_refused(tmp_path):
+    from remoe_patches.lm_eval_tasks import TaskDataError
+    from remoe_patches.lm_eval_tasks.functions import offline_dataset
+
+    write_fixtures(tmp_path)
+    (tmp_path / "hellaswag" / "train.jsonl").write_text(json.dumps({"ctx": "x"}) + "\n")
+    with pytest.raises(TaskDataError, match=r"hellaswag/train\.jsonl lack activity_label, ctx_a"):
+        offline_dataset("hellaswag", data_dir=str(tmp_path))
+    (tmp_path / "piqa" / "validation.jsonl").write_text("goal,sol1,sol2,label\n")
+    with pytest.raises(TaskDataError, match=r"task piqa: cannot read .*piqa/validation\.jsonl"):
+        offline_dataset("piqa", data_dir=str(tmp_path))

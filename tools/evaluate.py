@@ -94,8 +94,10 @@ def main(argv=None) -> int:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
+    from remoe_patches.checkpointing import CheckpointError
     from remoe_patches.evaluation import RemoeLM, markdown_table, \
         offline_task_manager
+    from remoe_patches.lm_eval_tasks import TaskDataError
     from remoe_patches.router_titles import ROUTER_TITLES
 
     tasks = list(args.tasks)
@@ -111,8 +113,12 @@ def main(argv=None) -> int:
     rows, paths = [], output_paths(args.output, len(args.load))
     for index, directory in enumerate(args.load):
         print(f"[{index + 1}/{len(args.load)}] {directory}", flush=True)
-        lm = RemoeLM(load=directory, backend=args.backend, batch_size=args.batch_size,
-                     max_length=args.max_length, tokenizer_dir=args.tokenizer_dir)
+        try:
+            lm = RemoeLM(load=directory, backend=args.backend, batch_size=args.batch_size,
+                         max_length=args.max_length, tokenizer_dir=args.tokenizer_dir)
+        except (CheckpointError, ValueError) as error:
+            print(f"evaluate.py: error: --load {directory}: {error}", file=sys.stderr)
+            return 2
         if args.label:
             label = args.label[index]
         else:
@@ -129,6 +135,9 @@ def main(argv=None) -> int:
                   "with the tasks' files (DIR/<task>/<split>.jsonl, see "
                   "remoe_patches/lm_eval_tasks/functions.py for each task's file and schema)",
                   file=sys.stderr)
+            return 2
+        except TaskDataError as error:
+            print(f"evaluate.py: error: {error}", file=sys.stderr)
             return 2
         results["config"]["label"] = label
         rows.append((label, results))

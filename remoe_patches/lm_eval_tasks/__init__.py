@@ -2,9 +2,19 @@
 
 Each ``<task>.yaml`` repeats the upstream lm-eval 0.4.13 task's prompt, target, choices and
 metrics (``tests/test_evaluation.py`` checks that they still equal upstream's) but reads local
-jsonl files: ``remoe_patches.evaluation.offline_task_configs`` fills in ``dataset_kwargs`` with
-``DIR/<task>/<split>.jsonl``. The ``remoe_offline`` section of each file (removed before lm-eval
-sees the config) names the split that is evaluated and the schema of its rows.
-``functions.py`` hands the upstream task's Python helpers (hellaswag, race) to the YAML's
-``!function`` entries.
+jsonl files, ``DIR/<task>/<split>.jsonl``, through ``custom_dataset: !function
+functions.offline_dataset``. ``functions.py`` also hands the upstream task's Python helpers
+(hellaswag, race) to the YAML's ``!function`` entries.
 """
+
+
+class TaskDataError(ValueError):
+    """A task's file is missing or its rows lack the fields the task reads.
+
+    Defined here, not in ``functions.py``: lm-eval loads that file as a module of its own, so a
+    class defined there would not be the one callers catch.
+    """
+
+
+class TaskFileMissing(TaskDataError, FileNotFoundError):
+    """The evaluated split's file of a task is not there."""
