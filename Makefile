@@ -10,8 +10,8 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
-# pip takes torch==2.13.0 from the local CPU wheel; installing it first keeps any later
-# resolution from reaching for a CUDA build.
+# torch==2.13.0 first, so that megatron-core's resolution keeps it; which build pip installs is
+# pip's configuration's (the local CPU wheel on this project's machines and in CI).
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0

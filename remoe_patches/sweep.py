@@ -175,10 +175,17 @@ class Run:
         kind = self.flags.get("moe_router_type") or "topk"
         return next(name for name, value in SWEEP_ROUTER_KINDS.items() if value == kind)
 
-    def config_text(self) -> str:
+    def config_text(self, omit=()) -> str:
         header = f"# sweep run {self.name}: written by tools/sweep.py; the grid values: " \
                  f"{json.dumps(self.values)}\n"
-        return header + yaml.safe_dump(self.flags, sort_keys=False)
+        if omit:
+            header += f"# left out, passed on the command line: {', '.join(omit)}\n"
+        flags = {key: value for key, value in self.flags.items() if key not in omit}
+        return header + yaml.safe_dump(flags, sort_keys=False)
+
+    def placeholder_flags(self) -> dict:
+        """Its flags whose values still hold an unset ``${VAR}`` (a listing without them)."""
+        return {key: value for key, value in self.flags.items() if "${" in str(value)}
 
     def config_digest(self) -> str:
         return hashlib.sha256(yaml.safe_dump(self.flags, sort_keys=True).encode()).hexdigest()
@@ -451,10 +458,11 @@ def mark_done(run: Run) -> bool:
     return True
 
 
-def prepare(run: Run) -> None:
-    """Write the run's config.yaml (a finished run keeps the one it was trained with)."""
+def prepare(run: Run, omit=()) -> None:
+    """Write the run's config.yaml (a finished run keeps the one it was trained with), without
+    the flags in ``omit``."""
     run.directory.mkdir(parents=True, exist_ok=True)
-    run.config_path.write_text(run.config_text())
+    run.config_path.write_text(run.config_text(omit))
 
 
 def config_changed(run: Run) -> bool:
@@ -484,19 +492,40 @@ def local_command(run: Run, nproc_per_node: int = 1, master_port: Optional[int] 
 
 def print_commands(sweep: Sweep, out=sys.stdout) -> None:
     """List every run's command; unfinished runs get their config.yaml, so the commands run
-    as printed (one at a time: they share the master port)."""
+    as printed (one at a time: they share the master port).
+
+    Without the sweep's ``${VAR}``: the flags that use them are left out of config.yaml and
+    shown on the command line with the placeholders, which the shell fills in once the
+    variables are exported."""
     nproc = int(sweep.launch.get("nproc_per_node", 1))
     if sweep.unset:
         names = ", ".join(sweep.unset)
-        out.write(f"# {names} not set: the commands show them as ${{...}}; set them and list "
-                  "again to write the runs' config.yaml\n")
+        out.write(f"# {names} not set: the commands pass the flags that use them as ${{...}}, "
+                  "for the shell to fill in; export them first\n")
     for run in sweep.runs:
         finished = is_finished(run)
-        if not finished and not sweep.unset:
-            prepare(run)
+        placeholders = run.placeholder_flags()
+        if not finished:
+            prepare(run, omit=tuple(placeholders))
         state = "finished, skipped" if finished else "to run"
         out.write(f"# {run.name} ({state}): {json.dumps(run.values)}\n")
-        out.write(shlex.join(local_command(run, nproc, master_port=6000)) + "\n")
+        command = shlex.join(local_command(run, nproc, master_port=6000))
+        for key, value in placeholders.items():
+            command += f" --{key.replace('_', '-')} " + " ".join(
+                _shell_word(word, key in LIST_FLAGS)
+                for word in (value if isinstance(value, list) else [value]))
+        out.write(command + "\n")
+
+
+def _shell_word(word, split: bool) -> str:
+    """``word`` for a shell command whose ``${VAR}`` the shell expands: a list flag's unquoted
+    (a blend in DATA_PATH is several words), another's in double quotes."""
+    word = str(word)
+    if "${" not in word:
+        return shlex.quote(word)
+    if split and re.fullmatch(r"[\w${}/.,:+=-]+", word):
+        return word
+    return '"' + re.sub(r'(["\\`])', r"\\\1", word) + '"'
 
 
 def run_local(sweep: Sweep, *, keep_going: bool = False, out=sys.stdout) -> dict:

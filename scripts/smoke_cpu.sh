@@ -9,8 +9,9 @@
 #   GPUS_PER_NODE=1 scripts/smoke_cpu.sh --train-iters 4 --dry-run
 #
 # Environment: what scripts/_launch.sh reads, with CPU defaults: GPUS_PER_NODE [2], MASTER_PORT
-# [a free one], CHECKPOINT_DIR [a new temporary directory]; DATA_PATH, VOCAB_FILE and MERGE_FILE
-# [the demo corpus]. Extra arguments go to pretrain_gpt.py after the shrinking flags.
+# [a free one], CHECKPOINT_DIR [a new temporary directory, removed on exit; set it to keep the
+# run]; DATA_PATH, VOCAB_FILE and MERGE_FILE [the demo corpus]. Extra arguments go to
+# pretrain_gpt.py after the shrinking flags.
 
 set -euo pipefail
 
@@ -23,9 +24,13 @@ if [ -z "${MASTER_PORT:-}" ]; then
     MASTER_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     export MASTER_PORT
 fi
+KEEP_RUN=1
 if [ -z "${CHECKPOINT_DIR:-}" ]; then
     CHECKPOINT_DIR="$(mktemp -d "${TMPDIR:-/tmp}/remoe_smoke.XXXXXX")"
     export CHECKPOINT_DIR
+    KEEP_RUN=0
+    # a check, not a run to keep: its checkpoints (tens of MB) go when the script ends, however
+    trap 'rm -rf -- "$CHECKPOINT_DIR"' EXIT
 fi
 if [ -z "${DATA_PATH:-}" ]; then
     # shellcheck disable=SC2016
@@ -52,5 +57,9 @@ TINY=(
 "$REPO/scripts/pretrain_182m_remoe.sh" "${TINY[@]}" "$@"
 case " $* " in
     *" --dry-run "*) ;;
-    *) echo "smoke_cpu.sh: done; metrics and checkpoints in $CHECKPOINT_DIR" ;;
+    *) if [ "$KEEP_RUN" = 1 ]; then
+           echo "smoke_cpu.sh: done; metrics and checkpoints in $CHECKPOINT_DIR"
+       else
+           echo "smoke_cpu.sh: done; its temporary checkpoints are removed (set CHECKPOINT_DIR to keep them)"
+       fi ;;
 esac

@@ -204,3 +204,12 @@ def test_reference_model_imports_no_megatron():
          "print(any(m.startswith('megatron') for m in sys.modules))"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env=clean_env())
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_readmes_export_directory_is_not_tracked():
+    # README: tools/export_checkpoint.py --output export/demo, beside runs/ (also ignored)
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("export/demo/model.safetensors", "runs/demo/metrics.jsonl"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
+        assert ignored.returncode == 0, f"{path} is not in .gitignore"

@@ -243,8 +243,25 @@ def test_listing_and_collecting_need_no_environment_variables(tmp_path):
     listed = sweep_tool()
     assert listed.returncode == 0, listed.stderr
     assert "# DATA_PATH, MERGE_FILE, VOCAB_FILE not set" in listed.stdout
-    assert listed.stdout.count("pretrain_gpt.py --config") == 12
-    assert not list(tmp_path.glob("*/config.yaml"))  # nothing written with placeholders
+    commands = [line for line in listed.stdout.splitlines() if "pretrain_gpt.py --config" in line]
+    assert len(commands) == 12
+    # each command's config.yaml is there, without the flags that need the variables; the
+    # command shows those with the placeholders, and runs once they are exported
+    configs = sorted(tmp_path.glob("*/config.yaml"))
+    assert len(configs) == 12
+    assert not any("${" in path.read_text() or "data_path" in yaml.safe_load(path.read_text())
+                   for path in configs)
+    assert commands[0].endswith(' --data-path ${DATA_PATH} --vocab-file "${VOCAB_FILE}" '
+                                '--merge-file "${MERGE_FILE}"')
+    words = subprocess.run(["bash", "-c", "printf '%s\\n' " + commands[0]], capture_output=True,
+                           text=True, check=True, env={
+                               **env, "DATA_PATH": "0.5 /d/a_text_document 0.5 /d/b",
+                               "VOCAB_FILE": "/d/my vocab.json", "MERGE_FILE": "/d/m.txt"})
+    argv = words.stdout.splitlines()
+    parsed = parse_args(argv[argv.index(str(REPO / "pretrain_gpt.py")) + 1:])
+    assert parsed.data_path == ["0.5", "/d/a_text_document", "0.5", "/d/b"]
+    assert (parsed.vocab_file, parsed.merge_file) == ("/d/my vocab.json", "/d/m.txt")
+    assert parsed.num_experts == 4 and parsed.expert_model_parallel_size == 4
     assert sweep_tool("--collect").returncode == 0
     started = sweep_tool("--launcher", "local")
     assert started.returncode == 2
