@@ -12,6 +12,10 @@ Design:
   underscores (``num_layers: 12``) to values; the YAML values become defaults and the command
   line overrides them. A command-line flag also drops the YAML's value of its mutually
   exclusive partner (``--lr-warmup-iters`` replaces a YAML ``lr_warmup_fraction``).
+- Every on/off flag can be switched either way, so that the command line can undo a YAML's
+  ``true``: ``--X`` has ``--no-X`` (``--no-demo-corpus``, ``--no-moe-relu-routing``), and
+  Megatron-LM's ``--no-X`` flags have ``--X`` (``--load-optim``, ``--masked-softmax-fusion``).
+  A flag switched to its default does not count as given.
 - Errors are one line on stderr and exit code 2, like ``parser.error`` but without the usage
   text of ~120 flags. Prefixes are not accepted (``allow_abbrev=False``); an unknown flag
   or YAML key names the closest known one.
@@ -75,6 +79,11 @@ class MegatronArgumentParser(argparse.ArgumentParser):
     error_context = ""
     """Put before every message, e.g. the YAML file whose values are being parsed."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.switch_defaults = {}
+        """dest -> an on/off flag's value when it is not switched on (``_add_opposites``)."""
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {self.error_context}{message}\n")
 
@@ -89,7 +98,7 @@ def build_parser() -> MegatronArgumentParser:
     parser.add_argument(
         "--config", metavar="FILE.yaml",
         help="YAML mapping of flag names with underscores to values, used as defaults; the "
-        "command line overrides them.",
+        "command line overrides them (--no-X switches off an on/off flag --X that it sets).",
     )
     _add_model_arguments(parser)
     _add_moe_arguments(parser)
@@ -106,7 +115,29 @@ def build_parser() -> MegatronArgumentParser:
     _add_checkpointing_arguments(parser)
     _add_validation_arguments(parser)
     _add_distributed_arguments(parser)
+    _add_opposites(parser)
     return parser
+
+
+def _add_opposites(parser) -> None:
+    """``--no-X`` for every on/off flag ``--X``, ``--X`` for Megatron-LM's ``--no-X`` flags: the
+    same destination set back to its default (the opposites take no room in ``--help``)."""
+    switches = (argparse._StoreTrueAction, argparse._StoreFalseAction)
+    for action in list(parser._actions):
+        if not isinstance(action, switches):
+            continue
+        for flag in action.option_strings:
+            if not flag.startswith("--"):
+                continue
+            opposite = "--" + flag[len("--no-"):] if flag.startswith("--no-") else \
+                "--no-" + flag[2:]
+            # --disable-bias-linear has no name for its opposite, and is left so
+            if flag.startswith("--no-") or isinstance(action, argparse._StoreTrueAction):
+                if opposite in parser._option_string_actions:
+                    continue
+                parser.add_argument(opposite, dest=action.dest, action="store_const",
+                                    const=not action.const, help=argparse.SUPPRESS)
+                parser.switch_defaults[action.dest] = not action.const
 
 
 def _add_model_arguments(parser):
@@ -600,7 +631,11 @@ def parse_command_line(argv: Optional[Sequence[str]] = None) -> CommandLine:
                 yaml_given -= pair - cli_given
         parser.set_defaults(**{dest: getattr(yaml_args, dest) for dest in yaml_given})
     args = _parse_strictly(parser, argv)
-    args.given = frozenset(yaml_given | cli_given)
+    # an on/off flag switched back (--no-demo-corpus over a YAML's true) is as if not given
+    args.given = frozenset(
+        dest for dest in yaml_given | cli_given
+        if not (dest in parser.switch_defaults
+                and bool(getattr(args, dest)) == bool(parser.switch_defaults[dest])))
     complete_and_validate(args, parser)
     try:
         config = run_config_from_args(args)
@@ -638,6 +673,9 @@ def _parse_strictly(parser, tokens) -> argparse.Namespace:
     args, extras = parser.parse_known_args(tokens)
     if extras:
         flag = next((token for token in extras if token.startswith("-")), None)
+        if flag is None and extras[0].lower() in ("true", "false"):
+            parser.error(f"unexpected value {extras[0]!r}: an on/off flag takes no value "
+                         "(--X switches it on, --no-X off)")
         if flag is None:
             parser.error(f"unexpected value {extras[0]!r} (no flag takes it)")
         flag = flag.split("=", 1)[0]

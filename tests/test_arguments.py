@@ -247,6 +247,42 @@ def test_demo_config_is_a_cpu_sized_remoe_on_the_demo_corpus(capsys):
     assert "--demo-corpus sets the data and tokenizer itself; drop --data-path" in err
 
 
+def test_the_command_line_switches_off_what_the_yaml_switches_on(capsys):
+    from remoe_patches.arguments import parse_command_line
+
+    demo = ["--config", str(CONFIG_DIR / "demo.yaml")]
+    run = parse_command_line([*demo, "--no-demo-corpus", "--data-path", "P", "--vocab-file", "V",
+                              "--merge-file", "M"])
+    assert not run.config.data.demo_corpus and run.config.data.data_path == ("P",)
+    assert "demo_corpus" not in run.args.given  # switched back: as if not given
+    hashed = parse_command_line([*demo, "--no-moe-relu-routing", "--moe-router-type", "hash"])
+    assert hashed.config.model.router == "hash" and not hashed.args.moe_relu_routing
+    assert hashed.config.model.num_layers == 4  # the rest stays the YAML's
+    # Megatron-LM's --no-X flags keep their meaning and get the opposite --X
+    args = parse_args(TINY + ["--no-load-optim", "--no-masked-softmax-fusion"])
+    assert args.no_load_optim and not args.masked_softmax_fusion
+    args = parse_args(TINY + ["--no-load-optim", "--load-optim", "--masked-softmax-fusion"])
+    assert not args.no_load_optim and args.masked_softmax_fusion
+    assert not {"no_load_optim", "masked_softmax_fusion"} & args.given
+    # a switched-off flag is not listed as having no effect
+    assert flags_of(parse_args(TINY + ["--use-flash-attn"]), **CPU) == ["--use-flash-attn"]
+    assert flags_of(parse_args(TINY + ["--use-flash-attn", "--no-use-flash-attn"]), **CPU) == []
+    err = parse_error(TINY + ["--demo-corpus", "false"], capsys)
+    assert "unexpected value 'false': an on/off flag takes no value (--X switches it on, " \
+        "--no-X off)" in err
+
+
+def test_every_on_off_flag_has_its_opposite():
+    from remoe_patches.arguments import build_parser
+
+    parser = build_parser()
+    flags = parser._option_string_actions
+    for flag, action in flags.items():
+        if flag.startswith("--") and action.nargs == 0 and action.dest != "help":
+            opposite = "--" + flag[5:] if flag.startswith("--no-") else "--no-" + flag[2:]
+            assert opposite in flags or flag == "--disable-bias-linear", flag
+
+
 # --- (c) unknown flags and keys ---------------------------------------------------------
 
 
