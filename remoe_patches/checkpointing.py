@@ -27,6 +27,7 @@ saved with the other ``--use-distributed-optimizer`` setting does not load eithe
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -39,6 +40,7 @@ import torch.distributed as dist
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from remoe_patches.config import ModelConfig
 from remoe_patches.megatron_fixes import restore_adam_steps
@@ -46,6 +48,7 @@ from remoe_patches.run_config import RunConfig
 from remoe_patches.training_step import sync_params
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] [^:;\n]+")
 _ITERATION_DIR = re.compile(r"iter_(\d{7})$")
 
 # The one tensor the two layer implementations save under different names: an MoE layer's
@@ -75,6 +78,11 @@ _SHAPE_FLAGS = {
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and what is wrong, in one line."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint that could not be written (a full disk, a directory that became unwritable);
+    the message says which and that the previous checkpoint is still the latest, in one line."""
 
 
 def check_writer_dependencies() -> None:
@@ -331,8 +339,64 @@ def save_checkpoint(
 
     ``run_config`` is ``RunConfig.to_dict()`` (plain data); with ``data_parallel_size`` it tells
     a later load the layout the checkpoint was written with.
+
+    SIGTERM and Ctrl-C wait until the checkpoint is complete (``exit_signals.signals_held``).
+    A write that fails for the machine's reasons (``OSError``: a full disk, ...) removes the
+    partial checkpoint and raises ``CheckpointSaveError``; the previous checkpoint stays the
+    latest.
     """
+    from remoe_patches.exit_signals import signals_held
+
     final = checkpoint_dir(root, iteration)
+    with signals_held(f"checkpoint {final} is written"):
+        try:
+            _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler,
+                              consumed_samples=consumed_samples, regularizer=regularizer,
+                              run_config=run_config, data_parallel_size=data_parallel_size)
+        except (Exception, CheckpointException) as error:  # megatron's is a BaseException
+            cause = _machine_error(error)
+            if cause is None:
+                raise
+            if dist.get_rank() == 0:
+                shutil.rmtree(final + ".partial", ignore_errors=True)
+            latest = latest_iteration(root)
+            kept = (f"{checkpoint_dir(root, latest)} is still the latest" if latest is not None
+                    else "no earlier checkpoint exists")
+            raise CheckpointSaveError(
+                f"writing checkpoint {final} failed ({cause}); {kept}. Free space under {root} "
+                "(or give another --save) and resume with --load") from error
+    return final
+
+
+def _machine_error(error: BaseException) -> Optional[str]:
+    """The OSError behind a failed write, as ``[Errno 28] No space left on device``, or None.
+
+    megatron-core reports its writer processes' errors as a ``CheckpointException`` holding
+    each rank's exception (on the coordinator; the other ranks learn only that a write failed).
+    """
+    if isinstance(error, CheckpointException):
+        if not error.failures:
+            return "another rank's write failed"
+        found = [_machine_error(exc) for exc, _trace in error.failures.values()]
+        return next((cause for cause in found if cause), None)
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            if error.errno is not None and error.strerror:
+                return f"[Errno {error.errno}] {error.strerror}"
+            return f"{type(error).__name__}: {error}"
+        # A writer's OSError reaches the coordinator as 'Worker failure: [Errno 28] ...' text
+        # (the gather pickles the exception without its cause).
+        found = _ERRNO_TEXT.search(str(error))
+        if found and int(found[1]) in errno.errorcode:
+            return found[0]
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler, *,
+                      consumed_samples, regularizer, run_config, data_parallel_size) -> None:
     partial = final + ".partial"
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
@@ -369,7 +433,6 @@ def save_checkpoint(
             os.fsync(f.fileno())
         os.replace(pointer + ".tmp", pointer)
     dist.barrier()
-    return final
 
 
 def load_checkpoint(

@@ -80,7 +80,9 @@ def reference_config(model, model_config: ModelConfig, tokenizer: Tokenizer) -> 
     ]
     for present, what in unsupported:
         if present:
-            raise ValueError(f"the reference model does not implement {what}")
+            raise ValueError(f"the reference model does not implement {what}; evaluate or "
+                             "sample the checkpoint itself (tools/evaluate.py, tools/generate.py "
+                             "--load DIR)")
     config = dict(
         vocab_size=model_config.vocab_size,
         num_layers=model_config.num_layers,

@@ -2,7 +2,9 @@
 here, train.
 
 Bad input ends the run with one line on stderr (``error: ...``, exit code 2) before anything is
-written; set ``REMOE_DEBUG=1`` to see the traceback instead.
+written; a failure of the machine's (an ``OSError``: a directory that cannot be written, a full
+disk during a save) with one line and exit code 1; Ctrl-C with one line and exit code 130. Set
+``REMOE_DEBUG=1`` to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from remoe_patches.run_config import RunConfig
 
 def _is_first_rank() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
+
+
+def _rank_prefix() -> str:
+    """'rank N: ' when several ranks may each print their own error."""
+    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
 
 
 def use_demo_corpus(config: RunConfig) -> RunConfig:
@@ -54,15 +61,26 @@ def main(argv=None) -> int:
             for flag, reason in notes:
                 print(f" note: {flag} has no effect here: {reason}", flush=True)
         state = pretrain(config)
-    except ValueError as error:
+    except ValueError as error:  # ConfigError, CheckpointError: the same on every rank
         if os.environ.get("REMOE_DEBUG"):
             raise
         if _is_first_rank():
             print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    except OSError as error:  # the machine's: a directory that cannot be written, a full disk
+        if os.environ.get("REMOE_DEBUG"):
+            raise
+        print(f"error: {_rank_prefix()}{error}", file=sys.stderr, flush=True)
+        return 1
     except TrainingStopped as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C without --exit-signal-handler (after a save under way)
+        if os.environ.get("REMOE_DEBUG"):
+            raise
+        print(f"{_rank_prefix()}interrupted (Ctrl-C); resume from the last checkpoint with --load",
+              file=sys.stderr, flush=True)
+        return 130
     finally:
         destroy_parallel()
     if int(os.environ.get("RANK", 0)) == int(os.environ.get("WORLD_SIZE", 1)) - 1:

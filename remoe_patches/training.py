@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -39,7 +40,7 @@ from remoe_patches.data import (
 from remoe_patches.exit_signals import ExitSignals
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.megatron_fixes import initialize_adam_state
-from remoe_patches.metrics_log import MetricsLog
+from remoe_patches.metrics_log import METRICS_FILE, MetricsLog
 from remoe_patches.model import (
     HAVE_WGRAD_FUSION,
     build_model,
@@ -97,6 +98,7 @@ def pretrain(config: RunConfig) -> RunState:
     for blend in config.data.blends():
         check_data_paths(blend)
     fresh_run = check_load_path(config)
+    check_save_path(config)
     data = config.data
     tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
                                 merge_file=data.merge_file, tokenizer_model=data.tokenizer_model)
@@ -251,6 +253,57 @@ def check_load_path(config: RunConfig) -> bool:
         "point it at the --save directory of a run, or drop --load to train from scratch "
         "(with --load equal to --save, a first launch starts from scratch by itself)"
     )
+
+
+def check_save_path(config: RunConfig) -> None:
+    """Refuse a ``--save`` that cannot be written, or that holds an earlier run this launch does
+    not resume (training from step 0 would replace its checkpoints and append a second history
+    to its metrics.jsonl). Resuming is ``--load`` equal to ``--save``, as in Megatron-LM."""
+    ckpt = config.checkpoint
+    for flag, directory in (("--save", ckpt.save),
+                            ("--tensorboard-dir", config.logging.tensorboard_dir)):
+        if directory:
+            check_writable_directory(flag, directory)
+    if not ckpt.save:
+        return
+    resumes = (ckpt.load and not ckpt.finetune
+               and os.path.realpath(ckpt.load) == os.path.realpath(ckpt.save))
+    if resumes:
+        return
+    if checkpointing.has_checkpoint(ckpt.save):
+        iterations = checkpointing.saved_iterations(ckpt.save)
+        latest = checkpointing.latest_iteration(ckpt.save)
+        held = f"checkpoints up to iteration {max([latest or 0, *iterations])}"
+    elif os.path.isfile(os.path.join(ckpt.save, METRICS_FILE)):
+        held = f"the {METRICS_FILE} of an earlier run"
+    else:
+        return
+    instead = "without --finetune " if ckpt.finetune else ""
+    raise ConfigError(
+        f"--save {ckpt.save} already holds {held}, which this launch would overwrite from "
+        f"iteration 0; resume that run with --load {ckpt.save} {instead}(Megatron-LM's --save X "
+        f"--load X), give another --save directory, or delete {ckpt.save} to start over"
+    )
+
+
+def check_writable_directory(flag: str, directory: str) -> None:
+    """One line when ``directory`` is not a directory this process can create and write in
+    (tried with a temporary file in it, or in its nearest existing parent; nothing is left)."""
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = ("is a file" if existing == os.path.abspath(directory)
+                else f"is under the file {existing}")
+        raise ConfigError(f"{flag} {directory} {what}, not a directory; give a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"{flag} {directory} cannot be written ({existing}: {error.strerror}); give a "
+            "directory this user can write, or fix its permissions"
+        ) from None
 
 
 def _report_load(ckpt, restored, regularizer, fresh_run) -> None:

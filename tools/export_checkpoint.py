@@ -37,9 +37,15 @@ def main(argv=None) -> int:
     try:
         out = export_checkpoint(args.load, args.output, tokenizer_dir=args.tokenizer_dir,
                                 force=args.force)
-    except CheckpointError as error:
+    except CheckpointError as error:  # the message names the directory
         print(f"export_checkpoint.py: error: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:  # a model the export does not cover, e.g. the Hash router
+        print(f"export_checkpoint.py: error: --load {args.load}: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # --output not writable, a full disk
+        print(f"export_checkpoint.py: error: --output {args.output}: {error}", file=sys.stderr)
+        return 1
     print(f"exported {args.load} to {out}")
     return 0
 

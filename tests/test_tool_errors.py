@@ -1,0 +1,26 @@
+"""The tools end in one ``error:`` line, not a traceback, on a checkpoint they cannot take
+(issue 26): ``tools/export_checkpoint.py`` on a Hash-router run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from test_training import REPO, authors_style_flags, corpus, ok, run  # noqa: F401
+
+
+def test_export_of_a_hash_router_run_is_one_line(corpus, tmp_path):
+    save = tmp_path / "hash"
+    ok(run(authors_style_flags(corpus, save, moe_relu_routing=None, moe_router_type="hash",
+                               train_iters=0, eval_interval=None, save_interval=None)))
+    out = tmp_path / "export"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "export_checkpoint.py"),
+                             "--load", str(save), "--output", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"export_checkpoint.py: error: --load {save}: the reference model "
+                           "does not implement the hash router")
+    assert "tools/evaluate.py" in line
+    assert not out.exists()
