@@ -18,6 +18,15 @@ from typing import Callable, Optional
 import torch
 
 
+class SamplingError(ValueError):
+    """A ``SamplingConfig`` field out of range: ``field`` and ``message`` let a command line name
+    its own flag."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"SamplingConfig.{field}: {message}")
+
+
 @dataclass
 class SamplingConfig:
     """How the next token is chosen."""
@@ -37,7 +46,7 @@ class SamplingConfig:
 
     def validate(self) -> "SamplingConfig":
         def fail(name, message):
-            raise ValueError(f"SamplingConfig.{name}: {message}")
+            raise SamplingError(name, message)
 
         if self.max_new_tokens < 1:
             fail("max_new_tokens", "must be >= 1")
@@ -86,7 +95,8 @@ def generate(
     """The new token ids after ``prompt_ids`` (the prompt itself not included).
 
     ``vocab_size``: the tokenizer's, below the model's padded vocabulary; ``context_length``: the
-    most positions the model takes (its ``seq_length``).
+    most positions the model takes (its ``seq_length``). The model sees the last
+    ``context_length`` tokens: of a longer prompt, only its end (``tools/generate.py`` says so).
     """
     config.validate()
     if not prompt_ids:

@@ -107,4 +107,19 @@ def test_checkpoint_and_export_generate_the_same_text(tmp_path_factory, tmp_path
 
     bad = cli("--load", str(export), "--prompt", "x", "--top-p", "2")
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "generate.py: error: SamplingConfig.top_p: must be in (0, 1]"
+    # named as the flag given, not as the dataclass field behind it
+    assert bad.stderr.strip() == "generate.py: error: --top-p 2.0: must be in (0, 1]"
+
+
+def test_a_prompt_longer_than_the_context_is_said_to_be_cut(tmp_path_factory):
+    load = checkpoint(tmp_path_factory, "relu")  # --seq-length 32
+    long_prompt = "def main():\n" + "    x = x + 1\n" * 40
+    result = cli("--load", load, "--prompt", "import os", "--prompt", long_prompt,
+                 "--temperature", "0", "--max-new-tokens", "2", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    notes = [line for line in result.stderr.splitlines() if line.startswith("generate.py: ")]
+    assert len(notes) == 1 and notes[0].startswith("generate.py: note: prompt 2 is ")
+    assert notes[0].endswith(" tokens; the model sees only its last 32 (the checkpoint's "
+                             "--seq-length)")
+    assert [json.loads(line)["prompt"] for line in result.stdout.splitlines()] == [
+        "import os", long_prompt]

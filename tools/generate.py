@@ -60,7 +60,7 @@ def load(directory: str, tokenizer_dir=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from remoe_patches.generation import SamplingConfig, generate
+    from remoe_patches.generation import SamplingConfig, SamplingError, generate
     from remoe_patches.checkpointing import CheckpointError
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -68,9 +68,19 @@ def main(argv=None) -> int:
                               stop_at_eod=not args.no_stop_at_eod)
     try:
         sampling.validate()
+    except SamplingError as error:  # in the terms of the flag given
+        print(f"generate.py: error: --{error.field.replace('_', '-')} "
+              f"{getattr(args, error.field)}: {error.message}", file=sys.stderr)
+        return 2
+    try:
         logits_fn, tokenizer, context = load(args.load, args.tokenizer_dir)
-        for prompt in args.prompt:
-            new = generate(logits_fn, tokenizer.tokenize(prompt), sampling,
+        for number, prompt in enumerate(args.prompt, start=1):
+            prompt_ids = tokenizer.tokenize(prompt)
+            if len(prompt_ids) > context:
+                print(f"generate.py: note: prompt {number} is {len(prompt_ids)} tokens; the "
+                      f"model sees only its last {context} (the checkpoint's --seq-length)",
+                      file=sys.stderr, flush=True)
+            new = generate(logits_fn, prompt_ids, sampling,
                            vocab_size=tokenizer.vocab_size, context_length=context,
                            eod=tokenizer.eod)
             completion = tokenizer.detokenize(new)
