@@ -40,7 +40,7 @@ from remoe_patches.data import (
 from remoe_patches.exit_signals import ExitSignals
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.megatron_fixes import initialize_adam_state
-from remoe_patches.metrics_log import METRICS_FILE, MetricsLog
+from remoe_patches.metrics_log import METRICS_FILE, MetricsLog, format_step_line
 from remoe_patches.model import (
     HAVE_WGRAD_FUSION,
     build_model,
@@ -202,6 +202,10 @@ def pretrain(config: RunConfig) -> RunState:
             if state.iteration % logging.log_interval == 0 or state.iteration == training.train_iters:
                 log_window(log, window, config, state, world_size, health)
                 window = []
+            elif state.iteration - state.start_iteration in EARLY_LINES:
+                # a launch's first steps on the console too (not in metrics.jsonl, whose records
+                # stay one per --log-interval window): a sign of life, and stage I's dense dip
+                log_window(log, [record], config, state, world_size, console_only=True)
             if logging.eval_interval and state.iteration % logging.eval_interval == 0 and splits.valid:
                 record.val_lm_loss = evaluate(model_chunks, batches_of(splits.valid, 0),
                                               num_microbatches, logging.eval_iters, device,
@@ -471,9 +475,14 @@ def evaluate(model_chunks, batches, num_microbatches: int, eval_iters: int,
     return float(loss)
 
 
+# A launch's steps that print a console line before their --log-interval window ends.
+EARLY_LINES = (1, 2, 5, 10)
+
+
 def log_window(log, window: list, config: RunConfig, state: RunState, world_size: int,
-               health: Optional[RoutingHealth] = None) -> None:
-    """Average the window's step records into one; report changes of the routing's health."""
+               health: Optional[RoutingHealth] = None, console_only: bool = False) -> None:
+    """Average the window's step records into one; report changes of the routing's health.
+    ``console_only``: the line alone (no record written, no health update)."""
     records = [r for r in window if not r.skipped] or window
     last = window[-1]
     seconds = sum(r.step_seconds for r in window) / len(window)
@@ -510,7 +519,7 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
         out["dead_experts_per_layer"] = [sorted(e for l, e in dead if l == layer + 1)
                                          for layer in torch.nonzero(moe_layers).flatten().tolist()]
         out["collapsed_layers"] = len(collapsed)
-        if health is not None:
+        if health is not None and not console_only:
             for line in health.update(state.iteration, dead, collapsed, len(records)):
                 log.print(line)
     else:
@@ -521,7 +530,10 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
                 float(r.load_balancing_loss_L.sum() / model_config.num_layers) for r in records)
     flops = training_flops_per_token(model_config, active) * tokens_per_step
     out["tflops_per_gpu"] = flops / seconds / world_size / 1e12
-    log.step(out)
+    if console_only:
+        log.print(format_step_line(out))
+    else:
+        log.step(out)
 
 
 def _exit_reason(training: TrainingConfig, state, run_started, signals, device) -> Optional[str]:

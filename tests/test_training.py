@@ -161,6 +161,16 @@ def test_two_ranks_train_like_one(corpus, tmp_path, initial_weights, single_proc
             assert got[key] == pytest.approx(expected[key], rel=2e-4, abs=1e-6), (iteration, key)
 
 
+def test_a_launchs_first_steps_print_before_its_first_log_interval(corpus, tmp_path):
+    save = tmp_path / "run"
+    result = ok(run(authors_style_flags(corpus, save, train_iters=12, log_interval=8,
+                                        eval_interval=None, save_interval=None)))
+    printed = [int(line.split()[1].rstrip("/")) for line in result.stdout.splitlines()
+               if line.startswith(" iteration ")]
+    assert printed == [1, 2, 5, 8, 10, 12]
+    assert sorted(steps(save)) == [8, 12]  # metrics.jsonl: one record per window, as before
+
+
 def test_resume_equals_uninterrupted(corpus, tmp_path):
     straight = tmp_path / "straight"
     ok(run(authors_style_flags(corpus, straight, save_interval=None, eval_interval=None)))

@@ -91,3 +91,13 @@ def test_no_warning_for_a_healthy_window():
     log_window(log, window, CONFIG, RunState(iteration=1), 1, health)
     assert log.lines == [] and log.records[0]["dead_experts"] == 0
     assert health.summary() is None
+
+
+def test_a_console_only_line_writes_no_record_and_leaves_the_health_alone():
+    health = RoutingHealth(persist=1)
+    log = CapturedLog()
+    window = [step_record([0.70, 0.999], [HEALTHY, STARVED])]
+    log_window(log, window, CONFIG, RunState(iteration=1), 1, health, console_only=True)
+    (line,) = log.lines
+    assert line.startswith(" iteration        1/      10 |") and "sparsity: " in line
+    assert log.records == [] and health.summary() is None
