@@ -162,7 +162,7 @@ def build_demo_corpus(
     return _corpus_at(out, num_tokens)
 
 
-def ensure_demo_corpus(cache_dir=None, **build_kwargs) -> DemoCorpus:
+def ensure_demo_corpus(cache_dir=None, *, on_build=None, **build_kwargs) -> DemoCorpus:
     """Return the demo corpus in ``cache_dir``, building it first if needed.
 
     A cache counts only when its ``MANIFEST.json`` exists and records the same parameters
@@ -172,6 +172,7 @@ def ensure_demo_corpus(cache_dir=None, **build_kwargs) -> DemoCorpus:
 
     Args:
         cache_dir: defaults to ``default_cache_dir()``.
+        on_build: called (no arguments) before a build, not when the cache is used.
         **build_kwargs: ``vocab_size``, ``max_chars_per_domain``, ``seed``.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -180,6 +181,8 @@ def ensure_demo_corpus(cache_dir=None, **build_kwargs) -> DemoCorpus:
     if cached is not None:
         return _corpus_at(cache, cached["num_tokens"])
 
+    if on_build is not None:
+        on_build()
     cache.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.building-", dir=cache.parent))
     stale = None

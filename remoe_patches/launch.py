@@ -35,9 +35,11 @@ def use_demo_corpus(config: RunConfig) -> RunConfig:
     """``config`` reading the embedded demo corpus and its tokenizer, built if needed."""
     from remoe_patches.demo_corpus import ensure_demo_corpus
 
-    if _is_first_rank():
-        print(" demo corpus: building on first use, cached afterwards ...", flush=True)
-    corpus = ensure_demo_corpus()
+    def building():  # said only when there is no cached copy to use
+        if _is_first_rank():
+            print(" demo corpus: building on first use, cached afterwards ...", flush=True)
+
+    corpus = ensure_demo_corpus(on_build=building)
     if _is_first_rank():
         print(f" demo corpus: {corpus.root} ({corpus.num_tokens:,} tokens)", flush=True)
     return config.replace(data=dict(

@@ -108,7 +108,9 @@ def format_step_line(r: dict) -> str:
         f"consumed samples: {r['consumed_samples']:12d}",
         f"elapsed time per iteration (ms): {r['ms_per_iteration']:.1f}",
         f"tokens/s: {r['tokens_per_sec']:.0f}",
-        f"TFLOP/s/GPU: {r['tflops_per_gpu']:.2f}",
+        # per process's device: a GPU, or on CPU the cores a process uses (the record's key
+        # keeps Megatron-LM's name)
+        f"TFLOP/s per device: {r['tflops_per_gpu']:.2f}",
         f"learning rate: {r['lr']:.6E}",
         f"global batch size: {r['global_batch_size']:5d}",
         f"lm loss: {r['lm_loss']:.6E}",

@@ -166,3 +166,21 @@ def test_rejects_bad_parameters(tmp_path):
     with pytest.raises(TypeError):
         ensure_demo_corpus(tmp_path / "demo", vocab=100)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_launch_says_building_only_when_it_builds(tmp_path, monkeypatch, capsys):
+    from remoe_patches import launch
+    from remoe_patches.config import ModelConfig, ParallelConfig
+    from remoe_patches.run_config import RunConfig, TrainingConfig
+
+    monkeypatch.setenv(demo_corpus.CACHE_DIR_ENV, str(tmp_path / "demo"))
+    real = demo_corpus.ensure_demo_corpus
+    monkeypatch.setattr(demo_corpus, "ensure_demo_corpus", lambda **kw: real(**kw, **SMALL))
+    model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                        vocab_size=600, seq_length=16)
+    config = RunConfig(model=model, parallel=ParallelConfig(), training=TrainingConfig(
+        micro_batch_size=1, global_batch_size=1, train_iters=1, lr=1e-3))
+    launch.use_demo_corpus(config)
+    assert "demo corpus: building on first use" in capsys.readouterr().out
+    launch.use_demo_corpus(config)
+    assert capsys.readouterr().out.startswith(f" demo corpus: {tmp_path / 'demo'} (")

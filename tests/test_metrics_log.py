@@ -58,14 +58,14 @@ def test_step_line_has_megatrons_columns_with_the_records_values():
     line = format_step_line(step_record())
     cols = columns(line)
     assert list(cols) == ["iteration", "train_iters", "consumed samples",
-                          "elapsed time per iteration (ms)", "tokens/s", "TFLOP/s/GPU",
+                          "elapsed time per iteration (ms)", "tokens/s", "TFLOP/s per device",
                           "learning rate", "global batch size", "lm loss", "grad norm",
                           "number of skipped iterations"]
     assert (cols["iteration"], cols["train_iters"]) == (3, 10)
     assert int(cols["consumed samples"]) == 12 and int(cols["global batch size"]) == 4
     assert float(cols["elapsed time per iteration (ms)"]) == pytest.approx(512.25, abs=0.05)
     assert float(cols["tokens/s"]) == pytest.approx(1234.4, abs=0.5)
-    assert float(cols["TFLOP/s/GPU"]) == pytest.approx(0.01234, abs=0.005)
+    assert float(cols["TFLOP/s per device"]) == pytest.approx(0.01234, abs=0.005)
     assert float(cols["learning rate"]) == pytest.approx(3.0e-4, rel=1e-6)
     assert float(cols["lm loss"]) == pytest.approx(5.4321098, rel=1e-6)
     assert re.search(r"lm loss: \d\.\d{6}E[+-]\d\d ", line)  # Megatron-LM's %E

@@ -207,7 +207,8 @@ def error_line(result) -> str:
 
 @pytest.mark.parametrize("changes, needle", [
     (dict(data_path="1.0 /nonexistent/prefix_text_document"), "prefix_text_document.bin does not exist"),
-    (dict(tensor_model_parallel_size=2), "does not divide the world size 1"),
+    (dict(tensor_model_parallel_size=2),
+     "error: --tensor-model-parallel-size: TP=2 x PP=1 does not divide the world size 1"),
     (dict(global_batch_size=5), "--global-batch-size"),
 ])
 def test_bad_input_one_line_and_nothing_written(corpus, tmp_path, changes, needle):
