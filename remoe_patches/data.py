@@ -11,10 +11,13 @@ samples whatever the new data-parallel size.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
+import numpy
 import torch
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -56,6 +59,72 @@ def drop_empty_splits(data_path: Sequence[str], split: str) -> tuple[str, list[s
             "give the training split a larger share"
         )
     return ",".join(f"{w:g}" for w in weights), dropped
+
+
+# Beside each dataset's .bin (or under --data-cache-path when that directory is read-only): its
+# largest token id, with the .bin's size and modification time it was computed from.
+MAX_TOKEN_ID_SUFFIX = ".max_token_id.json"
+_SCAN_CHUNK = 1 << 27  # tokens per numpy max() (256 MiB of uint16)
+
+
+def largest_token_id(prefix: str, cache_dir: Optional[str] = None) -> int:
+    """The largest token id in ``prefix.bin`` (-1 when it holds none).
+
+    One pass over the file with numpy (about 1 s per GB from the page cache), remembered in
+    ``prefix.max_token_id.json`` (or in ``cache_dir``) while the .bin keeps its size and
+    modification time.
+    """
+    bin_path = prefix + ".bin"
+    stat = os.stat(bin_path)
+    key = {"bin_size": stat.st_size, "bin_mtime_ns": stat.st_mtime_ns}
+    caches = [prefix + MAX_TOKEN_ID_SUFFIX]
+    if cache_dir:
+        digest = hashlib.sha256(os.path.abspath(bin_path).encode()).hexdigest()[:16]
+        caches.append(os.path.join(cache_dir, f"{os.path.basename(prefix)}-{digest}"
+                                              f"{MAX_TOKEN_ID_SUFFIX}"))
+    for path in caches:
+        try:
+            with open(path) as f:
+                cached = json.load(f)
+            if {name: cached.get(name) for name in key} == key:
+                return int(cached["max_token_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    dtype = IndexedDataset(prefix).index.dtype
+    tokens = numpy.memmap(bin_path, dtype=dtype, mode="r") if stat.st_size else []
+    largest = -1
+    for start in range(0, len(tokens), _SCAN_CHUNK):
+        largest = max(largest, int(tokens[start:start + _SCAN_CHUNK].max()))
+    for path in caches:  # the first place that takes it; none is fine
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            temporary = f"{path}.{os.getpid()}.tmp"
+            with open(temporary, "w") as f:
+                json.dump({**key, "max_token_id": largest}, f)
+            os.replace(temporary, path)
+            break
+        except OSError:
+            continue
+    return largest
+
+
+def check_token_ids(blends: Sequence[tuple[str, Sequence[str]]], vocab_size: int, *,
+                    tokenizer: str, cache_dir: Optional[str] = None) -> None:
+    """Refuse data with a token id outside the (padded) vocabulary, which the embedding would
+    index out of range at step 1 (an IndexError on CPU, a device-side assert on a GPU): data
+    preprocessed with another tokenizer. ``blends``: ``(flag, blend)`` pairs; ``tokenizer``
+    describes the run's tokenizer for the message."""
+    for flag, blend in blends:
+        prefixes, _weights = get_blend_from_list(list(blend))
+        for prefix in prefixes:
+            largest = largest_token_id(prefix, cache_dir)
+            if largest >= vocab_size:
+                raise ValueError(
+                    f"{flag}: {prefix} holds token id {largest}, outside this run's vocabulary "
+                    f"({tokenizer}, padded to {vocab_size}): the data was tokenized with another "
+                    "tokenizer; give the tokenizer it was preprocessed with, or preprocess it "
+                    "again with this one (tools/preprocess_data.py)"
+                )
 
 
 @dataclass

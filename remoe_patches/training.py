@@ -33,6 +33,7 @@ from remoe_patches.config import SWITCH_AUX_LOSS_ROUTERS, ConfigError
 from remoe_patches.data import (
     build_splits,
     check_data_paths,
+    check_token_ids,
     drop_empty_splits,
     micro_batches,
     to_device,
@@ -112,6 +113,8 @@ def pretrain(config: RunConfig) -> RunState:
         tokenizer.vocab_size, data.make_vocab_size_divisible_by,
         config.parallel.tensor_model_parallel_size,
     )
+    check_token_ids(data_blends(data), vocab_size, tokenizer=describe_tokenizer(data, tokenizer),
+                    cache_dir=data.data_cache_path)
     # The run as it is trained (and saved): the padded vocabulary, the global batch size, the
     # layers actually built (a checkpoint says 'local' when TE was asked for but absent).
     config = config.replace(model=dict(vocab_size=vocab_size),
@@ -308,6 +311,22 @@ def check_writable_directory(flag: str, directory: str) -> None:
             f"{flag} {directory} cannot be written ({existing}: {error.strerror}); give a "
             "directory this user can write, or fix its permissions"
         ) from None
+
+
+def data_blends(data) -> list:
+    """``(flag, blend)`` for each blend the run reads from disk."""
+    if data.mock_data:
+        return []
+    named = [("--data-path", data.data_path), ("--train-data-path", data.train_data_path),
+             ("--valid-data-path", data.valid_data_path), ("--test-data-path", data.test_data_path)]
+    return [(flag, blend) for flag, blend in named if blend]
+
+
+def describe_tokenizer(data, tokenizer) -> str:
+    """'--tokenizer-type T (FILE, N tokens)' for messages."""
+    source = data.vocab_file or data.tokenizer_model
+    return (f"--tokenizer-type {data.tokenizer_type} ({source + ', ' if source else ''}"
+            f"{tokenizer.vocab_size} tokens)")
 
 
 def _report_load(ckpt, restored, regularizer, fresh_run) -> None:

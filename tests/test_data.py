@@ -8,6 +8,7 @@ global samples ``[i*G, (i+1)*G)`` in chunks of ``micro_batch * DP``, rank ``r`` 
 
 from __future__ import annotations
 
+import json
 import types
 
 import numpy
@@ -17,10 +18,13 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from remoe_patches.data import (
+    MAX_TOKEN_ID_SUFFIX,
     build_splits,
     check_data_paths,
+    check_token_ids,
     collate,
     drop_empty_splits,
+    largest_token_id,
     micro_batches,
     to_device,
 )
@@ -274,3 +278,65 @@ def test_to_device_moves_every_tensor():
     for key, value in moved.items():
         assert value.device.type == "meta", key
         assert value.shape == batch[key].shape and value.dtype == batch[key].dtype
+
+
+# --- token ids against the vocabulary (issue 26: IndexError at step 1) ----------------------
+
+
+def test_largest_token_id_is_computed_once_and_cached_beside_the_data(ten_documents, tmp_path):
+    assert largest_token_id(ten_documents) == 196  # document 9: 190..196, EOD
+    cache = tmp_path / f"ten{MAX_TOKEN_ID_SUFFIX}"
+    record = json.loads(cache.read_text())
+    assert record["max_token_id"] == 196
+    cache.write_text(json.dumps({**record, "max_token_id": 7}))
+    assert largest_token_id(ten_documents) == 7  # read back, not recomputed
+    write_dataset(tmp_path / "ten", [document(i) for i in range(12)])  # the data changed
+    assert largest_token_id(ten_documents) == 216
+
+
+def test_the_cache_goes_to_the_data_cache_path_when_the_data_directory_is_read_only(
+        ten_documents, tmp_path, monkeypatch):
+    real_open = open
+
+    def read_only_beside_the_data(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(path).startswith(str(tmp_path / "ten")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only_beside_the_data)
+    cache_dir = tmp_path / "cache"
+    assert largest_token_id(ten_documents, str(cache_dir)) == 196
+    assert not (tmp_path / f"ten{MAX_TOKEN_ID_SUFFIX}").exists()
+    [cached] = cache_dir.iterdir()
+    assert cached.name.endswith(MAX_TOKEN_ID_SUFFIX)
+
+
+def test_token_ids_beyond_the_padded_vocabulary_are_refused_naming_the_data(ten_documents):
+    check_token_ids([("--data-path", [ten_documents])], 197, tokenizer="T")
+    with pytest.raises(ValueError) as error:
+        check_token_ids([("--data-path", ["1.0", ten_documents])], 196,
+                        tokenizer="--tokenizer-type GPT2BPETokenizer (vocab.json, 150 tokens)")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"--data-path: {ten_documents} holds token id 196, outside this "
+                              "run's vocabulary (--tokenizer-type GPT2BPETokenizer (vocab.json, "
+                              "150 tokens), padded to 196)")
+    assert "tools/preprocess_data.py" in message
+
+
+def test_data_of_another_tokenizer_is_one_line_at_start_up(tmp_path):
+    from test_training import authors_style_flags, run
+    from remoe_patches.demo_corpus import build_demo_corpus
+
+    corpus = build_demo_corpus(tmp_path / "corpus", vocab_size=384, max_chars_per_domain=5_000)
+    # the same documents as a 50k-token tokenizer would number them
+    other = write_dataset(tmp_path / "other", [[50_000 + j for j in range(40)] for _ in range(50)])
+    save = tmp_path / "never"
+    result = run(authors_style_flags(corpus, save, data_path=f"1.0 {other}"))
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    [line] = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+    assert f"--data-path: {other} holds token id 50039, outside this run's vocabulary " \
+           "(--tokenizer-type GPT2BPETokenizer" in line
+    assert "padded to 512)" in line
+    assert not save.exists()
