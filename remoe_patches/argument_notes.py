@@ -5,12 +5,16 @@ from __future__ import annotations
 
 SPEED_ONLY_ON_CPU = "speed-only on GPUs; no effect on CPU"
 NEEDS_TE = "needs transformer-engine, which is not installed"
+NEEDS_APEX_WGRAD = ("the fusion needs apex's fused_weight_gradient_mlp_cuda kernel, which is not "
+                    "installed; it is off anyway")
 
 
 def ineffective_flags(
-    args, *, cuda_available: bool, transformer_engine_available: bool
+    args, *, cuda_available: bool, transformer_engine_available: bool,
+    wgrad_fusion_available: bool = False,
 ) -> list:
-    """``(flag, reason)`` for each flag given (``args.given``) that has no effect here."""
+    """``(flag, reason)`` for each flag given (``args.given``) that has no effect here
+    (``wgrad_fusion_available``: apex's fused weight-gradient kernel imports)."""
     given = args.given
     found = {}
 
@@ -32,8 +36,9 @@ def ineffective_flags(
         ("bias_dropout_fusion", "--no-bias-dropout-fusion"),
     ]:
         note(dest, flag, SPEED_ONLY_ON_CPU, when=on_cpu)
-    note("gradient_accumulation_fusion", "--no-gradient-accumulation-fusion", needs_te_kernel,
-         when=te_missing)
+    note("gradient_accumulation_fusion", "--no-gradient-accumulation-fusion",
+         SPEED_ONLY_ON_CPU if on_cpu else NEEDS_APEX_WGRAD,
+         when=not (cuda_available and wgrad_fusion_available))
     note("transformer_impl", "--transformer-impl",
          "transformer-engine is not installed; megatron-core's local layers are used",
          when=not transformer_engine_available)

@@ -3,8 +3,9 @@ here, train.
 
 Bad input ends the run with one line on stderr (``error: ...``, exit code 2) before anything is
 written; a failure of the machine's (an ``OSError``: a directory that cannot be written, a full
-disk during a save) with one line and exit code 1; Ctrl-C with one line and exit code 130. Set
-``REMOE_DEBUG=1`` to see the traceback instead.
+disk during a save) or of the GPU's (out of memory, with what lowers it) with one line and exit
+code 1; Ctrl-C with one line and exit code 130. Set ``REMOE_DEBUG=1`` to see the traceback
+instead.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 
 from remoe_patches.argument_notes import ineffective_flags
 from remoe_patches.arguments import parse_command_line
-from remoe_patches.model import HAVE_TE
+from remoe_patches.machine_notes import less_memory, machine_notes
+from remoe_patches.model import HAVE_TE, HAVE_WGRAD_FUSION, transformer_impl_in_use
 from remoe_patches.parallel import destroy_parallel
 from remoe_patches.run_config import RunConfig
 
@@ -47,6 +49,16 @@ def use_demo_corpus(config: RunConfig) -> RunConfig:
         merge_file=corpus.merge_file, tokenizer_type="GPT2BPETokenizer"))
 
 
+def notes_on_this_machine(config: RunConfig) -> list:
+    """``machine_notes`` for this process's machine and launch."""
+    gpu_memory = (torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+                  if torch.cuda.is_available() else None)
+    return machine_notes(
+        config, transformer_engine=transformer_impl_in_use(
+            config.layers.transformer_impl) == "transformer_engine",
+        world_size=int(os.environ.get("WORLD_SIZE", 1)), gpu_memory_bytes=gpu_memory)
+
+
 def main(argv=None) -> int:
     from remoe_patches.training import TrainingStopped, pretrain
 
@@ -58,10 +70,14 @@ def main(argv=None) -> int:
         if _is_first_rank():
             notes = ineffective_flags(
                 args, cuda_available=torch.cuda.is_available(),
-                transformer_engine_available=HAVE_TE,
+                transformer_engine_available=HAVE_TE, wgrad_fusion_available=HAVE_WGRAD_FUSION,
             )
             for flag, reason in notes:
                 print(f" note: {flag} has no effect here: {reason}", flush=True)
+        # On every rank: a run that cannot fit is refused by all of them alike.
+        for note in notes_on_this_machine(config):
+            if _is_first_rank():
+                print(f" note: {note}", flush=True)
         state = pretrain(config)
     except ValueError as error:  # ConfigError, CheckpointError: the same on every rank
         if os.environ.get("REMOE_DEBUG"):
@@ -73,6 +89,12 @@ def main(argv=None) -> int:
         if os.environ.get("REMOE_DEBUG"):
             raise
         print(f"error: {_rank_prefix()}{error}", file=sys.stderr, flush=True)
+        return 1
+    except torch.OutOfMemoryError as error:
+        if os.environ.get("REMOE_DEBUG"):
+            raise
+        print(f"error: {_rank_prefix()}out of GPU memory ({str(error).splitlines()[0]}); "
+              f"lower it with {less_memory(config)}", file=sys.stderr, flush=True)
         return 1
     except TrainingStopped as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

@@ -118,7 +118,12 @@ def memory_note(config, world_size: int, gpu_memory_bytes: int) -> Optional[str]
     stage = (" and ReMoE's stage I (routing still dense for the first ~100 steps, several "
              "experts per token) adds the run's largest activations"
              if config.model.router == "relu" else "")
+    return f"{share}{stage}; if it runs out of memory: {less_memory(config)}"
+
+
+def less_memory(config) -> str:
+    """What lowers a run's GPU memory, beginning with what ``config`` does not do yet."""
     fixes = ["a smaller --micro-batch-size", "more GPUs with --use-distributed-optimizer"]
     if config.layers.recompute_granularity is None:
         fixes.insert(0, "--moe-layer-recompute (or --recompute-granularity full)")
-    return f"{share}{stage}; if it runs out of memory: {', '.join(fixes)}"
+    return ", ".join(fixes)

@@ -462,3 +462,13 @@ def test_every_missing_recipe_flag_is_reported_at_once(capsys):
 def test_demo_corpus_gets_megatron_lms_default_split():
     args = parse_args([*without(TINY, "--train-iters"), "--train-iters", "2", "--demo-corpus"])
     assert args.split == "969, 30, 1"
+
+
+def test_gradient_accumulation_fusion_flag_is_noted_by_apex_kernel_not_transformer_engine():
+    args = parse_args([*TINY, "--no-gradient-accumulation-fusion"])
+    assert "--no-gradient-accumulation-fusion" in flags_of(args, **GPU_WITH_TE)
+    assert "--no-gradient-accumulation-fusion" not in flags_of(
+        args, **GPU_WITH_TE, wgrad_fusion_available=True)
+    assert "--no-gradient-accumulation-fusion" not in flags_of(
+        args, cuda_available=True, transformer_engine_available=False,
+        wgrad_fusion_available=True)

@@ -232,6 +232,16 @@ def test_save_without_psutil_is_refused_at_start_instead_of_hanging(corpus, tmp_
     assert not save.exists()
 
 
+def test_load_of_another_architecture_names_the_differing_flags(corpus, tmp_path, initial_weights):
+    # initial_weights: the authors' flags at hidden size 64 and 8 experts, iteration 0
+    save = tmp_path / "other"
+    line = error_line(run(authors_style_flags(corpus, save, hidden_size=32, num_experts=4)
+                          + initial_weights))
+    assert "--hidden-size: checkpoint 64, this run 32" in line
+    assert "--num-experts x --moe-granularity: checkpoint 8, this run 4" in line
+    assert not save.exists()
+
+
 def test_batch_not_divisible_by_data_parallel_ranks(corpus, tmp_path):
     save = tmp_path / "never"
     result = run(authors_style_flags(corpus, save, global_batch_size=6), nproc=2)

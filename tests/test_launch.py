@@ -1,0 +1,48 @@
+"""pretrain_gpt.py's body (``launch.main``) on what only a GPU machine meets: a run that cannot
+fit is refused before it starts, and running out of memory ends in one line naming the fixes."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from remoe_patches import launch, training
+
+from test_arguments import TINY_MOE
+
+RUN = [*TINY_MOE, "--mock-data"]  # pretrain itself is replaced
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """torch sees one CUDA device of ``memory`` bytes (only its properties are asked)."""
+    def with_memory(memory):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device: types.SimpleNamespace(total_memory=memory))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    return with_memory
+
+
+def test_a_run_that_cannot_fit_the_gpu_is_refused_before_it_starts(pretend_gpu, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setattr(training, "pretrain", lambda config: pytest.fail("it started"))
+    pretend_gpu(2 ** 20)  # 1 MiB
+    assert launch.main(RUN) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: the model does not fit")
+
+
+def test_out_of_gpu_memory_is_one_line_with_what_lowers_it(monkeypatch, capsys):
+    def runs_out(config):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
+
+    monkeypatch.setattr(training, "pretrain", runs_out)
+    assert launch.main(RUN) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB.)" in error
+    assert "--moe-layer-recompute" in error and "--micro-batch-size" in error
