@@ -23,9 +23,12 @@ For every phase: ms per step (median, 25th-75th percentile), tokens/s, model TFL
 against the device's bf16 peak, none on CPU); memory: what the model holds between steps
 (weights, gradients, optimizer state) plus the peak of one step above it (CUDA: allocated
 bytes; CPU: resident set, sampled every millisecond), and that step peak alone; the routers'
-share of the step time (each router's forward and backward re-run alone on the input it last
-saw); host synchronisations per step: all of them, and those made by the routers, the
-regularizer and the coefficient update (which must be zero).
+share of the step time, measured inside the same timed steps (each router's forward, and its
+backward from its output's gradient to its input's, on the step's own clock: CUDA events on a
+GPU), so it is a part of the step it is a share of; host synchronisations per step: all of
+them, and those made by the routers, the regularizer and the coefficient update (which must be
+zero). A step-time ratio whose spread exceeds ``MEANINGFUL_SPREAD`` (a busy machine) is reported
+as not meaningful instead of with a verdict.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ from remoe_patches.training_step import StepRecord, topk_load_balancing_loss, tr
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 ROUTERS = ("dense", "topk", "relu", "hash", "expert_choice", "sparsemixer", "lory")
 DEFAULT_ROUTERS = ("dense", "topk", "relu")
+# A ratio of two step times is compared with 1 only while its spread (the two relative half
+# IQRs in quadrature) is at most this; beyond, the machine's noise decides the verdict.
+MEANINGFUL_SPREAD = 0.25
 REMOE_SCOPE = "router+regularizer+update"
 
 
@@ -99,8 +105,6 @@ class BenchmarkConfig:
     """Keep all models in memory and time their final phases in alternating rounds."""
     rounds: int = 5
     """Alternating rounds when interleaving (the timed steps are split over them)."""
-    router_timing_repeats: int = 21
-    """Repetitions of each router's isolated forward+backward (their median counts)."""
     recompute: str = "none"
     """Activation recomputation: ``none``, ``moe`` (the MoE layers) or ``full``."""
     grouped_gemm: bool = True
@@ -138,8 +142,7 @@ class BenchmarkConfig:
             fail("token_dispatcher",
                  f"{self.token_dispatcher!r} is not one of sorted, alltoall, allgather")
         for name in ("micro_batch_size", "num_microbatches", "steps", "stage1_steps",
-                     "settle_window",
-                     "router_timing_repeats", "rounds"):
+                     "settle_window", "rounds"):
             if getattr(self, name) < 1:
                 fail(name, "must be >= 1")
         if self.interleave and self.rounds > self.steps:
@@ -178,6 +181,9 @@ class PhaseResult:
     settled_after_steps: Optional[int] = None
     syncs_by_source: dict = field(default_factory=dict)
     """Host syncs per step by the part of the step that made them (``host_sync.SOURCES``)."""
+    router_step_ms: Optional[list] = None
+    """The routers' milliseconds in each timed step (``router_share``: the median of their
+    shares of ``step_ms``)."""
 
     @property
     def label(self) -> str:
@@ -287,8 +293,9 @@ class _Session:
             count=max(8, config.num_microbatches), device=device, seed=config.seed))
         self.routers = [m for chunk in self.objects.model_chunks for m in chunk.modules()
                         if isinstance(m, Router)]
-        self.router_inputs: dict = {}
         self.syncs = None
+        self.clock = None  # a _RouterClock while timed steps run
+        self._router_calls: dict = {}
         self.resident_memory = 0  # known after the warm-up has created the optimizer state
         self._router_hooks = []
         self._hook_routers()
@@ -303,14 +310,35 @@ class _Session:
             handle.remove()
         self._router_hooks = []
 
-    # Router hooks: remember each router's last input; count its syncs under REMOE_SCOPE.
+    # Router hooks: count each router's syncs under REMOE_SCOPE; while timing, clock its forward
+    # (pre-hook to hook) and its backward (its output's gradient to its input's: the input goes
+    # through a view that only the router uses, so its gradient is the router's alone).
     def _enter_router(self, module, args):
-        self.router_inputs[module] = args[0].detach()
         if self.syncs is not None:
             self._scope = self.syncs.scope(REMOE_SCOPE)
             self._scope.__enter__()
+        if self.clock is None:
+            return None
+        clock, call = self.clock, {"forward": self.clock.mark()}
+        self._router_calls[module] = call
+        routed = args[0].view_as(args[0])
+        if not routed.requires_grad:  # no backward (e.g. the no-grad pass of recomputation)
+            return None
+
+        def input_gradient(grad):
+            if "backward" in call:
+                clock.add(call.pop("backward"), clock.mark())
+
+        routed.register_hook(input_gradient)
+        return (routed, *args[1:])
 
     def _leave_router(self, module, args, output):
+        if self.clock is not None and module in self._router_calls:
+            clock, call = self.clock, self._router_calls.pop(module)
+            clock.add(call["forward"], clock.mark())
+            probs = output[0] if isinstance(output, tuple) else output
+            if probs.requires_grad:
+                probs.register_hook(lambda grad: call.__setitem__("backward", clock.mark()))
         if self.syncs is not None:
             self._scope.__exit__(None, None, None)
 
@@ -335,8 +363,10 @@ class _Session:
             torch.cuda.synchronize()
 
     def timed_steps(self, count: int, timing: "Timing") -> None:
-        """Run ``count`` steps, adding their times, records and host syncs to ``timing``."""
+        """Run ``count`` steps, adding their times (the routers' part too), records and host
+        syncs to ``timing``."""
         self.syncs = sync_counter(self.device)
+        self.clock = _RouterClock(self.device)
         with self.syncs:
             for _ in range(count):
                 self.synchronize()
@@ -344,6 +374,8 @@ class _Session:
                 timing.records.append(self.step())
                 self.synchronize()
                 timing.step_ms.append(1000.0 * (time.perf_counter() - started))
+                timing.router_ms.append(self.clock.end_step())
+        self.clock = None
         timing.syncs += self.syncs.total
         timing.remoe_syncs += self.syncs.by_scope[REMOE_SCOPE]
         timing.syncs_by_source.update(self.syncs.by_source)
@@ -380,41 +412,41 @@ class _Session:
             self.step()
         return sampler.peak - sampler.start
 
-    def router_ms_per_step(self) -> Optional[float]:
-        """Each router's forward+backward, re-run alone on the input it last saw (the median of
-        ``router_timing_repeats`` runs: single runs of a small router are noisy), summed over
-        layers and micro-batches. Includes the regularizer's work on the gates."""
-        if not self.routers:
-            return None
-        repeats = self.config.router_timing_repeats
-        total_ms = 0.0
-        self._unhook_routers()  # time the routers, not the benchmark's instrumentation
-        for router_module in self.routers:
-            inputs = self.router_inputs[router_module].clone().requires_grad_(True)
-            run_ms = []
-            for rep in range(repeats + 1):  # the first run is untimed
-                self.synchronize()
-                started = time.perf_counter()
-                probs, _ = router_module(inputs)
-                if probs.requires_grad:  # (a hash router has nothing to learn)
-                    torch.autograd.backward(probs, torch.ones_like(probs))
-                self.synchronize()
-                run_ms.append(1000.0 * (time.perf_counter() - started))
-            total_ms += statistics.median(run_ms[1:])
-        self._hook_routers()
-        # What the extra runs recorded must not reach the next step.
-        topk_load_balancing_loss(1)
-        if self.objects.regularizer is not None:
-            self.objects.regularizer.finish_step(update=False)
-        for chunk in self.objects.model_chunks:
-            chunk.zero_grad_buffer()
-        return total_ms * self.config.num_microbatches
-
     def close(self) -> None:
-        self.objects = self.routers = self.router_inputs = self.batches = None
+        self.objects = self.routers = self.batches = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+class _RouterClock:
+    """The routers' time inside each timed step, on the step's own timeline (CUDA events on a
+    GPU, recorded in the stream without waiting; ``perf_counter`` on CPU). The intervals of one
+    step follow each other (layer after layer, forward then backward), so their sum is a part of
+    the step's time."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.intervals: list = []
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, start, end) -> None:
+        self.intervals.append((start, end))
+
+    def end_step(self) -> float:
+        """The routers' milliseconds in the step just synchronized; starts the next step."""
+        if self.cuda:
+            ms = sum(start.elapsed_time(end) for start, end in self.intervals)
+        else:
+            ms = 1000.0 * sum(end - start for start, end in self.intervals)
+        self.intervals = []
+        return ms
 
 
 class _ResidentSetSampler:
@@ -465,6 +497,7 @@ class Timing:
     """What the timed steps of one phase gathered."""
 
     step_ms: list = field(default_factory=list)
+    router_ms: list = field(default_factory=list)  # the routers' part of each step
     records: list = field(default_factory=list)
     syncs: int = 0
     remoe_syncs: int = 0
@@ -486,7 +519,10 @@ def finish_phase(session: _Session, phase: str, timing: Timing, peak_tflops: Opt
     tokens_per_step = config.micro_batch_size * config.num_microbatches * model_config.seq_length
     flops_per_step = training_flops_per_token(model_config, active) * tokens_per_step
     tflops = flops_per_step / (median / 1000.0) / 1e12
-    router_ms = session.router_ms_per_step()
+    router_ms = router_share = None
+    if session.routers:  # the routers' part of the same steps (median of the per-step shares)
+        router_ms = statistics.median(timing.router_ms)
+        router_share = statistics.median(r / t for r, t in zip(timing.router_ms, times))
     step_memory = session.step_memory()
     return PhaseResult(
         router=session.router, phase=phase, step_ms=times, median_ms=median,
@@ -496,7 +532,7 @@ def finish_phase(session: _Session, phase: str, timing: Timing, peak_tflops: Opt
         mfu=None if peak_tflops is None else tflops / peak_tflops,
         peak_memory=session.resident_memory + step_memory, step_memory=step_memory,
         router_ms_per_step=router_ms,
-        router_share=None if router_ms is None else router_ms / median,
+        router_share=router_share, router_step_ms=timing.router_ms if session.routers else None,
         syncs_per_step=timing.syncs / steps, remoe_syncs_per_step=timing.remoe_syncs / steps,
         settled_after_steps=settled_after,
         syncs_by_source={source: count / steps
@@ -634,14 +670,17 @@ def _block_size(total: int, rounds: int, index: int) -> int:
 
 def step_time_ratios(results: list) -> dict:
     """ReMoE/TopK (per ReMoE phase) and MoE/dense median step-time ratios with their spread
-    (the two phases' relative half-IQRs added in quadrature)."""
+    (the two phases' relative half-IQRs added in quadrature). ``meaningful``: the spread is at
+    most ``MEANINGFUL_SPREAD``; otherwise ``at_most_1`` is None (no verdict)."""
     by_label = {r.label: r for r in results}
     ratios = {}
 
     def ratio(name, numerator, denominator):
         spread = math.hypot(numerator.relative_spread, denominator.relative_spread)
         value = numerator.median_ms / denominator.median_ms
-        ratios[name] = {"ratio": value, "spread": spread, "at_most_1": value <= 1.0 + spread}
+        meaningful = spread <= MEANINGFUL_SPREAD
+        ratios[name] = {"ratio": value, "spread": spread, "meaningful": meaningful,
+                        "at_most_1": value <= 1.0 + spread if meaningful else None}
 
     topk, dense = by_label.get(ROUTER_TITLES["topk"]), by_label.get(ROUTER_TITLES["dense"])
     for result in results:
@@ -689,12 +728,19 @@ def format_table(report: dict) -> str:
     lines.append("")
     lines += _syncs_by_source_table(report["results"])
     lines.append("")
+    noisy = False
     for name, value in report["ratios"].items():
         verdict = "<= 1.00 within spread" if value["at_most_1"] else "> 1.00"
         if "Dense" in name:
             verdict = ""
+        if not value.get("meaningful", True):
+            verdict, noisy = "not meaningful: the step times spread too much", True
         lines.append(f"{name}: {value['ratio']:.3f} (spread +-{100 * value['spread']:.1f}%)"
                      + (f"  {verdict}" if verdict else ""))
+    if noisy:
+        lines.append(f"A spread over +-{100 * MEANINGFUL_SPREAD:.0f}% means the machine was busy "
+                     "(other processes, clock changes): rerun on an idle machine, or with more "
+                     "--steps and --rounds.")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from remoe_patches.router import ReLURouter
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(preset="tiny", micro_batch_size=4, warmup_steps=2, steps=4, stage1_steps=3,
-             rounds=2, router_timing_repeats=1, max_settle_steps=300, token_dispatcher="sorted")
+             rounds=2, max_settle_steps=300, token_dispatcher="sorted")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,74 @@ def test_timings_memory_and_router_share_are_consistent(report):
             assert r.router_share is None
         else:
             assert 0 < r.router_ms_per_step and 0 < r.router_share < 1
+
+
+def test_router_share_is_the_routers_part_of_the_same_steps(report):
+    for r in report["results"]:
+        if r.router == "dense":
+            assert r.router_step_ms is None
+            continue
+        assert len(r.router_step_ms) == len(r.step_ms)
+        assert all(0 < router < step for router, step in zip(r.router_step_ms, r.step_ms))
+        shares = sorted(router / step for router, step in zip(r.router_step_ms, r.step_ms))
+        assert r.router_share == pytest.approx(
+            (shares[(len(shares) - 1) // 2] + shares[len(shares) // 2]) / 2)
+
+
+def test_load_outside_the_timed_steps_does_not_reach_the_router_share(single_rank,
+                                                                       monkeypatch):
+    """issue 26: router shares of 130-420% on a busy machine, the routers having been timed
+    apart from the steps. Here the machine is 'busy' (every router call 50 ms slower) whenever
+    no timed step runs."""
+    busy = {"now": True}
+    timed_steps, routing = benchmark._Session.timed_steps, ReLURouter.routing
+
+    def quiet_while_timed(self, count, timing):
+        busy["now"] = False
+        try:
+            timed_steps(self, count, timing)
+        finally:
+            busy["now"] = True
+
+    def routing_under_load(self, logits):
+        if busy["now"]:
+            time.sleep(0.05)
+        return routing(self, logits)
+
+    monkeypatch.setattr(benchmark._Session, "timed_steps", quiet_while_timed)
+    monkeypatch.setattr(ReLURouter, "routing", routing_under_load)
+    config = BenchmarkConfig(**{**SMALL, "routers": ("relu",), "max_settle_steps": 1,
+                                "interleave": False})
+    for result in run_benchmark(config, progress=lambda line: None)["results"]:
+        assert 0 < result.router_share < 0.5, (result.label, result.router_share)
+
+
+def phase(router, step_ms, phase=""):
+    median = sorted(step_ms)[len(step_ms) // 2]
+    return benchmark.PhaseResult(
+        router=router, phase=phase, step_ms=step_ms, median_ms=median,
+        p25_ms=benchmark._percentile(step_ms, 0.25), p75_ms=benchmark._percentile(step_ms, 0.75),
+        tokens_per_s=1.0, active_experts_per_token=1.0, sparsity=None, model_tflops=1.0,
+        mfu=None, peak_memory=0, step_memory=0, router_ms_per_step=None, router_share=None,
+        syncs_per_step=0, remoe_syncs_per_step=0)
+
+
+def test_a_spread_too_large_gives_no_verdict():
+    # issue 26: spreads of +-600-1400% on a busy machine, then "<= 1.00 within spread"
+    calm = [phase("topk", [40.0, 41.0, 42.0, 43.0, 44.0]),
+            phase("relu", [41.0, 42.0, 43.0, 44.0, 45.0], "stage III")]
+    busy = [phase("topk", [40.0, 41.0, 42.0, 900.0, 950.0]),
+            phase("relu", [30.0, 31.0, 43.0, 700.0, 800.0], "stage III")]
+    quiet, noisy = benchmark.step_time_ratios(calm), benchmark.step_time_ratios(busy)
+    name = "ReMoE (stage III) / TopK MoE"
+    assert quiet[name]["meaningful"] and quiet[name]["at_most_1"] is True
+    assert not noisy[name]["meaningful"] and noisy[name]["at_most_1"] is None
+    report = dict(device="CPU", results=busy, ratios=noisy)
+    table = format_table(report)
+    line = next(l for l in table.splitlines() if l.startswith(name))
+    assert "not meaningful" in line and "<= 1.00" not in line and "> 1.00" not in line
+    assert "rerun on an idle machine" in table
+    assert "within spread" in format_table(dict(device="CPU", results=calm, ratios=quiet))
 
 
 def test_ratios_are_the_medians_ratios(report):
