@@ -1,5 +1,6 @@
 """The tools end in one ``error:`` line, not a traceback, on a checkpoint they cannot take
-(issue 26): ``tools/export_checkpoint.py`` on a Hash-router run."""
+(issue 26): ``tools/export_checkpoint.py`` on a Hash-router run, ``tools/evaluate.py`` on a
+directory without a checkpoint."""
 
 from __future__ import annotations
 
@@ -24,3 +25,15 @@ def test_export_of_a_hash_router_run_is_one_line(corpus, tmp_path):
                            "does not implement the hash router")
     assert "tools/evaluate.py" in line
     assert not out.exists()
+
+
+def test_evaluate_of_a_directory_without_a_checkpoint_is_one_line(tmp_path):
+    empty = tmp_path / "no_run"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "--load",
+                             str(empty), "--tasks", "piqa"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    [line] = [l for l in result.stderr.splitlines() if "error" in l]
+    assert line.startswith(f"evaluate.py: error: --load {empty}: {empty} holds no checkpoint")
