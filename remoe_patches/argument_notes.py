@@ -115,13 +115,15 @@ def ineffective_flags(
                                                      "moe_z_loss_coeff")
         note(dest, f"--{dest.replace('_', '-')}", f"not used by --moe-router-type {router}",
              when=baseline and not kept)
-    for dest, owner in (("moe_hash_seed", "hash"),
+    for dest, owner in (("moe_hash_type", "hash"), ("moe_hash_seed", "hash"),
                         ("moe_expert_choice_capacity_factor", "expert_choice"),
                         ("moe_expert_choice_group", "expert_choice"),
                         ("moe_sparsemixer_jitter_eps", "sparsemixer"),
                         ("moe_lory_segment_length", "lory"), ("moe_lory_first_segment", "lory")):
         note(dest, f"--{dest.replace('_', '-')}", f"only used with --moe-router-type {owner}",
              when=router != owner)
+    note("moe_hash_seed", "--moe-hash-seed", "only used with --moe-hash-type random_permutation",
+         when=router == "hash" and getattr(args, "moe_hash_type", "mod") != "random_permutation")
     note("moe_token_drop_policy", "--moe-token-drop-policy",
          "only with --moe-expert-capacity-factor (token dropping)",
          when=args.moe_expert_capacity_factor is None)

@@ -322,8 +322,13 @@ def _add_moe_arguments(parser):
         help="The router: topk (default), relu (ReMoE), or a baseline of the paper's Table 2: "
         "hash (Hash Layers), expert_choice, sparsemixer (SparseMixer-v2), lory (merged experts).",
     )
+    group.add_argument("--moe-hash-type", choices=("mod", "random_permutation"), default="mod",
+                       help="Hash routing's map of token ids to experts: mod (expert = token id "
+                       "mod E, the ReMoE paper's setting; default) or random_permutation (a "
+                       "seeded random permutation of the vocabulary dealt round-robin to the "
+                       "experts, --moe-hash-seed).")
     group.add_argument("--moe-hash-seed", type=int, default=0,
-                       help="Hash routing: seed of the vocabulary's random hash to experts.")
+                       help="Hash routing: seed of --moe-hash-type random_permutation.")
     group.add_argument(
         "--moe-expert-choice-capacity-factor", type=float, default=1.0,
         help="Expert Choice: each expert takes capacity x k / E of its group's tokens.")

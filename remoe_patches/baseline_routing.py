@@ -16,6 +16,11 @@ from typing import Literal
 
 import torch
 
+HASH_TYPES = ("mod", "random_permutation")
+"""Hash routing's map of token ids to experts: ``mod`` (expert = id mod E, the ReMoE paper's
+Table 2 setting) or ``random_permutation`` (a seeded random permutation of the vocabulary dealt
+round-robin to the experts)."""
+
 EXPERT_CHOICE_GROUPS = ("sequence", "batch")
 """Which tokens an Expert Choice expert chooses among: each sequence's, or the micro-batch's."""
 
@@ -26,8 +31,30 @@ ExpertChoiceGroup = Literal["sequence", "batch"]
 # Hash routing
 # ---------------------------------------------------------------------------------------------
 
+def mod_hash_table(vocab_size: int, num_experts: int) -> torch.Tensor:
+    """``expert_of_token_V``: expert = token id mod E, the ReMoE paper's hash (its §4.2)."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    return torch.arange(vocab_size, dtype=torch.long) % num_experts
+
+
+def hash_table(vocab_size: int, num_experts: int, hash_type: str = "mod",
+               seed: int = 0) -> torch.Tensor:
+    """``expert_of_token_V`` of ``hash_type`` (one of ``HASH_TYPES``; ``seed`` is used by
+    ``random_permutation`` only)."""
+    if hash_type == "mod":
+        return mod_hash_table(vocab_size, num_experts)
+    if hash_type == "random_permutation":
+        return balanced_hash_table(vocab_size, num_experts, seed)
+    raise ValueError(f"hash_type {hash_type!r} is not one of {', '.join(HASH_TYPES)}")
+
+
 def balanced_hash_table(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
-    """``expert_of_token_V``: a fixed random hash of the vocabulary onto the experts.
+    """``expert_of_token_V``: a fixed random permutation of the vocabulary dealt to the experts
+    (hash type ``random_permutation``; not Roller et al.'s "balanced" hash, which balances the
+    experts' shares of the training corpus's token frequencies).
 
     A seeded random permutation of the ids is dealt round-robin to the experts, so the experts'
     vocabulary shares differ by at most one id. The permutation comes from its own generator,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from remoe_patches.baseline_routing import EXPERT_CHOICE_GROUPS
+from remoe_patches.baseline_routing import EXPERT_CHOICE_GROUPS, HASH_TYPES
 from remoe_patches.lory import FIRST_SEGMENT_RULES as LORY_FIRST_SEGMENT_RULES
 from remoe_patches.sparsemixer import JITTER_EPS_DEFAULT, SUPPORTED_TOPK as SPARSEMIXER_TOPK
 
@@ -84,8 +84,13 @@ class ModelConfig:
     """alpha of the adaptive L1 coefficient."""
     relu_load_balancing: bool = True
     """L1 with load balancing (Eq. 10) or plain L1 (Eq. 9)."""
+    hash_type: str = "mod"
+    """Hash routing's map of token ids to experts: ``mod`` (expert = token id mod E, the ReMoE
+    paper's setting) or ``random_permutation`` (a seeded random permutation of the vocabulary
+    dealt round-robin to the experts, ``hash_seed``). ``RunConfig.from_dict`` reads a hash run
+    saved before this field existed as ``random_permutation``, the map it was trained with."""
     hash_seed: int = 0
-    """Hash routing: the seed of the vocabulary's random hash to experts."""
+    """Hash routing: the seed of the ``random_permutation`` hash."""
     expert_choice_capacity_factor: float = 1.0
     """Expert Choice: each expert takes ``factor * k / E`` of its group's tokens."""
     expert_choice_group: str = "sequence"
@@ -212,6 +217,8 @@ class ModelConfig:
             fail("relu_l1_coeff_multiplier", "must be > 1")
         if self.router == "relu" and self.relu_l1_coeff_init <= 0.0:
             fail("relu_l1_coeff_init", "must be > 0")
+        if self.router == "hash" and self.hash_type not in HASH_TYPES:
+            fail("hash_type", f"not one of {', '.join(HASH_TYPES)}")
         if self.router == "hash" and self.total_topk != 1:
             fail("topk", "hash routing sends each token to exactly one expert; use k=1 and "
                          "granularity 1")

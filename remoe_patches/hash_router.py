@@ -3,9 +3,11 @@ Router for ``MoESubmodules.router``; a baseline of the paper's Table 2.
 
 Shape suffixes: S = sequence positions, B = sequences, T = S*B tokens (s-major), E = experts.
 
-Every token goes to one fixed expert chosen by its vocabulary id through a fixed random hash
-(``baseline_routing.balanced_hash_table``), k=1, with gate 1.0: the expert's output is used as
-it is, as in the paper. Nothing is learned and there is no load-balancing loss.
+Every token goes to one fixed expert chosen by its vocabulary id, k=1, with gate 1.0: the
+expert's output is used as it is, as in the paper. Nothing is learned and there is no
+load-balancing loss. The map (``baseline_routing.hash_table``) is ``hash_type``: ``mod``
+(expert = token id mod E, the ReMoE paper's setting and the default) or ``random_permutation``
+(a seeded random permutation of the vocabulary dealt round-robin to the experts).
 
 Token ids: megatron's MoE layer hands its router only hidden states. ``feed_token_ids(model)``
 registers a forward pre-hook on the GPTModel that gives the micro-batch's ``input_ids`` [b, s]
@@ -42,8 +44,9 @@ from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from remoe_patches.baseline_routing import (
-    balanced_hash_table,
+    HASH_TYPES,
     hash_routing,
+    hash_table,
     sequence_parallel_slice,
 )
 from remoe_patches.config import ConfigError
@@ -61,7 +64,9 @@ class HashRouter(Router):
             must be 1).
         pg_collection: megatron-core process groups (given by MoELayer).
         vocab_size: the model's (padded) vocabulary size; ids must be below it.
-        seed: the hash's seed; the table depends only on (vocab_size, experts, seed).
+        seed: the ``random_permutation`` hash's seed; the table depends only on
+            (vocab_size, experts, hash_type, seed).
+        hash_type: ``mod`` (expert = id mod E, the default) or ``random_permutation``.
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class HashRouter(Router):
         *,
         vocab_size: int,
         seed: int = DEFAULT_HASH_SEED,
+        hash_type: str = "mod",
     ):
         if config.moe_router_topk != 1:
             raise ConfigError(
@@ -83,10 +89,11 @@ class HashRouter(Router):
             self.bias.requires_grad_(False)
         self.vocab_size = vocab_size
         self.seed = seed
+        self.hash_type = hash_type
         # Derived from the arguments, so not saved: a resume rebuilds the same table.
         self.register_buffer(
             "expert_of_token_V",
-            balanced_hash_table(vocab_size, self.num_experts, seed).to(local_device()),
+            hash_table(vocab_size, self.num_experts, hash_type, seed).to(local_device()),
             persistent=False,
         )
         self.token_ids_BS: Optional[torch.Tensor] = None
@@ -130,7 +137,7 @@ class HashRouter(Router):
         return hash_routing(self.expert_of_token_V, token_ids_SB, self.num_experts)
 
 
-def hash_router_builder(vocab_size: int, seed: int = DEFAULT_HASH_SEED):
+def hash_router_builder(vocab_size: int, seed: int = DEFAULT_HASH_SEED, hash_type: str = "mod"):
     """A RouterBuilder for ``MoESubmodules.router``: ``HashRouter`` over ``vocab_size`` ids."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ConfigError(
@@ -139,7 +146,10 @@ def hash_router_builder(vocab_size: int, seed: int = DEFAULT_HASH_SEED):
         )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"hash_router_builder: seed must be an int, got {seed!r}")
-    return functools.partial(HashRouter, vocab_size=vocab_size, seed=seed)
+    if hash_type not in HASH_TYPES:
+        raise ConfigError(f"hash_router_builder: hash_type must be one of "
+                          f"{', '.join(HASH_TYPES)}, got {hash_type!r}")
+    return functools.partial(HashRouter, vocab_size=vocab_size, seed=seed, hash_type=hash_type)
 
 
 def feed_token_ids(model: torch.nn.Module) -> list:

@@ -109,7 +109,7 @@ def router_builder_for(model: ModelConfig, regularizer: Optional[AdaptiveL1] = N
             raise ValueError("router_builder_for: ReLU routing needs its AdaptiveL1 regularizer")
         return relu_router_builder(regularizer, model.relu_load_balancing)
     if model.router == "hash":
-        return hash_router_builder(model.vocab_size, model.hash_seed)
+        return hash_router_builder(model.vocab_size, model.hash_seed, model.hash_type)
     if model.router == "expert_choice":
         return expert_choice_router_builder(model.expert_choice_capacity_factor,
                                             model.expert_choice_group)

@@ -263,6 +263,10 @@ class RunConfig:
             if unknown:
                 raise ConfigError(f"RunConfig.{name}: unknown fields {unknown} (a newer run's "
                                   "config?)")
+            if name == "model" and values.get("router") == "hash" and "hash_type" not in values:
+                # Saved before ModelConfig.hash_type existed: hash runs then used the seeded
+                # random permutation, and must be rebuilt with the map they were trained with.
+                values["hash_type"] = "random_permutation"
             for key, value in values.items():
                 if isinstance(value, list):  # tuples come back from YAML/JSON as lists
                     values[key] = tuple(value)

@@ -51,14 +51,17 @@ def fake_groups(rank=0, size=1):
     return SimpleNamespace(tp=group, cp=group, tp_cp=group, tp_dp_cp=group)
 
 
-def hash_router(config=None, pg_collection=None, seed=DEFAULT_HASH_SEED):
-    return hash_router_builder(TINY["vocab_size"], seed)(
+def hash_router(config=None, pg_collection=None, seed=DEFAULT_HASH_SEED, **hash_type):
+    return hash_router_builder(TINY["vocab_size"], seed, **hash_type)(
         config=config or transformer_config(), pg_collection=pg_collection or fake_groups())
 
 
-def expected_map(token_ids_SB, seed=DEFAULT_HASH_SEED):
-    """The one-hot routing map of ``token_ids_SB`` [s, b] by the hand-dealt table, s-major."""
-    table = reference_hash_table(TINY["vocab_size"], NUM_EXPERTS, seed)
+def expected_map(token_ids_SB, seed=DEFAULT_HASH_SEED, hash_type="mod"):
+    """The one-hot routing map of ``token_ids_SB`` [s, b], s-major: expert id % E (``mod``)
+    or by the hand-dealt table (``random_permutation``)."""
+    table = (reference_hash_table(TINY["vocab_size"], NUM_EXPERTS, seed)
+             if hash_type == "random_permutation"
+             else [token_id % NUM_EXPERTS for token_id in range(TINY["vocab_size"])])
     ids = token_ids_SB.reshape(-1).tolist()
     routing_map = torch.zeros(len(ids), NUM_EXPERTS, dtype=torch.bool)
     for t, token_id in enumerate(ids):
@@ -88,8 +91,35 @@ def test_routing_is_a_function_of_the_token_id_alone():
                for sb in positions_of_id.values())
 
 
+def test_the_default_routes_token_id_mod_e_as_the_paper_does(single_rank):
+    """The ReMoE paper's hash: expert = token id mod E, for every id of the vocabulary, from
+    the builder's default, ModelConfig's default and the flags' default."""
+    token_ids_BS = torch.arange(TINY["vocab_size"]).reshape(4, -1)
+    router = hash_router()
+    router.token_ids_BS = token_ids_BS
+    _, routing_map = router(torch.zeros(token_ids_BS.shape[1], 4, 32))
+    assert torch.equal(routing_map.long().argmax(-1), token_ids_BS.t().reshape(-1) % NUM_EXPERTS)
+    assert routing_map.sum(-1).eq(1).all()
+    model_config = ModelConfig(router="hash", **TINY)
+    assert model_config.hash_type == "mod"
+    from remoe_patches.model import router_builder_for
+    built = router_builder_for(model_config)(config=transformer_config(),
+                                             pg_collection=fake_groups())
+    assert built.expert_of_token_V.tolist() == [i % NUM_EXPERTS for i in range(TINY["vocab_size"])]
+
+
+def test_random_permutation_is_the_seeded_permutation_option():
+    router = hash_router(seed=11, hash_type="random_permutation")
+    assert router.expert_of_token_V.tolist() == reference_hash_table(TINY["vocab_size"],
+                                                                     NUM_EXPERTS, 11)
+    assert router.expert_of_token_V.tolist() != [i % NUM_EXPERTS
+                                                 for i in range(TINY["vocab_size"])]
+    with pytest.raises(ConfigError, match="hash_type must be one of mod, random_permutation"):
+        hash_router_builder(TINY["vocab_size"], 0, "balanced")
+
+
 def test_the_table_follows_the_seed_and_is_not_saved():
-    router = hash_router(seed=11)
+    router = hash_router(seed=11, hash_type="random_permutation")
     assert router.expert_of_token_V.tolist() == reference_hash_table(TINY["vocab_size"],
                                                                      NUM_EXPERTS, 11)
     assert "expert_of_token_V" not in router.state_dict()
@@ -157,10 +187,11 @@ def test_sequence_parallel_routers_take_their_ranks_slice():
     token_ids_BS = torch.randint(0, TINY["vocab_size"], (3, 16),
                                  generator=torch.Generator().manual_seed(1))
     for rank in range(2):
-        router = hash_router(config, fake_groups(rank, 2))
+        router = hash_router(config, fake_groups(rank, 2), hash_type="random_permutation")
         router.token_ids_BS = token_ids_BS
         _, routing_map = router(torch.zeros(8, 3, 32))
-        assert torch.equal(routing_map, expected_map(token_ids_BS.t()[8 * rank:8 * rank + 8]))
+        assert torch.equal(routing_map, expected_map(token_ids_BS.t()[8 * rank:8 * rank + 8],
+                                                     hash_type="random_permutation"))
 
 
 def test_topk_other_than_one_is_refused():

@@ -79,6 +79,23 @@ def test_training_errors_name_the_field(training, field):
         TrainingConfig(**values).validate()
 
 
+def test_hash_type_flag_and_hash_runs_saved_before_it():
+    hashed = [*TINY_MOE, "--moe-router-type", "hash"]
+    config = parse_run_config(hashed)
+    assert config.model.hash_type == "mod"  # the paper's token_id mod E
+    permuted = parse_run_config([*hashed, "--moe-hash-type", "random_permutation"])
+    assert permuted.model.hash_type == "random_permutation"
+    for run in (config, permuted):
+        assert RunConfig.from_dict(json.loads(json.dumps(run.to_dict()))) == run
+    # A hash run saved before the field existed was trained with the seeded permutation.
+    old = config.to_dict()
+    del old["model"]["hash_type"]
+    assert RunConfig.from_dict(old).model.hash_type == "random_permutation"
+    old_topk = parse_run_config(TINY_MOE).to_dict()
+    del old_topk["model"]["hash_type"]
+    assert RunConfig.from_dict(old_topk) == parse_run_config(TINY_MOE)
+
+
 def test_unknown_fields_in_a_saved_config_are_named():
     data = parse_run_config(TINY).to_dict()
     data["training"]["warp_drive"] = True
