@@ -765,6 +765,8 @@ def collect(sweep: Sweep) -> dict:
 
 
 def _row_label_part(key, value) -> str:
+    if key == "moe_router_topk_scaling_factor" and isinstance(value, (int, float)):
+        return f"gate x {value:g}"  # "TopK MoE gate x 8" beside the unscaled "TopK MoE"
     return sweep_router_title(value) if key == "router" else _format_value(value)
 
 

@@ -143,7 +143,7 @@ def test_paper_sweeps_expand_and_parse(tmp_path):
     env = dict(DATA_PATH="1.0 /d/pile_00_text_document", VOCAB_FILE="/d/v.json",
                MERGE_FILE="/d/m.txt")
     expected = {"size": 9, "experts": 12, "granularity": 14, "alpha": 5, "lambda0": 5,
-                "load_balancing": 4, "table2": 7, "table2_cpu": 7}
+                "load_balancing": 4, "table2": 8, "table2_cpu": 8}
     for name, count in expected.items():
         sweep = sweeps.load_sweep(REPO / "configs" / "sweeps" / f"{name}.yaml",
                                   output_dir=tmp_path / name, environ=env)
@@ -190,10 +190,12 @@ def test_table2_collects_the_papers_shape_with_its_numbers(tmp_path):
                               output_dir=tmp_path, environ=env)
     for run in sweep.runs:
         sweeps.prepare(run)  # writes its config.yaml
-    kinds = {run.name: parse_args(sweeps.run_argv(run)).moe_router_type
-             for run in sweep.runs if run.flags.get("num_experts")}
-    assert kinds == {"182m_hash": "hash", "182m_lory": "lory", "182m_sparsemixer": "sparsemixer",
-                     "182m_ec": "expert_choice", "182m_moe": "topk", "182m_remoe": "relu"}
+    parsed = {run.name: parse_args(sweeps.run_argv(run)) for run in sweep.runs}
+    kinds = {name: args.moe_router_type for name, args in parsed.items() if args.num_experts}
+    assert kinds == {"182m_hash_scale-none": "hash", "182m_lory_scale-none": "lory",
+                     "182m_sparsemixer_scale-none": "sparsemixer",
+                     "182m_ec_scale-none": "expert_choice", "182m_moe_scale-none": "topk",
+                     "182m_moe_scale-8.0": "topk", "182m_remoe_scale-none": "relu"}
     for index, run in enumerate(sweep.runs):
         (run.directory / "metrics.jsonl").write_text(
             json.dumps({"iteration": 60000, "val_lm_loss": 2.0 - index / 100}) + "\n")
@@ -202,9 +204,37 @@ def test_table2_collects_the_papers_shape_with_its_numbers(tmp_path):
     zero_shot, loss = markdown.split("Validation loss:")
     rows = [line for line in zero_shot.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split("|")[1].strip() for row in rows[1:]] == [
-        "Dense", "Hash", "Lory", "SparseMixer-v2", "Expert Choice", "TopK MoE", "ReMoE"]
-    assert "| Dense | 38.00 (38.2)" in rows[1] and "| ReMoE | 38.60 (40.03)" in rows[7]
-    assert "| ReMoE | 1.9400" in loss  # the 7th run's validation loss
+        "Dense", "Hash", "Lory", "SparseMixer-v2", "Expert Choice", "TopK MoE",
+        "TopK MoE gate x 8", "ReMoE"]
+    assert "| Dense | 38.00 (38.2)" in rows[1] and "| ReMoE | 38.70 (40.03)" in rows[8]
+    # the paper's dMoE (39.67) sits beside the unscaled TopK, not the gate x 8 one
+    assert "| TopK MoE | 38.50 (39.67)" in rows[6] and rows[7].startswith(
+        "| TopK MoE gate x 8 | 38.60 (iter None)")
+    assert "| ReMoE | 1.9300" in loss  # the 8th run's validation loss
+
+
+@pytest.mark.parametrize("name", ["table2", "table2_cpu"])
+def test_table2_has_the_unscaled_topk_of_the_paper_and_the_gate_x_e_over_k_one(name, tmp_path):
+    """Both TopK rows: megatron's unscaled gate (the paper's dMoE) and the gate x E/k = 8, and
+    no other router gets a gate scale."""
+    env = dict(DATA_PATH="1.0 /d/pile_00_text_document", VOCAB_FILE="/d/v.json",
+               MERGE_FILE="/d/m.txt")
+    sweep = sweeps.load_sweep(REPO / "configs" / "sweeps" / f"{name}.yaml",
+                              output_dir=tmp_path, environ=env)
+    topk = {}
+    for run in sweep.runs:
+        sweeps.prepare(run)
+        args = parse_args(sweeps.run_argv(run))
+        if run.router == "moe":
+            assert args.moe_router_type == "topk" and not args.moe_relu_routing
+            assert args.moe_router_pre_softmax and args.moe_aux_loss_coeff == 0.01
+            topk[run.name.removeprefix("182m_")] = args.moe_router_topk_scaling_factor
+        else:
+            assert args.moe_router_topk_scaling_factor is None, run.name
+    assert topk == {"moe_scale-none": None, "moe_scale-8.0": 8.0}
+    if name == "table2":
+        assert {run.name: run.paper for run in sweep.runs if run.router == "moe"} == {
+            "182m_moe_scale-none": 39.67, "182m_moe_scale-8.0": None}
 
 
 def test_replicates_are_averaged_with_their_spread(tmp_path):
