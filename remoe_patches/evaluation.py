@@ -24,7 +24,12 @@ Log-probabilities are over the model's padded vocabulary, as training's cross-en
 ``max_length - max_gen_toks`` tokens as the HF model does, and when that leaves no room (a short
 context model) to ``max_length`` tokens, generation then sliding over the last ``max_length``.
 Batches are sorted by length and right-padded (padding cannot reach earlier positions through
-causal attention, and dropless routing treats every token on its own).
+causal attention, and dropless routing treats every token on its own). Expert Choice and Lory
+are the exception (``ROW_AT_A_TIME_ROUTERS``): padding would compete with the real tokens for an
+expert's places (EC's capacity is a share of the sequence, or of the batch) or enter the mean
+hidden state that routes a Lory segment, and other rows would share EC's batch groups; so these
+models score and generate one row per forward pass, unpadded, whatever ``batch_size`` says,
+and a row's result is the one it gets alone.
 
 **Offline tasks.** ``remoe_patches/lm_eval_tasks/`` holds lm-eval task YAMLs for the paper's
 seven tasks that read local files, ``DIR/<task>/<split>.jsonl`` with one JSON object per line in
@@ -212,6 +217,11 @@ def offline_task_manager(tasks, data_dir):
 # The lm-eval model
 
 
+ROW_AT_A_TIME_ROUTERS = ("expert_choice", "lory")
+"""Routers whose routing of a token depends on the other tokens of its row (or batch), so that
+padding or a neighbouring row could change it: RemoeLM runs them one unpadded row at a time."""
+
+
 class ModelArgsError(ValueError):
     """A ``remoe`` model argument (``--model_args key=value``) that is missing, unknown or
     unusable; the message names it and the fix, and ``remoe-lm-eval`` prints it as one line."""
@@ -350,7 +360,13 @@ class RemoeLM(TemplateLM):
     def get_model_info(self) -> dict:
         return dict(model_source="remoe", load=os.path.abspath(self.load),
                     backend=self.model_backend, router=self.router, iteration=self.iteration,
-                    max_length=self.max_length)
+                    max_length=self.max_length, rows_per_forward=self.rows_per_forward)
+
+    @property
+    def rows_per_forward(self) -> int:
+        """``batch_size``, or 1 for the routers of ``ROW_AT_A_TIME_ROUTERS``: with one row per
+        forward nothing is padded and no other row shares its routing."""
+        return 1 if self.router in ROW_AT_A_TIME_ROUTERS else self.batch_size
 
     def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None,
                    **kwargs) -> list:
@@ -398,8 +414,8 @@ class RemoeLM(TemplateLM):
         order = sorted(range(len(pieces)), key=lambda i: -(len(pieces[i][0]) + len(pieces[i][1])))
         progress = tqdm(total=len(requests), disable=disable_tqdm,
                         desc="Running loglikelihood requests")
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+        for start in range(0, len(order), self.rows_per_forward):
+            chunk = order[start:start + self.rows_per_forward]
             # left-truncate: the last max_length + 1 tokens, minus the last (never an input)
             inputs = [(pieces[i][0] + pieces[i][1])[-(self.max_length + 1):][:-1] for i in chunk]
             logprobs = torch.log_softmax(self.logits(self._padded(inputs)), dim=-1)
@@ -456,8 +472,8 @@ class RemoeLM(TemplateLM):
             encoded = {i: self.tok_encode(requests[i].args[0], left_truncate_len=context_length)
                        for i in indices}
             indices = sorted(indices, key=lambda i: -len(encoded[i]))
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
+            for start in range(0, len(indices), self.rows_per_forward):
+                chunk = indices[start:start + self.rows_per_forward]
                 outputs = self.greedy_generate([encoded[i] for i in chunk], max_gen_toks, until)
                 for i, text in zip(chunk, outputs):
                     results[i] = text

@@ -729,3 +729,62 @@ def test_task_rows_without_the_tasks_fields_are_refused(tmp_path):
     (tmp_path / "piqa" / "validation.jsonl").write_text("goal,sol1,sol2,label\n")
     with pytest.raises(TaskDataError, match=r"task piqa: cannot read .*piqa/validation\.jsonl"):
         offline_dataset("piqa", data_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert Choice and Lory: a row's routing must not depend on padding or on other rows
+
+
+def _in_process_lm(router: str, batch_size: int):
+    """A RemoeLM around a freshly built tiny ``router`` model (no checkpoint: only what
+    ``_loglikelihood_tokens`` and ``greedy_generate`` read is set)."""
+    from types import SimpleNamespace
+
+    from remoe_patches.config import ModelConfig, ParallelConfig
+    from remoe_patches.evaluation import RemoeLM
+    from remoe_patches.model import build_model
+
+    torch.manual_seed(3)
+    config = ModelConfig(router=router, num_layers=2, hidden_size=32, num_attention_heads=4,
+                         num_query_groups=2, ffn_hidden_size=64, vocab_size=128, seq_length=64,
+                         lory_segment_length=16, moe_aux_loss_coeff=0.0, init_method_std=0.2)
+    model = build_model(config, ParallelConfig(), use_transformer_engine=False).model.eval()
+    lm = RemoeLM.__new__(RemoeLM)
+    super(RemoeLM, lm).__init__()  # lm-eval's LM: its cache hook
+    lm.__dict__.update(model=model, model_backend="megatron", router=router,
+                       batch_size=batch_size, _max_length=64, _max_gen_toks=4,
+                       tokenizer=SimpleNamespace(
+                           eod=0, vocab_size=128, tokenize=lambda text: list(map(int, text.split())),
+                           detokenize=lambda tokens: " ".join(map(str, tokens))))
+    lm._device = next(model.parameters()).device
+    return lm
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "lory"])
+def test_padding_and_other_rows_do_not_change_a_rows_score(single_rank, router):
+    """A 10-token row scored alone and in a batch with a 60-token row (so 50 padding tokens)
+    gets the same log-likelihood, bit for bit, and the same greedy generation: under EC the
+    padding would compete for the experts' places, under Lory it would enter the first
+    segment's mean."""
+    gen = torch.Generator().manual_seed(0)
+    short = torch.randint(1, 128, (10,), generator=gen).tolist()
+    long = torch.randint(1, 128, (60,), generator=gen).tolist()
+    requests_ = [(None, short[:6], short[6:]), (None, long[:40], long[40:])]
+    lm = _in_process_lm(router, batch_size=4)
+    both = lm._loglikelihood_tokens(requests_, disable_tqdm=True)
+    by_itself = lm._loglikelihood_tokens(requests_[:1], disable_tqdm=True)
+    assert both[0] == by_itself[0]
+    settings = {"until": [], "max_gen_toks": 3}
+    texts = [" ".join(map(str, row)) for row in (short, long)]
+    generated = lm.generate_until(requests("generate_until", [(text, settings) for text in texts]),
+                                  disable_tqdm=True)
+    alone_generated = lm.generate_until(requests("generate_until", [(texts[0], settings)]),
+                                        disable_tqdm=True)
+    assert generated[0] == alone_generated[0]
+    # the same model with padding really routes the short row otherwise (what this guards)
+    from remoe_patches.trained_model import megatron_logits
+
+    with torch.no_grad():
+        unpadded = megatron_logits(lm.model, torch.tensor([short]))[0]
+        padded = megatron_logits(lm.model, lm._padded([short, long]))[0, :10]
+    assert not torch.allclose(unpadded, padded, atol=1e-4)
