@@ -23,7 +23,12 @@ A sweep file (``configs/sweeps/<name>.yaml``)::
       columns: router                 # default: router when it is a grid key; null: none
       values: [val_lm_loss]           # default: val_lm_loss (+ zero_shot_avg when present)
       replicates: seed                # optional: a grid key whose runs are repeats; a cell
-                                      #   shows their mean +- half their range (n runs)
+                                      #   shows their mean +- half their range (n runs), and
+                                      #   results.md adds each row's 95% t-interval over them
+      reference: remoe                # with replicates: the row the others are compared with,
+                                      #   paired by seed (a row's name, e.g. remoe_scale-none,
+                                      #   a grid value, a row's label, or {grid key: value});
+                                      #   default: the ReMoE row when there is exactly one
     paper:                            # optional: the paper's value of the table's first value,
       moe_e-4: 1.971                  #   by run name, shown in parentheses
 
@@ -54,7 +59,15 @@ the sweep is launched again. ``collect`` gathers each run's last validation loss
 iteration (ReMoE: when the sparsity entered and stayed within 0.02 of the target) and the
 zero-shot average of ``<run dir>/zero_shot.json`` (lm-eval's results JSON, as written by
 ``tools/evaluate.py --output``, or ``{"avg": x}``) into ``results.md``, ``results.csv`` (the
-paper's table shape) and ``runs.csv`` (one line per run).
+paper's table shape) and ``runs.csv`` (one line per run), and draws every row's validation
+curve into ``val_curves.png`` beside them (linked from results.md).
+
+With ``table.replicates`` (a row = the runs that differ only in that key, e.g. the seeds),
+results.md also has, for the final validation loss (and test loss where logged), each row's
+mean over its replicates with the 95% t-interval mean ± t_{0.975,n-1} sd/sqrt(n) and n (a
+one-seed row says so, with no interval), and each row's difference from the reference row
+paired by seed (the same seed: the same data order): the mean of the per-seed differences, its
+95% t-interval, whether that excludes 0, the number of pairs and the seeds left out unpaired.
 """
 
 from __future__ import annotations
@@ -685,8 +698,11 @@ def run_result(run: Run) -> dict:
     return result
 
 
-def collect(sweep: Sweep) -> dict:
-    """Write results.md, results.csv and runs.csv into the sweep's directory; their contents."""
+def collect(sweep: Sweep, reference=None) -> dict:
+    """Write results.md, results.csv, runs.csv and val_curves.png into the sweep's directory;
+    their contents. With replicates, results.md also has each row's 95% t-interval over them
+    and its paired difference from the reference row (``reference``, else ``table.reference``,
+    else the ReMoE row)."""
     results = [run_result(run) for run in sweep.runs]
     columns_key = sweep.table.get("columns", "router" if "router" in sweep.grid_keys else None)
     replicates_key = sweep.table.get("replicates")
@@ -736,7 +752,8 @@ def collect(sweep: Sweep) -> dict:
                     text = _cell(runs[0], value_key, with_paper=value_key == values[0])
                     mean, spread = runs[0][value_key], None
                 else:
-                    text, mean, spread = _replicates_cell(runs, value_key)
+                    text, mean, spread = _replicates_cell(
+                        runs, value_key, LABELS.get(replicates_key, replicates_key))
                 cells.append(text)
                 title = f"{column_title(column) or 'value'} {value_key}"
                 csv_row[title] = "" if mean is None else mean
@@ -751,9 +768,52 @@ def collect(sweep: Sweep) -> dict:
                         "value logged, or n/a).")
     if any(r["paper"] is not None for r in results):
         markdown.append(f"In parentheses: the paper's {VALUE_TITLES.get(values[0], values[0])}.")
+
+    # one group per table cell: the runs that differ only in the replicate key
+    groups = []
+    for row in row_values:
+        row_label = " ".join(_row_label_part(k, v) for k, v in zip(rows_keys, row)
+                             if v is not None)
+        for column in column_values:
+            runs = cell.get((row, column))
+            if not runs:
+                continue
+            grid_values = {k: runs[0][k] for k in sweep.grid_keys if k != replicates_key}
+            label = " ".join(p for p in (row_label, column_title(column)) if p) or sweep.name
+            groups.append(dict(label=label, name=run_name_for(grid_values) or sweep.name,
+                               values=grid_values, router=runs[0]["router"], runs=runs))
+    seeds = dict(intervals=[], paired=[], reference=None)
+    if replicates_key is not None:
+        if markdown[-1] != "":
+            markdown.append("")
+        lines, seeds = seeds_markdown(
+            groups, replicates_key,
+            reference if reference is not None else sweep.table.get("reference"),
+            where=str(sweep.path))
+        markdown += lines
+    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    plot_path = sweep.output_dir / CURVES_FILE
+    curves = validation_curves(groups)
+    plotted = None
+    if curves:
+        try:
+            plot_validation_curves(
+                curves, plot_path, title=f"Sweep {sweep.name}" + (
+                    f" (mean over {LABELS.get(replicates_key, replicates_key)}s; band: min-max)"
+                    if replicates_key else ""))
+            plotted = plot_path
+        except ImportError:
+            markdown += ["", "No plot of the validation curves: matplotlib is not installed."]
+    if plotted is None and plot_path.exists():
+        plot_path.unlink()  # not a stale plot of earlier runs beside this table
+    if plotted is not None:
+        over = f"; mean over {LABELS.get(replicates_key, replicates_key)}s, band min-max" \
+            if replicates_key else ""
+        markdown += ([""] if markdown[-1] != "" else []) + [
+            f"Validation curves of every row ({len(curves)}{over}): "
+            f"[{CURVES_FILE}]({CURVES_FILE})", "", f"![validation curves]({CURVES_FILE})"]
     text = "\n".join(markdown).rstrip() + "\n"
 
-    sweep.output_dir.mkdir(parents=True, exist_ok=True)
     (sweep.output_dir / "results.md").write_text(text)
     wide = {}
     for _value_key, csv_row in table_rows:
@@ -761,7 +821,8 @@ def collect(sweep: Sweep) -> dict:
     # results.csv and runs.csv have always had the csv module's default \r\n line ends
     write_csv(sweep.output_dir / "results.csv", list(wide.values()), line_end="\r\n")
     write_csv(sweep.output_dir / "runs.csv", results, line_end="\r\n")
-    return dict(markdown=text, results=results, table=list(wide.values()))
+    return dict(markdown=text, results=results, table=list(wide.values()), seeds=seeds,
+                curves=[c[0] for c in curves], plot=plotted)
 
 
 def _row_label_part(key, value) -> str:
@@ -770,14 +831,18 @@ def _row_label_part(key, value) -> str:
     return sweep_router_title(value) if key == "router" else _format_value(value)
 
 
-def _replicates_cell(runs: list, key) -> tuple:
-    """'mean ± half range (n=N)' of the runs' values, with the mean and the half range."""
+def _replicates_cell(runs: list, key, replicate="seed") -> tuple:
+    """'mean ± half range (n=N)' of the runs' values, with the mean and the half range; one
+    value: 'value (one seed)', no spread."""
     values = [r[key] for r in runs if isinstance(r[key], (int, float))]
     if not values:
         return "n/a", None, None
     mean = sum(values) / len(values)
-    spread = (max(values) - min(values)) / 2
-    text = f"{mean:.4f} ± {spread:.4f} (n={len(values)})"
+    if len(values) == 1:
+        spread, text = None, f"{mean:.4f} (one {replicate})"
+    else:
+        spread = (max(values) - min(values)) / 2
+        text = f"{mean:.4f} ± {spread:.4f} (n={len(values)})"
     if any(r["status"] != "finished" for r in runs):
         text += " (not all finished)"
     return text, mean, spread
@@ -808,3 +873,228 @@ def _unique(items) -> list:
             seen.append(item)
     return seen
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Over seeds: t-intervals, paired differences from a reference row, the validation curves
+
+# t_{0.975, df} for df = 1..30 (scipy.stats.t.ppf(0.975, df), 6 decimals); beyond 30 the
+# Cornish-Fisher expansion of the t quantile around the normal's z_{0.975} = 1.959964, which is
+# within 1e-7 of the exact quantile there. scipy is not a dependency of this package.
+T_975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004,
+         2.262157, 2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905,
+         2.109816, 2.100922, 2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899,
+         2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
+Z_975 = 1.959963984540054
+INTERVAL_VALUES = ("val_lm_loss", "test_lm_loss")
+CURVES_FILE = "val_curves.png"
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (df >= 1)."""
+    if df < 1:
+        raise ValueError("a t-interval needs at least 2 values")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = Z_975
+    terms = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
+             (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
+             (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
+    return z + sum(term / df ** power for power, term in enumerate(terms, start=1))
+
+
+def t_interval(values) -> dict:
+    """``{n, mean, sd, half_width}``: the 95% t-interval mean ± t_{0.975,n-1} sd/sqrt(n), sd
+    with n - 1; sd and half_width None for one value."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return dict(n=0, mean=None, sd=None, half_width=None)
+    mean = sum(values) / n
+    if n == 1:
+        return dict(n=1, mean=mean, sd=None, half_width=None)
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return dict(n=n, mean=mean, sd=sd, half_width=t_quantile_975(n - 1) * sd / n ** 0.5)
+
+
+def paired_difference(row: dict, reference: dict) -> dict:
+    """The per-seed differences ``row[seed] - reference[seed]`` over the seeds both have: their
+    t-interval, the seeds paired and those of either left out (``{seed: value}`` mappings)."""
+    paired = [seed for seed in row if seed in reference]
+    stats = t_interval([row[seed] - reference[seed] for seed in paired])
+    stats.update(seeds=paired, unpaired_row=[s for s in row if s not in reference],
+                 unpaired_reference=[s for s in reference if s not in row])
+    hw = stats["half_width"]
+    stats["excludes_zero"] = None if hw is None else abs(stats["mean"]) > hw
+    return stats
+
+
+def _seed_values(group: dict, key: str, replicates_key: str) -> dict:
+    return {r[replicates_key]: float(r[key]) for r in group["runs"]
+            if isinstance(r[key], (int, float))}
+
+
+def find_reference(groups: list, reference, where: str) -> tuple:
+    """The reference row: ``reference`` (a row's name, a grid value such as ``remoe``, a row's
+    label, or a mapping of grid values), else the one ReMoE row; ``(group or None, note)``."""
+    if reference is None:
+        remoe = [g for g in groups if g["router"] == "remoe"]
+        if len(remoe) == 1:
+            return remoe[0], ""
+        why = "no ReMoE row" if not remoe else \
+            f"several ReMoE rows ({', '.join(g['name'] for g in remoe)})"
+        return None, f"No paired differences: {why}; set table.reference to a row."
+    if isinstance(reference, dict):
+        matches = [g for g in groups
+                   if all(k in g["values"] and g["values"][k] == v for k, v in reference.items())]
+    else:
+        text = str(reference)
+        matches = [g for g in groups if g["name"] == text]
+        matches = matches or [g for g in groups if text in
+                              [_format_value(v) for v in g["values"].values()]]
+        matches = matches or [g for g in groups if g["label"] == text]
+    if len(matches) != 1:
+        names = ", ".join(g["name"] for g in (matches or groups))
+        raise SweepError(f"{where}: table.reference {reference!r} matches "
+                         f"{'several rows' if matches else 'no row'}: {names}")
+    return matches[0], ""
+
+
+def _number(value, digits=4, sign=False) -> str:
+    return "n/a" if value is None else f"{value:{'+' if sign else ''}.{digits}f}"
+
+
+def seeds_markdown(groups: list, replicates_key: str, reference, where: str) -> tuple:
+    """The results.md section on the replicates: each row's mean and 95% t-interval of the
+    final losses, and its paired per-seed difference from the reference row; with the numbers
+    (``{"intervals": [...], "paired": [...], "reference": name}``)."""
+    keys = [k for k in INTERVAL_VALUES
+            if any(isinstance(r[k], (int, float)) for g in groups for r in g["runs"])]
+    lines, intervals, paired = [], [], []
+    if not keys:
+        return lines, dict(intervals=intervals, paired=paired, reference=None)
+    seed_label = LABELS.get(replicates_key, replicates_key)
+    lines += [f"Over {seed_label}s (replicates): mean and 95% t-interval, mean ± "
+              "t(0.975, n-1) · sd / sqrt(n), of each row's final loss; n = the runs with a value.",
+              ""]
+    header = ["row"]
+    for key in keys:
+        header += ["n" if key == keys[0] else f"n ({VALUE_TITLES[key]})",
+                   f"{VALUE_TITLES[key]} mean", "95% interval"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group in groups:
+        cells = []
+        for key in keys:
+            stats = t_interval(_seed_values(group, key, replicates_key).values())
+            intervals.append(dict(row=group["name"], label=group["label"], value=key, **stats))
+            n = str(stats["n"])
+            if stats["n"] == 1:
+                n, interval = "1 (one seed)", "one seed: no interval"
+            elif stats["half_width"] is None:
+                interval = "-"
+            else:
+                low, high = (stats["mean"] - stats["half_width"],
+                             stats["mean"] + stats["half_width"])
+                interval = f"± {stats['half_width']:.4f} [{low:.4f}, {high:.4f}]"
+            if key == keys[0] and any(r["status"] != "finished" for r in group["runs"]):
+                n += " (not all finished)"
+            cells += [n, _number(stats["mean"]), interval]
+        lines.append("| " + " | ".join([group["label"]] + cells) + " |")
+    lines.append("")
+
+    ref, note = find_reference(groups, reference, where)
+    if ref is None:
+        lines += [note, ""]
+        return lines, dict(intervals=intervals, paired=paired, reference=None)
+    lines += [f"Paired by {seed_label} (same {seed_label} = same data order and initial "
+              f"weights): each row minus the reference row {ref['label']} ({ref['name']}), the "
+              f"mean of the per-{seed_label} differences and its 95% t-interval; only "
+              f"{seed_label}s both rows have count (pairs); a positive difference is a higher "
+              "loss than the reference's.", ""]
+    for key in keys:
+        reference_values = _seed_values(ref, key, replicates_key)
+        compared = [g for g in groups if g is not ref and _seed_values(g, key, replicates_key)]
+        if not compared:
+            continue
+        if not reference_values:
+            lines += [f"No paired {VALUE_TITLES[key]} differences: the reference row has none.",
+                      ""]
+            continue
+        header = ["row", "pairs", f"{VALUE_TITLES[key]} difference", "95% interval",
+                  "excludes 0"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for group in compared:
+            stats = paired_difference(_seed_values(group, key, replicates_key), reference_values)
+            paired.append(dict(row=group["name"], label=group["label"], value=key,
+                               reference=ref["name"], **stats))
+            pairs = str(stats["n"])
+            left_out = [f"{seed_label} {', '.join(map(_format_value, seeds))} only in {where}"
+                        for seeds, where in ((stats["unpaired_row"], "this row"),
+                                             (stats["unpaired_reference"], "the reference"))
+                        if seeds]
+            if left_out:
+                count = len(stats["unpaired_row"]) + len(stats["unpaired_reference"])
+                pairs += f" ({count} unpaired left out: {'; '.join(left_out)})"
+            if stats["n"] == 0:
+                interval, excludes = f"no {seed_label} in common", "-"
+            elif stats["n"] == 1:
+                interval, excludes = "one pair: no interval", "-"
+            else:
+                low = stats["mean"] - stats["half_width"]
+                high = stats["mean"] + stats["half_width"]
+                interval = f"± {stats['half_width']:.4f} [{low:+.4f}, {high:+.4f}]"
+                excludes = "yes" if stats["excludes_zero"] else "no"
+            lines.append("| " + " | ".join([group["label"], pairs,
+                                            _number(stats["mean"], sign=True), interval,
+                                            excludes]) + " |")
+        lines.append("")
+    return lines, dict(intervals=intervals, paired=paired, reference=ref["name"])
+
+
+def validation_curves(groups: list) -> list:
+    """Per row: ``(label, iterations, mean, min, max)`` of its runs' validation losses (the
+    iterations at which every run with a curve has one); rows without a curve are left out."""
+    curves = []
+    for group in groups:
+        per_run = []
+        for r in group["runs"]:
+            points = {rec["iteration"]: float(rec["val_lm_loss"])
+                      for rec in read_metrics(r["run_dir"])
+                      if "val_lm_loss" in rec and "iteration" in rec}
+            if points:
+                per_run.append(points)
+        if not per_run:
+            continue
+        iterations = sorted(set.intersection(*(set(p) for p in per_run)))
+        if not iterations:
+            continue
+        values = [[p[i] for p in per_run] for i in iterations]
+        curves.append((group["label"], iterations, [sum(v) / len(v) for v in values],
+                       [min(v) for v in values], [max(v) for v in values]))
+    return curves
+
+
+def plot_validation_curves(curves: list, path: Path, title: str = ""):
+    """Draw the rows' validation curves (mean over the replicates, a min-max band where they
+    differ; ``curves`` as ``validation_curves`` gives them) into
+    ``path`` (PNG, matplotlib's Agg canvas, no display); the Figure back."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    for label, iterations, mean, low, high in curves:
+        line, = axes.plot(iterations, mean, marker="o" if len(iterations) < 3 else None,
+                          label=label)
+        if any(a != b for a, b in zip(low, high)):
+            axes.fill_between(iterations, low, high, color=line.get_color(), alpha=0.2,
+                              linewidth=0)
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("validation loss")
+    axes.set_title(title, fontsize="medium")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return figure

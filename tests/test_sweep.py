@@ -326,3 +326,209 @@ def test_topk_runs_keep_their_gates_scaled_by_their_own_e_over_k(tmp_path):
     scales = {run.name: run.flags.get("moe_router_topk_scaling_factor") for run in baseline.runs}
     assert scales["moe_scale-none_seed-1234"] is None and scales["moe_scale-8.0_seed-1234"] == 8.0
     assert "moe_router_topk_scaling_factor" not in baseline.runs[0].flags  # dense
+
+
+# ---------------------------------------------------------------------------------------------
+# Replicates (issue 22, paired seeds): t-intervals, paired differences, validation curves
+
+T_975 = {1: 12.706205, 2: 4.302653, 3: 3.182446}  # Student's t quantiles (any table)
+# final validation (and test) losses by router and seed; a missing seed is not a run
+SEED_LOSSES = {
+    "remoe": {1: 4.0, 2: 4.5, 3: 4.2},
+    "moe": {1: 4.1, 2: 4.7, 3: 4.5, 4: 9.9},     # differences 0.1, 0.2, 0.3; seed 4 unpaired
+    "dense": {1: 5.0, 2: 5.6, 3: 5.1},           # differences 1.0, 1.1, 0.9: excludes 0
+    "hash": {2: 4.8},                            # one seed
+}
+
+
+def seeds_sweep(tmp_path, **table):
+    """A sweep of the four routers over seeds 1-4, the runs SEED_LOSSES lacks excluded, with
+    metrics.jsonl files of validation losses at iterations 100, 200, 300 (the last one is
+    SEED_LOSSES's) and a test loss for moe and remoe (the validation loss + 0.05 * seed)."""
+    seeds = [1, 2, 3, 4]
+    spec = dict(name="paired", base=dict(config="configs/demo.yaml"),
+                grid=dict(router=list(SEED_LOSSES), seed=seeds),
+                exclude=[dict(router=r, seed=s) for r in SEED_LOSSES for s in seeds
+                         if s not in SEED_LOSSES[r]],
+                table=dict(columns=None, replicates="seed", **table))
+    sweep = sweeps.load_sweep(write_sweep(tmp_path / "paired.yaml", spec),
+                              output_dir=tmp_path / "out")
+    for run in sweep.runs:
+        router, seed = run.values["router"], run.values["seed"]
+        final = SEED_LOSSES[router][seed]
+        run.directory.mkdir(parents=True)
+        lines = [{"iteration": it, "lm_loss": final + 1}
+                 for it in (100, 200, 300)]
+        lines += [{"iteration": it, "val_lm_loss": final + (300 - it) / 100}
+                  for it in (100, 200, 300)]
+        if router in ("moe", "remoe"):
+            lines.append({"iteration": 300, "test_lm_loss": final + 0.05 * seed})
+        (run.directory / "metrics.jsonl").write_text(
+            "".join(json.dumps(line) + "\n" for line in lines))
+        (run.directory / "DONE").write_text("")
+    return sweep
+
+
+def final_losses(run_dir: Path, key="val_lm_loss") -> float:
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [r[key] for r in records if key in r][-1]
+
+
+def independent_interval(values):
+    """mean and half-width of the 95% t-interval, computed here with statistics.stdev."""
+    import statistics
+
+    return statistics.mean(values), T_975[len(values) - 1] * statistics.stdev(values) \
+        / len(values) ** 0.5
+
+
+def test_t_quantiles_match_the_t_distribution():
+    assert sweeps.t_quantile_975(2) == pytest.approx(4.303, abs=5e-4)
+    assert sweeps.t_quantile_975(30) == pytest.approx(2.042, abs=5e-4)
+    assert sweeps.t_quantile_975(60) == pytest.approx(2.000, abs=5e-4)  # beyond the table
+    assert sweeps.t_quantile_975(10 ** 6) == pytest.approx(1.95997, abs=1e-4)
+    try:
+        from scipy import stats
+    except ImportError:
+        return
+    for df in list(range(1, 40)) + [50, 100, 1000]:
+        assert sweeps.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-6)
+
+
+def test_replicates_get_t_intervals_and_paired_differences(tmp_path):
+    sweep = seeds_sweep(tmp_path)
+    out = tmp_path / "out"
+    collected = sweeps.collect(sweep)
+    markdown = collected["markdown"]
+    assert markdown == (out / "results.md").read_text()
+    # the mean and interval of each row, from the metrics.jsonl files written above
+    finals = {r: {s: final_losses(out / f"{r}_seed-{s}") for s in seeds}
+              for r, seeds in SEED_LOSSES.items()}
+    mean, half = independent_interval(list(finals["remoe"].values()))
+    assert (mean, half) == pytest.approx((4.23333, 0.62516), abs=1e-5)
+    assert f"| ReMoE | 3 | {mean:.4f} | ± {half:.4f} [{mean - half:.4f}, " \
+           f"{mean + half:.4f}] | 3 |" in markdown
+    interval = next(i for i in collected["seeds"]["intervals"]
+                    if i["row"] == "remoe" and i["value"] == "val_lm_loss")
+    assert (interval["n"], interval["mean"], interval["half_width"]) == \
+        pytest.approx((3, mean, half), abs=1e-9)
+    mean, half = independent_interval(list(finals["moe"].values()))  # its 4 seeds: t(3)
+    assert (mean, half) == pytest.approx((5.8, 4.367417), abs=1e-6)
+    assert "| TopK MoE | 4 | 5.8000 | ± 4.3674 [1.4326, 10.1674] | 4 |" in markdown
+    assert "| Hash | 1 (one seed) | 4.8000 | one seed: no interval | 0 | n/a | - |" in markdown
+    assert "| Hash | 4.8000 (one seed) |" in markdown  # the first table's cell
+    assert next(row for row in collected["table"] if row["router"] == "Hash")[
+        "value val_lm_loss spread"] == ""  # no spread of one value
+    assert "| row | n | validation loss mean | 95% interval | n (test loss) | test loss mean | " \
+           "95% interval |" in markdown
+
+    # paired: MoE - ReMoE over seeds 1-3 = 0.1, 0.2, 0.3 -> 0.2 ± 4.303 * 0.1 / sqrt(3)
+    differences = [finals["moe"][s] - finals["remoe"][s] for s in (1, 2, 3)]
+    mean, half = independent_interval(differences)
+    assert (mean, half) == pytest.approx((0.2, 0.248414), abs=1e-6)
+    assert "reference row ReMoE (remoe)" in markdown
+    assert (f"| TopK MoE | 3 (1 unpaired left out: seed 4 only in this row) | +{mean:.4f} | "
+            f"± {half:.4f} [{mean - half:+.4f}, {mean + half:+.4f}] | no |") in markdown
+    assert "| TopK MoE | 3 (1 unpaired left out: seed 4 only in this row) | +0.2000 | " \
+           "± 0.2484 [-0.0484, +0.4484] | no |" in markdown
+    paired = {(p["row"], p["value"]): p for p in collected["seeds"]["paired"]}
+    moe = paired[("moe", "val_lm_loss")]
+    assert (moe["n"], moe["mean"], moe["half_width"]) == pytest.approx((3, mean, half))
+    assert moe["seeds"] == [1, 2, 3] and moe["unpaired_row"] == [4]
+    assert moe["unpaired_reference"] == [] and moe["excludes_zero"] is False
+    # dense: 1.0, 1.1, 0.9 -> 1.0 ± 0.2484, which excludes 0
+    mean, half = independent_interval([finals["dense"][s] - finals["remoe"][s] for s in (1, 2, 3)])
+    assert f"| Dense | 3 | +{mean:.4f} | ± {half:.4f} [+{mean - half:.4f}, +{mean + half:.4f}] " \
+           "| yes |" in markdown
+    assert paired[("dense", "val_lm_loss")]["excludes_zero"] is True
+    # hash: one pair (seed 2), the reference's seeds 1 and 3 left out and counted
+    assert "| Hash | 1 (2 unpaired left out: seed 1, 3 only in the reference) | +0.3000 | " \
+           "one pair: no interval | - |" in markdown
+    # the test loss, where logged (moe and remoe): the differences are 0.1+0.05*s - 0.05*s
+    test = paired[("moe", "test_lm_loss")]
+    assert (test["n"], test["mean"], test["half_width"]) == pytest.approx((3, mean_of(
+        [final_losses(out / f"moe_seed-{s}", "test_lm_loss")
+         - final_losses(out / f"remoe_seed-{s}", "test_lm_loss") for s in (1, 2, 3)]), 0.248414),
+        abs=1e-6)
+    test_table = markdown[markdown.index("test loss difference"):]
+    assert test_table.count("\n| ") == 1  # one row, TopK MoE: Dense and Hash have none
+    assert ("dense", "test_lm_loss") not in paired
+
+
+def mean_of(values):
+    return sum(values) / len(values)
+
+
+def test_the_reference_row_is_a_sweep_file_option(tmp_path):
+    sweep = seeds_sweep(tmp_path, reference="moe")
+    collected = sweeps.collect(sweep)
+    assert collected["seeds"]["reference"] == "moe"
+    assert "reference row TopK MoE (moe)" in collected["markdown"]
+    remoe = next(p for p in collected["seeds"]["paired"]
+                 if p["row"] == "remoe" and p["value"] == "val_lm_loss")
+    assert remoe["mean"] == pytest.approx(-0.2) and remoe["unpaired_reference"] == [4]
+    assert "| ReMoE | 3 (1 unpaired left out: seed 4 only in the reference) | -0.2000 | " \
+           "± 0.2484 [-0.4484, +0.0484] | no |" in collected["markdown"]
+    # the command line's --reference wins over the file's; a mapping of grid values works too
+    assert sweeps.collect(sweep, reference={"router": "dense"})["seeds"]["reference"] \
+        == "dense"
+    result = tool(str(sweep.path), "--collect", "--output-dir", str(tmp_path / "out"),
+                  "--reference", "hash", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "reference row Hash (hash)" in result.stdout
+    assert "written: " in result.stdout and "val_curves.png" in result.stdout.splitlines()[-1]
+    with pytest.raises(sweeps.SweepError, match="table.reference 'lory' matches no row: "
+                                                "remoe, moe, dense, hash"):
+        sweeps.collect(sweep, reference="lory")
+
+
+def test_without_a_single_remoe_row_there_is_no_default_reference(tmp_path):
+    spec = dict(name="two", base=dict(config="configs/demo.yaml"),
+                grid=dict(router=["moe", "dense"], seed=[1, 2]),
+                table=dict(columns=None, replicates="seed"))
+    sweep = sweeps.load_sweep(write_sweep(tmp_path / "two.yaml", spec), output_dir=tmp_path)
+    for run in sweep.runs:
+        run.directory.mkdir(parents=True)
+        (run.directory / "metrics.jsonl").write_text(
+            json.dumps({"iteration": 10, "val_lm_loss": 3.0 + run.values["seed"]}) + "\n")
+    collected = sweeps.collect(sweep)
+    assert "No paired differences: no ReMoE row; set table.reference to a row." \
+        in collected["markdown"]
+    assert collected["seeds"]["paired"] == [] and len(collected["seeds"]["intervals"]) == 2
+    assert "| TopK MoE | 2 (not all finished) | 4.5000 | ± 6.3531 [-1.8531, 10.8531] |" \
+        in collected["markdown"]
+
+
+def test_validation_curves_are_plotted_one_per_row(tmp_path):
+    sweep = seeds_sweep(tmp_path)
+    collected = sweeps.collect(sweep)
+    png = tmp_path / "out" / "val_curves.png"
+    assert collected["plot"] == png
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (700, 450)
+    assert "[val_curves.png](val_curves.png)" in collected["markdown"]
+    assert "![validation curves](val_curves.png)" in collected["markdown"]
+    assert "Validation curves of every row (4; mean over seeds, band min-max)" \
+        in collected["markdown"]
+    # the figure: one line per row, the mean over its seeds, a min-max band where they differ
+    curves = sweeps.validation_curves([g for g in _groups_of(sweep)])
+    assert [c[0] for c in curves] == collected["curves"] == ["ReMoE", "TopK MoE", "Dense", "Hash"]
+    figure = sweeps.plot_validation_curves(curves, tmp_path / "again.png")
+    axes = figure.axes[0]
+    lines = axes.get_lines()
+    assert [line.get_label() for line in lines] == ["ReMoE", "TopK MoE", "Dense", "Hash"]
+    moe = lines[1]
+    assert list(moe.get_xdata()) == [100, 200, 300]
+    assert list(moe.get_ydata()) == pytest.approx([7.8, 6.8, 5.8])  # mean of 4 seeds' curves
+    assert len(axes.collections) == 3  # bands: Hash has one seed
+    assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _groups_of(sweep):
+    """The rows of a seeds sweep as collect groups them (router order, the runs of each)."""
+    results = [sweeps.run_result(run) for run in sweep.runs]
+    return [dict(label=sweeps.sweep_router_title(router),
+                 runs=[r for r in results if r["router"] == router])
+            for router in SEED_LOSSES]

@@ -5,6 +5,7 @@
     python tools/sweep.py configs/sweeps/cpu_tiny.yaml --launcher local   # run them here
     python tools/sweep.py configs/sweeps/experts.yaml --launcher slurm    # write a job array
     python tools/sweep.py configs/sweeps/experts.yaml --collect           # the results table
+    python tools/sweep.py configs/sweeps/topk_baseline.yaml --collect --reference remoe
 
 Every run is validated with pretrain_gpt.py's parser first. Finished runs are skipped when the
 sweep is launched again. The sweep file format is described in ``remoe_patches/sweep.py``.
@@ -31,6 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "or write a Slurm job-array script")
     parser.add_argument("--collect", action="store_true",
                         help="gather the runs' results into results.md/results.csv/runs.csv")
+    parser.add_argument("--reference", metavar="ROW",
+                        help="--collect with replicates: the row the others are compared with, "
+                        "paired by seed (a row's name such as remoe_scale-none, a grid value "
+                        "such as remoe, or a row's label; default: the sweep file's "
+                        "table.reference, else the ReMoE row)")
     parser.add_argument("--output-dir", help="where the runs live (default: the file's "
                         "output_dir, else runs/sweeps/<name>)")
     parser.add_argument("--keep-going", action="store_true",
@@ -47,8 +53,10 @@ def main(argv=None) -> int:
         listing = args.collect or args.launcher == "print"
         sweep = sweeps.load_sweep(args.sweep, output_dir=args.output_dir, missing_ok=listing)
         if args.collect:
-            print(sweeps.collect(sweep)["markdown"], end="")
-            print(f"\nwritten: {sweep.output_dir / 'results.md'}, results.csv, runs.csv")
+            collected = sweeps.collect(sweep, reference=args.reference)
+            print(collected["markdown"], end="")
+            plot = f", {collected['plot'].name}" if collected["plot"] else ""
+            print(f"\nwritten: {sweep.output_dir / 'results.md'}, results.csv, runs.csv{plot}")
             return 0
         if not args.no_validate:
             sweeps.validate_runs(sweep)
