@@ -43,6 +43,7 @@ FIELD_FLAGS = {
     "sparsemixer_jitter_eps": "--moe-sparsemixer-jitter-eps",
     "lory_segment_length": "--moe-lory-segment-length",
     "lory_first_segment": "--moe-lory-first-segment",
+    "lory_dense_warmup_fraction": "--moe-lory-dense-warmup-fraction",
     "tensor_model_parallel_size": "--tensor-model-parallel-size",
     "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
     "expert_model_parallel_size": "--expert-model-parallel-size",
@@ -115,6 +116,7 @@ def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelCo
             sparsemixer_jitter_eps=args.moe_sparsemixer_jitter_eps,
             lory_segment_length=args.moe_lory_segment_length,
             lory_first_segment=args.moe_lory_first_segment,
+            lory_dense_warmup_fraction=args.moe_lory_dense_warmup_fraction,
         )
     config = ModelConfig(
         num_layers=args.num_layers,

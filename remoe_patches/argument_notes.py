@@ -119,7 +119,8 @@ def ineffective_flags(
                         ("moe_expert_choice_capacity_factor", "expert_choice"),
                         ("moe_expert_choice_group", "expert_choice"),
                         ("moe_sparsemixer_jitter_eps", "sparsemixer"),
-                        ("moe_lory_segment_length", "lory"), ("moe_lory_first_segment", "lory")):
+                        ("moe_lory_segment_length", "lory"), ("moe_lory_first_segment", "lory"),
+                        ("moe_lory_dense_warmup_fraction", "lory")):
         note(dest, f"--{dest.replace('_', '-')}", f"only used with --moe-router-type {owner}",
              when=router != owner)
     note("moe_hash_seed", "--moe-hash-seed", "only used with --moe-hash-type random_permutation",

@@ -347,6 +347,10 @@ def _add_moe_arguments(parser):
         help="Lory: route the first segment from its own mean without gradient (the paper) or "
         "uniformly (strictly causal).")
     group.add_argument(
+        "--moe-lory-dense-warmup-fraction", type=float, default=0.05,
+        help="Lory: train the layers as a dense FFN for this share of the steps, then start "
+        "every expert as a copy of it (the Lory paper's 5%%; 0 turns it off).")
+    group.add_argument(
         "--moe-relu-l1-reg-coeff-init", type=float, default=1e-8,
         help="ReMoE: initial L1 coefficient lambda_0.",
     )

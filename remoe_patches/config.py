@@ -100,6 +100,10 @@ class ModelConfig:
     0.01)."""
     lory_segment_length: int = 256
     """Lory: tokens per segment; segment i is routed from segment i-1's mean."""
+    lory_dense_warmup_fraction: float = 0.05
+    """Lory: the share of the training steps the layers are a dense FFN (expert 0's weights)
+    before every expert starts as a copy of it (the Lory paper's 5%; 0 turns it off).
+    ``RunConfig.from_dict`` reads a Lory run saved before this field existed as 0."""
     lory_first_segment: str = "own_detached"
     """Lory: the first segment is routed from its own mean without gradient (the paper's rule),
     or ``uniform`` (strictly causal)."""
@@ -234,6 +238,8 @@ class ModelConfig:
             if self.lory_segment_length < 1 or self.seq_length % self.lory_segment_length:
                 fail("lory_segment_length",
                      f"must divide seq_length={self.seq_length}; pick a divisor of it")
+            if not 0.0 <= self.lory_dense_warmup_fraction < 1.0:
+                fail("lory_dense_warmup_fraction", "must be in [0, 1)")
             if self.lory_first_segment not in LORY_FIRST_SEGMENT_RULES:
                 fail("lory_first_segment", f"not one of {', '.join(LORY_FIRST_SEGMENT_RULES)}")
         return self

@@ -10,9 +10,11 @@ The math is ``remoe_patches.lory``'s: E SwiGLU experts merged in parameter space
 What is not reproduced from the paper:
 - Similarity-based data batching (Lory packs similar documents into one training sequence, so
   that adjacent segments share a domain): the data pipeline is the project's own.
-- Lory's training recipe around the layer (summaries of the paper mention a dense warm-up
-  before the experts diverge; not checked against the paper's text): the experts start from
-  independent random initialisations, as megatron's do.
+Lory's dense warm-up (its App. G.3 calls it crucial) is reproduced: for the first
+``lory_dense_warmup_fraction`` of the steps (the paper's 5%) every LoryMLP is a dense SwiGLU FFN,
+expert 0's weights (``LoryMLP.dense_warmup``; the router and the other experts get zero
+gradients), and then ``start_experts_from_the_dense_ffn`` copies the trained FFN into every
+expert (with its Adam moments where the optimizer holds whole tensors) before routing starts.
 - Inference-time routing: Lory decodes with one routing decision made from the whole prompt
   and keeps that merged FFN for every generated token. Here evaluation and generation run the
   training-time segment routing on the full (recomputed) context; sequence lengths must be a
@@ -37,6 +39,8 @@ import torch.nn.functional as F
 from torch.nn.parameter import Parameter
 
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+import torch
+
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -113,15 +117,73 @@ class LoryMLP(MegatronModule):
             hidden_states, self.router_weight, self.segment_length, self.first_segment
         )
 
+    dense_warmup = False
+    """Lory's dense warm-up: the layer is the dense SwiGLU FFN of expert 0's weights (set by
+    ``set_dense_warmup``)."""
+
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **unused):
         """``hidden_states`` ``[S, B, h]`` -> ``(output [S, B, h], None)``.
 
         ``padding_mask`` is accepted and ignored: megatron passes it to mlp slots for MoE
         aux-loss bookkeeping, and Lory has no aux loss.
         """
+        if self.dense_warmup:
+            output_SBh = lory.swiglu(hidden_states @ self.fc1_weight[0]) @ self.fc2_weight[0]
+            # The router and the other experts join with factor 0: every parameter gets a
+            # (zero) gradient, as megatron's DDP gradient hooks expect.
+            unused_weights = (self.router_weight.sum() + self.fc1_weight[1:].sum()
+                              + self.fc2_weight[1:].sum())
+            return (output_SBh + 0.0 * unused_weights).to(hidden_states.dtype), None
         output_SBh, _ = lory.lory_ffn(hidden_states, self.router_weight, self.fc1_weight,
                                       self.fc2_weight, self.segment_length, self.first_segment)
         return output_SBh.to(hidden_states.dtype), None
+
+
+def lory_layers(model_chunks) -> list:
+    """Every ``LoryMLP`` of the model chunks (a module or a list of them)."""
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, LoryMLP)]
+
+
+def dense_warmup_steps(fraction: float, train_iters: int) -> int:
+    """The steps of Lory's dense warm-up: ``round(fraction * train_iters)``."""
+    return int(round(fraction * train_iters))
+
+
+def set_dense_warmup(model_chunks, dense: bool) -> None:
+    """Put every LoryMLP into (or out of) the dense warm-up."""
+    for layer in lory_layers(model_chunks):
+        layer.dense_warmup = dense
+
+
+@torch.no_grad()
+def start_experts_from_the_dense_ffn(model_chunks, optimizer=None) -> None:
+    """End Lory's dense warm-up: copy expert 0 (the trained dense FFN) into every expert of
+    every LoryMLP, leave the warm-up, and make ``optimizer`` (a megatron optimizer) follow:
+    its main parameters (fp32 copies or shards) are reloaded from the model, and where it holds
+    a whole tensor's Adam moments (not the distributed optimizer's shards, whose other experts
+    keep their moments) expert 0's moments are copied too."""
+    layers = lory_layers(model_chunks)
+    params = []
+    for layer in layers:
+        for weight in (layer.fc1_weight, layer.fc2_weight):
+            weight[1:] = weight[0]
+            params.append(weight)
+        layer.dense_warmup = False
+    if optimizer is None:
+        return
+    optimizer.reload_model_params()
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        main_of = {}
+        for model_group, main_group in zip(getattr(inner, "float16_groups", []),
+                                           getattr(inner, "fp32_from_float16_groups", [])):
+            main_of.update({id(p): q for p, q in zip(model_group, main_group)})
+        state = getattr(getattr(inner, "optimizer", None), "state", {})
+        for weight in params:
+            main = main_of.get(id(weight), weight)
+            for value in state.get(main, {}).values():
+                if torch.is_tensor(value) and value.shape == weight.shape:
+                    value[1:] = value[0]
 
 
 def check_lory_config(config: TransformerConfig) -> None:

@@ -267,6 +267,9 @@ class RunConfig:
                 # Saved before ModelConfig.hash_type existed: hash runs then used the seeded
                 # random permutation, and must be rebuilt with the map they were trained with.
                 values["hash_type"] = "random_permutation"
+            if name == "model" and values.get("router") == "lory" \
+                    and "lory_dense_warmup_fraction" not in values:
+                values["lory_dense_warmup_fraction"] = 0.0  # trained before the warm-up existed
             for key, value in values.items():
                 if isinstance(value, list):  # tuples come back from YAML/JSON as lists
                     values[key] = tuple(value)

@@ -28,7 +28,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from remoe_patches import checkpointing
+from remoe_patches import checkpointing, lory_layer
 from remoe_patches.config import SWITCH_AUX_LOSS_ROUTERS, ConfigError
 from remoe_patches.data import (
     build_splits,
@@ -189,7 +189,14 @@ def pretrain(config: RunConfig) -> RunState:
         signals = ExitSignals() if training.exit_signal_handler else None
         saved_at = None
         health = RoutingHealth()
+        # Lory's dense warm-up: dense until step lory_warmup, then every expert a copy of the FFN
+        lory_warmup = lory_layer.dense_warmup_steps(
+            config.model.lory_dense_warmup_fraction, training.train_iters,
+        ) if config.model.router == "lory" else 0
+        lory_layer.set_dense_warmup(model_chunks, state.iteration < lory_warmup)
         while state.iteration < training.train_iters:
+            if lory_warmup and state.iteration == lory_warmup:
+                lory_layer.start_experts_from_the_dense_ffn(model_chunks, optimizer)
             started = time.perf_counter()
             batches = [next(train_batches) for _ in range(num_microbatches)]
             record = train_step(model_chunks, optimizer, scheduler, regularizer, batches,

@@ -181,3 +181,94 @@ def test_dist_checkpoint_round_trip_reproduces_the_output(single_rank, tmp_path)
     loaded.load_state_dict(dist_checkpointing.load(loaded.sharded_state_dict(), str(tmp_path)))
     with torch.no_grad():
         assert torch.equal(logits(loaded, tokens), expected)
+
+
+# --- Lory's dense warm-up ---------------------------------------------------------------------
+
+
+def test_dense_warmup_is_expert_0s_ffn_then_every_expert_starts_as_its_copy(single_rank):
+    """During the warm-up a LoryMLP is the SwiGLU FFN of expert 0 (the merged FFN of routing
+    weights one-hot on expert 0), every parameter gets a gradient (zero but for expert 0's);
+    after ``start_experts_from_the_dense_ffn`` every expert is expert 0 and the model computes
+    what the dense model did (the merged weights sum to the FFN), and routing is back on."""
+    from remoe_patches import lory
+    from remoe_patches.lory_layer import (
+        dense_warmup_steps, lory_layers, set_dense_warmup, start_experts_from_the_dense_ffn)
+
+    torch.manual_seed(2)
+    model = lory_gpt()
+    layers = lory_layers(model)
+    assert len(layers) == TINY["num_layers"] and not any(m.dense_warmup for m in layers)
+    set_dense_warmup(model, True)
+    tokens, positions, labels = batch()
+    inputs = {}
+    for layer in layers:
+        layer.register_forward_hook(lambda m, args, out: inputs.__setitem__(m, (args[0], out[0])))
+    loss = model(tokens, positions, None, labels=labels).mean()
+    loss.backward()
+    for layer in layers:
+        hidden, output = inputs[layer]
+        one_hot = torch.zeros(hidden.shape[1], 1, 8)
+        one_hot[..., 0] = 1.0
+        merged = lory.merged_swiglu_ffn(hidden, one_hot.expand(-1, 1, -1), layer.fc1_weight,
+                                        layer.fc2_weight)
+        torch.testing.assert_close(output, merged)
+        assert layer.router_weight.grad is not None and not layer.router_weight.grad.any()
+        for weight in (layer.fc1_weight, layer.fc2_weight):
+            assert weight.grad[0].abs().sum() > 0 and not weight.grad[1:].any()
+    model.eval()
+    with torch.no_grad():
+        dense_logits = logits(model, tokens)
+        assert not torch.equal(layers[0].fc1_weight[1], layers[0].fc1_weight[0])
+        start_experts_from_the_dense_ffn(model)
+        for layer in layers:
+            assert not layer.dense_warmup
+            for weight in (layer.fc1_weight, layer.fc2_weight):
+                assert all(torch.equal(weight[e], weight[0]) for e in range(8))
+        torch.testing.assert_close(logits(model, tokens), dense_logits, rtol=1e-5, atol=1e-5)
+    assert dense_warmup_steps(0.05, 60000) == 3000 and dense_warmup_steps(0.0, 100) == 0
+
+
+@pytest.mark.parametrize("extra", [[], ["--bf16"], ["--bf16", "--use-distributed-optimizer"]])
+def test_the_optimizer_follows_the_experts_copied_from_the_dense_ffn(single_rank, extra):
+    """With megatron's optimizers (fp32; bf16 with fp32 main copies; the distributed one): after
+    the copy the next step starts every expert from expert 0's weights, not from the main
+    parameters' old random experts; whole-tensor Adam moments are copied too."""
+    from remoe_patches.lory_layer import lory_layers, set_dense_warmup, \
+        start_experts_from_the_dense_ffn
+    from remoe_patches.training_step import train_step
+    from test_training_step import make_batch, step_kwargs, training_objects
+
+    config, objects = training_objects(
+        "dense", "--num-experts", "8", "--moe-router-topk", "1", "--moe-router-type", "lory",
+        "--moe-lory-segment-length", "4", "--lr", "1e-4", *extra)
+    assert config.model.lory_dense_warmup_fraction == 0.05  # the paper's default
+    chunks, optimizer = objects.model_chunks, objects.optimizer
+    set_dense_warmup(chunks, True)
+    run = lambda seed: train_step(chunks, optimizer, objects.scheduler, objects.regularizer,
+                                  [make_batch(seed), make_batch(seed + 1)], **step_kwargs(config))
+    assert not run(1).skipped
+    layers = lory_layers(chunks)
+    spread = max(float((w[1:] - w[:1]).abs().max())
+                 for layer in layers for w in (layer.fc1_weight, layer.fc2_weight))
+    assert spread > 1e-2  # independent random experts before the copy
+    start_experts_from_the_dense_ffn(chunks, optimizer)
+    if "--use-distributed-optimizer" not in extra:
+        inner = optimizer.chained_optimizers[0] if hasattr(optimizer, "chained_optimizers") \
+            else optimizer
+        main_of = {id(p): q for g, h in zip(getattr(inner, "float16_groups", []),
+                                            getattr(inner, "fp32_from_float16_groups", []))
+                   for p, q in zip(g, h)}
+        for layer in layers:
+            for weight in (layer.fc1_weight, layer.fc2_weight):
+                main = main_of.get(id(weight), weight)
+                assert all(torch.equal(main[e], main[0]) for e in range(8))
+                moments = [v for v in inner.optimizer.state[main].values()
+                           if torch.is_tensor(v) and v.shape == weight.shape]
+                assert len(moments) == 2
+                assert all(torch.equal(m[e], m[0]) for m in moments for e in range(8))
+    record = run(3)
+    assert not record.skipped and torch.isfinite(record.lm_loss)
+    after = max(float((w[1:] - w[:1]).abs().max())
+                for layer in layers for w in (layer.fc1_weight, layer.fc2_weight))
+    assert after < 2e-3, after  # one small step apart, not the old random experts

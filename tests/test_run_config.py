@@ -138,3 +138,16 @@ def test_gradient_accumulation_fusion_needs_apex_kernel_not_transformer_engine(s
         with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda"):
             build_model(model, single_rank, use_transformer_engine=False,
                         **{**wanted, "gradient_accumulation_fusion": True})
+
+
+def test_lory_dense_warmup_flag_and_lory_runs_saved_before_it():
+    lory_flags = [*TINY_MOE, "--moe-router-type", "lory", "--moe-lory-segment-length", "16"]
+    lory = parse_run_config(lory_flags)
+    assert lory.model.lory_dense_warmup_fraction == 0.05  # the Lory paper's 5%
+    off = parse_run_config([*lory_flags, "--moe-lory-dense-warmup-fraction", "0"])
+    assert off.model.lory_dense_warmup_fraction == 0.0
+    old = lory.to_dict()
+    del old["model"]["lory_dense_warmup_fraction"]
+    assert RunConfig.from_dict(old).model.lory_dense_warmup_fraction == 0.0  # trained without
+    with pytest.raises(ConfigError, match="lory_dense_warmup_fraction"):
+        dataclasses.replace(lory.model, lory_dense_warmup_fraction=1.0).validate()

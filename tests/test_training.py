@@ -298,3 +298,26 @@ def test_table_2_baseline_trains_and_resumes(corpus, tmp_path, router):
         for key in ("lm_loss", "lr", "grad_norm"):
             assert got[iteration][key] == expected[iteration][key], (iteration, key)
     assert ("load_balancing_loss" in expected[6]) == (router == "sparsemixer")
+
+
+def test_lory_dense_warmup_trains_then_routes_and_resumes_across_the_switch(corpus, tmp_path):
+    """--moe-lory-dense-warmup-fraction 0.5 of 6 steps: steps 1-3 train the dense FFN (their
+    first loss is not the routed model's), step 4 starts every expert from it; a run stopped at
+    step 3 and resumed takes the same steps 4-6 as the uninterrupted one."""
+    overrides = dict(moe_relu_routing=None, moe_router_type="lory", save_interval=None,
+                     eval_interval=None, train_iters=6, moe_lory_segment_length=16)
+    straight = tmp_path / "straight"
+    ok(run(authors_style_flags(corpus, straight, moe_lory_dense_warmup_fraction=0.5,
+                               **overrides)))
+    routed = tmp_path / "routed"
+    ok(run(authors_style_flags(corpus, routed, moe_lory_dense_warmup_fraction=0.0, **overrides)))
+    resumed = tmp_path / "resumed"
+    flags = authors_style_flags(corpus, resumed, moe_lory_dense_warmup_fraction=0.5, **overrides)
+    ok(run(flags + ["--exit-interval", "3"]))
+    ok(run(flags + ["--load", str(resumed)]))
+    expected, got = steps(straight), steps(resumed)
+    assert expected[1]["lm_loss"] != steps(routed)[1]["lm_loss"]  # step 1 was dense
+    assert expected[6]["lm_loss"] < expected[1]["lm_loss"]
+    for iteration in (4, 5, 6):
+        for key in ("lm_loss", "lr", "grad_norm"):
+            assert got[iteration][key] == expected[iteration][key], (iteration, key)
