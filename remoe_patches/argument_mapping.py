@@ -300,5 +300,7 @@ def run_config_from_args(args) -> RunConfig:
             tensorboard_dir=args.tensorboard_dir,
             eval_interval=args.eval_interval,
             eval_iters=args.eval_iters,
+            full_validation=bool(args.full_validation),
+            skip_train=bool(args.skip_train),
         ),
     ).validate()

@@ -591,6 +591,16 @@ def _add_validation_arguments(parser):
     group = parser.add_argument_group("validation")
     group.add_argument("--eval-interval", type=int, default=1000, help="Steps between evaluations.")
     group.add_argument("--eval-iters", type=int, default=100, help="Batches per evaluation.")
+    group.add_argument(
+        "--full-validation", action="store_true",
+        help="Score the whole validation split at each evaluation (and the whole test split at "
+        "the end) instead of --eval-iters batches.",
+    )
+    group.add_argument(
+        "--skip-train", action="store_true",
+        help="Train nothing: evaluate the weights (of --load) on the validation and test splits, "
+        "print the losses and exit; nothing is saved.",
+    )
 
 
 def _add_distributed_arguments(parser):

@@ -152,6 +152,12 @@ def check_data_paths(data_path: Sequence[str]) -> None:
                 )
 
 
+# The seed of the validation and test splits' sample order, whatever --seed: two runs that differ
+# in --seed score the same validation samples (the training split's order follows --seed).
+# Megatron-LM's default --seed, so a --seed 1234 run keeps the validation order it always had.
+EVAL_SEED = 1234
+
+
 def build_splits(
     *,
     data_path: Optional[Sequence[str]],
@@ -159,22 +165,63 @@ def build_splits(
     per_split_paths: Sequence[Optional[Sequence[str]]] = (None, None, None),
     seq_length: int,
     tokenizer,
-    num_samples: tuple[int, int, int],
+    num_samples: tuple[Optional[int], Optional[int], Optional[int]],
     seed: int,
+    eval_seed: int = EVAL_SEED,
     mock: bool = False,
     cache_path: Optional[str] = None,
 ) -> Splits:
     """megatron-core's GPT datasets: one blend (``weight prefix`` pairs) cut by ``split``, or one
-    blend per split (``per_split_paths``)."""
+    blend per split (``per_split_paths``).
+
+    The training split is shuffled with ``seed``, validation and test with ``eval_seed``: two
+    builds, each with the other splits left out of its split matrix (megatron's index caches are
+    keyed by the seed and the split matrix, so neither build reuses the other's, nor a cache of
+    the one-seed builds before them). A ``None`` in ``num_samples``: the whole split, each sample
+    once (``--full-validation``); a weighted blend then contributes all of its datasets' samples
+    unweighted.
+    """
+    if num_samples[0] is None:
+        raise ValueError("build_splits: the training split needs a number of samples")
+    if num_samples[0] == 0:  # nothing to train on (--skip-train): build no training split
+        train = None
+    else:
+        train = _build_some_splits((0,), seed, data_path=data_path, split=split,
+                                   per_split_paths=per_split_paths, seq_length=seq_length,
+                                   tokenizer=tokenizer, num_samples=num_samples, mock=mock,
+                                   cache_path=cache_path)[0]
+    _, valid, test = _build_some_splits((1, 2), eval_seed, data_path=data_path, split=split,
+                                        per_split_paths=per_split_paths, seq_length=seq_length,
+                                        tokenizer=tokenizer, num_samples=num_samples, mock=mock,
+                                        cache_path=cache_path)
+    return Splits(train=train, valid=valid, test=test)
+
+
+def _build_some_splits(keep, seed, *, data_path, split, per_split_paths, seq_length, tokenizer,
+                       num_samples, mock, cache_path) -> list:
+    """The splits numbered in ``keep`` (None for the others), shuffled with ``seed``."""
     use_per_split = not mock and data_path is None
+
+    def blend_for(paths, size):
+        prefixes, weights = get_blend_from_list(list(paths))
+        # megatron needs a size for a weighted blend; the whole split is every sample once
+        return (prefixes, None) if size is None else (prefixes, weights)
+
+    blend_per_split = None
+    blend = None
+    if use_per_split:
+        blend_per_split = [blend_for(p, num_samples[i]) if p and i in keep else None
+                           for i, p in enumerate(per_split_paths)]
+        if not any(blend_per_split):  # (megatron would take no blend at all for mock data)
+            return [None, None, None]
+    elif not mock:
+        sizes = [num_samples[i] for i in keep]
+        blend = blend_for(data_path, None if None in sizes else 0)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=None if mock or use_per_split else get_blend_from_list(list(data_path)),
-        blend_per_split=(
-            [get_blend_from_list(list(p)) if p else None for p in per_split_paths]
-            if use_per_split else None
-        ),
+        blend=blend,
+        blend_per_split=blend_per_split,
         split=None if use_per_split else split,
         path_to_cache=cache_path,
         mmap_bin_files=True,
@@ -184,11 +231,12 @@ def build_splits(
         eod_mask_loss=False,
         create_attention_mask=False,
     )
+    if config.split_matrix is not None:
+        config.split_matrix = [bounds if i in keep else None
+                               for i, bounds in enumerate(config.split_matrix)]
+    sizes = [num_samples[i] if i in keep else 0 for i in range(3)]
     dataset_class = MockGPTDataset if mock else GPTDataset
-    train, valid, test = BlendedMegatronDatasetBuilder(
-        dataset_class, list(num_samples), lambda: True, config
-    ).build()
-    return Splits(train=train, valid=valid, test=test)
+    return BlendedMegatronDatasetBuilder(dataset_class, sizes, lambda: True, config).build()
 
 
 def micro_batches(
@@ -210,6 +258,29 @@ def micro_batches(
         indices = [(start + i) % len(dataset) for i in range(micro_batch_size)]
         yield collate([dataset[i] for i in indices])
         start += chunk
+
+
+def evaluation_batches(
+    dataset,
+    *,
+    num_samples: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+) -> Iterator[dict]:
+    """This rank's micro-batches of the split's first ``num_samples`` samples, in the order of
+    ``micro_batches``, over ``ceil(num_samples / global_batch_size)`` global batches: the last
+    one is filled up with samples whose loss mask is zero, so that every sample counts once and
+    every rank runs the same micro-batches."""
+    chunk = micro_batch_size * data_parallel_size
+    steps = -(-num_samples // global_batch_size)
+    for start in range(0, steps * global_batch_size, chunk):
+        first = start + data_parallel_rank * micro_batch_size
+        positions = range(first, first + micro_batch_size)
+        batch = collate([dataset[position % len(dataset)] for position in positions])
+        batch["loss_mask_BS"][[i for i, p in enumerate(positions) if p >= num_samples]] = 0.0
+        yield batch
 
 
 def collate(samples: list[dict]) -> dict:

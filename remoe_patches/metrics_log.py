@@ -11,7 +11,8 @@ import os
 import sys
 from typing import Optional
 
-# One object per logged step; evaluation records carry ``val_lm_loss`` (or ``test_lm_loss``).
+# One object per logged step; evaluation records carry ``val_lm_loss`` (or ``test_lm_loss``) and
+# the number of samples it scored, ``val_samples`` (``test_samples``).
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -65,10 +66,11 @@ class MetricsLog:
             return
         name = "val_lm_loss" if "val_lm_loss" in record else "test_lm_loss"
         loss = record[name]
+        samples = record.get(name.replace("lm_loss", "samples"))
         self.print(
             f" {'validation' if name.startswith('val') else 'test'} at iteration "
             f"{record['iteration']:8d} | lm loss: {loss:.6E} | lm loss PPL: "
-            f"{math.exp(min(loss, 20)):.6E}"
+            f"{math.exp(min(loss, 20)):.6E}" + (f" | samples: {samples}" if samples else "")
         )
         self._write(record)
 

@@ -217,6 +217,12 @@ class LoggingConfig:
     """Steps between validation runs (0 or None: none)."""
     eval_iters: int = 100
     """Global batches per validation run (the same ones every time)."""
+    full_validation: bool = False
+    """Score the whole validation split (and, at the end, the whole test split) instead of
+    ``eval_iters`` batches."""
+    skip_train: bool = False
+    """Train nothing: evaluate the loaded weights on the validation and test splits and stop;
+    nothing is saved."""
 
 
 PARTS = dict(model=ModelConfig, parallel=ParallelConfig, layers=LayerOptions,

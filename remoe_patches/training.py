@@ -35,6 +35,7 @@ from remoe_patches.data import (
     check_data_paths,
     check_token_ids,
     drop_empty_splits,
+    evaluation_batches,
     micro_batches,
     to_device,
 )
@@ -94,12 +95,14 @@ def check_batch_sizes(training: TrainingConfig, data_parallel_size: int) -> Trai
 def pretrain(config: RunConfig) -> RunState:
     """Train as ``config`` says; return the final state (with the per-step history)."""
     # Checks that need no process group come first, so bad input writes nothing anywhere.
-    if config.checkpoint.save:
+    skip_train = config.logging.skip_train  # evaluate --load, write nothing
+    if config.checkpoint.save and not skip_train:
         checkpointing.check_writer_dependencies()
     for blend in config.data.blends():
         check_data_paths(blend)
     fresh_run = check_load_path(config)
-    check_save_path(config)
+    if not skip_train:
+        check_save_path(config)
     data = config.data
     tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
                                 merge_file=data.merge_file, tokenizer_model=data.tokenizer_model)
@@ -140,7 +143,7 @@ def pretrain(config: RunConfig) -> RunState:
             fresh_start = ckpt.finetune
             restored = checkpointing.load_checkpoint(
                 ckpt.load, model_chunks, optimizer, scheduler, regularizer=regularizer,
-                load_optimizer=not (ckpt.no_load_optim or fresh_start),
+                load_optimizer=not (ckpt.no_load_optim or fresh_start or skip_train),
                 load_rng=not (ckpt.no_load_rng or fresh_start),
                 load_training_state=not fresh_start, model_config=config.model,
             )
@@ -148,8 +151,9 @@ def pretrain(config: RunConfig) -> RunState:
                 state.iteration = state.start_iteration = restored["iteration"]
                 state.consumed_samples = restored["consumed_samples"]
             if is_logging_rank:
-                _report_load(ckpt, restored, regularizer, fresh_run)
-        if training.train_iters == 0:  # save the initial weights, e.g. to start several layouts
+                _report_load(ckpt, restored, regularizer, fresh_run, skip_train)
+        # --train-iters 0: save the initial weights, e.g. to start several layouts
+        if training.train_iters == 0 and not skip_train:
             if ckpt.save:
                 save()
             return state
@@ -176,14 +180,38 @@ def pretrain(config: RunConfig) -> RunState:
                                        data_parallel_rank=dp_rank, data_parallel_size=dp_size):
                 yield to_device(batch, device)
 
+        step_kwargs = dict(seq_length=config.model.seq_length,
+                           micro_batch_size=training.micro_batch_size)
+
+        def evaluation(name, dataset):
+            """The ``<name>_lm_loss`` record of the split's first --eval-iters global batches, or
+            of all its samples (--full-validation)."""
+            samples = len(dataset) if logging.full_validation else logging.eval_iters * batch
+            batches = (to_device(b, device) for b in evaluation_batches(
+                dataset, num_samples=samples, global_batch_size=batch,
+                micro_batch_size=training.micro_batch_size, data_parallel_rank=dp_rank,
+                data_parallel_size=dp_size))
+            per_step = [min(batch, samples - start) for start in range(0, samples, batch)]
+            loss = evaluate(model_chunks, batches, num_microbatches, per_step, device,
+                            global_batch_size=batch, **step_kwargs)
+            return {"iteration": state.iteration, f"{name}_lm_loss": loss,
+                    f"{name}_samples": samples}
+
+        batch = training.global_batch_size
+        evaluates = logging.full_validation or logging.eval_iters > 0
         log = MetricsLog(
-            metrics_dir=ckpt.save, tensorboard_dir=logging.tensorboard_dir,
+            # --skip-train writes nothing: its losses go to the console only
+            metrics_dir=None if skip_train else ckpt.save,
+            tensorboard_dir=None if skip_train else logging.tensorboard_dir,
             total_iterations=training.train_iters, start_iteration=state.iteration,
             enabled=is_logging_rank,
         )
+        if skip_train:
+            for name, dataset in (("val", splits.valid), ("test", splits.test)):
+                if dataset is not None and evaluates:
+                    log.evaluation(evaluation(name, dataset))
+            return state
         train_batches = batches_of(splits.train, state.consumed_samples)
-        step_kwargs = dict(seq_length=config.model.seq_length,
-                           micro_batch_size=training.micro_batch_size)
         window = []  # step records since the last log line
         run_started = time.time()
         signals = ExitSignals() if training.exit_signal_handler else None
@@ -216,11 +244,11 @@ def pretrain(config: RunConfig) -> RunState:
                 # a launch's first steps on the console too (not in metrics.jsonl, whose records
                 # stay one per --log-interval window): a sign of life, and stage I's dense dip
                 log_window(log, [record], config, state, world_size, console_only=True)
-            if logging.eval_interval and state.iteration % logging.eval_interval == 0 and splits.valid:
-                record.val_lm_loss = evaluate(model_chunks, batches_of(splits.valid, 0),
-                                              num_microbatches, logging.eval_iters, device,
-                                              **step_kwargs)
-                log.evaluation(dict(iteration=state.iteration, val_lm_loss=record.val_lm_loss))
+            if (logging.eval_interval and state.iteration % logging.eval_interval == 0
+                    and splits.valid and evaluates):
+                result = evaluation("val", splits.valid)
+                record.val_lm_loss = result["val_lm_loss"]
+                log.evaluation(result)
             if ckpt.save and ckpt.save_interval and state.iteration % ckpt.save_interval == 0:
                 save(log)
                 saved_at = state.iteration
@@ -233,12 +261,11 @@ def pretrain(config: RunConfig) -> RunState:
         sync_params(model_chunks)  # callers of pretrain() see the final weights
         if ckpt.save and saved_at != state.iteration:
             save(log)
-        if splits.test is not None and logging.eval_iters:
-            test = evaluate(model_chunks, batches_of(splits.test, 0), num_microbatches,
-                            logging.eval_iters, device, **step_kwargs)
-            log.evaluation(dict(iteration=state.iteration, test_lm_loss=test))
+        if splits.test is not None and evaluates:
+            result = evaluation("test", splits.test)
+            log.evaluation(result)
             if state.history:
-                state.history[-1].test_lm_loss = test
+                state.history[-1].test_lm_loss = result["test_lm_loss"]
         if ckpt.save:
             log.print(f" metrics: {log.metrics_path}")
             log.print(f" checkpoint: {checkpointing.checkpoint_dir(ckpt.save, state.iteration)}")
@@ -259,7 +286,7 @@ def check_load_path(config: RunConfig) -> bool:
     if not ckpt.load or checkpointing.has_checkpoint(ckpt.load):
         return False
     same_as_save = ckpt.save and os.path.realpath(ckpt.save) == os.path.realpath(ckpt.load)
-    if same_as_save and not ckpt.finetune:
+    if same_as_save and not ckpt.finetune and not config.logging.skip_train:
         return True
     missing = "does not exist" if not os.path.exists(ckpt.load) else "holds no checkpoint"
     raise ConfigError(
@@ -336,7 +363,7 @@ def describe_tokenizer(data, tokenizer) -> str:
             f"{tokenizer.vocab_size} tokens)")
 
 
-def _report_load(ckpt, restored, regularizer, fresh_run) -> None:
+def _report_load(ckpt, restored, regularizer, fresh_run, skip_train=False) -> None:
     """Say before the first step where the run starts from."""
     if fresh_run:
         print(f" note: no checkpoint in {ckpt.load} yet: training from scratch", flush=True)
@@ -344,6 +371,10 @@ def _report_load(ckpt, restored, regularizer, fresh_run) -> None:
     for directory, problem in restored["skipped"]:
         print(f" WARNING: checkpoint {directory} does not load ({problem}); using the previous "
               "one", flush=True)
+    if skip_train:
+        print(f" evaluating {restored['directory']} (iteration {restored['iteration']}) without "
+              "training (--skip-train)", flush=True)
+        return
     if ckpt.finetune:
         print(f" loaded the weights of {restored['directory']} (iteration "
               f"{restored['iteration']}) for a new run (--finetune)", flush=True)
@@ -452,12 +483,17 @@ def lr_scheduler(training: TrainingConfig, optimizer) -> OptimizerParamScheduler
     )
 
 
-def num_samples(config: RunConfig) -> tuple[int, int, int]:
-    """Samples each split must provide. Every evaluation reads the same first ``--eval-iters``
-    global batches of its split, so validation losses compare across iterations."""
+def num_samples(config: RunConfig) -> tuple[int, Optional[int], Optional[int]]:
+    """Samples each split must provide (None: the whole split, each sample once). Every
+    evaluation reads the same first ``--eval-iters`` global batches of its split, or all of it
+    with ``--full-validation``, so validation losses compare across iterations (and, the split's
+    order not following ``--seed``, across seeds). ``--skip-train`` builds no training split."""
     batch = config.training.global_batch_size
+    train = 0 if config.logging.skip_train else config.training.train_iters * batch
+    if config.logging.full_validation:
+        return train, None, None
     per_evaluation = max(config.logging.eval_iters, 1) * batch
-    return config.training.train_iters * batch, per_evaluation, per_evaluation
+    return train, per_evaluation, per_evaluation
 
 
 def _count_skips(state: RunState, record: StepRecord, max_skipped_steps: int) -> None:
@@ -475,23 +511,26 @@ def _count_skips(state: RunState, record: StepRecord, max_skipped_steps: int) ->
 
 
 @torch.no_grad()
-def evaluate(model_chunks, batches, num_microbatches: int, eval_iters: int,
-             device: torch.device, *, seq_length: int, micro_batch_size: int) -> float:
-    """Token-mean LM loss over ``eval_iters`` global batches from the split's start."""
+def evaluate(model_chunks, batches, num_microbatches: int, samples_per_step: list,
+             device: torch.device, *, global_batch_size: int, seq_length: int,
+             micro_batch_size: int) -> float:
+    """Token-mean LM loss over global batches of which the i-th scores ``samples_per_step[i]``
+    samples (a last one filled up with masked samples: ``data.evaluation_batches``)."""
     sync_params(model_chunks)  # the weights of the last step, on every rank
     for chunk in model_chunks:
         chunk.eval()
-    total, count = 0.0, 0
-    for _ in range(eval_iters):
+    total, count = 0.0, 0.0
+    for samples in samples_per_step:
         step_batches = [next(batches) for _ in range(num_microbatches)]
         loss = forward_backward(model_chunks, step_batches, forward_only=True,
                                 num_microbatches=num_microbatches, seq_length=seq_length,
                                 micro_batch_size=micro_batch_size)
-        total += float(loss["lm_loss"])
-        count += 1
+        weight = samples / global_batch_size  # every sample has seq_length scored tokens
+        total += float(loss["lm_loss"]) * weight
+        count += weight
     for chunk in model_chunks:
         chunk.train()
-    loss = torch.tensor(total / max(count, 1))
+    loss = torch.tensor(total / count if count else float("nan"))
     # only the last stage computed it; everyone reports the same value
     group = parallel_state.get_pipeline_model_parallel_group()
     if dist.get_world_size(group) > 1:

@@ -9,21 +9,27 @@ global samples ``[i*G, (i+1)*G)`` in chunks of ``micro_batch * DP``, rank ``r`` 
 from __future__ import annotations
 
 import json
+import os
 import types
 
 import numpy
 import pytest
 import torch
 
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.utils import get_blend_from_list
 
 from remoe_patches.data import (
+    EVAL_SEED,
     MAX_TOKEN_ID_SUFFIX,
     build_splits,
     check_data_paths,
     check_token_ids,
     collate,
     drop_empty_splits,
+    evaluation_batches,
     largest_token_id,
     micro_batches,
     to_device,
@@ -340,3 +346,98 @@ def test_data_of_another_tokenizer_is_one_line_at_start_up(tmp_path):
            "(--tokenizer-type GPT2BPETokenizer" in line
     assert "padded to 512)" in line
     assert not save.exists()
+
+
+# --- the validation and test splits: an order that does not follow --seed, all of a split ------
+
+def streams(dataset):
+    return [sample_stream(dataset[index]) for index in range(len(dataset))]
+
+
+@pytest.fixture
+def thirty_documents(tmp_path):
+    """50,25,25 of 30 documents: training 0-14, validation 15-21, test 22-29 (megatron rounds
+    22.5 to 22); 8 tokens each."""
+    return write_dataset(tmp_path / "thirty", [document(i) for i in range(30)])
+
+
+def test_validation_and_test_keep_their_order_whatever_the_seed(thirty_documents):
+    """Issue 22: the same checkpoint scored on another sample set under each --seed. Now the
+    training split's order follows the seed, validation and test do not."""
+    built = {seed: build_splits(data_path=[thirty_documents], split="50,25,25", seq_length=5,
+                                tokenizer=TOKENIZER, num_samples=(20, 6, 6), seed=seed)
+             for seed in (1, 2, 3)}
+    for name in ("valid", "test"):
+        assert streams(getattr(built[1], name)) == streams(getattr(built[2], name)) \
+               == streams(getattr(built[3], name)), name
+    assert streams(built[1].train) != streams(built[2].train)
+
+
+def test_no_number_of_samples_is_the_whole_split_once(thirty_documents, tmp_path):
+    """--full-validation: validation is every token of documents 15-21 once, cut into
+    (7 x 8 - 1) // 5 = 11 sequences; a weighted blend gives all of each dataset's split."""
+    splits = build_splits(data_path=[thirty_documents], split="50,25,25", seq_length=5,
+                          tokenizer=TOKENIZER, num_samples=(20, None, None), seed=1)
+    assert len(splits.valid) == 11
+    tokens = [token for stream in streams(splits.valid) for token in stream[:-1]]
+    assert len(tokens) == 55 and set(tokens) == tokens_of(range(15, 22))  # 56 less the last
+    other = write_dataset(tmp_path / "other", [document(i) for i in range(40, 70)])
+    blend = build_splits(data_path=["0.9", thirty_documents, "0.1", other], split="50,25,25",
+                         seq_length=5, tokenizer=TOKENIZER, num_samples=(20, None, None), seed=1)
+    assert len(blend.valid) == 22
+    assert {token for stream in streams(blend.valid) for token in stream} == \
+        tokens_of(range(15, 22)) | tokens_of(range(55, 62))
+
+
+def test_index_caches_of_the_one_seed_builds_are_not_reused(thirty_documents, tmp_path):
+    """megatron keys its index caches by the seed and the split matrix. The validation split
+    built as before (with the training seed, beside the other splits) leaves its cache; the new
+    build, even with that seed, writes its own (its split matrix holds only validation and
+    test), and records the fixed seed, whatever the training seed."""
+    cache = tmp_path / "cache"
+
+    def shuffle_indices(split):
+        return sorted(name for name in os.listdir(cache)
+                      if name.endswith(f"-GPTDataset-{split}-shuffle_index.npy"))
+
+    old_config = GPTDatasetConfig(
+        random_seed=EVAL_SEED, sequence_length=5, blend=get_blend_from_list([thirty_documents]),
+        split="50,25,25", path_to_cache=str(cache), mmap_bin_files=True, tokenizer=TOKENIZER,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False)
+    BlendedMegatronDatasetBuilder(GPTDataset, [20, 6, 6], lambda: True, old_config).build()
+    old = shuffle_indices("valid")
+    assert len(old) == 1
+    splits = build_splits(data_path=[thirty_documents], split="50,25,25", seq_length=5,
+                          tokenizer=TOKENIZER, num_samples=(20, 6, 6), seed=7,
+                          cache_path=str(cache))
+    assert len(shuffle_indices("valid")) == 2 and old[0] in shuffle_indices("valid")
+    valid = splits.valid.datasets[0] if hasattr(splits.valid, "datasets") else splits.valid
+    train = splits.train.datasets[0] if hasattr(splits.train, "datasets") else splits.train
+    assert valid.unique_identifiers["random_seed"] == EVAL_SEED
+    assert valid.unique_identifiers["split_matrix"][0] is None
+    assert train.unique_identifiers["random_seed"] == 7
+    assert train.unique_identifiers["split_matrix"][1:] == [None, None]
+
+
+@pytest.mark.parametrize("dp, micro_batch", [(1, 4), (1, 2), (2, 2), (2, 1), (4, 1)])
+def test_an_evaluation_scores_each_sample_once_and_masks_the_filling(dp, micro_batch):
+    """10 samples in global batches of 4: three batches, the last filled up with 2 samples whose
+    loss mask is zero; every rank runs the same number of micro-batches."""
+    data = NumberedSamples(12)
+    scored, filling, per_rank = [], 0, []
+    for rank in range(dp):
+        batches = list(evaluation_batches(data, num_samples=10, global_batch_size=4,
+                                          micro_batch_size=micro_batch, data_parallel_rank=rank,
+                                          data_parallel_size=dp))
+        per_rank.append(len(batches))
+        for batch in batches:
+            for row, number in enumerate(ids(batch)):
+                if batch["loss_mask_BS"][row].all():
+                    scored.append(number)
+                else:
+                    assert not batch["loss_mask_BS"][row].any()
+                    filling += 1
+    assert sorted(scored) == list(range(10))
+    assert filling == 2
+    assert per_rank == [12 // (micro_batch * dp)] * dp
