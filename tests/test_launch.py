@@ -15,6 +15,13 @@ from test_arguments import TINY_MOE
 RUN = [*TINY_MOE, "--mock-data"]  # pretrain itself is replaced
 
 
+@pytest.fixture(autouse=True)
+def keep_parallel_state(monkeypatch):
+    """main() tears megatron's groups down at its end, as a process does; in-process here, the
+    session's one-rank groups (``single_rank``) must outlive it."""
+    monkeypatch.setattr(launch, "destroy_parallel", lambda: None)
+
+
 @pytest.fixture
 def pretend_gpu(monkeypatch):
     """torch sees one CUDA device of ``memory`` bytes (only its properties are asked)."""
