@@ -123,6 +123,8 @@ def test_unwritable_save_is_refused_at_start_up(corpus, tmp_path, monkeypatch, c
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
 
     monkeypatch.setattr(training.tempfile, "TemporaryFile", denied)
+    # main() in-process: its teardown must leave the session's one-rank groups (single_rank)
+    monkeypatch.setattr(launch, "destroy_parallel", lambda: None)
     save = tmp_path / "locked" / "run"
     code = launch.main(flags(corpus, save, train_iters=1))
     err = capsys.readouterr().err
