@@ -29,7 +29,7 @@ test-gpu: setup
 	$(PY) -m pytest -q tests_gpu
 
 # On a GPU machine, with its own python3 and CUDA torch (no .venv, which holds the CPU wheel),
-# in parts of under 8 minutes each on one H100: PART=tests (tests_gpu), PART=train (the 182M
+# in parts whose time limits add up to under 8 minutes each: PART=tests (tests_gpu), PART=train (the 182M
 # launcher's save and resume), PART=bench (the benchmark at 182m and 469m); all three without
 # PART. megatron-core and psutil come from .whl/ where they are not installed.
 OUT ?= gpu_check
