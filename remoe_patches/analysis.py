@@ -34,9 +34,10 @@ import numpy as np
 
 from remoe_patches.analysis_report import AnalysisResult, pyplot, save_figure, write_summary
 from remoe_patches.csv_table import write_csv
-from remoe_patches.router_titles import ROUTER_TITLES
+from remoe_patches.router_registry import ROUTERS
 from remoe_patches.routing_capture import AnalysisError, RoutedSample
 from remoe_patches.routing_health import COLLAPSE_SPARSITY, DEAD_EXPERT_SHARE
+from remoe_patches.run_directory import METRICS_FILE
 from remoe_patches.run_metrics import SETTLE_TOLERANCE, _run_target, read_metrics, settle_iteration
 
 
@@ -48,7 +49,7 @@ def stages(run_dir, out_dir, *, target: Optional[float] = None,
            tolerance: float = SETTLE_TOLERANCE) -> AnalysisResult:
     """Sparsity (mean, per layer), coefficient, reg and LM loss over steps; the three stages."""
     run_dir = Path(run_dir)
-    metrics = run_dir if run_dir.is_file() else run_dir / "metrics.jsonl"
+    metrics = run_dir if run_dir.is_file() else run_dir / METRICS_FILE
     records = read_metrics(metrics)
     steps = [r for r in records if "lm_loss" in r]
     if not steps:
@@ -142,7 +143,7 @@ def stages(run_dir, out_dir, *, target: Optional[float] = None,
         for axis in axes:
             axis.axvspan(start, end, color=color, alpha=0.08)
         axes[0].text((start + end) / 2, 0.04, name, ha="center", fontsize=9, fontweight="bold")
-    title = f"{ROUTER_TITLES['relu']} training stages"
+    title = f"{ROUTERS['relu'].title} training stages"
     if settle is not None:
         title += (f": settled at iteration {settle}; stage III sparsity "
                   f"{summary['stage3_sparsity_mean']:.4f} $\\pm$ {summary['stage3_sparsity_std']:.4f}")
@@ -208,7 +209,7 @@ def per_token(sample: RoutedSample, out_dir) -> AnalysisResult:
     ax.plot(centers, binned, "o-", color="tab:red", lw=2, label="mean in frequency bin")
     ax.axhline(summary["mean_active_experts"], color="gray", ls=":", lw=1,
                label=f"mean over tokens {summary['mean_active_experts']:.2f}")
-    if sample.router == "relu":
+    if ROUTERS[sample.router].adaptive_l1:
         ax.axhline(sample.topk, color="black", ls="--", lw=1,
                    label=f"TopK's fixed k = {sample.topk}")
     for token in order[:8]:  # the most frequent tokens, labelled
@@ -358,7 +359,7 @@ def per_domain(sample: RoutedSample, domains: Sequence[str], out_dir) -> Analysi
     for d, name in enumerate(names):
         ax.bar(np.arange(num_layers) + (d - (len(names) - 1) / 2) * width, active_DL[d], width,
                label=f"{name} ({tokens_D[d]:,} tokens)")
-    if sample.router == "relu":
+    if ROUTERS[sample.router].adaptive_l1:
         ax.axhline(sample.topk, color="black", ls="--", lw=1,
                    label=f"k = {sample.topk} (the target, as a mean over layers)")
     ax.set_xticks(range(num_layers), [f"layer {layer}" for layer in sample.layers], fontsize=8)

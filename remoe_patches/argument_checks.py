@@ -11,6 +11,8 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Sequence
 
+from remoe_patches.router_registry import ROUTERS
+
 REQUIRED = (
     "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "lr"
 )
@@ -85,38 +87,32 @@ def _validate_moe(args, parser) -> None:
     if args.moe_router_type is None:
         args.moe_router_type = "relu" if args.moe_relu_routing else "topk"
     args.moe_relu_routing = args.moe_router_type == "relu"
-    if args.moe_router_type == "hash" and args.pipeline_model_parallel_size > 1 and (
+    kind = ROUTERS[args.moe_router_type]
+    routing = "--moe-relu-routing" if kind.adaptive_l1 else f"--moe-router-type {kind.name}"
+    if kind.routes_by_token_ids and args.pipeline_model_parallel_size > 1 and (
             args.moe_layer_recompute or args.recompute_granularity == "full"):
-        # The hash routers hold the ids of the last forward; under 1F1B a recomputed forward of
+        # The routers hold the ids of the last forward; under 1F1B a recomputed forward of
         # micro-batch i runs after micro-batch i+1's forward (hash_router.py).
-        parser.error("--moe-router-type hash with recomputation at --pipeline-model-parallel-size "
+        parser.error(f"{routing} with recomputation at --pipeline-model-parallel-size "
                      f"{args.pipeline_model_parallel_size} would route recomputed layers with "
                      "another micro-batch's token ids; drop --moe-layer-recompute/"
                      "--recompute-granularity full or use PP=1")
-    if args.moe_router_type == "expert_choice" and args.moe_permute_fusion:
-        parser.error("--moe-router-type expert_choice excludes --moe-permute-fusion: the fused "
-                     "permutation's buffer holds tokens x --moe-router-topk entries, and Expert "
-                     "Choice gives a token 0..--num-experts; drop --moe-permute-fusion")
-    if args.moe_router_type not in ("topk", "relu"):
-        return  # the baselines' rules are ModelConfig's and their routers' own
+    if kind.experts_per_token_vary and args.moe_permute_fusion:
+        # megatron-core 0.16.1's alltoall dispatcher sizes the fused permutation's output as
+        # tokens x k in the dropless case; these routers give a token up to E experts, and
+        # transformer-engine's kernel would write past that buffer.
+        parser.error(f"{routing} excludes --moe-permute-fusion: the fused permutation's buffer "
+                     f"holds tokens x --moe-router-topk entries, and {kind.title} routing "
+                     "activates up to --num-experts per token; drop --moe-permute-fusion")
+    if kind.adaptive_l1 and args.moe_pad_expert_input_to_capacity:
+        parser.error("--moe-relu-routing excludes --moe-pad-expert-input-to-capacity: ReLU "
+                     "routing is dropless (a token may use 0..E experts)")
     # The rules on the model's own settings (k, granularity, dispatcher, capacity) are
     # ModelConfig.validate's, reported in flag terms; these are about flags it does not hold.
-    if args.moe_relu_routing:
-        if args.moe_pad_expert_input_to_capacity:
-            parser.error("--moe-relu-routing excludes --moe-pad-expert-input-to-capacity: ReLU "
-                         "routing is dropless (a token may use 0..E experts)")
-        if args.moe_permute_fusion:
-            # megatron-core 0.16.1's alltoall dispatcher sizes the fused permutation's output as
-            # tokens x k in the dropless case; ReLU routing gives a token up to E experts, and
-            # transformer-engine's kernel would write past that buffer.
-            parser.error(
-                "--moe-relu-routing excludes --moe-permute-fusion: the fused permutation's buffer "
-                "holds tokens x --moe-router-topk entries, and ReLU routing activates up to "
-                "--num-experts per token; drop --moe-permute-fusion"
-            )
-    else:
-        if args.moe_pad_expert_input_to_capacity and args.moe_expert_capacity_factor is None:
-            parser.error("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+    if kind.token_dropping and args.moe_pad_expert_input_to_capacity \
+            and args.moe_expert_capacity_factor is None:
+        parser.error("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+    if kind.megatron_topk_router:
         top1 = args.moe_router_topk * args.moe_granularity == 1
         sinkhorn = args.moe_router_load_balancing_type == "sinkhorn"
         softmax = args.moe_router_score_function == "softmax"

@@ -11,6 +11,7 @@ import re
 from typing import Optional
 
 from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
+from remoe_patches.router_registry import ROUTERS, flag_dest, option_flags
 from remoe_patches.run_config import (
     CheckpointConfig,
     DataConfig,
@@ -20,7 +21,8 @@ from remoe_patches.run_config import (
     TrainingConfig,
 )
 
-# ModelConfig/ParallelConfig fields named in their validation errors, as flags.
+# ModelConfig/ParallelConfig fields named in their validation errors, as flags (the routers'
+# options, ``ModelConfig.router_options.<field>``, carry their flags themselves).
 FIELD_FLAGS = {
     "num_query_groups": "--num-query-groups",
     "num_attention_heads": "--num-attention-heads",
@@ -32,27 +34,29 @@ FIELD_FLAGS = {
     "token_dispatcher": "--moe-token-dispatcher-type",
     "moe_router_dtype": "--moe-router-dtype",
     "moe_expert_capacity_factor": "--moe-expert-capacity-factor",
-    "relu_l1_coeff_init": "--moe-relu-l1-reg-coeff-init",
-    "relu_l1_coeff_multiplier": "--moe-relu-l1-reg-coeff-multiplier",
     "seq_length": "--seq-length",
     "router": "--moe-router-type",
-    "hash_type": "--moe-hash-type",
-    "hash_seed": "--moe-hash-seed",
-    "expert_choice_capacity_factor": "--moe-expert-choice-capacity-factor",
-    "expert_choice_group": "--moe-expert-choice-group",
-    "sparsemixer_jitter_eps": "--moe-sparsemixer-jitter-eps",
-    "lory_segment_length": "--moe-lory-segment-length",
-    "lory_first_segment": "--moe-lory-first-segment",
-    "lory_dense_warmup_fraction": "--moe-lory-dense-warmup-fraction",
     "tensor_model_parallel_size": "--tensor-model-parallel-size",
     "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
     "expert_model_parallel_size": "--expert-model-parallel-size",
+    **{f"router_options.{option.name}": flag for kind in ROUTERS.values()
+       for option, flag in option_flags(kind.options)},
 }
 
 LLAMA_RECIPE = (
     "ReMoE's builder implements the LLaMA recipe of the paper (RMSNorm, SwiGLU, RoPE, untied "
     "embeddings, no bias, no dropout)"
 )
+
+def router_options_from_args(router: str, args):
+    """``router``'s options dataclass from its flags."""
+    kind = ROUTERS[router]
+    values = {option.name: getattr(args, flag_dest(flag))
+              for option, flag in option_flags(kind.options)}
+    if kind.adaptive_l1:  # ReMoE reads Megatron-LM's load-balancing flag: none is plain L1
+        values["load_balancing"] = args.moe_router_load_balancing_type != "none"
+    return kind.options(**values)
+
 
 def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelConfig:
     """The ModelConfig the flags describe (``vocab_size``: the padded tokenizer vocabulary).
@@ -86,7 +90,7 @@ def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelCo
          "--rotary-percent must be 1.0: the builder rotates whole heads"),
         (router != "dense" and layer_freq != 1 and layer_freq != [1] * args.num_layers,
          "--moe-layer-freq must be 1: the builder makes every layer an MoE layer"),
-        (router in ("topk", "sparsemixer")
+        (router != "dense" and ROUTERS[router].switch_aux_loss
          and args.moe_router_load_balancing_type not in ("aux_loss", "none"),
          f"--moe-router-load-balancing-type {args.moe_router_load_balancing_type} is not built for "
          f"{router} routing; use aux_loss or none"),
@@ -102,21 +106,11 @@ def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelCo
             topk=args.moe_router_topk,
             granularity=args.moe_granularity,
             moe_aux_loss_coeff=0.0 if without_aux_loss else args.moe_aux_loss_coeff,
-            relu_l1_coeff_init=args.moe_relu_l1_reg_coeff_init,
-            relu_l1_coeff_multiplier=args.moe_relu_l1_reg_coeff_multiplier,
-            relu_load_balancing=args.moe_router_load_balancing_type != "none",
+            router_options=router_options_from_args(router, args),
             token_dispatcher=args.moe_token_dispatcher_type,
             moe_expert_capacity_factor=args.moe_expert_capacity_factor,
             moe_grouped_gemm=args.moe_grouped_gemm,
             moe_router_dtype=router_dtype(args),
-            hash_type=args.moe_hash_type,
-            hash_seed=args.moe_hash_seed,
-            expert_choice_capacity_factor=args.moe_expert_choice_capacity_factor,
-            expert_choice_group=args.moe_expert_choice_group,
-            sparsemixer_jitter_eps=args.moe_sparsemixer_jitter_eps,
-            lory_segment_length=args.moe_lory_segment_length,
-            lory_first_segment=args.moe_lory_first_segment,
-            lory_dense_warmup_fraction=args.moe_lory_dense_warmup_fraction,
         )
     config = ModelConfig(
         num_layers=args.num_layers,
@@ -180,7 +174,7 @@ def parallel_config_from_args(args) -> ParallelConfig:
 def _in_flag_terms(error: ConfigError) -> str:
     """'ModelConfig.topk=5: ... num_experts=4' as '--moe-router-topk 5: ... --num-experts 4'
     (and without a value alike)."""
-    match = re.match(r"(?:ModelConfig|ParallelConfig)\.(\w+)(=\S+)?: (.*)", str(error))
+    match = re.match(r"(?:ModelConfig|ParallelConfig)\.([\w.]+?)(=\S+)?: (.*)", str(error))
     if not match or match[1] not in FIELD_FLAGS:
         return str(error)
     value = f" {match[2][1:]}" if match[2] else ""
@@ -194,22 +188,16 @@ def layer_options_from_args(args) -> LayerOptions:
     """The TransformerConfig options the flags set that ModelConfig does not hold: recomputation,
     the norm epsilon, kv channels, the fusions and the TopK-only router options."""
     topk_router = {}
-    if args.num_experts is not None and args.moe_router_type == "sparsemixer":
-        # TopKRouter's input jitter and z-loss; SparseMixer-v2 picks and scales the gates itself
-        topk_router = dict(moe_input_jitter_eps=args.moe_input_jitter_eps,
-                           moe_z_loss_coeff=args.moe_z_loss_coeff)
-    if args.num_experts is not None and args.moe_router_type == "topk":
-        topk_router = dict(
-            moe_router_pre_softmax=args.moe_router_pre_softmax,
-            moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
-            moe_router_score_function=args.moe_router_score_function,
-            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
-            moe_router_bias_update_rate=args.moe_router_bias_update_rate,
-            moe_input_jitter_eps=args.moe_input_jitter_eps,
-            moe_token_drop_policy=args.moe_token_drop_policy,
-            moe_z_loss_coeff=args.moe_z_loss_coeff,
-            moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-        )
+    if args.num_experts is not None:
+        # megatron TopKRouter's options that the router honours (moe_aux_loss_coeff is the
+        # model's: ModelConfig)
+        kind = ROUTERS[args.moe_router_type]
+        topk_router = {dest: getattr(args, dest) for dest in kind.topk_router_flags
+                       if dest != "moe_aux_loss_coeff"}
+        if kind.token_dropping:
+            topk_router.update(
+                moe_token_drop_policy=args.moe_token_drop_policy,
+                moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity)
     return LayerOptions(
         norm_epsilon=args.norm_epsilon,
         kv_channels=args.kv_channels,

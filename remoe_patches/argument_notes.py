@@ -3,6 +3,8 @@ each given one once at start-up with the reason, so nothing is silently ignored.
 
 from __future__ import annotations
 
+from remoe_patches.router_registry import ROUTERS, TOPK_ROUTER_FLAGS, flag_dest, option_flags
+
 SPEED_ONLY_ON_CPU = "speed-only on GPUs; no effect on CPU"
 NEEDS_TE = "needs transformer-engine, which is not installed"
 NEEDS_APEX_WGRAD = ("the fusion needs apex's fused_weight_gradient_mlp_cuda kernel, which is not "
@@ -91,38 +93,26 @@ def ineffective_flags(
     note("ffn_hidden_size", "--ffn-hidden-size",
          "every layer is an MoE layer and the experts use --moe-ffn-hidden-size",
          when="moe_ffn_hidden_size" in given)
-    relu = args.moe_relu_routing
-    for dest in ("moe_relu_l1_reg_coeff_init", "moe_relu_l1_reg_coeff_multiplier"):
-        note(dest, f"--{dest.replace('_', '-')}", "only used with --moe-relu-routing",
-             when=not relu)
-    instead = "the ReLU router uses its L1 regularizer instead"
-    note("moe_router_pre_softmax", "--moe-router-pre-softmax", f"TopK only; {instead}", when=relu)
-    note("moe_aux_loss_coeff", "--moe-aux-loss-coeff", f"TopK only; {instead}", when=relu)
-    note("moe_z_loss_coeff", "--moe-z-loss-coeff", f"TopK only; {instead}", when=relu)
-    # --moe-router-load-balancing-type is honoured by ReLU routing too: 'none' turns the L1
-    # regularizer's load balancing off (Eq. 9 instead of Eq. 10), so it gets no note.
-    gates = "the ReLU router's gates are ReLU(x W_r), unscaled and unselected"
-    for dest in ("moe_router_topk_scaling_factor", "moe_router_score_function",
-                 "moe_router_enable_expert_bias", "moe_router_bias_update_rate",
-                 "moe_input_jitter_eps"):
-        note(dest, f"--{dest.replace('_', '-')}", f"TopK only; {gates}", when=relu)
-    router = getattr(args, "moe_router_type", None)
-    baseline = router in ("hash", "expert_choice", "sparsemixer", "lory")
-    for dest in ("moe_router_pre_softmax", "moe_aux_loss_coeff", "moe_router_topk_scaling_factor",
-                 "moe_router_score_function", "moe_router_enable_expert_bias",
-                 "moe_input_jitter_eps", "moe_z_loss_coeff"):
-        kept = router == "sparsemixer" and dest in ("moe_aux_loss_coeff", "moe_input_jitter_eps",
-                                                     "moe_z_loss_coeff")
-        note(dest, f"--{dest.replace('_', '-')}", f"not used by --moe-router-type {router}",
-             when=baseline and not kept)
-    for dest, owner in (("moe_hash_type", "hash"), ("moe_hash_seed", "hash"),
-                        ("moe_expert_choice_capacity_factor", "expert_choice"),
-                        ("moe_expert_choice_group", "expert_choice"),
-                        ("moe_sparsemixer_jitter_eps", "sparsemixer"),
-                        ("moe_lory_segment_length", "lory"), ("moe_lory_first_segment", "lory"),
-                        ("moe_lory_dense_warmup_fraction", "lory")):
-        note(dest, f"--{dest.replace('_', '-')}", f"only used with --moe-router-type {owner}",
-             when=router != owner)
+    router = getattr(args, "moe_router_type", None) if args.num_experts else None
+    for kind in ROUTERS.values():  # each router's own options
+        owner = "--moe-relu-routing" if kind.adaptive_l1 else f"--moe-router-type {kind.name}"
+        for option, flag in option_flags(kind.options):
+            note(flag_dest(flag), flag, f"only used with {owner}", when=router != kind.name)
+    # megatron TopKRouter's options: the ReLU router says what it does instead
+    # (--moe-router-load-balancing-type is honoured by ReLU routing too: 'none' turns the L1
+    # regularizer's load balancing off, Eq. 9 instead of Eq. 10, so it gets no note)
+    kind = ROUTERS.get(router)
+    for dest in TOPK_ROUTER_FLAGS:
+        if kind is None or dest in kind.topk_router_flags:
+            continue
+        if kind.adaptive_l1:
+            reason = "TopK only; " + (
+                "the ReLU router uses its L1 regularizer instead"
+                if dest in ("moe_router_pre_softmax", "moe_aux_loss_coeff", "moe_z_loss_coeff")
+                else "the ReLU router's gates are ReLU(x W_r), unscaled and unselected")
+        else:
+            reason = f"not used by --moe-router-type {router}"
+        note(dest, f"--{dest.replace('_', '-')}", reason)
     note("moe_hash_seed", "--moe-hash-seed", "only used with --moe-hash-type random_permutation",
          when=router == "hash" and getattr(args, "moe_hash_type", "mod") != "random_permutation")
     note("moe_token_drop_policy", "--moe-token-drop-policy",

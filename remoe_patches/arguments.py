@@ -59,13 +59,8 @@ import yaml
 
 from remoe_patches.argument_checks import complete_and_validate
 from remoe_patches.argument_mapping import run_config_from_args
-from remoe_patches.config import (
-    EXPERT_CHOICE_GROUPS,
-    LORY_FIRST_SEGMENT_RULES,
-    ROUTERS,
-    ConfigError,
-    ModelConfig,
-)
+from remoe_patches.config import ConfigError
+from remoe_patches.router_registry import ROUTERS, option_flags
 from remoe_patches.run_config import RunConfig
 from remoe_patches.tokenizer import TOKENIZER_TYPES
 
@@ -318,46 +313,17 @@ def _add_moe_arguments(parser):
     group.add_argument("--moe-relu-routing", action="store_true",
                        help="ReMoE: ReLU routing (the same as --moe-router-type relu).")
     group.add_argument(
-        "--moe-router-type", choices=[router for router in ROUTERS if router != "dense"],
-        help="The router: topk (default), relu (ReMoE), or a baseline of the paper's Table 2: "
-        "hash (Hash Layers), expert_choice, sparsemixer (SparseMixer-v2), lory (merged experts).",
+        "--moe-router-type", choices=[name for name in ROUTERS if name != "dense"],
+        help="The router: " + "; ".join(f"{kind.name}: {kind.summary}"
+                                        for kind in ROUTERS.values() if kind.name != "dense")
+        + " (the baselines of the paper's Table 2: README 'Table 2 baselines').",
     )
-    group.add_argument("--moe-hash-type", choices=("mod", "random_permutation"), default="mod",
-                       help="Hash routing's map of token ids to experts: mod (expert = token id "
-                       "mod E, the ReMoE paper's setting; default) or random_permutation (a "
-                       "seeded random permutation of the vocabulary dealt round-robin to the "
-                       "experts, --moe-hash-seed).")
-    group.add_argument("--moe-hash-seed", type=int, default=0,
-                       help="Hash routing: seed of --moe-hash-type random_permutation.")
-    group.add_argument(
-        "--moe-expert-choice-capacity-factor", type=float, default=1.0,
-        help="Expert Choice: each expert takes capacity x k / E of its group's tokens.")
-    group.add_argument(
-        "--moe-expert-choice-group", choices=EXPERT_CHOICE_GROUPS, default="sequence",
-        help="Expert Choice: an expert chooses among each sequence's tokens or the micro-batch's "
-        "(both see later tokens of a sequence: README, 'Table 2 baselines').")
-    group.add_argument(
-        "--moe-sparsemixer-jitter-eps", type=float,
-        default=ModelConfig.sparsemixer_jitter_eps,
-        help="SparseMixer-v2: experts within this relative band of the top logit are sampled.")
-    group.add_argument("--moe-lory-segment-length", type=int, default=256,
-                       help="Lory: tokens per segment (segment i is routed from segment i-1).")
-    group.add_argument(
-        "--moe-lory-first-segment", choices=LORY_FIRST_SEGMENT_RULES, default="own_detached",
-        help="Lory: route the first segment from its own mean without gradient (the paper) or "
-        "uniformly (strictly causal).")
-    group.add_argument(
-        "--moe-lory-dense-warmup-fraction", type=float, default=0.05,
-        help="Lory: train the layers as a dense FFN for this share of the steps, then start "
-        "every expert as a copy of it (the Lory paper's 5%%; 0 turns it off).")
-    group.add_argument(
-        "--moe-relu-l1-reg-coeff-init", type=float, default=1e-8,
-        help="ReMoE: initial L1 coefficient lambda_0.",
-    )
-    group.add_argument(
-        "--moe-relu-l1-reg-coeff-multiplier", type=float, default=1.2,
-        help="ReMoE: factor alpha of the adaptive L1 coefficient.",
-    )
+    for kind in ROUTERS.values():  # each router's own options, declared with them
+        for option, flag in option_flags(kind.options):
+            group.add_argument(flag, type=type(option.default), default=option.default,
+                               help=option.metadata["help"],
+                               **{key: value for key, value in option.metadata.items()
+                                  if key not in ("flag", "help")})
     group.add_argument(
         "--moe-granularity", type=int, default=1,
         help="Fine-grained experts G: E*G experts of width FFN/G, k*G active.",

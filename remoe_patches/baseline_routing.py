@@ -16,13 +16,9 @@ from typing import Literal
 
 import torch
 
-HASH_TYPES = ("mod", "random_permutation")
-"""Hash routing's map of token ids to experts: ``mod`` (expert = id mod E, the ReMoE paper's
-Table 2 setting) or ``random_permutation`` (a seeded random permutation of the vocabulary dealt
-round-robin to the experts)."""
+# The options' values live with the options (router_registry, torch-free).
+from remoe_patches.router_registry import EXPERT_CHOICE_GROUPS, HASH_TYPES
 
-EXPERT_CHOICE_GROUPS = ("sequence", "batch")
-"""Which tokens an Expert Choice expert chooses among: each sequence's, or the micro-batch's."""
 
 ExpertChoiceGroup = Literal["sequence", "batch"]
 

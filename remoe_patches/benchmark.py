@@ -52,14 +52,14 @@ from remoe_patches.config import PRESETS, ConfigError
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.host_sync import OUTSIDE_SCOPES, SOURCES, sync_counter
 from remoe_patches.parallel import local_device, seed_all
-from remoe_patches.router_titles import ROUTER_TITLES
+from remoe_patches.router_registry import ROUTERS as ROUTER_KINDS
 from remoe_patches.run_config import RunConfig
 from remoe_patches.training import build_training_objects
 from remoe_patches.training_step import StepRecord, topk_load_balancing_loss, train_step
 
 # Dense bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-ROUTERS = ("dense", "topk", "relu", "hash", "expert_choice", "sparsemixer", "lory")
+ROUTERS = tuple(ROUTER_KINDS)
 DEFAULT_ROUTERS = ("dense", "topk", "relu")
 # A ratio of two step times is compared with 1 only while its spread (the two relative half
 # IQRs in quadrature) is at most this; beyond, the machine's noise decides the verdict.
@@ -187,7 +187,7 @@ class PhaseResult:
 
     @property
     def label(self) -> str:
-        return ROUTER_TITLES[self.router] + (f" ({self.phase})" if self.phase else "")
+        return ROUTER_KINDS[self.router].title + (f" ({self.phase})" if self.phase else "")
 
     @property
     def relative_spread(self) -> float:
@@ -228,7 +228,7 @@ def training_flags(config: BenchmarkConfig, router: str, device: torch.device) -
                   "--moe-token-dispatcher-type", config.token_dispatcher,
                   "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", 0.01,
                   "--moe-router-pre-softmax"]
-        if router == "topk":  # the dMoE baseline of configs/*_moe.yaml: gates scaled by E/k
+        if ROUTER_KINDS[router].megatron_topk_router:  # the dMoE baseline of configs/*_moe.yaml: gates scaled by E/k
             flags += ["--moe-router-topk-scaling-factor", config.num_experts / config.topk]
         else:  # ReMoE or a Table 2 baseline (configs/182m_<router>.yaml's settings)
             flags += ["--moe-router-type", router]
@@ -510,7 +510,7 @@ def finish_phase(session: _Session, phase: str, timing: Timing, peak_tflops: Opt
     config, model_config = session.config, session.model_config
     times, steps = timing.step_ms, len(timing.step_ms)
     sparsity = None
-    if session.router == "relu":
+    if model_config.kind.adaptive_l1:
         sparsity = statistics.fmean(float(r.routing.sparsity) for r in timing.records)
         active = (1.0 - sparsity) * model_config.total_experts
     else:
@@ -599,14 +599,14 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
 
     def prepare(router) -> tuple:
         """Build and warm up; for ReMoE measure stage I and settle. -> (session, phase, steps)"""
-        progress(f" benchmark: {ROUTER_TITLES[router]}: building, {config.warmup_steps} warm-up steps")
+        progress(f" benchmark: {ROUTER_KINDS[router].title}: building, {config.warmup_steps} warm-up steps")
         session = _Session(config, router, device)
         session.warm_up()
-        if router != "relu":
+        if not ROUTER_KINDS[router].adaptive_l1:  # ReMoE: stage I, then the settled stage
             return session, "", None
-        progress(f" benchmark: {ROUTER_TITLES[router]}: stage I, {config.stage1_steps} timed steps")
+        progress(f" benchmark: {ROUTER_KINDS[router].title}: stage I, {config.stage1_steps} timed steps")
         results.append(measure_phase(session, "stage I", peak_tflops, steps=config.stage1_steps))
-        progress(f" benchmark: {ROUTER_TITLES[router]}: settling (at most {config.max_settle_steps} steps)")
+        progress(f" benchmark: {ROUTER_KINDS[router].title}: settling (at most {config.max_settle_steps} steps)")
         settled, steps = settle(session)
         return session, "stage III" if settled else "not settled", steps
 
@@ -614,7 +614,7 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
     if interleave:
         prepared = [prepare(router) for router in config.routers]
         timings = [Timing() for _ in prepared]
-        progress(f" benchmark: timing {', '.join(ROUTER_TITLES[r] for r in config.routers)} in "
+        progress(f" benchmark: timing {', '.join(ROUTER_KINDS[r].title for r in config.routers)} in "
                  f"{config.rounds} alternating rounds of {config.steps} steps in all")
         for round_index in range(config.rounds):
             block = _block_size(config.steps, config.rounds, round_index)
@@ -627,7 +627,7 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
         for router in config.routers:
             session, phase, settled_after = prepare(router)
             try:
-                progress(f" benchmark: {ROUTER_TITLES[router]}: {config.steps} timed steps")
+                progress(f" benchmark: {ROUTER_KINDS[router].title}: {config.steps} timed steps")
                 results.append(measure_phase(session, phase, peak_tflops, settled_after))
             finally:
                 session.close()
@@ -682,7 +682,7 @@ def step_time_ratios(results: list) -> dict:
         ratios[name] = {"ratio": value, "spread": spread, "meaningful": meaningful,
                         "at_most_1": value <= 1.0 + spread if meaningful else None}
 
-    topk, dense = by_label.get(ROUTER_TITLES["topk"]), by_label.get(ROUTER_TITLES["dense"])
+    topk, dense = by_label.get(ROUTER_KINDS["topk"].title), by_label.get(ROUTER_KINDS["dense"].title)
     for result in results:
         if result.router == "relu" and topk is not None:
             ratio(f"ReMoE ({result.phase}) / TopK MoE", result, topk)

@@ -1,9 +1,8 @@
 """Checkpoints with megatron-core's distributed checkpointing, written atomically.
 
-Layout (Megatron-LM's names)::
-
-    <save>/iter_0000100/                   megatron dist-checkpoint (torch_dist format)
-    <save>/latest_checkpointed_iteration.txt
+Checkpoints go into the run directory under Megatron-LM's names (``iter_0000100/``, pointed at
+by ``latest_checkpointed_iteration.txt``; see ``run_directory``), each a megatron dist-checkpoint
+(torch_dist format).
 
 A checkpoint is written into ``iter_XXXXXXX.partial`` and renamed into place only when every
 rank has finished; then the ``latest`` file is replaced (write a temporary file, ``os.replace``).
@@ -45,11 +44,20 @@ from torch.distributed.checkpoint.api import CheckpointException
 from remoe_patches.config import ModelConfig
 from remoe_patches.megatron_fixes import restore_adam_steps
 from remoe_patches.run_config import RunConfig
+from remoe_patches.run_directory import (
+    CHECKPOINT_METADATA,
+    LATEST_FILE,
+    PARTIAL_SUFFIX,
+    checkpoint_dir,
+    is_checkpoint_dir,
+    latest_iteration,
+    latest_pointer_path,
+    saved_iterations,
+    write_latest_iteration,
+)
 from remoe_patches.training_step import sync_params
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 _ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] [^:;\n]+")
-_ITERATION_DIR = re.compile(r"iter_(\d{7})$")
 
 # The one tensor the two layer implementations save under different names: an MoE layer's
 # pre-MLP norm is a separate TENorm in megatron's TE spec, while its local spec maps the norm
@@ -99,43 +107,10 @@ def check_writer_dependencies() -> None:
             "README's 'GPU acceptance')") from None
 
 
-def checkpoint_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def latest_iteration(root: Optional[str]) -> Optional[int]:
-    """The iteration the ``latest`` pointer names, or None when ``root`` holds no checkpoint."""
-    if not root:
-        return None
-    path = os.path.join(root, LATEST_FILE)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{path} should hold an iteration number, found {text!r}") from None
-
-
-def saved_iterations(root: Optional[str]) -> list[int]:
-    """The iterations of the checkpoint directories under ``root``, newest first (written ones
-    only: ``.partial`` directories are left out)."""
-    if not root or not os.path.isdir(root):
-        return []
-    found = (_ITERATION_DIR.match(name) for name in os.listdir(root))
-    return sorted((int(m[1]) for m in found if m and os.path.isdir(os.path.join(root, m[0]))),
-                  reverse=True)
-
-
-def has_checkpoint(root: Optional[str]) -> bool:
-    """Whether ``root`` holds anything to resume from (a ``latest`` pointer or a checkpoint)."""
-    return latest_iteration(root) is not None or bool(saved_iterations(root))
-
-
 def resolve_checkpoint_dir(load_dir: str) -> str:
     """``<save>`` (follows ``latest_checkpointed_iteration.txt``) or ``<save>/iter_XXXXXXX``."""
     load_dir = os.fspath(load_dir)
-    if os.path.isfile(os.path.join(load_dir, "metadata.json")):
+    if is_checkpoint_dir(load_dir):
         return load_dir
     if not os.path.isdir(load_dir):
         raise CheckpointError(f"checkpoint directory {load_dir} does not exist")
@@ -148,7 +123,7 @@ def resolve_checkpoint_dir(load_dir: str) -> str:
     directory = checkpoint_dir(load_dir, iteration)
     if not os.path.isdir(directory):
         raise CheckpointError(
-            f"{os.path.join(load_dir, LATEST_FILE)} names iteration {iteration}, but {directory} "
+            f"{latest_pointer_path(load_dir)} names iteration {iteration}, but {directory} "
             "is missing"
         )
     return directory
@@ -176,7 +151,7 @@ def checkpoint_problem(directory: str) -> Optional[str]:
     shard file shorter than its ``.metadata`` says, an unreadable ``common.pt``."""
     if not os.path.isdir(directory):
         return "the directory is missing"
-    for name in ("metadata.json", "common.pt", ".metadata"):
+    for name in (CHECKPOINT_METADATA, "common.pt", ".metadata"):
         if not os.path.isfile(os.path.join(directory, name)):
             return f"{name} is missing"
     from torch.distributed.checkpoint import FileSystemReader
@@ -358,7 +333,7 @@ def save_checkpoint(
             if cause is None:
                 raise
             if dist.get_rank() == 0:
-                shutil.rmtree(final + ".partial", ignore_errors=True)
+                shutil.rmtree(final + PARTIAL_SUFFIX, ignore_errors=True)
             latest = latest_iteration(root)
             kept = (f"{checkpoint_dir(root, latest)} is still the latest" if latest is not None
                     else "no earlier checkpoint exists")
@@ -397,7 +372,7 @@ def _machine_error(error: BaseException) -> Optional[str]:
 
 def _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler, *,
                       consumed_samples, regularizer, run_config, data_parallel_size) -> None:
-    partial = final + ".partial"
+    partial = final + PARTIAL_SUFFIX
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
@@ -426,12 +401,7 @@ def _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler
         if os.path.exists(final):  # saving the same iteration again
             shutil.rmtree(final)
         os.replace(partial, final)
-        pointer = os.path.join(root, LATEST_FILE)
-        with open(pointer + ".tmp", "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer + ".tmp", pointer)
+        write_latest_iteration(root, iteration)
     dist.barrier()
 
 

@@ -1,8 +1,9 @@
 """Typed configs for a model and its parallel layout, the paper's presets, and validation.
 
 ``ModelConfig`` describes one GPT model of the paper (spec §3): the LLaMA recipe is fixed, the
-router is a choice: ``dense``, ``topk``, ``relu`` (ReMoE), or one of the Table 2 baselines
-``hash``, ``expert_choice``, ``sparsemixer`` (SparseMixer-v2) and ``lory``. ``ParallelConfig`` holds the layout.
+router is a choice from ``router_registry.ROUTERS`` (``dense``, ``topk``, ``relu`` = ReMoE, and
+the Table 2 baselines), with its own options in ``router_options``. ``ParallelConfig`` holds the
+layout.
 ``ModelConfig.transformer_config(parallel)`` turns both into megatron-core's TransformerConfig.
 Every check fails with a ``ConfigError`` that names the config, the field and the fix.
 """
@@ -10,21 +11,14 @@ Every check fails with a ``ConfigError`` that names the config, the field and th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from remoe_patches.baseline_routing import EXPERT_CHOICE_GROUPS, HASH_TYPES
-from remoe_patches.lory import FIRST_SEGMENT_RULES as LORY_FIRST_SEGMENT_RULES
-from remoe_patches.sparsemixer import JITTER_EPS_DEFAULT, SUPPORTED_TOPK as SPARSEMIXER_TOPK
-
-RouterKind = Literal["dense", "topk", "relu", "hash", "expert_choice", "sparsemixer", "lory"]
-ROUTERS = ("dense", "topk", "relu", "hash", "expert_choice", "sparsemixer", "lory")
-SWITCH_AUX_LOSS_ROUTERS = ("topk", "sparsemixer")
-"""Routers balanced by megatron's Switch aux loss (``moe_aux_loss_coeff``)."""
+from remoe_patches.router_registry import ROUTERS, RouterKind
 
 DROPLESS_DISPATCHERS = ("alltoall", "allgather", "sorted")
 
@@ -65,10 +59,13 @@ class ModelConfig:
     init_method_std: float = 0.01
     """Std of the normal weight init."""
 
-    router: RouterKind = "relu"
-    """``dense`` (no experts), ``topk`` (megatron's TopKRouter), ``relu`` (ReMoE), or a Table 2
-    baseline: ``hash`` (``hash_router.py``), ``expert_choice`` (``expert_choice_router.py``),
-    ``sparsemixer`` (``sparsemixer_router.py``), ``lory`` (``lory_layer.py``, merged experts)."""
+    router: str = "relu"
+    """A name of ``router_registry.ROUTERS``: ``dense`` (no experts), ``topk`` (megatron's
+    TopKRouter), ``relu`` (ReMoE), or a Table 2 baseline (``hash``, ``expert_choice``,
+    ``sparsemixer``, ``lory``)."""
+    router_options: Any = None
+    """The router's own options, an instance of its registry entry's ``options`` dataclass
+    (``ReLUOptions``, ``HashOptions``, ...); None: that dataclass's defaults."""
     num_experts: int = 8
     """Experts E before granularity."""
     topk: int = 1
@@ -76,37 +73,8 @@ class ModelConfig:
     granularity: int = 1
     """G: fine-grained experts, E*G experts of width ffn/G with top-k*G."""
     moe_aux_loss_coeff: float = 0.01
-    """Weight of the Switch load-balancing loss of TopK and SparseMixer-v2 (0 turns it off);
-    the other routers ignore it."""
-    relu_l1_coeff_init: float = 1e-8
-    """lambda_0 of the adaptive L1 coefficient."""
-    relu_l1_coeff_multiplier: float = 1.2
-    """alpha of the adaptive L1 coefficient."""
-    relu_load_balancing: bool = True
-    """L1 with load balancing (Eq. 10) or plain L1 (Eq. 9)."""
-    hash_type: str = "mod"
-    """Hash routing's map of token ids to experts: ``mod`` (expert = token id mod E, the ReMoE
-    paper's setting) or ``random_permutation`` (a seeded random permutation of the vocabulary
-    dealt round-robin to the experts, ``hash_seed``). ``RunConfig.from_dict`` reads a hash run
-    saved before this field existed as ``random_permutation``, the map it was trained with."""
-    hash_seed: int = 0
-    """Hash routing: the seed of the ``random_permutation`` hash."""
-    expert_choice_capacity_factor: float = 1.0
-    """Expert Choice: each expert takes ``factor * k / E`` of its group's tokens."""
-    expert_choice_group: str = "sequence"
-    """Expert Choice: the tokens an expert chooses among, ``sequence`` or ``batch``."""
-    sparsemixer_jitter_eps: float = JITTER_EPS_DEFAULT
-    """SparseMixer-v2: the relative band around the top logit an expert is sampled from (GRIN's
-    0.01)."""
-    lory_segment_length: int = 256
-    """Lory: tokens per segment; segment i is routed from segment i-1's mean."""
-    lory_dense_warmup_fraction: float = 0.05
-    """Lory: the share of the training steps the layers are a dense FFN (expert 0's weights)
-    before every expert starts as a copy of it (the Lory paper's 5%; 0 turns it off).
-    ``RunConfig.from_dict`` reads a Lory run saved before this field existed as 0."""
-    lory_first_segment: str = "own_detached"
-    """Lory: the first segment is routed from its own mean without gradient (the paper's rule),
-    or ``uniform`` (strictly causal)."""
+    """Weight of the Switch load-balancing loss of the routers balanced by it (TopK,
+    SparseMixer-v2; 0 turns it off); the other routers ignore it."""
     token_dispatcher: str = "alltoall"
     """The dropless token path: megatron's ``alltoall`` or ``allgather`` dispatcher, or ``sorted``
     (``token_dispatch.py``: all on the device, one host read per layer; EP = TP = 1 only)."""
@@ -117,12 +85,21 @@ class ModelConfig:
     moe_router_dtype: Optional[Literal["fp32", "fp64"]] = None
     """Router GEMM, gates and expert-output weighting in this dtype; None: the model's dtype."""
 
+    def __post_init__(self):
+        if self.router_options is None and self.router in ROUTERS:
+            object.__setattr__(self, "router_options", ROUTERS[self.router].options())
+
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
         """A paper preset (``182m``, ``469m``, ``978m``) or the CPU-sized ``tiny``."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def kind(self) -> RouterKind:
+        """The router's registry entry."""
+        return ROUTERS[self.router]
 
     @property
     def is_moe(self) -> bool:
@@ -152,13 +129,7 @@ class ModelConfig:
         """Experts a token uses by construction (0 for dense): k*G for TopK and SparseMixer-v2,
         1 for Hash and Lory (one merged FFN), capacity x k*G on average for Expert Choice; for
         ReLU routing the k*G its target sparsity aims at (its log counts the actual ones)."""
-        if not self.is_moe:
-            return 0.0
-        if self.router in ("hash", "lory"):
-            return 1.0
-        if self.router == "expert_choice":
-            return self.expert_choice_capacity_factor * self.total_topk
-        return float(self.total_topk)
+        return self.kind.active_experts(self)
 
     @property
     def target_sparsity(self) -> float:
@@ -189,6 +160,10 @@ class ModelConfig:
 
         if self.router not in ROUTERS:
             fail("router", f"not one of {', '.join(ROUTERS)}")
+        if not isinstance(self.router_options, self.kind.options):
+            raise ConfigError(
+                f"ModelConfig.router_options={self.router_options!r}: {self.router} routing "
+                f"takes {self.kind.options.__name__}")
         if self.num_attention_heads % self.num_query_groups:
             fail("num_query_groups",
                  f"does not divide num_attention_heads={self.num_attention_heads}")
@@ -209,39 +184,19 @@ class ModelConfig:
                                      "factor unset or use the alltoall dispatcher")
         if self.moe_router_dtype not in (None, "fp32", "fp64"):
             fail("moe_router_dtype", "not one of None, fp32, fp64")
-        if self.router == "relu" and self.moe_expert_capacity_factor is not None:
+        if self.kind.adaptive_l1 and self.moe_expert_capacity_factor is not None:
             fail("moe_expert_capacity_factor",
                  "ReLU routing is dropless (a token may use 0..E experts); leave the capacity "
                  "factor unset")
-        if self.router not in ("topk", "relu") and self.moe_expert_capacity_factor is not None:
+        if not self.kind.token_dropping and self.moe_expert_capacity_factor is not None:
             fail("moe_expert_capacity_factor",
                  f"token dropping is TopK's; {self.router} routing is built dropless, leave the "
                  "capacity factor unset")
-        if self.router == "relu" and self.relu_l1_coeff_multiplier <= 1.0:
-            fail("relu_l1_coeff_multiplier", "must be > 1")
-        if self.router == "relu" and self.relu_l1_coeff_init <= 0.0:
-            fail("relu_l1_coeff_init", "must be > 0")
-        if self.router == "hash" and self.hash_type not in HASH_TYPES:
-            fail("hash_type", f"not one of {', '.join(HASH_TYPES)}")
-        if self.router == "hash" and self.total_topk != 1:
-            fail("topk", "hash routing sends each token to exactly one expert; use k=1 and "
-                         "granularity 1")
-        if self.router == "expert_choice" and self.expert_choice_group not in EXPERT_CHOICE_GROUPS:
-            fail("expert_choice_group", f"not one of {', '.join(EXPERT_CHOICE_GROUPS)}")
-        if self.router == "expert_choice" and not self.expert_choice_capacity_factor > 0:
-            fail("expert_choice_capacity_factor", "must be > 0")
-        if self.router == "sparsemixer" and self.total_topk not in SPARSEMIXER_TOPK:
-            fail("topk", "SparseMixer-v2 samples one or two experts per token; use k*G of 1 or 2")
-        if self.router == "sparsemixer" and not self.sparsemixer_jitter_eps > 0:
-            fail("sparsemixer_jitter_eps", "must be > 0")
-        if self.router == "lory":
-            if self.lory_segment_length < 1 or self.seq_length % self.lory_segment_length:
-                fail("lory_segment_length",
-                     f"must divide seq_length={self.seq_length}; pick a divisor of it")
-            if not 0.0 <= self.lory_dense_warmup_fraction < 1.0:
-                fail("lory_dense_warmup_fraction", "must be in [0, 1)")
-            if self.lory_first_segment not in LORY_FIRST_SEGMENT_RULES:
-                fail("lory_first_segment", f"not one of {', '.join(LORY_FIRST_SEGMENT_RULES)}")
+        for name, message in self.router_options.validate(self):
+            if hasattr(self, name):
+                fail(name, message)
+            value = getattr(self.router_options, name)
+            raise ConfigError(f"ModelConfig.router_options.{name}={value}: {message}")
         return self
 
     def transformer_config(
@@ -265,11 +220,10 @@ class ModelConfig:
                 # The ReLU router has its own regularizer; Hash and Expert Choice are balanced by
                 # construction; Lory merges every expert.
                 moe_router_load_balancing_type=(
-                    "aux_loss" if self.router in SWITCH_AUX_LOSS_ROUTERS
-                    and self.moe_aux_loss_coeff > 0 else "none"
+                    "aux_loss" if self.kind.switch_aux_loss and self.moe_aux_loss_coeff > 0
+                    else "none"
                 ),
-                moe_aux_loss_coeff=(
-                    self.moe_aux_loss_coeff if self.router in SWITCH_AUX_LOSS_ROUTERS else 0.0),
+                moe_aux_loss_coeff=self.moe_aux_loss_coeff if self.kind.switch_aux_loss else 0.0,
                 # TopK: softmax over all experts before the top-k, so k=1 still has a gradient
                 # (megatron insists on it for k=1 even though the ReLU router never reads it).
                 moe_router_pre_softmax=True,
@@ -361,13 +315,13 @@ class ParallelConfig:
              "expert_model_parallel_size" if ep != 1 else "tensor_model_parallel_size",
              f"the sorted token dispatcher keeps every expert and token on its rank (EP=1, TP=1), "
              f"not EP={ep} TP={tp}; use the alltoall dispatcher"),
-            (model.router not in ("expert_choice", "lory")
-             or (tp == 1 and not self.sequence_parallel),
+            (not model.kind.routes_by_neighbours or (tp == 1 and not self.sequence_parallel),
              "tensor_model_parallel_size",
              f"{model.router} routing needs whole sequences on a rank (TP={tp} with sequence "
              "parallelism splits them); use TP=1"),
-            (model.router != "lory" or ep == 1, "expert_model_parallel_size",
-             f"Lory merges all experts' weights on every rank; use EP=1, not EP={ep}"),
+            (model.kind.expert_parallel or ep == 1, "expert_model_parallel_size",
+             f"{model.kind.title} merges all experts' weights on every rank; use EP=1, not "
+             f"EP={ep}"),
             # megatron-core's MoE layer refuses to train at TP>1 without it.
             (not model.is_moe or tp == 1 or self.sequence_parallel, "sequence_parallel",
              f"MoE layers at TP={tp} need sequence parallelism; turn it on"),

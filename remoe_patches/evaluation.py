@@ -25,11 +25,11 @@ Log-probabilities are over the model's padded vocabulary, as training's cross-en
 context model) to ``max_length`` tokens, generation then sliding over the last ``max_length``.
 Batches are sorted by length and right-padded (padding cannot reach earlier positions through
 causal attention, and dropless routing treats every token on its own). Expert Choice and Lory
-are the exception (``ROW_AT_A_TIME_ROUTERS``): padding would compete with the real tokens for an
-expert's places (EC's capacity is a share of the sequence, or of the batch) or enter the mean
-hidden state that routes a Lory segment, and other rows would share EC's batch groups; so these
-models score and generate one row per forward pass, unpadded, whatever ``batch_size`` says,
-and a row's result is the one it gets alone.
+are the exception (their registry entries' ``routes_by_neighbours``): padding would compete with
+the real tokens for an expert's places (EC's capacity is a share of the sequence, or of the
+batch) or enter the mean hidden state that routes a Lory segment, and other rows would share
+EC's batch groups; so these models score and generate one row per forward pass, unpadded,
+whatever ``batch_size`` says, and a row's result is the one it gets alone.
 
 **Offline tasks.** ``remoe_patches/lm_eval_tasks/`` holds lm-eval task YAMLs for the paper's
 seven tasks that read local files, ``DIR/<task>/<split>.jsonl`` with one JSON object per line in
@@ -93,6 +93,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, \
     simple_parse_args_string
 
 from remoe_patches.lm_eval_tasks.functions import OFFLINE, offline_files
+from remoe_patches.router_registry import ROUTERS
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 
@@ -216,10 +217,6 @@ def offline_task_manager(tasks, data_dir):
 # ---------------------------------------------------------------------------------------------
 # The lm-eval model
 
-
-ROW_AT_A_TIME_ROUTERS = ("expert_choice", "lory")
-"""Routers whose routing of a token depends on the other tokens of its row (or batch), so that
-padding or a neighbouring row could change it: RemoeLM runs them one unpadded row at a time."""
 
 
 class ModelArgsError(ValueError):
@@ -364,9 +361,9 @@ class RemoeLM(TemplateLM):
 
     @property
     def rows_per_forward(self) -> int:
-        """``batch_size``, or 1 for the routers of ``ROW_AT_A_TIME_ROUTERS``: with one row per
-        forward nothing is padded and no other row shares its routing."""
-        return 1 if self.router in ROW_AT_A_TIME_ROUTERS else self.batch_size
+        """``batch_size``, or 1 for routers that route a token by its neighbours: with one row
+        per forward nothing is padded and no other row shares its routing."""
+        return 1 if ROUTERS[self.router].routes_by_neighbours else self.batch_size
 
     def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None,
                    **kwargs) -> list:

@@ -119,3 +119,9 @@ def expert_choice_router_builder(capacity_factor: float = 1.0, group: str = "seq
     """A RouterBuilder for ``MoESubmodules.router``: ``ExpertChoiceRouter`` with these settings."""
     _validate(capacity_factor, group)
     return functools.partial(ExpertChoiceRouter, capacity_factor=capacity_factor, group=group)
+
+
+def router_builder_for(model, regularizer=None):
+    """The registry's builder (``router_registry``): Expert Choice with ``model``'s options."""
+    options = model.router_options
+    return expert_choice_router_builder(options.capacity_factor, options.group)

@@ -152,6 +152,12 @@ def hash_router_builder(vocab_size: int, seed: int = DEFAULT_HASH_SEED, hash_typ
     return functools.partial(HashRouter, vocab_size=vocab_size, seed=seed, hash_type=hash_type)
 
 
+def router_builder_for(model, regularizer=None):
+    """The registry's builder (``router_registry``): Hash routers over ``model``'s vocabulary."""
+    options = model.router_options
+    return hash_router_builder(model.vocab_size, options.seed, options.hash_type)
+
+
 def feed_token_ids(model: torch.nn.Module) -> list:
     """Give every ``HashRouter`` of ``model`` the token ids of each forward.
 

@@ -46,7 +46,7 @@ OUTSIDE_SCOPES = "other"
 
 SOURCES = (
     ("regularizer", ("remoe_patches/regularizer.py",)),
-    ("router", ("remoe_patches/router.py", "remoe_patches/relu_gates.py",
+    ("router", ("remoe_patches/relu_router.py", "remoe_patches/relu_gates.py",
                 "megatron/core/transformer/moe/router.py")),
     ("dispatcher", ("remoe_patches/token_dispatch.py",
                     "megatron/core/transformer/moe/token_dispatcher.py",

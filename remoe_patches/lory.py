@@ -31,9 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FIRST_SEGMENT_RULES = ("own_detached", "uniform")
-"""How the first segment of a sequence is routed: ``own_detached`` (Lory's Algorithm 1: its own
-mean, stop-gradient) or ``uniform`` (weights 1/E: strictly causal)."""
+from remoe_patches.router_registry import LORY_FIRST_SEGMENT_RULES as FIRST_SEGMENT_RULES
 
 
 def num_segments(seq_length: int, segment_length: int) -> int:

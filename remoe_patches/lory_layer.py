@@ -246,3 +246,9 @@ def lory_block_spec(
         for layer_spec in block_spec.layer_specs
     ]
     return block_spec
+
+
+def block_spec_for(block_spec: TransformerBlockSubmodules, model) -> TransformerBlockSubmodules:
+    """The registry's spec rewrite (``router_registry``): Lory layers with ``model``'s options."""
+    options = model.router_options
+    return lory_block_spec(block_spec, options.segment_length, options.first_segment)

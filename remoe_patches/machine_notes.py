@@ -117,7 +117,7 @@ def memory_note(config, world_size: int, gpu_memory_bytes: int) -> Optional[str]
         return None
     stage = (" and ReMoE's stage I (routing still dense for the first ~100 steps, several "
              "experts per token) adds the run's largest activations"
-             if config.model.router == "relu" else "")
+             if config.model.kind.adaptive_l1 else "")
     return f"{share}{stage}; if it runs out of memory: {less_memory(config)}"
 
 

@@ -11,11 +11,11 @@ import os
 import sys
 from typing import Optional
 
-# One object per logged step; evaluation records carry ``val_lm_loss`` (or ``test_lm_loss``) and
-# the number of samples it scored, ``val_samples`` (``test_samples``).
-METRICS_FILE = "metrics.jsonl"
+from remoe_patches.run_directory import metrics_path
 
 
+# The metrics file holds one object per logged step; evaluation records carry ``val_lm_loss``
+# (or ``test_lm_loss``) and the number of samples it scored, ``val_samples`` (``test_samples``).
 class MetricsLog:
     """Writes each record to every configured sink."""
 
@@ -29,7 +29,7 @@ class MetricsLog:
         enabled: bool,
     ):
         self.enabled = enabled
-        self.metrics_path = os.path.join(metrics_dir, METRICS_FILE) if metrics_dir else None
+        self.metrics_path = metrics_path(metrics_dir) if metrics_dir else None
         self.writer = None
         self.progress = None
         if not enabled:

@@ -1,9 +1,9 @@
 """Build a megatron-core GPTModel: dense, TopK MoE or ReMoE, with the paper's LLaMA recipe.
 
 The layer spec is megatron-core's own GPT decoder spec; the ``router`` slot of each MoE layer's
-``MoESubmodules`` holds the model's router (``router_builder``): megatron's ``TopKRouter``, or
-ReMoE's ``ReLURouter``, or a Table 2 baseline (Hash, Expert Choice, SparseMixer-v2). Lory
-replaces the whole MoE layer by ``LoryMLP`` (merged experts). With transformer-engine importable
+``MoESubmodules`` holds the model's router, as its ``router_registry`` entry builds it:
+megatron's ``TopKRouter``, ReMoE's ``ReLURouter``, or a Table 2 baseline (Hash, Expert Choice,
+SparseMixer-v2). Lory rewrites the spec instead (``LoryMLP``: merged experts). With transformer-engine importable
 that is megatron-core's TE spec (fused attention, TE grouped GEMM for the experts with
 ``moe_grouped_gemm``). Without it, megatron-core's local spec with three slots filled from
 ``local_layers``: PyTorch's scaled-dot-product attention, torch grouped-GEMM experts (with
@@ -30,14 +30,9 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from remoe_patches.config import ModelConfig, ParallelConfig
-from remoe_patches.expert_choice_router import expert_choice_router_builder
-from remoe_patches.hash_router import feed_token_ids, hash_router_builder
 from remoe_patches.local_layers import GroupedGemmExperts, RMSNorm, SDPAttention
-from remoe_patches.lory_layer import lory_block_spec
 from remoe_patches.parallel import local_device
 from remoe_patches.regularizer import AdaptiveL1
-from remoe_patches.router import relu_router_builder
-from remoe_patches.sparsemixer_router import sparsemixer_router_builder
 from remoe_patches.token_dispatch import use_sorted_token_path
 
 # megatron-core's own probes, so that what we select is what megatron-core can build: HAVE_TE
@@ -104,18 +99,7 @@ def customize_layers(
 def router_builder_for(model: ModelConfig, regularizer: Optional[AdaptiveL1] = None):
     """The ``MoESubmodules.router`` builder of ``model.router``; None keeps megatron's
     ``TopKRouter`` (and suits dense models and Lory, which have no router slot)."""
-    if model.router == "relu":
-        if regularizer is None:
-            raise ValueError("router_builder_for: ReLU routing needs its AdaptiveL1 regularizer")
-        return relu_router_builder(regularizer, model.relu_load_balancing)
-    if model.router == "hash":
-        return hash_router_builder(model.vocab_size, model.hash_seed, model.hash_type)
-    if model.router == "expert_choice":
-        return expert_choice_router_builder(model.expert_choice_capacity_factor,
-                                            model.expert_choice_group)
-    if model.router == "sparsemixer":
-        return sparsemixer_router_builder(model.sparsemixer_jitter_eps)
-    return None
+    return model.kind.build_router(model, regularizer)
 
 
 def decoder_block_spec(
@@ -152,7 +136,7 @@ def decoder_block_spec(
 
 def build_regularizer(model_config: ModelConfig, device=None) -> Optional[AdaptiveL1]:
     """The model-wide adaptive L1 coefficient (ReMoE only)."""
-    if model_config.router != "relu":
+    if not model_config.kind.adaptive_l1:
         return None
     if device is None:
         device = local_device()
@@ -160,8 +144,8 @@ def build_regularizer(model_config: ModelConfig, device=None) -> Optional[Adapti
         target_sparsity=model_config.target_sparsity,
         num_layers=model_config.num_layers,
         num_experts=model_config.total_experts,
-        init_coeff=model_config.relu_l1_coeff_init,
-        multiplier=model_config.relu_l1_coeff_multiplier,
+        init_coeff=model_config.router_options.l1_coeff_init,
+        multiplier=model_config.router_options.l1_coeff_multiplier,
         device=device,
     )
 
@@ -198,9 +182,7 @@ def build_model(
         transformer_config, router_builder_for(model_config, regularizer),
         use_transformer_engine=use_transformer_engine,
     )
-    if model_config.router == "lory":
-        spec = lory_block_spec(spec, model_config.lory_segment_length,
-                               model_config.lory_first_segment)
+    spec = model_config.kind.rewrite_block_spec(spec, model_config)
     model = GPTModel(
         config=transformer_config,
         transformer_layer_spec=spec,
@@ -214,6 +196,5 @@ def build_model(
     )
     if model_config.is_moe and model_config.token_dispatcher == "sorted":
         use_sorted_token_path(model)
-    if model_config.router == "hash":
-        feed_token_ids(model)  # the hash routers route by the input's token ids
+    model_config.kind.prepare(model)
     return BuiltModel(model=model, transformer_config=transformer_config, regularizer=regularizer)

@@ -25,6 +25,8 @@ from typing import Optional
 
 import numpy as np
 
+from remoe_patches.run_directory import CHECKPOINT_PREFIX, is_checkpoint_dir
+
 CALIBRATION_SEED = 1234
 
 
@@ -39,18 +41,13 @@ class AnalysisError(ValueError):
 def checkpoint_dirs(path) -> list:
     """``iter_*`` checkpoint directories of a run (oldest first), or ``[path]`` for one."""
     path = Path(path)
-    if (path / "metadata.json").is_file() or path.name.startswith("iter_"):
+    if is_checkpoint_dir(path) or path.name.startswith(CHECKPOINT_PREFIX):
         return [path]
-    found = sorted(p for p in path.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    found = sorted(p for p in path.glob(CHECKPOINT_PREFIX + "*")
+                   if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit())
     if not found:
         raise AnalysisError(f"{path} holds no checkpoint (iter_XXXXXXX directories)")
     return found
-
-
-def run_dir_of(load) -> Path:
-    """The run directory (``--save``) of a checkpoint path."""
-    path = Path(load)
-    return path.parent if path.name.startswith("iter_") else path
 
 
 @dataclass
@@ -64,8 +61,9 @@ class LoadedCheckpoint:
     directory: str
 
 
-def load_checkpoint(load) -> LoadedCheckpoint:
-    """A checkpoint (``--save`` dir: its latest; or ``iter_XXXXXXX``) as an eval-mode model."""
+def load_moe_for_routing(load) -> LoadedCheckpoint:
+    """An MoE checkpoint (``--save`` dir: its latest; or ``iter_XXXXXXX``) as an eval-mode model
+    with its run's settings, ready to route; AnalysisError for a dense model."""
     from remoe_patches.checkpointing import read_run_config
     from remoe_patches.trained_model import load_model_for_inference
 
@@ -291,5 +289,5 @@ def route_checkpoint(checkpoint: LoadedCheckpoint, calibration: Calibration, *,
     return RoutedSample(
         calibration=calibration, mask_NSLE=mask, layers=layers, iteration=checkpoint.iteration,
         topk=config.total_topk, router=config.router, tokenizer=checkpoint.tokenizer,
-        target_sparsity=config.target_sparsity if config.router == "relu" else None,
+        target_sparsity=config.target_sparsity if config.kind.adaptive_l1 else None,
         checkpoint=checkpoint.directory)

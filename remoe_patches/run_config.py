@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
+from remoe_patches.router_registry import ROUTERS
 
 
 @dataclass(frozen=True)
@@ -264,23 +265,62 @@ class RunConfig:
         parts = {}
         for name, part in PARTS.items():
             values = dict(data.get(name) or {})
+            if name == "model":
+                values = _model_values(values)
             known = {f.name: f for f in dataclasses.fields(part)}
             unknown = sorted(set(values) - set(known))
             if unknown:
                 raise ConfigError(f"RunConfig.{name}: unknown fields {unknown} (a newer run's "
                                   "config?)")
-            if name == "model" and values.get("router") == "hash" and "hash_type" not in values:
-                # Saved before ModelConfig.hash_type existed: hash runs then used the seeded
-                # random permutation, and must be rebuilt with the map they were trained with.
-                values["hash_type"] = "random_permutation"
-            if name == "model" and values.get("router") == "lory" \
-                    and "lory_dense_warmup_fraction" not in values:
-                values["lory_dense_warmup_fraction"] = 0.0  # trained before the warm-up existed
             for key, value in values.items():
                 if isinstance(value, list):  # tuples come back from YAML/JSON as lists
                     values[key] = tuple(value)
             parts[name] = part(**values)
         return cls(**parts)
+
+
+# ModelConfig's flat router fields before the router registry: the field of the router's options
+# each became. A run saved then holds them all, whatever its router.
+_FLAT_ROUTER_FIELDS = {
+    "relu": dict(relu_l1_coeff_init="l1_coeff_init", relu_l1_coeff_multiplier="l1_coeff_multiplier",
+                 relu_load_balancing="load_balancing"),
+    "hash": dict(hash_type="hash_type", hash_seed="seed"),
+    "expert_choice": dict(expert_choice_capacity_factor="capacity_factor",
+                          expert_choice_group="group"),
+    "sparsemixer": dict(sparsemixer_jitter_eps="jitter_eps"),
+    "lory": dict(lory_segment_length="segment_length",
+                 lory_dense_warmup_fraction="dense_warmup_fraction",
+                 lory_first_segment="first_segment"),
+}
+
+
+def _model_values(values: dict) -> dict:
+    """ModelConfig's keyword arguments from its saved fields, its router's options rebuilt (also
+    from a run saved with the flat router fields of older versions)."""
+    router = values.get("router", "relu")
+    kind = ROUTERS.get(router)
+    if kind is None:
+        raise ConfigError(f"RunConfig.model.router: {router!r} is not one of {', '.join(ROUTERS)}")
+    flat = {old: new for fields in _FLAT_ROUTER_FIELDS.values() for old, new in fields.items()}
+    saved_flat = {key: values.pop(key) for key in list(values) if key in flat}
+    options = values.get("router_options")
+    if options is None:
+        options = {new: saved_flat[old] for old, new in _FLAT_ROUTER_FIELDS.get(router, {}).items()
+                   if old in saved_flat}
+        if saved_flat and router == "hash" and "hash_type" not in options:
+            # Saved before the hash type existed: hash runs then used the seeded random
+            # permutation, and must be rebuilt with the map they were trained with.
+            options["hash_type"] = "random_permutation"
+        if saved_flat and router == "lory" and "dense_warmup_fraction" not in options:
+            options["dense_warmup_fraction"] = 0.0  # trained before the warm-up existed
+    if isinstance(options, dict):
+        known = {f.name for f in dataclasses.fields(kind.options)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"RunConfig.model.router_options: unknown fields {unknown} for "
+                              f"{router} routing (a newer run's config?)")
+        options = kind.options(**options)
+    return {**values, "router_options": options}
 
 
 def _plain(value):

@@ -8,8 +8,11 @@ Cheap to import (no torch, megatron-core or matplotlib): ``tools/sweep.py --coll
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
+
+from remoe_patches.run_directory import config_path, latest_pointer_path, metrics_path
 
 SETTLE_TOLERANCE = 0.02
 
@@ -18,7 +21,7 @@ def read_metrics(path) -> list:
     """The records of ``metrics.jsonl`` (``path`` may be the file or its run directory)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "metrics.jsonl"
+        path = Path(metrics_path(path))
     if not path.is_file():
         return []
     records = []
@@ -63,14 +66,14 @@ def _run_target(run_dir: Path) -> Optional[float]:
     """The target sparsity of a run directory: its sweep config.yaml, else its checkpoint."""
     import yaml
 
-    config = run_dir / "config.yaml"
+    config = Path(config_path(run_dir))
     if config.is_file():
         flags = yaml.safe_load(config.read_text()) or {}
         if isinstance(flags, dict) and flags.get("moe_relu_routing"):
             return target_from_flags(flags)
-    if (run_dir / "latest_checkpointed_iteration.txt").is_file():
+    if os.path.isfile(latest_pointer_path(run_dir)):
         from remoe_patches.checkpointing import read_run_config
 
         model = read_run_config(str(run_dir)).model
-        return model.target_sparsity if model.router == "relu" else None
+        return model.target_sparsity if model.kind.adaptive_l1 else None
     return None

@@ -61,11 +61,11 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-JITTER_EPS_DEFAULT = 0.01
-"""``jitter_eps`` of GRIN-MoE / Phi-3.5-MoE (``router_jitter_noise``)."""
+from remoe_patches.router_registry import SPARSEMIXER_TOPK as SUPPORTED_TOPK
+from remoe_patches.router_registry import SparseMixerOptions
 
-SUPPORTED_TOPK = (1, 2)
-"""The reference's ``assert top_k in [1, 2]``: one pass per picked expert."""
+JITTER_EPS_DEFAULT = SparseMixerOptions.jitter_eps
+"""``jitter_eps`` of GRIN-MoE / Phi-3.5-MoE (``router_jitter_noise``)."""
 
 HEUN_FULL_STEP_PROBABILITY = 0.25
 """P(omega = 1) for a sampled non-argmax expert: Heun's weight 1/4 on ``L'(x)``."""

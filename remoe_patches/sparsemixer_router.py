@@ -131,3 +131,8 @@ def sparsemixer_router_builder(jitter_eps: float = sparsemixer.JITTER_EPS_DEFAUL
     except ValueError as error:
         raise ConfigError(f"sparsemixer_router_builder: {error}") from None
     return functools.partial(SparseMixerRouter, jitter_eps=jitter_eps)
+
+
+def router_builder_for(model, regularizer=None):
+    """The registry's builder (``router_registry``): SparseMixer-v2 with ``model``'s options."""
+    return sparsemixer_router_builder(model.router_options.jitter_eps)

@@ -91,37 +91,23 @@ from typing import Optional
 
 import yaml
 
+from remoe_patches import run_directory
 from remoe_patches.csv_table import write_csv
-from remoe_patches.router_titles import SWEEP_ROUTER_KINDS, sweep_router_title
+from remoe_patches.router_registry import ROUTERS as ROUTER_KINDS
+from remoe_patches.router_registry import SWEEP_NAMES, sweep_router_title
 from remoe_patches.run_metrics import read_metrics, settle_iteration, target_from_flags
 
 REPO = Path(__file__).resolve().parent.parent
-DONE_FILE = "DONE"
-RUN_CONFIG = "config.yaml"
-LOG_FILE = "train.log"
-ZERO_SHOT_FILE = "zero_shot.json"
 
 SPECIAL_KEYS = ("config", "size", "router")
-ROUTERS = tuple(SWEEP_ROUTER_KINDS)
+ROUTERS = tuple(SWEEP_NAMES)
 # Flags that say which router a config uses; replaced when ``router`` switches it.
 ROUTER_IDENTITY = ("moe_relu_routing", "moe_router_type", "moe_router_pre_softmax",
                    "moe_aux_loss_coeff",
                    "moe_router_load_balancing_type", "moe_router_topk_scaling_factor")
-# TopK is the project's dMoE baseline (configs/*_moe.yaml, README "A fair TopK baseline"): the
-# Switch aux loss, softmax before the top-k, and the chosen gates scaled by E/k.
-ROUTER_SWITCHES = {
-    "dense": {},
-    "moe": dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01,
-                moe_router_pre_softmax=True, moe_router_topk_scaling_factor="E/k"),
-    "remoe": dict(moe_relu_routing=True),
-    # The paper's Table 2 baselines (configs/182m_<router>.yaml); SparseMixer-v2 keeps GRIN's
-    # Switch aux loss, Hash and Expert Choice are balanced by construction, Lory has no loss.
-    "hash": dict(moe_router_type="hash"),
-    "ec": dict(moe_router_type="expert_choice"),
-    "sparsemixer": dict(moe_router_type="sparsemixer", moe_router_load_balancing_type="aux_loss",
-                        moe_aux_loss_coeff=0.01),
-    "lory": dict(moe_router_type="lory"),
-}
+# What each router switch sets: the registry entry's sweep_flags (configs/<size>_<router>.yaml's
+# settings; TopK is the project's dMoE baseline, README "A fair TopK baseline").
+ROUTER_SWITCHES = {name: kind.sweep_flags for name, kind in SWEEP_NAMES.items()}
 MOE_DEFAULTS = dict(num_experts=8, moe_router_topk=1, moe_token_dispatcher_type="alltoall")
 SHORT_NAMES = {
     "num_experts": "e",
@@ -177,16 +163,15 @@ class Run:
 
     @property
     def config_path(self) -> Path:
-        return self.directory / RUN_CONFIG
+        return Path(run_directory.config_path(self.directory))
 
     @property
     def router(self) -> str:
         if not self.flags.get("num_experts"):
             return "dense"
-        if self.flags.get("moe_relu_routing"):
-            return "remoe"
-        kind = self.flags.get("moe_router_type") or "topk"
-        return next(name for name, value in SWEEP_ROUTER_KINDS.items() if value == kind)
+        kind = "relu" if self.flags.get("moe_relu_routing") else (
+            self.flags.get("moe_router_type") or "topk")
+        return ROUTER_KINDS[kind].sweep_name
 
     def config_text(self, omit=()) -> str:
         header = f"# sweep run {self.name}: written by tools/sweep.py; the grid values: " \
@@ -397,7 +382,7 @@ def run_argv(run: Run) -> list:
     """pretrain_gpt.py's flags for ``run`` (its config file, save/load and tensorboard dirs)."""
     directory = str(run.directory)
     return ["--config", str(run.config_path), "--save", directory, "--load", directory,
-            "--tensorboard-dir", os.path.join(directory, "tensorboard")]
+            "--tensorboard-dir", os.path.join(directory, run_directory.TENSORBOARD_DIR)]
 
 
 def validate_runs(sweep: Sweep) -> None:
@@ -439,24 +424,20 @@ def validate_runs(sweep: Sweep) -> None:
 
 def latest_iteration(directory: Path) -> Optional[int]:
     """The iteration of the run's latest checkpoint; None when it has none."""
-    # imported here, not at the top: checkpointing brings torch and megatron-core, which
-    # listing commands and collecting results do not otherwise need
-    from remoe_patches.checkpointing import latest_iteration as checkpointed_iteration
-
     try:
-        return checkpointed_iteration(str(directory))
+        return run_directory.latest_iteration(str(directory))
     except (OSError, ValueError):  # an unreadable or garbled pointer: as if none were written
         return None
 
 
 def is_finished(run: Run) -> bool:
     """DONE marker, or a final checkpoint at ``train_iters``."""
-    if (run.directory / DONE_FILE).is_file():
+    if run_directory.is_done(run.directory):
         return True
     iters = run.flags.get("train_iters")
     latest = latest_iteration(run.directory)
     return (iters is not None and latest is not None and latest >= iters
-            and (run.directory / f"iter_{latest:07d}").is_dir())
+            and os.path.isdir(run_directory.checkpoint_dir(run.directory, latest)))
 
 
 def mark_done(run: Run) -> bool:
@@ -465,7 +446,7 @@ def mark_done(run: Run) -> bool:
     iters = run.flags.get("train_iters")
     if latest is None or (iters is not None and latest < iters):
         return False
-    (run.directory / DONE_FILE).write_text(json.dumps(dict(
+    Path(run_directory.done_path(run.directory)).write_text(json.dumps(dict(
         run=run.name, iteration=latest, config_sha256=run.config_digest(),
         finished=datetime.datetime.now().isoformat(timespec="seconds"))) + "\n")
     return True
@@ -481,7 +462,7 @@ def prepare(run: Run, omit=()) -> None:
 def config_changed(run: Run) -> bool:
     """Whether a finished run was trained with other settings than the sweep file now gives."""
     try:
-        done = json.loads((run.directory / DONE_FILE).read_text())
+        done = json.loads(Path(run_directory.done_path(run.directory)).read_text())
     except (OSError, ValueError):
         return False
     return done.get("config_sha256") not in (None, run.config_digest())
@@ -561,14 +542,15 @@ def run_local(sweep: Sweep, *, keep_going: bool = False, out=sys.stdout) -> dict
         command = local_command(run, nproc)
         out.write(f"{prefix}: {shlex.join(command)}\n")
         out.flush()
-        code = _run_logged(command, run.directory / LOG_FILE, out)
+        log = run.directory / run_directory.LOG_FILE
+        code = _run_logged(command, log, out)
         if code == 0 and mark_done(run):
             outcome[run.name] = "finished"
             out.write(f"{prefix}: finished\n")
         else:
             outcome[run.name] = "failed"
             reason = f"exit code {code}" if code else "stopped before --train-iters"
-            out.write(f"{prefix}: FAILED ({reason}); log: {run.directory / LOG_FILE}\n")
+            out.write(f"{prefix}: FAILED ({reason}); log: {log}\n")
             if not keep_going:
                 break
         out.flush()
@@ -623,18 +605,20 @@ def write_slurm(sweep: Sweep) -> Path:
         f"TRAIN_ITERS=({iters})",
         'RUN="${RUNS[$SLURM_ARRAY_TASK_ID]}"',
         f'export RUN_DIR={shlex.quote(str(out_dir))}/"$RUN"',
-        'if [ -f "$RUN_DIR/DONE" ]; then echo "$RUN: finished, skipped"; exit 0; fi',
+        f'if [ -f "$RUN_DIR/{run_directory.DONE_FILE}" ]; then echo "$RUN: finished, skipped"; '
+        'exit 0; fi',
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         "export MASTER_PORT=$((20000 + SLURM_ARRAY_TASK_ID % 10000))",
         "export CUDA_DEVICE_MAX_CONNECTIONS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
         "srun --kill-on-bad-exit=1 bash -c 'exec torchrun "
         f"--nproc-per-node {nproc} --nnodes \"$SLURM_NNODES\" --node-rank \"$SLURM_NODEID\" "
         "--master-addr \"$MASTER_ADDR\" --master-port \"$MASTER_PORT\" pretrain_gpt.py "
-        "--config \"$RUN_DIR/config.yaml\" --save \"$RUN_DIR\" --load \"$RUN_DIR\" "
-        "--tensorboard-dir \"$RUN_DIR/tensorboard\"'",
-        'LATEST="$(cat "$RUN_DIR/latest_checkpointed_iteration.txt" 2>/dev/null || echo 0)"',
+        f"--config \"$RUN_DIR/{run_directory.CONFIG_FILE}\" --save \"$RUN_DIR\" "
+        f"--load \"$RUN_DIR\" --tensorboard-dir \"$RUN_DIR/{run_directory.TENSORBOARD_DIR}\"'",
+        f'LATEST="$(cat "$RUN_DIR/{run_directory.LATEST_FILE}" 2>/dev/null || echo 0)"',
         'if [ "$LATEST" -ge "${TRAIN_ITERS[$SLURM_ARRAY_TASK_ID]}" ]; then',
-        '    echo "{\\"run\\": \\"$RUN\\", \\"iteration\\": $LATEST}" > "$RUN_DIR/DONE"',
+        '    echo "{\\"run\\": \\"$RUN\\", \\"iteration\\": $LATEST}" > '
+        f'"$RUN_DIR/{run_directory.DONE_FILE}"',
         "else",
         '    echo "$RUN stopped at iteration $LATEST; submit again to resume" >&2',
         "fi",
@@ -651,7 +635,7 @@ def write_slurm(sweep: Sweep) -> Path:
 
 def zero_shot_average(directory: Path) -> Optional[float]:
     """The zero-shot average (percent) of ``zero_shot.json`` or an lm-eval results file."""
-    candidates = [Path(directory) / ZERO_SHOT_FILE]
+    candidates = [Path(directory) / run_directory.ZERO_SHOT_FILE]
     candidates += sorted((Path(p) for p in glob.glob(str(Path(directory) / "**" / "results*.json"),
                                                       recursive=True)),
                          key=lambda p: p.stat().st_mtime, reverse=True)

@@ -28,8 +28,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from remoe_patches import checkpointing, lory_layer
-from remoe_patches.config import SWITCH_AUX_LOSS_ROUTERS, ConfigError
+from remoe_patches import checkpointing, lory_layer, run_directory
+from remoe_patches.config import ConfigError
 from remoe_patches.data import (
     build_splits,
     check_data_paths,
@@ -42,7 +42,7 @@ from remoe_patches.data import (
 from remoe_patches.exit_signals import ExitSignals
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.megatron_fixes import initialize_adam_state
-from remoe_patches.metrics_log import METRICS_FILE, MetricsLog, format_step_line
+from remoe_patches.metrics_log import MetricsLog, format_step_line
 from remoe_patches.model import (
     HAVE_WGRAD_FUSION,
     build_model,
@@ -219,8 +219,8 @@ def pretrain(config: RunConfig) -> RunState:
         health = RoutingHealth()
         # Lory's dense warm-up: dense until step lory_warmup, then every expert a copy of the FFN
         lory_warmup = lory_layer.dense_warmup_steps(
-            config.model.lory_dense_warmup_fraction, training.train_iters,
-        ) if config.model.router == "lory" else 0
+            getattr(config.model.router_options, "dense_warmup_fraction", 0.0),
+            training.train_iters)
         lory_layer.set_dense_warmup(model_chunks, state.iteration < lory_warmup)
         while state.iteration < training.train_iters:
             if lory_warmup and state.iteration == lory_warmup:
@@ -268,7 +268,7 @@ def pretrain(config: RunConfig) -> RunState:
                 state.history[-1].test_lm_loss = result["test_lm_loss"]
         if ckpt.save:
             log.print(f" metrics: {log.metrics_path}")
-            log.print(f" checkpoint: {checkpointing.checkpoint_dir(ckpt.save, state.iteration)}")
+            log.print(f" checkpoint: {run_directory.checkpoint_dir(ckpt.save, state.iteration)}")
         if logging.tensorboard_dir:
             log.print(f" tensorboard: {logging.tensorboard_dir}")
     finally:
@@ -283,14 +283,14 @@ def check_load_path(config: RunConfig) -> bool:
     """Refuse a ``--load`` that holds no checkpoint, unless it is also ``--save`` (a run that
     resumes itself, launched for the first time); return whether the run starts from scratch."""
     ckpt = config.checkpoint
-    if not ckpt.load or checkpointing.has_checkpoint(ckpt.load):
+    if not ckpt.load or run_directory.has_checkpoint(ckpt.load):
         return False
     same_as_save = ckpt.save and os.path.realpath(ckpt.save) == os.path.realpath(ckpt.load)
     if same_as_save and not ckpt.finetune and not config.logging.skip_train:
         return True
     missing = "does not exist" if not os.path.exists(ckpt.load) else "holds no checkpoint"
     raise ConfigError(
-        f"--load {ckpt.load} {missing} (no {checkpointing.LATEST_FILE}, no iter_XXXXXXX); "
+        f"--load {ckpt.load} {missing} (no {run_directory.LATEST_FILE}, no iter_XXXXXXX); "
         "point it at the --save directory of a run, or drop --load to train from scratch "
         "(with --load equal to --save, a first launch starts from scratch by itself)"
     )
@@ -311,12 +311,12 @@ def check_save_path(config: RunConfig) -> None:
                and os.path.realpath(ckpt.load) == os.path.realpath(ckpt.save))
     if resumes:
         return
-    if checkpointing.has_checkpoint(ckpt.save):
-        iterations = checkpointing.saved_iterations(ckpt.save)
-        latest = checkpointing.latest_iteration(ckpt.save)
+    if run_directory.has_checkpoint(ckpt.save):
+        iterations = run_directory.saved_iterations(ckpt.save)
+        latest = run_directory.latest_iteration(ckpt.save)
         held = f"checkpoints up to iteration {max([latest or 0, *iterations])}"
-    elif os.path.isfile(os.path.join(ckpt.save, METRICS_FILE)):
-        held = f"the {METRICS_FILE} of an earlier run"
+    elif os.path.isfile(run_directory.metrics_path(ckpt.save)):
+        held = f"the {run_directory.METRICS_FILE} of an earlier run"
     else:
         return
     instead = "without --finetune " if ckpt.finetune else ""
@@ -565,7 +565,7 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
         grad_norm=_mean(r.grad_norm for r in records),
         skipped_iterations=state.skipped_iterations,
     )
-    if model_config.router == "relu":
+    if model_config.kind.adaptive_l1:
         sparsity_L = torch.stack([r.routing.sparsity_L for r in records]).mean(0)
         moe_layers = ~torch.isnan(sparsity_L)
         out.update(
@@ -589,7 +589,7 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
                 log.print(line)
     else:
         active = model_config.nominal_active_experts
-        switch_loss = model_config.router in SWITCH_AUX_LOSS_ROUTERS
+        switch_loss = model_config.kind.switch_aux_loss
         if switch_loss and last.load_balancing_loss_L is not None:
             out["load_balancing_loss"] = _mean(
                 float(r.load_balancing_loss_L.sum() / model_config.num_layers) for r in records)

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from remoe_patches.argument_checks import split_blend
     from remoe_patches.arguments import parse_run_config
     from remoe_patches.config import ConfigError
-    from remoe_patches.router_titles import ROUTER_TITLES
+    from remoe_patches.router_registry import ROUTERS
     from remoe_patches.tokenizer import build_tokenizer, vocab_size_with_padding
     from remoe_patches.training import check_batch_sizes
 
@@ -80,11 +80,11 @@ def main(argv=None) -> int:
             notes.append(f"{len(absent)} of {len(prefixes)} --data-path prefixes not found here "
                          f"(first: {absent[0]}.bin/.idx)")
 
-    router = ROUTER_TITLES[model.router]
+    router = ROUTERS[model.router].title
     moe = ""
     if model.is_moe:
         moe = (f"; E={model.num_experts} k={model.topk} G={model.granularity}"
-               + (f", target sparsity {model.target_sparsity:g}" if model.router == "relu" else ""))
+               + (f", target sparsity {model.target_sparsity:g}" if model.kind.adaptive_l1 else ""))
     global_batch = training.global_batch_size
     iterations = training.train_iters
     tokens = iterations * global_batch * model.seq_length

@@ -66,7 +66,7 @@ def routed(single_rank, routing_corpus, routing_run):
                                                   num_sequences=NUM_SEQUENCES)
     samples, direct = [], []
     for directory in routing_capture.checkpoint_dirs(routing_run):
-        checkpoint = routing_capture.load_checkpoint(directory)
+        checkpoint = routing_capture.load_moe_for_routing(directory)
         samples.append(routing_capture.route_checkpoint(checkpoint, calibration, batch_size=5))
         direct.append(direct_masks(checkpoint.model, calibration.tokens_NS))
     assert [s.iteration for s in samples] == [3, 6]

@@ -16,7 +16,7 @@ from remoe_patches.argument_mapping import (
 from remoe_patches.argument_notes import ineffective_flags
 from remoe_patches.arguments import parse_args
 from remoe_patches.config import ModelConfig, ParallelConfig
-from remoe_patches.router_titles import SWEEP_ROUTER_KINDS
+from remoe_patches.router_registry import SWEEP_NAMES, ReLUOptions
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -111,7 +111,8 @@ def test_authors_remoe_script_gives_the_papers_model():
         num_layers=12, hidden_size=768, num_attention_heads=12, num_query_groups=4,
         ffn_hidden_size=3072, seq_length=1024, rotary_base=1_000_000, init_method_std=0.01,
         router="relu", num_experts=8, topk=1, granularity=1, moe_aux_loss_coeff=0.01,
-        relu_l1_coeff_init=1e-8, relu_l1_coeff_multiplier=1.2, relu_load_balancing=True,
+        router_options=ReLUOptions(l1_coeff_init=1e-8, l1_coeff_multiplier=1.2,
+                                   load_balancing=True),
         token_dispatcher="alltoall", moe_expert_capacity_factor=None, moe_grouped_gemm=True,
         moe_router_dtype=None,  # the model's dtype below 32 experts
         vocab_size=51200,
@@ -211,7 +212,7 @@ def test_shipped_config_is_the_papers_setup(path):
     assert (model.num_layers, model.hidden_size, model.num_attention_heads) == PAPER_SIZES[size]
     assert model.num_query_groups == 4 and model.seq_length == 1024
     assert model.dense_ffn_hidden_size == 4 * model.hidden_size
-    assert model.router == SWEEP_ROUTER_KINDS[router_name]
+    assert model.router == SWEEP_NAMES[router_name].name
     if model.is_moe:
         assert (model.num_experts, model.topk, model.granularity) == (8, 1, 1)
         assert model.moe_expert_capacity_factor is None

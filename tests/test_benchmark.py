@@ -21,7 +21,7 @@ import yaml
 from remoe_patches import benchmark
 from remoe_patches.benchmark import BenchmarkConfig, format_table, run_benchmark
 from remoe_patches.config import ConfigError, ModelConfig
-from remoe_patches.router import ReLURouter
+from remoe_patches.relu_router import ReLURouter
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(preset="tiny", micro_batch_size=4, warmup_steps=2, steps=4, stage1_steps=3,

@@ -11,9 +11,10 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from remoe_patches import checkpointing
+from remoe_patches import checkpointing, run_directory
 from remoe_patches.config import ModelConfig
 from remoe_patches.model import build_model
+from remoe_patches.router_registry import ReLUOptions
 from remoe_patches.training_step import forward_backward, wrap_with_ddp
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
@@ -69,7 +70,7 @@ def test_crash_mid_write_keeps_previous_checkpoint(single_rank, tmp_path, monkey
                                       consumed_samples=8, regularizer=built.regularizer)
     monkeypatch.setattr(checkpointing.dist_checkpointing, "save", real_save)
 
-    assert checkpointing.latest_iteration(str(tmp_path)) == 1
+    assert run_directory.latest_iteration(str(tmp_path)) == 1
     assert not (tmp_path / "iter_0000002").exists()
     assert (tmp_path / "iter_0000002.partial").exists()
 
@@ -84,9 +85,9 @@ def test_crash_mid_write_keeps_previous_checkpoint(single_rank, tmp_path, monkey
     # the next save replaces the stale partial directory and moves the pointer
     checkpointing.save_checkpoint(str(tmp_path), 2, [fresh_ddp], fresh_optimizer,
                                   fresh_scheduler, consumed_samples=8)
-    assert checkpointing.latest_iteration(str(tmp_path)) == 2
+    assert run_directory.latest_iteration(str(tmp_path)) == 2
     assert sorted(os.listdir(tmp_path)) == [
-        "iter_0000001", "iter_0000002", checkpointing.LATEST_FILE]
+        "iter_0000001", "iter_0000002", run_directory.LATEST_FILE]
 
 
 def test_fresh_directory_is_a_fresh_start(single_rank, tmp_path):
@@ -96,7 +97,7 @@ def test_fresh_directory_is_a_fresh_start(single_rank, tmp_path):
 
 def test_pointer_to_missing_checkpoint_is_a_clear_error(single_rank, tmp_path):
     _, ddp, optimizer, scheduler = make_run(single_rank)
-    (tmp_path / checkpointing.LATEST_FILE).write_text("7")
+    (tmp_path / run_directory.LATEST_FILE).write_text("7")
     with pytest.raises(checkpointing.CheckpointError, match="iter_0000007: the directory is missing"):
         checkpointing.load_checkpoint(str(tmp_path), [ddp], optimizer, scheduler)
 
@@ -196,7 +197,8 @@ def test_checkpoint_of_another_architecture_is_refused_naming_the_flags(single_r
     assert "--num-experts x --moe-granularity: checkpoint 4, this run 8" in message
     assert "--num-layers" not in message
     # the same architecture with other routing settings loads
-    same_shapes = ModelConfig(**{**TINY, "topk": 2, "relu_l1_coeff_init": 1e-4})
+    same_shapes = ModelConfig(**{**TINY, "topk": 2,
+                                  "router_options": ReLUOptions(l1_coeff_init=1e-4)})
     checkpointing.save_checkpoint(str(tmp_path / "same"), 1, [ddp], optimizer, scheduler,
                                   consumed_samples=2, regularizer=built.regularizer,
                                   run_config={"model": dataclasses.asdict(same_shapes)})

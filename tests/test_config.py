@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 
 from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
+from remoe_patches.router_registry import (
+    ExpertChoiceOptions,
+    LoryOptions,
+    ReLUOptions,
+    SparseMixerOptions,
+)
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
             ffn_hidden_size=64, vocab_size=128, seq_length=16)
@@ -30,7 +36,8 @@ def one_line_error(fn, *needles):
         (dict(token_dispatcher="flex"), ["ModelConfig.token_dispatcher", "alltoall, allgather"]),
         (dict(router="softmax"), ["ModelConfig.router", "dense, topk, relu"]),
         (dict(num_query_groups=3), ["ModelConfig.num_query_groups"]),
-        (dict(relu_l1_coeff_multiplier=1.0), ["ModelConfig.relu_l1_coeff_multiplier"]),
+        (dict(router_options=ReLUOptions(l1_coeff_multiplier=1.0)),
+         ["ModelConfig.router_options.l1_coeff_multiplier"]),
     ],
 )
 def test_bad_model_settings(changes, needles):
@@ -92,13 +99,18 @@ def test_fine_grained_sizes_and_target():
 @pytest.mark.parametrize("changes, field", [
     (dict(router="hash", topk=2), "ModelConfig.topk=2"),
     (dict(router="hash", granularity=2), "ModelConfig.topk=1"),
-    (dict(router="expert_choice", expert_choice_group="document"), "expert_choice_group"),
-    (dict(router="expert_choice", expert_choice_capacity_factor=0.0),
-     "expert_choice_capacity_factor"),
+    (dict(router="expert_choice", router_options=ExpertChoiceOptions(group="document")),
+     "router_options.group"),
+    (dict(router="expert_choice", router_options=ExpertChoiceOptions(capacity_factor=0.0)),
+     "router_options.capacity_factor"),
     (dict(router="sparsemixer", topk=3), "ModelConfig.topk=3"),
-    (dict(router="sparsemixer", sparsemixer_jitter_eps=0.0), "sparsemixer_jitter_eps"),
-    (dict(router="lory", lory_segment_length=24), "lory_segment_length=24"),
-    (dict(router="lory", lory_segment_length=16, lory_first_segment="last"), "lory_first_segment"),
+    (dict(router="sparsemixer", router_options=SparseMixerOptions(jitter_eps=0.0)),
+     "router_options.jitter_eps"),
+    (dict(router="lory", router_options=LoryOptions(segment_length=24)),
+     "router_options.segment_length=24"),
+    (dict(router="lory", router_options=LoryOptions(segment_length=16, first_segment="last")),
+     "router_options.first_segment"),
+    (dict(router="hash", router_options=LoryOptions()), "takes HashOptions"),
     (dict(router="expert_choice", moe_expert_capacity_factor=1.0), "moe_expert_capacity_factor"),
 ])
 def test_table_2_baseline_settings_are_checked(changes, field):

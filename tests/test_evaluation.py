@@ -743,11 +743,14 @@ def _in_process_lm(router: str, batch_size: int):
     from remoe_patches.config import ModelConfig, ParallelConfig
     from remoe_patches.evaluation import RemoeLM
     from remoe_patches.model import build_model
+    from remoe_patches.router_registry import LoryOptions
 
     torch.manual_seed(3)
     config = ModelConfig(router=router, num_layers=2, hidden_size=32, num_attention_heads=4,
                          num_query_groups=2, ffn_hidden_size=64, vocab_size=128, seq_length=64,
-                         lory_segment_length=16, moe_aux_loss_coeff=0.0, init_method_std=0.2)
+                         moe_aux_loss_coeff=0.0, init_method_std=0.2,
+                         **(dict(router_options=LoryOptions(segment_length=16))
+                            if router == "lory" else {}))
     model = build_model(config, ParallelConfig(), use_transformer_engine=False).model.eval()
     lm = RemoeLM.__new__(RemoeLM)
     super(RemoeLM, lm).__init__()  # lm-eval's LM: its cache hook

@@ -101,7 +101,7 @@ def test_the_default_routes_token_id_mod_e_as_the_paper_does(single_rank):
     assert torch.equal(routing_map.long().argmax(-1), token_ids_BS.t().reshape(-1) % NUM_EXPERTS)
     assert routing_map.sum(-1).eq(1).all()
     model_config = ModelConfig(router="hash", **TINY)
-    assert model_config.hash_type == "mod"
+    assert model_config.router_options.hash_type == "mod"
     from remoe_patches.model import router_builder_for
     built = router_builder_for(model_config)(config=transformer_config(),
                                              pg_collection=fake_groups())

@@ -10,7 +10,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from remoe_patches.config import ModelConfig
 from remoe_patches.host_sync import HostSyncCounter
 from remoe_patches.model import build_model
-from remoe_patches.router import ReLURouter
+from remoe_patches.relu_router import ReLURouter
+from remoe_patches.router_registry import ReLUOptions
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
             ffn_hidden_size=64, vocab_size=128, seq_length=16)
@@ -36,7 +37,8 @@ def test_counter_counts_without_raising():
 
 @pytest.mark.parametrize("load_balancing", [True, False])
 def test_moe_layer_step_has_no_sync_in_router_or_update(single_rank, load_balancing):
-    cfg = ModelConfig(router="relu", relu_load_balancing=load_balancing, **TINY)
+    cfg = ModelConfig(router="relu", router_options=ReLUOptions(load_balancing=load_balancing),
+                      **TINY)
     built = build_model(cfg, single_rank)
     moe = next(m for m in built.model.modules() if isinstance(m, MoELayer))
     router = moe.router

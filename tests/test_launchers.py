@@ -166,8 +166,9 @@ def test_dry_run_is_the_papers_setup(launched, size, router):
     if router == "moe":
         assert model.moe_aux_loss_coeff == 0.01 and args.moe_router_pre_softmax
     if router == "remoe":
-        assert (model.relu_l1_coeff_init, model.relu_l1_coeff_multiplier) == (1e-8, 1.2)
-        assert model.relu_load_balancing and model.target_sparsity == 0.875
+        options = model.router_options
+        assert (options.l1_coeff_init, options.l1_coeff_multiplier) == (1e-8, 1.2)
+        assert options.load_balancing and model.target_sparsity == 0.875
     assert model.num_parameters() == pytest.approx(PARAMETERS[size, router], rel=0.01)
     if size == "182m":  # MoE-layer recomputation
         assert args.recompute_granularity == ("selective" if router != "dense" else None)

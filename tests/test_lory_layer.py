@@ -242,7 +242,7 @@ def test_the_optimizer_follows_the_experts_copied_from_the_dense_ffn(single_rank
     config, objects = training_objects(
         "dense", "--num-experts", "8", "--moe-router-topk", "1", "--moe-router-type", "lory",
         "--moe-lory-segment-length", "4", "--lr", "1e-4", *extra)
-    assert config.model.lory_dense_warmup_fraction == 0.05  # the paper's default
+    assert config.model.router_options.dense_warmup_fraction == 0.05  # the paper's default
     chunks, optimizer = objects.model_chunks, objects.optimizer
     set_dense_warmup(chunks, True)
     run = lambda seed: train_step(chunks, optimizer, objects.scheduler, objects.regularizer,

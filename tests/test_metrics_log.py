@@ -14,7 +14,8 @@ import re
 
 import pytest
 
-from remoe_patches.metrics_log import METRICS_FILE, MetricsLog, format_step_line
+from remoe_patches.metrics_log import MetricsLog, format_step_line
+from remoe_patches.run_directory import METRICS_FILE
 
 
 def step_record(iteration=3, **changes):

@@ -17,7 +17,8 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from remoe_patches.config import ModelConfig
 from remoe_patches.model import build_model
-from remoe_patches.router import ReLURouter
+from remoe_patches.relu_router import ReLURouter
+from remoe_patches.router_registry import ReLUOptions
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
             ffn_hidden_size=64, vocab_size=128, seq_length=16)
@@ -192,7 +193,8 @@ def test_moe_layer_recomputation_changes_nothing_but_memory(single_rank):
     for recompute in ({}, dict(recompute_granularity="selective", recompute_modules=["moe"])):
         torch.manual_seed(0)
         model_parallel_cuda_manual_seed(0)
-        built = build_model(ModelConfig(router="relu", relu_l1_coeff_init=0.5, **TINY),
+        built = build_model(ModelConfig(router="relu", router_options=ReLUOptions(l1_coeff_init=0.5),
+                                          **TINY),
                             single_rank, **recompute)
         loss = lm_loss(built.model, seed=1)
         loss.backward()

@@ -15,10 +15,12 @@ import torch
 from multiproc import run_on_ranks
 from scenarios import run_step
 
+from remoe_patches.router_registry import LoryOptions, ReLUOptions, SparseMixerOptions
+
 GLOBAL_BATCH, MICRO_BATCH = 4, 2
 MODELS = {
     # a large coefficient, so that the regularizer's gradients weigh in the comparison
-    "relu": dict(router="relu", relu_l1_coeff_init=0.5),
+    "relu": dict(router="relu", router_options=ReLUOptions(l1_coeff_init=0.5)),
     "topk": dict(router="topk"),
     "dense": dict(router="dense"),
     # The Table 2 baselines. SparseMixer-v2 samples its experts, and each rank draws its own
@@ -26,8 +28,9 @@ MODELS = {
     # on any layout (the dispatch, the estimator's gates and the aux loss are compared).
     "hash": dict(router="hash"),
     "expert_choice": dict(router="expert_choice"),
-    "sparsemixer": dict(router="sparsemixer", sparsemixer_jitter_eps=1e-6),
-    "lory": dict(router="lory", lory_segment_length=8),
+    "sparsemixer": dict(router="sparsemixer",
+                        router_options=SparseMixerOptions(jitter_eps=1e-6)),
+    "lory": dict(router="lory", router_options=LoryOptions(segment_length=8)),
 }
 TP2_SP = dict(tensor_model_parallel_size=2, sequence_parallel=True)
 LAYOUTS = [

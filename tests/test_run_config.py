@@ -79,21 +79,54 @@ def test_training_errors_name_the_field(training, field):
         TrainingConfig(**values).validate()
 
 
+# ModelConfig's flat router fields before the router registry, with their defaults: a run saved
+# then holds them all, whatever its router.
+FLAT_ROUTER_DEFAULTS = dict(
+    relu_l1_coeff_init=1e-8, relu_l1_coeff_multiplier=1.2, relu_load_balancing=True,
+    hash_type="mod", hash_seed=0, expert_choice_capacity_factor=1.0,
+    expert_choice_group="sequence", sparsemixer_jitter_eps=0.01, lory_segment_length=256,
+    lory_dense_warmup_fraction=0.05, lory_first_segment="own_detached")
+
+
+def saved_flat(config: RunConfig, **flat) -> dict:
+    """``config`` as a run saved before the router registry wrote it (``flat``: its router's
+    fields; a value None leaves the field out, as a run saved before that field existed)."""
+    data = config.to_dict()
+    del data["model"]["router_options"]
+    data["model"].update({key: value for key, value in {**FLAT_ROUTER_DEFAULTS, **flat}.items()
+                          if value is not None})
+    return data
+
+
+def test_router_options_round_trip_and_runs_saved_with_flat_router_fields():
+    relu = parse_run_config([*TINY_MOE, "--moe-relu-routing",
+                             "--moe-relu-l1-reg-coeff-init", "1e-6"])
+    assert relu.to_dict()["model"]["router_options"] == dict(
+        l1_coeff_init=1e-6, l1_coeff_multiplier=1.2, load_balancing=True)
+    assert RunConfig.from_dict(json.loads(json.dumps(relu.to_dict()))) == relu
+    assert RunConfig.from_dict(saved_flat(relu, relu_l1_coeff_init=1e-6)) == relu
+    ec = parse_run_config([*TINY_MOE, "--moe-router-type", "expert_choice",
+                           "--moe-expert-choice-capacity-factor", "2"])
+    assert RunConfig.from_dict(saved_flat(ec, expert_choice_capacity_factor=2.0)) == ec
+    with pytest.raises(ConfigError, match=r"router_options: unknown fields \['alpha'\]"):
+        data = relu.to_dict()
+        data["model"]["router_options"]["alpha"] = 1.2
+        RunConfig.from_dict(data)
+
+
 def test_hash_type_flag_and_hash_runs_saved_before_it():
     hashed = [*TINY_MOE, "--moe-router-type", "hash"]
     config = parse_run_config(hashed)
-    assert config.model.hash_type == "mod"  # the paper's token_id mod E
+    assert config.model.router_options.hash_type == "mod"  # the paper's token_id mod E
     permuted = parse_run_config([*hashed, "--moe-hash-type", "random_permutation"])
-    assert permuted.model.hash_type == "random_permutation"
+    assert permuted.model.router_options.hash_type == "random_permutation"
     for run in (config, permuted):
         assert RunConfig.from_dict(json.loads(json.dumps(run.to_dict()))) == run
     # A hash run saved before the field existed was trained with the seeded permutation.
-    old = config.to_dict()
-    del old["model"]["hash_type"]
-    assert RunConfig.from_dict(old).model.hash_type == "random_permutation"
-    old_topk = parse_run_config(TINY_MOE).to_dict()
-    del old_topk["model"]["hash_type"]
-    assert RunConfig.from_dict(old_topk) == parse_run_config(TINY_MOE)
+    old = saved_flat(config, hash_type=None)
+    assert RunConfig.from_dict(old).model.router_options.hash_type == "random_permutation"
+    topk = parse_run_config(TINY_MOE)
+    assert RunConfig.from_dict(saved_flat(topk, hash_type=None)) == topk
 
 
 def test_unknown_fields_in_a_saved_config_are_named():
@@ -143,11 +176,13 @@ def test_gradient_accumulation_fusion_needs_apex_kernel_not_transformer_engine(s
 def test_lory_dense_warmup_flag_and_lory_runs_saved_before_it():
     lory_flags = [*TINY_MOE, "--moe-router-type", "lory", "--moe-lory-segment-length", "16"]
     lory = parse_run_config(lory_flags)
-    assert lory.model.lory_dense_warmup_fraction == 0.05  # the Lory paper's 5%
+    assert lory.model.router_options.dense_warmup_fraction == 0.05  # the Lory paper's 5%
     off = parse_run_config([*lory_flags, "--moe-lory-dense-warmup-fraction", "0"])
-    assert off.model.lory_dense_warmup_fraction == 0.0
-    old = lory.to_dict()
-    del old["model"]["lory_dense_warmup_fraction"]
-    assert RunConfig.from_dict(old).model.lory_dense_warmup_fraction == 0.0  # trained without
-    with pytest.raises(ConfigError, match="lory_dense_warmup_fraction"):
-        dataclasses.replace(lory.model, lory_dense_warmup_fraction=1.0).validate()
+    assert off.model.router_options.dense_warmup_fraction == 0.0
+    old = saved_flat(lory, lory_segment_length=16, lory_dense_warmup_fraction=None)
+    restored = RunConfig.from_dict(old).model.router_options
+    assert restored.dense_warmup_fraction == 0.0  # trained without
+    assert restored.segment_length == 16
+    with pytest.raises(ConfigError, match="dense_warmup_fraction"):
+        dataclasses.replace(lory.model, router_options=dataclasses.replace(
+            lory.model.router_options, dense_warmup_fraction=1.0)).validate()

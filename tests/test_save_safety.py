@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from test_training import REPO, authors_style_flags, corpus, ok, run, steps  # noqa: F401
-from remoe_patches import checkpointing, launch, training
+from remoe_patches import checkpointing, launch, run_directory, training
 
 # pretrain_gpt.py with megatron's checkpoint writer processes made slow (they announce each file
 # in $WRITING, then wait 3 s before its first item) or failing with a full disk for the files of
@@ -162,7 +162,7 @@ def test_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays(c
     [line] = [line for line in output.splitlines() if line.startswith("error: ")]
     assert f"writing checkpoint {save / 'iter_0000004'} failed ([Errno 28] No space left on " \
            f"device); {save / 'iter_0000002'} is still the latest" in line
-    assert checkpointing.latest_iteration(str(save)) == 2
+    assert run_directory.latest_iteration(str(save)) == 2
     assert checkpointing.checkpoint_problem(str(save / "iter_0000002")) is None
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002"]  # no partial left
 
@@ -209,6 +209,6 @@ def test_ctrl_c_during_a_save_finishes_it_then_exits_without_orphans(corpus, tmp
     time.sleep(1)
     assert descendants_alive(children) == []
     # the checkpoint was completed and is the latest; nothing trained after it
-    assert checkpointing.latest_iteration(str(save)) == 2
+    assert run_directory.latest_iteration(str(save)) == 2
     assert checkpointing.checkpoint_problem(str(save / "iter_0000002")) is None
     assert not list(save.glob("*.partial")) and max(steps(save)) == 2

@@ -12,16 +12,19 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
 from remoe_patches.host_sync import HostSyncCounter
 from remoe_patches.model import build_model
+from remoe_patches.router_registry import ReLUOptions
 from remoe_patches.token_dispatch import SortedTokenDispatcher
 
 from test_model import TINY, batch
 
 
-def run(dispatcher, router, grouped_gemm, seed=0, relu_l1_coeff_init=0.3):
+def run(dispatcher, router, grouped_gemm, seed=0, l1_coeff_init=0.3):
     torch.manual_seed(1)
     model_parallel_cuda_manual_seed(1)
     config = ModelConfig(router=router, token_dispatcher=dispatcher, moe_grouped_gemm=grouped_gemm,
-                         num_experts=4, topk=2, relu_l1_coeff_init=relu_l1_coeff_init, **TINY)
+                         num_experts=4, topk=2, **TINY,
+                         **(dict(router_options=ReLUOptions(l1_coeff_init=l1_coeff_init))
+                            if router == "relu" else {}))
     built = build_model(config, ParallelConfig())
     tokens, positions, labels = batch(seed)
     loss = built.model(tokens, positions, None, labels=labels).mean()

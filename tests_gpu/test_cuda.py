@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from remoe_patches.benchmark import BenchmarkConfig, _Session, run_benchmark
 from remoe_patches.local_layers import SDPAttention
-from remoe_patches.router import ReLURouter
+from remoe_patches.relu_router import ReLURouter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from expert_precision import BF16_TOLERANCE, grouped_experts_bf16_errors  # noqa: E402

@@ -28,7 +28,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from remoe_patches import analysis, analysis_report, routing_capture, run_metrics  # noqa: E402
+from remoe_patches import analysis, analysis_report, routing_capture  # noqa: E402
+from remoe_patches import run_directory, run_metrics  # noqa: E402
 
 
 def _add_data_options(parser):
@@ -100,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _out_dir(args, path) -> str:
-    return args.out or os.path.join(str(routing_capture.run_dir_of(path)), "analysis")
+    return args.out or os.path.join(run_directory.run_dir_of(path), run_directory.ANALYSIS_DIR)
 
 
 def _route(load_path, args, calibration=None):
-    checkpoint = routing_capture.load_checkpoint(load_path)
+    checkpoint = routing_capture.load_moe_for_routing(load_path)
     if calibration is None:
         calibration = routing_capture.default_calibration(
             checkpoint, data_path=args.data_path, num_sequences=args.num_sequences,
@@ -134,7 +135,7 @@ def _domains(args, sample):
 
 
 def _report_dir(path: str) -> str:
-    nested = os.path.join(path, "analysis")
+    nested = os.path.join(path, run_directory.ANALYSIS_DIR)
     has_png = os.path.isdir(path) and any(name.endswith(".png") for name in os.listdir(path))
     return nested if not has_png and os.path.isdir(nested) else path
 

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     from remoe_patches.evaluation import RemoeLM, markdown_table, \
         offline_task_manager
     from remoe_patches.lm_eval_tasks import TaskDataError
-    from remoe_patches.router_titles import ROUTER_TITLES
+    from remoe_patches.router_registry import ROUTERS
 
     tasks = list(args.tasks)
     if args.data_dir is not None:
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         if args.label:
             label = args.label[index]
         else:
-            label = f"{ROUTER_TITLES[lm.router]} ({Path(directory).resolve().name})"
+            label = f"{ROUTERS[lm.router].title} ({Path(directory).resolve().name})"
         try:
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,

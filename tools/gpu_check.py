@@ -41,6 +41,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# stdlib only: importable before the checks that the runs' packages are installed
+from remoe_patches.run_directory import LATEST_FILE, METRICS_FILE, metrics_path  # noqa: E402
+
 PARTS = ("tests", "train", "bench")
 ALPHA = 1.2  # configs/182m_remoe.yaml's coefficient multiplier (the default)
 LARGE_CARD_GIB = 100  # 469m's benchmark needs MoE recomputation below this
@@ -275,8 +280,8 @@ def train_part(out: Path, env: dict) -> list:
     try:
         ok, detail = launch_and_resume(out, env, save, data, vocab, merges)
     finally:
-        if (save / "metrics.jsonl").exists():
-            shutil.copy(save / "metrics.jsonl", out / "launcher_metrics.jsonl")
+        if os.path.exists(metrics_path(save)):
+            shutil.copy(metrics_path(save), out / "launcher_metrics.jsonl")
         shutil.rmtree(save, ignore_errors=True)
     return [row("launcher 182m_remoe save+resume", ok, time.time() - started, detail)]
 
@@ -306,13 +311,13 @@ def resume_continuity(save: Path, stop=200, end=240, interval=10) -> tuple[bool,
     per step; a run that restarted from scratch (loss and lambda back at their start) fails.
     """
     records = {}
-    for line in open(save / "metrics.jsonl"):
+    for line in open(metrics_path(save)):
         record = json.loads(line)
         if "lm_loss" in record:
             records[record["iteration"]] = record  # the resume appends; later wins
     before, after = records.get(stop), records.get(stop + interval)
     if not before or not after:
-        return False, f"iterations {stop} and {stop + interval} are not both in metrics.jsonl"
+        return False, f"iterations {stop} and {stop + interval} are not both in {METRICS_FILE}"
     problems = []
     if sorted(records) != list(range(interval, end + 1, interval)):
         problems.append(f"logged iterations {sorted(records)[:3]}...{sorted(records)[-3:]}")
@@ -323,7 +328,7 @@ def resume_continuity(save: Path, stop=200, end=240, interval=10) -> tuple[bool,
         problems.append(f"l1 coeff jumps x{ratio:.3g} in {interval} steps")
     if abs(after["sparsity"] - before["sparsity"]) > 0.05:
         problems.append(f"sparsity jumps {before['sparsity']:.3f} -> {after['sparsity']:.3f}")
-    latest = save / "latest_checkpointed_iteration.txt"
+    latest = save / LATEST_FILE
     if not latest.exists() or latest.read_text().strip() != str(end):
         problems.append(f"no checkpoint at {end}")
     first, last = records[min(records)], records[max(records)]

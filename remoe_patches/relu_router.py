@@ -143,3 +143,11 @@ def _main_loss_backward_scale():
 def relu_router_builder(regularizer: AdaptiveL1, load_balancing: bool = True):
     """A RouterBuilder for ``MoESubmodules.router`` whose routers share ``regularizer``."""
     return functools.partial(ReLURouter, regularizer=regularizer, load_balancing=load_balancing)
+
+
+def router_builder_for(model, regularizer: Optional[AdaptiveL1]):
+    """The registry's builder (``router_registry``): ReLU routers of ``model`` (a ModelConfig)
+    sharing the model-wide ``regularizer``."""
+    if regularizer is None:
+        raise ValueError("ReLU routing needs its AdaptiveL1 regularizer (model.build_regularizer)")
+    return relu_router_builder(regularizer, model.router_options.load_balancing)

@@ -1,0 +1,107 @@
+"""The router registry: one entry per kind, its flags wired through to ModelConfig, its builders
+importable, and no router-kind comparisons left outside it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from remoe_patches import router_registry
+from remoe_patches.arguments import parse_run_config
+from remoe_patches.router_registry import ROUTERS, SWEEP_NAMES, flag_dest, option_flags
+
+from test_arguments import TINY_MOE
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_each_kind_has_its_own_names():
+    for attribute in ("name", "title", "sweep_name"):
+        values = [getattr(kind, attribute) for kind in ROUTERS.values()]
+        assert len(set(values)) == len(values), attribute
+    assert {name: kind.name for name, kind in SWEEP_NAMES.items()} == {
+        "dense": "dense", "moe": "topk", "remoe": "relu", "hash": "hash", "ec": "expert_choice",
+        "sparsemixer": "sparsemixer", "lory": "lory"}
+    # every sweep name is a shipped config's router: configs/<size>_<sweep name>.yaml
+    for kind in ROUTERS.values():
+        assert (REPO / "configs" / f"182m_{kind.sweep_name}.yaml").is_file(), kind.name
+
+
+def _changed_value(option: dataclasses.Field):
+    """A value of ``option`` other than its default."""
+    if "choices" in option.metadata:
+        return next(choice for choice in option.metadata["choices"] if choice != option.default)
+    return {int: lambda v: v + 3, float: lambda v: v * 1.5}[type(option.default)](option.default)
+
+
+@pytest.mark.parametrize("kind", [k for k in ROUTERS.values() if option_flags(k.options)],
+                         ids=lambda kind: kind.name)
+def test_every_option_flag_reaches_the_model_config(kind):
+    """A flag declared on an options field is parsed and lands in that field, and the other
+    kinds' options are not the model's."""
+    routing = ["--moe-relu-routing"] if kind.adaptive_l1 else ["--moe-router-type", kind.name]
+    lory = ["--moe-lory-segment-length", "16"] if kind.name == "lory" else []
+    for option, flag in option_flags(kind.options):
+        value = _changed_value(option)
+        if flag == "--moe-lory-segment-length":
+            value = 8  # a divisor of the tiny model's 32-token sequences
+        config = parse_run_config([*TINY_MOE, *routing, *lory, flag, str(value)])
+        assert isinstance(config.model.router_options, kind.options)
+        assert getattr(config.model.router_options, option.name) == value, flag
+        assert flag_dest(flag) == flag[2:].replace("-", "_")
+
+
+def test_relu_load_balancing_comes_from_megatrons_flag():
+    plain = parse_run_config([*TINY_MOE, "--moe-relu-routing",
+                              "--moe-router-load-balancing-type", "none"])
+    assert plain.model.router_options.load_balancing is False
+    assert parse_run_config([*TINY_MOE, "--moe-relu-routing"]).model.router_options.load_balancing
+
+
+@pytest.mark.parametrize("hook", ["router_builder", "block_spec", "prepare_model"])
+def test_every_named_builder_imports(hook):
+    for kind in ROUTERS.values():
+        path = getattr(kind, hook)
+        if path is not None:
+            assert callable(router_registry._resolve(path)), (kind.name, path)
+
+
+def test_the_registry_loads_without_torch():
+    code = ("import sys, remoe_patches.router_registry, remoe_patches.sweep; "
+            "print('torch' in sys.modules, 'megatron' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    assert out.split() == ["False", "False"]
+
+
+# Modules that may still name router kinds, and why.
+KIND_NAMES_ALLOWED = {
+    "router_registry.py": "the registry",
+    "run_config.py": "reading runs saved before the registry (their flat router fields)",
+    "reference_model.py": "self-contained (copied into exports): dense, TopK and ReLU only",
+    "hf_export.py": "exports what reference_model.py implements",
+    "argument_checks.py": "--moe-relu-routing is Megatron-LM's alias of --moe-router-type relu",
+    "argument_notes.py": "--moe-hash-seed's note names its router",
+    "sweep.py": "reads a run's router back from its flags (--moe-relu-routing)",
+    "benchmark.py": "writes pretrain_gpt.py flags per router; the ReMoE / TopK ratio row",
+}
+
+
+def test_no_router_kind_comparisons_outside_the_registry():
+    kinds = "|".join(name for name in ROUTERS if name != "dense")
+    comparison = re.compile(rf"""(==|!=)\s*["']({kinds})["']|["']({kinds})["']\s*(==|!=)"""
+                            rf"""|in\s*\((\s*["'](dense|{kinds})["']\s*,?)+\)""")
+    found = []
+    for path in sorted((REPO / "remoe_patches").rglob("*.py")):
+        if path.name in KIND_NAMES_ALLOWED:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if comparison.search(line):
+                found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not found, "ask the registry entry (model.kind / ROUTERS[name]) instead:\n" + \
+        "\n".join(found)
