@@ -11,7 +11,8 @@ import re
 from typing import Optional
 
 from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
-from remoe_patches.router_registry import ROUTERS, flag_dest, option_flags
+from remoe_patches.flag_fields import declared_flags, flag_dest, values_from_args
+from remoe_patches.router_registry import ROUTERS
 from remoe_patches.run_config import (
     CheckpointConfig,
     DataConfig,
@@ -36,11 +37,9 @@ FIELD_FLAGS = {
     "moe_expert_capacity_factor": "--moe-expert-capacity-factor",
     "seq_length": "--seq-length",
     "router": "--moe-router-type",
-    "tensor_model_parallel_size": "--tensor-model-parallel-size",
-    "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
-    "expert_model_parallel_size": "--expert-model-parallel-size",
+    **{option.name: flag for option, flag in declared_flags(ParallelConfig)},
     **{f"router_options.{option.name}": flag for kind in ROUTERS.values()
-       for option, flag in option_flags(kind.options)},
+       for option, flag in declared_flags(kind.options)},
 }
 
 LLAMA_RECIPE = (
@@ -52,7 +51,7 @@ def router_options_from_args(router: str, args):
     """``router``'s options dataclass from its flags."""
     kind = ROUTERS[router]
     values = {option.name: getattr(args, flag_dest(flag))
-              for option, flag in option_flags(kind.options)}
+              for option, flag in declared_flags(kind.options)}
     if kind.adaptive_l1:  # ReMoE reads Megatron-LM's load-balancing flag: none is plain L1
         values["load_balancing"] = args.moe_router_load_balancing_type != "none"
     return kind.options(**values)
@@ -162,13 +161,7 @@ def parallel_config_from_args(args) -> ParallelConfig:
     for refused, message in unsupported:
         if refused:
             raise ConfigError(message)
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-    )
-    return parallel
+    return ParallelConfig(**values_from_args(ParallelConfig, args))
 
 
 def _in_flag_terms(error: ConfigError) -> str:
@@ -217,9 +210,6 @@ def layer_options_from_args(args) -> LayerOptions:
 
 def run_config_from_args(args) -> RunConfig:
     """The whole run the (completed, validated) flags describe; ConfigError names the flag."""
-    def tuple_or_none(value):
-        return None if value is None else tuple(value)
-
     train_iters = args.train_iters
     if train_iters is None:  # --train-samples
         train_iters = -(-args.train_samples // args.global_batch_size)
@@ -233,62 +223,10 @@ def run_config_from_args(args) -> RunConfig:
         model=model,
         parallel=parallel,
         layers=layer_options_from_args(args),
-        training=TrainingConfig(
-            micro_batch_size=args.micro_batch_size,
-            global_batch_size=args.global_batch_size,
-            train_iters=train_iters,
-            lr=args.lr,
-            min_lr=args.min_lr,
-            lr_decay_style=args.lr_decay_style,
-            lr_decay_iters=args.lr_decay_iters,
-            lr_warmup_iters=args.lr_warmup_iters,
-            lr_warmup_fraction=args.lr_warmup_fraction,
-            weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad,
-            seed=args.seed,
-            bf16=bool(args.bf16),
-            use_distributed_optimizer=bool(args.use_distributed_optimizer),
-            overlap_grad_reduce=bool(args.overlap_grad_reduce),
-            overlap_param_gather=bool(args.overlap_param_gather),
-            max_skipped_steps=args.max_skipped_steps,
-            exit_interval=args.exit_interval,
-            exit_duration_in_mins=args.exit_duration_in_mins,
-            exit_signal_handler=bool(args.exit_signal_handler),
-            distributed_timeout_minutes=args.distributed_timeout_minutes,
-        ),
-        data=DataConfig(
-            data_path=tuple_or_none(args.data_path),
-            split=args.split,
-            train_data_path=tuple_or_none(args.train_data_path),
-            valid_data_path=tuple_or_none(args.valid_data_path),
-            test_data_path=tuple_or_none(args.test_data_path),
-            mock_data=bool(args.mock_data),
-            data_cache_path=args.data_cache_path,
-            demo_corpus=bool(args.demo_corpus),
-            tokenizer_type=args.tokenizer_type,
-            vocab_file=args.vocab_file,
-            merge_file=args.merge_file,
-            tokenizer_model=args.tokenizer_model,
-            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        ),
-        checkpoint=CheckpointConfig(
-            save=args.save,
-            load=args.load,
-            save_interval=args.save_interval,
-            finetune=bool(args.finetune),
-            no_load_optim=bool(args.no_load_optim),
-            no_load_rng=bool(args.no_load_rng),
-            no_save_optim=bool(args.no_save_optim),
-        ),
-        logging=LoggingConfig(
-            log_interval=args.log_interval,
-            tensorboard_dir=args.tensorboard_dir,
-            eval_interval=args.eval_interval,
-            eval_iters=args.eval_iters,
-            full_validation=bool(args.full_validation),
-            skip_train=bool(args.skip_train),
-        ),
+        # the parts whose fields declare their flags (flag_fields), read back from them
+        training=TrainingConfig(**{**values_from_args(TrainingConfig, args),
+                                   "train_iters": train_iters}),
+        data=DataConfig(**values_from_args(DataConfig, args)),
+        checkpoint=CheckpointConfig(**values_from_args(CheckpointConfig, args)),
+        logging=LoggingConfig(**values_from_args(LoggingConfig, args)),
     ).validate()

@@ -3,7 +3,8 @@ each given one once at start-up with the reason, so nothing is silently ignored.
 
 from __future__ import annotations
 
-from remoe_patches.router_registry import ROUTERS, TOPK_ROUTER_FLAGS, flag_dest, option_flags
+from remoe_patches.flag_fields import declared_flags, flag_dest
+from remoe_patches.router_registry import ROUTERS, TOPK_ROUTER_FLAGS
 
 SPEED_ONLY_ON_CPU = "speed-only on GPUs; no effect on CPU"
 NEEDS_TE = "needs transformer-engine, which is not installed"
@@ -96,7 +97,7 @@ def ineffective_flags(
     router = getattr(args, "moe_router_type", None) if args.num_experts else None
     for kind in ROUTERS.values():  # each router's own options
         owner = "--moe-relu-routing" if kind.adaptive_l1 else f"--moe-router-type {kind.name}"
-        for option, flag in option_flags(kind.options):
+        for option, flag in declared_flags(kind.options):
             note(flag_dest(flag), flag, f"only used with {owner}", when=router != kind.name)
     # megatron TopKRouter's options: the ReLU router says what it does instead
     # (--moe-router-load-balancing-type is honoured by ReLU routing too: 'none' turns the L1

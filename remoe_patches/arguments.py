@@ -24,6 +24,11 @@ Design:
   ``argument_notes.ineffective_flags`` as having no effect on this machine, for the driver to
   list once at start-up. ``args.given`` holds the destinations set explicitly (command line or
   YAML), which is what "a flag given" means there.
+- A flag that sets a field of the run's configuration is declared on that field
+  (``flag_fields.flag_field``: ``ParallelConfig``, the training, data, checkpoint and logging
+  parts of ``run_config``, and each router's options in ``router_registry``); this module adds those to
+  their Megatron-LM groups and declares the rest (model and parallel shape, Megatron-LM flags
+  that are refused or only noted).
 - ``parse_command_line`` parses (this module), completes and checks the flags
   (``argument_checks``) and maps them, once, onto a ``run_config.RunConfig``
   (``argument_mapping``): the typed run configuration everything after start-up takes.
@@ -59,10 +64,19 @@ import yaml
 
 from remoe_patches.argument_checks import complete_and_validate
 from remoe_patches.argument_mapping import run_config_from_args
-from remoe_patches.config import ConfigError
-from remoe_patches.router_registry import ROUTERS, option_flags
-from remoe_patches.run_config import RunConfig
-from remoe_patches.tokenizer import TOKENIZER_TYPES
+from remoe_patches.config import ConfigError, ParallelConfig
+from remoe_patches.flag_fields import add_declared_flags
+from remoe_patches.router_registry import MOE_GROUP, ROUTERS
+from remoe_patches.run_config import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    RunConfig,
+    TrainingConfig,
+)
+
+DECLARED_PARTS = (ParallelConfig, TrainingConfig, DataConfig, CheckpointConfig, LoggingConfig)
+"""The RunConfig parts whose fields declare their flags (``flag_fields``)."""
 
 # Flags that Megatron-LM treats as alternatives; a command-line one drops the YAML's other one.
 MUTUALLY_EXCLUSIVE = (("lr_warmup_fraction", "lr_warmup_iters"), ("train_iters", "train_samples"))
@@ -137,6 +151,7 @@ def _add_opposites(parser) -> None:
 
 def _add_model_arguments(parser):
     group = parser.add_argument_group("model architecture")
+    add_declared_flags(group, "model architecture", DECLARED_PARTS)
     group.add_argument("--num-layers", type=int, help="Transformer layers (required).")
     group.add_argument("--hidden-size", type=int, help="Model width (required).")
     group.add_argument(
@@ -187,10 +202,6 @@ def _add_model_arguments(parser):
         "--init-method-std", type=float, default=0.02, help="Std of the normal init.",
     )
     group.add_argument(
-        "--make-vocab-size-divisible-by", type=int, default=128,
-        help="Pad the vocabulary to a multiple of this times TP.",
-    )
-    group.add_argument(
         "--use-mcore-models", action="store_true", help="No-op: megatron-core models always."
     )
     group.add_argument(
@@ -211,13 +222,6 @@ def _moe_layer_freq(text: str):
         value = None
     if not isinstance(value, list):
         raise argparse.ArgumentTypeError(f"{text!r} is neither an int nor a list like [1,0,1,0]")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return value
 
 
@@ -318,12 +322,8 @@ def _add_moe_arguments(parser):
                                         for kind in ROUTERS.values() if kind.name != "dense")
         + " (the baselines of the paper's Table 2: README 'Table 2 baselines').",
     )
-    for kind in ROUTERS.values():  # each router's own options, declared with them
-        for option, flag in option_flags(kind.options):
-            group.add_argument(flag, type=type(option.default), default=option.default,
-                               help=option.metadata["help"],
-                               **{key: value for key, value in option.metadata.items()
-                                  if key not in ("flag", "help")})
+    # each router's own options, declared with them
+    add_declared_flags(group, MOE_GROUP, [kind.options for kind in ROUTERS.values()])
     group.add_argument(
         "--moe-granularity", type=int, default=1,
         help="Fine-grained experts G: E*G experts of width FFN/G, k*G active.",
@@ -332,139 +332,58 @@ def _add_moe_arguments(parser):
 
 def _add_parallel_arguments(parser):
     group = parser.add_argument_group("parallelism")
-    group.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP.")
-    group.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP.")
+    add_declared_flags(group, "parallelism", DECLARED_PARTS)
     group.add_argument(
         "--num-layers-per-virtual-pipeline-stage", type=int,
         help="Interleaved pipeline schedule; not supported.",
     )
-    group.add_argument(
-        "--sequence-parallel", action="store_true", help="Sequence parallelism (needs TP > 1)."
-    )
     group.add_argument("--context-parallel-size", type=int, default=1, help="CP; must be 1.")
-    group.add_argument("--expert-model-parallel-size", type=int, default=1, help="EP.")
     group.add_argument(
         "--expert-tensor-parallel-size", type=int, help="Expert TP; must equal TP (the default)."
-    )
-    group.add_argument(
-        "--use-distributed-optimizer", action="store_true",
-        help="Shard optimizer state over data-parallel ranks.",
-    )
-    group.add_argument(
-        "--overlap-grad-reduce", action="store_true",
-        help="Overlap gradient reduction with backward.",
-    )
-    group.add_argument(
-        "--overlap-param-gather", action="store_true",
-        help="Overlap parameter all-gather with forward.",
     )
 
 
 def _add_data_arguments(parser):
     group = parser.add_argument_group("data")
-    group.add_argument(
-        "--data-path", nargs="*",
-        help="Dataset prefixes: one prefix, several prefixes, or a blend of 'weight prefix' pairs.",
-    )
-    group.add_argument(
-        "--split", help="Train,valid,test weights of --data-path; default 969, 30, 1."
-    )
-    group.add_argument(
-        "--train-data-path", nargs="*", help="Training blend (instead of --data-path).",
-    )
-    group.add_argument("--valid-data-path", nargs="*", help="Validation blend.")
-    group.add_argument("--test-data-path", nargs="*", help="Test blend.")
-    group.add_argument("--data-cache-path", help="Where dataset index caches are written.")
-    group.add_argument("--mock-data", action="store_true", help="Synthetic data instead of files.")
-    group.add_argument(
-        "--demo-corpus", action="store_true",
-        help="Ours: train on the embedded demo corpus (built and cached on first use); it sets "
-        "the data path and the GPT-2 BPE tokenizer files.",
-    )
+    add_declared_flags(group, "data", DECLARED_PARTS)
     group.add_argument("--num-workers", type=int, default=2, help="Data loader worker processes.")
     group.add_argument("--seq-length", type=int, help="Tokens per sequence (required).")
 
 
 def _add_tokenizer_arguments(parser):
     group = parser.add_argument_group("tokenizer")
-    group.add_argument(
-        "--tokenizer-type", choices=TOKENIZER_TYPES,
-        help="Default GPT2BPETokenizer when --vocab-file and --merge-file are given.",
-    )
-    group.add_argument("--vocab-file", help="GPT-2 vocab.json.")
-    group.add_argument("--merge-file", help="GPT-2 merges.txt.")
-    group.add_argument(
-        "--tokenizer-model", help="SentencePiece .model, or a tokenizer.json (or its directory)."
-    )
+    add_declared_flags(group, "tokenizer", DECLARED_PARTS)
 
 
 def _add_training_arguments(parser):
     group = parser.add_argument_group("training")
-    group.add_argument(
-        "--micro-batch-size", type=int, help="Sequences per rank and micro-step (required).",
-    )
-    group.add_argument(
-        "--global-batch-size", type=int,
-        help="Sequences per optimizer step; default micro batch * data-parallel size.",
-    )
-    group.add_argument("--train-iters", type=int, help="Optimizer steps (or --train-samples).")
+    add_declared_flags(group, "training", DECLARED_PARTS)
     group.add_argument("--train-samples", type=int, help="Training sequences (or --train-iters).")
     group.add_argument(
         "--optimizer", default="adam", choices=["adam"], help="adam is AdamW, as in Megatron-LM."
-    )
-    group.add_argument("--seed", type=int, default=1234, help="Random seed.")
-    group.add_argument(
-        "--exit-interval", type=int, help="Stop when the step is a multiple of this.",
-    )
-    group.add_argument("--exit-duration-in-mins", type=int, help="Stop after this many minutes.")
-    group.add_argument(
-        "--exit-signal-handler", action="store_true",
-        help="On SIGTERM or SIGINT (Ctrl-C), finish the step, save a checkpoint and exit 0; all "
-        "ranks stop at the same iteration.",
-    )
-    group.add_argument(
-        "--max-skipped-steps", type=_positive_int, default=10,
-        help="A step with NaN/Inf loss or gradients is skipped; this many in a row stop the run.",
     )
 
 
 def _add_learning_rate_arguments(parser):
     group = parser.add_argument_group("learning rate")
-    group.add_argument("--lr", type=float, help="Peak learning rate (required).")
-    group.add_argument(
-        "--min-lr", type=float, default=0.0, help="Learning rate at the end of decay.",
-    )
-    group.add_argument(
-        "--lr-decay-style", default="linear",
-        choices=["constant", "linear", "cosine", "inverse-square-root"], help="Decay shape.",
-    )
-    group.add_argument("--lr-decay-iters", type=int, help="Decay steps; default --train-iters.")
-    group.add_argument("--lr-warmup-iters", type=int, default=0, help="Linear warm-up steps.")
-    group.add_argument(
-        "--lr-warmup-fraction", type=float,
-        help="Warm-up as a fraction of the decay steps (instead of --lr-warmup-iters).",
-    )
+    add_declared_flags(group, "learning rate", DECLARED_PARTS)
 
 
 def _add_mixed_precision_arguments(parser):
     group = parser.add_argument_group("mixed precision")
-    group.add_argument("--bf16", action="store_true", help="bfloat16 training (GPU).")
+    add_declared_flags(group, "mixed precision", DECLARED_PARTS)
     group.add_argument("--fp16", action="store_true", help="Not supported: use --bf16.")
 
 
 def _add_regularization_arguments(parser):
     group = parser.add_argument_group("regularization")
+    add_declared_flags(group, "regularization", DECLARED_PARTS)
     group.add_argument(
         "--attention-dropout", type=float, default=0.1, help="Attention dropout; must be 0.0."
     )
     group.add_argument(
         "--hidden-dropout", type=float, default=0.1, help="Hidden dropout; must be 0.0.",
     )
-    group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay.")
-    group.add_argument("--clip-grad", type=float, default=1.0, help="Gradient norm clipping.")
-    group.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1.")
-    group.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2.")
-    group.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon.")
 
 
 def _add_recompute_arguments(parser):
@@ -506,9 +425,8 @@ def _add_fused_kernel_arguments(parser):
 
 def _add_logging_arguments(parser):
     group = parser.add_argument_group("logging")
-    group.add_argument("--log-interval", type=int, default=100, help="Steps between log lines.")
+    add_declared_flags(group, "logging", DECLARED_PARTS)
     group.add_argument("--log-throughput", action="store_true", help="No-op: always logged.")
-    group.add_argument("--tensorboard-dir", help="Write TensorBoard events here.")
     group.add_argument(
         "--tensorboard-log-interval", type=int, default=1, help="Steps between TensorBoard writes."
     )
@@ -520,22 +438,7 @@ def _add_logging_arguments(parser):
 
 def _add_checkpointing_arguments(parser):
     group = parser.add_argument_group("checkpointing")
-    group.add_argument("--save", help="Checkpoint directory to write.")
-    group.add_argument("--load", help="Checkpoint directory to resume from (empty: start fresh).")
-    group.add_argument("--save-interval", type=int, help="Steps between checkpoints.")
-    group.add_argument(
-        "--no-save-optim", action="store_true", default=None, help="Save no optimizer state.",
-    )
-    group.add_argument(
-        "--no-load-optim", action="store_true", default=None, help="Load no optimizer state.",
-    )
-    group.add_argument(
-        "--no-load-rng", action="store_true", default=None, help="Load no RNG state.",
-    )
-    group.add_argument(
-        "--finetune", action="store_true",
-        help="Load only the weights and start at step 0 (no optimizer/RNG state).",
-    )
+    add_declared_flags(group, "checkpointing", DECLARED_PARTS)
     group.add_argument(
         "--use-checkpoint-args", action="store_true", help="Take the model flags from --load."
     )
@@ -555,28 +458,15 @@ def _add_checkpointing_arguments(parser):
 
 def _add_validation_arguments(parser):
     group = parser.add_argument_group("validation")
-    group.add_argument("--eval-interval", type=int, default=1000, help="Steps between evaluations.")
-    group.add_argument("--eval-iters", type=int, default=100, help="Batches per evaluation.")
-    group.add_argument(
-        "--full-validation", action="store_true",
-        help="Score the whole validation split at each evaluation (and the whole test split at "
-        "the end) instead of --eval-iters batches.",
-    )
-    group.add_argument(
-        "--skip-train", action="store_true",
-        help="Train nothing: evaluate the weights (of --load) on the validation and test splits, "
-        "print the losses and exit; nothing is saved.",
-    )
+    add_declared_flags(group, "validation", DECLARED_PARTS)
 
 
 def _add_distributed_arguments(parser):
     group = parser.add_argument_group("distributed")
+    add_declared_flags(group, "distributed", DECLARED_PARTS)
     group.add_argument(
         "--distributed-backend", default="nccl", choices=["nccl", "gloo"],
         help="Follows the device: NCCL on GPUs, gloo on CPU.",
-    )
-    group.add_argument(
-        "--distributed-timeout-minutes", type=int, default=10, help="Collective timeout."
     )
 
 

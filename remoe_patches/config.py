@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from remoe_patches.flag_fields import flag_field
 from remoe_patches.router_registry import ROUTERS, RouterKind
 
 DROPLESS_DISPATCHERS = ("alltoall", "allgather", "sorted")
@@ -258,14 +259,19 @@ class ModelConfig:
 class ParallelConfig:
     """How the model is split over ranks (data parallelism takes the rest of the world)."""
 
-    tensor_model_parallel_size: int = 1
-    """TP: attention heads and FFN columns split over ranks."""
-    pipeline_model_parallel_size: int = 1
-    """PP: layers split into stages."""
-    expert_model_parallel_size: int = 1
-    """EP: experts split over ranks (carved out of data parallelism)."""
-    sequence_parallel: bool = False
-    """Split activations along the sequence in TP regions (required by MoE training at TP>1)."""
+    tensor_model_parallel_size: int = flag_field(
+        1, flag="--tensor-model-parallel-size", group="parallelism",
+        help="TP: attention heads and FFN columns split over ranks.")
+    pipeline_model_parallel_size: int = flag_field(
+        1, flag="--pipeline-model-parallel-size", group="parallelism",
+        help="PP: layers split into stages.")
+    expert_model_parallel_size: int = flag_field(
+        1, flag="--expert-model-parallel-size", group="parallelism",
+        help="EP: experts split over ranks (carved out of data parallelism).")
+    sequence_parallel: bool = flag_field(
+        False, flag="--sequence-parallel", group="parallelism", action="store_true",
+        help="Split activations along the sequence in TP regions (needs TP > 1; MoE layers at "
+        "TP > 1 require it).")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)

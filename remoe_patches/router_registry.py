@@ -1,7 +1,8 @@
 """The router registry: every router kind the model can build, one entry each.
 
 An entry (``RouterKind``) holds everything the rest of the code asks about a kind: its options
-(a frozen dataclass, ``ModelConfig.router_options``, whose fields carry their flag), its names
+(a frozen dataclass, ``ModelConfig.router_options``, whose fields declare their flags:
+``flag_fields``), its names
 (``name`` in configs and checkpoints, ``title`` in tables and plots, ``sweep_name`` in sweep
 files and ``configs/<size>_<sweep_name>.yaml``), how megatron-core's MoE layer gets it (a builder
 for the ``MoESubmodules.router`` slot, or a rewrite of the decoder spec), and the properties the
@@ -15,30 +16,23 @@ dataclass and one ``RouterKind`` entry here. Nothing else compares router kinds.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
+
+from remoe_patches.flag_fields import flag_field
 
 if TYPE_CHECKING:
     from remoe_patches.config import ModelConfig
 
 
-def option(default, flag: Optional[str], help: str, **argparse_kwargs):
-    """An options field: its default, its ``pretrain_gpt.py`` flag (None: set from other flags)
-    and help, and extra ``argparse.add_argument`` keywords (e.g. ``choices``)."""
-    return field(default=default, metadata=dict(flag=flag, help=help, **argparse_kwargs))
+MOE_GROUP = "mixture of experts"
+"""The argparse group the routers' option flags are listed in."""
 
 
-def option_flags(options_class) -> list:
-    """``(field, flag)`` of the options fields that have a flag of their own."""
-    return [(f, f.metadata["flag"]) for f in dataclasses.fields(options_class)
-            if f.metadata.get("flag")]
-
-
-def flag_dest(flag: str) -> str:
-    """argparse's attribute name of ``flag``: ``--moe-hash-seed`` -> ``moe_hash_seed``."""
-    return flag[2:].replace("-", "_")
+def option(default, flag: str, help: str, **argparse_kwargs):
+    """A router option set by ``flag`` (``flag_fields.flag_field`` in the MoE flags' group)."""
+    return flag_field(default, flag=flag, help=help, group=MOE_GROUP, **argparse_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,9 +57,9 @@ class ReLUOptions:
     l1_coeff_multiplier: float = option(1.2, "--moe-relu-l1-reg-coeff-multiplier",
                                         "ReMoE: factor alpha of the adaptive L1 coefficient.")
     """alpha of the adaptive L1 coefficient."""
-    load_balancing: bool = option(True, None, "L1 with load balancing (Eq. 10) or plain L1 "
-                                  "(Eq. 9): --moe-router-load-balancing-type none")
-    """L1 with load balancing (Eq. 10) or plain L1 (Eq. 9)."""
+    load_balancing: bool = True
+    """L1 with load balancing (Eq. 10) or plain L1 (Eq. 9); set by Megatron-LM's
+    ``--moe-router-load-balancing-type`` (``none``: plain L1)."""
 
     def validate(self, model: "ModelConfig") -> list:
         problems = []

@@ -9,8 +9,11 @@ Parts: ``model`` (``config.ModelConfig``: the architecture and routing), ``paral
 (``config.ParallelConfig``: the layout), ``layers`` (TransformerConfig options that do not change
 the model's function: recomputation, fused kernels, TopK-router extras), ``training`` (batches,
 steps, optimizer, schedule, precision, when to stop), ``data`` (datasets and tokenizer),
-``checkpoint`` and ``logging``. Each part is frozen: a change is a new config
-(``dataclasses.replace``), so nothing is mutated mid-run.
+``checkpoint`` and ``logging``. The fields of the last four and of ``ParallelConfig`` declare their
+``pretrain_gpt.py`` flags (``flag_fields.flag_field``): the parser lists them and the flags map
+onto them from there.
+Each part is frozen: a change is a new config (``dataclasses.replace``), so nothing is mutated
+mid-run.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
+from remoe_patches.flag_fields import flag_field, positive_int
 from remoe_patches.router_registry import ROUTERS
+from remoe_patches.tokenizer import TOKENIZER_TYPES
 
 
 @dataclass(frozen=True)
@@ -99,43 +104,69 @@ class LayerOptions:
 class TrainingConfig:
     """Batches, steps, optimizer (AdamW), LR schedule, precision and when to stop."""
 
-    micro_batch_size: int
-    """Sequences per micro-batch on one rank."""
-    train_iters: int
-    """Optimizer steps of the whole run (from ``--train-samples`` when given in samples)."""
-    lr: float
-    """Peak learning rate."""
-    global_batch_size: Optional[int] = None
-    """Sequences per optimizer step; None: micro-batch x data-parallel size."""
-    min_lr: float = 0.0
-    lr_decay_style: str = "linear"
-    """'constant', 'linear' or 'cosine' (Megatron-LM's schedules)."""
-    lr_decay_iters: Optional[int] = None
-    """Decay steps; None: ``train_iters``."""
-    lr_warmup_iters: int = 0
-    lr_warmup_fraction: Optional[float] = None
-    """Warm-up as a fraction of the decay (replaces ``lr_warmup_iters``)."""
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    """Global gradient-norm clipping (0: off)."""
-    seed: int = 1234
-    bf16: bool = False
-    """megatron-core's bf16 mixed precision (Float16Module, fp32 main weights)."""
-    use_distributed_optimizer: bool = False
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
-    max_skipped_steps: int = 10
-    """Stop after more steps than this in a row had a non-finite loss or gradient."""
-    exit_interval: Optional[int] = None
-    """Stop at an iteration that is a multiple of this."""
-    exit_duration_in_mins: Optional[int] = None
-    """Stop after this many minutes (all ranks at the same step)."""
-    exit_signal_handler: bool = False
-    """Stop after the step during which SIGTERM or SIGINT arrived, saving a checkpoint."""
-    distributed_timeout_minutes: int = 10
+    micro_batch_size: int = flag_field(
+        flag="--micro-batch-size", group="training", type=int,
+        help="Sequences per rank and micro-step (required).")
+    train_iters: int = flag_field(
+        flag="--train-iters", group="training", type=int,
+        help="Optimizer steps (or --train-samples).")
+    lr: float = flag_field(flag="--lr", group="learning rate", type=float,
+                           help="Peak learning rate (required).")
+    global_batch_size: Optional[int] = flag_field(
+        None, flag="--global-batch-size", group="training", type=int,
+        help="Sequences per optimizer step; default micro batch * data-parallel size.")
+    min_lr: float = flag_field(0.0, flag="--min-lr", group="learning rate",
+                               help="Learning rate at the end of decay.")
+    lr_decay_style: str = flag_field(
+        "linear", flag="--lr-decay-style", group="learning rate", help="Decay shape.",
+        choices=["constant", "linear", "cosine", "inverse-square-root"])
+    lr_decay_iters: Optional[int] = flag_field(
+        None, flag="--lr-decay-iters", group="learning rate", type=int,
+        help="Decay steps; default --train-iters.")
+    lr_warmup_iters: int = flag_field(0, flag="--lr-warmup-iters", group="learning rate",
+                                      help="Linear warm-up steps.")
+    lr_warmup_fraction: Optional[float] = flag_field(
+        None, flag="--lr-warmup-fraction", group="learning rate", type=float,
+        help="Warm-up as a fraction of the decay steps (instead of --lr-warmup-iters).")
+    weight_decay: float = flag_field(0.01, flag="--weight-decay", group="regularization",
+                                     help="AdamW weight decay.")
+    adam_beta1: float = flag_field(0.9, flag="--adam-beta1", group="regularization",
+                                   help="AdamW beta1.")
+    adam_beta2: float = flag_field(0.999, flag="--adam-beta2", group="regularization",
+                                   help="AdamW beta2.")
+    adam_eps: float = flag_field(1e-8, flag="--adam-eps", group="regularization",
+                                 help="AdamW epsilon.")
+    clip_grad: float = flag_field(1.0, flag="--clip-grad", group="regularization",
+                                  help="Gradient norm clipping (0: off).")
+    seed: int = flag_field(1234, flag="--seed", group="training", help="Random seed.")
+    bf16: bool = flag_field(
+        False, flag="--bf16", group="mixed precision", action="store_true",
+        help="bfloat16 training (GPU): megatron-core's mixed precision, fp32 main weights.")
+    use_distributed_optimizer: bool = flag_field(
+        False, flag="--use-distributed-optimizer", group="parallelism", action="store_true",
+        help="Shard optimizer state over data-parallel ranks.")
+    overlap_grad_reduce: bool = flag_field(
+        False, flag="--overlap-grad-reduce", group="parallelism", action="store_true",
+        help="Overlap gradient reduction with backward.")
+    overlap_param_gather: bool = flag_field(
+        False, flag="--overlap-param-gather", group="parallelism", action="store_true",
+        help="Overlap parameter all-gather with forward.")
+    max_skipped_steps: int = flag_field(
+        10, flag="--max-skipped-steps", group="training", type=positive_int,
+        help="A step with NaN/Inf loss or gradients is skipped; this many in a row stop the run.")
+    exit_interval: Optional[int] = flag_field(
+        None, flag="--exit-interval", group="training", type=int,
+        help="Stop when the step is a multiple of this.")
+    exit_duration_in_mins: Optional[int] = flag_field(
+        None, flag="--exit-duration-in-mins", group="training", type=int,
+        help="Stop after this many minutes (all ranks at the same step).")
+    exit_signal_handler: bool = flag_field(
+        False, flag="--exit-signal-handler", group="training", action="store_true",
+        help="On SIGTERM or SIGINT (Ctrl-C), finish the step, save a checkpoint and exit 0; all "
+        "ranks stop at the same iteration.")
+    distributed_timeout_minutes: int = flag_field(
+        10, flag="--distributed-timeout-minutes", group="distributed",
+        help="Collective timeout.")
 
     def validate(self) -> "TrainingConfig":
         checks = [
@@ -160,25 +191,42 @@ class TrainingConfig:
 class DataConfig:
     """Where the tokens come from: Megatron indexed datasets (or mock data) and the tokenizer."""
 
-    data_path: Optional[tuple] = None
-    """One blend for all splits: prefixes, or 'weight prefix' pairs."""
-    split: Optional[str] = None
-    """Train/valid/test shares of ``data_path``'s documents, e.g. '969,30,1'."""
-    train_data_path: Optional[tuple] = None
-    valid_data_path: Optional[tuple] = None
-    test_data_path: Optional[tuple] = None
-    mock_data: bool = False
-    """Synthetic tokens (no files)."""
-    data_cache_path: Optional[str] = None
-    """Where megatron's dataset index caches go; default beside the data."""
-    demo_corpus: bool = False
-    """The embedded demo corpus; the launcher fills in its paths and tokenizer."""
-    tokenizer_type: Optional[str] = None
-    vocab_file: Optional[str] = None
-    merge_file: Optional[str] = None
-    tokenizer_model: Optional[str] = None
-    make_vocab_size_divisible_by: int = 128
-    """The model's vocabulary is the tokenizer's, padded to a multiple of this x TP."""
+    data_path: Optional[tuple] = flag_field(
+        None, flag="--data-path", group="data", nargs="*",
+        help="Dataset prefixes: one prefix, several prefixes, or a blend of 'weight prefix' "
+        "pairs; one blend for all splits.")
+    split: Optional[str] = flag_field(
+        None, flag="--split", group="data", type=str,
+        help="Train,valid,test weights of --data-path's documents; default 969, 30, 1.")
+    train_data_path: Optional[tuple] = flag_field(
+        None, flag="--train-data-path", group="data", nargs="*",
+        help="Training blend (instead of --data-path).")
+    valid_data_path: Optional[tuple] = flag_field(
+        None, flag="--valid-data-path", group="data", nargs="*", help="Validation blend.")
+    test_data_path: Optional[tuple] = flag_field(
+        None, flag="--test-data-path", group="data", nargs="*", help="Test blend.")
+    mock_data: bool = flag_field(False, flag="--mock-data", group="data", action="store_true",
+                                 help="Synthetic data instead of files.")
+    data_cache_path: Optional[str] = flag_field(
+        None, flag="--data-cache-path", group="data", type=str,
+        help="Where dataset index caches are written; default beside the data.")
+    demo_corpus: bool = flag_field(
+        False, flag="--demo-corpus", group="data", action="store_true",
+        help="Ours: train on the embedded demo corpus (built and cached on first use); it sets "
+        "the data path and the GPT-2 BPE tokenizer files.")
+    tokenizer_type: Optional[str] = flag_field(
+        None, flag="--tokenizer-type", group="tokenizer", choices=TOKENIZER_TYPES,
+        help="Default GPT2BPETokenizer when --vocab-file and --merge-file are given.")
+    vocab_file: Optional[str] = flag_field(None, flag="--vocab-file", group="tokenizer",
+                                           type=str, help="GPT-2 vocab.json.")
+    merge_file: Optional[str] = flag_field(None, flag="--merge-file", group="tokenizer",
+                                           type=str, help="GPT-2 merges.txt.")
+    tokenizer_model: Optional[str] = flag_field(
+        None, flag="--tokenizer-model", group="tokenizer", type=str,
+        help="SentencePiece .model, or a tokenizer.json (or its directory).")
+    make_vocab_size_divisible_by: int = flag_field(
+        128, flag="--make-vocab-size-divisible-by", group="model architecture",
+        help="Pad the vocabulary to a multiple of this times TP.")
 
     def blends(self) -> list:
         """The blends that must exist on disk (none for mock data)."""
@@ -198,32 +246,51 @@ class DataConfig:
 class CheckpointConfig:
     """Where checkpoints go and what a resume takes from them."""
 
-    save: Optional[str] = None
-    load: Optional[str] = None
-    save_interval: Optional[int] = None
-    finetune: bool = False
-    """Take only the weights of ``load`` and start a new run (iteration 0)."""
-    no_load_optim: bool = False
-    no_load_rng: bool = False
-    no_save_optim: bool = False
+    save: Optional[str] = flag_field(None, flag="--save", group="checkpointing", type=str,
+                                     help="Checkpoint directory to write.")
+    load: Optional[str] = flag_field(
+        None, flag="--load", group="checkpointing", type=str,
+        help="Checkpoint directory to resume from (empty: start fresh).")
+    save_interval: Optional[int] = flag_field(
+        None, flag="--save-interval", group="checkpointing", type=int,
+        help="Steps between checkpoints.")
+    finetune: bool = flag_field(
+        False, flag="--finetune", group="checkpointing", action="store_true",
+        help="Load only the weights and start at step 0 (no optimizer/RNG state): a new run.")
+    no_load_optim: bool = flag_field(
+        False, flag="--no-load-optim", group="checkpointing", action="store_true",
+        parser_default=None, help="Load no optimizer state.")
+    no_load_rng: bool = flag_field(
+        False, flag="--no-load-rng", group="checkpointing", action="store_true",
+        parser_default=None, help="Load no RNG state.")
+    no_save_optim: bool = flag_field(
+        False, flag="--no-save-optim", group="checkpointing", action="store_true",
+        parser_default=None, help="Save no optimizer state.")
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     """The log line, tensorboard and evaluation."""
 
-    log_interval: int = 100
-    tensorboard_dir: Optional[str] = None
-    eval_interval: Optional[int] = 1000
-    """Steps between validation runs (0 or None: none)."""
-    eval_iters: int = 100
-    """Global batches per validation run (the same ones every time)."""
-    full_validation: bool = False
-    """Score the whole validation split (and, at the end, the whole test split) instead of
-    ``eval_iters`` batches."""
-    skip_train: bool = False
-    """Train nothing: evaluate the loaded weights on the validation and test splits and stop;
-    nothing is saved."""
+    log_interval: int = flag_field(100, flag="--log-interval", group="logging",
+                                   help="Steps between log lines.")
+    tensorboard_dir: Optional[str] = flag_field(
+        None, flag="--tensorboard-dir", group="logging", type=str,
+        help="Write TensorBoard events here.")
+    eval_interval: Optional[int] = flag_field(
+        1000, flag="--eval-interval", group="validation",
+        help="Steps between evaluations (0: none).")
+    eval_iters: int = flag_field(
+        100, flag="--eval-iters", group="validation",
+        help="Global batches per evaluation (the same ones every time).")
+    full_validation: bool = flag_field(
+        False, flag="--full-validation", group="validation", action="store_true",
+        help="Score the whole validation split at each evaluation (and the whole test split at "
+        "the end) instead of --eval-iters batches.")
+    skip_train: bool = flag_field(
+        False, flag="--skip-train", group="validation", action="store_true",
+        help="Train nothing: evaluate the weights (of --load) on the validation and test splits, "
+        "print the losses and exit; nothing is saved.")
 
 
 PARTS = dict(model=ModelConfig, parallel=ParallelConfig, layers=LayerOptions,

@@ -13,7 +13,8 @@ import pytest
 
 from remoe_patches import router_registry
 from remoe_patches.arguments import parse_run_config
-from remoe_patches.router_registry import ROUTERS, SWEEP_NAMES, flag_dest, option_flags
+from remoe_patches.flag_fields import declared_flags, flag_dest
+from remoe_patches.router_registry import ROUTERS, SWEEP_NAMES
 
 from test_arguments import TINY_MOE
 
@@ -34,19 +35,20 @@ def test_each_kind_has_its_own_names():
 
 def _changed_value(option: dataclasses.Field):
     """A value of ``option`` other than its default."""
-    if "choices" in option.metadata:
-        return next(choice for choice in option.metadata["choices"] if choice != option.default)
+    choices = option.metadata["argparse"].get("choices")
+    if choices:
+        return next(choice for choice in choices if choice != option.default)
     return {int: lambda v: v + 3, float: lambda v: v * 1.5}[type(option.default)](option.default)
 
 
-@pytest.mark.parametrize("kind", [k for k in ROUTERS.values() if option_flags(k.options)],
+@pytest.mark.parametrize("kind", [k for k in ROUTERS.values() if declared_flags(k.options)],
                          ids=lambda kind: kind.name)
 def test_every_option_flag_reaches_the_model_config(kind):
     """A flag declared on an options field is parsed and lands in that field, and the other
     kinds' options are not the model's."""
     routing = ["--moe-relu-routing"] if kind.adaptive_l1 else ["--moe-router-type", kind.name]
     lory = ["--moe-lory-segment-length", "16"] if kind.name == "lory" else []
-    for option, flag in option_flags(kind.options):
+    for option, flag in declared_flags(kind.options):
         value = _changed_value(option)
         if flag == "--moe-lory-segment-length":
             value = 8  # a divisor of the tiny model's 32-token sequences
