@@ -33,6 +33,7 @@ from remoe_patches.config import ModelConfig, ParallelConfig
 from remoe_patches.local_layers import GroupedGemmExperts, RMSNorm, SDPAttention
 from remoe_patches.parallel import local_device
 from remoe_patches.regularizer import AdaptiveL1
+from remoe_patches.run_config import LayerOptions
 from remoe_patches.token_dispatch import use_sorted_token_path
 
 # megatron-core's own probes, so that what we select is what megatron-core can build: HAVE_TE
@@ -198,3 +199,27 @@ def build_model(
         use_sorted_token_path(model)
     model_config.kind.prepare(model)
     return BuiltModel(model=model, transformer_config=transformer_config, regularizer=regularizer)
+
+
+def build_model_for_run(
+    model_config: ModelConfig,
+    parallel: ParallelConfig,
+    layers: LayerOptions,
+    *,
+    cuda_available: bool,
+    bf16: bool = False,
+    pre_process: bool = True,
+    post_process: bool = True,
+    regularizer: Optional[AdaptiveL1] = None,
+) -> BuiltModel:
+    """``build_model`` with a run's layer options as this machine can honour them: the layer
+    implementation it has (``transformer_impl_in_use``) and only the fused kernels that run
+    here (``LayerOptions.transformer_overrides``). Training and inference build through it."""
+    use_te = transformer_impl_in_use(layers.transformer_impl) == "transformer_engine"
+    return build_model(
+        model_config, parallel, bf16=bf16, pre_process=pre_process, post_process=post_process,
+        regularizer=regularizer, use_transformer_engine=use_te,
+        **layers.transformer_overrides(
+            is_moe=model_config.is_moe, cuda_available=cuda_available,
+            transformer_engine_available=use_te, wgrad_fusion_available=HAVE_WGRAD_FUSION),
+    )

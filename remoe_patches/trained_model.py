@@ -89,7 +89,7 @@ def load_model_for_inference(
     from megatron.core import dist_checkpointing
 
     from remoe_patches.config import ParallelConfig
-    from remoe_patches.model import HAVE_WGRAD_FUSION, build_model, transformer_impl_in_use
+    from remoe_patches.model import build_model_for_run
 
     directory = resolve_checkpoint_dir(load_dir)
     common = read_checkpoint_state(directory)
@@ -101,12 +101,9 @@ def load_model_for_inference(
 
     _ensure_single_rank_groups()
     # Either implementation reads either's checkpoint (checkpointing maps the norm keys).
-    use_te = transformer_impl_in_use(config.layers.transformer_impl) == "transformer_engine"
-    overrides = config.layers.without_recomputation().transformer_overrides(
-        is_moe=model_config.is_moe, cuda_available=torch.cuda.is_available(),
-        transformer_engine_available=use_te, wgrad_fusion_available=HAVE_WGRAD_FUSION)
-    built = build_model(model_config, ParallelConfig(), use_transformer_engine=use_te,
-                        **overrides)
+    built = build_model_for_run(model_config, ParallelConfig(),
+                                config.layers.without_recomputation(),
+                                cuda_available=torch.cuda.is_available())
     model = built.model
     template = match_saved_names({"model": model.sharded_state_dict()}, directory)
     state = dist_checkpointing.load(template, directory)

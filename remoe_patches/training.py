@@ -43,12 +43,7 @@ from remoe_patches.exit_signals import ExitSignals
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.megatron_fixes import initialize_adam_state
 from remoe_patches.metrics_log import MetricsLog, format_step_line
-from remoe_patches.model import (
-    HAVE_WGRAD_FUSION,
-    build_model,
-    build_regularizer,
-    transformer_impl_in_use,
-)
+from remoe_patches.model import build_model_for_run, build_regularizer, transformer_impl_in_use
 from remoe_patches.parallel import initialize_parallel, local_device
 from remoe_patches.regularizer import AdaptiveL1
 from remoe_patches.routing_health import RoutingHealth, collapsed_layers, dead_experts
@@ -404,18 +399,13 @@ def build_training_objects(config: RunConfig, *, device: torch.device) -> Traini
     initialized; ``config.model.vocab_size`` is the padded vocabulary and
     ``config.training.global_batch_size`` is set), the same on every device."""
     training = config.training
-    use_te = transformer_impl_in_use(config.layers.transformer_impl) == "transformer_engine"
     regularizer = build_regularizer(config.model, device=device)
-    built = build_model(
-        config.model, config.parallel, bf16=training.bf16,
+    built = build_model_for_run(
+        config.model, config.parallel, config.layers, cuda_available=device.type == "cuda",
+        bf16=training.bf16,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         regularizer=regularizer,
-        use_transformer_engine=use_te,
-        **config.layers.transformer_overrides(
-            is_moe=config.model.is_moe, cuda_available=device.type == "cuda",
-            transformer_engine_available=use_te, wgrad_fusion_available=HAVE_WGRAD_FUSION,
-        ),
     )
     model = built.model.to(device)
     if training.bf16:
