@@ -1,12 +1,12 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make demo   -- the embedded demo training run
-#   make test   -- the test suite
+#   make test   -- the linter (make lint), then the test suite
 # and, beside them, make benchmark (tools/benchmark.py), make test-gpu (tests_gpu/, CUDA) and
 # make gpu-check OUT=dir (the GPU acceptance: tools/gpu_check.py).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-gpu gpu-check benchmark
+.PHONY: setup demo lint test test-gpu gpu-check benchmark
 
 setup: $(VENV)/.installed
 
@@ -21,7 +21,11 @@ $(VENV)/.installed: setup.py
 demo: setup
 	$(PY) pretrain_gpt.py --config configs/demo.yaml
 
-test: setup
+# ruff's checks (ruff.toml) of the code and the tests; make test runs them first.
+lint: setup
+	$(PY) -m ruff check remoe_patches tools tests tests_gpu scripts pretrain_gpt.py
+
+test: setup lint
 	$(PY) -m pytest -q tests
 
 # On a machine with a CUDA GPU: the GPU tests (not part of CI, which has none).

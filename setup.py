@@ -34,7 +34,7 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.56"],  # loading exports with AutoModelForCausalLM
-        "test": ["pytest", "transformers>=4.56"],
+        "test": ["pytest", "ruff==0.17.6", "transformers>=4.56"],
     },
     entry_points={"console_scripts": ["remoe-lm-eval = remoe_patches.lm_eval_cli:main"]},
 )

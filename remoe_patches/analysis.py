@@ -87,7 +87,8 @@ def stages(run_dir, out_dir, *, target: Optional[float] = None,
                    sparsity=record["sparsity"], lr=record.get("lr"))
         per_layer = record.get("sparsity_per_layer") or []
         for layer in range(num_layers):
-            row[f"sparsity_layer_{layer + 1}"] = per_layer[layer] if layer < len(per_layer) else None
+            row[f"sparsity_layer_{layer + 1}"] = (per_layer[layer] if layer < len(per_layer)
+                                                  else None)
         rows.append(row)
     csv_path = write_csv(out_dir / "stages.csv", rows)
 
@@ -146,7 +147,8 @@ def stages(run_dir, out_dir, *, target: Optional[float] = None,
     title = f"{ROUTERS['relu'].title} training stages"
     if settle is not None:
         title += (f": settled at iteration {settle}; stage III sparsity "
-                  f"{summary['stage3_sparsity_mean']:.4f} $\\pm$ {summary['stage3_sparsity_std']:.4f}")
+                  f"{summary['stage3_sparsity_mean']:.4f} $\\pm$ "
+                  f"{summary['stage3_sparsity_std']:.4f}")
     elif target is not None:
         title += f": sparsity not yet within {tolerance} of the target"
     axes[0].set_title(title, fontsize=10)
@@ -214,7 +216,8 @@ def per_token(sample: RoutedSample, out_dir) -> AnalysisResult:
                    label=f"TopK's fixed k = {sample.topk}")
     for token in order[:8]:  # the most frequent tokens, labelled
         ax.annotate(repr(_token_text(sample.tokenizer, token))[1:-1][:12],
-                    (counts_V[token] / tokens.size, active_V[token] / (counts_V[token] * num_layers)),
+                    (counts_V[token] / tokens.size,
+                     active_V[token] / (counts_V[token] * num_layers)),
                     fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("token frequency in the calibration set")

@@ -26,7 +26,8 @@ Design:
   YAML), which is what "a flag given" means there.
 - A flag that sets a field of the run's configuration is declared on that field
   (``flag_fields.flag_field``: ``ParallelConfig``, the training, data, checkpoint and logging
-  parts of ``run_config``, and each router's options in ``router_registry``); this module adds those to
+  parts of ``run_config``, and each router's options in ``router_registry``); this module adds
+  those to
   their Megatron-LM groups and declares the rest (model and parallel shape, Megatron-LM flags
   that are refused or only noted).
 - ``parse_command_line`` parses (this module), completes and checks the flags

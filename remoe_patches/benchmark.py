@@ -10,8 +10,9 @@ Phases measured (``steps`` timed steps each, after ``warmup_steps`` untimed ones
 
 - dense and TopK MoE: once, after the warm-up;
 - ReMoE ``stage I``: ``stage1_steps`` steps right after the warm-up, while routing is still
-  dense (most experts active); it then trains on until the sparsity has held the target ``1 - k/E`` for
-  ``settle_window`` steps (at most ``max_settle_steps``), and ``stage III`` is measured.
+  dense (most experts active); it then trains on until the sparsity has held the target
+  ``1 - k/E`` for ``settle_window`` steps (at most ``max_settle_steps``), and ``stage III`` is
+  measured.
 
 The final phases (dense, TopK, ReMoE stage III) are timed in alternating rounds while all models
 stay in memory (``interleave``), so that drift of the machine falls on all alike; without it,
@@ -55,7 +56,7 @@ from remoe_patches.parallel import local_device, seed_all
 from remoe_patches.router_registry import ROUTERS as ROUTER_KINDS
 from remoe_patches.run_config import RunConfig
 from remoe_patches.training import build_training_objects
-from remoe_patches.training_step import StepRecord, topk_load_balancing_loss, train_step
+from remoe_patches.training_step import StepRecord, train_step
 
 # Dense bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -228,7 +229,8 @@ def training_flags(config: BenchmarkConfig, router: str, device: torch.device) -
                   "--moe-token-dispatcher-type", config.token_dispatcher,
                   "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", 0.01,
                   "--moe-router-pre-softmax"]
-        if ROUTER_KINDS[router].megatron_topk_router:  # the dMoE baseline of configs/*_moe.yaml: gates scaled by E/k
+        # the dMoE baseline of configs/*_moe.yaml: gates scaled by E/k
+        if ROUTER_KINDS[router].megatron_topk_router:
             flags += ["--moe-router-topk-scaling-factor", config.num_experts / config.topk]
         else:  # ReMoE or a Table 2 baseline (configs/182m_<router>.yaml's settings)
             flags += ["--moe-router-type", router]
@@ -599,14 +601,17 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
 
     def prepare(router) -> tuple:
         """Build and warm up; for ReMoE measure stage I and settle. -> (session, phase, steps)"""
-        progress(f" benchmark: {ROUTER_KINDS[router].title}: building, {config.warmup_steps} warm-up steps")
+        progress(f" benchmark: {ROUTER_KINDS[router].title}: building, "
+                 f"{config.warmup_steps} warm-up steps")
         session = _Session(config, router, device)
         session.warm_up()
         if not ROUTER_KINDS[router].adaptive_l1:  # ReMoE: stage I, then the settled stage
             return session, "", None
-        progress(f" benchmark: {ROUTER_KINDS[router].title}: stage I, {config.stage1_steps} timed steps")
+        progress(f" benchmark: {ROUTER_KINDS[router].title}: stage I, "
+                 f"{config.stage1_steps} timed steps")
         results.append(measure_phase(session, "stage I", peak_tflops, steps=config.stage1_steps))
-        progress(f" benchmark: {ROUTER_KINDS[router].title}: settling (at most {config.max_settle_steps} steps)")
+        progress(f" benchmark: {ROUTER_KINDS[router].title}: settling "
+                 f"(at most {config.max_settle_steps} steps)")
         settled, steps = settle(session)
         return session, "stage III" if settled else "not settled", steps
 
@@ -614,7 +619,8 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
     if interleave:
         prepared = [prepare(router) for router in config.routers]
         timings = [Timing() for _ in prepared]
-        progress(f" benchmark: timing {', '.join(ROUTER_KINDS[r].title for r in config.routers)} in "
+        titles = ", ".join(ROUTER_KINDS[r].title for r in config.routers)
+        progress(f" benchmark: timing {titles} in "
                  f"{config.rounds} alternating rounds of {config.steps} steps in all")
         for round_index in range(config.rounds):
             block = _block_size(config.steps, config.rounds, round_index)
@@ -682,7 +688,8 @@ def step_time_ratios(results: list) -> dict:
         ratios[name] = {"ratio": value, "spread": spread, "meaningful": meaningful,
                         "at_most_1": value <= 1.0 + spread if meaningful else None}
 
-    topk, dense = by_label.get(ROUTER_KINDS["topk"].title), by_label.get(ROUTER_KINDS["dense"].title)
+    topk = by_label.get(ROUTER_KINDS["topk"].title)
+    dense = by_label.get(ROUTER_KINDS["dense"].title)
     for result in results:
         if result.router == "relu" and topk is not None:
             ratio(f"ReMoE ({result.phase}) / TopK MoE", result, topk)

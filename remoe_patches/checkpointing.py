@@ -143,7 +143,8 @@ def read_checkpoint_state(directory: str) -> dict:
 def read_run_config(load_dir: str) -> RunConfig:
     """The ``RunConfig`` a checkpoint was trained with (``load_dir`` as in
     ``resolve_checkpoint_dir``)."""
-    return RunConfig.from_dict(read_checkpoint_state(resolve_checkpoint_dir(load_dir))["run_config"])
+    state = read_checkpoint_state(resolve_checkpoint_dir(load_dir))
+    return RunConfig.from_dict(state["run_config"])
 
 
 def checkpoint_problem(directory: str) -> Optional[str]:

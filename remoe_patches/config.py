@@ -11,7 +11,7 @@ Every check fails with a ``ConfigError`` that names the config, the field and th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 
 # The paper's dense backbones (spec §3); names are the dense model sizes.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=512, seq_length=64),
+    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=512,
+                 seq_length=64),
     "182m": dict(num_layers=12, hidden_size=768, num_attention_heads=12),
     "469m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16),
     "978m": dict(num_layers=24, hidden_size=1536, num_attention_heads=16),

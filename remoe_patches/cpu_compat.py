@@ -125,8 +125,8 @@ def _cuda_to_cpu(factory):
 def _hardcoded_cuda_tensors_on_cpu() -> None:
     # These megatron modules allocate small tensors with a literal device='cuda' (optimizer and
     # grad-clipping scalars, the default causal mask, the schedules' token counter, the aux-loss
-    # tracker, data broadcast sizes, the fallback grad-norm kernel, checkpoint exchange buffers). Each sees a torch whose
-    # factories put such tensors on the CPU instead.
+    # tracker, data broadcast sizes, the fallback grad-norm kernel, checkpoint exchange buffers).
+    # Each sees a torch whose factories put such tensors on the CPU instead.
     import importlib
 
     cpu_torch = _TorchWithCpuDefaultDevice()

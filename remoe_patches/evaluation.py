@@ -15,9 +15,9 @@ context is replaced by the end-of-document token; sequences longer than the mode
 (``max_length``, default the checkpoint's ``--seq-length``) are cut from the left, so the
 continuation keeps its most recent ``max_length`` tokens of context; ``loglikelihood_rolling``
 (perplexity) sums disjoint windows from ``lm_eval.utils.get_rolling_token_windows`` and
-``make_disjoint_window`` (every token predicted exactly once, each window with a full context). A continuation
-longer than ``max_length`` (which the HF model refuses) is scored in consecutive pieces of
-``max_length`` tokens, each with the ``max_length`` tokens before it as its window.
+``make_disjoint_window`` (every token predicted exactly once, each window with a full context).
+A continuation longer than ``max_length`` (which the HF model refuses) is scored in consecutive
+pieces of ``max_length`` tokens, each with the ``max_length`` tokens before it as its window.
 Log-probabilities are over the model's padded vocabulary, as training's cross-entropy is.
 ``generate_until`` is greedy (a request asking for sampling is refused), batched, stops at the
 ``until`` strings or the end-of-document token; its contexts are left-truncated to

@@ -42,7 +42,8 @@ HF_REMOTE_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_re
 # transformer-engine layer specs fuse the norms into the following linear layer and group the
 # experts' weights; the reference model uses the local layers' names.
 _TE_RENAMES = (
-    (re.compile(r"(.*)\.self_attention\.linear_qkv\.layer_norm_weight$"), r"\1.input_layernorm.weight"),
+    (re.compile(r"(.*)\.self_attention\.linear_qkv\.layer_norm_weight$"),
+     r"\1.input_layernorm.weight"),
     (re.compile(r"(.*)\.mlp\.linear_fc1\.layer_norm_weight$"), r"\1.pre_mlp_layernorm.weight"),
     (re.compile(r"(.*)\.mlp\.experts\.linear_fc([12])\.weight(\d+)$"),
      r"\1.mlp.experts.local_experts.\3.linear_fc\2.weight"),
@@ -184,11 +185,13 @@ def _transformers_files(output_dir: str, tokenizer: Tokenizer, config: dict) -> 
         if "tokenizer.json" not in config["tokenizer"]["files"].values():  # else copied already
             _write_atomically(os.path.join(output_dir, "tokenizer.json"),
                               lambda path: tokenizer.hf_tokenizer.save(path))
-        _write_atomically(os.path.join(output_dir, "tokenizer_config.json"), lambda path: _write_json(
-            path, {"tokenizer_class": "PreTrainedTokenizerFast",
-                   "eos_token": tokenizer.hf_tokenizer.id_to_token(eod),
-                   "model_max_length": config["seq_length"],
-                   "clean_up_tokenization_spaces": False}))
+        _write_atomically(
+            os.path.join(output_dir, "tokenizer_config.json"),
+            lambda path: _write_json(path, {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": tokenizer.hf_tokenizer.id_to_token(eod),
+                "model_max_length": config["seq_length"],
+                "clean_up_tokenization_spaces": False}))
     return {
         "model_type": "remoe",
         "architectures": ["RemoeForCausalLM"],

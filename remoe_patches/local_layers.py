@@ -81,7 +81,8 @@ class SDPAttention(MegatronModule):
             if refused:
                 raise ValueError(f"SDPAttention does not support {what}; use transformer-engine")
         self.is_causal = attn_mask_type == AttnMaskType.causal
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (config.attention_dropout if attention_dropout is None
+                          else attention_dropout)
         if softmax_scale is None:
             softmax_scale = 1.0 / math.sqrt(config.kv_channels)
         if config.apply_query_key_layer_scaling:
@@ -160,8 +161,10 @@ class GroupedGemmExperts(MegatronModule):
         fc2_width = divide(config.moe_ffn_hidden_size * num_local_experts, tp_size)
         device = local_device()
         dtype = config.params_dtype
-        self.weight1 = Parameter(torch.empty(config.hidden_size, fc1_width, device=device, dtype=dtype))
-        self.weight2 = Parameter(torch.empty(fc2_width, config.hidden_size, device=device, dtype=dtype))
+        self.weight1 = Parameter(torch.empty(config.hidden_size, fc1_width, device=device,
+                                             dtype=dtype))
+        self.weight2 = Parameter(torch.empty(fc2_width, config.hidden_size, device=device,
+                                             dtype=dtype))
         if config.perform_initialization:
             _initialize_affine_weight_gpu(
                 self.weight1, config.init_method, partition_dim=1, is_expert=True

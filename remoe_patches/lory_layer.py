@@ -39,8 +39,6 @@ import torch.nn.functional as F
 from torch.nn.parameter import Parameter
 
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-import torch
-
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules

@@ -121,7 +121,8 @@ def format_step_line(r: dict) -> str:
         parts += [
             f"reg loss: {r['reg_loss']:.6E}",
             f"l1 coeff: {r['l1_coeff']:.4E}",
-            f"sparsity: {r['sparsity']:.4f} (min {r['sparsity_min']:.4f}, max {r['sparsity_max']:.4f})",
+            f"sparsity: {r['sparsity']:.4f} "
+            f"(min {r['sparsity_min']:.4f}, max {r['sparsity_max']:.4f})",
         ]
     if "load_balancing_loss" in r:
         parts.append(f"load balancing loss: {r['load_balancing_loss']:.6E}")

@@ -3,11 +3,12 @@
 The layer spec is megatron-core's own GPT decoder spec; the ``router`` slot of each MoE layer's
 ``MoESubmodules`` holds the model's router, as its ``router_registry`` entry builds it:
 megatron's ``TopKRouter``, ReMoE's ``ReLURouter``, or a Table 2 baseline (Hash, Expert Choice,
-SparseMixer-v2). Lory rewrites the spec instead (``LoryMLP``: merged experts). With transformer-engine importable
-that is megatron-core's TE spec (fused attention, TE grouped GEMM for the experts with
-``moe_grouped_gemm``). Without it, megatron-core's local spec with three slots filled from
-``local_layers``: PyTorch's scaled-dot-product attention, torch grouped-GEMM experts (with
-``moe_grouped_gemm``) and a sequence-parallel-aware RMSNorm. Nothing of megatron-core is copied.
+SparseMixer-v2). Lory rewrites the spec instead (``LoryMLP``: merged experts). With
+transformer-engine importable that is megatron-core's TE spec (fused attention, TE grouped GEMM
+for the experts with ``moe_grouped_gemm``). Without it, megatron-core's local spec with three
+slots filled from ``local_layers``: PyTorch's scaled-dot-product attention, torch grouped-GEMM
+experts (with ``moe_grouped_gemm``) and a sequence-parallel-aware RMSNorm. Nothing of
+megatron-core is copied.
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def build_model(
     ``regularizer`` lets several pipeline chunks share one coefficient; by default a ReMoE
     model gets a new one.
     """
-    transformer_config = model_config.transformer_config(parallel, bf16=bf16, **transformer_overrides)
+    transformer_config = model_config.transformer_config(parallel, bf16=bf16,
+                                                         **transformer_overrides)
     if regularizer is None:
         regularizer = build_regularizer(model_config)
     spec = decoder_block_spec(

@@ -63,7 +63,8 @@ def initialize_parallel(
         else:
             raise RuntimeError("MASTER_PORT must be set when several processes start together")
         if not on_cpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+            local_rank = os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())
+            torch.cuda.set_device(int(local_rank))
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
             init_method=init_method,

@@ -1,4 +1,5 @@
-"""A small, self-contained PyTorch GPT that runs checkpoints exported by ``tools/export_checkpoint.py``.
+"""A small, self-contained PyTorch GPT that runs checkpoints exported by
+``tools/export_checkpoint.py``.
 
 No megatron import: this file, torch and safetensors are all it needs, so an exported model runs
 anywhere PyTorch does. It reproduces the megatron-core model built by ``remoe_patches.model``

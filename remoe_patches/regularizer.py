@@ -6,9 +6,9 @@ the model (MoE or not; index = layer number - 1), C = the statistics' columns (s
 
 Each ReLU router calls ``AdaptiveL1.record`` once per micro-batch it trains on, with its layer's
 reg loss and expert counts (which give its sparsity). They accumulate in ONE packed ``L x C``
-buffer; after the optimizer step the loop calls ``finish_step``, which sums the buffer over all ranks in a single
-collective, turns it into a ``RoutingStats`` (what the log, the lambda update and the health
-report read) and moves the coefficient by ``multiplier ** sign(target - sparsity)``.
+buffer; after the optimizer step the loop calls ``finish_step``, which sums the buffer over all
+ranks in a single collective, turns it into a ``RoutingStats`` (what the log, the lambda update
+and the health report read) and moves the coefficient by ``multiplier ** sign(target - sparsity)``.
 
 Losses: every function works on ONE MoE layer. The model-level quantities of the paper average the
 per-layer values over the L MoE layers, so the 1/(L*T) of Eq. 9/10 holds exactly:
@@ -33,7 +33,8 @@ import torch.distributed as dist
 from remoe_patches.relu_gates import at_least_fp32, tokens_per_expert
 
 
-def l1_loss(gates_TE: torch.Tensor, *, num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+def l1_loss(gates_TE: torch.Tensor, *,
+            num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 9 for one layer: ``1/T sum_t ||R(x_t)||_1`` (gates are non-negative)."""
     if num_tokens is None:
         num_tokens = gates_TE.shape[0]

@@ -1,6 +1,7 @@
 """ReMoE's ReLU gates and their sparsity (arXiv 2412.14711, spec Eq. 5 and 8), in plain torch.
 
-Shape suffixes: T = tokens of the layer's (micro)batch, E = experts; a tensor with no suffix is 0-dim.
+Shape suffixes: T = tokens of the layer's (micro)batch, E = experts; a tensor with no suffix is
+0-dim.
 
 Every function works on ONE MoE layer; the model's sparsity is the mean over MoE layers
 (``regularizer.py`` takes it, with the L1 losses these gates feed). The optional
@@ -18,7 +19,8 @@ import torch
 
 
 def relu_gates(logits_TE: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: ``R(x) = ReLU(x W)``. No softmax and no normalisation: a token may use 0..E experts."""
+    """Eq. 5: ``R(x) = ReLU(x W)``. No softmax and no normalisation: a token may use 0..E
+    experts."""
     return torch.relu(logits_TE)
 
 
@@ -34,8 +36,8 @@ def relu_gates_with_penalty(
     The L1 losses of Eq. 9/10 are such penalties (``regularizer.reg_loss_gradient``). This gives
     the same gradient as ``relu_gates`` followed by autograd through the penalty (what
     ``loss + P`` would do), through one hook on the gates instead of the loss's autograd nodes,
-    which were most of a small router's time. ``grad_scale()`` (read in the backward pass; None means 1) is the scale
-    the LM loss's gradient carries, e.g. 1/micro-batches.
+    which were most of a small router's time. ``grad_scale()`` (read in the backward pass; None
+    means 1) is the scale the LM loss's gradient carries, e.g. 1/micro-batches.
     """
     gates_TE = torch.relu(logits_TE)
     if gates_TE.requires_grad:

@@ -26,7 +26,8 @@ def dead_experts(fraction_LE: torch.Tensor) -> set:
 
 def collapsed_layers(sparsity_L: torch.Tensor) -> set:
     """Layers (from 1) whose sparsity is at least ``COLLAPSE_SPARSITY``; NaN never counts."""
-    return {layer + 1 for layer in torch.nonzero(sparsity_L >= COLLAPSE_SPARSITY).flatten().tolist()}
+    collapsed = torch.nonzero(sparsity_L >= COLLAPSE_SPARSITY).flatten().tolist()
+    return {layer + 1 for layer in collapsed}
 
 
 @dataclass
@@ -100,5 +101,5 @@ class RoutingHealth:
 def _by_layer(pairs: set) -> str:
     layers = sorted({layer for layer, _ in pairs})
     return "; ".join(f"layer {layer}: expert "
-                     + ", ".join(str(e) for l, e in sorted(pairs) if l == layer)
+                     + ", ".join(str(e) for pair_layer, e in sorted(pairs) if pair_layer == layer)
                      for layer in layers)

@@ -49,7 +49,8 @@ class LayerOptions:
     bias_dropout_fusion: bool = True
     gradient_accumulation_fusion: bool = True
     moe_permute_fusion: bool = False
-    """The fusions wanted; each is on only where its kernel exists (see ``transformer_overrides``)."""
+    """The fusions wanted; each is on only where its kernel exists (see
+    ``transformer_overrides``)."""
     transformer_impl: str = "transformer_engine"
     """'transformer_engine' (when installed) or 'local' (megatron-core's own layers). A run saves
     the implementation it used (``model.transformer_impl_in_use``), not the one asked for."""

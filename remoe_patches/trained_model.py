@@ -49,7 +49,8 @@ class TokenizerFilesError(CheckpointError):
 
 
 def tokenizer_from_config(data: DataConfig, tokenizer_dir: Optional[str] = None) -> Tokenizer:
-    """The run's tokenizer; ``tokenizer_dir`` replaces the saved files' directories (moved files)."""
+    """The run's tokenizer; ``tokenizer_dir`` replaces the saved files' directories (moved
+    files)."""
     files = dict(vocab_file=data.vocab_file, merge_file=data.merge_file,
                  tokenizer_model=data.tokenizer_model)
     if tokenizer_dir is not None:

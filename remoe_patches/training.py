@@ -232,7 +232,8 @@ def pretrain(config: RunConfig) -> RunState:
             state.history.append(record)
             window.append(record)
             log.advance()
-            if state.iteration % logging.log_interval == 0 or state.iteration == training.train_iters:
+            if (state.iteration % logging.log_interval == 0
+                    or state.iteration == training.train_iters):
                 log_window(log, window, config, state, world_size, health)
                 window = []
             elif state.iteration - state.start_iteration in EARLY_LINES:
@@ -571,8 +572,9 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
         dead = dead_experts(torch.stack([r.routing.expert_load_LE for r in records]).nanmean(0))
         # Every window's state goes to metrics.jsonl; the console hears only of changes.
         out["dead_experts"] = len(dead)
-        out["dead_experts_per_layer"] = [sorted(e for l, e in dead if l == layer + 1)
-                                         for layer in torch.nonzero(moe_layers).flatten().tolist()]
+        out["dead_experts_per_layer"] = [
+            sorted(e for dead_layer, e in dead if dead_layer == layer + 1)
+            for layer in torch.nonzero(moe_layers).flatten().tolist()]
         out["collapsed_layers"] = len(collapsed)
         if health is not None and not console_only:
             for line in health.update(state.iteration, dead, collapsed, len(records)):

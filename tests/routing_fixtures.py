@@ -25,7 +25,7 @@ def routing_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def routing_run(routing_corpus, tmp_path_factory):
-    from test_training import authors_style_flags, ok, run
+    from training_runs import authors_style_flags, ok, run
 
     save = tmp_path_factory.mktemp("run")
     ok(run(authors_style_flags(routing_corpus, save, seq_length=SEQ_LENGTH, train_iters=6,

@@ -19,8 +19,7 @@ from remoe_patches.model import build_model
 from remoe_patches.parallel import destroy_parallel, initialize_parallel
 from remoe_patches.training_step import forward_backward, wrap_with_ddp
 
-MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-             ffn_hidden_size=64, vocab_size=128, seq_length=16)
+from tiny import TINY_MODEL
 
 
 def make_batches(global_batch: int, num_chunks: int, seq_length: int, vocab_size: int, seed=7):
@@ -55,7 +54,7 @@ def run_step(rank, world_size, *, ckpt_dir, parallel_kwargs, model_kwargs, globa
     parallel = ParallelConfig(**parallel_kwargs)
     initialize_parallel(parallel, rank=rank, world_size=world_size, seed=1234)
     try:
-        model_config = ModelConfig(**{**MODEL, **model_kwargs})
+        model_config = ModelConfig(**{**TINY_MODEL, **model_kwargs})
         built = build_model(
             model_config,
             parallel,
@@ -72,11 +71,11 @@ def run_step(rank, world_size, *, ckpt_dir, parallel_kwargs, model_kwargs, globa
         dp_size = parallel_state.get_data_parallel_world_size()
         dp_rank = parallel_state.get_data_parallel_rank()
         num_microbatches = global_batch // (micro_batch * dp_size)
-        chunks = make_batches(global_batch, global_batch // micro_batch, MODEL["seq_length"],
+        chunks = make_batches(global_batch, global_batch // micro_batch, TINY_MODEL["seq_length"],
                               model_config.vocab_size)
         mine = chunks[dp_rank * num_microbatches:(dp_rank + 1) * num_microbatches]
         losses = forward_backward([ddp], mine, num_microbatches=num_microbatches,
-                                  seq_length=MODEL["seq_length"], micro_batch_size=micro_batch)
+                                  seq_length=TINY_MODEL["seq_length"], micro_batch_size=micro_batch)
         result = {"lm_loss": losses["lm_loss"]}
         if built.regularizer is not None:
             stats = built.regularizer.finish_step()

@@ -13,6 +13,8 @@ import pytest
 
 from remoe_patches import analysis, routing_capture, run_metrics
 
+pytestmark = pytest.mark.integration
+
 
 def read_csv(path) -> list:
     with open(path) as f:
@@ -29,7 +31,8 @@ def test_stages_from_metrics(routing_run, tmp_path):
     result = analysis.stages(routing_run, tmp_path)
     rows = check_outputs(result, "stages")
     records = [r for r in run_metrics.read_metrics(routing_run) if "lm_loss" in r]
-    assert [int(r["iteration"]) for r in rows] == [r["iteration"] for r in records] == list(range(1, 7))
+    assert ([int(r["iteration"]) for r in rows] == [r["iteration"] for r in records]
+            == list(range(1, 7)))
     for row, record in zip(rows, records):
         for key in ("sparsity", "l1_coeff", "reg_loss", "lm_loss"):
             assert float(row[key]) == pytest.approx(record[key], rel=1e-12)

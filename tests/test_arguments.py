@@ -18,49 +18,11 @@ from remoe_patches.arguments import parse_args
 from remoe_patches.config import ModelConfig, ParallelConfig
 from remoe_patches.router_registry import SWEEP_NAMES, ReLUOptions
 
+from command_lines import AUTHORS_182M_REMOE, TINY_FLAGS, TINY_MOE_FLAGS
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# The authors' 182M ReMoE launch (spec §7), with the 29-pair --data-path blend cut to 3 pairs.
-AUTHORS_182M_REMOE = [
-    "--use-mcore-models", "--disable-bias-linear",
-    "--seq-length", "1024", "--max-position-embeddings", "1024",
-    "--num-layers", "12", "--hidden-size", "768", "--num-attention-heads", "12",
-    "--init-method-std", "0.01", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
-    "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--swiglu",
-    "--untie-embeddings-and-output-weights", "--group-query-attention", "--num-query-groups", "4",
-    "--no-masked-softmax-fusion", "--no-position-embedding", "--rotary-base", "1000000",
-    "--num-experts", "8", "--moe-router-topk", "1",
-    "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2",
-    "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall",
-    "--overlap-param-gather", "--overlap-grad-reduce",
-    "--moe-relu-routing", "--moe-router-pre-softmax", "--moe-granularity", "1",
-    "--moe-layer-recompute",
-    "--vocab-file", "gpt2-vocab.json", "--merge-file", "gpt2-merges.txt",
-    "--make-vocab-size-divisible-by", "1024",
-    "--data-path", "0.0260", "../pile/00_text_document", "0.0251", "../pile/01_text_document",
-    "0.0249", "../pile/02_text_document",
-    "--split", "969,30,1",
-    "--micro-batch-size", "16", "--global-batch-size", "512", "--lr", "5e-4",
-    "--train-iters", "60000", "--lr-decay-style", "cosine", "--min-lr", "5e-5",
-    "--lr-warmup-fraction", "0.01", "--clip-grad", "1.0", "--bf16", "--use-flash-attn",
-    "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
-    "--use-distributed-optimizer", "--sequence-parallel",
-    "--log-interval", "10", "--log-throughput", "--save-interval", "5000",
-    "--eval-interval", "1000", "--eval-iters", "100",
-    "--save", "ckpt/182m", "--load", "ckpt/182m", "--tensorboard-dir", "ckpt/182m/tensorboard",
-]
-
 TOPK_ONLY_FLAGS = ["--moe-router-pre-softmax", "--moe-aux-loss-coeff"]
-
-# A small valid LLaMA-recipe command line for the error tests.
-TINY = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-    "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "10",
-    "--normalization", "RMSNorm", "--swiglu", "--untie-embeddings-and-output-weights",
-    "--disable-bias-linear", "--position-embedding-type", "rope",
-    "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
-]
-TINY_MOE = TINY + ["--num-experts", "8", "--moe-router-topk", "1", "--moe-router-pre-softmax"]
 
 # Spec §3: layers, hidden, heads of each preset.
 PAPER_SIZES = {"182m": (12, 768, 12), "469m": (24, 1024, 16), "978m": (24, 1536, 16)}
@@ -193,7 +155,7 @@ def test_yaml_values_are_defaults_and_the_command_line_wins(tmp_path):
         "num_layers: 4\nlr: 1e-3\nmoe_relu_routing: true\nnum_experts: 8\nmoe_router_topk: 1\n"
         "data_path: [0.3, a, 0.7, b]\nlr_warmup_fraction: 0.01\n"
     )
-    args = parse_args(["--config", str(config), *without(TINY, "--lr"), "--num-layers", "6",
+    args = parse_args(["--config", str(config), *without(TINY_FLAGS, "--lr"), "--num-layers", "6",
                        "--lr-warmup-iters", "5"])
     assert args.lr == 1e-3  # from the YAML, through the flag's type
     assert args.num_layers == 6  # the command line wins
@@ -260,15 +222,16 @@ def test_the_command_line_switches_off_what_the_yaml_switches_on(capsys):
     assert hashed.config.model.router == "hash" and not hashed.args.moe_relu_routing
     assert hashed.config.model.num_layers == 4  # the rest stays the YAML's
     # Megatron-LM's --no-X flags keep their meaning and get the opposite --X
-    args = parse_args(TINY + ["--no-load-optim", "--no-masked-softmax-fusion"])
+    args = parse_args(TINY_FLAGS + ["--no-load-optim", "--no-masked-softmax-fusion"])
     assert args.no_load_optim and not args.masked_softmax_fusion
-    args = parse_args(TINY + ["--no-load-optim", "--load-optim", "--masked-softmax-fusion"])
+    args = parse_args(TINY_FLAGS + ["--no-load-optim", "--load-optim", "--masked-softmax-fusion"])
     assert not args.no_load_optim and args.masked_softmax_fusion
     assert not {"no_load_optim", "masked_softmax_fusion"} & args.given
     # a switched-off flag is not listed as having no effect
-    assert flags_of(parse_args(TINY + ["--use-flash-attn"]), **CPU) == ["--use-flash-attn"]
-    assert flags_of(parse_args(TINY + ["--use-flash-attn", "--no-use-flash-attn"]), **CPU) == []
-    err = parse_error(TINY + ["--demo-corpus", "false"], capsys)
+    assert flags_of(parse_args(TINY_FLAGS + ["--use-flash-attn"]), **CPU) == ["--use-flash-attn"]
+    switched_off = parse_args(TINY_FLAGS + ["--use-flash-attn", "--no-use-flash-attn"])
+    assert flags_of(switched_off, **CPU) == []
+    err = parse_error(TINY_FLAGS + ["--demo-corpus", "false"], capsys)
     assert "unexpected value 'false': an on/off flag takes no value (--X switches it on, " \
         "--no-X off)" in err
 
@@ -289,21 +252,21 @@ def test_every_on_off_flag_has_its_opposite():
 
 @pytest.mark.parametrize("typo", ["--num-layer", "--num-lay", "--num-layer=12"])
 def test_unknown_flag_names_the_closest_one(typo, capsys):
-    err = parse_error(TINY + [typo, "12"], capsys)
+    err = parse_error(TINY_FLAGS + [typo, "12"], capsys)
     assert f"unknown flag {typo.split('=')[0]}; did you mean --num-layers?" in err
 
 
 def test_unknown_yaml_key_names_file_key_and_closest_key(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("num_layer: 12\n")
-    err = parse_error(["--config", str(config), *TINY], capsys)
+    err = parse_error(["--config", str(config), *TINY_FLAGS], capsys)
     assert str(config) in err and "unknown key num_layer; did you mean num_layers?" in err
 
 
 def test_yaml_switch_needs_a_boolean(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("swiglu: 3\n")
-    err = parse_error(["--config", str(config), *TINY], capsys)
+    err = parse_error(["--config", str(config), *TINY_FLAGS], capsys)
     assert str(config) in err and "swiglu takes true or false" in err
 
 
@@ -313,53 +276,57 @@ def test_yaml_switch_needs_a_boolean(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (TINY + ["--lr-warmup-iters", "10", "--lr-warmup-fraction", "0.1"], "--lr-warmup-fraction"),
-        (TINY + ["--global-batch-size", "7"],
+        (TINY_FLAGS + ["--lr-warmup-iters", "10", "--lr-warmup-fraction", "0.1"],
+         "--lr-warmup-fraction"),
+        (TINY_FLAGS + ["--global-batch-size", "7"],
          "--global-batch-size 7 is not divisible by --micro-batch-size 2"),
-        (TINY + ["--num-experts", "4", "--moe-router-topk", "5"], "--moe-router-topk 5"),
-        (TINY_MOE + ["--moe-granularity", "5"], "--moe-granularity 5: does not divide"),
-        (TINY_MOE + ["--moe-relu-routing", "--moe-expert-capacity-factor", "1.0"],
+        (TINY_FLAGS + ["--num-experts", "4", "--moe-router-topk", "5"], "--moe-router-topk 5"),
+        (TINY_MOE_FLAGS + ["--moe-granularity", "5"], "--moe-granularity 5: does not divide"),
+        (TINY_MOE_FLAGS + ["--moe-relu-routing", "--moe-expert-capacity-factor", "1.0"],
          "--moe-expert-capacity-factor"),
-        (TINY_MOE + ["--moe-relu-routing", "--moe-pad-expert-input-to-capacity"],
+        (TINY_MOE_FLAGS + ["--moe-relu-routing", "--moe-pad-expert-input-to-capacity"],
          "--moe-pad-expert-input-to-capacity"),
-        (TINY_MOE + ["--moe-relu-routing", "--moe-token-dispatcher-type", "flex"],
+        (TINY_MOE_FLAGS + ["--moe-relu-routing", "--moe-token-dispatcher-type", "flex"],
          "--moe-token-dispatcher-type flex"),
-        (TINY_MOE + ["--moe-token-dispatcher-type", "alltoall_seq"], "--moe-token-dispatcher-type"),
-        (TINY + ["--moe-relu-routing"], "--moe-relu-routing needs --num-experts"),
-        (TINY + ["--fp16"], "--fp16 is not supported: use --bf16"),
-        (without(TINY, "--num-layers"), "missing required flag(s): --num-layers"),
-        (without(TINY, "--hidden-size"), "missing required flag(s): --hidden-size"),
-        (without(TINY, "--num-attention-heads"), "missing required flag(s): --num-attention-heads"),
-        (without(TINY, "--seq-length"), "missing required flag(s): --seq-length"),
-        (TINY + ["--train-samples", "100"], "--train-iters and --train-samples"),
-        (without(TINY, "--swiglu"), "--swiglu must be given"),
-        (without(TINY, "--normalization"), "--normalization must be RMSNorm, not LayerNorm"),
-        (without(TINY, "--untie-embeddings-and-output-weights"),
+        (TINY_MOE_FLAGS + ["--moe-token-dispatcher-type", "alltoall_seq"],
+         "--moe-token-dispatcher-type"),
+        (TINY_FLAGS + ["--moe-relu-routing"], "--moe-relu-routing needs --num-experts"),
+        (TINY_FLAGS + ["--fp16"], "--fp16 is not supported: use --bf16"),
+        (without(TINY_FLAGS, "--num-layers"), "missing required flag(s): --num-layers"),
+        (without(TINY_FLAGS, "--hidden-size"), "missing required flag(s): --hidden-size"),
+        (without(TINY_FLAGS, "--num-attention-heads"),
+         "missing required flag(s): --num-attention-heads"),
+        (without(TINY_FLAGS, "--seq-length"), "missing required flag(s): --seq-length"),
+        (TINY_FLAGS + ["--train-samples", "100"], "--train-iters and --train-samples"),
+        (without(TINY_FLAGS, "--swiglu"), "--swiglu must be given"),
+        (without(TINY_FLAGS, "--normalization"), "--normalization must be RMSNorm, not LayerNorm"),
+        (without(TINY_FLAGS, "--untie-embeddings-and-output-weights"),
          "--untie-embeddings-and-output-weights must be given"),
-        (without(TINY, "--position-embedding-type"), "--position-embedding-type must be rope"),
-        (without(TINY, "--disable-bias-linear"), "--disable-bias-linear must be given"),
-        (without(TINY, "--hidden-dropout"), "--hidden-dropout must be 0.0, not 0.1"),
-        (without(TINY, "--attention-dropout"), "--attention-dropout must be 0.0, not 0.1"),
-        (TINY + ["--group-query-attention", "--num-query-groups", "3"], "--num-query-groups"),
-        (TINY_MOE + ["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
-        (TINY + ["--context-parallel-size", "2"], "--context-parallel-size must be 1"),
-        (TINY + ["--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size"),
-        (TINY + ["--recompute-granularity", "full"],
+        (without(TINY_FLAGS, "--position-embedding-type"),
+         "--position-embedding-type must be rope"),
+        (without(TINY_FLAGS, "--disable-bias-linear"), "--disable-bias-linear must be given"),
+        (without(TINY_FLAGS, "--hidden-dropout"), "--hidden-dropout must be 0.0, not 0.1"),
+        (without(TINY_FLAGS, "--attention-dropout"), "--attention-dropout must be 0.0, not 0.1"),
+        (TINY_FLAGS + ["--group-query-attention", "--num-query-groups", "3"], "--num-query-groups"),
+        (TINY_MOE_FLAGS + ["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
+        (TINY_FLAGS + ["--context-parallel-size", "2"], "--context-parallel-size must be 1"),
+        (TINY_FLAGS + ["--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size"),
+        (TINY_FLAGS + ["--recompute-granularity", "full"],
          "--recompute-granularity full needs --recompute-method"),
-        (TINY + ["--recompute-num-layers", "1"], "need --recompute-granularity full"),
-        (without(TINY_MOE, "--moe-router-pre-softmax"),
+        (TINY_FLAGS + ["--recompute-num-layers", "1"], "need --recompute-granularity full"),
+        (without(TINY_MOE_FLAGS, "--moe-router-pre-softmax"),
          "--moe-router-topk 1 needs --moe-router-pre-softmax"),
-        (TINY + ["--data-path", "0.5", "a", "b", "c"], "--data-path: mixes"),
-        (TINY + ["--vocab-file", "vocab.json"], "needs both --vocab-file and --merge-file"),
-        (TINY + ["--max-position-embeddings", "16"], "--max-position-embeddings 16"),
-        (TINY + ["--optimizer", "sgd"], "--optimizer"),
-        (TINY_MOE + ["--moe-relu-routing", "--moe-permute-fusion"],
+        (TINY_FLAGS + ["--data-path", "0.5", "a", "b", "c"], "--data-path: mixes"),
+        (TINY_FLAGS + ["--vocab-file", "vocab.json"], "needs both --vocab-file and --merge-file"),
+        (TINY_FLAGS + ["--max-position-embeddings", "16"], "--max-position-embeddings 16"),
+        (TINY_FLAGS + ["--optimizer", "sgd"], "--optimizer"),
+        (TINY_MOE_FLAGS + ["--moe-relu-routing", "--moe-permute-fusion"],
          "--moe-relu-routing excludes --moe-permute-fusion"),
-        (TINY + ["--overlap-param-gather", "--overlap-grad-reduce"],
+        (TINY_FLAGS + ["--overlap-param-gather", "--overlap-grad-reduce"],
          "--overlap-param-gather needs --use-distributed-optimizer"),
-        (TINY + ["--overlap-param-gather", "--use-distributed-optimizer"],
+        (TINY_FLAGS + ["--overlap-param-gather", "--use-distributed-optimizer"],
          "--overlap-param-gather needs --overlap-grad-reduce"),
-        (TINY_MOE + ["--moe-router-dtype", "bf16"], "--moe-router-dtype"),
+        (TINY_MOE_FLAGS + ["--moe-router-dtype", "bf16"], "--moe-router-dtype"),
     ],
 )
 def test_mistakes_are_one_line_naming_the_flag(argv, expected, capsys):
@@ -368,7 +335,7 @@ def test_mistakes_are_one_line_naming_the_flag(argv, expected, capsys):
 
 def test_dense_model_lists_moe_flags_and_unsupported_logging():
     args = parse_args(
-        TINY + ["--moe-grouped-gemm", "--wandb-project", "p", "--num-query-groups", "2"]
+        TINY_FLAGS + ["--moe-grouped-gemm", "--wandb-project", "p", "--num-query-groups", "2"]
     )
     listed = dict(ineffective_flags(args, **GPU_WITH_TE))
     assert listed.keys() == {"--moe-grouped-gemm", "--wandb-project", "--num-query-groups"}
@@ -381,9 +348,10 @@ def test_zero_experts_with_remoe_routing_is_refused_naming_both_flags(capsys):
     line = parse_error(["--config", str(CONFIG_DIR / "182m_remoe.yaml"), "--num-experts", "0",
                         "--mock-data"], capsys)
     assert "--num-experts 0 contradicts --moe-relu-routing" in line
-    line = parse_error(TINY + ["--num-experts", "0", "--moe-router-type", "hash"], capsys)
+    line = parse_error(TINY_FLAGS + ["--num-experts", "0", "--moe-router-type", "hash"], capsys)
     assert "--num-experts 0 contradicts --moe-router-type hash" in line
-    assert "--num-experts -1 must be >= 1" in parse_error(TINY + ["--num-experts", "-1"], capsys)
+    assert "--num-experts -1 must be >= 1" in parse_error(TINY_FLAGS + ["--num-experts", "-1"],
+                                                          capsys)
 
 
 def test_zero_experts_is_a_dense_model_that_lists_the_moe_flags():
@@ -395,24 +363,24 @@ def test_zero_experts_is_a_dense_model_that_lists_the_moe_flags():
 
 
 def test_router_dtype_flag_and_its_default():
-    assert model_config_from_args(parse_args(TINY_MOE)).moe_router_dtype is None
-    explicit = parse_args(TINY_MOE + ["--moe-router-dtype", "fp64", "--bf16"])
+    assert model_config_from_args(parse_args(TINY_MOE_FLAGS)).moe_router_dtype is None
+    explicit = parse_args(TINY_MOE_FLAGS + ["--moe-router-dtype", "fp64", "--bf16"])
     model = model_config_from_args(explicit)
     assert model.moe_router_dtype == "fp64"
     assert model.transformer_config(parallel_config_from_args(explicit)).moe_router_dtype == "fp64"
     # From 32 experts (E x G) the router runs in fp32 unless told otherwise, TopK and ReLU alike.
     for extra in (["--moe-granularity", "4"], ["--moe-relu-routing", "--moe-granularity", "4"]):
-        fine_grained = parse_args(TINY_MOE + extra)
+        fine_grained = parse_args(TINY_MOE_FLAGS + extra)
         assert model_config_from_args(fine_grained).moe_router_dtype == "fp32", extra
 
 
 def test_permute_fusion_stays_available_to_topk():
-    args = parse_args(TINY_MOE + ["--moe-permute-fusion"])
+    args = parse_args(TINY_MOE_FLAGS + ["--moe-permute-fusion"])
     assert transformer_overrides(args, **GPU_WITH_TE)["moe_permute_fusion"] is True
 
 
 def test_topk_flags_of_megatron_lm_reach_megatron():
-    args = parse_args(TINY_MOE + [
+    args = parse_args(TINY_MOE_FLAGS + [
         "--moe-router-topk-scaling-factor", "8", "--moe-input-jitter-eps", "0.01",
         "--moe-z-loss-coeff", "1e-3", "--moe-expert-capacity-factor", "1.0",
         "--moe-token-drop-policy", "position"])
@@ -423,7 +391,7 @@ def test_topk_flags_of_megatron_lm_reach_megatron():
     assert not set(flags_of(args, **CPU)) & {"--moe-router-topk-scaling-factor",
                                              "--moe-input-jitter-eps", "--moe-token-drop-policy"}
     # aux-loss-free balancing: sigmoid scores (no pre-softmax needed at k=1) with a bias
-    free = parse_args(without(TINY_MOE, "--moe-router-pre-softmax") + [
+    free = parse_args(without(TINY_MOE_FLAGS, "--moe-router-pre-softmax") + [
         "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
         "--moe-router-bias-update-rate", "0.01", "--moe-router-load-balancing-type", "none"])
     overrides = transformer_overrides(free, **CPU)
@@ -432,9 +400,10 @@ def test_topk_flags_of_megatron_lm_reach_megatron():
 
 
 def test_topk_flags_have_no_effect_under_relu_routing():
-    args = parse_args(TINY_MOE + ["--moe-relu-routing", "--moe-router-topk-scaling-factor", "8",
-                                  "--moe-input-jitter-eps", "0.01",
-                                  "--moe-router-score-function", "sigmoid"])
+    args = parse_args(TINY_MOE_FLAGS + ["--moe-relu-routing",
+                                        "--moe-router-topk-scaling-factor", "8",
+                                        "--moe-input-jitter-eps", "0.01",
+                                        "--moe-router-score-function", "sigmoid"])
     listed = dict(ineffective_flags(args, **CPU))
     for flag in ("--moe-router-topk-scaling-factor", "--moe-input-jitter-eps",
                  "--moe-router-score-function"):
@@ -444,7 +413,7 @@ def test_topk_flags_have_no_effect_under_relu_routing():
 
 
 def test_expert_bias_needs_sigmoid_scores(capsys):
-    line = parse_error(TINY_MOE + ["--moe-router-enable-expert-bias"], capsys)
+    line = parse_error(TINY_MOE_FLAGS + ["--moe-router-enable-expert-bias"], capsys)
     assert "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid" in line
 
 
@@ -461,12 +430,13 @@ def test_every_missing_recipe_flag_is_reported_at_once(capsys):
 
 
 def test_demo_corpus_gets_megatron_lms_default_split():
-    args = parse_args([*without(TINY, "--train-iters"), "--train-iters", "2", "--demo-corpus"])
+    args = parse_args([*without(TINY_FLAGS, "--train-iters"), "--train-iters", "2",
+                       "--demo-corpus"])
     assert args.split == "969, 30, 1"
 
 
 def test_gradient_accumulation_fusion_flag_is_noted_by_apex_kernel_not_transformer_engine():
-    args = parse_args([*TINY, "--no-gradient-accumulation-fusion"])
+    args = parse_args([*TINY_FLAGS, "--no-gradient-accumulation-fusion"])
     assert "--no-gradient-accumulation-fusion" in flags_of(args, **GPU_WITH_TE)
     assert "--no-gradient-accumulation-fusion" not in flags_of(
         args, **GPU_WITH_TE, wgrad_fusion_available=True)

@@ -20,17 +20,10 @@ from remoe_patches.baseline_routing import (
     sequence_parallel_slice,
 )
 
+from routing_references import reference_expert_choice, reference_hash_table
+
 
 # --- hash routing ------------------------------------------------------------------------------
-
-def reference_hash_table(vocab_size, num_experts, seed):
-    """The table dealt by hand: the i-th id of the seeded permutation goes to expert i mod E."""
-    permutation = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed)).tolist()
-    table = [None] * vocab_size
-    for position, token_id in enumerate(permutation):
-        table[token_id] = position % num_experts
-    return table
-
 
 @pytest.mark.parametrize("vocab_size, num_experts, seed", [(128, 8, 0), (50, 8, 7), (1000, 3, 123)])
 def test_hash_table_is_the_seeded_round_robin_deal(vocab_size, num_experts, seed):
@@ -99,31 +92,6 @@ def test_sequence_parallel_slice_matches_megatrons_sequence_scatter():
 ])
 def test_capacity(tokens, experts, topk, factor, expected):
     assert expert_choice_capacity(tokens, experts, topk, factor) == expected
-
-
-def numpy_softmax(logits):
-    logits = np.asarray(logits, dtype=np.float64)
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def reference_expert_choice(logits_SBE, topk, capacity_factor, group):
-    """Loops: each group's token list, each expert sorts it by score and keeps the first C."""
-    seq_length, batch_size, num_experts = logits_SBE.shape
-    scores = numpy_softmax(logits_SBE.detach().numpy())
-    if group == "sequence":
-        groups = [[(s, b) for s in range(seq_length)] for b in range(batch_size)]
-    else:
-        groups = [[(s, b) for s in range(seq_length) for b in range(batch_size)]]
-    chosen = np.zeros((seq_length * batch_size, num_experts), dtype=bool)
-    for tokens in groups:
-        capacity = max(1, min(len(tokens), int(np.floor(
-            capacity_factor * len(tokens) * topk / num_experts + 0.5))))
-        for e in range(num_experts):
-            ranked = sorted(tokens, key=lambda sb: -scores[sb[0], sb[1], e])
-            for s, b in ranked[:capacity]:
-                chosen[s * batch_size + b, e] = True
-    return chosen, scores.reshape(seq_length * batch_size, num_experts)
 
 
 def random_logits(seq_length=12, batch_size=3, num_experts=4, seed=0):

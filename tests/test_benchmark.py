@@ -145,7 +145,7 @@ def test_a_spread_too_large_gives_no_verdict():
     assert not noisy[name]["meaningful"] and noisy[name]["at_most_1"] is None
     report = dict(device="CPU", results=busy, ratios=noisy)
     table = format_table(report)
-    line = next(l for l in table.splitlines() if l.startswith(name))
+    line = next(row for row in table.splitlines() if row.startswith(name))
     assert "not meaningful" in line and "<= 1.00" not in line and "> 1.00" not in line
     assert "rerun on an idle machine" in table
     assert "within spread" in format_table(dict(device="CPU", results=calm, ratios=quiet))
@@ -213,10 +213,12 @@ def test_config_errors_name_the_field():
 
 
 def test_dense_twin_has_the_same_active_parameters():
-    flags = benchmark.training_flags(BenchmarkConfig(topk=2), "dense", benchmark.torch.device("cpu"))
+    flags = benchmark.training_flags(BenchmarkConfig(topk=2), "dense",
+                                     benchmark.torch.device("cpu"))
     assert flags[flags.index("--ffn-hidden-size") + 1] == str(2 * 4 * 64)
 
 
+@pytest.mark.integration
 def test_command_line_writes_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run(
@@ -233,6 +235,7 @@ def test_command_line_writes_table_and_json(tmp_path):
     assert saved["config"]["steps"] == 2 and "ReMoE (not settled) / TopK MoE" in saved["ratios"]
 
 
+@pytest.mark.integration
 def test_command_line_bad_input_is_one_line(tmp_path):
     run = subprocess.run(
         [sys.executable, "tools/benchmark.py", "--steps", "0"],

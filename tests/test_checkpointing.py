@@ -17,12 +17,11 @@ from remoe_patches.model import build_model
 from remoe_patches.router_registry import ReLUOptions
 from remoe_patches.training_step import forward_backward, wrap_with_ddp
 
-TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-            ffn_hidden_size=64, vocab_size=128, seq_length=16, router="relu")
+from tiny import TINY_RELU_MODEL
 
 
 def make_run(single_rank):
-    built = build_model(ModelConfig(**TINY), single_rank)
+    built = build_model(ModelConfig(**TINY_RELU_MODEL), single_rank)
     ddp = wrap_with_ddp(built.model, built.transformer_config)
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3), [ddp])
     scheduler = OptimizerParamScheduler(
@@ -30,11 +29,11 @@ def make_run(single_rank):
         lr_decay_style="cosine", start_wd=0.0, end_wd=0.0, wd_incr_steps=10,
         wd_incr_style="constant")
     # one step, so that the optimizer has its Adam moments to save
-    tokens = torch.randint(0, TINY["vocab_size"], (2, TINY["seq_length"] + 1))
+    tokens = torch.randint(0, TINY_RELU_MODEL["vocab_size"], (2, TINY_RELU_MODEL["seq_length"] + 1))
     batch = dict(tokens_BS=tokens[:, :-1], labels_BS=tokens[:, 1:],
-                 loss_mask_BS=torch.ones(2, TINY["seq_length"]),
-                 position_ids_BS=torch.arange(TINY["seq_length"]).expand(2, -1))
-    forward_backward([ddp], [batch], num_microbatches=1, seq_length=TINY["seq_length"],
+                 loss_mask_BS=torch.ones(2, TINY_RELU_MODEL["seq_length"]),
+                 position_ids_BS=torch.arange(TINY_RELU_MODEL["seq_length"]).expand(2, -1))
+    forward_backward([ddp], [batch], num_microbatches=1, seq_length=TINY_RELU_MODEL["seq_length"],
                      micro_batch_size=2)
     optimizer.step()
     return built, ddp, optimizer, scheduler
@@ -98,12 +97,13 @@ def test_fresh_directory_is_a_fresh_start(single_rank, tmp_path):
 def test_pointer_to_missing_checkpoint_is_a_clear_error(single_rank, tmp_path):
     _, ddp, optimizer, scheduler = make_run(single_rank)
     (tmp_path / run_directory.LATEST_FILE).write_text("7")
-    with pytest.raises(checkpointing.CheckpointError, match="iter_0000007: the directory is missing"):
+    with pytest.raises(checkpointing.CheckpointError,
+                       match="iter_0000007: the directory is missing"):
         checkpointing.load_checkpoint(str(tmp_path), [ddp], optimizer, scheduler)
 
 
 def test_weights_only_load_refreshes_the_fp32_main_weights(single_rank, tmp_path):
-    from test_megatron_fixes import distributed_bf16_run, saved_after_training
+    from tiny_training import distributed_bf16_run, saved_after_training
 
     saved_after_training(single_rank, tmp_path)
     _, fresh_ddp, fresh = distributed_bf16_run(single_rank, seed=5)
@@ -115,7 +115,7 @@ def test_weights_only_load_refreshes_the_fp32_main_weights(single_rank, tmp_path
 
 
 def test_optimizer_state_of_another_layout_is_refused_in_one_line(single_rank, tmp_path):
-    from test_megatron_fixes import saved_after_training
+    from tiny_training import saved_after_training
 
     built, ddp, optimizer = saved_after_training(single_rank, tmp_path / "dist", steps=1)
     _, plain_ddp, plain, _ = make_run(single_rank)  # no distributed optimizer
@@ -163,7 +163,8 @@ def test_checkpoint_of_the_other_layer_implementation_loads(single_rank, tmp_pat
         named_as_transformer_engine(ddp, monkeypatch)
     checkpointing.save_checkpoint(str(tmp_path), 1, [ddp], optimizer, scheduler,
                                   consumed_samples=2, regularizer=built.regularizer)
-    keys = set(checkpointing.dist_checkpointing.load_tensors_metadata(str(tmp_path / "iter_0000001")))
+    keys = set(checkpointing.dist_checkpointing.load_tensors_metadata(
+        str(tmp_path / "iter_0000001")))
     assert (TE_MOE_NORM in keys) == (saved_as == "transformer_engine")
     assert (LOCAL_MOE_NORM in keys) == (saved_as == "local")
 
@@ -184,23 +185,23 @@ def test_checkpoint_of_the_other_layer_implementation_loads(single_rank, tmp_pat
 
 def test_checkpoint_of_another_architecture_is_refused_naming_the_flags(single_rank, tmp_path):
     built, ddp, optimizer, scheduler = make_run(single_rank)
-    saved = ModelConfig(**{**TINY, "hidden_size": 64, "num_experts": 4})
+    saved = ModelConfig(**{**TINY_RELU_MODEL, "hidden_size": 64, "num_experts": 4})
     checkpointing.save_checkpoint(str(tmp_path), 1, [ddp], optimizer, scheduler,
                                   consumed_samples=2, regularizer=built.regularizer,
                                   run_config={"model": dataclasses.asdict(saved)})
     with pytest.raises(checkpointing.CheckpointError) as error:
         checkpointing.load_checkpoint(str(tmp_path), [ddp], optimizer, scheduler,
-                                      model_config=ModelConfig(**TINY))
+                                      model_config=ModelConfig(**TINY_RELU_MODEL))
     message = str(error.value)
     assert "\n" not in message
     assert "--hidden-size: checkpoint 64, this run 32" in message
     assert "--num-experts x --moe-granularity: checkpoint 4, this run 8" in message
     assert "--num-layers" not in message
     # the same architecture with other routing settings loads
-    same_shapes = ModelConfig(**{**TINY, "topk": 2,
+    same_shapes = ModelConfig(**{**TINY_RELU_MODEL, "topk": 2,
                                   "router_options": ReLUOptions(l1_coeff_init=1e-4)})
     checkpointing.save_checkpoint(str(tmp_path / "same"), 1, [ddp], optimizer, scheduler,
                                   consumed_samples=2, regularizer=built.regularizer,
                                   run_config={"model": dataclasses.asdict(same_shapes)})
     checkpointing.load_checkpoint(str(tmp_path / "same"), [ddp], optimizer, scheduler,
-                                  model_config=ModelConfig(**TINY))
+                                  model_config=ModelConfig(**TINY_RELU_MODEL))

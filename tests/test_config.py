@@ -12,8 +12,7 @@ from remoe_patches.router_registry import (
     SparseMixerOptions,
 )
 
-TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-            ffn_hidden_size=64, vocab_size=128, seq_length=16)
+from tiny import TINY_MODEL
 
 
 def one_line_error(fn, *needles):
@@ -32,7 +31,8 @@ def one_line_error(fn, *needles):
         (dict(topk=9), ["ModelConfig.topk", "num_experts=8"]),
         (dict(topk=0), ["ModelConfig.topk"]),
         (dict(granularity=3), ["ModelConfig.granularity", "does not divide the FFN width 64"]),
-        (dict(moe_expert_capacity_factor=1.0), ["ModelConfig.moe_expert_capacity_factor", "dropless"]),
+        (dict(moe_expert_capacity_factor=1.0),
+         ["ModelConfig.moe_expert_capacity_factor", "dropless"]),
         (dict(token_dispatcher="flex"), ["ModelConfig.token_dispatcher", "alltoall, allgather"]),
         (dict(router="softmax"), ["ModelConfig.router", "dense, topk, relu"]),
         (dict(num_query_groups=3), ["ModelConfig.num_query_groups"]),
@@ -41,22 +41,24 @@ def one_line_error(fn, *needles):
     ],
 )
 def test_bad_model_settings(changes, needles):
-    one_line_error(lambda: ModelConfig(**{**TINY, "router": "relu", **changes}).validate(), *needles)
+    one_line_error(lambda: ModelConfig(**{**TINY_MODEL, "router": "relu", **changes}).validate(),
+                   *needles)
 
 
 def test_topk_router_may_drop_tokens_but_relu_may_not():
-    topk = ModelConfig(**TINY, router="topk", moe_expert_capacity_factor=1.0)
+    topk = ModelConfig(**TINY_MODEL, router="topk", moe_expert_capacity_factor=1.0)
     assert topk.validate() is topk
     assert topk.transformer_config(ParallelConfig()).moe_expert_capacity_factor == 1.0
     one_line_error(
-        lambda: ModelConfig(**TINY, router="relu", moe_expert_capacity_factor=1.0).validate(),
+        lambda: ModelConfig(**TINY_MODEL, router="relu", moe_expert_capacity_factor=1.0).validate(),
         "ModelConfig.moe_expert_capacity_factor", "dropless")
 
 
 @pytest.mark.parametrize(
     "parallel, world, needles",
     [
-        (ParallelConfig(tensor_model_parallel_size=2), 3, ["TP=2 x PP=1 does not divide the world size 3"]),
+        (ParallelConfig(tensor_model_parallel_size=2), 3,
+         ["TP=2 x PP=1 does not divide the world size 3"]),
         (ParallelConfig(pipeline_model_parallel_size=4), 6, ["PP=4", "world size 6"]),
         (ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2), 2,
          ["ParallelConfig.expert_model_parallel_size", "TP=2 x EP=2"]),
@@ -77,7 +79,7 @@ def test_layouts_that_do_not_tile_the_world(parallel, world, needles):
     ],
 )
 def test_layouts_that_do_not_split_the_model(parallel, needles):
-    model = ModelConfig(**TINY, router="relu")
+    model = ModelConfig(**TINY_MODEL, router="relu")
     one_line_error(lambda: model.transformer_config(parallel), *needles)
 
 
@@ -91,7 +93,7 @@ def test_unknown_preset():
 
 
 def test_fine_grained_sizes_and_target():
-    cfg = ModelConfig(**TINY, router="relu", num_experts=8, topk=1, granularity=4)
+    cfg = ModelConfig(**TINY_MODEL, router="relu", num_experts=8, topk=1, granularity=4)
     assert (cfg.total_experts, cfg.total_topk, cfg.expert_ffn_hidden_size) == (32, 4, 16)
     assert cfg.target_sparsity == 1 - 1 / 8
 
@@ -115,7 +117,7 @@ def test_fine_grained_sizes_and_target():
 ])
 def test_table_2_baseline_settings_are_checked(changes, field):
     with pytest.raises(ConfigError, match=field):
-        ModelConfig(**{**TINY, "seq_length": 32, **changes}).validate()
+        ModelConfig(**{**TINY_MODEL, "seq_length": 32, **changes}).validate()
 
 
 @pytest.mark.parametrize("router, parallel, needle", [
@@ -126,5 +128,6 @@ def test_table_2_baseline_settings_are_checked(changes, field):
 ])
 def test_baselines_refuse_layouts_that_split_what_they_need(router, parallel, needle):
     with pytest.raises(ConfigError, match=needle):
-        ParallelConfig(**parallel).validate_for(ModelConfig(**{**TINY, "router": router}))
-    ParallelConfig(expert_model_parallel_size=2).validate_for(ModelConfig(**{**TINY, "router": "hash"}))
+        ParallelConfig(**parallel).validate_for(ModelConfig(**{**TINY_MODEL, "router": router}))
+    ParallelConfig(expert_model_parallel_size=2).validate_for(
+        ModelConfig(**{**TINY_MODEL, "router": "hash"}))

@@ -33,9 +33,9 @@ from remoe_patches.config import ModelConfig
 from remoe_patches.model import build_model
 from remoe_patches.training_step import wrap_with_ddp
 
+from tiny import TINY_RELU_MODEL
+
 REPO = Path(__file__).resolve().parent.parent
-TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-            ffn_hidden_size=64, vocab_size=128, seq_length=16, router="relu")
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ def test_cuda_type_names_only_inside_the_wrapped_functions(shims):
 def test_mixed_precision_optimizer_accepts_cpu_bf16_parameters(shims):
     """megatron's Float16OptimizerWithFloat16Params sorts CPU bf16 parameters as it sorts CUDA
     ones: each gets an fp32 main copy with its values."""
-    built = build_model(ModelConfig(**TINY), shims, bf16=True)
+    built = build_model(ModelConfig(**TINY_RELU_MODEL), shims, bf16=True)
     ddp = wrap_with_ddp(built.model, built.transformer_config)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, params_dtype=torch.bfloat16), [ddp])
@@ -232,6 +232,7 @@ def uneven_collectives(rank, world_size):
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_uneven_all_gather_and_reduce_scatter_on_gloo(tmp_path):
     """Lists of unequal tensors, as the token dispatchers pass them: all_gather fills each entry
     with that rank's tensor, reduce_scatter leaves each rank the sum of its piece; async calls
@@ -264,7 +265,8 @@ def installed():
         all_gather=dist.all_gather, reduce_scatter=dist.reduce_scatter,
         distributed=distrib_optimizer.DistributedOptimizer.__init__,
         float16=optimizer.Float16OptimizerWithFloat16Params.__init__,
-        clip=clip_grads.clip_grad_by_total_norm_fp32, clip_in_optimizer=optimizer.clip_grad_by_total_norm_fp32,
+        clip=clip_grads.clip_grad_by_total_norm_fp32,
+        clip_in_optimizer=optimizer.clip_grad_by_total_norm_fp32,
         tensor_type=torch.Tensor.type)
 
 no_cuda = torch.cuda.is_available
@@ -289,6 +291,7 @@ print("ok")
 """
 
 
+@pytest.mark.integration
 def test_nothing_is_installed_with_cuda_and_everything_once_without():
     """A fresh interpreter: with CUDA available apply_cpu_shims installs nothing; without it,
     every shim once, and a second call wraps nothing again."""

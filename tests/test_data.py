@@ -330,8 +330,9 @@ def test_token_ids_beyond_the_padded_vocabulary_are_refused_naming_the_data(ten_
     assert "tools/preprocess_data.py" in message
 
 
+@pytest.mark.integration
 def test_data_of_another_tokenizer_is_one_line_at_start_up(tmp_path):
-    from test_training import authors_style_flags, run
+    from training_runs import authors_style_flags, run
     from remoe_patches.demo_corpus import build_demo_corpus
 
     corpus = build_demo_corpus(tmp_path / "corpus", vocab_size=384, max_chars_per_domain=5_000)
@@ -341,7 +342,7 @@ def test_data_of_another_tokenizer_is_one_line_at_start_up(tmp_path):
     result = run(authors_style_flags(corpus, save, data_path=f"1.0 {other}"))
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    [line] = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+    [line] = [text for text in result.stderr.splitlines() if text.startswith("error: ")]
     assert f"--data-path: {other} holds token id 50039, outside this run's vocabulary " \
            "(--tokenizer-type GPT2BPETokenizer" in line
     assert "padded to 512)" in line

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -28,5 +32,6 @@ def test_demo_trains_and_reaches_target_sparsity(tmp_path):
     final_sparsity = sum(r["sparsity"] for r in steps[-5:]) / 5  # the last 50 steps
     assert abs(final_sparsity - 0.875) < 0.03, [r["sparsity"] for r in steps]
     assert steps[0]["sparsity"] < 0.7  # it started dense (stage I)
-    assert any(path.name.startswith("events.out.tfevents") for path in (save / "tensorboard").iterdir())
+    assert any(path.name.startswith("events.out.tfevents")
+               for path in (save / "tensorboard").iterdir())
     assert "metrics: " in result.stdout and "checkpoint: " in result.stdout

@@ -1,15 +1,6 @@
 """Zero-shot evaluation through lm-eval: the ``remoe`` model, offline tasks, tools/evaluate.py.
 
-Checkpoints are trained once per session by ``pretrain_gpt.py`` in subprocesses (3 steps on a
-small demo corpus) and cached under pytest's session temp dir, shared with test_export.py:
-
-- ``relu``: 1-process ReMoE; ``topk``: 1-process TopK MoE; ``dense``: 1-process dense.
-- ``relu-ep2`` / ``relu-tp2``: the ``relu`` checkpoint loaded by ``pretrain_gpt.py`` on 2 ranks
-  with EP=2 (resp. TP=2 + sequence parallel) and saved again with no training step: the same
-  weights, written as 2 ranks' shards. Evaluating them on one process must give exactly the
-  numbers of ``relu``, which exercises megatron's resharding into the 1-process model. The
-  ``relu`` run pads the vocabulary to a multiple of 256, the TP=2 run to 128 x TP = 256: the
-  loader must pad with the *saved* TP size to rebuild the same 512-row embedding.
+The checkpoints are trained once per session (``trained_checkpoints.py``).
 """
 
 from __future__ import annotations
@@ -25,106 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from remoe_patches.parallel import free_port
 
-REPO = Path(__file__).resolve().parent.parent
-SEQ = 32
+from trained_checkpoints import SEQ, checkpoint, clean_env
+from training_runs import REPO
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints (shared with test_export.py through the session temp dir)
-
-
-def _cache_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.getbasetemp() / "remoe-eval-cache"
-    root.mkdir(exist_ok=True)
-    return root
-
-
-def _corpus(tmp_path_factory):
-    from remoe_patches.demo_corpus import build_demo_corpus
-
-    root = _cache_root(tmp_path_factory) / "corpus"
-    done = root / "built.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    corpus = build_demo_corpus(root, vocab_size=384, max_chars_per_domain=40_000)
-    info = dict(data_prefix=corpus.data_prefix, vocab_file=corpus.vocab_file,
-                merge_file=corpus.merge_file)
-    done.write_text(json.dumps(info))
-    return info
-
-
-def _flags(corpus, save, router, **overrides) -> list:
-    flags = dict(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        seq_length=SEQ, max_position_embeddings=SEQ, ffn_hidden_size=128,
-        position_embedding_type="rope", rotary_base=1000000, normalization="RMSNorm",
-        init_method_std=0.02, attention_dropout=0.0, hidden_dropout=0.0,
-        make_vocab_size_divisible_by=256,
-        micro_batch_size=2, global_batch_size=4, lr=1e-3, min_lr=1e-4, lr_decay_style="cosine",
-        lr_warmup_iters=1, train_iters=3, seed=1234,
-        data_path=corpus["data_prefix"], split="969,30,1", vocab_file=corpus["vocab_file"],
-        merge_file=corpus["merge_file"], log_interval=1, eval_interval=None, eval_iters=1,
-        save=save,
-    )
-    if router != "dense":
-        flags.update(num_experts=8, moe_router_topk=1, moe_aux_loss_coeff=1e-2,
-                     moe_token_dispatcher_type="alltoall", moe_relu_l1_reg_coeff_init=0.05)
-    flags.update(overrides)
-    argv = []
-    for key, value in flags.items():
-        if value is not None:
-            argv += ["--" + key.replace("_", "-"), str(value)]
-    argv += ["--disable-bias-linear", "--no-position-embedding", "--swiglu",
-             "--untie-embeddings-and-output-weights", "--group-query-attention"]
-    if router == "topk":
-        argv += ["--moe-router-pre-softmax"]
-    if router == "relu":
-        argv += ["--moe-relu-routing"]
-    return argv
-
-
-def clean_env(**extra) -> dict:
-    """This process's environment without torch.distributed rendezvous variables: a
-    subprocess must not reuse a port that this process may hold."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
-
-
-def _pretrain(argv, nproc=1):
-    script = str(REPO / "pretrain_gpt.py")
-    command = [sys.executable, script, *argv] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-port", str(free_port()), script, *argv]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env=clean_env())
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-RESAVED = {
-    "relu-ep2": ["--expert-model-parallel-size", "2"],
-    "relu-grouped-ep2": ["--expert-model-parallel-size", "2", "--moe-grouped-gemm"],
-    "relu-tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel",
-                 "--make-vocab-size-divisible-by", "128"],
-}
-
-
-def checkpoint(tmp_path_factory, name: str) -> str:
-    """The cached checkpoint ``name`` (see the module docstring), trained on first use."""
-    save = _cache_root(tmp_path_factory) / name
-    if (save / "latest_checkpointed_iteration.txt").exists():
-        return str(save)
-    corpus = _corpus(tmp_path_factory)
-    if name in ("relu", "topk", "dense"):
-        _pretrain(_flags(corpus, save, name))
-    else:
-        source = checkpoint(tmp_path_factory, "relu")
-        argv = _flags(corpus, save, "relu", load=source) + [
-            "--no-load-optim", "--no-load-rng", "--no-save-optim"] + RESAVED[name]
-        _pretrain(argv, nproc=2)
-    return str(save)
+# Checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +76,7 @@ LONG_TEXT = (
 # loglikelihood, rolling, generation
 
 
+@pytest.mark.integration
 def test_loglikelihood_equals_direct_forward_sum(relu_lm):
     lm = relu_lm
     pairs = [
@@ -212,6 +111,7 @@ def test_loglikelihood_equals_direct_forward_sum(relu_lm):
         assert logprob < 0
 
 
+@pytest.mark.integration
 def test_short_request_is_one_plain_forward_pass(relu_lm):
     lm = relu_lm
     context, continuation = lm._encode_pair("for item in", " items:")
@@ -223,6 +123,7 @@ def test_short_request_is_one_plain_forward_pass(relu_lm):
     assert logprob == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.integration
 def test_loglikelihood_rolling_equals_whole_text_sum(relu_lm):
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
@@ -251,6 +152,7 @@ def test_loglikelihood_rolling_equals_whole_text_sum(relu_lm):
         assert value == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.integration
 def test_reference_backend_scores_like_megatron(relu_lm, relu_checkpoint):
     from remoe_patches.evaluation import RemoeLM
 
@@ -264,6 +166,7 @@ def test_reference_backend_scores_like_megatron(relu_lm, relu_checkpoint):
         relu_lm.loglikelihood_rolling(rolling, disable_tqdm=True), rel=1e-5)
 
 
+@pytest.mark.integration
 def test_generate_until_is_greedy(relu_lm):
     lm = relu_lm
     prompts = [("def main():\n", {"until": ["\n\n"], "max_gen_toks": 6}),
@@ -297,6 +200,7 @@ def test_generate_until_is_greedy(relu_lm):
 # Checkpoints saved under EP=2 / TP=2
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name, key, size", [("relu-ep2", "expert_model_parallel_size", 2),
                                              ("relu-tp2", "tensor_model_parallel_size", 2)])
 def test_sharded_checkpoint_evaluates_like_single_process(single_rank, relu_lm, tmp_path_factory,
@@ -349,7 +253,9 @@ def write_fixtures(data_dir: Path) -> dict:
                      ["A", "B", "C", "D"], "C"),
                 ])]
 
-    problems = lambda items: str([dict(question=q, options=o, answer=a) for q, o, a in items])
+    def problems(items):
+        return str([dict(question=q, options=o, answer=a) for q, o, a in items])
+
     rows = {
         "arc_easy": ("test", arc("easy")),
         "arc_challenge": ("test", arc("challenge")),
@@ -525,6 +431,7 @@ def test_markdown_table_has_the_papers_columns():
     assert lines[3].endswith("| 61.00 | n/a | n/a |")
 
 
+@pytest.mark.integration
 def test_evaluate_tool_end_to_end(single_rank, relu_checkpoint, tmp_path):
     from remoe_patches.evaluation import PAPER_TASKS
     from remoe_patches.hf_export import export_checkpoint
@@ -573,6 +480,7 @@ def lm_eval_cli(*argv, env):
                           capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.integration
 def test_lm_evals_own_cli_runs_the_remoe_model_on_offline_tasks(relu_checkpoint, tmp_path):
     data = tmp_path / "data"
     counts = write_fixtures(data)
@@ -596,6 +504,7 @@ def test_lm_evals_own_cli_runs_the_remoe_model_on_offline_tasks(relu_checkpoint,
         assert results[0]["results"][task] == results[1]["results"][task]
 
 
+@pytest.mark.integration
 def test_evaluate_without_data_dir_and_network_says_so_in_one_line(relu_checkpoint, tmp_path):
     env = clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     result = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "--load",
@@ -628,6 +537,7 @@ def readme_blocks(section: str) -> list:
     return blocks
 
 
+@pytest.mark.integration
 def test_readme_zero_shot_commands_run_as_written(relu_checkpoint, tmp_path):
     """Every block of "Zero-shot evaluation and export", unchanged, in a directory where
     ``runs/demo`` is a checkpoint, ``DIR`` the task files and ``tools`` this repository's."""
@@ -660,6 +570,7 @@ def test_readme_zero_shot_commands_run_as_written(relu_checkpoint, tmp_path):
     assert outputs[4].stdout.startswith("def fibonacci(n):")
 
 
+@pytest.mark.integration
 def test_model_args_win_over_lm_evals_batch_size(relu_checkpoint):
     from remoe_patches.evaluation import RemoeLM
 
@@ -671,6 +582,7 @@ def test_model_args_win_over_lm_evals_batch_size(relu_checkpoint):
                                           {"batch_size": 4}).batch_size == 4
 
 
+@pytest.mark.integration
 def test_wrong_model_args_say_which_and_what_to_do(relu_checkpoint, tmp_path):
     from remoe_patches.evaluation import ModelArgsError, RemoeLM
 
@@ -684,6 +596,7 @@ def test_wrong_model_args_say_which_and_what_to_do(relu_checkpoint, tmp_path):
         RemoeLM.create_from_arg_string(f"load={tmp_path}")
 
 
+@pytest.mark.integration
 def test_moved_tokenizer_names_the_callers_option(relu_checkpoint, tmp_path):
     from remoe_patches.evaluation import ModelArgsError, RemoeLM
 
@@ -698,6 +611,7 @@ def test_moved_tokenizer_names_the_callers_option(relu_checkpoint, tmp_path):
     assert "pass --tokenizer-dir DIR holding them" in export.stderr
 
 
+@pytest.mark.integration
 def test_remoe_lm_eval_errors_are_one_line(relu_checkpoint, tmp_path):
     data = tmp_path / "data"
     write_fixtures(data)
@@ -757,7 +671,8 @@ def _in_process_lm(router: str, batch_size: int):
     lm.__dict__.update(model=model, model_backend="megatron", router=router,
                        batch_size=batch_size, _max_length=64, _max_gen_toks=4,
                        tokenizer=SimpleNamespace(
-                           eod=0, vocab_size=128, tokenize=lambda text: list(map(int, text.split())),
+                           eod=0, vocab_size=128,
+                           tokenize=lambda text: list(map(int, text.split())),
                            detokenize=lambda tokens: " ".join(map(str, tokens))))
     lm._device = next(model.parameters()).device
     return lm

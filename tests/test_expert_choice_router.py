@@ -14,12 +14,11 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from remoe_patches.config import ConfigError
 from remoe_patches.expert_choice_router import ExpertChoiceRouter, expert_choice_router_builder
 
-from test_baseline_routing import reference_expert_choice
-from test_hash_router import NUM_EXPERTS, build_gpt, fake_groups, transformer_config
-from test_model import TINY, batch
+from routing_references import reference_expert_choice
+from tiny import NUM_EXPERTS, TINY_MODEL, batch, build_gpt, fake_groups, transformer_config
 
-HIDDEN = TINY["hidden_size"]
-SEQ = TINY["seq_length"]
+HIDDEN = TINY_MODEL["hidden_size"]
+SEQ = TINY_MODEL["seq_length"]
 
 
 def ec_router(config=None, **builder_args):
@@ -121,7 +120,8 @@ def earlier_outputs_change(model, tokens, position):
         reference = model(tokens, positions, None)[:, :position]
         for replacement in range(4):
             changed = tokens.clone()
-            changed[:, position] = (tokens[:, position] + 1 + replacement) % TINY["vocab_size"]
+            changed[:, position] = ((tokens[:, position] + 1 + replacement)
+                                    % TINY_MODEL["vocab_size"])
             output = model(changed, positions, None)[:, :position]
             if not torch.equal(output, reference):
                 return True

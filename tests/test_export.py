@@ -3,9 +3,9 @@
 The reference model (plain PyTorch, ``remoe_patches/reference_model.py``) must reproduce the
 megatron-core model's logits for dense, TopK MoE and ReMoE checkpoints. Tolerance: float32 on
 both sides, max |logit difference| <= 1e-5 x max |logit| (measured: about 1e-6 relative; the
-sums are ordered differently, nothing else differs). The checkpoints are the ones trained for
-test_evaluation.py (cached for the session); each is checked as trained, and again with all
-weights redrawn at a larger scale (std 0.3) so that attention is far from uniform and the
+sums are ordered differently, nothing else differs). The checkpoints are those of
+``trained_checkpoints.py`` (cached for the session); each is checked as trained, and again with
+all weights redrawn at a larger scale (std 0.3) so that attention is far from uniform and the
 routers pick clearly different experts for different tokens.
 """
 
@@ -20,14 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_evaluation import REPO, SEQ, checkpoint, clean_env
+from trained_checkpoints import (
+    RELATIVE_TOLERANCE,
+    SEQ,
+    checkpoint,
+    clean_env,
+    tokens_for,
+)
+from training_runs import REPO
 
 ROUTERS = ("dense", "topk", "relu")
-RELATIVE_TOLERANCE = 1e-5
-
-
-def tokens_for(vocab_size: int, batch=3, length=SEQ, seed=0) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def assert_logits_match(megatron, reference, tokens):
@@ -43,6 +45,7 @@ def assert_logits_match(megatron, reference, tokens):
     return expected
 
 
+@pytest.mark.integration
 def test_exported_files(single_rank, tmp_path_factory, tmp_path):
     from safetensors.torch import load_file
 
@@ -108,6 +111,7 @@ def test_exported_files(single_rank, tmp_path_factory, tmp_path):
     assert_logits_match(model, reference, tokens_for(tokenizer.vocab_size))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("router", ROUTERS)
 def test_reference_model_matches_megatron(single_rank, tmp_path_factory, tmp_path, router):
     from remoe_patches.hf_export import (
@@ -145,6 +149,7 @@ def test_reference_model_matches_megatron(single_rank, tmp_path_factory, tmp_pat
         assert int((active.sum(0) > 0).sum()) >= 4  # several experts used across tokens
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["relu-ep2", "relu-tp2", "relu-grouped-ep2"])
 def test_export_of_a_sharded_checkpoint_equals_the_single_process_one(
         single_rank, tmp_path_factory, tmp_path, name):
@@ -195,6 +200,7 @@ def test_transformer_engine_names_are_mapped_to_the_reference_names():
     assert all(value.dtype == torch.float32 for value in state.values())
 
 
+@pytest.mark.integration
 def test_reference_model_imports_no_megatron():
     source = (REPO / "remoe_patches" / "reference_model.py").read_text()
     assert "megatron" not in "\n".join(
@@ -206,6 +212,7 @@ def test_reference_model_imports_no_megatron():
     assert result.stdout.strip() == "False", result.stderr
 
 
+@pytest.mark.integration
 def test_the_readmes_export_directory_is_not_tracked():
     # README: tools/export_checkpoint.py --output export/demo, beside runs/ (also ignored)
     if not (REPO / ".git").exists():

@@ -12,7 +12,7 @@ import pytest
 from remoe_patches.arguments import DECLARED_PARTS, build_parser, parse_run_config
 from remoe_patches.flag_fields import declared_flags, flag_dest, flag_field, values_from_args
 
-from test_arguments import TINY
+from command_lines import TINY_FLAGS
 
 ATTRIBUTE = {"ParallelConfig": "parallel", "TrainingConfig": "training", "DataConfig": "data",
              "CheckpointConfig": "checkpoint", "LoggingConfig": "logging"}
@@ -73,7 +73,7 @@ def test_every_declared_flag_lands_in_its_field(part):
         if given is None:
             continue
         argv, expected = given
-        config = parse_run_config([*TINY, *argv])
+        config = parse_run_config([*TINY_FLAGS, *argv])
         assert getattr(getattr(config, attribute), option.name) == expected, flag
         checked += 1
     assert checked  # the others (VALUES: None) are tested with their own rules elsewhere

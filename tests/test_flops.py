@@ -17,8 +17,7 @@ from remoe_patches.config import ModelConfig
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.model import build_model
 
-TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-            ffn_hidden_size=64, vocab_size=128, seq_length=16)
+from tiny import TINY_MODEL
 
 
 def matmul_weights(model):
@@ -68,7 +67,7 @@ def counted_flops(model, cfg: ModelConfig, active_experts: float) -> float:
 def test_flops_per_token_match_the_weights_a_token_passes_through(single_rank, router,
                                                                   granularity, active):
     """6 x (attention + active experts' + router weights + logits) + 6 x 2Sh per layer."""
-    cfg = ModelConfig(router=router, granularity=granularity, **TINY)
+    cfg = ModelConfig(router=router, granularity=granularity, **TINY_MODEL)
     built = build_model(cfg, single_rank)
     expected = counted_flops(built.model, cfg, active)
     assert training_flops_per_token(cfg, active) == pytest.approx(expected, rel=1e-12)
@@ -76,7 +75,7 @@ def test_flops_per_token_match_the_weights_a_token_passes_through(single_rank, r
 
 def test_each_active_expert_adds_one_experts_weights_in_every_layer(single_rank):
     """The MLP cost is linear in the active experts per token: E*G experts of width ffn/G."""
-    cfg = ModelConfig(router="relu", granularity=4, **TINY)
+    cfg = ModelConfig(router="relu", granularity=4, **TINY_MODEL)
     layers, _ = matmul_weights(build_model(cfg, single_rank).model)
     (expert,) = set(layers[0]["experts"].values())
     assert len(layers[0]["experts"]) == 8 * 4
@@ -89,11 +88,13 @@ def test_each_active_expert_adds_one_experts_weights_in_every_layer(single_rank)
 
 def test_dense_model_ignores_active_experts_and_scores_grow_with_the_sequence():
     """A dense model has no experts to count; scores add 6*2*h per token and layer per position."""
-    dense = ModelConfig(router="dense", **TINY)
+    dense = ModelConfig(router="dense", **TINY_MODEL)
     assert training_flops_per_token(dense, 0.0) == training_flops_per_token(dense, 7.0)
-    longer = ModelConfig(router="dense", **{**TINY, "seq_length": TINY["seq_length"] + 10})
+    longer = ModelConfig(router="dense",
+                         **{**TINY_MODEL, "seq_length": TINY_MODEL["seq_length"] + 10})
     difference = training_flops_per_token(longer, 0.0) - training_flops_per_token(dense, 0.0)
-    assert difference == pytest.approx(6 * 2 * 10 * TINY["hidden_size"] * TINY["num_layers"])
+    assert difference == pytest.approx(
+        6 * 2 * 10 * TINY_MODEL["hidden_size"] * TINY_MODEL["num_layers"])
 
 
 def test_paper_182m_dense_by_hand():

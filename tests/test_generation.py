@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from remoe_patches.generation import SamplingConfig, generate, next_token_distribution
-from test_evaluation import REPO, checkpoint, clean_env
+from trained_checkpoints import checkpoint, clean_env
+from training_runs import REPO
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])
 
@@ -81,6 +82,7 @@ def cli(*argv):
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=clean_env())
 
 
+@pytest.mark.integration
 def test_checkpoint_and_export_generate_the_same_text(tmp_path_factory, tmp_path):
     load = checkpoint(tmp_path_factory, "relu")
     export = tmp_path / "export"
@@ -111,6 +113,7 @@ def test_checkpoint_and_export_generate_the_same_text(tmp_path_factory, tmp_path
     assert bad.stderr.strip() == "generate.py: error: --top-p 2.0: must be in (0, 1]"
 
 
+@pytest.mark.integration
 def test_a_prompt_longer_than_the_context_is_said_to_be_cut(tmp_path_factory):
     load = checkpoint(tmp_path_factory, "relu")  # --seq-length 32
     long_prompt = "def main():\n" + "    x = x + 1\n" * 40

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from test_launchers import REPO, SCRIPTS, corpus, environment  # noqa: F401 (corpus: a fixture)
+from training_runs import REPO, SCRIPTS, environment
+
+pytestmark = pytest.mark.integration
 
 spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(spec)

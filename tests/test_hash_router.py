@@ -4,64 +4,41 @@ GPTModel trains with it, and missing or mismatched ids fail clearly."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from megatron.core.models.gpt import GPTModel
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
+from remoe_patches.config import ConfigError, ModelConfig
 from remoe_patches.hash_router import (
     DEFAULT_HASH_SEED,
     HashRouter,
     feed_token_ids,
     hash_router_builder,
 )
-from remoe_patches.model import customize_layers, decoder_block_spec
 
-from test_baseline_routing import reference_hash_table
-from test_model import TINY, batch
-
-NUM_EXPERTS = 8  # ModelConfig's default
-
-
-def transformer_config(**model_fields):
-    """TINY's TransformerConfig with a topk MoE layout (the router slot is replaced)."""
-    return ModelConfig(router="topk", moe_aux_loss_coeff=0.0, **{**TINY, **model_fields}
-                       ).transformer_config(ParallelConfig())
-
-
-def build_gpt(router_builder, **model_fields):
-    """A TINY GPTModel with ``router_builder`` in every MoE layer (megatron's TopK if None)."""
-    torch.manual_seed(1)
-    model_parallel_cuda_manual_seed(1)
-    config = transformer_config(**model_fields)
-    spec = customize_layers(decoder_block_spec(config), router_builder=router_builder)
-    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=TINY["vocab_size"],
-                    max_sequence_length=TINY["seq_length"], pre_process=True, post_process=True,
-                    share_embeddings_and_output_weights=False, position_embedding_type="rope")
-
-
-def fake_groups(rank=0, size=1):
-    """A pg_collection whose groups only answer rank() and size(), all the Router needs."""
-    group = SimpleNamespace(rank=lambda: rank, size=lambda: size)
-    return SimpleNamespace(tp=group, cp=group, tp_cp=group, tp_dp_cp=group)
+from routing_references import reference_hash_table
+from tiny import (
+    NUM_EXPERTS,
+    TINY_MODEL,
+    batch,
+    build_gpt,
+    fake_groups,
+    transformer_config,
+)
 
 
 def hash_router(config=None, pg_collection=None, seed=DEFAULT_HASH_SEED, **hash_type):
-    return hash_router_builder(TINY["vocab_size"], seed, **hash_type)(
+    return hash_router_builder(TINY_MODEL["vocab_size"], seed, **hash_type)(
         config=config or transformer_config(), pg_collection=pg_collection or fake_groups())
 
 
 def expected_map(token_ids_SB, seed=DEFAULT_HASH_SEED, hash_type="mod"):
     """The one-hot routing map of ``token_ids_SB`` [s, b], s-major: expert id % E (``mod``)
     or by the hand-dealt table (``random_permutation``)."""
-    table = (reference_hash_table(TINY["vocab_size"], NUM_EXPERTS, seed)
+    table = (reference_hash_table(TINY_MODEL["vocab_size"], NUM_EXPERTS, seed)
              if hash_type == "random_permutation"
-             else [token_id % NUM_EXPERTS for token_id in range(TINY["vocab_size"])])
+             else [token_id % NUM_EXPERTS for token_id in range(TINY_MODEL["vocab_size"])])
     ids = token_ids_SB.reshape(-1).tolist()
     routing_map = torch.zeros(len(ids), NUM_EXPERTS, dtype=torch.bool)
     for t, token_id in enumerate(ids):
@@ -94,40 +71,41 @@ def test_routing_is_a_function_of_the_token_id_alone():
 def test_the_default_routes_token_id_mod_e_as_the_paper_does(single_rank):
     """The ReMoE paper's hash: expert = token id mod E, for every id of the vocabulary, from
     the builder's default, ModelConfig's default and the flags' default."""
-    token_ids_BS = torch.arange(TINY["vocab_size"]).reshape(4, -1)
+    token_ids_BS = torch.arange(TINY_MODEL["vocab_size"]).reshape(4, -1)
     router = hash_router()
     router.token_ids_BS = token_ids_BS
     _, routing_map = router(torch.zeros(token_ids_BS.shape[1], 4, 32))
     assert torch.equal(routing_map.long().argmax(-1), token_ids_BS.t().reshape(-1) % NUM_EXPERTS)
     assert routing_map.sum(-1).eq(1).all()
-    model_config = ModelConfig(router="hash", **TINY)
+    model_config = ModelConfig(router="hash", **TINY_MODEL)
     assert model_config.router_options.hash_type == "mod"
     from remoe_patches.model import router_builder_for
     built = router_builder_for(model_config)(config=transformer_config(),
                                              pg_collection=fake_groups())
-    assert built.expert_of_token_V.tolist() == [i % NUM_EXPERTS for i in range(TINY["vocab_size"])]
+    assert built.expert_of_token_V.tolist() == [i % NUM_EXPERTS
+                                                for i in range(TINY_MODEL["vocab_size"])]
 
 
 def test_random_permutation_is_the_seeded_permutation_option():
     router = hash_router(seed=11, hash_type="random_permutation")
-    assert router.expert_of_token_V.tolist() == reference_hash_table(TINY["vocab_size"],
+    assert router.expert_of_token_V.tolist() == reference_hash_table(TINY_MODEL["vocab_size"],
                                                                      NUM_EXPERTS, 11)
     assert router.expert_of_token_V.tolist() != [i % NUM_EXPERTS
-                                                 for i in range(TINY["vocab_size"])]
+                                                 for i in range(TINY_MODEL["vocab_size"])]
     with pytest.raises(ConfigError, match="hash_type must be one of mod, random_permutation"):
-        hash_router_builder(TINY["vocab_size"], 0, "balanced")
+        hash_router_builder(TINY_MODEL["vocab_size"], 0, "balanced")
 
 
 def test_the_table_follows_the_seed_and_is_not_saved():
     router = hash_router(seed=11, hash_type="random_permutation")
-    assert router.expert_of_token_V.tolist() == reference_hash_table(TINY["vocab_size"],
+    assert router.expert_of_token_V.tolist() == reference_hash_table(TINY_MODEL["vocab_size"],
                                                                      NUM_EXPERTS, 11)
     assert "expert_of_token_V" not in router.state_dict()
     assert not router.weight.requires_grad  # the unused gate stays out of the optimizer
 
 
 def test_a_tiny_gpt_model_trains_one_step(single_rank):
-    model = build_gpt(hash_router_builder(TINY["vocab_size"]))
+    model = build_gpt(hash_router_builder(TINY_MODEL["vocab_size"]))
     handles = feed_token_ids(model)
     routers = [m for m in model.modules() if isinstance(m, HashRouter)]
     assert len(routers) == 2 and len(handles) == 1
@@ -163,7 +141,7 @@ def test_a_tiny_gpt_model_trains_one_step(single_rank):
 
 
 def test_without_feed_token_ids_the_router_says_what_to_call(single_rank):
-    model = build_gpt(hash_router_builder(TINY["vocab_size"]))
+    model = build_gpt(hash_router_builder(TINY_MODEL["vocab_size"]))
     tokens, positions, _ = batch(0)
     with pytest.raises(RuntimeError, match=r"call remoe_patches\.hash_router\.feed_token_ids"):
         model(tokens, positions, None)
@@ -184,7 +162,7 @@ def test_sequence_parallel_routers_take_their_ranks_slice():
     the 16, so its routing map is that of those ids."""
     config = transformer_config()
     config.sequence_parallel = True
-    token_ids_BS = torch.randint(0, TINY["vocab_size"], (3, 16),
+    token_ids_BS = torch.randint(0, TINY_MODEL["vocab_size"], (3, 16),
                                  generator=torch.Generator().manual_seed(1))
     for rank in range(2):
         router = hash_router(config, fake_groups(rank, 2), hash_type="random_permutation")

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_evaluation import SEQ, checkpoint, clean_env
-from test_export import RELATIVE_TOLERANCE, tokens_for
+from trained_checkpoints import RELATIVE_TOLERANCE, SEQ, checkpoint, clean_env, tokens_for
+
+pytestmark = pytest.mark.integration
 
 TRANSFORMERS_SIDE = """
 import json, sys, torch

@@ -13,8 +13,7 @@ from remoe_patches.model import build_model
 from remoe_patches.relu_router import ReLURouter
 from remoe_patches.router_registry import ReLUOptions
 
-TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-            ffn_hidden_size=64, vocab_size=128, seq_length=16)
+from tiny import TINY_MODEL
 
 
 @pytest.mark.parametrize("call", [
@@ -38,7 +37,7 @@ def test_counter_counts_without_raising():
 @pytest.mark.parametrize("load_balancing", [True, False])
 def test_moe_layer_step_has_no_sync_in_router_or_update(single_rank, load_balancing):
     cfg = ModelConfig(router="relu", router_options=ReLUOptions(load_balancing=load_balancing),
-                      **TINY)
+                      **TINY_MODEL)
     built = build_model(cfg, single_rank)
     moe = next(m for m in built.model.modules() if isinstance(m, MoELayer))
     router = moe.router
@@ -51,7 +50,7 @@ def test_moe_layer_step_has_no_sync_in_router_or_update(single_rank, load_balanc
             return original(*args, **kwargs)
 
     router.forward = lambda *args, **kwargs: strict_forward(router, args, kwargs)
-    x = torch.randn(TINY["seq_length"], 2, TINY["hidden_size"], requires_grad=True)
+    x = torch.randn(TINY_MODEL["seq_length"], 2, TINY_MODEL["hidden_size"], requires_grad=True)
     out, _ = moe(x)
     with HostSyncCounter(raise_on_sync=True):
         probs, routing_map = router(x.detach().requires_grad_())

@@ -10,9 +10,9 @@ import torch
 
 from remoe_patches import launch, training
 
-from test_arguments import TINY_MOE
+from command_lines import TINY_MOE_FLAGS
 
-RUN = [*TINY_MOE, "--mock-data"]  # pretrain itself is replaced
+RUN = [*TINY_MOE_FLAGS, "--mock-data"]  # pretrain itself is replaced
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,14 @@ import pytest
 from remoe_patches.argument_mapping import model_config_from_args, parallel_config_from_args
 from remoe_patches.arguments import parse_args
 from remoe_patches.config import PRESETS
-from remoe_patches.demo_corpus import build_demo_corpus
 from remoe_patches.preprocess import import_indexed_dataset
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
+from training_runs import BLEND, DATA_ENV, REPO, SCRIPTS, environment
+
+pytestmark = pytest.mark.integration
+
 SIZES = ("182m", "469m", "978m")
 ROUTERS = ("dense", "moe", "remoe")
-BLEND = "0.6 /data/pile/pile_00_text_document 0.4 /data/pile/pile_01_text_document"
-DATA_ENV = dict(DATA_PATH=BLEND, VOCAB_FILE="/data/gpt2-vocab.json",
-                MERGE_FILE="/data/gpt2-merges.txt")
 # spec section 3: total parameters at E=8 (MoE, ReMoE); the dense models are their names
 PARAMETERS = {("182m", "dense"): 182e6, ("469m", "dense"): 469e6, ("978m", "dense"): 978e6,
               **{(size, router): total for size, total in
@@ -45,18 +42,6 @@ OVERRIDE_FLAGS = ["--train-iters", "1000", "--lr", "1e-4", "--save-interval", "2
 
 def launcher(size, router) -> str:
     return str(SCRIPTS / f"pretrain_{size}_{router}.sh")
-
-
-def environment(**extra) -> dict:
-    """This machine's environment without the launchers' variables, plus ``extra``; this
-    Python's bin directory first on PATH (the scripts run ``python`` and ``torchrun``)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
-                        "TP", "EP", "PP", "CHECKPOINT_DIR", "DATA_PATH", "VOCAB_FILE",
-                        "MERGE_FILE", "TORCHRUN", "PYTHON", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
-           and not k.startswith("SLURM_")}
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    return {**env, "OMP_NUM_THREADS": "1", **DATA_ENV, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -242,12 +227,6 @@ def test_launch_runs_the_printed_command(launched):
     _, program, _, _ = parse_command(launched["182m", "remoe"])
     printed = shlex.split(launched["182m", "remoe"].stdout.splitlines()[0])
     assert printed[printed.index(program) + 1:] == launched["torchrun_args"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_demo_corpus(tmp_path_factory.mktemp("corpus"), vocab_size=384,
-                             max_chars_per_domain=40_000)
 
 
 def test_smoke_cpu_trains_the_shrunken_182m_remoe(corpus, tmp_path):

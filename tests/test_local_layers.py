@@ -25,8 +25,7 @@ from remoe_patches.local_layers import GroupedGemmExperts, SDPAttention
 from expert_precision import BF16_TOLERANCE, grouped_experts_bf16_errors
 from remoe_patches.model import build_model
 
-TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-            ffn_hidden_size=64, vocab_size=128, seq_length=16)
+from tiny import TINY_MODEL
 
 
 def attention_config(heads=4, groups=2, kv_channels=8):
@@ -153,9 +152,9 @@ def test_grouped_experts_without_tokens_still_give_weight_gradients(single_rank)
 def test_remoe_checkpoint_moves_between_expert_layouts(single_rank, tmp_path):
     """A ReMoE model saved with SequentialMLP experts loads into grouped-GEMM experts (and
     back) through megatron's distributed checkpoint, with the same loss and gradients."""
-    cfg = ModelConfig(router="relu", **TINY)
+    cfg = ModelConfig(router="relu", **TINY_MODEL)
     sequential = build_model(cfg, single_rank).model
-    grouped = build_model(ModelConfig(router="relu", moe_grouped_gemm=True, **TINY),
+    grouped = build_model(ModelConfig(router="relu", moe_grouped_gemm=True, **TINY_MODEL),
                           single_rank).model
     assert any(isinstance(m, GroupedGemmExperts) for m in grouped.modules())
     for name in ("seq", "grp"):
@@ -169,8 +168,9 @@ def test_remoe_checkpoint_moves_between_expert_layouts(single_rank, tmp_path):
         dist_checkpointing.load(round_trip.sharded_state_dict(), str(tmp_path / "grp")))
 
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, TINY["vocab_size"], (2, TINY["seq_length"] + 1), generator=gen)
-    positions = torch.arange(TINY["seq_length"]).expand(2, -1)
+    tokens = torch.randint(0, TINY_MODEL["vocab_size"], (2, TINY_MODEL["seq_length"] + 1),
+                           generator=gen)
+    positions = torch.arange(TINY_MODEL["seq_length"]).expand(2, -1)
     losses, embedding_grads = [], []
     for model in (sequential, grouped, round_trip):
         loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).mean()

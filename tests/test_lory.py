@@ -15,6 +15,8 @@ import torch
 
 from remoe_patches import lory
 
+from routing_references import np_swiglu_ffn, reference_lory, reference_weights
+
 S, B, H, E, F, L = 12, 2, 6, 4, 5, 4  # 3 segments of 4 tokens per sequence
 N = S // L
 
@@ -26,49 +28,6 @@ def random_layer(seed=0, dtype=torch.float64):
     fc1 = torch.randn(E, H, 2 * F, generator=gen, dtype=dtype) / H ** 0.5
     fc2 = torch.randn(E, F, H, generator=gen, dtype=dtype) / F ** 0.5
     return hidden, router, fc1, fc2
-
-
-def np_softmax(x):
-    z = np.exp(x - x.max())
-    return z / z.sum()
-
-
-def np_swiglu_ffn(x, w_gate, w_up, w_down):
-    gate = x @ w_gate
-    return (gate / (1.0 + np.exp(-gate)) * (x @ w_up)) @ w_down
-
-
-def reference_weights(hidden, router, segment_length, first_segment):
-    """[B, N, E] routing weights, one segment at a time."""
-    hidden, router = hidden.detach().numpy(), router.detach().numpy()
-    seq, batch, _ = hidden.shape
-    count, experts = seq // segment_length, router.shape[0]
-    weights = np.zeros((batch, count, experts))
-    for b in range(batch):
-        for n in range(count):
-            if n == 0 and first_segment == "uniform":
-                weights[b, n] = 1.0 / experts
-                continue
-            source = max(n - 1, 0)  # "own_detached": segment 0 routes itself
-            mean = hidden[source * segment_length:(source + 1) * segment_length, b].mean(axis=0)
-            weights[b, n] = np_softmax(np.array([router[e] @ mean for e in range(experts)]))
-    return weights
-
-
-def reference_lory(hidden, router, fc1, fc2, segment_length, first_segment):
-    """Output [S, B, h]: each token through its segment's FFN with merged weights."""
-    weights = reference_weights(hidden, router, segment_length, first_segment)
-    x, fc1, fc2 = hidden.detach().numpy(), fc1.detach().numpy(), fc2.detach().numpy()
-    width = fc2.shape[1]
-    out = np.zeros_like(x)
-    for b in range(x.shape[1]):
-        for n in range(weights.shape[1]):
-            g = weights[b, n]
-            w1 = sum(g[e] * fc1[e] for e in range(len(g)))
-            w2 = sum(g[e] * fc2[e] for e in range(len(g)))
-            for s in range(n * segment_length, (n + 1) * segment_length):
-                out[s, b] = np_swiglu_ffn(x[s, b], w1[:, :width], w1[:, width:], w2)
-    return out
 
 
 def reference_output_mixture(hidden, weights, fc1, fc2, segment_length):

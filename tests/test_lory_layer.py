@@ -20,14 +20,14 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
 from remoe_patches.lory_layer import LoryMLP, lory_block_spec
 from remoe_patches.model import decoder_block_spec
-from test_lory import reference_lory
-from test_model import TINY, batch
+from routing_references import reference_lory
+from tiny import TINY_MODEL, batch
 
-SEGMENT = 4  # TINY's 16-token sequences in 4 segments
+SEGMENT = 4  # TINY_MODEL's 16-token sequences in 4 segments
 
 
 def tiny_config(**overrides):
-    return ModelConfig(router="topk", moe_aux_loss_coeff=0.0, **TINY).transformer_config(
+    return ModelConfig(router="topk", moe_aux_loss_coeff=0.0, **TINY_MODEL).transformer_config(
         ParallelConfig(), **overrides
     )
 
@@ -36,8 +36,8 @@ def lory_gpt(first_segment="own_detached"):
     config = tiny_config()
     spec = lory_block_spec(decoder_block_spec(config), SEGMENT, first_segment)
     return GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=TINY["vocab_size"],
-        max_sequence_length=TINY["seq_length"], pre_process=True, post_process=True,
+        config=config, transformer_layer_spec=spec, vocab_size=TINY_MODEL["vocab_size"],
+        max_sequence_length=TINY_MODEL["seq_length"], pre_process=True, post_process=True,
         share_embeddings_and_output_weights=False, position_embedding_type="rope",
     )
 
@@ -51,7 +51,7 @@ def logits(model, tokens):
 def test_layer_is_the_merged_ffn_of_its_parameters(single_rank, first_segment):
     config = tiny_config()
     layer = LoryMLP(config, segment_length=SEGMENT, first_segment=first_segment)
-    experts, hidden, width = 8, TINY["hidden_size"], config.moe_ffn_hidden_size
+    experts, hidden, width = 8, TINY_MODEL["hidden_size"], config.moe_ffn_hidden_size
     assert layer.router_weight.shape == (experts, hidden)
     assert layer.fc1_weight.shape == (experts, hidden, 2 * width)
     assert layer.fc2_weight.shape == (experts, width, hidden)
@@ -60,9 +60,9 @@ def test_layer_is_the_merged_ffn_of_its_parameters(single_rank, first_segment):
     assert layer.fc1_weight.std().item() == pytest.approx(std, rel=0.05)
     assert layer.router_weight.std().item() == pytest.approx(std, rel=0.1)
     assert layer.fc2_weight.std().item() == pytest.approx(
-        std / math.sqrt(2 * TINY["num_layers"]), rel=0.05)
+        std / math.sqrt(2 * TINY_MODEL["num_layers"]), rel=0.05)
     gen = torch.Generator().manual_seed(0)
-    hidden_SBh = torch.randn(TINY["seq_length"], 3, hidden, generator=gen)
+    hidden_SBh = torch.randn(TINY_MODEL["seq_length"], 3, hidden, generator=gen)
     # Weights far from the tiny init, so that routing and merging matter in the comparison.
     with torch.no_grad():
         for param in layer.parameters():
@@ -80,11 +80,11 @@ def test_gpt_with_lory_layers_trains_a_step(single_rank, first_segment):
     torch.manual_seed(0)
     model = lory_gpt(first_segment)
     layers = model.decoder.layers
-    assert [type(layer.mlp) for layer in layers] == [LoryMLP] * TINY["num_layers"]
+    assert [type(layer.mlp) for layer in layers] == [LoryMLP] * TINY_MODEL["num_layers"]
     assert not any(isinstance(m, MoELayer) for m in model.modules())
     assert all(layer.mlp.layer_number == i + 1 for i, layer in enumerate(layers))
     # Same parameters as the TopK MoE it replaces: an [E, h] router and E SwiGLU experts.
-    topk_moe = ModelConfig(router="topk", moe_aux_loss_coeff=0.0, **TINY)
+    topk_moe = ModelConfig(router="topk", moe_aux_loss_coeff=0.0, **TINY_MODEL)
     assert sum(p.numel() for p in model.parameters()) == topk_moe.num_parameters()
     tokens, positions, labels = batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -108,9 +108,9 @@ def test_no_logit_depends_on_a_later_token(single_rank, first_segment):
     tokens = batch()[0]
     with torch.no_grad():
         reference = logits(model, tokens)
-        for t in (1, SEGMENT - 1, SEGMENT, 2 * SEGMENT + 1, TINY["seq_length"] - 1):
+        for t in (1, SEGMENT - 1, SEGMENT, 2 * SEGMENT + 1, TINY_MODEL["seq_length"] - 1):
             changed = tokens.clone()
-            changed[:, t:] = (changed[:, t:] + 1) % TINY["vocab_size"]
+            changed[:, t:] = (changed[:, t:] + 1) % TINY_MODEL["vocab_size"]
             earlier_unchanged = torch.allclose(logits(model, changed)[:, :t], reference[:, :t],
                                                rtol=0, atol=1e-6)
             # Lory's first segment is merged by its own mean (stop-gradient, as the paper).
@@ -141,7 +141,7 @@ def test_a_sequence_ending_in_a_short_segment(single_rank):
     one. Lory's own rule: a sequence shorter than a segment is routed by its own mean, as a
     layer whose segments are exactly that long routes it."""
     torch.manual_seed(3)
-    hidden = torch.randn(16, 2, TINY["hidden_size"])
+    hidden = torch.randn(16, 2, TINY_MODEL["hidden_size"])
     causal = LoryMLP(tiny_config(), segment_length=5, first_segment="uniform")
     whole, _ = causal(hidden)
     for cut in (3, 5, 7, 11):
@@ -169,7 +169,7 @@ def test_dist_checkpoint_round_trip_reproduces_the_output(single_rank, tmp_path)
     with torch.no_grad():
         expected = logits(saved, tokens)
     sharded = saved.sharded_state_dict()
-    for layer in range(TINY["num_layers"]):
+    for layer in range(TINY_MODEL["num_layers"]):
         for name in ("router_weight", "fc1_weight", "fc2_weight"):
             assert f"decoder.layers.{layer}.mlp.{name}" in sharded
     dist_checkpointing.save(sharded, str(tmp_path))
@@ -198,7 +198,7 @@ def test_dense_warmup_is_expert_0s_ffn_then_every_expert_starts_as_its_copy(sing
     torch.manual_seed(2)
     model = lory_gpt()
     layers = lory_layers(model)
-    assert len(layers) == TINY["num_layers"] and not any(m.dense_warmup for m in layers)
+    assert len(layers) == TINY_MODEL["num_layers"] and not any(m.dense_warmup for m in layers)
     set_dense_warmup(model, True)
     tokens, positions, labels = batch()
     inputs = {}
@@ -237,7 +237,7 @@ def test_the_optimizer_follows_the_experts_copied_from_the_dense_ffn(single_rank
     from remoe_patches.lory_layer import lory_layers, set_dense_warmup, \
         start_experts_from_the_dense_ffn
     from remoe_patches.training_step import train_step
-    from test_training_step import make_batch, step_kwargs, training_objects
+    from tiny_training import make_batch, step_kwargs, training_objects
 
     config, objects = training_objects(
         "dense", "--num-experts", "8", "--moe-router-topk", "1", "--moe-router-type", "lory",
@@ -245,8 +245,11 @@ def test_the_optimizer_follows_the_experts_copied_from_the_dense_ffn(single_rank
     assert config.model.router_options.dense_warmup_fraction == 0.05  # the paper's default
     chunks, optimizer = objects.model_chunks, objects.optimizer
     set_dense_warmup(chunks, True)
-    run = lambda seed: train_step(chunks, optimizer, objects.scheduler, objects.regularizer,
-                                  [make_batch(seed), make_batch(seed + 1)], **step_kwargs(config))
+
+    def run(seed):
+        return train_step(chunks, optimizer, objects.scheduler, objects.regularizer,
+                          [make_batch(seed), make_batch(seed + 1)], **step_kwargs(config))
+
     assert not run(1).skipped
     layers = lory_layers(chunks)
     spread = max(float((w[1:] - w[:1]).abs().max())

@@ -11,14 +11,14 @@ from remoe_patches import machine_notes as notes
 from remoe_patches.arguments import parse_run_config
 from remoe_patches.config import ConfigError
 
-from test_arguments import TINY_MOE
+from command_lines import TINY_MOE_FLAGS
 
 UNDER_TORCHRUN = {"TORCHELASTIC_RUN_ID": "none"}
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def config_of(*flags):
-    return parse_run_config([*TINY_MOE, *flags])
+    return parse_run_config([*TINY_MOE_FLAGS, *flags])
 
 
 def test_torchrun_grace_is_noted_only_under_torchrun_with_its_30_s_default(monkeypatch):

@@ -6,22 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-from megatron.core.transformer.module import Float16Module
-
 from remoe_patches import checkpointing
-from remoe_patches.config import ModelConfig
-from remoe_patches.megatron_fixes import initialize_adam_state
-from remoe_patches.model import build_model
-from remoe_patches.training_step import forward_backward, wrap_with_ddp
 
-TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-            ffn_hidden_size=64, vocab_size=128, seq_length=16, router="relu")
+from tiny_training import distributed_bf16_run, saved_after_training, train
 
 
+@pytest.mark.integration
 def test_router_gating_without_transformer_engine_is_a_plain_gemm():
     # A fresh interpreter: in this one, other tests have applied the fixes already.
     code = (
@@ -36,42 +29,6 @@ def test_router_gating_without_transformer_engine_is_a_plain_gemm():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 
-
-def distributed_bf16_run(parallel, *, eager_state=True, seed=0):
-    """A tiny ReMoE model in bf16 under megatron's distributed optimizer with torch's AdamW."""
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)  # megatron initializes weights from its RNG tracker
-    built = build_model(ModelConfig(**TINY), parallel, bf16=True)
-    model = Float16Module(built.transformer_config, built.model)
-    ddp = wrap_with_ddp(model, built.transformer_config, use_distributed_optimizer=True)
-    config = OptimizerConfig(optimizer="adam", lr=1e-2, bf16=True, params_dtype=torch.bfloat16,
-                             use_distributed_optimizer=True, weight_decay=0.1)
-    optimizer = get_megatron_optimizer(config, [ddp])
-    if eager_state:
-        initialize_adam_state(optimizer)
-    return built, ddp, optimizer
-
-
-def saved_after_training(parallel, directory, steps=2):
-    """A run trained ``steps`` steps and saved to ``directory`` as checkpoint ``steps``."""
-    built, ddp, optimizer = distributed_bf16_run(parallel)
-    train(ddp, optimizer, steps)
-    checkpointing.save_checkpoint(str(directory), steps, [ddp], optimizer, None,
-                                  consumed_samples=2 * steps, regularizer=built.regularizer)
-    return built, ddp, optimizer
-
-
-def train(ddp, optimizer, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        tokens = torch.randint(0, TINY["vocab_size"], (2, TINY["seq_length"] + 1), generator=gen)
-        batch = dict(tokens_BS=tokens[:, :-1], labels_BS=tokens[:, 1:],
-                     loss_mask_BS=torch.ones(2, TINY["seq_length"]),
-                     position_ids_BS=torch.arange(TINY["seq_length"]).expand(2, -1))
-        optimizer.zero_grad()
-        forward_backward([ddp], [batch], num_microbatches=1, seq_length=TINY["seq_length"],
-                         micro_batch_size=2)
-        assert optimizer.step()[0]
 
 
 def weights(module):

@@ -20,15 +20,7 @@ from remoe_patches.model import build_model
 from remoe_patches.relu_router import ReLURouter
 from remoe_patches.router_registry import ReLUOptions
 
-TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-            ffn_hidden_size=64, vocab_size=128, seq_length=16)
-
-
-def batch(seed=0, batch_size=3, cfg=TINY):
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, cfg["vocab_size"], (batch_size, cfg["seq_length"] + 1), generator=gen)
-    positions = torch.arange(cfg["seq_length"]).expand(batch_size, -1)
-    return tokens[:, :-1], positions, tokens[:, 1:]
+from tiny import TINY_MODEL, batch
 
 
 def lm_loss(model, seed=0):
@@ -39,7 +31,7 @@ def lm_loss(model, seed=0):
 @pytest.mark.parametrize("router, router_type", [("relu", ReLURouter), ("topk", TopKRouter),
                                                  ("dense", None)])
 def test_forward_backward_every_router(single_rank, router, router_type):
-    built = build_model(ModelConfig(router=router, **TINY), single_rank)
+    built = build_model(ModelConfig(router=router, **TINY_MODEL), single_rank)
     routers = [m for m in built.model.modules() if isinstance(m, (ReLURouter, TopKRouter))]
     assert [type(r) for r in routers] == ([router_type] * 2 if router_type else [])
     loss = lm_loss(built.model)
@@ -50,7 +42,7 @@ def test_forward_backward_every_router(single_rank, router, router_type):
 
 def test_parameter_count_matches_the_built_model(single_rank):
     for router, granularity in [("dense", 1), ("topk", 1), ("relu", 1), ("relu", 2)]:
-        cfg = ModelConfig(router=router, granularity=granularity, **TINY)
+        cfg = ModelConfig(router=router, granularity=granularity, **TINY_MODEL)
         built = build_model(cfg, single_rank)
         assert sum(p.numel() for p in built.model.parameters()) == cfg.num_parameters()
 
@@ -60,15 +52,17 @@ def test_parameter_count_matches_the_built_model(single_rank):
     ("182m", (12, 768, 12), 182e6, 777e6), ("469m", (24, 1024, 16), 469e6, 2.58e9),
     ("978m", (24, 1536, 16), 978e6, 5.73e9)])
 def test_presets_have_the_papers_sizes(preset, shape, dense, moe):
-    assert ModelConfig.preset(preset, router="dense").num_parameters() == pytest.approx(dense, rel=0.005)
-    assert ModelConfig.preset(preset, router="relu").num_parameters() == pytest.approx(moe, rel=0.005)
+    assert ModelConfig.preset(preset, router="dense").num_parameters() == pytest.approx(
+        dense, rel=0.005)
+    assert ModelConfig.preset(preset, router="relu").num_parameters() == pytest.approx(
+        moe, rel=0.005)
     built = ModelConfig.preset(preset)
     assert (built.num_layers, built.hidden_size, built.num_attention_heads) == shape
     assert built.num_query_groups == 4 and built.dense_ffn_hidden_size == 4 * shape[1]
 
 
 def test_llama_recipe(single_rank):
-    built = build_model(ModelConfig(router="relu", **TINY), single_rank)
+    built = build_model(ModelConfig(router="relu", **TINY_MODEL), single_rank)
     config, model = built.transformer_config, built.model
     assert config.normalization == "RMSNorm" and config.gated_linear_unit
     assert not config.add_bias_linear and config.init_method_std == 0.01
@@ -78,10 +72,11 @@ def test_llama_recipe(single_rank):
 
 
 def test_fine_grained_experts(single_rank):
-    cfg = ModelConfig(router="relu", num_experts=4, topk=1, granularity=4, **TINY)
+    cfg = ModelConfig(router="relu", num_experts=4, topk=1, granularity=4, **TINY_MODEL)
     built = build_model(cfg, single_rank)
     config = built.transformer_config
-    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (16, 4, 16)
+    assert (config.num_moe_experts, config.moe_router_topk,
+            config.moe_ffn_hidden_size) == (16, 4, 16)
     assert built.regularizer.target_sparsity == pytest.approx(1 - 1 / 4)
     lm_loss(built.model).backward()
 
@@ -98,7 +93,7 @@ def reference_reg_loss(router_inputs, router_weights, topk):
 
 
 def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
-    built = build_model(ModelConfig(router="relu", topk=2, **TINY), single_rank)
+    built = build_model(ModelConfig(router="relu", topk=2, **TINY_MODEL), single_rank)
     model, regularizer = built.model, built.regularizer
     routers = [m for m in model.modules() if isinstance(m, ReLURouter)]
     params = [p for p in model.parameters()]
@@ -107,7 +102,8 @@ def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
     def run(coeff):
         regularizer.coeff.fill_(coeff)
         inputs = []
-        hooks = [r.register_forward_hook(lambda m, args, out: inputs.append(args[0])) for r in routers]
+        hooks = [r.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
+                 for r in routers]
         loss = lm_loss(model)
         for hook in hooks:
             hook.remove()
@@ -115,7 +111,8 @@ def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
 
     loss_without, inputs = run(0.0)
     grads_without = torch.autograd.grad(loss_without, params, retain_graph=True)
-    expected_reg, expected_per_layer = reference_reg_loss(inputs, [r.weight for r in routers], topk=2)
+    expected_reg, expected_per_layer = reference_reg_loss(inputs, [r.weight for r in routers],
+                                                          topk=2)
     coeff = 0.7
     expected_extra = torch.autograd.grad(coeff * expected_reg, params, allow_unused=True)
     regularizer.finish_step(update=False)  # drop the records of the run above
@@ -128,14 +125,15 @@ def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
     for param, g0, g1, extra in zip(params, grads_without, grads_with, expected_extra):
         extra = torch.zeros_like(g0) if extra is None else extra
         torch.testing.assert_close(g1 - g0, extra, rtol=1e-4, atol=1e-7)
-    router_extra = [e for p, e in zip(params, expected_extra) if any(p is r.weight for r in routers)]
+    router_extra = [e for p, e in zip(params, expected_extra)
+                    if any(p is r.weight for r in routers)]
     assert all(e is not None and e.abs().max() > 0 for e in router_extra)
 
 
 def test_router_records_the_steps_routing_statistics(single_rank):
     """Sparsity (Eq. 8) and expert load per layer, averaged over micro-batches, against the
     routing maps the routers returned; their mean is what the coefficient update reads."""
-    built = build_model(ModelConfig(router="relu", **TINY), single_rank)
+    built = build_model(ModelConfig(router="relu", **TINY_MODEL), single_rank)
     routers = [m for m in built.model.modules() if isinstance(m, ReLURouter)]
     maps = {router: [] for router in routers}
     for router in routers:
@@ -161,10 +159,11 @@ def test_router_records_the_steps_routing_statistics(single_rank):
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
 def test_tokens_without_experts_and_experts_without_tokens(single_rank, dispatcher):
-    built = build_model(ModelConfig(router="relu", token_dispatcher=dispatcher, **TINY), single_rank)
+    built = build_model(ModelConfig(router="relu", token_dispatcher=dispatcher, **TINY_MODEL),
+                        single_rank)
     moe = next(m for m in built.model.modules() if isinstance(m, MoELayer))
     assert isinstance(moe.experts, SequentialMLP)
-    hidden = TINY["hidden_size"]
+    hidden = TINY_MODEL["hidden_size"]
     num_tokens = 12
     sign = torch.tensor([1.0, -1.0] * (num_tokens // 2))
     x = torch.randn(num_tokens, 1, hidden) * 0.1
@@ -193,8 +192,9 @@ def test_moe_layer_recomputation_changes_nothing_but_memory(single_rank):
     for recompute in ({}, dict(recompute_granularity="selective", recompute_modules=["moe"])):
         torch.manual_seed(0)
         model_parallel_cuda_manual_seed(0)
-        built = build_model(ModelConfig(router="relu", router_options=ReLUOptions(l1_coeff_init=0.5),
-                                          **TINY),
+        built = build_model(ModelConfig(router="relu",
+                                        router_options=ReLUOptions(l1_coeff_init=0.5),
+                                        **TINY_MODEL),
                             single_rank, **recompute)
         loss = lm_loss(built.model, seed=1)
         loss.backward()
@@ -228,7 +228,7 @@ def routed_gates(model, tokens, positions):
 
 
 def test_scaled_topk_gates_are_the_scaled_softmax_probabilities(single_rank):
-    built = build_model(ModelConfig(router="topk", **TINY), single_rank,
+    built = build_model(ModelConfig(router="topk", **TINY_MODEL), single_rank,
                         moe_router_topk_scaling_factor=8.0)
     tokens, positions, _ = batch()
     routers = [m for m in built.model.modules() if isinstance(m, TopKRouter)]
@@ -245,7 +245,8 @@ def test_aux_loss_free_expert_bias_moves_towards_balance(single_rank):
     from remoe_patches.training_step import forward_backward, wrap_with_ddp
 
     rate = 0.125
-    built = build_model(ModelConfig(router="topk", moe_aux_loss_coeff=0.0, **TINY), single_rank,
+    built = build_model(ModelConfig(router="topk", moe_aux_loss_coeff=0.0, **TINY_MODEL),
+                        single_rank,
                         moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                         moe_router_bias_update_rate=rate, moe_router_load_balancing_type="none")
     ddp = wrap_with_ddp(built.model, built.transformer_config)
@@ -259,7 +260,7 @@ def test_aux_loss_free_expert_bias_moves_towards_balance(single_rank):
         maps[router] = output[1]
 
     hooks = [router.register_forward_hook(keep_routing_map) for router in routers]
-    forward_backward([ddp], [step], num_microbatches=1, seq_length=TINY["seq_length"],
+    forward_backward([ddp], [step], num_microbatches=1, seq_length=TINY_MODEL["seq_length"],
                      micro_batch_size=tokens.shape[0])
     for hook in hooks:
         hook.remove()

@@ -16,7 +16,9 @@ import yaml
 
 from megatron.core import dist_checkpointing
 
-from test_training import REPO, corpus, ok, run, steps  # noqa: F401 (corpus is a fixture)
+from training_runs import REPO, ok, run, steps
+
+pytestmark = pytest.mark.integration
 
 CONFIGS = ("182m_dense", "182m_moe", "182m_remoe")
 
@@ -58,8 +60,8 @@ def compare(expected: dict, got: dict, iterations, exact=True, rel=0.0):
 
 
 def validation(save) -> dict:
-    return {r["iteration"]: r["val_lm_loss"] for r in map(json.loads, open(Path(save) / "metrics.jsonl"))
-            if "val_lm_loss" in r}
+    return {r["iteration"]: r["val_lm_loss"]
+            for r in map(json.loads, open(Path(save) / "metrics.jsonl")) if "val_lm_loss" in r}
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from scenarios import run_step
 
 from remoe_patches.router_registry import LoryOptions, ReLUOptions, SparseMixerOptions
 
+pytestmark = pytest.mark.integration
+
 GLOBAL_BATCH, MICRO_BATCH = 4, 2
 MODELS = {
     # a large coefficient, so that the regularizer's gradients weigh in the comparison
@@ -74,8 +76,10 @@ def references(tmp_path_factory):
 
 def layout_id(layout):
     model, dispatcher, parallel = layout
-    sizes = "-".join(f"{k.split('_')[0]}{v}" for k, v in parallel.items() if k != "sequence_parallel")
-    return f"{model}-{dispatcher}-{sizes or 'dp2'}{'-sp' if parallel.get('sequence_parallel') else ''}"
+    sizes = "-".join(f"{k.split('_')[0]}{v}" for k, v in parallel.items()
+                     if k != "sequence_parallel")
+    sequence_parallel = "-sp" if parallel.get("sequence_parallel") else ""
+    return f"{model}-{dispatcher}-{sizes or 'dp2'}{sequence_parallel}"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[layout_id(layout) for layout in LAYOUTS])

@@ -232,6 +232,7 @@ def run_cli(*args):
     )
 
 
+@pytest.mark.integration
 def test_cli_writes_megatron_named_outputs(tmp_path, tokenizer_files):
     files = tokenizer_files["GPT2BPETokenizer"]
     input_path = write_jsonl(tmp_path / "X.jsonl", [{"text": text} for text in DOCUMENTS])
@@ -250,6 +251,7 @@ def test_cli_writes_megatron_named_outputs(tmp_path, tokenizer_files):
     assert read_back(str(tmp_path / "P_text_document")) == expected
 
 
+@pytest.mark.integration
 def test_cli_errors_are_one_line(tmp_path, tokenizer_files):
     files = tokenizer_files["SentencePieceTokenizer"]
     common = ["--output-prefix", str(tmp_path / "P"), "--tokenizer-type", "SentencePieceTokenizer",

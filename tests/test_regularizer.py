@@ -17,7 +17,7 @@ from remoe_patches.regularizer import (
     load_balanced_l1_loss,
     reg_loss_gradient,
 )
-from test_relu_gates import E, K, T, logits_away_from_zero
+from routing_references import E, K, T, logits_away_from_zero
 
 
 def test_scripted_sparsity_sequence_with_tie():
@@ -140,7 +140,8 @@ def reference_lb_loss(gates: np.ndarray, topk: int) -> float:
     num_tokens, num_experts = gates.shape
     f = [num_experts / (topk * num_tokens) * sum(gates[t, e] > 0 for t in range(num_tokens))
          for e in range(num_experts)]
-    return sum(f[e] * gates[t, e] for t in range(num_tokens) for e in range(num_experts)) / num_tokens
+    return sum(f[e] * gates[t, e]
+               for t in range(num_tokens) for e in range(num_experts)) / num_tokens
 
 
 def test_load_balanced_l1_loss_matches_eq_10_11():

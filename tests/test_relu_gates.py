@@ -8,14 +8,7 @@ import torch
 
 from remoe_patches import relu_gates
 
-T, E, K = 37, 8, 2
-
-
-def logits_away_from_zero(seed=0, dtype=torch.float64):
-    """Logits with |x| >= 0.05, so ReLU's kink never sits inside a finite-difference step."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, E, generator=gen, dtype=dtype)
-    return torch.where(x.abs() < 0.05, torch.sign(x) * 0.05 + x, x)
+from routing_references import E, T, logits_away_from_zero
 
 
 def test_relu_gates_is_elementwise_max_with_zero():

@@ -16,7 +16,7 @@ from remoe_patches.arguments import parse_run_config
 from remoe_patches.flag_fields import declared_flags, flag_dest
 from remoe_patches.router_registry import ROUTERS, SWEEP_NAMES
 
-from test_arguments import TINY_MOE
+from command_lines import TINY_MOE_FLAGS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,17 +52,18 @@ def test_every_option_flag_reaches_the_model_config(kind):
         value = _changed_value(option)
         if flag == "--moe-lory-segment-length":
             value = 8  # a divisor of the tiny model's 32-token sequences
-        config = parse_run_config([*TINY_MOE, *routing, *lory, flag, str(value)])
+        config = parse_run_config([*TINY_MOE_FLAGS, *routing, *lory, flag, str(value)])
         assert isinstance(config.model.router_options, kind.options)
         assert getattr(config.model.router_options, option.name) == value, flag
         assert flag_dest(flag) == flag[2:].replace("-", "_")
 
 
 def test_relu_load_balancing_comes_from_megatrons_flag():
-    plain = parse_run_config([*TINY_MOE, "--moe-relu-routing",
+    plain = parse_run_config([*TINY_MOE_FLAGS, "--moe-relu-routing",
                               "--moe-router-load-balancing-type", "none"])
     assert plain.model.router_options.load_balancing is False
-    assert parse_run_config([*TINY_MOE, "--moe-relu-routing"]).model.router_options.load_balancing
+    relu = parse_run_config([*TINY_MOE_FLAGS, "--moe-relu-routing"])
+    assert relu.model.router_options.load_balancing
 
 
 @pytest.mark.parametrize("hook", ["router_builder", "block_spec", "prepare_model"])
@@ -73,6 +74,7 @@ def test_every_named_builder_imports(hook):
             assert callable(router_registry._resolve(path)), (kind.name, path)
 
 
+@pytest.mark.integration
 def test_the_registry_loads_without_torch():
     code = ("import sys, remoe_patches.router_registry, remoe_patches.sweep; "
             "print('torch' in sys.modules, 'megatron' in sys.modules)")

@@ -5,9 +5,12 @@ hooks, one sequence per forward pass), so the hooks' token order cannot go wrong
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from remoe_patches.preprocess import import_indexed_dataset
 from routing_fixtures import NUM_SEQUENCES, SEQ_LENGTH
+
+pytestmark = pytest.mark.integration
 
 
 def test_calibration_is_document_beginnings(routing_corpus, routed):

@@ -15,7 +15,7 @@ from remoe_patches.config import ConfigError, ModelConfig
 from remoe_patches.model import HAVE_WGRAD_FUSION, build_model
 from remoe_patches.run_config import LayerOptions, RunConfig, TrainingConfig
 
-from test_arguments import AUTHORS_182M_REMOE, TINY, TINY_MOE
+from command_lines import AUTHORS_182M_REMOE, TINY_FLAGS, TINY_MOE_FLAGS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -45,13 +45,13 @@ def test_the_flags_land_in_their_parts():
 
 
 def test_train_samples_become_whole_steps():
-    argv = [a for a in TINY if a not in ("--train-iters", "10")]
+    argv = [a for a in TINY_FLAGS if a not in ("--train-iters", "10")]
     config = parse_run_config(argv + ["--train-samples", "41", "--global-batch-size", "4"])
     assert config.training.train_iters == 11  # ceil(41 / 4)
 
 
 def test_train_samples_need_a_global_batch_size(capsys):
-    argv = [a for a in TINY if a not in ("--train-iters", "10")]
+    argv = [a for a in TINY_FLAGS if a not in ("--train-iters", "10")]
     with pytest.raises(SystemExit) as exit_info:
         parse_run_config(argv + ["--train-samples", "41"])
     assert exit_info.value.code == 2
@@ -59,7 +59,7 @@ def test_train_samples_need_a_global_batch_size(capsys):
 
 
 def test_parts_are_frozen_and_replace_makes_a_new_config():
-    config = parse_run_config(TINY_MOE)
+    config = parse_run_config(TINY_MOE_FLAGS)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.training.lr = 1.0
     changed = config.replace(training=dict(lr=0.5), model=dict(vocab_size=256))
@@ -99,13 +99,13 @@ def saved_flat(config: RunConfig, **flat) -> dict:
 
 
 def test_router_options_round_trip_and_runs_saved_with_flat_router_fields():
-    relu = parse_run_config([*TINY_MOE, "--moe-relu-routing",
+    relu = parse_run_config([*TINY_MOE_FLAGS, "--moe-relu-routing",
                              "--moe-relu-l1-reg-coeff-init", "1e-6"])
     assert relu.to_dict()["model"]["router_options"] == dict(
         l1_coeff_init=1e-6, l1_coeff_multiplier=1.2, load_balancing=True)
     assert RunConfig.from_dict(json.loads(json.dumps(relu.to_dict()))) == relu
     assert RunConfig.from_dict(saved_flat(relu, relu_l1_coeff_init=1e-6)) == relu
-    ec = parse_run_config([*TINY_MOE, "--moe-router-type", "expert_choice",
+    ec = parse_run_config([*TINY_MOE_FLAGS, "--moe-router-type", "expert_choice",
                            "--moe-expert-choice-capacity-factor", "2"])
     assert RunConfig.from_dict(saved_flat(ec, expert_choice_capacity_factor=2.0)) == ec
     with pytest.raises(ConfigError, match=r"router_options: unknown fields \['alpha'\]"):
@@ -115,7 +115,7 @@ def test_router_options_round_trip_and_runs_saved_with_flat_router_fields():
 
 
 def test_hash_type_flag_and_hash_runs_saved_before_it():
-    hashed = [*TINY_MOE, "--moe-router-type", "hash"]
+    hashed = [*TINY_MOE_FLAGS, "--moe-router-type", "hash"]
     config = parse_run_config(hashed)
     assert config.model.router_options.hash_type == "mod"  # the paper's token_id mod E
     permuted = parse_run_config([*hashed, "--moe-hash-type", "random_permutation"])
@@ -125,12 +125,12 @@ def test_hash_type_flag_and_hash_runs_saved_before_it():
     # A hash run saved before the field existed was trained with the seeded permutation.
     old = saved_flat(config, hash_type=None)
     assert RunConfig.from_dict(old).model.router_options.hash_type == "random_permutation"
-    topk = parse_run_config(TINY_MOE)
+    topk = parse_run_config(TINY_MOE_FLAGS)
     assert RunConfig.from_dict(saved_flat(topk, hash_type=None)) == topk
 
 
 def test_unknown_fields_in_a_saved_config_are_named():
-    data = parse_run_config(TINY).to_dict()
+    data = parse_run_config(TINY_FLAGS).to_dict()
     data["training"]["warp_drive"] = True
     with pytest.raises(ConfigError, match=r"RunConfig.training: unknown fields \['warp_drive'\]"):
         RunConfig.from_dict(data)
@@ -174,7 +174,7 @@ def test_gradient_accumulation_fusion_needs_apex_kernel_not_transformer_engine(s
 
 
 def test_lory_dense_warmup_flag_and_lory_runs_saved_before_it():
-    lory_flags = [*TINY_MOE, "--moe-router-type", "lory", "--moe-lory-segment-length", "16"]
+    lory_flags = [*TINY_MOE_FLAGS, "--moe-router-type", "lory", "--moe-lory-segment-length", "16"]
     lory = parse_run_config(lory_flags)
     assert lory.model.router_options.dense_warmup_fraction == 0.05  # the Lory paper's 5%
     off = parse_run_config([*lory_flags, "--moe-lory-dense-warmup-fraction", "0"])

@@ -27,6 +27,7 @@ def fake_run(root: Path, *, checkpoints=(), partial=(), latest=None) -> Path:
     return root
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("module", ["run_directory", "sweep", "run_metrics", "routing_capture",
                                     "metrics_log"])
 def test_it_and_its_torch_free_readers_import_without_torch_or_megatron(module):

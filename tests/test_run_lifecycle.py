@@ -12,9 +12,13 @@ import sys
 import time
 
 import psutil
+import pytest
 
-from test_training import REPO, authors_style_flags, corpus, ok, run, steps  # noqa: F401
 from remoe_patches.parallel import free_port
+
+from training_runs import REPO, authors_style_flags, ok, run, steps
+
+pytestmark = pytest.mark.integration
 
 
 def flags(corpus, save, **overrides):

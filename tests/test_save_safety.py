@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from test_training import REPO, authors_style_flags, corpus, ok, run, steps  # noqa: F401
+from training_runs import REPO, authors_style_flags, ok, run, steps
 from remoe_patches import checkpointing, launch, run_directory, training
 
 # pretrain_gpt.py with megatron's checkpoint writer processes made slow (they announce each file
@@ -68,6 +68,7 @@ def driven(argv, **env):
 # --- a second launch into the same --save --------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_new_run_into_a_finished_runs_save_is_refused_before_anything_is_written(corpus,
                                                                                    tmp_path):
     save = tmp_path / "run"
@@ -96,6 +97,7 @@ def test_a_new_run_into_a_finished_runs_save_is_refused_before_anything_is_writt
     assert again.returncode == 2 and "already holds checkpoints up to iteration 3" in again.stderr
 
 
+@pytest.mark.integration
 def test_metrics_of_an_earlier_run_without_checkpoints_are_not_appended_to(corpus, tmp_path):
     save = tmp_path / "run"
     save.mkdir()
@@ -109,6 +111,7 @@ def test_metrics_of_an_earlier_run_without_checkpoints_are_not_appended_to(corpu
 # --- a --save that cannot be written -------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_save_under_a_file_is_refused_in_one_line(corpus, tmp_path):
     (tmp_path / "file").write_text("")
     result = run(flags(corpus, tmp_path / "file" / "run", train_iters=1))
@@ -117,6 +120,7 @@ def test_save_under_a_file_is_refused_in_one_line(corpus, tmp_path):
     assert f"--save {tmp_path / 'file' / 'run'} is under the file {tmp_path / 'file'}" in line
 
 
+@pytest.mark.integration
 def test_unwritable_save_is_refused_at_start_up(corpus, tmp_path, monkeypatch, capsys):
     # as root, chmod does not stop a write: the check's trial file fails instead
     def denied(*args, dir=None, **kwargs):
@@ -152,6 +156,7 @@ def test_trial_file_leaves_nothing_behind(tmp_path):
 # --- a full disk during a save -------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays(corpus, tmp_path):
     save = tmp_path / "run"
     process = driven(flags(corpus, save, train_iters=4, save_interval=2),
@@ -181,6 +186,7 @@ def descendants_alive(pids) -> list:
     return alive
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("to", ["main process", "process group"])
 def test_ctrl_c_during_a_save_finishes_it_then_exits_without_orphans(corpus, tmp_path, to):
     save, writing = tmp_path / "run", tmp_path / "writing"

@@ -1,6 +1,7 @@
 """SparseMixer-v2's routing math (remoe_patches/sparsemixer.py) against independent computations.
 
-The expected values are written out here with Python loops over plain floats: the jitter mask,
+The expected values are written out with Python loops over plain floats (here and in
+routing_references.py): the jitter mask,
 the masked softmax, the Gumbel-max sample and Heun's coin from the same generator draws, and
 the router gradient of GRIN's estimator. The released reference (transformers' Phi-3.5-MoE /
 GRIN-MoE ``sparsemixer``) is checked too. Finite differences are used only where the estimator
@@ -16,13 +17,12 @@ import pytest
 import torch
 
 from remoe_patches.sparsemixer import (
-    JITTER_EPS_DEFAULT,
     dense_routing,
     jitter_keep_mask,
     sparsemixer_v2,
 )
 
-EPS = JITTER_EPS_DEFAULT
+from routing_references import EPS, kept_experts, masked_softmax
 
 # Rows: several experts within the jitter band of the max (A, C), all-negative logits where the
 # ratio's denominator is |s_e| (B), one expert alone in the band (D).
@@ -38,23 +38,6 @@ def logits(dtype=torch.float64, requires_grad=False):
 
 
 # ----- independent computations: plain Python over lists --------------------------------------
-
-def kept_experts(row, candidates, eps=EPS):
-    """Experts of ``candidates`` with (m - s_e) / max(|s_e|, m) <= 2 eps (0/0 counts as kept)."""
-    top = max(row[e] for e in candidates)
-    kept = []
-    for e in candidates:
-        denominator = max(abs(row[e]), top)
-        ratio = (top - row[e]) / denominator if denominator != 0 else 0.0
-        if not ratio > 2 * eps:
-            kept.append(e)
-    return kept
-
-
-def masked_softmax(row, kept):
-    total = sum(math.exp(row[e]) for e in kept)
-    return [math.exp(row[e]) / total if e in kept else 0.0 for e in range(len(row))]
-
 
 def argmax(values, among):
     return max(among, key=lambda e: (values[e], -e))

@@ -25,16 +25,15 @@ from remoe_patches.sparsemixer_router import (
     sparsemixer_router_builder,
 )
 
-from test_model import TINY, batch
-from test_sparsemixer import kept_experts, masked_softmax
+from routing_references import kept_experts, masked_softmax
+from tiny import NUM_EXPERTS, TINY_MODEL, batch
 
-NUM_EXPERTS = 8  # ModelConfig's default
-HIDDEN = TINY["hidden_size"]
+HIDDEN = TINY_MODEL["hidden_size"]
 
 
 def transformer_config(topk=1, moe_aux_loss_coeff=0.0, **overrides):
-    """TINY's TransformerConfig with a TopK MoE layout (the router slot is replaced)."""
-    return ModelConfig(router="topk", topk=topk, moe_aux_loss_coeff=moe_aux_loss_coeff, **TINY
+    """TINY_MODEL's TransformerConfig with a TopK MoE layout (the router slot is replaced)."""
+    return ModelConfig(router="topk", topk=topk, moe_aux_loss_coeff=moe_aux_loss_coeff, **TINY_MODEL
                        ).transformer_config(ParallelConfig(), **overrides)
 
 
@@ -230,8 +229,10 @@ def build_gpt(topk, jitter_eps, moe_aux_loss_coeff):
     config = transformer_config(topk=topk, moe_aux_loss_coeff=moe_aux_loss_coeff)
     spec = customize_layers(decoder_block_spec(config),
                             router_builder=sparsemixer_router_builder(jitter_eps))
-    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=TINY["vocab_size"],
-                    max_sequence_length=TINY["seq_length"], pre_process=True, post_process=True,
+    return GPTModel(config=config, transformer_layer_spec=spec,
+                    vocab_size=TINY_MODEL["vocab_size"],
+                    max_sequence_length=TINY_MODEL["seq_length"], pre_process=True,
+                    post_process=True,
                     share_embeddings_and_output_weights=False, position_embedding_type="rope")
 
 
@@ -263,7 +264,7 @@ def test_tiny_gpt_trains_a_step_and_routes_deterministically_in_eval(
         single_rank, topk, jitter_eps, moe_aux_loss_coeff):
     model = build_gpt(topk, jitter_eps, moe_aux_loss_coeff)
     routers = [m for m in model.modules() if isinstance(m, SparseMixerRouter)]
-    assert len(routers) == TINY["num_layers"]
+    assert len(routers) == TINY_MODEL["num_layers"]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
     loss, maps, _ = routed_forward(model, seed=0)

@@ -1,6 +1,7 @@
-"""Sweeps: a sweep file expands into deterministic runs; the CPU sweep (configs/sweeps/cpu_tiny.yaml)
-trains its two tiny configurations with ``--launcher local``, skips them when launched again,
-and ``--collect`` tabulates their final validation losses (and a zero-shot average)."""
+"""Sweeps: a sweep file expands into deterministic runs; the CPU sweep
+(configs/sweeps/cpu_tiny.yaml) trains its two tiny configurations with ``--launcher local``, skips
+them when launched again, and ``--collect`` tabulates their final validation losses (and a
+zero-shot average)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def last_validation(run_dir: Path) -> float:
     return [r["val_lm_loss"] for r in records if "val_lm_loss" in r][-1]
 
 
+@pytest.mark.integration
 def test_cpu_sweep_runs_both_configurations(swept):
     out, first = swept
     assert "sweep cpu_tiny: 2 finished, 0 skipped, 0 failed" in first.stdout
@@ -55,6 +57,7 @@ def test_cpu_sweep_runs_both_configurations(swept):
         assert (run / "train.log").read_text().count("iteration        8/       8") == 1
 
 
+@pytest.mark.integration
 def test_relaunch_skips_finished_runs(swept):
     out, _ = swept
     before = {name: (out / name / "metrics.jsonl").read_bytes() for name in ("moe", "remoe")}
@@ -70,6 +73,7 @@ def test_relaunch_skips_finished_runs(swept):
     assert listed.stdout.count("(finished, skipped)") == 2
 
 
+@pytest.mark.integration
 def test_collect_tabulates_the_runs(swept):
     out, _ = swept
     # an lm-eval results file for one run: its average is the table's zero-shot column
@@ -96,6 +100,7 @@ def test_collect_tabulates_the_runs(swept):
     assert runs["moe"]["settle_iteration"] == "" and runs["moe"]["final_sparsity"] == ""
 
 
+@pytest.mark.integration
 def test_slurm_job_array(tmp_path):
     result = tool(CPU_SWEEP, "--launcher", "slurm", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -165,6 +170,7 @@ def test_bad_flag_names_the_run(tmp_path):
         sweeps.validate_runs(sweep)
 
 
+@pytest.mark.integration
 def test_failed_run_is_not_marked_done(tmp_path):
     spec = dict(base=dict(config="configs/demo.yaml", demo_corpus=None,
                           data_path="/nonexistent/prefix_text_document",
@@ -262,6 +268,7 @@ def test_replicates_are_averaged_with_their_spread(tmp_path):
     assert by_router["TopK MoE"]["value val_lm_loss spread"] == pytest.approx(0.25)
 
 
+@pytest.mark.integration
 def test_listing_and_collecting_need_no_environment_variables(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("DATA_PATH", "VOCAB_FILE", "MERGE_FILE")}
@@ -300,6 +307,7 @@ def test_listing_and_collecting_need_no_environment_variables(tmp_path):
     assert "DATA_PATH not set in the environment" in started.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("grid_line, message", [
     ("num_expert: [4]", "{path}: grid.num_expert is not a pretrain_gpt.py flag; did you mean "
                         "num_experts?"),
@@ -461,6 +469,7 @@ def mean_of(values):
     return sum(values) / len(values)
 
 
+@pytest.mark.integration
 def test_the_reference_row_is_a_sweep_file_option(tmp_path):
     sweep = seeds_sweep(tmp_path, reference="moe")
     collected = sweeps.collect(sweep)

@@ -15,14 +15,14 @@ from remoe_patches.model import build_model
 from remoe_patches.router_registry import ReLUOptions
 from remoe_patches.token_dispatch import SortedTokenDispatcher
 
-from test_model import TINY, batch
+from tiny import TINY_MODEL, batch
 
 
 def run(dispatcher, router, grouped_gemm, seed=0, l1_coeff_init=0.3):
     torch.manual_seed(1)
     model_parallel_cuda_manual_seed(1)
     config = ModelConfig(router=router, token_dispatcher=dispatcher, moe_grouped_gemm=grouped_gemm,
-                         num_experts=4, topk=2, **TINY,
+                         num_experts=4, topk=2, **TINY_MODEL,
                          **(dict(router_options=ReLUOptions(l1_coeff_init=l1_coeff_init))
                             if router == "relu" else {}))
     built = build_model(config, ParallelConfig())
@@ -60,10 +60,10 @@ def test_tokens_without_experts_and_layers_without_pairs(single_rank):
     torch.manual_seed(1)
     model_parallel_cuda_manual_seed(1)
     config = ModelConfig(router="relu", token_dispatcher="sorted", moe_grouped_gemm=True,
-                         num_experts=4, topk=1, **TINY)
+                         num_experts=4, topk=1, **TINY_MODEL)
     moe = next(m for m in build_model(config, ParallelConfig()).model.modules()
                if isinstance(m, MoELayer))
-    x = torch.randn(6, 1, TINY["hidden_size"], requires_grad=True)
+    x = torch.randn(6, 1, TINY_MODEL["hidden_size"], requires_grad=True)
     with torch.no_grad():
         moe.router.weight.zero_()
         moe.router.weight[2, 0] = 1.0  # expert 2 takes the tokens with x0 > 0, nobody else
@@ -87,7 +87,7 @@ def test_tokens_without_experts_and_layers_without_pairs(single_rank):
 def test_one_host_read_per_layer(single_rank):
     built, *_ = run("sorted", "relu", True)
     moe = next(m for m in built.model.modules() if isinstance(m, MoELayer))
-    x = torch.randn(TINY["seq_length"], 2, TINY["hidden_size"], requires_grad=True)
+    x = torch.randn(TINY_MODEL["seq_length"], 2, TINY_MODEL["hidden_size"], requires_grad=True)
     with HostSyncCounter() as syncs:
         out, _ = moe(x)
         out.sum().backward()
@@ -97,7 +97,8 @@ def test_one_host_read_per_layer(single_rank):
 @pytest.mark.parametrize("layout", [dict(expert_model_parallel_size=2),
                                     dict(tensor_model_parallel_size=2, sequence_parallel=True)])
 def test_refused_where_tokens_or_experts_are_split(layout):
-    model = ModelConfig(router="relu", token_dispatcher="sorted", num_experts=4, topk=1, **TINY)
+    model = ModelConfig(router="relu", token_dispatcher="sorted", num_experts=4, topk=1,
+                        **TINY_MODEL)
     with pytest.raises(ConfigError, match="sorted token dispatcher keeps every expert"):
         ParallelConfig(**layout).validate_for(model)
 
@@ -105,4 +106,4 @@ def test_refused_where_tokens_or_experts_are_split(layout):
 def test_refused_with_token_dropping():
     with pytest.raises(ConfigError, match="ModelConfig.token_dispatcher=sorted: .*dropless"):
         ModelConfig(router="topk", token_dispatcher="sorted", moe_expert_capacity_factor=1.0,
-                    num_experts=4, topk=1, **TINY).validate()
+                    num_experts=4, topk=1, **TINY_MODEL).validate()

@@ -7,7 +7,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from test_training import REPO, authors_style_flags, corpus, ok, run  # noqa: F401
+import pytest
+
+from training_runs import REPO, authors_style_flags, ok, run
+
+pytestmark = pytest.mark.integration
 
 
 def test_export_of_a_hash_router_run_is_one_line(corpus, tmp_path):
@@ -35,5 +39,5 @@ def test_evaluate_of_a_directory_without_a_checkpoint_is_one_line(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    [line] = [l for l in result.stderr.splitlines() if "error" in l]
+    [line] = [text for text in result.stderr.splitlines() if "error" in text]
     assert line.startswith(f"evaluate.py: error: --load {empty}: {empty} holds no checkpoint")

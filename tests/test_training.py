@@ -7,88 +7,16 @@ corpus that the tests build, and compare what they write to ``<save>/metrics.jso
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from remoe_patches.checkpointing import read_run_config
-from remoe_patches.demo_corpus import build_demo_corpus
-from remoe_patches.parallel import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+from training_runs import REPO, authors_style_flags, ok, run, steps
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_demo_corpus(tmp_path_factory.mktemp("corpus"), vocab_size=384,
-                             max_chars_per_domain=40_000)
-
-
-def authors_style_flags(corpus, save, **overrides) -> list:
-    """The authors' 182M ReMoE launch flags (spec §7), with the sizes scaled down for a CPU."""
-    flags = dict(
-        # model
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        seq_length=32, max_position_embeddings=32, ffn_hidden_size=128,
-        position_embedding_type="rope", rotary_base=1000000, normalization="RMSNorm",
-        init_method_std=0.01, attention_dropout=0.0, hidden_dropout=0.0,
-        make_vocab_size_divisible_by=256,  # the same padded vocabulary at TP=1 and TP=2
-        # MoE (the TopK settings stay in the script; the ReLU router ignores them)
-        num_experts=8, moe_router_topk=1, moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=1e-2, moe_token_dispatcher_type="alltoall", moe_granularity=1,
-        moe_relu_l1_reg_coeff_init=0.05,
-        # parallelism
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        expert_model_parallel_size=1,
-        # training
-        micro_batch_size=2, global_batch_size=4, lr=5e-4, min_lr=5e-5, lr_decay_style="cosine",
-        lr_warmup_fraction=0.2, train_iters=6, clip_grad=1.0, weight_decay=0.1,
-        adam_beta1=0.9, adam_beta2=0.999, seed=1234,
-        # data
-        data_path=f"1.0 {corpus.data_prefix}", split="969,30,1", vocab_file=corpus.vocab_file,
-        merge_file=corpus.merge_file,
-        # logging and checkpoints
-        log_interval=1, eval_interval=3, eval_iters=1, save=save, save_interval=3,
-    )
-    flags.update(overrides)
-    switches = ["--use-mcore-models", "--disable-bias-linear", "--no-position-embedding",
-                "--swiglu", "--untie-embeddings-and-output-weights", "--group-query-attention",
-                "--moe-router-pre-softmax", "--moe-relu-routing", "--moe-grouped-gemm",
-                "--use-flash-attn", "--no-masked-softmax-fusion", "--bf16", "--sequence-parallel",
-                "--use-distributed-optimizer", "--log-throughput"]
-    argv = []
-    for key, value in flags.items():
-        if value is None:
-            continue
-        argv.append("--" + key.replace("_", "-"))
-        argv.extend(str(value).split())
-    return argv + [s for s in switches if s.strip("-").replace("-", "_") not in overrides]
-
-
-def run(argv, nproc=1, timeout=600, env=None):
-    if nproc == 1:
-        command = [sys.executable, str(REPO / "pretrain_gpt.py"), *argv]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   "--master-port", str(free_port()), str(REPO / "pretrain_gpt.py"), *argv]
-    inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    full_env = {**inherited, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=full_env)
-
-
-def steps(save) -> dict:
-    """metrics.jsonl's per-step records, by iteration."""
-    records = [json.loads(line) for line in open(Path(save) / "metrics.jsonl")]
-    return {r["iteration"]: r for r in records if "lm_loss" in r}
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+pytestmark = pytest.mark.integration
 
 
 def test_megatron_launch_flags_train(corpus, tmp_path):
@@ -106,7 +34,8 @@ def test_megatron_launch_flags_train(corpus, tmp_path):
         assert key in last, key
     assert len(last["sparsity_per_layer"]) == 2
     assert last["lm_loss"] < first["lm_loss"]
-    evaluations = [json.loads(l) for l in open(save / "metrics.jsonl") if "val_lm_loss" in l]
+    evaluations = [json.loads(line) for line in open(save / "metrics.jsonl")
+                   if "val_lm_loss" in line]
     assert [e["iteration"] for e in evaluations] == [3, 6]
     assert (save / "iter_0000006").is_dir()
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "6"
@@ -200,20 +129,22 @@ def test_resume_with_another_data_parallel_size(corpus, tmp_path):
 
 def error_line(result) -> str:
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = [l for l in result.stderr.strip().splitlines() if "error: " in l]
+    lines = [line for line in result.stderr.strip().splitlines() if "error: " in line]
     assert len(lines) == 1, result.stderr
     return lines[0]
 
 
 @pytest.mark.parametrize("changes, needle", [
-    (dict(data_path="1.0 /nonexistent/prefix_text_document"), "prefix_text_document.bin does not exist"),
+    (dict(data_path="1.0 /nonexistent/prefix_text_document"),
+     "prefix_text_document.bin does not exist"),
     (dict(tensor_model_parallel_size=2),
      "error: --tensor-model-parallel-size: TP=2 x PP=1 does not divide the world size 1"),
     (dict(global_batch_size=5), "--global-batch-size"),
 ])
 def test_bad_input_one_line_and_nothing_written(corpus, tmp_path, changes, needle):
     save = tmp_path / "never"
-    line = error_line(run(authors_style_flags(corpus, save, tensorboard_dir=save / "tb", **changes)))
+    line = error_line(run(authors_style_flags(corpus, save, tensorboard_dir=save / "tb",
+                                              **changes)))
     assert needle in line
     assert not save.exists()
 

@@ -31,21 +31,8 @@ from remoe_patches.training_step import (
     wrap_with_ddp,
 )
 
-TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-            ffn_hidden_size=64, vocab_size=128, seq_length=16)
-SEQ = TINY["seq_length"]
-
-
-def make_batch(seed, batch_size=2, kept=None):
-    """A batch dict; ``kept``: how many leading positions of each row count in the loss."""
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, TINY["vocab_size"], (batch_size, SEQ + 1), generator=gen)
-    mask = torch.ones(batch_size, SEQ)
-    if kept is not None:
-        for row, count in enumerate(kept):
-            mask[row, count:] = 0.0
-    return dict(tokens_BS=tokens[:, :-1], labels_BS=tokens[:, 1:], loss_mask_BS=mask,
-                position_ids_BS=torch.arange(SEQ).expand(batch_size, -1))
+from tiny import TINY_MODEL
+from tiny_training import SEQ, make_batch, step_kwargs, training_objects
 
 
 def token_losses(model, batch):
@@ -67,7 +54,7 @@ def masked_sum_and_count(model, batches):
 def build(parallel, router="dense", seed=0, **ddp_kwargs):
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    built = build_model(ModelConfig(router=router, **TINY), parallel)
+    built = build_model(ModelConfig(router=router, **TINY_MODEL), parallel)
     return built, wrap_with_ddp(built.model, built.transformer_config, **ddp_kwargs)
 
 
@@ -132,7 +119,7 @@ def test_ddp_accumulates_fp32_main_grads_and_finalizes_them(single_rank):
     """Gradients go to fp32 ``main_grad`` buffers, bf16 model or not; the schedules' hooks."""
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
-    built = build_model(ModelConfig(router="relu", **TINY), single_rank, bf16=True)
+    built = build_model(ModelConfig(router="relu", **TINY_MODEL), single_rank, bf16=True)
     ddp = wrap_with_ddp(built.model, built.transformer_config)
     assert isinstance(ddp, DistributedDataParallel) and ddp.module is built.model
     for name, param in built.model.named_parameters():
@@ -221,7 +208,7 @@ def test_gradients_are_those_of_the_loss_computed_directly(single_rank):
     built, ddp = build(single_rank)
     batches = [make_batch(7, kept=[10, 16]), make_batch(8, kept=[13, 13])]
     forward_backward([ddp], batches, num_microbatches=2, seq_length=SEQ, micro_batch_size=2)
-    copy = build_model(ModelConfig(router="dense", **TINY), single_rank).model
+    copy = build_model(ModelConfig(router="dense", **TINY_MODEL), single_rank).model
     copy.load_state_dict(built.model.state_dict())
     loss = 0.0
     for batch in batches:
@@ -286,6 +273,7 @@ def two_ranks(tmp_path_factory):
     return run_on_ranks(two_rank_step, 2, tmp_path_factory.mktemp("dp2"))
 
 
+@pytest.mark.integration
 def test_data_parallel_loss_is_the_token_mean_over_all_ranks(two_ranks):
     """Each rank reports the mean over both ranks' 20 + 32 tokens, not its own mean."""
     assert [r["dp"] for r in two_ranks] == [2, 2]
@@ -299,6 +287,7 @@ def test_data_parallel_loss_is_the_token_mean_over_all_ranks(two_ranks):
         assert abs(own_mean - total / count) > 1e-4
 
 
+@pytest.mark.integration
 def test_lazily_gathered_weights_are_stale_until_sync_params(two_ranks):
     """With --overlap-param-gather each rank holds only its own shard's update after the step;
     sync_params gathers the rest: both ranks then hold the eagerly gathered weights."""
@@ -316,36 +305,6 @@ def test_lazily_gathered_weights_are_stale_until_sync_params(two_ranks):
 
 
 # --- train_step ---------------------------------------------------------------------------
-
-TRAIN_FLAGS = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-    "--group-query-attention", "--num-query-groups", "2", "--ffn-hidden-size", "64",
-    "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
-    "--lr", "1e-2", "--train-iters", "10", "--clip-grad", "0.05", "--mock-data",
-    "--normalization", "RMSNorm", "--swiglu", "--untie-embeddings-and-output-weights",
-    "--disable-bias-linear", "--position-embedding-type", "rope",
-    "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
-]
-ROUTER_FLAGS = {"dense": [], "topk": ["--num-experts", "4", "--moe-router-topk", "2",
-                                      "--moe-aux-loss-coeff", "0.01"],
-                "relu": ["--num-experts", "4", "--moe-router-topk", "1", "--moe-relu-routing"]}
-
-
-def training_objects(router, *extra):
-    from remoe_patches.arguments import parse_run_config
-    from remoe_patches.training import build_training_objects
-
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
-    config = parse_run_config(TRAIN_FLAGS + ROUTER_FLAGS[router] + list(extra))
-    config = config.replace(model=dict(vocab_size=TINY["vocab_size"]))
-    return config, build_training_objects(config, device=torch.device("cpu"))
-
-
-def step_kwargs(config):
-    return dict(seq_length=SEQ, micro_batch_size=config.training.micro_batch_size,
-                global_batch_size=config.training.global_batch_size)
-
 
 def weights(objects):
     return {n: p.detach().clone() for n, p in objects.model_chunks[0].named_parameters()}

@@ -8,17 +8,18 @@ point, as Megatron-LM's ``--skip-train --load`` does.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import numpy
 import pytest
 
-from test_training import authors_style_flags, corpus, ok, run  # noqa: F401 (corpus: fixture)
+from training_runs import authors_style_flags, ok, run
 
 from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+pytestmark = pytest.mark.integration
 
 SEQ_LENGTH = 32
 SPLIT = "60,30,10"  # several documents in each split of the small corpus (21 documents)

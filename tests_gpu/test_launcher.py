@@ -68,7 +68,8 @@ def test_paper_config_trains_saves_and_resumes_on_one_gpu(corpus, tmp_path):
     for iteration in range(11, 21):
         assert got[iteration]["lr"] == expected[iteration]["lr"]
         assert got[iteration]["lm_loss"] == pytest.approx(expected[iteration]["lm_loss"], rel=2e-2)
-        assert got[iteration]["sparsity"] == pytest.approx(expected[iteration]["sparsity"], abs=0.05)
+        assert got[iteration]["sparsity"] == pytest.approx(expected[iteration]["sparsity"],
+                                                           abs=0.05)
     # the coefficient continues from the saved one: at most one factor alpha per step apart
     ratio = got[11]["l1_coeff"] / expected[10]["l1_coeff"]
     assert 1 / 1.2 - 1e-6 <= ratio <= 1.2 + 1e-6

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Zero-shot evaluation of ReMoE / TopK-MoE / dense checkpoints with lm-eval, as in the paper's Table 2.
+"""Zero-shot evaluation of ReMoE / TopK-MoE / dense checkpoints with lm-eval, as in the paper's
+Table 2.
 
     python tools/evaluate.py --load ckpt/182m_remoe --load ckpt/182m_moe \\
         --data-dir benchmarks/ --output results.json

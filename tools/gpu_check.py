@@ -216,7 +216,8 @@ def tests_part(out: Path, env: dict) -> list:
 
 
 def pytest_counts(log: Path, code: int) -> str:
-    lines = [l for l in log.read_text().splitlines() if re.search(r"\d+ (passed|failed)", l)]
+    lines = [line for line in log.read_text().splitlines()
+             if re.search(r"\d+ (passed|failed)", line)]
     if code == 124:
         return "timed out (see tests_gpu.log)"
     return lines[-1].strip("= ") if lines else "no pytest summary (see tests_gpu.log)"

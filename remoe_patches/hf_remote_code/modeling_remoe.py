@@ -10,7 +10,6 @@ is. There is no key/value cache (each generated token recomputes the context) an
 mask: generate one prompt at a time, or batches of equal length.
 """
 
-import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput

@@ -1,9 +1,11 @@
-"""Offline copies of lm-eval's task configs for the paper's seven zero-shot tasks.
+"""Offline copies of lm-eval's task configs for the paper's seven zero-shot tasks, and the errors
+their loader raises (``TaskDataError``, ``TaskFileMissing``).
 
 Each ``<task>.yaml`` repeats the upstream lm-eval 0.4.13 task's prompt, target, choices and
 metrics (``tests/test_evaluation.py`` checks that they still equal upstream's) but reads local
-jsonl files, ``DIR/<task>/<split>.jsonl``, through ``custom_dataset: !function
-functions.offline_dataset``. ``functions.py`` also hands the upstream task's Python helpers
+jsonl files, ``DATA_DIR/<task>/<split>.jsonl``, through ``custom_dataset: !function
+functions.offline_dataset``; ``DATA_DIR`` is lm-eval's task metadata ``data_dir``, else the
+``REMOE_ZERO_SHOT_DIR`` variable. ``functions.py`` also hands the upstream task's Python helpers
 (hellaswag, race) to the YAML's ``!function`` entries.
 """
 
