@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["remoe_patches", "remoe_patches.*"]),
     package_data={"remoe_patches.lm_eval_tasks": ["*.yaml"],
-                  "remoe_patches": ["hf_remote_code/*.py"]},
+                  "remoe_patches": ["hf_remote_code/*.py", "megatron_lm_flags.txt"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core==0.16.1",

@@ -17,8 +17,10 @@ Design:
   Megatron-LM's ``--no-X`` flags have ``--X`` (``--load-optim``, ``--masked-softmax-fusion``).
   A flag switched to its default does not count as given.
 - Errors are one line on stderr and exit code 2, like ``parser.error`` but without the usage
-  text of ~120 flags. Prefixes are not accepted (``allow_abbrev=False``); an unknown flag
-  or YAML key names the closest known one.
+  text of ~120 flags. Prefixes are not accepted (``allow_abbrev=False``). A Megatron-LM flag
+  that is not implemented here (``megatron_lm_flags.txt``: all 681 of Megatron-LM
+  core_v0.16.1's) is answered "Megatron-LM's --X is not supported here"; any other unknown flag
+  or YAML key names the known one it misspells, when one is close.
 - Nothing is silently ignored. A flag is either honoured, refused with a one-line reason (a
   setting the builder cannot honour, e.g. ``--normalization LayerNorm``), or reported by
   ``argument_notes.ineffective_flags`` as having no effect on this machine, for the driver to
@@ -58,7 +60,9 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import functools
 import sys
+from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 import yaml
@@ -554,11 +558,47 @@ def _parse_strictly(parser, tokens) -> argparse.Namespace:
                          "(--X switches it on, --no-X off)")
         if flag is None:
             parser.error(f"unexpected value {extras[0]!r} (no flag takes it)")
-        flag = flag.split("=", 1)[0]
-        closest = difflib.get_close_matches(flag, _long_flags(parser), n=1)
-        hint = f"; did you mean {closest[0]}?" if closest else " (see --help)"
-        parser.error(f"unknown flag {flag}{hint}")
+        parser.error(unknown_flag_message(flag.split("=", 1)[0], _long_flags(parser)))
     return args
+
+
+MEGATRON_LM_FLAGS_FILE = Path(__file__).with_name("megatron_lm_flags.txt")
+"""Megatron-LM core_v0.16.1's flags (``tools/list_megatron_lm_flags.py`` wrote it)."""
+
+SIMILAR_FLAG_CUTOFF = 0.8
+"""difflib similarity from which an unknown flag is taken for a misspelling of a known one."""
+
+# Why some Megatron-LM features are absent, by flag prefix.
+NOT_SUPPORTED_BECAUSE = {
+    "--fp8": "FP8 training is not built here (use --bf16)",
+    "--fp4": "FP4 training is not built here (use --bf16)",
+    "--fp16": "use --bf16",
+    "--use-torch-fsdp2": "FSDP is not built here (use --use-distributed-optimizer)",
+    "--use-megatron-fsdp": "FSDP is not built here (use --use-distributed-optimizer)",
+    "--num-virtual-stages-per-pipeline-rank": "the interleaved pipeline schedule is not built",
+    "--multi-latent-attention": "the builder implements the paper's LLaMA recipe",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def megatron_lm_flags() -> frozenset:
+    """Megatron-LM's own flag names (``MEGATRON_LM_FLAGS_FILE``)."""
+    lines = MEGATRON_LM_FLAGS_FILE.read_text().splitlines()
+    return frozenset(line for line in lines if line.startswith("--"))
+
+
+def unknown_flag_message(flag: str, known_flags) -> str:
+    """What to say about ``flag``, which this parser does not know: a Megatron-LM flag not
+    implemented here is named as such (with why, where there is a reason); otherwise the known
+    flag it misspells, when one is close."""
+    if flag in megatron_lm_flags():
+        reason = next((why for prefix, why in NOT_SUPPORTED_BECAUSE.items()
+                       if flag.startswith(prefix)), None)
+        return (f"Megatron-LM's {flag} is not supported here"
+                + (f": {reason}" if reason else "; pretrain_gpt.py --help lists what is"))
+    closest = difflib.get_close_matches(flag, known_flags, n=1, cutoff=SIMILAR_FLAG_CUTOFF)
+    hint = f"; did you mean {closest[0]}?" if closest else " (see --help)"
+    return f"unknown flag {flag}{hint}"
 
 
 def _dests_given(tokens) -> set:
@@ -591,7 +631,11 @@ def _yaml_tokens(path: str, parser) -> list:
     tokens = []
     for key, value in mapping.items():
         if key not in actions:
-            closest = difflib.get_close_matches(str(key), actions, n=1)
+            as_flag = "--" + str(key).replace("_", "-")
+            if as_flag in megatron_lm_flags():
+                parser.error(f"key {key}: " + unknown_flag_message(as_flag, []))
+            closest = difflib.get_close_matches(str(key), actions, n=1,
+                                                cutoff=SIMILAR_FLAG_CUTOFF)
             hint = f"; did you mean {closest[0]}?" if closest else ""
             parser.error(f"unknown key {key}{hint}")
         flag, action = actions[key]

@@ -256,6 +256,37 @@ def test_unknown_flag_names_the_closest_one(typo, capsys):
     assert f"unknown flag {typo.split('=')[0]}; did you mean --num-layers?" in err
 
 
+@pytest.mark.parametrize("flag, reason", [
+    ("--profile", "pretrain_gpt.py --help lists what is"),
+    ("--wandb-exp-name", "pretrain_gpt.py --help lists what is"),
+    ("--fp8-format", "FP8 training is not built here (use --bf16)"),
+])
+def test_a_megatron_lm_flag_not_built_here_is_named_so(flag, reason, capsys):
+    """Not "did you mean" an unrelated flag of ours (--profile is not --vocab-file)."""
+    err = parse_error(TINY_FLAGS + [flag, "1"], capsys)
+    assert f"Megatron-LM's {flag} is not supported here" in err and reason in err
+    assert "did you mean" not in err
+
+
+def test_an_unknown_flag_far_from_every_known_one_gets_no_guess(capsys):
+    err = parse_error(TINY_FLAGS + ["--frobnicate"], capsys)
+    assert "unknown flag --frobnicate (see --help)" in err
+
+
+def test_the_megatron_lm_flag_list_is_megatron_lms():
+    """The generated list holds Megatron-LM 0.16.1's flags: every flag this parser shares with
+    it, its MoE and profiling flags; not ReMoE's own."""
+    from remoe_patches.arguments import build_parser, megatron_lm_flags
+
+    flags = megatron_lm_flags()
+    assert {"--profile", "--use-pytorch-profiler", "--wandb-project", "--rampup-batch-size",
+            "--num-experts", "--moe-router-topk", "--async-save"} <= flags
+    assert not {"--moe-relu-routing", "--demo-corpus", "--max-skipped-steps"} & flags
+    ours = {flag for action in build_parser()._actions for flag in action.option_strings}
+    shared = {"--num-layers", "--seq-length", "--lr", "--save", "--bf16", "--split"}
+    assert shared <= ours & flags
+
+
 def test_unknown_yaml_key_names_file_key_and_closest_key(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("num_layer: 12\n")
