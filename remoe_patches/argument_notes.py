@@ -78,6 +78,9 @@ def ineffective_flags(
     note("vocab_file", "--vocab-file", unused_by, when=not gpt2)
     note("merge_file", "--merge-file", unused_by, when=not gpt2)
     note("tokenizer_model", "--tokenizer-model", unused_by, when=gpt2)
+    for dest in ("lr_wsd_decay_style", "lr_wsd_decay_iters"):
+        note(dest, f"--{dest.replace('_', '-')}", "only used with --lr-decay-style WSD",
+             when=args.lr_decay_style != "WSD")
 
     if args.num_experts is None:  # argument_checks reads --num-experts 0 as None
         dense = ("dense model (--num-experts 0)" if "num_experts" in given

@@ -41,7 +41,7 @@ Where we differ from Megatron-LM on purpose:
 
 - ``--ffn-hidden-size`` defaults to 4 * hidden even with ``--swiglu`` (Megatron-LM shrinks it to
   about 8/3 * hidden): the paper's FFN is 4 * hidden.
-- ``--fp16`` is refused (use ``--bf16``); ``--optimizer sgd`` and the WSD schedule are not offered;
+- ``--fp16`` is refused (use ``--bf16``); ``--optimizer sgd`` is not offered;
   ``--tokenizer-type`` offers the three tokenizers of ``remoe_patches.tokenizer``.
 - ``--micro-batch-size``, ``--lr`` and one of ``--train-iters``/``--train-samples`` are required
   at parse time (Megatron-LM fails later without them), besides the model sizes.

@@ -119,8 +119,17 @@ class TrainingConfig:
     min_lr: float = flag_field(0.0, flag="--min-lr", group="learning rate",
                                help="Learning rate at the end of decay.")
     lr_decay_style: str = flag_field(
-        "linear", flag="--lr-decay-style", group="learning rate", help="Decay shape.",
-        choices=["constant", "linear", "cosine", "inverse-square-root"])
+        "linear", flag="--lr-decay-style", group="learning rate",
+        help="Decay shape; WSD: warm-up, stable at --lr, then the last --lr-wsd-decay-iters "
+        "anneal to --min-lr.",
+        choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+    lr_wsd_decay_style: str = flag_field(
+        "exponential", flag="--lr-wsd-decay-style", group="learning rate",
+        choices=["exponential", "linear", "cosine", "minus_sqrt"],
+        help="WSD: the anneal's shape (Megatron-LM's default: exponential).")
+    lr_wsd_decay_iters: Optional[int] = flag_field(
+        None, flag="--lr-wsd-decay-iters", group="learning rate", type=int,
+        help="WSD: the iterations of the anneal, at the end of the decay (required with WSD).")
     lr_decay_iters: Optional[int] = flag_field(
         None, flag="--lr-decay-iters", group="learning rate", type=int,
         help="Decay steps; default --train-iters.")
@@ -177,6 +186,13 @@ class TrainingConfig:
              "global_batch_size",
              f"{self.global_batch_size} is not divisible by micro_batch_size "
              f"{self.micro_batch_size}"),
+            (self.lr_decay_style != "WSD" or self.lr_wsd_decay_iters is not None,
+             "lr_wsd_decay_iters", "--lr-decay-style WSD needs --lr-wsd-decay-iters (the "
+             "anneal's length)"),
+            (self.lr_wsd_decay_iters is None or 0 < self.lr_wsd_decay_iters
+             <= (self.lr_decay_iters or self.train_iters), "lr_wsd_decay_iters",
+             f"{self.lr_wsd_decay_iters} must be between 1 and the decay's "
+             f"{self.lr_decay_iters or self.train_iters} iterations"),
             (not self.overlap_param_gather or self.use_distributed_optimizer,
              "overlap_param_gather", "needs use_distributed_optimizer"),
             (not self.overlap_param_gather or self.overlap_grad_reduce,

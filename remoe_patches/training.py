@@ -467,6 +467,9 @@ def lr_scheduler(training: TrainingConfig, optimizer) -> OptimizerParamScheduler
         lr_warmup_steps=warmup_samples,
         lr_decay_steps=decay_samples,
         lr_decay_style=training.lr_decay_style,
+        wsd_decay_steps=(None if training.lr_wsd_decay_iters is None
+                         else training.lr_wsd_decay_iters * batch),
+        lr_wsd_decay_style=training.lr_wsd_decay_style,
         start_wd=training.weight_decay,
         end_wd=training.weight_decay,
         wd_incr_steps=training.train_iters * batch,
