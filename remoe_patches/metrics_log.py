@@ -14,6 +14,19 @@ from typing import Optional
 from remoe_patches.run_directory import metrics_path
 
 
+# Megatron-LM's tensorboard tags (megatron/training/training.py, core_v0.16.1) of the record keys
+# that have one, written beside ours so that dashboards built on Megatron-LM runs line up; each
+# also "<tag> vs samples" where the record has consumed samples. Values in Megatron-LM's units.
+MEGATRON_LM_TAGS = {
+    "lm_loss": ("lm loss", 1.0),
+    "lr": ("learning-rate", 1.0),
+    "global_batch_size": ("batch-size", 1.0),
+    "grad_norm": ("grad-norm", 1.0),
+    "ms_per_iteration": ("iteration-time", 1e-3),  # seconds
+    "val_lm_loss": ("lm loss validation", 1.0),
+}
+
+
 # The metrics file holds one object per logged step; evaluation records carry ``val_lm_loss``
 # (or ``test_lm_loss``) and the number of samples it scored, ``val_samples`` (``test_samples``).
 class MetricsLog:
@@ -94,7 +107,19 @@ class MetricsLog:
                     for layer, item in enumerate(value, start=1):
                         if isinstance(item, (int, float)) and math.isfinite(item):
                             self.writer.add_scalar(f"{key}/layer_{layer}", item, iteration)
+            self._write_megatron_lm_tags(record)
             self.writer.flush()
+
+    def _write_megatron_lm_tags(self, record: dict) -> None:
+        iteration, samples = record["iteration"], record.get("consumed_samples")
+        scalars = {tag: record[key] * scale for key, (tag, scale) in MEGATRON_LM_TAGS.items()
+                   if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])}
+        if "lm loss validation" in scalars:
+            scalars["lm loss validation ppl"] = math.exp(min(scalars["lm loss validation"], 20))
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, iteration)
+            if samples is not None:
+                self.writer.add_scalar(f"{tag} vs samples", value, samples)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -184,6 +184,14 @@ def test_tensorboard_gets_finite_scalars_and_per_layer_lists(tmp_path):
     assert scalars("skipped_iterations") == [(5, 1), (6, 1)]
     assert "iteration" not in tags and "load_balancing_loss" not in tags
     assert not any(tag.startswith("dead_experts_per_layer") for tag in tags)
+    # Megatron-LM's tags beside ours, in its units; "vs samples" at the consumed samples (12)
+    assert scalars("lm loss") == [(5, 5.4321098), (6, 4.0)]
+    assert scalars("lm loss vs samples") == [(12, 5.4321098), (12, 4.0)]
+    assert scalars("learning-rate") == [(5, 3.0e-4), (6, 3.0e-4)]
+    assert scalars("grad-norm")[0] == (5, 1.2345) and scalars("batch-size")[0] == (5, 4)
+    assert scalars("iteration-time")[0] == (5, 0.51225)  # seconds
+    assert scalars("lm loss validation") == [(6, 4.5)]
+    assert scalars("lm loss validation ppl") == [(6, math.exp(4.5))]
 
 
 class FakeTerminal(io.StringIO):
