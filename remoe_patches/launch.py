@@ -59,6 +59,15 @@ def notes_on_this_machine(config: RunConfig) -> list:
         world_size=int(os.environ.get("WORLD_SIZE", 1)), gpu_memory_bytes=gpu_memory)
 
 
+def arguments_listing(args) -> list:
+    """Megatron-LM's start-up listing: every argument with its resolved value (YAML, command line
+    and derived defaults applied), sorted, dotted to one column."""
+    names = sorted((name for name in vars(args) if name != "given"), key=str.lower)
+    return (["------------------------ arguments ------------------------"]
+            + [f"  {name} {'.' * (48 - len(name))} {getattr(args, name)}" for name in names]
+            + ["-------------------- end of arguments ---------------------"])
+
+
 def main(argv=None) -> int:
     from remoe_patches.training import TrainingStopped, pretrain
 
@@ -68,6 +77,7 @@ def main(argv=None) -> int:
         if config.data.demo_corpus:
             config = use_demo_corpus(config)
         if _is_first_rank():
+            print("\n".join(arguments_listing(args)), flush=True)
             notes = ineffective_flags(
                 args, cuda_available=torch.cuda.is_available(),
                 transformer_engine_available=HAVE_TE, wgrad_fusion_available=HAVE_WGRAD_FUSION,

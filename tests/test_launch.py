@@ -3,6 +3,7 @@ fit is refused before it starts, and running out of memory ends in one line nami
 
 from __future__ import annotations
 
+import re
 import types
 
 import pytest
@@ -53,3 +54,21 @@ def test_out_of_gpu_memory_is_one_line_with_what_lowers_it(monkeypatch, capsys):
     assert error.count("\n") == 1
     assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB.)" in error
     assert "--moe-layer-recompute" in error and "--micro-batch-size" in error
+
+
+def test_the_resolved_arguments_are_listed_at_start_as_megatron_lm_does(monkeypatch, capsys):
+    """Every argument once, sorted, with its value after YAML, flags and derived defaults (the
+    router type completed from --num-experts), between Megatron-LM's two rules."""
+    monkeypatch.setattr(training, "pretrain", lambda config: types.SimpleNamespace(
+        iteration=0, start_iteration=0))
+    assert launch.main(RUN) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = out.index("------------------------ arguments ------------------------")
+    end = out.index("-------------------- end of arguments ---------------------")
+    listed = {line.split()[0]: line.split()[-1] for line in out[start + 1:end]}
+    assert listed["num_layers"] == "2" and listed["moe_router_type"] == "topk"
+    names = list(listed)
+    assert names == sorted(names, key=str.lower) and "given" not in listed
+    for line in out[start + 1:end]:  # the values in one column, as Megatron-LM pads them
+        name, dots = re.match(r"  (\S+) (\.*) ", line).groups()
+        assert len(name) + len(dots) == max(48, len(name)), line
