@@ -15,7 +15,9 @@
 #                   [runs/$CONFIG_NAME under the repository]
 #   GPUS_PER_NODE [8]  NNODES [1]  NODE_RANK [0]  MASTER_ADDR [localhost]  MASTER_PORT [6000]
 #                   (under Slurm: SLURM_GPUS_ON_NODE, SLURM_NNODES, SLURM_NODEID and the job's
-#                   first node, so `srun --ntasks-per-node 1 scripts/pretrain_...sh` works)
+#                   first node, from scontrol or else SLURM_JOB_NODELIST itself, so
+#                   `srun --ntasks-per-node 1 scripts/pretrain_...sh` works; several nodes
+#                   with a localhost master are refused)
 #   TP [1]  EP [1]  PP [1]   tensor-, expert- and pipeline-parallel sizes; data parallelism takes
 #                   the rest: DP = GPUS_PER_NODE * NNODES / (TP * PP). TP > 1 adds
 #                   --sequence-parallel (megatron-core's MoE layers need it).
@@ -50,6 +52,14 @@ done
 _slurm_master=""
 if [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scontrol >/dev/null; then
     _slurm_master="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+    # No scontrol (common inside containers): the first host of Slurm's compressed list,
+    # "gpu[01-02,05]" -> gpu01, "node7,node8" -> node7 (one bracketed range per name).
+    if [[ "$SLURM_JOB_NODELIST" =~ ^([^,\[]+)\[([0-9]+) ]]; then
+        _slurm_master="${BASH_REMATCH[1]}${BASH_REMATCH[2]}"
+    else
+        _slurm_master="${SLURM_JOB_NODELIST%%,*}"
+    fi
 fi
 GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
 NNODES="${NNODES:-${SLURM_NNODES:-1}}"
@@ -78,6 +88,10 @@ fi
 if (((WORLD_SIZE / PP) % (TP * EP))); then
     _fail "TP=$TP x EP=$EP = $((TP * EP)) does not divide the $((WORLD_SIZE / PP)) GPUs of a" \
         "pipeline stage ($WORLD_SIZE GPUs / PP=$PP); lower EP or TP"
+fi
+if [ "$NNODES" -gt 1 ] && [[ "$MASTER_ADDR" =~ ^(localhost|127\.[0-9.]+|::1)$ ]]; then
+    _fail "NNODES=$NNODES with MASTER_ADDR=$MASTER_ADDR: every node would wait for itself; set" \
+        "MASTER_ADDR to the first node's address (under Slurm it comes from SLURM_JOB_NODELIST)"
 fi
 DP=$((WORLD_SIZE / (TP * PP)))
 

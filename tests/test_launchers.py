@@ -214,6 +214,35 @@ def test_bad_layout_is_refused_before_launch(tmp_path, fake_torchrun, env, needl
         assert result.stdout == "" and not log.exists()
 
 
+@pytest.mark.parametrize("nodelist, master", [
+    ("gpu[01-02]", "gpu01"), ("gpu[07,09-12],cpu1", "gpu07"), ("node7,node8", "node7"),
+    ("a-b[3-4]", "a-b3"),
+])
+def test_slurm_master_comes_from_the_node_list_without_scontrol(tmp_path, nodelist, master):
+    """Inside a container Slurm's variables are set but scontrol is absent: the first node of the
+    compressed list is the master, on every node."""
+    env = environment(SLURM_JOB_NODELIST=nodelist, SLURM_NNODES="2", SLURM_NODEID="1",
+                      SLURM_GPUS_ON_NODE="4")
+    env["PATH"] = os.pathsep.join(  # keep python and bash, lose any scontrol
+        d for d in env["PATH"].split(os.pathsep) if not os.path.exists(os.path.join(d, "scontrol")))
+    result = subprocess.run([launcher("182m", "remoe"), "--dry-run"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    words = shlex.split(result.stdout.splitlines()[0])
+    assert words[words.index("--master-addr") + 1] == master
+    assert words[words.index("--node-rank") + 1] == "1"
+    assert words[words.index("--nnodes") + 1] == "2"
+
+
+def test_several_nodes_with_localhost_as_master_are_refused(tmp_path):
+    result = subprocess.run([launcher("182m", "remoe"), "--dry-run"], cwd=tmp_path,
+                            env=environment(NNODES="2", GPUS_PER_NODE="4"),
+                            capture_output=True, text=True, timeout=60)
+    line = one_error_line(result)
+    assert "NNODES=2 with MASTER_ADDR=localhost: every node would wait for itself" in line
+    assert result.stdout == ""
+
+
 def test_missing_data_is_refused(tmp_path):
     env = environment()
     del env["DATA_PATH"], env["MERGE_FILE"]
