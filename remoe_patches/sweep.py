@@ -579,8 +579,14 @@ def _run_logged(command, log_path: Path, out) -> int:
         return process.wait()
 
 
+SLURM_SIGNAL_SECONDS = 180
+"""How long before its time limit a Slurm task is told to save and stop (--signal)."""
+
+
 def write_slurm(sweep: Sweep) -> Path:
-    """A job-array sbatch script over the runs (the unfinished ones are submitted)."""
+    """A job-array sbatch script over the runs (the unfinished ones are submitted). A task that
+    reaches its time limit saves (SIGTERM, --exit-signal-handler) and requeues itself while it
+    makes progress; a finished run gets its DONE marker."""
     launch = dict(sweep.launch)
     nproc = int(launch.get("nproc_per_node", 8))
     nnodes = int(launch.get("nnodes", 1))
@@ -605,6 +611,12 @@ def write_slurm(sweep: Sweep) -> Path:
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={nproc}",
         f"#SBATCH --output={out_dir}/slurm/%x_%A_%a.out",
+        # SIGTERM to the job's steps 180 s before the time limit: pretrain_gpt.py
+        # (--exit-signal-handler) finishes its step, saves and exits; torchrun waits for it
+        # (TORCH_ELASTIC_SHUTDOWN_TIMEOUT). The task then requeues itself and resumes.
+        f"#SBATCH --signal=TERM@{SLURM_SIGNAL_SECONDS}",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
     ]
     lines += [f"#SBATCH --{key.replace('_', '-')}={value}" for key, value in options.items()]
     runs = " ".join(shlex.quote(run.name) for run in sweep.runs)
@@ -621,17 +633,24 @@ def write_slurm(sweep: Sweep) -> Path:
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         "export MASTER_PORT=$((20000 + SLURM_ARRAY_TASK_ID % 10000))",
         "export CUDA_DEVICE_MAX_CONNECTIONS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+        f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SLURM_SIGNAL_SECONDS - 30}",
+        f'STARTED="$(cat "$RUN_DIR/{run_directory.LATEST_FILE}" 2>/dev/null || echo 0)"',
         "srun --kill-on-bad-exit=1 bash -c 'exec torchrun "
         f"--nproc-per-node {nproc} --nnodes \"$SLURM_NNODES\" --node-rank \"$SLURM_NODEID\" "
         "--master-addr \"$MASTER_ADDR\" --master-port \"$MASTER_PORT\" pretrain_gpt.py "
         f"--config \"$RUN_DIR/{run_directory.CONFIG_FILE}\" --save \"$RUN_DIR\" "
-        f"--load \"$RUN_DIR\" --tensorboard-dir \"$RUN_DIR/{run_directory.TENSORBOARD_DIR}\"'",
+        f"--load \"$RUN_DIR\" --tensorboard-dir \"$RUN_DIR/{run_directory.TENSORBOARD_DIR}\" "
+        "--exit-signal-handler' || true",
         f'LATEST="$(cat "$RUN_DIR/{run_directory.LATEST_FILE}" 2>/dev/null || echo 0)"',
         'if [ "$LATEST" -ge "${TRAIN_ITERS[$SLURM_ARRAY_TASK_ID]}" ]; then',
         '    echo "{\\"run\\": \\"$RUN\\", \\"iteration\\": $LATEST}" > '
         f'"$RUN_DIR/{run_directory.DONE_FILE}"',
+        'elif [ "$LATEST" -gt "$STARTED" ]; then',
+        '    echo "$RUN stopped at iteration $LATEST (from $STARTED); requeued to resume" >&2',
+        '    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
         "else",
-        '    echo "$RUN stopped at iteration $LATEST; submit again to resume" >&2',
+        '    echo "$RUN made no progress (iteration $LATEST); not requeued, see the log" >&2',
+        "    exit 1",
         "fi",
     ]
     path = out_dir / "sweep.sbatch"

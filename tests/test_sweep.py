@@ -114,6 +114,53 @@ def test_slurm_job_array(tmp_path):
         assert (tmp_path / name / "config.yaml").is_file()
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("started, reached, expected", [
+    (0, 4, "requeued"),  # stopped at the time limit after saving: requeued to resume
+    (0, 8, "done"),  # reached train_iters: DONE, not requeued
+    (4, 4, "stuck"),  # no progress: not requeued, the task fails
+])
+def test_slurm_task_requeues_itself_while_it_makes_progress(tmp_path, started, reached,
+                                                              expected):
+    """The array task run by bash with stand-ins for srun (which 'trains' by moving the latest
+    checkpoint pointer) and scontrol (which records a requeue)."""
+    out = tmp_path / "sweep"
+    result = tool(CPU_SWEEP, "--launcher", "slurm", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    script = (out / "sweep.sbatch").read_text()
+    assert "#SBATCH --signal=TERM@180\n" in script and "#SBATCH --requeue\n" in script
+    assert "--exit-signal-handler" in script
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        f'#!/bin/bash\necho "$*" > {tmp_path}/srun_args\necho {reached} > "$RUN_DIR/'
+        'latest_checkpointed_iteration.txt"\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/bash\nif [ "$1" = requeue ]; then echo "$2" > {tmp_path}/requeued; '
+        'else echo node01; fi\n')
+    for stand_in in bin_dir.iterdir():
+        stand_in.chmod(0o755)
+    run_dir = out / "moe"
+    if started:
+        (run_dir / "latest_checkpointed_iteration.txt").write_text(str(started))
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_JOB_ID="77", SLURM_JOB_NODELIST="node01",
+               SLURM_NNODES="1", SLURM_NODEID="0")
+    task = subprocess.run(["bash", str(out / "sweep.sbatch")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    requeued = tmp_path / "requeued"
+    if expected == "requeued":
+        assert task.returncode == 0 and requeued.read_text().strip() == "77_0"
+        assert "requeued to resume" in task.stderr
+    elif expected == "done":
+        assert task.returncode == 0 and not requeued.exists()
+        assert (run_dir / "DONE").is_file()
+    else:
+        assert task.returncode == 1 and not requeued.exists()
+        assert "made no progress" in task.stderr
+    assert "--exit-signal-handler" in (tmp_path / "srun_args").read_text()
+
+
 def write_sweep(path: Path, spec: dict) -> Path:
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
