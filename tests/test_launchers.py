@@ -328,3 +328,61 @@ def test_preprocess_pile_shards_and_blend(corpus, tmp_path):
     again = subprocess.run([script], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "skip 00" in again.stdout and "skip 01" in again.stdout
     assert again.stdout.strip().splitlines()[-1] == last
+
+
+STAND_IN_SRUN = """#!/bin/bash
+# srun's stand-in: 'trains' until told to finish or until SIGTERM, then saves and exits 0
+echo "$*" > "$WORK/srun_args"
+trap 'echo "$SAVE_AT_TERM" > "$CHECKPOINT_DIR/latest_checkpointed_iteration.txt"; exit 0' TERM
+touch "$WORK/started"
+while [ ! -f "$WORK/finish" ]; do sleep 0.1; done
+echo 10 > "$CHECKPOINT_DIR/latest_checkpointed_iteration.txt"
+"""
+
+
+@pytest.mark.parametrize("signalled, saved_at_term, expected", [
+    (True, "7", "requeued"),  # the time limit after a new checkpoint: requeued
+    (False, None, "finished"),  # the run ended by itself: nothing requeued
+    (True, "3", "stuck"),  # the time limit without a new checkpoint: the job fails
+])
+def test_slurm_job_requeues_itself_at_the_time_limit(tmp_path, signalled, saved_at_term,
+                                                     expected):
+    """scripts/slurm/pretrain.sbatch run by bash, with stand-ins for srun and scontrol: Slurm's
+    USR1 before the time limit becomes a SIGTERM to the training step and a requeue."""
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(STAND_IN_SRUN)
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$*" > {tmp_path}/scontrol_args\n')
+    launcher_file = tmp_path / "pretrain_182m_remoe.sh"
+    launcher_file.write_text("#!/bin/bash\n")
+    for path in (*bin_dir.iterdir(), launcher_file):
+        path.chmod(0o755)
+    checkpoints = tmp_path / "ckpt"
+    checkpoints.mkdir()
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("3")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", WORK=str(tmp_path),
+               LAUNCHER=str(launcher_file), CHECKPOINT_DIR=str(checkpoints), SLURM_JOB_ID="99",
+               SAVE_AT_TERM=saved_at_term or "0")
+    job = subprocess.Popen(["bash", str(REPO / "scripts" / "slurm" / "pretrain.sbatch")],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "started").exists():
+        assert time.time() < deadline and job.poll() is None, job.stderr.read()
+        time.sleep(0.05)
+    if signalled:
+        job.send_signal(signal.SIGUSR1)
+    else:
+        (tmp_path / "finish").touch()
+    _, err = job.communicate(timeout=30)
+    assert "--exit-signal-handler" in (tmp_path / "srun_args").read_text()
+    requeue = tmp_path / "scontrol_args"
+    if expected == "requeued":
+        assert job.returncode == 0 and requeue.read_text().split() == ["requeue", "99"], err
+    elif expected == "finished":
+        assert job.returncode == 0 and not requeue.exists(), err
+    else:
+        assert job.returncode == 1 and not requeue.exists()
+        assert "without a new checkpoint" in err
