@@ -54,13 +54,21 @@ def values_from_args(config_class, args: argparse.Namespace) -> dict:
     bools, lists (``nargs``) as tuples."""
     values = {}
     for option, flag in declared_flags(config_class):
-        value = getattr(args, flag_dest(flag))
+        value = getattr(args, option.metadata["argparse"].get("dest") or flag_dest(flag))
         if option.metadata["argparse"].get("action") in ("store_true", "store_false"):
             value = bool(value)
         elif isinstance(value, list):
             value = tuple(value)
         values[option.name] = value
     return values
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a non-negative integer")
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
-from remoe_patches.flag_fields import flag_field, positive_int
+from remoe_patches.flag_fields import flag_field, nonnegative_int, positive_int
 from remoe_patches.router_registry import ROUTERS
 from remoe_patches.tokenizer import TOKENIZER_TYPES
 
@@ -174,6 +174,17 @@ class TrainingConfig:
         False, flag="--exit-signal-handler", group="training", action="store_true",
         help="On SIGTERM or SIGINT (Ctrl-C), finish the step, save a checkpoint and exit 0; all "
         "ranks stop at the same iteration.")
+    manual_gc: bool = flag_field(
+        False, flag="--manual-gc", group="training", action="store_true",
+        help="Python's garbage collector off, collecting at fixed steps instead "
+        "(--manual-gc-interval, and around evaluations), so that its pauses line up across "
+        "ranks.")
+    manual_gc_interval: int = flag_field(
+        0, flag="--manual-gc-interval", group="training", type=nonnegative_int,
+        help="With --manual-gc: collect every this many steps (0: only around evaluations).")
+    manual_gc_eval: bool = flag_field(
+        True, flag="--no-manual-gc-eval", group="training", action="store_false",
+        dest="manual_gc_eval", help="With --manual-gc: no collection around evaluations.")
     distributed_timeout_minutes: int = flag_field(
         10, flag="--distributed-timeout-minutes", group="distributed",
         help="Collective timeout.")

@@ -14,6 +14,7 @@ optimizer, the overlap flags overlap its communication; on CPU they run the same
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import tempfile
 import time
@@ -182,6 +183,7 @@ def pretrain(config: RunConfig) -> RunState:
             """The ``<name>_lm_loss`` record of the split's first --eval-iters global batches, or
             of all its samples (--full-validation)."""
             samples = len(dataset) if logging.full_validation else logging.eval_iters * batch
+            collect_garbage(training, evaluation=True)
             batches = (to_device(b, device) for b in evaluation_batches(
                 dataset, num_samples=samples, global_batch_size=batch,
                 micro_batch_size=training.micro_batch_size, data_parallel_rank=dp_rank,
@@ -189,6 +191,7 @@ def pretrain(config: RunConfig) -> RunState:
             per_step = [min(batch, samples - start) for start in range(0, samples, batch)]
             loss = evaluate(model_chunks, batches, num_microbatches, per_step, device,
                             global_batch_size=batch, **step_kwargs)
+            collect_garbage(training, evaluation=True)
             return {"iteration": state.iteration, f"{name}_lm_loss": loss,
                     f"{name}_samples": samples}
 
@@ -209,6 +212,9 @@ def pretrain(config: RunConfig) -> RunState:
         train_batches = batches_of(splits.train, state.consumed_samples)
         window = []  # step records since the last log line
         run_started = time.time()
+        if training.manual_gc:  # collections at the same steps on every rank (Megatron-LM's)
+            gc.disable()
+            gc.collect()
         signals = ExitSignals() if training.exit_signal_handler else None
         saved_at = None
         health = RoutingHealth()
@@ -226,6 +232,7 @@ def pretrain(config: RunConfig) -> RunState:
                                 global_batch_size=training.global_batch_size, **step_kwargs)
             state.iteration += 1
             state.consumed_samples += training.global_batch_size
+            collect_garbage(training, iteration=state.iteration)
             _count_skips(state, record, training.max_skipped_steps)
             record.iteration = state.iteration
             record.step_seconds = time.perf_counter() - started
@@ -268,6 +275,8 @@ def pretrain(config: RunConfig) -> RunState:
         if logging.tensorboard_dir:
             log.print(f" tensorboard: {logging.tensorboard_dir}")
     finally:
+        if training.manual_gc:
+            gc.enable()
         if signals is not None:
             signals.close()
         if log is not None:
@@ -440,6 +449,18 @@ def optimizer_config(training: TrainingConfig) -> OptimizerConfig:
         use_distributed_optimizer=training.use_distributed_optimizer,
         overlap_param_gather=training.overlap_param_gather,
     )
+
+
+def collect_garbage(training: TrainingConfig, *, iteration: Optional[int] = None,
+                    evaluation: bool = False) -> bool:
+    """--manual-gc's collection points: every --manual-gc-interval steps, and before and after
+    each evaluation (unless --no-manual-gc-eval). Whether it collected."""
+    due = training.manual_gc and (
+        training.manual_gc_eval if evaluation else
+        bool(training.manual_gc_interval) and iteration % training.manual_gc_interval == 0)
+    if due:
+        gc.collect()
+    return due
 
 
 def lr_scheduler(training: TrainingConfig, optimizer) -> OptimizerParamScheduler:

@@ -49,8 +49,8 @@ def _given(option: dataclasses.Field, flag: str):
         expected = tuple(value) if isinstance(value, list) else None
     else:
         kwargs = option.metadata["argparse"]
-        if kwargs.get("action") == "store_true":
-            return [flag], True
+        if kwargs.get("action") in ("store_true", "store_false"):
+            return [flag], kwargs["action"] == "store_true"
         if kwargs.get("choices"):
             words = [next(c for c in kwargs["choices"] if c != option.default)]
         elif option.default in (None, MISSING):
@@ -83,7 +83,8 @@ def test_parser_defaults_are_the_fields_defaults():
     parser = build_parser()
     for part in DECLARED_PARTS:
         for option, flag in declared_flags(part):
-            default = parser.get_default(flag_dest(flag))
+            default = parser.get_default(
+                option.metadata["argparse"].get("dest") or flag_dest(flag))
             if option.default is MISSING:
                 assert default is None, flag
             elif "parser_default" not in option.metadata["argparse"]:

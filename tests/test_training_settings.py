@@ -1,5 +1,6 @@
-"""The learning-rate schedule (``training.lr_scheduler``): Megatron-LM's WSD schedule, checked
-against the schedule written out by hand."""
+"""Settings of the training loop (``training.py``) without a training run: the learning-rate
+schedule (Megatron-LM's WSD, checked against the schedule written out by hand) and --manual-gc's
+collection points."""
 
 from __future__ import annotations
 
@@ -63,3 +64,26 @@ def test_wsd_flags_without_wsd_are_listed_as_without_effect():
     args = parse_args([*TINY_FLAGS, "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "3"])
     notes = dict(ineffective_flags(args, cuda_available=False, transformer_engine_available=False))
     assert "--lr-wsd-decay-iters" not in notes
+
+
+def test_manual_gc_collects_at_megatron_lms_points(monkeypatch):
+    """--manual-gc: every --manual-gc-interval steps and around evaluations (unless
+    --no-manual-gc-eval); nothing without --manual-gc."""
+    import gc
+
+    from remoe_patches.training import collect_garbage
+
+    collected = []
+    monkeypatch.setattr(gc, "collect", lambda *args: collected.append(args))
+
+    def points(*flags):
+        training = parse_run_config([*TINY_FLAGS, *flags]).training
+        collected.clear()
+        steps = [step for step in range(1, 13) if collect_garbage(training, iteration=step)]
+        return steps, collect_garbage(training, evaluation=True), len(collected)
+
+    assert points() == ([], False, 0)
+    assert points("--manual-gc") == ([], True, 1)  # interval 0: only around evaluations
+    assert points("--manual-gc", "--manual-gc-interval", "4") == ([4, 8, 12], True, 4)
+    assert points("--manual-gc", "--manual-gc-interval", "5", "--no-manual-gc-eval") == (
+        [5, 10], False, 2)
