@@ -60,9 +60,13 @@ def error_lines(result) -> list:
 def driven(argv, **env):
     environment = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     environment.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
+    # Its own process group, as a terminal's job, with SIGINT handled as a terminal's job has
+    # it: a suite run in the background (nohup, `&`) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler in the child.
     return subprocess.Popen([sys.executable, "-c", DRIVER, *argv], cwd=REPO, env=environment,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group, as a terminal's job
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 # --- a second launch into the same --save --------------------------------------------------
