@@ -25,7 +25,6 @@ directory on one HTML page. ``tools/analyze_routing.py`` is the command line.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -259,34 +258,6 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Per-domain routing
-
-
-def read_domains(path, key: Optional[str] = None) -> list:
-    """One domain name per document, in document order.
-
-    ``path``: a JSON list (the demo corpus's ``domains.json``), or the jsonl corpus itself with
-    the domain at ``key`` (dotted for nested keys, e.g. ``meta.pile_set_name`` for The Pile;
-    default ``domain``).
-    """
-    path = Path(path)
-    if path.suffix == ".json":
-        domains = json.loads(path.read_text())
-        if not isinstance(domains, list):
-            raise AnalysisError(f"{path} must hold a JSON list of domain names")
-        return [str(d) for d in domains]
-    parts = (key or "domain").split(".")
-    domains = []
-    with open(path) as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            value = json.loads(line)
-            for part in parts:
-                if not isinstance(value, dict) or part not in value:
-                    raise AnalysisError(f"{path}, line {number}: no {'.'.join(parts)}")
-                value = value[part]
-            domains.append(str(value))
-    return domains
 
 
 def default_domains_file(prefix: str) -> Optional[Path]:

@@ -29,6 +29,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
+from remoe_patches.domains import TokenDomains
 
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -268,18 +269,24 @@ def evaluation_batches(
     micro_batch_size: int,
     data_parallel_rank: int,
     data_parallel_size: int,
+    token_domains: Optional[TokenDomains] = None,
 ) -> Iterator[dict]:
     """This rank's micro-batches of the split's first ``num_samples`` samples, in the order of
     ``micro_batches``, over ``ceil(num_samples / global_batch_size)`` global batches: the last
     one is filled up with samples whose loss mask is zero, so that every sample counts once and
-    every rank runs the same micro-batches."""
+    every rank runs the same micro-batches. With ``token_domains`` each batch also holds
+    ``domains_BSD``, the domain of every label (for the loss per domain)."""
     chunk = micro_batch_size * data_parallel_size
     steps = -(-num_samples // global_batch_size)
     for start in range(0, steps * global_batch_size, chunk):
         first = start + data_parallel_rank * micro_batch_size
         positions = range(first, first + micro_batch_size)
-        batch = collate([dataset[position % len(dataset)] for position in positions])
+        indices = [position % len(dataset) for position in positions]
+        batch = collate([dataset[index] for index in indices])
         batch["loss_mask_BS"][[i for i, p in enumerate(positions) if p >= num_samples]] = 0.0
+        if token_domains is not None:
+            domain_BS = numpy.stack([token_domains.of_sample(dataset, i) for i in indices])
+            batch["domains_BSD"] = torch.from_numpy(token_domains.one_hot(domain_BS))
         yield batch
 
 

@@ -44,9 +44,10 @@ def use_demo_corpus(config: RunConfig) -> RunConfig:
     corpus = ensure_demo_corpus(on_build=building)
     if _is_first_rank():
         print(f" demo corpus: {corpus.root} ({corpus.num_tokens:,} tokens)", flush=True)
-    return config.replace(data=dict(
-        data_path=(corpus.data_prefix,), vocab_file=corpus.vocab_file,
-        merge_file=corpus.merge_file, tokenizer_type="GPT2BPETokenizer"))
+    return config.replace(
+        data=dict(data_path=(corpus.data_prefix,), vocab_file=corpus.vocab_file,
+                  merge_file=corpus.merge_file, tokenizer_type="GPT2BPETokenizer"),
+        logging=dict(eval_domains=config.logging.eval_domains or corpus.domains_file))
 
 
 def notes_on_this_machine(config: RunConfig) -> list:

@@ -28,7 +28,8 @@ MEGATRON_LM_TAGS = {
 
 
 # The metrics file holds one object per logged step; evaluation records carry ``val_lm_loss``
-# (or ``test_lm_loss``) and the number of samples it scored, ``val_samples`` (``test_samples``).
+# (or ``test_lm_loss``), the number of samples it scored, ``val_samples`` (``test_samples``),
+# and with --eval-domains ``val_lm_loss_per_domain`` ({domain: loss}).
 class MetricsLog:
     """Writes each record to every configured sink."""
 
@@ -85,6 +86,10 @@ class MetricsLog:
             f"{record['iteration']:8d} | lm loss: {loss:.6E} | lm loss PPL: "
             f"{math.exp(min(loss, 20)):.6E}" + (f" | samples: {samples}" if samples else "")
         )
+        per_domain = record.get(f"{name}_per_domain", {})
+        if per_domain:
+            self.print("   lm loss per domain | " + " | ".join(
+                f"{domain}: {value:.6E}" for domain, value in per_domain.items()))
         self._write(record)
 
     def advance(self, iterations: int = 1) -> None:
@@ -107,6 +112,10 @@ class MetricsLog:
                     for layer, item in enumerate(value, start=1):
                         if isinstance(item, (int, float)) and math.isfinite(item):
                             self.writer.add_scalar(f"{key}/layer_{layer}", item, iteration)
+                elif isinstance(value, dict):  # e.g. the validation loss per domain
+                    for name, item in value.items():
+                        if isinstance(item, (int, float)) and math.isfinite(item):
+                            self.writer.add_scalar(f"{key}/{name}", item, iteration)
             self._write_megatron_lm_tags(record)
             self.writer.flush()
 

@@ -319,6 +319,15 @@ class LoggingConfig:
         False, flag="--skip-train", group="validation", action="store_true",
         help="Train nothing: evaluate the weights (of --load) on the validation and test splits, "
         "print the losses and exit; nothing is saved.")
+    eval_domains: Optional[str] = flag_field(
+        None, flag="--eval-domains", group="validation", type=str,
+        help="Ours: the validation and test losses per domain as well, from this list of one "
+        "domain per document of the data prefix (a JSON list, or the jsonl corpus with "
+        "--eval-domain-key); the demo corpus uses its own.")
+    eval_domain_key: Optional[str] = flag_field(
+        None, flag="--eval-domain-key", group="validation", type=str,
+        help="Ours: where a jsonl --eval-domains holds the domain, dotted for nested keys "
+        "(default 'domain'; The Pile: meta.pile_set_name).")
 
 
 PARTS = dict(model=ModelConfig, parallel=ParallelConfig, layers=LayerOptions,

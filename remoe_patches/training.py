@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ from remoe_patches.data import (
     micro_batches,
     to_device,
 )
+from remoe_patches.domains import evaluation_domains
 from remoe_patches.exit_signals import ExitSignals
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.megatron_fixes import initialize_adam_state
@@ -169,6 +170,8 @@ def pretrain(config: RunConfig) -> RunState:
             mock=data.mock_data, cache_path=data.data_cache_path,
         )
         dp_rank = parallel_state.get_data_parallel_rank()
+        domains = evaluation_domains(logging.eval_domains, logging.eval_domain_key,
+                                     val=splits.valid, test=splits.test)
 
         def batches_of(dataset, consumed):
             for batch in micro_batches(dataset, consumed_samples=consumed,
@@ -187,13 +190,18 @@ def pretrain(config: RunConfig) -> RunState:
             batches = (to_device(b, device) for b in evaluation_batches(
                 dataset, num_samples=samples, global_batch_size=batch,
                 micro_batch_size=training.micro_batch_size, data_parallel_rank=dp_rank,
-                data_parallel_size=dp_size))
+                data_parallel_size=dp_size, token_domains=domains.get(name)))
             per_step = [min(batch, samples - start) for start in range(0, samples, batch)]
-            loss = evaluate(model_chunks, batches, num_microbatches, per_step, device,
-                            global_batch_size=batch, **step_kwargs)
+            domain_names = domains[name].names if name in domains else ()
+            loss, per_domain = evaluate(
+                model_chunks, batches, num_microbatches, per_step, device,
+                global_batch_size=batch, domain_names=domain_names, **step_kwargs)
             collect_garbage(training, evaluation=True)
-            return {"iteration": state.iteration, f"{name}_lm_loss": loss,
-                    f"{name}_samples": samples}
+            record = {"iteration": state.iteration, f"{name}_lm_loss": loss,
+                      f"{name}_samples": samples}
+            if per_domain:
+                record[f"{name}_lm_loss_per_domain"] = per_domain
+            return record
 
         batch = training.global_batch_size
         evaluates = logging.full_validation or logging.eval_iters > 0
@@ -528,13 +536,16 @@ def _count_skips(state: RunState, record: StepRecord, max_skipped_steps: int) ->
 @torch.no_grad()
 def evaluate(model_chunks, batches, num_microbatches: int, samples_per_step: list,
              device: torch.device, *, global_batch_size: int, seq_length: int,
-             micro_batch_size: int) -> float:
+             micro_batch_size: int, domain_names: Sequence[str] = ()) -> tuple[float, dict]:
     """Token-mean LM loss over global batches of which the i-th scores ``samples_per_step[i]``
-    samples (a last one filled up with masked samples: ``data.evaluation_batches``)."""
+    samples (a last one filled up with masked samples: ``data.evaluation_batches``), and, for
+    batches with ``domains_BSD``, the token-mean loss of each of ``domain_names`` that has
+    scored tokens."""
     sync_params(model_chunks)  # the weights of the last step, on every rank
     for chunk in model_chunks:
         chunk.eval()
     total, count = 0.0, 0.0
+    per_domain_2D = torch.zeros(2, len(domain_names), dtype=torch.float64)
     for samples in samples_per_step:
         step_batches = [next(batches) for _ in range(num_microbatches)]
         loss = forward_backward(model_chunks, step_batches, forward_only=True,
@@ -543,16 +554,22 @@ def evaluate(model_chunks, batches, num_microbatches: int, samples_per_step: lis
         weight = samples / global_batch_size  # every sample has seq_length scored tokens
         total += float(loss["lm_loss"]) * weight
         count += weight
+        if "lm_loss_per_domain_2D" in loss:
+            per_domain_2D += loss["lm_loss_per_domain_2D"].double().cpu()
     for chunk in model_chunks:
         chunk.train()
-    loss = torch.tensor(total / count if count else float("nan"))
-    # only the last stage computed it; everyone reports the same value
+    losses = torch.cat([torch.tensor([total / count if count else float("nan")]),
+                        per_domain_2D.reshape(-1).float()])
+    # only the last stage computed them; everyone reports the same values
     group = parallel_state.get_pipeline_model_parallel_group()
     if dist.get_world_size(group) > 1:
         last = parallel_state.get_pipeline_model_parallel_last_rank()
-        loss = loss.to(device)
-        dist.broadcast(loss, src=last, group=group)
-    return float(loss)
+        losses = losses.to(device)
+        dist.broadcast(losses, src=last, group=group)
+    summed_D, tokens_D = losses[1:].cpu().double().reshape(2, -1)
+    per_domain = {name: float(summed_D[d] / tokens_D[d])
+                  for d, name in enumerate(domain_names) if tokens_D[d] > 0}
+    return float(losses[0]), per_domain
 
 
 # A launch's steps that print a console line before their --log-interval window ends.

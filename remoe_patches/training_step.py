@@ -33,14 +33,21 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from remoe_patches.regularizer import AdaptiveL1, RoutingStats
 
 
-def lm_loss_func(loss_mask_BS: torch.Tensor, output_tensor: torch.Tensor):
-    """Summed masked token losses, their count, and what to report (megatron's 3-tuple form)."""
+def lm_loss_func(loss_mask_BS: torch.Tensor, output_tensor: torch.Tensor,
+                 domains_BSD: Optional[torch.Tensor] = None):
+    """Summed masked token losses, their count, and what to report (megatron's 3-tuple form).
+    With ``domains_BSD`` (evaluation per domain) the report adds each domain's summed loss and
+    token count, ``lm loss per domain`` (2, D)."""
     losses = output_tensor.float().view(-1)
     loss_mask = loss_mask_BS.reshape(-1).float()
     loss = torch.sum(losses * loss_mask)
     num_tokens = loss_mask.sum().to(torch.int)
-    report = torch.stack([loss.detach(), num_tokens.detach().float()])
-    return loss, num_tokens, {"lm loss": report}
+    report = {"lm loss": torch.stack([loss.detach(), num_tokens.detach().float()])}
+    if domains_BSD is not None:
+        in_domain_TD = domains_BSD.reshape(losses.numel(), -1).float() * loss_mask[:, None]
+        report["lm loss per domain"] = torch.stack(
+            [losses.detach() @ in_domain_TD, in_domain_TD.sum(dim=0)])
+    return loss, num_tokens, report
 
 
 def gpt_forward_step(data_iterator: Iterator[dict], model):
@@ -49,7 +56,8 @@ def gpt_forward_step(data_iterator: Iterator[dict], model):
     output = model(
         batch["tokens_BS"], batch["position_ids_BS"], None, labels=batch["labels_BS"]
     )
-    return output, partial(lm_loss_func, batch["loss_mask_BS"])
+    return output, partial(lm_loss_func, batch["loss_mask_BS"],
+                           domains_BSD=batch.get("domains_BSD"))
 
 
 def wrap_with_ddp(
@@ -106,7 +114,9 @@ def forward_backward(
     micro_batch_size: int,
     forward_only: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Run one step's micro-batches; return the token-mean LM loss (last stage; NaN elsewhere).
+    """Run one step's micro-batches; return the token-mean LM loss (last stage; NaN elsewhere)
+    and, for batches with ``domains_BSD``, ``lm_loss_per_domain_2D``: each domain's summed loss
+    and token count over the step (all data-parallel ranks).
 
     Gradients land in ``param.main_grad`` (reduced over data-parallel ranks by
     ``finalize_model_grads``) unless ``forward_only``.
@@ -126,11 +136,19 @@ def forward_backward(
     )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return {"lm_loss": torch.tensor(float("nan"))}
-    summed = torch.stack([report["lm loss"] for report in reports]).sum(dim=0)
     group = parallel_state.get_data_parallel_group()
-    if torch.distributed.get_world_size(group) > 1:
-        torch.distributed.all_reduce(summed, group=group)
-    return {"lm_loss": summed[0] / summed[1]}
+
+    def summed(key):
+        total = torch.stack([report[key] for report in reports]).sum(dim=0)
+        if torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(total, group=group)
+        return total
+
+    loss = summed("lm loss")
+    out = {"lm_loss": loss[0] / loss[1]}
+    if "lm loss per domain" in reports[0]:
+        out["lm_loss_per_domain_2D"] = summed("lm loss per domain")
+    return out
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from remoe_patches import analysis, routing_capture, run_metrics
+from remoe_patches import analysis, domains, routing_capture, run_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -66,10 +66,10 @@ def test_per_token_counts_add_up(routed, tmp_path):
 
 def test_per_domain_fractions_are_direct_counts(routing_corpus, routed, tmp_path):
     sample, direct = routed["samples"][-1], routed["direct"][-1]
-    domains = json.loads(Path(routing_corpus.domains_file).read_text())
+    written = json.loads(Path(routing_corpus.domains_file).read_text())
     rows = check_outputs(analysis.per_domain(
-        sample, analysis.read_domains(routing_corpus.domains_file), tmp_path), "per_domain")
-    token_domains = np.array([domains[d] for d in routed["calibration"].documents_NS.reshape(-1)])
+        sample, domains.read_domains(routing_corpus.domains_file), tmp_path), "per_domain")
+    token_domains = np.array([written[d] for d in routed["calibration"].documents_NS.reshape(-1)])
     flat = direct.reshape(-1, 2, 8)
     assert len(rows) == 2 * len(set(token_domains))
     for row in rows:

@@ -81,6 +81,23 @@ def test_lm_loss_func_is_the_masked_sum_with_its_token_count():
     assert torch.equal(losses.grad, mask)  # masked positions get no gradient
 
 
+def test_lm_loss_func_reports_each_domains_summed_loss_and_count():
+    """With ``domains_BSD`` the report adds [sums, counts] per domain: the masked losses of each
+    domain's positions; positions of no domain (padding) and masked ones count nowhere."""
+    gen = torch.Generator().manual_seed(1)
+    losses = torch.rand(2, 6, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 0]], dtype=torch.float)
+    domain_BS = torch.tensor([[0, 0, 2, 2, -1, 1], [1, 1, 0, 2, 2, 2]])
+    domains_BSD = torch.nn.functional.one_hot(domain_BS.clamp(min=0), 3).float()
+    domains_BSD[domain_BS < 0] = 0.0
+    _, _, report = lm_loss_func(mask, losses, domains_BSD=domains_BSD)
+    for d in range(3):
+        kept = (domain_BS == d) & mask.bool()
+        torch.testing.assert_close(report["lm loss per domain"][:, d],
+                                   torch.stack([losses[kept].sum(), kept.sum().float()]))
+    assert report["lm loss per domain"][1].sum() == 9  # 10 kept positions, one of no domain
+
+
 def test_lm_loss_func_sums_low_precision_losses_in_fp32():
     losses = torch.full((4, 256), 1.0 + 2 ** -7, dtype=torch.bfloat16)  # exact in bf16
     loss, _, report = lm_loss_func(torch.ones(4, 256), losses)

@@ -8,6 +8,7 @@ point, as Megatron-LM's ``--skip-train --load`` does.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -119,3 +120,66 @@ def test_full_validation_scores_every_validation_sample(corpus, trained, tmp_pat
     assert [v for k, v in evaluations(result.stdout).items() if k == "validation"]
     records = [line for line in open(save / "metrics.jsonl") if "val_lm_loss" in line]
     assert len(records) == 2 and all(f'"val_samples": {expected}' in r for r in records)
+
+
+PER_DOMAIN_LINE = re.compile(r"^   lm loss per domain \| (.*)$", re.MULTILINE)
+
+
+def per_domain_losses(stdout) -> list:
+    """[{domain: loss}] of each evaluation (validation, then test), from the console."""
+    return [{name: float(value) for name, value in (part.split(": ") for part in m.split(" | "))}
+            for m in PER_DOMAIN_LINE.findall(stdout)]
+
+
+def validation_documents(corpus, split=SPLIT) -> range:
+    count = len(json.loads(Path(corpus.domains_file).read_text()))
+    weights = parse_and_normalize_split(split)
+    return range(int(round(weights[0] * count)), int(round((weights[0] + weights[1]) * count)))
+
+
+def evaluate_per_domain(corpus, trained, domains_file, *layout, nproc=1):
+    """(whole-split validation loss, {domain: loss} of validation) of --skip-train."""
+    result = ok(run(flags(corpus, None) + ["--load", str(trained), "--skip-train",
+                                          "--full-validation", "--eval-domains",
+                                          str(domains_file), *layout], nproc=nproc))
+    validation, _test = per_domain_losses(result.stdout)
+    return evaluations(result.stdout)["validation"][1], validation
+
+
+@pytest.fixture(scope="module")
+def per_domain(corpus, trained):
+    return evaluate_per_domain(corpus, trained, corpus.domains_file)
+
+
+def test_the_validation_loss_per_domain(corpus, trained, tmp_path, per_domain):
+    """--eval-domains: each domain of the validation documents gets the mean loss of its tokens;
+    one domain for every document gives exactly the whole split's loss."""
+    domains = json.loads(Path(corpus.domains_file).read_text())
+    whole, validation = per_domain
+    assert set(validation) == {domains[d] for d in validation_documents(corpus)}
+    assert len(validation) > 1
+    assert min(validation.values()) < whole < max(validation.values())
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(["all"] * len(domains)))
+    assert evaluate_per_domain(corpus, trained, one)[1] == {"all": pytest.approx(whole, rel=1e-6)}
+
+
+def test_the_validation_loss_per_domain_under_pipeline_parallelism(corpus, trained, per_domain):
+    """Two stages: the last computes the losses, every rank prints them; they are one process's."""
+    whole, validation = evaluate_per_domain(corpus, trained, corpus.domains_file,
+                                            "--pipeline-model-parallel-size", "2", nproc=2)
+    assert whole == pytest.approx(per_domain[0], rel=1e-4)
+    assert validation == pytest.approx(per_domain[1], rel=1e-4)
+
+
+def test_the_validation_loss_per_domain_during_training(corpus, tmp_path):
+    save = tmp_path / "run"
+    ok(run(flags(corpus, save, train_iters=2, eval_interval=1) +
+           ["--eval-domains", corpus.domains_file]))
+    records = [json.loads(line) for line in open(save / "metrics.jsonl")
+               if "val_lm_loss" in line]
+    assert len(records) == 2
+    for record in records:
+        per_domain = record["val_lm_loss_per_domain"]
+        assert len(per_domain) > 1
+        assert min(per_domain.values()) < record["val_lm_loss"] < max(per_domain.values())

@@ -29,7 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from remoe_patches import analysis, analysis_report, routing_capture  # noqa: E402
-from remoe_patches import run_directory, run_metrics  # noqa: E402
+from remoe_patches import domains, run_directory, run_metrics  # noqa: E402
 
 
 def _add_data_options(parser):
@@ -131,7 +131,7 @@ def _domains(args, sample):
     if path is None:
         raise routing_capture.AnalysisError(
             f"no domains.json next to {sample.calibration.prefix}; give --domains FILE")
-    return analysis.read_domains(path, args.domain_key)
+    return domains.read_domains(path, args.domain_key)
 
 
 def _report_dir(path: str) -> str:
