@@ -127,6 +127,16 @@ def test_evaluation_line_reports_loss_and_perplexity(tmp_path, capsys, name, lab
                                                            {"iteration": 8, name: 45.0}]
 
 
+def test_the_loss_per_domain_follows_the_evaluation_line(tmp_path, capsys):
+    log = make_log(tmp_path)
+    record = {"iteration": 7, "val_lm_loss": 2.25,
+              "val_lm_loss_per_domain": {"code": 2.0, "prose": 2.5}}
+    log.evaluation(record)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "   lm loss per domain | code: 2.000000E+00 | prose: 2.500000E+00"
+    assert read_jsonl(tmp_path / "run" / METRICS_FILE) == [record]
+
+
 def test_resumed_run_appends_to_the_same_file(tmp_path):
     """A run resumed into the same directory keeps the earlier records."""
     first = make_log(tmp_path)
@@ -159,15 +169,16 @@ def test_disabled_log_writes_nothing_anywhere(tmp_path, capsys):
 
 
 def test_tensorboard_gets_finite_scalars_and_per_layer_lists(tmp_path):
-    """Numbers as scalars at their iteration; lists as ``key/layer_N`` from 1; NaN and nested
-    lists skipped; ``iteration`` is the step, not a scalar."""
+    """Numbers as scalars at their iteration; lists as ``key/layer_N`` from 1, mappings as
+    ``key/name``; NaN and nested lists skipped; ``iteration`` is the step, not a scalar."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = tmp_path / "tb"
     log = make_log(tmp_path, tensorboard_dir=str(tb))
     log.step(step_record(5, **RELU, load_balancing_loss=float("nan")))
     log.step(step_record(6, lm_loss=4.0, sparsity_per_layer=[0.5, float("inf"), 0.25]))
-    log.evaluation(dict(iteration=6, val_lm_loss=4.5))
+    log.evaluation(dict(iteration=6, val_lm_loss=4.5,
+                        val_lm_loss_per_domain={"code": 4.25, "prose": float("nan")}))
     log.close()
     events = EventAccumulator(str(tb))
     events.Reload()
@@ -181,6 +192,8 @@ def test_tensorboard_gets_finite_scalars_and_per_layer_lists(tmp_path):
     assert scalars("sparsity_per_layer/layer_1") == [(5, 0.7), (6, 0.5)]
     assert scalars("sparsity_per_layer/layer_2") == [(5, 0.95)]  # inf skipped
     assert scalars("sparsity_per_layer/layer_3") == [(6, 0.25)]
+    assert scalars("val_lm_loss_per_domain/code") == [(6, 4.25)]  # a mapping: key/name
+    assert "val_lm_loss_per_domain/prose" not in tags
     assert scalars("skipped_iterations") == [(5, 1), (6, 1)]
     assert "iteration" not in tags and "load_balancing_loss" not in tags
     assert not any(tag.startswith("dead_experts_per_layer") for tag in tags)
