@@ -61,6 +61,9 @@ def complete_and_validate(args, parser) -> None:
         parser.error("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
     if args.train_samples is not None and args.global_batch_size is None:
         parser.error("--train-samples needs --global-batch-size (steps are counted from it)")
+    if args.profile and args.profile_step_end <= args.profile_step_start:
+        parser.error(f"--profile-step-end {args.profile_step_end} must be after "
+                     f"--profile-step-start {args.profile_step_start}")
 
 
 def _validate_moe(args, parser) -> None:

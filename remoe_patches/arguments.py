@@ -464,6 +464,8 @@ def _add_checkpointing_arguments(parser):
 def _add_validation_arguments(parser):
     group = parser.add_argument_group("validation")
     add_declared_flags(group, "validation", DECLARED_PARTS)
+    group = parser.add_argument_group("profiling")
+    add_declared_flags(group, "profiling", DECLARED_PARTS)
 
 
 def _add_distributed_arguments(parser):

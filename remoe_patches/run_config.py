@@ -328,6 +328,31 @@ class LoggingConfig:
         None, flag="--eval-domain-key", group="validation", type=str,
         help="Ours: where a jsonl --eval-domains holds the domain, dotted for nested keys "
         "(default 'domain'; The Pile: meta.pile_set_name).")
+    profile: bool = flag_field(
+        False, flag="--profile", group="profiling", action="store_true",
+        help="Profile steps --profile-step-start+1 .. --profile-step-end on --profile-ranks: "
+        "with --use-pytorch-profiler a torch profiler trace, else CUDA's profiler range for "
+        "nsys --capture-range=cudaProfilerApi.")
+    profile_step_start: int = flag_field(
+        10, flag="--profile-step-start", group="profiling", type=nonnegative_int,
+        help="Global iteration the profile starts at.")
+    profile_step_end: int = flag_field(
+        12, flag="--profile-step-end", group="profiling", type=nonnegative_int,
+        help="Global iteration the profile ends at.")
+    profile_ranks: tuple = flag_field(
+        (0,), flag="--profile-ranks", group="profiling", type=nonnegative_int, nargs="+",
+        parser_default=[0], help="Global ranks to profile.")
+    use_pytorch_profiler: bool = flag_field(
+        False, flag="--use-pytorch-profiler", group="profiling", action="store_true",
+        help="torch's profiler: a trace per rank in --tensorboard-dir (else <save>/profile) "
+        "for TensorBoard or Perfetto.")
+    record_memory_history: bool = flag_field(
+        False, flag="--record-memory-history", group="profiling", action="store_true",
+        help="Record CUDA allocations and write the snapshot to --memory-snapshot-path at each "
+        "log line (CUDA only).")
+    memory_snapshot_path: str = flag_field(
+        "snapshot.pickle", flag="--memory-snapshot-path", group="profiling", type=str,
+        help="Where --record-memory-history writes (pytorch.org/memory_viz opens it).")
 
 
 PARTS = dict(model=ModelConfig, parallel=ParallelConfig, layers=LayerOptions,

@@ -29,7 +29,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from remoe_patches import checkpointing, lory_layer, run_directory
+from remoe_patches import checkpointing, lory_layer, profiling, run_directory
 from remoe_patches.config import ConfigError
 from remoe_patches.data import (
     build_splits,
@@ -129,7 +129,7 @@ def pretrain(config: RunConfig) -> RunState:
 
     state = RunState()
     is_logging_rank = dist.get_rank() == world_size - 1
-    log = signals = None
+    log = signals = profiler = None
 
     def save(log=None):
         _save(config, state, model_chunks, optimizer, scheduler, regularizer, dp_size, log)
@@ -224,6 +224,9 @@ def pretrain(config: RunConfig) -> RunState:
             gc.disable()
             gc.collect()
         signals = ExitSignals() if training.exit_signal_handler else None
+        profiler = profiling.StepProfiler.for_run(logging, rank=dist.get_rank(),
+                                                  save=ckpt.save, device=device)
+        profiling.start_memory_history(logging, device)
         saved_at = None
         health = RoutingHealth()
         # Lory's dense warm-up: dense until step lory_warmup, then every expert a copy of the FFN
@@ -234,11 +237,15 @@ def pretrain(config: RunConfig) -> RunState:
         while state.iteration < training.train_iters:
             if lory_warmup and state.iteration == lory_warmup:
                 lory_layer.start_experts_from_the_dense_ffn(model_chunks, optimizer)
+            if profiler:
+                profiler.before_step(state.iteration)
             started = time.perf_counter()
             batches = [next(train_batches) for _ in range(num_microbatches)]
             record = train_step(model_chunks, optimizer, scheduler, regularizer, batches,
                                 global_batch_size=training.global_batch_size, **step_kwargs)
             state.iteration += 1
+            if profiler:
+                profiler.after_step(state.iteration)
             state.consumed_samples += training.global_batch_size
             collect_garbage(training, iteration=state.iteration)
             _count_skips(state, record, training.max_skipped_steps)
@@ -251,6 +258,8 @@ def pretrain(config: RunConfig) -> RunState:
                     or state.iteration == training.train_iters):
                 log_window(log, window, config, state, world_size, health)
                 window = []
+                profiling.write_memory_snapshot(logging, is_last_rank=dist.get_rank() ==
+                                                dist.get_world_size() - 1)
             elif state.iteration - state.start_iteration in EARLY_LINES:
                 # a launch's first steps on the console too (not in metrics.jsonl, whose records
                 # stay one per --log-interval window): a sign of life, and stage I's dense dip
@@ -283,6 +292,8 @@ def pretrain(config: RunConfig) -> RunState:
         if logging.tensorboard_dir:
             log.print(f" tensorboard: {logging.tensorboard_dir}")
     finally:
+        if profiler:
+            profiler.stop()
         if training.manual_gc:
             gc.enable()
         if signals is not None:

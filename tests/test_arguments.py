@@ -257,12 +257,12 @@ def test_unknown_flag_names_the_closest_one(typo, capsys):
 
 
 @pytest.mark.parametrize("flag, reason", [
-    ("--profile", "pretrain_gpt.py --help lists what is"),
+    ("--fsdp-double-buffer", "pretrain_gpt.py --help lists what is"),
     ("--wandb-exp-name", "pretrain_gpt.py --help lists what is"),
     ("--fp8-format", "FP8 training is not built here (use --bf16)"),
 ])
 def test_a_megatron_lm_flag_not_built_here_is_named_so(flag, reason, capsys):
-    """Not "did you mean" an unrelated flag of ours (--profile is not --vocab-file)."""
+    """Not "did you mean" an unrelated flag of ours."""
     err = parse_error(TINY_FLAGS + [flag, "1"], capsys)
     assert f"Megatron-LM's {flag} is not supported here" in err and reason in err
     assert "did you mean" not in err

@@ -34,6 +34,8 @@ VALUES = {
     # GPT-2 BPE files come as a pair: (argv, the field's value)
     "--vocab-file": (["--vocab-file", "v.json", "--merge-file", "m.txt"], "v.json"),
     "--merge-file": (["--vocab-file", "v.json", "--merge-file", "m.txt"], "m.txt"),
+    "--profile-ranks": (["--profile-ranks", "0", "2"], (0, 2)),
+    "--memory-snapshot-path": "runs/memory.pickle",
 }
 
 
