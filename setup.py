@@ -34,7 +34,8 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.56"],  # loading exports with AutoModelForCausalLM
-        "test": ["pytest", "ruff==0.17.6", "transformers>=4.56"],
+        "wandb": ["wandb>=0.19"],  # --wandb-project
+        "test": ["pytest", "ruff==0.17.6", "transformers>=4.56", "wandb>=0.19"],
     },
     entry_points={"console_scripts": ["remoe-lm-eval = remoe_patches.lm_eval_cli:main"]},
 )

@@ -12,6 +12,7 @@ import warnings
 from typing import Optional, Sequence
 
 from remoe_patches.router_registry import ROUTERS
+from remoe_patches.wandb_log import wandb_problem
 
 REQUIRED = (
     "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "lr"
@@ -61,6 +62,9 @@ def complete_and_validate(args, parser) -> None:
         parser.error("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
     if args.train_samples is not None and args.global_batch_size is None:
         parser.error("--train-samples needs --global-batch-size (steps are counted from it)")
+    problem = wandb_problem(args, args.save)
+    if problem:
+        parser.error(problem)
     if args.profile and args.profile_step_end <= args.profile_step_start:
         parser.error(f"--profile-step-end {args.profile_step_end} must be after "
                      f"--profile-step-start {args.profile_step_start}")

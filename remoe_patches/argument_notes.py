@@ -55,8 +55,6 @@ def ineffective_flags(
     note("sequence_parallel", "--sequence-parallel",
          "needs --tensor-model-parallel-size > 1; turned off",
          when=args.tensor_model_parallel_size == 1)
-    note("wandb_project", "--wandb-project",
-         "Weights & Biases is not supported here; use --tensorboard-dir")
     note("num_query_groups", "--num-query-groups", "needs --group-query-attention",
          when=not args.group_query_attention)
     for dest in ("tensorboard_log_interval", "log_timers_to_tensorboard"):

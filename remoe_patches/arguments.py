@@ -438,7 +438,6 @@ def _add_logging_arguments(parser):
     group.add_argument(
         "--log-timers-to-tensorboard", action="store_true", help="Also write timers to TensorBoard."
     )
-    group.add_argument("--wandb-project", default="", help="Not supported here.")
 
 
 def _add_checkpointing_arguments(parser):

@@ -41,11 +41,13 @@ class MetricsLog:
         total_iterations: int,
         start_iteration: int,
         enabled: bool,
+        wandb_run=None,
     ):
         self.enabled = enabled
         self.metrics_path = metrics_path(metrics_dir) if metrics_dir else None
         self.writer = None
         self.progress = None
+        self.wandb_run = wandb_run if enabled else None
         if not enabled:
             return
         if self.metrics_path:
@@ -100,41 +102,55 @@ class MetricsLog:
         if self.metrics_path:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            iteration = record["iteration"]
-            for key, value in record.items():
-                if key == "iteration":
-                    continue
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, iteration)
-                elif isinstance(value, list):
-                    # layers numbered from 1, as in megatron and the console's warnings
-                    for layer, item in enumerate(value, start=1):
-                        if isinstance(item, (int, float)) and math.isfinite(item):
-                            self.writer.add_scalar(f"{key}/layer_{layer}", item, iteration)
-                elif isinstance(value, dict):  # e.g. the validation loss per domain
-                    for name, item in value.items():
-                        if isinstance(item, (int, float)) and math.isfinite(item):
-                            self.writer.add_scalar(f"{key}/{name}", item, iteration)
-            self._write_megatron_lm_tags(record)
-            self.writer.flush()
-
-    def _write_megatron_lm_tags(self, record: dict) -> None:
+        if self.writer is None and self.wandb_run is None:
+            return
         iteration, samples = record["iteration"], record.get("consumed_samples")
-        scalars = {tag: record[key] * scale for key, (tag, scale) in MEGATRON_LM_TAGS.items()
-                   if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])}
-        if "lm loss validation" in scalars:
-            scalars["lm loss validation ppl"] = math.exp(min(scalars["lm loss validation"], 20))
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, iteration)
+        ours, megatron_lm = scalars_of(record), megatron_lm_scalars(record)
+        if self.writer is not None:
+            for tag, value in {**ours, **megatron_lm}.items():
+                self.writer.add_scalar(tag, value, iteration)
             if samples is not None:
-                self.writer.add_scalar(f"{tag} vs samples", value, samples)
+                for tag, value in megatron_lm.items():
+                    self.writer.add_scalar(f"{tag} vs samples", value, samples)
+            self.writer.flush()
+        if self.wandb_run is not None:  # the same scalars (W&B plots against samples itself)
+            self.wandb_run.log({**ours, **megatron_lm}, step=iteration)
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def scalars_of(record: dict) -> dict:
+    """The record's finite numbers by key; a list as ``key/layer_N`` (layers numbered from 1, as
+    in megatron and the console's warnings), a mapping as ``key/name``; ``iteration`` is the
+    step, not a scalar."""
+    out = {}
+    for key, value in record.items():
+        if key == "iteration":
+            continue
+        if isinstance(value, list):
+            items = {f"{key}/layer_{layer}": item for layer, item in enumerate(value, start=1)}
+        elif isinstance(value, dict):
+            items = {f"{key}/{name}": item for name, item in value.items()}
+        else:
+            items = {key: value}
+        out.update({tag: item for tag, item in items.items()
+                    if isinstance(item, (int, float)) and math.isfinite(item)})
+    return out
+
+
+def megatron_lm_scalars(record: dict) -> dict:
+    """Megatron-LM's tags of the record's values, in its units."""
+    scalars = {tag: record[key] * scale for key, (tag, scale) in MEGATRON_LM_TAGS.items()
+               if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])}
+    if "lm loss validation" in scalars:
+        scalars["lm loss validation ppl"] = math.exp(min(scalars["lm loss validation"], 20))
+    return scalars
 
 
 def format_step_line(r: dict) -> str:

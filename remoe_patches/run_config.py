@@ -305,6 +305,17 @@ class LoggingConfig:
     tensorboard_dir: Optional[str] = flag_field(
         None, flag="--tensorboard-dir", group="logging", type=str,
         help="Write TensorBoard events here.")
+    wandb_project: str = flag_field(
+        "", flag="--wandb-project", group="logging", type=str,
+        help="Log to this Weights & Biases project too (pip install 'remoe[wandb]'); "
+        "WANDB_MODE=offline writes the run for a later wandb sync.")
+    wandb_exp_name: str = flag_field("", flag="--wandb-exp-name", group="logging", type=str,
+                                     help="The W&B run's name (needed with --wandb-project).")
+    wandb_save_dir: str = flag_field(
+        "", flag="--wandb-save-dir", group="logging", type=str,
+        help="Where W&B writes the run; default <save>/wandb.")
+    wandb_entity: str = flag_field("", flag="--wandb-entity", group="logging", type=str,
+                                   help="The W&B team or user; default W&B's own.")
     eval_interval: Optional[int] = flag_field(
         1000, flag="--eval-interval", group="validation",
         help="Steps between evaluations (0: none).")

@@ -29,7 +29,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from remoe_patches import checkpointing, lory_layer, profiling, run_directory
+from remoe_patches import checkpointing, lory_layer, profiling, run_directory, wandb_log
 from remoe_patches.config import ConfigError
 from remoe_patches.data import (
     build_splits,
@@ -211,6 +211,8 @@ def pretrain(config: RunConfig) -> RunState:
             tensorboard_dir=None if skip_train else logging.tensorboard_dir,
             total_iterations=training.train_iters, start_iteration=state.iteration,
             enabled=is_logging_rank,
+            wandb_run=wandb_log.open_wandb_run(logging, save=ckpt.save, config=config.to_dict())
+            if is_logging_rank and not skip_train else None,
         )
         if skip_train:
             for name, dataset in (("val", splits.valid), ("test", splits.test)):

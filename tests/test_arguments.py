@@ -258,7 +258,7 @@ def test_unknown_flag_names_the_closest_one(typo, capsys):
 
 @pytest.mark.parametrize("flag, reason", [
     ("--fsdp-double-buffer", "pretrain_gpt.py --help lists what is"),
-    ("--wandb-exp-name", "pretrain_gpt.py --help lists what is"),
+    ("--rampup-batch-size", "pretrain_gpt.py --help lists what is"),
     ("--fp8-format", "FP8 training is not built here (use --bf16)"),
 ])
 def test_a_megatron_lm_flag_not_built_here_is_named_so(flag, reason, capsys):
@@ -366,10 +366,10 @@ def test_mistakes_are_one_line_naming_the_flag(argv, expected, capsys):
 
 def test_dense_model_lists_moe_flags_and_unsupported_logging():
     args = parse_args(
-        TINY_FLAGS + ["--moe-grouped-gemm", "--wandb-project", "p", "--num-query-groups", "2"]
+        TINY_FLAGS + ["--moe-grouped-gemm", "--num-workers", "2", "--num-query-groups", "2"]
     )
     listed = dict(ineffective_flags(args, **GPU_WITH_TE))
-    assert listed.keys() == {"--moe-grouped-gemm", "--wandb-project", "--num-query-groups"}
+    assert listed.keys() == {"--moe-grouped-gemm", "--num-workers", "--num-query-groups"}
     assert "dense" in listed["--moe-grouped-gemm"]
     assert model_config_from_args(args).num_query_groups == 4  # every head keeps its own K/V
 

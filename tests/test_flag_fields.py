@@ -36,6 +36,8 @@ VALUES = {
     "--merge-file": (["--vocab-file", "v.json", "--merge-file", "m.txt"], "m.txt"),
     "--profile-ranks": (["--profile-ranks", "0", "2"], (0, 2)),
     "--memory-snapshot-path": "runs/memory.pickle",
+    "--wandb-project": None,  # needs its name and the package: tests/test_wandb_log.py
+    "--wandb-exp-name": "n", "--wandb-save-dir": "runs/w", "--wandb-entity": "team",
 }
 
 
