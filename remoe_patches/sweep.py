@@ -635,12 +635,14 @@ def write_slurm(sweep: Sweep) -> Path:
         "export CUDA_DEVICE_MAX_CONNECTIONS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
         f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SLURM_SIGNAL_SECONDS - 30}",
         f'STARTED="$(cat "$RUN_DIR/{run_directory.LATEST_FILE}" 2>/dev/null || echo 0)"',
+        "source scripts/slurm/job_time.sh  # and by the clock, 10 minutes before the limit",
+        'export EXIT_DURATION_FLAGS="$(exit_duration_flags)"',
         "srun --kill-on-bad-exit=1 bash -c 'exec torchrun "
         f"--nproc-per-node {nproc} --nnodes \"$SLURM_NNODES\" --node-rank \"$SLURM_NODEID\" "
         "--master-addr \"$MASTER_ADDR\" --master-port \"$MASTER_PORT\" pretrain_gpt.py "
         f"--config \"$RUN_DIR/{run_directory.CONFIG_FILE}\" --save \"$RUN_DIR\" "
         f"--load \"$RUN_DIR\" --tensorboard-dir \"$RUN_DIR/{run_directory.TENSORBOARD_DIR}\" "
-        "--exit-signal-handler' || true",
+        "--exit-signal-handler $EXIT_DURATION_FLAGS' || true",
         f'LATEST="$(cat "$RUN_DIR/{run_directory.LATEST_FILE}" 2>/dev/null || echo 0)"',
         'if [ "$LATEST" -ge "${TRAIN_ITERS[$SLURM_ARRAY_TASK_ID]}" ]; then',
         '    echo "{\\"run\\": \\"$RUN\\", \\"iteration\\": $LATEST}" > '

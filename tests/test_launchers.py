@@ -340,6 +340,56 @@ echo 10 > "$CHECKPOINT_DIR/latest_checkpointed_iteration.txt"
 """
 
 
+def started_job(tmp_path, squeue_says=None, **env_vars):
+    """scripts/slurm/pretrain.sbatch run by bash, with stand-ins for srun, scontrol and squeue
+    (printing ``squeue_says`` as the job's time left; failing when None), once its training
+    step has started."""
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(STAND_IN_SRUN)
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$*" > {tmp_path}/scontrol_args\n')
+    (bin_dir / "squeue").write_text("#!/bin/bash\n" + (
+        "exit 1\n" if squeue_says is None else f'[ "$*" = "-h -j 99 -o %L" ] && '
+                                                f'echo "{squeue_says}"\n'))
+    launcher_file = tmp_path / "pretrain_182m_remoe.sh"
+    launcher_file.write_text("#!/bin/bash\n")
+    for path in (*bin_dir.iterdir(), launcher_file):
+        path.chmod(0o755)
+    checkpoints = tmp_path / "ckpt"
+    checkpoints.mkdir()
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("3")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", WORK=str(tmp_path),
+               LAUNCHER=str(launcher_file), CHECKPOINT_DIR=str(checkpoints), SLURM_JOB_ID="99",
+               **env_vars)
+    job = subprocess.Popen(["bash", str(REPO / "scripts" / "slurm" / "pretrain.sbatch")],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "started").exists():
+        assert time.time() < deadline and job.poll() is None, job.stderr.read()
+        time.sleep(0.05)
+    return job
+
+
+@pytest.mark.parametrize("squeue_says, flags", [
+    ("2-03:04:59", ["--exit-duration-in-mins", str(2 * 1440 + 3 * 60 + 4 - 10)]),
+    ("  08:09:00", ["--exit-duration-in-mins", str(8 * 60 + 9 - 10)]),
+    ("45:30", ["--exit-duration-in-mins", "35"]),
+    ("9:59", []),  # under the margin: the signal alone
+    ("UNLIMITED", []),
+    (None, []),  # squeue failed
+])
+def test_slurm_job_stops_by_the_clock_before_its_limit(tmp_path, squeue_says, flags):
+    job = started_job(tmp_path, squeue_says)
+    (tmp_path / "finish").touch()
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 0, err
+    args = (tmp_path / "srun_args").read_text().split()
+    assert args[args.index("--exit-signal-handler") + 1:] == flags
+
+
 @pytest.mark.parametrize("signalled, saved_at_term, expected", [
     (True, "7", "requeued"),  # the time limit after a new checkpoint: requeued
     (False, None, "finished"),  # the run ended by itself: nothing requeued
@@ -350,28 +400,8 @@ def test_slurm_job_requeues_itself_at_the_time_limit(tmp_path, signalled, saved_
     """scripts/slurm/pretrain.sbatch run by bash, with stand-ins for srun and scontrol: Slurm's
     USR1 before the time limit becomes a SIGTERM to the training step and a requeue."""
     import signal
-    import time
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(STAND_IN_SRUN)
-    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$*" > {tmp_path}/scontrol_args\n')
-    launcher_file = tmp_path / "pretrain_182m_remoe.sh"
-    launcher_file.write_text("#!/bin/bash\n")
-    for path in (*bin_dir.iterdir(), launcher_file):
-        path.chmod(0o755)
-    checkpoints = tmp_path / "ckpt"
-    checkpoints.mkdir()
-    (checkpoints / "latest_checkpointed_iteration.txt").write_text("3")
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", WORK=str(tmp_path),
-               LAUNCHER=str(launcher_file), CHECKPOINT_DIR=str(checkpoints), SLURM_JOB_ID="99",
-               SAVE_AT_TERM=saved_at_term or "0")
-    job = subprocess.Popen(["bash", str(REPO / "scripts" / "slurm" / "pretrain.sbatch")],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
-    while not (tmp_path / "started").exists():
-        assert time.time() < deadline and job.poll() is None, job.stderr.read()
-        time.sleep(0.05)
+    job = started_job(tmp_path, SAVE_AT_TERM=saved_at_term or "0")
     if signalled:
         job.send_signal(signal.SIGUSR1)
     else:

@@ -134,17 +134,19 @@ def test_slurm_task_requeues_itself_while_it_makes_progress(tmp_path, started, r
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(
         f'#!/bin/bash\necho "$*" > {tmp_path}/srun_args\necho {reached} > "$RUN_DIR/'
-        'latest_checkpointed_iteration.txt"\n')
+        f'latest_checkpointed_iteration.txt"\necho "$EXIT_DURATION_FLAGS" > {tmp_path}/clock\n')
     (bin_dir / "scontrol").write_text(
         f'#!/bin/bash\nif [ "$1" = requeue ]; then echo "$2" > {tmp_path}/requeued; '
         'else echo node01; fi\n')
+    (bin_dir / "squeue").write_text('#!/bin/bash\n[ "$*" = "-h -j 78 -o %L" ] && echo 1:00:00\n')
     for stand_in in bin_dir.iterdir():
         stand_in.chmod(0o755)
     run_dir = out / "moe"
     if started:
         (run_dir / "latest_checkpointed_iteration.txt").write_text(str(started))
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-               SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_JOB_ID="77", SLURM_JOB_NODELIST="node01",
+               SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_JOB_ID="77", SLURM_JOB_ID="78",
+               SLURM_JOB_NODELIST="node01",
                SLURM_NNODES="1", SLURM_NODEID="0")
     task = subprocess.run(["bash", str(out / "sweep.sbatch")], env=env, capture_output=True,
                           text=True, timeout=60)
@@ -158,7 +160,9 @@ def test_slurm_task_requeues_itself_while_it_makes_progress(tmp_path, started, r
     else:
         assert task.returncode == 1 and not requeued.exists()
         assert "made no progress" in task.stderr
-    assert "--exit-signal-handler" in (tmp_path / "srun_args").read_text()
+    # and by the clock, 10 minutes before the job's limit (squeue: an hour left)
+    assert "--exit-signal-handler $EXIT_DURATION_FLAGS" in (tmp_path / "srun_args").read_text()
+    assert (tmp_path / "clock").read_text().strip() == "--exit-duration-in-mins 50"
 
 
 def write_sweep(path: Path, spec: dict) -> Path:
