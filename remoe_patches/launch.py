@@ -77,8 +77,9 @@ def main(argv=None) -> int:
     try:
         if config.data.demo_corpus:
             config = use_demo_corpus(config)
+        listing = arguments_listing(args)
         if _is_first_rank():
-            print("\n".join(arguments_listing(args)), flush=True)
+            print("\n".join(listing), flush=True)
             notes = ineffective_flags(
                 args, cuda_available=torch.cuda.is_available(),
                 transformer_engine_available=HAVE_TE, wgrad_fusion_available=HAVE_WGRAD_FUSION,
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
         for note in notes_on_this_machine(config):
             if _is_first_rank():
                 print(f" note: {note}", flush=True)
-        state = pretrain(config)
+        state = pretrain(config, arguments=listing)
     except ValueError as error:  # ConfigError, CheckpointError: the same on every rank
         if os.environ.get("REMOE_DEBUG"):
             raise

@@ -7,6 +7,8 @@ Layout (the checkpoint names are Megatron-LM's)::
         iter_0000200.partial/              a checkpoint being written, renamed when whole
         latest_checkpointed_iteration.txt  the iteration of the latest whole checkpoint
         metrics.jsonl                      one JSON record per logged step or evaluation
+        arguments.txt                      the last launch's resolved arguments
+        wandb/                             the W&B run (--wandb-project without --wandb-save-dir)
         tensorboard/                       sweep runs' --tensorboard-dir
         config.yaml                        a sweep run's flags (its pretrain_gpt.py --config)
         train.log                          a sweep run's console output (local launcher)
@@ -23,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 CHECKPOINT_PREFIX = "iter_"
 PARTIAL_SUFFIX = ".partial"
@@ -33,6 +35,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
+ARGUMENTS_FILE = "arguments.txt"  # the last launch's resolved arguments
 DONE_FILE = "DONE"
 ZERO_SHOT_FILE = "zero_shot.json"
 ANALYSIS_DIR = "analysis"
@@ -75,14 +78,26 @@ def latest_iteration(run_dir: Optional[str]) -> Optional[int]:
         raise ValueError(f"{path} should hold an iteration number, found {text!r}") from None
 
 
-def write_latest_iteration(run_dir, iteration: int) -> None:
-    """Point the latest pointer at ``iteration``, atomically (a crash leaves the old one)."""
-    pointer = latest_pointer_path(run_dir)
-    with open(pointer + ".tmp", "w") as f:
-        f.write(str(iteration))
+def write_text_atomically(path: str, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a part (a crash leaves the old)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(pointer + ".tmp", pointer)
+    os.replace(path + ".tmp", path)
+
+
+def write_latest_iteration(run_dir, iteration: int) -> None:
+    """Point the latest pointer at ``iteration``, atomically (a crash leaves the old one)."""
+    write_text_atomically(latest_pointer_path(run_dir), str(iteration))
+
+
+def write_arguments(run_dir, listing: Sequence[str]) -> str:
+    """The launch's resolved arguments (Megatron-LM's start-up listing) into ``run_dir``."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, ARGUMENTS_FILE)
+    write_text_atomically(path, "\n".join(listing) + "\n")
+    return path
 
 
 def saved_iterations(run_dir: Optional[str]) -> list[int]:

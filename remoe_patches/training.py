@@ -89,8 +89,9 @@ def check_batch_sizes(training: TrainingConfig, data_parallel_size: int) -> Trai
     return dataclasses.replace(training, global_batch_size=global_batch_size)
 
 
-def pretrain(config: RunConfig) -> RunState:
-    """Train as ``config`` says; return the final state (with the per-step history)."""
+def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
+    """Train as ``config`` says; return the final state (with the per-step history).
+    ``arguments``: the launch's resolved-arguments listing, kept in ``<save>/arguments.txt``."""
     # Checks that need no process group come first, so bad input writes nothing anywhere.
     skip_train = config.logging.skip_train  # evaluate --load, write nothing
     if config.checkpoint.save and not skip_train:
@@ -106,6 +107,8 @@ def pretrain(config: RunConfig) -> RunState:
     training = config.training
     initialize_parallel(config.parallel, seed=training.seed,
                         timeout_minutes=training.distributed_timeout_minutes)
+    if arguments and config.checkpoint.save and not skip_train and dist.get_rank() == 0:
+        run_directory.write_arguments(config.checkpoint.save, arguments)
     world_size = dist.get_world_size()
     dp_size = config.parallel.data_parallel_size(world_size)
     device = local_device()

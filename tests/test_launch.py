@@ -37,7 +37,7 @@ def pretend_gpu(monkeypatch):
 
 def test_a_run_that_cannot_fit_the_gpu_is_refused_before_it_starts(pretend_gpu, monkeypatch,
                                                                     capsys):
-    monkeypatch.setattr(training, "pretrain", lambda config: pytest.fail("it started"))
+    monkeypatch.setattr(training, "pretrain", lambda config, **_: pytest.fail("it started"))
     pretend_gpu(2 ** 20)  # 1 MiB
     assert launch.main(RUN) == 2
     error = capsys.readouterr().err
@@ -45,7 +45,7 @@ def test_a_run_that_cannot_fit_the_gpu_is_refused_before_it_starts(pretend_gpu, 
 
 
 def test_out_of_gpu_memory_is_one_line_with_what_lowers_it(monkeypatch, capsys):
-    def runs_out(config):
+    def runs_out(config, **_):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
 
     monkeypatch.setattr(training, "pretrain", runs_out)
@@ -59,8 +59,9 @@ def test_out_of_gpu_memory_is_one_line_with_what_lowers_it(monkeypatch, capsys):
 def test_the_resolved_arguments_are_listed_at_start_as_megatron_lm_does(monkeypatch, capsys):
     """Every argument once, sorted, with its value after YAML, flags and derived defaults (the
     router type completed from --num-experts), between Megatron-LM's two rules."""
-    monkeypatch.setattr(training, "pretrain", lambda config: types.SimpleNamespace(
-        iteration=0, start_iteration=0))
+    kept = []
+    monkeypatch.setattr(training, "pretrain", lambda config, arguments: kept.append(
+        arguments) or types.SimpleNamespace(iteration=0, start_iteration=0))
     assert launch.main(RUN) == 0
     out = capsys.readouterr().out.splitlines()
     start = out.index("------------------------ arguments ------------------------")
@@ -72,3 +73,4 @@ def test_the_resolved_arguments_are_listed_at_start_as_megatron_lm_does(monkeypa
     for line in out[start + 1:end]:  # the values in one column, as Megatron-LM pads them
         name, dots = re.match(r"  (\S+) (\.*) ", line).groups()
         assert len(name) + len(dots) == max(48, len(name)), line
+    assert kept == [out[start:end + 1]]  # the same lines for <save>/arguments.txt

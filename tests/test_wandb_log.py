@@ -6,6 +6,7 @@ chunks with a 7-byte header each) of protobuf ``Record``s."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -110,3 +111,8 @@ def test_the_authors_launch_with_wandb_flags_logs_offline_and_a_resume_continues
         if "val_lm_loss" in record:
             assert logged["lm loss validation"] == pytest.approx(record["val_lm_loss"])
     assert any("val_lm_loss" in r for r in metrics)
+    # the last launch's resolved arguments beside the checkpoints, as printed at its start
+    arguments = (save / "arguments.txt").read_text()
+    assert "  wandb_exp_name ." in arguments
+    assert arguments.splitlines()[-1].strip("- ") == "end of arguments"
+    assert re.search(r"  train_iters \.+ 6\n", arguments)
