@@ -107,8 +107,6 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
     training = config.training
     initialize_parallel(config.parallel, seed=training.seed,
                         timeout_minutes=training.distributed_timeout_minutes)
-    if arguments and config.checkpoint.save and not skip_train and dist.get_rank() == 0:
-        run_directory.write_arguments(config.checkpoint.save, arguments)
     world_size = dist.get_world_size()
     dp_size = config.parallel.data_parallel_size(world_size)
     device = local_device()
@@ -222,6 +220,9 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
                 if dataset is not None and evaluates:
                     log.evaluation(evaluation(name, dataset))
             return state
+        # the checks behind it: a refused run writes nothing
+        if arguments and ckpt.save and dist.get_rank() == 0:
+            run_directory.write_arguments(ckpt.save, arguments)
         train_batches = batches_of(splits.train, state.consumed_samples)
         window = []  # step records since the last log line
         run_started = time.time()
