@@ -57,7 +57,8 @@ def ineffective_flags(
          when=args.tensor_model_parallel_size == 1)
     note("num_query_groups", "--num-query-groups", "needs --group-query-attention",
          when=not args.group_query_attention)
-    for dest in ("tensorboard_log_interval", "log_timers_to_tensorboard"):
+    for dest in ("tensorboard_log_interval", "log_timers_to_tensorboard",
+                 "log_memory_to_tensorboard"):
         note(dest, f"--{dest.replace('_', '-')}", "needs --tensorboard-dir",
              when=args.tensorboard_dir is None)
     note("num_workers", "--num-workers", "batches are read in the training process")
@@ -65,10 +66,6 @@ def ineffective_flags(
          "the model comes from the command line and YAML; a mismatching checkpoint fails to load")
     note("dist_ckpt_strictness", "--dist-ckpt-strictness",
          "checkpoints always load strictly (every saved tensor must fit the model)")
-    note("moe_per_layer_logging", "--moe-per-layer-logging",
-         "always on: per-layer sparsity is always logged")
-    note("log_timers_to_tensorboard", "--log-timers-to-tensorboard", "no timers are logged",
-         when=args.tensorboard_dir is not None)
     note("tensorboard_log_interval", "--tensorboard-log-interval",
          "tensorboard is written at every --log-interval", when=args.tensorboard_dir is not None)
     gpt2 = args.tokenizer_type == "GPT2BPETokenizer"

@@ -307,9 +307,6 @@ def _add_moe_arguments(parser):
         help="Recompute the MoE layers in the backward pass (saves memory).",
     )
     group.add_argument(
-        "--moe-per-layer-logging", action="store_true", help="Log MoE statistics per layer."
-    )
-    group.add_argument(
         "--moe-permute-fusion", action="store_true",
         help="Fused token permutation (transformer-engine); TopK only.",
     )
@@ -434,9 +431,6 @@ def _add_logging_arguments(parser):
     group.add_argument("--log-throughput", action="store_true", help="No-op: always logged.")
     group.add_argument(
         "--tensorboard-log-interval", type=int, default=1, help="Steps between TensorBoard writes."
-    )
-    group.add_argument(
-        "--log-timers-to-tensorboard", action="store_true", help="Also write timers to TensorBoard."
     )
 
 

@@ -30,6 +30,7 @@ anything but SwiGLU experts (the project's LLaMA recipe).
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 from typing import Optional
@@ -37,6 +38,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.nn.parameter import Parameter
+from torch.utils.hooks import RemovableHandle
 
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
@@ -83,6 +85,7 @@ class LoryMLP(MegatronModule):
         self.segment_length = segment_length
         self.first_segment = first_segment
         self.layer_number = layer_number
+        self._routing_observers = collections.OrderedDict()  # (RemovableHandle needs one)
         if pg_collection is not None and tp_group is None:
             tp_group = getattr(pg_collection, "tp", None)
         if tp_group is not None:
@@ -115,6 +118,15 @@ class LoryMLP(MegatronModule):
             hidden_states, self.router_weight, self.segment_length, self.first_segment
         )
 
+    def observe_routing(self, observer) -> RemovableHandle:
+        """Call ``observer(layer_number, weight_E, unrouted_tokens, num_tokens)`` after each
+        training forward (not in the dense warm-up): ``weight_E`` is each expert's routing weight
+        summed over the micro-batch's tokens (Lory routes every token to all experts, so
+        ``unrouted_tokens`` is 0). The handle's ``remove()`` stops it."""
+        handle = RemovableHandle(self._routing_observers)
+        self._routing_observers[handle.id] = observer
+        return handle
+
     dense_warmup = False
     """Lory's dense warm-up: the layer is the dense SwiGLU FFN of expert 0's weights (set by
     ``set_dense_warmup``)."""
@@ -132,8 +144,15 @@ class LoryMLP(MegatronModule):
             unused_weights = (self.router_weight.sum() + self.fc1_weight[1:].sum()
                               + self.fc2_weight[1:].sum())
             return (output_SBh + 0.0 * unused_weights).to(hidden_states.dtype), None
-        output_SBh, _ = lory.lory_ffn(hidden_states, self.router_weight, self.fc1_weight,
-                                      self.fc2_weight, self.segment_length, self.first_segment)
+        output_SBh, weights_BNE = lory.lory_ffn(
+            hidden_states, self.router_weight, self.fc1_weight, self.fc2_weight,
+            self.segment_length, self.first_segment)
+        if self._routing_observers and self.training and torch.is_grad_enabled():
+            num_tokens = hidden_states.shape[0] * hidden_states.shape[1]
+            weight_E = weights_BNE.detach().float().mean(dim=(0, 1)) * num_tokens
+            unrouted = torch.zeros((), device=weight_E.device)
+            for observer in self._routing_observers.values():
+                observer(self.layer_number, weight_E, unrouted, num_tokens)
         return output_SBh.to(hidden_states.dtype), None
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Optional
 
+from remoe_patches.memory_usage import megatron_lm_memory_scalars, peak_memory_gb
 from remoe_patches.run_directory import metrics_path
 
 
@@ -42,8 +43,15 @@ class MetricsLog:
         start_iteration: int,
         enabled: bool,
         wandb_run=None,
+        per_layer: bool = False,
+        timers: bool = False,
+        memory: bool = False,
     ):
+        """``per_layer``, ``timers``, ``memory``: also write the record's per-layer lists
+        (--moe-per-layer-logging), its timers (--log-timers-to-tensorboard) and its memory
+        (--log-memory-to-tensorboard) to tensorboard and W&B; metrics.jsonl holds them always."""
         self.enabled = enabled
+        self.per_layer, self.timers, self.memory = per_layer, timers, memory
         self.metrics_path = metrics_path(metrics_dir) if metrics_dir else None
         self.writer = None
         self.progress = None
@@ -105,7 +113,13 @@ class MetricsLog:
         if self.writer is None and self.wandb_run is None:
             return
         iteration, samples = record["iteration"], record.get("consumed_samples")
-        ours, megatron_lm = scalars_of(record), megatron_lm_scalars(record)
+        ours = scalars_of({key: value for key, value in record.items() if self._charted(key)})
+        megatron_lm = megatron_lm_scalars(record)
+        # Megatron-LM's tags of the timers (ms per step, the max over ranks) and the memory
+        if self.timers:
+            ours.update({f"{name}-time": ms for name, ms in record.get("timers_ms", {}).items()})
+        if self.memory:
+            ours.update(megatron_lm_memory_scalars(record))
         if self.writer is not None:
             for tag, value in {**ours, **megatron_lm}.items():
                 self.writer.add_scalar(tag, value, iteration)
@@ -116,6 +130,16 @@ class MetricsLog:
         if self.wandb_run is not None:  # the same scalars (W&B plots against samples itself)
             self.wandb_run.log({**ours, **megatron_lm}, step=iteration)
 
+    def _charted(self, key: str) -> bool:
+        """Whether tensorboard and W&B get the record's ``key``."""
+        if key.endswith("_per_layer") or key == "moe_layers":
+            return self.per_layer
+        if key == "timers_ms":  # under Megatron-LM's names
+            return False
+        if key.startswith("memory_"):
+            return self.memory
+        return True
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
@@ -125,16 +149,28 @@ class MetricsLog:
             self.wandb_run.finish()
 
 
+PER_EXPERT = ("expert_share_per_layer",)
+"""Record keys holding one value per expert of each layer."""
+
+
 def scalars_of(record: dict) -> dict:
-    """The record's finite numbers by key; a list as ``key/layer_N`` (layers numbered from 1, as
-    in megatron and the console's warnings), a mapping as ``key/name``; ``iteration`` is the
-    step, not a scalar."""
+    """The record's finite numbers by key; a per-layer list as ``key/layer_N`` (N the layer
+    numbers of ``moe_layers`` where the record has them, else from 1, as in megatron and the
+    console's warnings) and per expert (``PER_EXPERT``) as ``key/layer_N/expert_E``; a mapping
+    as ``key/name``; ``iteration`` is the step, not a scalar."""
     out = {}
     for key, value in record.items():
-        if key == "iteration":
+        if key in ("iteration", "moe_layers"):
             continue
         if isinstance(value, list):
-            items = {f"{key}/layer_{layer}": item for layer, item in enumerate(value, start=1)}
+            layers = record.get("moe_layers") or range(1, len(value) + 1)
+            items = {}
+            for layer, item in zip(layers, value):
+                if key in PER_EXPERT:
+                    items.update({f"{key}/layer_{layer}/expert_{expert}": share
+                                  for expert, share in enumerate(item)})
+                else:  # (a list here is not per expert: dead experts' numbers)
+                    items[f"{key}/layer_{layer}"] = item
         elif isinstance(value, dict):
             items = {f"{key}/{name}": item for name, item in value.items()}
         else:
@@ -176,8 +212,12 @@ def format_step_line(r: dict) -> str:
         ]
     if "load_balancing_loss" in r:
         parts.append(f"load balancing loss: {r['load_balancing_loss']:.6E}")
+    if "expert_share_cv" in r:
+        parts.append(f"expert load CV: {r['expert_share_cv']:.3f}")
     parts += [
         f"grad norm: {r['grad_norm']:.3f}",
         f"number of skipped iterations: {r['skipped_iterations']:3d}",
     ]
+    if "memory_rss_peak_gb" in r:
+        parts.append(f"peak memory (GB): {peak_memory_gb(r):.2f}")
     return " | ".join(parts) + " |"

@@ -316,6 +316,25 @@ class LoggingConfig:
         help="Where W&B writes the run; default <save>/wandb.")
     wandb_entity: str = flag_field("", flag="--wandb-entity", group="logging", type=str,
                                    help="The W&B team or user; default W&B's own.")
+    moe_per_layer_logging: bool = flag_field(
+        False, flag="--moe-per-layer-logging", group="logging", action="store_true",
+        help="Also write each MoE layer's routing statistics (expert shares, sparsity, aux "
+        "losses) to TensorBoard and W&B as <key>/layer_N; metrics.jsonl always holds them.")
+    timing_log_level: int = flag_field(
+        0, flag="--timing-log-level", group="logging", type=int, choices=(0, 1, 2),
+        help="Timers in the log: 0 none, 1 forward-backward, optimizer and gradient "
+        "reductions, 2 also compute, communication and the MoE layers' router, dispatch, "
+        "experts and combine (slower: each timer synchronizes the device).")
+    timing_log_option: str = flag_field(
+        "minmax", flag="--timing-log-option", group="logging", type=str,
+        choices=("max", "minmax", "all"),
+        help="The console's timers over ranks: the max, the min and max, or every rank.")
+    log_timers_to_tensorboard: bool = flag_field(
+        False, flag="--log-timers-to-tensorboard", group="logging", action="store_true",
+        help="Also write the timers (max over ranks) to TensorBoard and W&B as <name>-time.")
+    log_memory_to_tensorboard: bool = flag_field(
+        False, flag="--log-memory-to-tensorboard", group="logging", action="store_true",
+        help="Also write the memory of each log window to TensorBoard and W&B.")
     eval_interval: Optional[int] = flag_field(
         1000, flag="--eval-interval", group="validation",
         help="Steps between evaluations (0: none).")

@@ -13,6 +13,7 @@ optimizer, the overlap flags overlap its communication; on CPU they run the same
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -29,7 +30,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from remoe_patches import checkpointing, lory_layer, profiling, run_directory, wandb_log
+from remoe_patches import (
+    checkpointing, expert_load, lory_layer, profiling, run_directory, step_timers, wandb_log,
+)
 from remoe_patches.config import ConfigError
 from remoe_patches.data import (
     build_splits,
@@ -42,8 +45,10 @@ from remoe_patches.data import (
 )
 from remoe_patches.domains import evaluation_domains
 from remoe_patches.exit_signals import ExitSignals
+from remoe_patches.expert_load import ExpertLoad
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.megatron_fixes import initialize_adam_state
+from remoe_patches.memory_usage import memory_record
 from remoe_patches.metrics_log import MetricsLog, format_step_line
 from remoe_patches.model import build_model_for_run, build_regularizer, transformer_impl_in_use
 from remoe_patches.parallel import initialize_parallel, local_device
@@ -131,6 +136,12 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
     state = RunState()
     is_logging_rank = dist.get_rank() == world_size - 1
     log = signals = profiler = None
+    timers = step_timers.build_timers(logging.timing_log_level, logging.timing_log_option)
+    hooks = step_timers.install(timers, model_chunks, optimizer) if timers else []
+    routing_load = None
+    if config.model.is_moe:
+        routing_load = ExpertLoad(config.model.num_layers, config.model.total_experts, device)
+        hooks += expert_load.attach(model_chunks, routing_load)
 
     def save(log=None):
         _save(config, state, model_chunks, optimizer, scheduler, regularizer, dp_size, log)
@@ -211,7 +222,8 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
             metrics_dir=None if skip_train else ckpt.save,
             tensorboard_dir=None if skip_train else logging.tensorboard_dir,
             total_iterations=training.train_iters, start_iteration=state.iteration,
-            enabled=is_logging_rank,
+            enabled=is_logging_rank, per_layer=logging.moe_per_layer_logging,
+            timers=logging.log_timers_to_tensorboard, memory=logging.log_memory_to_tensorboard,
             wandb_run=wandb_log.open_wandb_run(logging, save=ckpt.save, config=config.to_dict())
             if is_logging_rank and not skip_train else None,
         )
@@ -246,9 +258,11 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
             if profiler:
                 profiler.before_step(state.iteration)
             started = time.perf_counter()
-            batches = [next(train_batches) for _ in range(num_microbatches)]
+            with timers.phase("batch-generator") if timers else contextlib.nullcontext():
+                batches = [next(train_batches) for _ in range(num_microbatches)]
             record = train_step(model_chunks, optimizer, scheduler, regularizer, batches,
-                                global_batch_size=training.global_batch_size, **step_kwargs)
+                                global_batch_size=training.global_batch_size, timers=timers,
+                                **step_kwargs)
             state.iteration += 1
             if profiler:
                 profiler.after_step(state.iteration)
@@ -262,7 +276,8 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
             log.advance()
             if (state.iteration % logging.log_interval == 0
                     or state.iteration == training.train_iters):
-                log_window(log, window, config, state, world_size, health)
+                log_window(log, window, config, state, world_size, health,
+                           routing_load=routing_load, timers=timers, device=device)
                 window = []
                 profiling.write_memory_snapshot(logging, is_last_rank=dist.get_rank() ==
                                                 dist.get_world_size() - 1)
@@ -298,6 +313,8 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
         if logging.tensorboard_dir:
             log.print(f" tensorboard: {logging.tensorboard_dir}")
     finally:
+        for hook in hooks:
+            hook.remove()
         if profiler:
             profiler.stop()
         if training.manual_gc:
@@ -594,9 +611,13 @@ EARLY_LINES = (1, 2, 5, 10)
 
 
 def log_window(log, window: list, config: RunConfig, state: RunState, world_size: int,
-               health: Optional[RoutingHealth] = None, console_only: bool = False) -> None:
-    """Average the window's step records into one; report changes of the routing's health.
-    ``console_only``: the line alone (no record written, no health update)."""
+               health: Optional[RoutingHealth] = None, console_only: bool = False, *,
+               routing_load: Optional[ExpertLoad] = None, timers=None,
+               device: Optional[torch.device] = None) -> None:
+    """Average the window's step records into one, with the window's expert shares, timers and
+    memory; report changes of the routing's health. Every rank calls it (the window's counts,
+    timers and memory are reduced over ranks). ``console_only``: the line alone (no record
+    written, nothing reduced, no health update)."""
     records = [r for r in window if not r.skipped] or window
     last = window[-1]
     seconds = sum(r.step_seconds for r in window) / len(window)
@@ -614,9 +635,11 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
         grad_norm=_mean(r.grad_norm for r in records),
         skipped_iterations=state.skipped_iterations,
     )
+    collapsed = set()
     if model_config.kind.adaptive_l1:
         sparsity_L = torch.stack([r.routing.sparsity_L for r in records]).mean(0)
         moe_layers = ~torch.isnan(sparsity_L)
+        reg_loss_L = torch.stack([r.routing.reg_loss_L for r in records]).mean(0)
         out.update(
             reg_loss=_mean(float(r.routing.reg_loss_L[moe_layers].mean()) for r in records),
             l1_coeff=float(last.routing.coeff),
@@ -624,31 +647,62 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
             sparsity_min=float(sparsity_L[moe_layers].min()),
             sparsity_max=float(sparsity_L[moe_layers].max()),
             sparsity_per_layer=[float(v) for v in sparsity_L[moe_layers]],
+            reg_loss_per_layer=[float(v) for v in reg_loss_L[moe_layers]],
         )
         active = (1.0 - out["sparsity"]) * model_config.total_experts
         collapsed = collapsed_layers(sparsity_L)
-        dead = dead_experts(torch.stack([r.routing.expert_load_LE for r in records]).nanmean(0))
-        # Every window's state goes to metrics.jsonl; the console hears only of changes.
-        out["dead_experts"] = len(dead)
-        out["dead_experts_per_layer"] = [
-            sorted(e for dead_layer, e in dead if dead_layer == layer + 1)
-            for layer in torch.nonzero(moe_layers).flatten().tolist()]
         out["collapsed_layers"] = len(collapsed)
-        if health is not None and not console_only:
-            for line in health.update(state.iteration, dead, collapsed, len(records)):
-                log.print(line)
     else:
         active = model_config.nominal_active_experts
-        switch_loss = model_config.kind.switch_aux_loss
-        if switch_loss and last.load_balancing_loss_L is not None:
-            out["load_balancing_loss"] = _mean(
-                float(r.load_balancing_loss_L.sum() / model_config.num_layers) for r in records)
+        for name in last.aux_losses_L:
+            out[name] = _mean(float(r.aux_losses_L[name].sum() / model_config.num_layers)
+                              for r in records)
+            # the MoE layers' values (the other rows are zero)
+            losses_L = torch.stack([r.aux_losses_L[name] for r in records]).mean(0)
+            out[f"{name}_per_layer"] = [float(v) for v in losses_L[losses_L != 0]]
+    if routing_load is not None and not console_only:
+        out.update(_routing_shares(routing_load.window(), log, state, health, collapsed,
+                                   len(records)))
+    if not console_only:
+        device = device or torch.device("cpu")
+        if timers is not None:
+            out["timers_ms"], timer_lines = timers.window(len(window), device)
+        out.update(memory_record(device))
     flops = training_flops_per_token(model_config, active) * tokens_per_step
     out["tflops_per_gpu"] = flops / seconds / world_size / 1e12
     if console_only:
         log.print(format_step_line(out))
     else:
         log.step(out)
+        if timers is not None and timer_lines:
+            log.print(timer_lines)
+
+
+def _routing_shares(shares, log, state: RunState, health: Optional[RoutingHealth],
+                    collapsed: set, steps: int) -> dict:
+    """The window's expert shares: per MoE layer, and the model's summary; dead experts (the
+    health report hears of changes; every window's state goes to metrics.jsonl)."""
+    per_layer = shares.per_layer()
+    layers = shares.moe_layers
+    if not layers:  # nothing routed in the window (Lory's dense warm-up)
+        return {}
+    dead = dead_experts(shares.share_LE)
+    if health is not None:
+        for line in health.update(state.iteration, dead, collapsed, steps):
+            log.print(line)
+    out = dict(
+        moe_layers=layers,
+        expert_share_min=min(per_layer["expert_share_min"]),
+        expert_share_max=max(per_layer["expert_share_max"]),
+        expert_share_cv=_mean(per_layer["expert_share_cv"]),
+        experts_per_token=_mean(per_layer["experts_per_token"]),
+        tokens_without_expert=_mean(per_layer["tokens_without_expert"]),
+        dead_experts=len(dead),
+        dead_experts_per_layer=[sorted(e for dead_layer, e in dead if dead_layer == layer)
+                                for layer in layers],
+    )
+    out.update({f"{key}_per_layer": values for key, values in per_layer.items()})
+    return out
 
 
 def _exit_reason(training: TrainingConfig, state, run_started, signals, device) -> Optional[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, ContextManager, Iterable, Iterator, Optional
 
@@ -163,12 +163,18 @@ class StepRecord:
     lr: float
     routing: Optional[RoutingStats] = None
     """ReLU routing's statistics (None for dense and TopK models)."""
-    load_balancing_loss_L: Optional[torch.Tensor] = None
-    """megatron's TopK router's Switch loss per layer (zero where not MoE)."""
+    aux_losses_L: dict = field(default_factory=dict)
+    """The aux losses megatron's routers logged (TopK, SparseMixer: ``load_balancing_loss``,
+    ``z_loss``), each per layer (zero where not MoE)."""
     iteration: int = 0
     step_seconds: float = 0.0
     val_lm_loss: Optional[float] = None
     test_lm_loss: Optional[float] = None
+
+    @property
+    def load_balancing_loss_L(self) -> Optional[torch.Tensor]:
+        """The Switch loss per layer, or None where none was logged."""
+        return self.aux_losses_L.get("load_balancing_loss")
 
 
 def train_step(
@@ -182,36 +188,41 @@ def train_step(
     micro_batch_size: int,
     global_batch_size: int,
     regularizer_scope: Callable[[], ContextManager] = contextlib.nullcontext,
+    timers=None,
 ) -> StepRecord:
     """One optimizer step on this rank's ``batches`` (its micro-batches), or a skipped one.
 
     ``regularizer_scope`` is the seam for observers: the regularizer's step-end work (the one
     reduction of its statistics and the lambda update) runs inside it (the benchmark counts the
-    host syncs made there).
+    host syncs made there). ``timers``: ``step_timers.StepTimers`` to time the phases with.
     """
+    def phase(name):
+        return timers.phase(name) if timers is not None else contextlib.nullcontext()
+
     optimizer.zero_grad()
     lm_loss = forward_backward(model_chunks, batches, num_microbatches=len(batches),
                                seq_length=seq_length, micro_batch_size=micro_batch_size)["lm_loss"]
-    # The optimizer's own step() in parts, so that a non-finite gradient skips the update after
-    # the norm is known, without preparing the gradients and taking the norm twice. The norm is
-    # the step's one host read (as in Megatron-LM), and it decides for every rank: it is reduced
-    # over all model-parallel ranks, and a non-finite loss makes every gradient non-finite.
-    optimizer.prepare_grads()
-    grad_norm = float(optimizer.get_grad_norm() or 0.0)
-    finite = math.isfinite(grad_norm)
-
-    record = StepRecord(lm_loss=lm_loss, grad_norm=grad_norm, skipped=not finite,
-                        lr=optimizer.param_groups[0]["lr"])
-    if finite:
-        _clip_grads(optimizer, grad_norm)
-        optimizer.step_with_ready_grads()
-        scheduler.step(increment=global_batch_size)
+    with phase("optimizer"):
+        # The optimizer's own step() in parts, so that a non-finite gradient skips the update
+        # after the norm is known, without preparing the gradients and taking the norm twice.
+        # The norm is the step's one host read (as in Megatron-LM), and it decides for every
+        # rank: it is reduced over all model-parallel ranks, and a non-finite loss makes every
+        # gradient non-finite.
+        optimizer.prepare_grads()
+        grad_norm = float(optimizer.get_grad_norm() or 0.0)
+        finite = math.isfinite(grad_norm)
+        record = StepRecord(lm_loss=lm_loss, grad_norm=grad_norm, skipped=not finite,
+                            lr=optimizer.param_groups[0]["lr"])
+        if finite:
+            _clip_grads(optimizer, grad_norm)
+            optimizer.step_with_ready_grads()
+            scheduler.step(increment=global_batch_size)
     if regularizer is not None:
-        with regularizer_scope():
+        with regularizer_scope(), phase("regularizer-step"):
             # A skipped step's sparsity is not trusted: it is consumed without an update.
             record.routing = regularizer.finish_step(update=finite)
     else:
-        record.load_balancing_loss_L = topk_load_balancing_loss(len(batches))
+        record.aux_losses_L = megatron_aux_losses(len(batches))
     return record
 
 
@@ -227,16 +238,17 @@ def _clip_grads(optimizer, grad_norm: float) -> None:
             )
 
 
-def topk_load_balancing_loss(num_microbatches: int) -> Optional[torch.Tensor]:
-    """The step's Switch load-balancing loss per layer from megatron's TopK router, which logs it
-    in megatron's global aux-loss tracker (reduced over ranks, averaged over micro-batches, then
-    cleared); None when nothing was logged (dense model, or the loss off)."""
+def megatron_aux_losses(num_microbatches: int) -> dict:
+    """The step's aux losses per layer from megatron's routers (the Switch loss, the z-loss),
+    which log them in megatron's global aux-loss tracker (reduced over ranks, averaged over
+    micro-batches, then cleared); empty when nothing was logged (dense model, or the losses off).
+    """
     tracker = get_moe_layer_wise_logging_tracker()
-    if "load_balancing_loss" not in tracker:
-        return None
     names = list(tracker)
+    if not names:
+        return {}
     reduce_aux_losses_tracker_across_ranks(names)
-    values = tracker["load_balancing_loss"]["values"].clone() / num_microbatches
+    losses = {name: tracker[name]["values"].clone() / num_microbatches for name in names}
     for name in names:
         tracker[name]["values"].zero_()
-    return values
+    return losses

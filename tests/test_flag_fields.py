@@ -56,7 +56,7 @@ def _given(option: dataclasses.Field, flag: str):
         if kwargs.get("action") in ("store_true", "store_false"):
             return [flag], kwargs["action"] == "store_true"
         if kwargs.get("choices"):
-            words = [next(c for c in kwargs["choices"] if c != option.default)]
+            words = [str(next(c for c in kwargs["choices"] if c != option.default))]
         elif option.default in (None, MISSING):
             words = ["7"] if kwargs.get("type") is int else ["runs/x"]
         else:

@@ -174,7 +174,7 @@ def test_tensorboard_gets_finite_scalars_and_per_layer_lists(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = tmp_path / "tb"
-    log = make_log(tmp_path, tensorboard_dir=str(tb))
+    log = make_log(tmp_path, tensorboard_dir=str(tb), per_layer=True)  # --moe-per-layer-logging
     log.step(step_record(5, **RELU, load_balancing_loss=float("nan")))
     log.step(step_record(6, lm_loss=4.0, sparsity_per_layer=[0.5, float("inf"), 0.25]))
     log.evaluation(dict(iteration=6, val_lm_loss=4.5,
@@ -205,6 +205,49 @@ def test_tensorboard_gets_finite_scalars_and_per_layer_lists(tmp_path):
     assert scalars("iteration-time")[0] == (5, 0.51225)  # seconds
     assert scalars("lm loss validation") == [(6, 4.5)]
     assert scalars("lm loss validation ppl") == [(6, math.exp(4.5))]
+
+
+def tensorboard_tags(tmp_path, record, **options) -> dict:
+    """The scalars a log with ``options`` writes of ``record``: {tag: value}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    log = make_log(tmp_path, tensorboard_dir=str(tb), **options)
+    log.step(record)
+    log.close()
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    return {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
+
+
+ROUTING = dict(moe_layers=[2, 4], expert_share_cv=0.25, expert_share_per_layer=[[0.75, 0.25],
+                                                                                [0.5, 0.5]],
+               expert_share_cv_per_layer=[0.5, 0.0], timers_ms={"forward-backward": 12.5},
+               memory_rss_gb=1.5, memory_rss_peak_gb=2.0, memory_allocated_gb=0.5)
+
+
+def test_per_layer_timers_and_memory_reach_tensorboard_only_when_asked(tmp_path):
+    """metrics.jsonl holds everything; tensorboard the per-layer values with
+    --moe-per-layer-logging (under the MoE layers' numbers), the timers with
+    --log-timers-to-tensorboard and the memory with --log-memory-to-tensorboard, those two
+    under Megatron-LM's tags."""
+    record = step_record(5, **ROUTING)
+    plain = tensorboard_tags(tmp_path / "plain", record)
+    assert plain["expert_share_cv"] == 0.25
+    assert not any("layer" in tag or "mem" in tag for tag in plain)
+    assert [tag for tag in plain if tag.endswith("-time")] == ["iteration-time"]
+    assert read_jsonl(tmp_path / "plain" / "run" / METRICS_FILE) == [record]
+    every = tensorboard_tags(tmp_path / "every", record, per_layer=True, timers=True,
+                             memory=True)
+    assert every["expert_share_cv_per_layer/layer_2"] == 0.5
+    assert every["expert_share_cv_per_layer/layer_4"] == 0.0
+    assert every["expert_share_per_layer/layer_2/expert_0"] == 0.75
+    assert every["expert_share_per_layer/layer_4/expert_1"] == 0.5
+    assert every["forward-backward-time"] == 12.5 and "timers_ms/forward-backward" not in every
+    assert every["memory_rss_peak_gb"] == 2.0
+    assert every["mem-allocated-bytes"] == 0.5 * 1024**3
+    assert format_step_line(record).endswith(" | peak memory (GB): 2.00 |")
+    assert "expert load CV: 0.250" in format_step_line(record)
 
 
 class FakeTerminal(io.StringIO):

@@ -34,6 +34,11 @@ def test_megatron_launch_flags_train(corpus, tmp_path):
         assert key in last, key
     assert len(last["sparsity_per_layer"]) == 2
     assert last["lm_loss"] < first["lm_loss"]
+    # the expert shares (counted from the dispatched routing maps) agree with the regularizer's
+    # own sparsity: experts per token = (1 - sparsity) x E, layer by layer
+    for record in records.values():
+        assert record["experts_per_token_per_layer"] == pytest.approx(
+            [(1.0 - s) * 8 for s in record["sparsity_per_layer"]], rel=1e-6)
     evaluations = [json.loads(line) for line in open(save / "metrics.jsonl")
                    if "val_lm_loss" in line]
     assert [e["iteration"] for e in evaluations] == [3, 6]
@@ -88,6 +93,12 @@ def test_two_ranks_train_like_one(corpus, tmp_path, initial_weights, single_proc
         got = parallel[iteration]
         for key in ("lm_loss", "reg_loss", "sparsity", "l1_coeff", "grad_norm"):
             assert got[key] == pytest.approx(expected[key], rel=2e-4, abs=1e-6), (iteration, key)
+        # the expert shares are reduced over every rank: one process's (a token whose gate sits
+        # at 0 may flip under another reduction order: 1/128 of a layer's tokens per flip)
+        assert got["moe_layers"] == expected["moe_layers"] == [1, 2]
+        for got_E, expected_E in zip(got["expert_share_per_layer"],
+                                     expected["expert_share_per_layer"]):
+            assert got_E == pytest.approx(expected_E, abs=0.02), iteration
 
 
 def test_a_launchs_first_steps_print_before_its_first_log_interval(corpus, tmp_path):
@@ -196,11 +207,29 @@ def test_scaled_topk_baseline_trains(corpus, tmp_path):
     save = tmp_path / "topk"
     result = ok(run(authors_style_flags(corpus, save, moe_relu_routing=None,
                                         moe_router_topk_scaling_factor=8.0, train_iters=8,
-                                        eval_interval=None, save_interval=None)))
+                                        eval_interval=None, save_interval=None,
+                                        timing_log_level=2)))
     assert "--moe-router-topk-scaling-factor has no effect" not in result.stdout
     records = steps(save)
     assert records[8]["lm_loss"] < records[1]["lm_loss"]
     assert "sparsity" not in records[8] and records[8]["load_balancing_loss"] > 0
+    # TopK's routing in the log: each layer's Switch loss and expert shares (k = 1 of 8)
+    for record in records.values():
+        assert len(record["load_balancing_loss_per_layer"]) == 2
+        assert sum(record["load_balancing_loss_per_layer"]) / 2 == pytest.approx(
+            record["load_balancing_loss"])
+        assert [len(shares) for shares in record["expert_share_per_layer"]] == [8, 8]
+        assert [sum(shares) for shares in record["expert_share_per_layer"]] == pytest.approx(
+            [1.0, 1.0])
+        assert record["tokens_without_expert"] == 0.0 and record["experts_per_token"] == 1.0
+        # --timing-log-level 2: megatron-core's and the loop's timers, the MoE layer's parts;
+        # the memory of every window
+        assert {"forward-backward", "forward-compute", "backward-compute", "optimizer",
+                "batch-generator", "moe-router", "moe-dispatch", "moe-experts",
+                "moe-combine"} <= set(record["timers_ms"])
+        assert 0.0 < record["timers_ms"]["moe-router"] < record["timers_ms"]["forward-compute"]
+        assert record["memory_rss_peak_gb"] >= record["memory_rss_gb"] > 0.1
+    assert "(min, max) time across ranks (ms):" in result.stdout
 
 
 BASELINES = {
@@ -229,6 +258,21 @@ def test_table_2_baseline_trains_and_resumes(corpus, tmp_path, router):
         for key in ("lm_loss", "lr", "grad_norm"):
             assert got[iteration][key] == expected[iteration][key], (iteration, key)
     assert ("load_balancing_loss" in expected[6]) == (router == "sparsemixer")
+    # every baseline's routing is in the log: each layer's expert shares and their summaries
+    for record in expected.values():
+        shares_LE = record["expert_share_per_layer"]
+        assert record["moe_layers"] == [1, 2] and [len(s) for s in shares_LE] == [8, 8]
+        assert record["experts_per_token_per_layer"] == pytest.approx(
+            [sum(shares_E) for shares_E in shares_LE])
+        assert record["expert_share_max"] == pytest.approx(max(map(max, shares_LE)))
+        # Hash, SparseMixer: one expert a token; Lory: weights summing to 1; Expert Choice:
+        # every expert takes its capacity, k*T/E tokens, so some tokens get none
+        assert record["experts_per_token"] == pytest.approx(1.0)
+        if router == "expert_choice":
+            assert record["expert_share_cv"] == pytest.approx(0.0, abs=1e-9)
+            assert 0.0 < record["tokens_without_expert"] < 1.0
+        else:
+            assert record["tokens_without_expert"] == 0.0
 
 
 def test_lory_dense_warmup_trains_then_routes_and_resumes_across_the_switch(corpus, tmp_path):
