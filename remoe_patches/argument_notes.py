@@ -62,6 +62,10 @@ def ineffective_flags(
         note(dest, f"--{dest.replace('_', '-')}", "needs --tensorboard-dir",
              when=args.tensorboard_dir is None)
     note("num_workers", "--num-workers", "batches are read in the training process")
+    note("async_save", "--async-save", "needs --use-persistent-ckpt-worker, as in Megatron-LM; "
+         "checkpoints are written synchronously", when=not args.use_persistent_ckpt_worker)
+    note("use_persistent_ckpt_worker", "--use-persistent-ckpt-worker", "only used with "
+         "--async-save", when=not args.async_save)
     note("use_checkpoint_args", "--use-checkpoint-args",
          "the model comes from the command line and YAML; a mismatching checkpoint fails to load")
     note("dist_ckpt_strictness", "--dist-ckpt-strictness",

@@ -26,6 +26,7 @@ saved with the other ``--use-distributed-optimizer`` setting does not load eithe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -39,6 +40,15 @@ import torch.distributed as dist
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
 from torch.distributed.checkpoint.api import CheckpointException
 
 from remoe_patches.config import ModelConfig
@@ -245,16 +255,22 @@ def _layout() -> tuple[tuple[int, ...], tuple[int, ...]]:
     return sizes, ranks
 
 
-def content_metadata(model_chunks) -> dict:
+def content_metadata(model_chunks, fully_reshardable: bool = False) -> dict:
     """How this run lays out its sharded state: Megatron-LM's choices for megatron-core 0.16.
 
     Without it megatron-core falls back to the deprecated ``fully_sharded_model_space`` format
     for the distributed optimizer, which cannot be saved at all (``flattened_range``).
+    ``fully_reshardable`` (--dist-ckpt-optim-fully-reshardable): the distributed optimizer's
+    state is saved by parameter, like the weights, so that it loads under any layout.
     """
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     ddp_config = getattr(model_chunks[0], "ddp_config", None)
     if ddp_config is not None and ddp_config.use_distributed_optimizer:
-        metadata["distrib_optim_sharding_type"] = "dp_reshardable"
+        if fully_reshardable:
+            metadata["distrib_optim_sharding_type"] = "fully_reshardable"
+            metadata["distrib_optim_fully_reshardable_mem_efficient"] = False
+        else:
+            metadata["distrib_optim_sharding_type"] = "dp_reshardable"
     return metadata
 
 
@@ -310,11 +326,21 @@ def save_checkpoint(
     regularizer=None,
     run_config: Optional[dict] = None,
     data_parallel_size: Optional[int] = None,
+    fully_parallel: bool = False,
+    fully_reshardable: bool = False,
+    async_saves: Optional["AsyncSaves"] = None,
 ) -> str:
     """Write checkpoint ``iteration`` under ``root`` atomically; return its directory.
 
     ``run_config`` is ``RunConfig.to_dict()`` (plain data); with ``data_parallel_size`` it tells
-    a later load the layout the checkpoint was written with.
+    a later load the layout the checkpoint was written with. ``fully_parallel``: replicated
+    tensors are written by all data-parallel ranks, each a part. ``fully_reshardable``: see
+    ``content_metadata``.
+
+    With ``async_saves`` the tensors are written in the background: this returns once they are
+    staged in host memory, and the checkpoint is renamed into place (and becomes the latest)
+    when ``async_saves.finalize`` finds every rank's writer done; until then it is only a
+    ``.partial`` directory, which a crash leaves behind like a synchronous save's.
 
     SIGTERM and Ctrl-C wait until the checkpoint is complete (``exit_signals.signals_held``).
     A write that fails for the machine's reasons (``OSError``: a full disk, ...) removes the
@@ -324,24 +350,65 @@ def save_checkpoint(
     from remoe_patches.exit_signals import signals_held
 
     final = checkpoint_dir(root, iteration)
-    with signals_held(f"checkpoint {final} is written"):
-        try:
-            _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler,
-                              consumed_samples=consumed_samples, regularizer=regularizer,
-                              run_config=run_config, data_parallel_size=data_parallel_size)
-        except (Exception, CheckpointException) as error:  # megatron's is a BaseException
-            cause = _machine_error(error)
-            if cause is None:
-                raise
-            if dist.get_rank() == 0:
-                shutil.rmtree(final + PARTIAL_SUFFIX, ignore_errors=True)
-            latest = latest_iteration(root)
-            kept = (f"{checkpoint_dir(root, latest)} is still the latest" if latest is not None
-                    else "no earlier checkpoint exists")
-            raise CheckpointSaveError(
-                f"writing checkpoint {final} failed ({cause}); {kept}. Free space under {root} "
-                "(or give another --save) and resume with --load") from error
+    if async_saves is not None:  # one background save at a time: the latest pointer only grows
+        async_saves.finalize(blocking=True)
+    with signals_held(f"checkpoint {final} is written"), _save_errors(root, final):
+        _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler,
+                          consumed_samples=consumed_samples, regularizer=regularizer,
+                          run_config=run_config, data_parallel_size=data_parallel_size,
+                          fully_parallel=fully_parallel, fully_reshardable=fully_reshardable,
+                          async_saves=async_saves)
     return final
+
+
+@contextlib.contextmanager
+def _save_errors(root: str, final: str):
+    """A write that fails for the machine's reasons: the partial checkpoint removed, and
+    ``CheckpointSaveError`` saying the previous checkpoint is still the latest."""
+    try:
+        yield
+    except (Exception, CheckpointException) as error:  # megatron's is a BaseException
+        cause = _machine_error(error)
+        if cause is None:
+            raise
+        if dist.get_rank() == 0:
+            shutil.rmtree(final + PARTIAL_SUFFIX, ignore_errors=True)
+        latest = latest_iteration(root)
+        kept = (f"{checkpoint_dir(root, latest)} is still the latest" if latest is not None
+                else "no earlier checkpoint exists")
+        raise CheckpointSaveError(
+            f"writing checkpoint {final} failed ({cause}); {kept}. Free space under {root} "
+            "(or give another --save) and resume with --load") from error
+
+
+class AsyncSaves:
+    """Checkpoints being written in the background (--async-save): megatron-core's
+    ``AsyncCallsQueue``, whose writer is a process forked per save, or with ``persistent`` one
+    process for the whole run (--use-persistent-ckpt-worker)."""
+
+    def __init__(self, persistent: bool = False):
+        self.queue = AsyncCallsQueue(persistent=persistent)
+        self.pending: list = []  # (root, final) of the scheduled saves
+
+    def schedule(self, request, root: str, final: str) -> None:
+        self.queue.schedule_async_request(request)
+        self.pending.append((root, final))
+
+    def finalize(self, blocking: bool = False) -> list:
+        """Put the saves whose writers are done on every rank into place (every rank must call;
+        ``blocking``: wait for all). Returns their directories."""
+        if not self.pending:
+            return []
+        root, final = self.pending[0]
+        with _save_errors(root, final):
+            done = self.queue.maybe_finalize_async_calls(blocking=blocking)
+        finished, self.pending = self.pending[:len(done)], self.pending[len(done):]
+        return [final for _root, final in finished]
+
+    def close(self) -> None:
+        """Wait for the saves still being written and put them into place."""
+        self.finalize(blocking=True)
+        self.queue.close()
 
 
 def _machine_error(error: BaseException) -> Optional[str]:
@@ -372,7 +439,8 @@ def _machine_error(error: BaseException) -> Optional[str]:
 
 
 def _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler, *,
-                      consumed_samples, regularizer, run_config, data_parallel_size) -> None:
+                      consumed_samples, regularizer, run_config, data_parallel_size,
+                      fully_parallel=False, fully_reshardable=False, async_saves=None) -> None:
     partial = final + PARTIAL_SUFFIX
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
@@ -383,7 +451,7 @@ def _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler
     # With --overlap-param-gather the last step's weights reach the other ranks' shards only in
     # the next forward pass; gather them now or another rank's shards are saved one step stale.
     sync_params(model_chunks)
-    metadata = content_metadata(model_chunks)
+    metadata = content_metadata(model_chunks, fully_reshardable)
     state = _sharded_state(model_chunks, optimizer, is_loading=False, rng=_rng_state(),
                            metadata=metadata)
     state.update(
@@ -395,15 +463,28 @@ def _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler
         data_parallel_size=data_parallel_size,
         optimizer_saved=optimizer is not None,
     )
-    dist_checkpointing.save(state, partial, content_metadata=metadata)
-    dist.barrier()
+    strategy = get_default_save_sharded_strategy()
+    if fully_parallel:
+        strategy = FullyParallelSaveStrategyWrapper(
+            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
+    request = dist_checkpointing.save(state, partial, sharded_strategy=strategy,
+                                      content_metadata=metadata,
+                                      async_sharded_save=async_saves is not None)
 
-    if dist.get_rank() == 0:
-        if os.path.exists(final):  # saving the same iteration again
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        write_latest_iteration(root, iteration)
-    dist.barrier()
+    def put_into_place():
+        dist.barrier()
+        if dist.get_rank() == 0:
+            if os.path.exists(final):  # saving the same iteration again
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            write_latest_iteration(root, iteration)
+        dist.barrier()
+
+    if async_saves is None:
+        put_into_place()
+    else:
+        request.add_finalize_fn(put_into_place)
+        async_saves.schedule(request, root, final)
 
 
 def load_checkpoint(
@@ -417,6 +498,7 @@ def load_checkpoint(
     load_rng: bool = True,
     load_training_state: bool = True,
     model_config: Optional[ModelConfig] = None,
+    fully_parallel: bool = False,
 ) -> Optional[dict]:
     """Restore the newest whole checkpoint under ``root`` into the given objects.
 
@@ -429,6 +511,8 @@ def load_checkpoint(
     "skipped"}`` (``skipped``: the newer checkpoints that were damaged, with the reason), or None
     when ``root`` holds no checkpoint (a fresh run). RNG states are restored only under the same
     parallel layout they were saved with. Raises CheckpointError when no checkpoint is whole.
+    ``fully_parallel``: each data-parallel rank reads a part of the replicated tensors, and the
+    ranks exchange them.
     """
     latest = latest_iteration(root)
     candidates = saved_iterations(root)
@@ -442,7 +526,7 @@ def load_checkpoint(
             restored = _load(directory, model_chunks, optimizer, scheduler,
                              regularizer=regularizer, load_optimizer=load_optimizer,
                              load_rng=load_rng, load_training_state=load_training_state,
-                             model_config=model_config)
+                             model_config=model_config, fully_parallel=fully_parallel)
             return {**restored, "directory": directory, "skipped": skipped}
         skipped.append((directory, problem))
     if skipped:
@@ -452,7 +536,7 @@ def load_checkpoint(
 
 
 def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_optimizer,
-          load_rng, load_training_state, model_config=None) -> dict:
+          load_rng, load_training_state, model_config=None, fully_parallel=False) -> dict:
     common = dist_checkpointing.load_common_state_dict(directory)
     run_config = common.get("run_config") or {}
     if model_config is not None:
@@ -465,13 +549,19 @@ def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_op
     if load_optimizer:
         _check_optimizer_layout(directory, metadata, content_metadata(model_chunks),
                                 saved_parallel)
+        _check_optimizer_count(directory, common.get("optimizer"), optimizer)
     template = _sharded_state(
         model_chunks, optimizer if load_optimizer else None, is_loading=True, rng=None,
         metadata=metadata, directory=directory,
     )
     if not rng_wanted:
         del template["rng_state"]
-    state = dist_checkpointing.load(template, directory)
+    strategy = None
+    if fully_parallel:
+        strategy = FullyParallelLoadStrategyWrapper(
+            get_default_load_sharded_strategy(directory),
+            parallel_state.get_data_parallel_group(with_context_parallel=True))
+    state = dist_checkpointing.load(template, directory, sharded_strategy=strategy)
 
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
@@ -506,13 +596,13 @@ def _check_optimizer_layout(directory: str, saved: dict, current: dict,
     """One clear error when the saved optimizer state cannot load into this run's optimizer."""
     saved_type = saved.get("distrib_optim_sharding_type")
     current_type = current.get("distrib_optim_sharding_type")
-    if saved and saved_type != current_type:
+    if saved and bool(saved_type) != bool(current_type):
         how = "with" if saved_type else "without"
         raise ValueError(
             f"{directory} holds optimizer state saved {how} --use-distributed-optimizer; resume "
             f"{how} it, or load the weights alone with --no-load-optim"
         )
-    if current_type == "dp_reshardable":
+    if saved_type == "dp_reshardable":
         layout = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "expert_model_parallel_size")
         now = _model_parallel_sizes()
@@ -520,9 +610,26 @@ def _check_optimizer_layout(directory: str, saved: dict, current: dict,
         if before != now:
             raise ValueError(
                 f"{directory} holds distributed-optimizer state for TP/PP/EP {before}, this run is "
-                f"{now}; the distributed optimizer's state only moves to another data-parallel "
-                "size. Load the weights alone with --no-load-optim, or resume with the saved layout"
+                f"{now}; this distributed-optimizer state only moves to another data-parallel "
+                "size (save with --dist-ckpt-optim-fully-reshardable for any layout). Load the "
+                "weights alone with --no-load-optim, or resume with the saved layout"
             )
+
+
+def _check_optimizer_count(directory: str, saved: Optional[dict], optimizer) -> None:
+    """One clear error when the checkpoint's optimizer is chained otherwise than this run's:
+    megatron-core loads a state only into as many (chained) optimizers as saved it."""
+    if not isinstance(saved, dict):
+        return
+    saved_count = len(saved) if saved and all(isinstance(key, int) for key in saved) else 1
+    count = len(getattr(optimizer, "chained_optimizers", [optimizer]))
+    if saved_count != count:
+        raise ValueError(
+            f"{directory} holds the state of {saved_count} optimizer(s), this run has {count}: "
+            "expert parallelism (EP > 1) gives the expert parameters an optimizer of their own, "
+            "and megatron-core moves optimizer state only between runs that both have it or both "
+            "have not. Resume with an EP on the same side of 1, or load the weights alone with "
+            "--no-load-optim")
 
 
 def _model_parallel_sizes() -> tuple[int, int, int]:

@@ -43,8 +43,38 @@ def apply_cpu_shims() -> bool:
     _hardcoded_cuda_tensors_on_cpu()
     _uneven_collectives_on_gloo()
     _cpu_tensors_pass_cuda_type_checks()
+    _persistent_checkpoint_writer_on_cpu()
     _applied = True
     return True
+
+
+def _persistent_checkpoint_writer_on_cpu() -> None:
+    # --use-persistent-ckpt-worker's writer is a spawned process (none of these shims) whose loop
+    # first selects the GPU ``rank % device_count()``; it starts through this module instead.
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+
+    PersistentAsyncCaller.async_loop = staticmethod(_checkpoint_writer_loop_on_cpu)
+
+
+def _checkpoint_writer_loop_on_cpu(*args, **kwargs):
+    """The persistent writer's loop in its own process, where the CPU is device 0."""
+    from megatron.core.dist_checkpointing.strategies import async_utils, filesystem_async
+
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda device: None
+    torch.cuda.synchronize = lambda device=None: None  # after staging the tensors in memory
+    filesystem_async.FileSystemWriterAsync.preload_tensors = staticmethod(_copies_in_memory)
+    # this process imported megatron afresh: the class holds megatron's own loop
+    return async_utils.PersistentAsyncCaller.async_loop(*args, **kwargs)
+
+
+def _copies_in_memory(write_buckets, non_blocking=True):
+    """The writer's staging of the tensors before training goes on: on a GPU a copy to host
+    memory; here the tensors already are in (shared) host memory, and training would change
+    them under the writer, so they are copied."""
+    return [(file_name, storage_key, (bytes_data, [(item, tensor.detach().clone())
+                                                   for item, tensor in tensor_data]))
+            for file_name, storage_key, (bytes_data, tensor_data) in write_buckets]
 
 
 def _place_cuda_allocations_on_cpu() -> None:
@@ -54,6 +84,9 @@ def _place_cuda_allocations_on_cpu() -> None:
     torch.cuda.set_device = lambda device: None
     # Checkpoint saving waits for the device before copying tensors; the CPU has nothing pending.
     torch.cuda.synchronize = lambda device=None: None
+    # The distributed optimizer's by-parameter checkpoint state (--dist-ckpt-optim-fully-
+    # reshardable) moves its gather buffers with .cuda(); on CPU they stay where they are.
+    torch.Tensor.cuda = lambda self, device=None, non_blocking=False, **kwargs: self
 
 
 def _rng_tracker_on_cpu_generator() -> None:

@@ -17,6 +17,10 @@ fix names the defect and is a no-op once megatron-core no longer has it.
       state). Adam's bias correction restarts, and torch's foreach AdamW adds 1 to that shared
       tensor once per parameter per step. ``restore_adam_steps`` gives every parameter its own
       step tensor holding the saved step (which ``load_state_dict`` left in the param groups).
+   c. Loading a ``fully_reshardable`` checkpoint (--dist-ckpt-optim-fully-reshardable) copies
+      every entry of each parameter's Adam state from the checkpoint's, which holds the moments
+      but not torch's per-parameter ``step``: ``KeyError: 'step'``. The step is kept out of
+      that copy (``_set_states_but_the_step``); ``restore_adam_steps`` then sets it.
 3. The gradient norm without apex or transformer-engine: megatron's stand-in for the fused L2
    norm, ``utils.local_multi_tensor_l2_norm``, builds ``torch.tensor(list of norms)`` and then
    ``float()``s the result: one host read per gradient tensor plus one (157 per step at 182M on
@@ -43,6 +47,30 @@ def apply_megatron_fixes() -> None:
         moe_utils.te_general_gemm = None
     if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = device_l2_norm
+    setter = DistributedOptimizer._set_main_param_and_optimizer_states
+    if not getattr(setter, "keeps_the_step", False):
+        DistributedOptimizer._set_main_param_and_optimizer_states = _set_states_but_the_step(setter)
+
+
+def _set_states_but_the_step(set_states):
+    """``set_states`` (defect 2c) with torch Adam's per-parameter ``step`` left out of the copy
+    when the checkpoint's tensors have none."""
+
+    def set_states_but_the_step(self, model_param, tensors):
+        adam = self.optimizer
+        if "step" in tensors or not isinstance(adam, (torch.optim.Adam, torch.optim.AdamW)):
+            return set_states(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = adam.state[adam.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            return set_states(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    set_states_but_the_step.keeps_the_step = True
+    return set_states_but_the_step
 
 
 def device_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):

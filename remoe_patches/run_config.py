@@ -294,6 +294,27 @@ class CheckpointConfig:
     no_save_optim: bool = flag_field(
         False, flag="--no-save-optim", group="checkpointing", action="store_true",
         parser_default=None, help="Save no optimizer state.")
+    async_save: bool = flag_field(
+        False, flag="--async-save", group="checkpointing", action="store_true",
+        help="Write checkpoints in the background while training goes on (megatron-core's "
+        "async torch_dist save; with --use-persistent-ckpt-worker, as in Megatron-LM).")
+    use_persistent_ckpt_worker: bool = flag_field(
+        False, flag="--use-persistent-ckpt-worker", group="checkpointing", action="store_true",
+        help="--async-save's writer is one process kept for the whole run (else one per save).")
+    ckpt_fully_parallel_save: bool = flag_field(
+        True, flag="--no-ckpt-fully-parallel-save", group="checkpointing",
+        action="store_false", dest="ckpt_fully_parallel_save",
+        help="Replicated tensors written by data-parallel rank 0 alone instead of spread over "
+        "all data-parallel ranks (megatron-core's FullyParallelSaveStrategyWrapper).")
+    ckpt_fully_parallel_load: bool = flag_field(
+        False, flag="--ckpt-fully-parallel-load", group="checkpointing", action="store_true",
+        help="Each data-parallel rank reads a part of the replicated tensors and they are "
+        "exchanged (megatron-core's FullyParallelLoadStrategyWrapper).")
+    dist_ckpt_optim_fully_reshardable: bool = flag_field(
+        False, flag="--dist-ckpt-optim-fully-reshardable", group="checkpointing",
+        action="store_true",
+        help="Save the distributed optimizer's state by parameter, so that it resumes under "
+        "other TP/PP/EP sizes too (else only under another data-parallel size).")
 
 
 @dataclass(frozen=True)

@@ -143,8 +143,19 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
         routing_load = ExpertLoad(config.model.num_layers, config.model.total_experts, device)
         hooks += expert_load.attach(model_chunks, routing_load)
 
+    # --async-save needs the persistent writer, as in Megatron-LM (argument_notes says so)
+    async_saves = (checkpointing.AsyncSaves(persistent=True)
+                   if ckpt.async_save and ckpt.use_persistent_ckpt_worker else None)
+
+    def saved_in_background(log, blocking=False):
+        for directory in async_saves.finalize(blocking=blocking) if async_saves else ():
+            if log is not None:
+                log.print(f" saved checkpoint {directory} (written in the background)")
+
     def save(log=None):
-        _save(config, state, model_chunks, optimizer, scheduler, regularizer, dp_size, log)
+        saved_in_background(log, blocking=True)  # one background save at a time
+        _save(config, state, model_chunks, optimizer, scheduler, regularizer, dp_size, log,
+              async_saves)
 
     try:
         if ckpt.load:
@@ -155,6 +166,7 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
                 load_optimizer=not (ckpt.no_load_optim or fresh_start or skip_train),
                 load_rng=not (ckpt.no_load_rng or fresh_start),
                 load_training_state=not fresh_start, model_config=config.model,
+                fully_parallel=ckpt.ckpt_fully_parallel_load,
             )
             if restored is not None and not fresh_start:
                 state.iteration = state.start_iteration = restored["iteration"]
@@ -165,6 +177,7 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
         if training.train_iters == 0 and not skip_train:
             if ckpt.save:
                 save()
+                saved_in_background(None, blocking=True)
             return state
 
         split = data.split
@@ -267,6 +280,7 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
             if profiler:
                 profiler.after_step(state.iteration)
             state.consumed_samples += training.global_batch_size
+            saved_in_background(log)
             collect_garbage(training, iteration=state.iteration)
             _count_skips(state, record, training.max_skipped_steps)
             record.iteration = state.iteration
@@ -302,6 +316,7 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
         sync_params(model_chunks)  # callers of pretrain() see the final weights
         if ckpt.save and saved_at != state.iteration:
             save(log)
+        saved_in_background(log, blocking=True)
         if splits.test is not None and evaluates:
             result = evaluation("test", splits.test)
             log.evaluation(result)
@@ -313,6 +328,10 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
         if logging.tensorboard_dir:
             log.print(f" tensorboard: {logging.tensorboard_dir}")
     finally:
+        if async_saves is not None:
+            # after an error another rank may be gone: no collective here; an unfinished save
+            # stays a .partial directory, as after a crash
+            async_saves.queue.close(abort=True)
         for hook in hooks:
             hook.remove()
         if profiler:
@@ -728,13 +747,19 @@ def _mean(values) -> float:
 
 
 def _save(config: RunConfig, state, model_chunks, optimizer, scheduler, regularizer, dp_size,
-          log=None) -> None:
+          log=None, async_saves=None) -> None:
     started = time.perf_counter()
+    ckpt = config.checkpoint
     directory = checkpointing.save_checkpoint(
-        config.checkpoint.save, state.iteration, model_chunks,
-        None if config.checkpoint.no_save_optim else optimizer, scheduler,
+        ckpt.save, state.iteration, model_chunks,
+        None if ckpt.no_save_optim else optimizer, scheduler,
         consumed_samples=state.consumed_samples, regularizer=regularizer,
         run_config=config.to_dict(), data_parallel_size=dp_size,
+        fully_parallel=ckpt.ckpt_fully_parallel_save,
+        fully_reshardable=ckpt.dist_ckpt_optim_fully_reshardable, async_saves=async_saves,
     )
     if log is not None:
-        log.print(f" saved checkpoint {directory} ({time.perf_counter() - started:.1f} s)")
+        seconds = time.perf_counter() - started
+        log.print(f" checkpoint {directory} is being written in the background (training was "
+                  f"held {seconds:.1f} s)" if async_saves else
+                  f" saved checkpoint {directory} ({seconds:.1f} s)")

@@ -128,8 +128,71 @@ def test_optimizer_state_of_another_layout_is_refused_in_one_line(single_rank, t
     checkpointing.save_checkpoint(str(tmp_path / "tp2"), 1, [ddp], optimizer, None,
                                   consumed_samples=2, regularizer=built.regularizer,
                                   run_config={"parallel": {"tensor_model_parallel_size": 2}})
-    with pytest.raises(ValueError, match=r"TP/PP/EP \(2, 1, 1\).*\(1, 1, 1\).*--no-load-optim"):
+    with pytest.raises(ValueError, match=r"TP/PP/EP \(2, 1, 1\).*\(1, 1, 1\).*"
+                       "--dist-ckpt-optim-fully-reshardable.*--no-load-optim"):
         checkpointing.load_checkpoint(str(tmp_path / "tp2"), [ddp], optimizer, None)
+    # saved by parameter, the state loads under any layout (tests/test_training.py trains it)
+    checkpointing.save_checkpoint(str(tmp_path / "any"), 1, [ddp], optimizer, None,
+                                  consumed_samples=2, regularizer=built.regularizer,
+                                  run_config={"parallel": {"tensor_model_parallel_size": 2}},
+                                  fully_reshardable=True)
+    checkpointing.load_checkpoint(str(tmp_path / "any"), [ddp], optimizer, None)
+
+
+def test_an_async_save_holds_its_steps_state_and_is_latest_once_put_into_place(single_rank,
+                                                                              tmp_path):
+    """--async-save: the checkpoint has the weights of the step it was scheduled at although
+    training goes on, and becomes the latest only when ``finalize`` puts it into place."""
+    built, ddp, optimizer, scheduler = make_run(single_rank)
+    root = str(tmp_path)
+    checkpointing.save_checkpoint(root, 1, [ddp], optimizer, scheduler, consumed_samples=4,
+                                  regularizer=built.regularizer)
+    saves = checkpointing.AsyncSaves(persistent=True)
+    try:
+        scheduled = weights(built.model)
+        final = checkpointing.save_checkpoint(root, 2, [ddp], optimizer, scheduler,
+                                              consumed_samples=8, regularizer=built.regularizer,
+                                              async_saves=saves)
+        with torch.no_grad():  # training goes on
+            for param in built.model.parameters():
+                param.add_(1.0)
+        assert run_directory.latest_iteration(root) == 1  # not before it is put into place
+        assert os.path.isdir(final + run_directory.PARTIAL_SUFFIX)
+        assert saves.finalize(blocking=True) == [final]
+        assert run_directory.latest_iteration(root) == 2 and os.path.isdir(final)
+        assert not os.path.exists(final + run_directory.PARTIAL_SUFFIX)
+    finally:
+        saves.close()
+    restored = checkpointing.load_checkpoint(root, [ddp], optimizer, scheduler)
+    assert restored["iteration"] == 2 and restored["consumed_samples"] == 8
+    for name, value in weights(built.model).items():
+        assert torch.equal(value, scheduled[name]), name
+
+
+def test_an_async_save_killed_mid_write_loses_nothing_complete(single_rank, tmp_path):
+    """The writer dies before its checkpoint is put into place (the job is killed): the previous
+    checkpoint is the latest and loads; the next save clears the partial one."""
+    built, ddp, optimizer, scheduler = make_run(single_rank)
+    root = str(tmp_path)
+    checkpointing.save_checkpoint(root, 1, [ddp], optimizer, scheduler, consumed_samples=4,
+                                  regularizer=built.regularizer)
+    first = weights(built.model)
+    saves = checkpointing.AsyncSaves(persistent=True)
+    with torch.no_grad():
+        for param in built.model.parameters():
+            param.add_(1.0)
+    partial = checkpointing.save_checkpoint(
+        root, 2, [ddp], optimizer, scheduler, consumed_samples=8, regularizer=built.regularizer,
+        async_saves=saves) + run_directory.PARTIAL_SUFFIX
+    saves.queue.close(abort=True)  # the writer process is killed
+    assert run_directory.latest_iteration(root) == 1 and os.path.isdir(partial)
+    restored = checkpointing.load_checkpoint(root, [ddp], optimizer, scheduler)
+    assert restored["iteration"] == 1
+    for name, value in weights(built.model).items():
+        assert torch.equal(value, first[name]), name
+    checkpointing.save_checkpoint(root, 2, [ddp], optimizer, scheduler, consumed_samples=8,
+                                  regularizer=built.regularizer)
+    assert not os.path.exists(partial) and run_directory.latest_iteration(root) == 2
 
 
 TE_MOE_NORM = "decoder.layers.pre_mlp_layernorm.weight"  # megatron's TE spec: a separate TENorm

@@ -138,6 +138,62 @@ def test_resume_with_another_data_parallel_size(corpus, tmp_path):
             assert got[iteration][key] == pytest.approx(expected[iteration][key], rel=1e-4)
 
 
+def test_async_save_and_fully_parallel_load_resume_exactly(corpus, tmp_path):
+    """--async-save: training goes on while each checkpoint is written (2 ranks, distributed
+    optimizer, the default fully parallel save), each is put into place once written, and a
+    resume from the last, read with --ckpt-fully-parallel-load, takes the uninterrupted run's
+    steps."""
+    straight = tmp_path / "straight"
+    ok(run(authors_style_flags(corpus, straight, save_interval=None, eval_interval=None),
+           nproc=2))
+    resumed = tmp_path / "resumed"
+    flags = authors_style_flags(corpus, resumed, save_interval=2, eval_interval=None)
+    result = ok(run(flags + ["--exit-interval", "4", "--async-save",
+                             "--use-persistent-ckpt-worker"], nproc=2))
+    lines = result.stdout.splitlines()
+    written = [line for line in lines if "is being written in the background" in line]
+    saved = [line for line in lines if "(written in the background)" in line]
+    assert len(written) == len(saved) == 2  # steps 2 and 4, each put into place
+    assert lines.index(written[0]) < lines.index(saved[0]) < lines.index(written[1])
+    assert (resumed / "latest_checkpointed_iteration.txt").read_text() == "4"
+    assert not list(resumed.glob("*.partial"))
+    ok(run(flags + ["--load", str(resumed), "--ckpt-fully-parallel-load"], nproc=2))
+    expected, got = steps(straight), steps(resumed)
+    for iteration in (5, 6):
+        for key in ("lm_loss", "reg_loss", "sparsity", "l1_coeff", "lr", "grad_norm"):
+            assert got[iteration][key] == expected[iteration][key], (iteration, key)
+
+
+@pytest.mark.parametrize("layout", ["tp2-sp", "pp2"])
+def test_fully_reshardable_optimizer_state_resumes_under_another_layout(corpus, tmp_path,
+                                                                       layout):
+    """--dist-ckpt-optim-fully-reshardable: the distributed optimizer's Adam state saved under
+    DP=2 resumes under TP=2 or PP=2 and continues the uninterrupted DP=2 run (fp32; the
+    tolerance of a reordered reduction). Under EP=2, which splits the optimizer in two, it is
+    refused in one line."""
+    common = dict(save_interval=None, eval_interval=None, **FP32)
+    straight = tmp_path / "straight"
+    ok(run(authors_style_flags(corpus, straight, **common), nproc=2))
+    first = tmp_path / "first"
+    ok(run(authors_style_flags(corpus, first, **common)
+           + ["--exit-interval", "3", "--dist-ckpt-optim-fully-reshardable"], nproc=2))
+    moved = tmp_path / "moved"
+    ok(run(authors_style_flags(corpus, moved, **{**common, "sequence_parallel": None})
+           + LAYOUTS[layout] + ["--load", str(first)], nproc=2))
+    expected, got = steps(straight), steps(moved)
+    assert sorted(got) == [4, 5, 6]
+    for iteration in (4, 5, 6):
+        for key in ("lm_loss", "reg_loss", "sparsity", "grad_norm"):
+            assert got[iteration][key] == pytest.approx(expected[iteration][key], rel=2e-4,
+                                                        abs=1e-6), (iteration, key)
+    if layout == "pp2":
+        return
+    refused = run(authors_style_flags(corpus, tmp_path / "ep2", **common) + LAYOUTS["ep2"]
+                  + ["--load", str(first)], nproc=2)
+    assert "holds the state of 1 optimizer(s), this run has 2" in refused.stderr
+    assert "--no-load-optim" in refused.stderr
+
+
 def error_line(result) -> str:
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     lines = [line for line in result.stderr.strip().splitlines() if "error: " in line]
