@@ -258,7 +258,7 @@ def test_unknown_flag_names_the_closest_one(typo, capsys):
 
 @pytest.mark.parametrize("flag, reason", [
     ("--fsdp-double-buffer", "pretrain_gpt.py --help lists what is"),
-    ("--rampup-batch-size", "pretrain_gpt.py --help lists what is"),
+    ("--decrease-batch-size-if-needed", "pretrain_gpt.py --help lists what is"),
     ("--fp8-format", "FP8 training is not built here (use --bf16)"),
 ])
 def test_a_megatron_lm_flag_not_built_here_is_named_so(flag, reason, capsys):
