@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Sequence
 
+from remoe_patches.batch_rampup import rampup_problem
 from remoe_patches.router_registry import ROUTERS
 from remoe_patches.wandb_log import wandb_problem
 
@@ -62,6 +63,15 @@ def complete_and_validate(args, parser) -> None:
         parser.error("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
     if args.train_samples is not None and args.global_batch_size is None:
         parser.error("--train-samples needs --global-batch-size (steps are counted from it)")
+    if args.rampup_batch_size is not None:
+        # Megatron-LM asserts "expected no batch-size rampup for iteration-based training"
+        if args.train_samples is None:
+            parser.error(
+                "--rampup-batch-size needs --train-samples (the ramp and the run are counted in "
+                "samples, as in Megatron-LM); give --train-samples instead of --train-iters")
+        problem = rampup_problem(args.rampup_batch_size, args.global_batch_size)
+        if problem:
+            parser.error(problem)
     problem = wandb_problem(args, args.save)
     if problem:
         parser.error(problem)

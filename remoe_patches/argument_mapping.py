@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+from remoe_patches.batch_rampup import iterations_for
 from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
 from remoe_patches.flag_fields import declared_flags, flag_dest, values_from_args
 from remoe_patches.router_registry import ROUTERS
@@ -211,8 +212,9 @@ def layer_options_from_args(args) -> LayerOptions:
 def run_config_from_args(args) -> RunConfig:
     """The whole run the (completed, validated) flags describe; ConfigError names the flag."""
     train_iters = args.train_iters
-    if train_iters is None:  # --train-samples
-        train_iters = -(-args.train_samples // args.global_batch_size)
+    if train_iters is None:  # --train-samples: the steps that consume them (with the ramp-up's)
+        train_iters = iterations_for(args.train_samples, args.global_batch_size,
+                                     args.rampup_batch_size)
     model = model_config_from_args(args)
     parallel = parallel_config_from_args(args)
     try:

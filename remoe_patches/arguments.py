@@ -641,7 +641,7 @@ def _yaml_tokens(path: str, parser) -> list:
                 parser.error(f"{key} takes true or false, not {value!r}")
             tokens += [flag] if value else []
         elif isinstance(value, list):
-            if action.nargs != "*":
+            if action.nargs not in ("*", "+") and not isinstance(action.nargs, int):
                 parser.error(f"{key} takes one value, not a list")
             tokens += [flag, *map(str, value)]
         else:

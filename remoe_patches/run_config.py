@@ -116,6 +116,15 @@ class TrainingConfig:
     global_batch_size: Optional[int] = flag_field(
         None, flag="--global-batch-size", group="training", type=int,
         help="Sequences per optimizer step; default micro batch * data-parallel size.")
+    rampup_batch_size: Optional[tuple] = flag_field(
+        None, flag="--rampup-batch-size", group="training", type=int, nargs=3,
+        metavar=("START", "INCREMENT", "RAMPUP_SAMPLES"),
+        help="Megatron-LM's batch-size ramp-up (needs --train-samples): the global batch starts "
+        "at START and grows by INCREMENT every RAMPUP_SAMPLES / ((--global-batch-size - START) "
+        "/ INCREMENT) samples, reaching --global-batch-size after RAMPUP_SAMPLES.")
+    """(START, INCREMENT, RAMPUP_SAMPLES), or None for a constant batch; megatron-core's
+    calculator gives each step's batch from the consumed samples (``batch_rampup``), and
+    ``train_iters`` counts the steps that consume --train-samples."""
     min_lr: float = flag_field(0.0, flag="--min-lr", group="learning rate",
                                help="Learning rate at the end of decay.")
     lr_decay_style: str = flag_field(

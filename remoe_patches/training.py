@@ -26,6 +26,11 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
+from megatron.core.num_microbatches_calculator import (
+    get_current_global_batch_size,
+    get_num_microbatches,
+    update_num_microbatches,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
@@ -33,6 +38,7 @@ from megatron.core.transformer.module import Float16Module
 from remoe_patches import (
     checkpointing, expert_load, lory_layer, profiling, run_directory, step_timers, wandb_log,
 )
+from remoe_patches.batch_rampup import check_rampup_fits, samples_after, start_calculator
 from remoe_patches.config import ConfigError
 from remoe_patches.data import (
     build_splits,
@@ -91,6 +97,9 @@ def check_batch_sizes(training: TrainingConfig, data_parallel_size: int) -> Trai
             f"{training.micro_batch_size} x data-parallel size {data_parallel_size}; make it a "
             f"multiple of {per_step}"
         )
+    if training.rampup_batch_size is not None:
+        check_rampup_fits(training.rampup_batch_size, training.micro_batch_size,
+                          data_parallel_size)
     return dataclasses.replace(training, global_batch_size=global_batch_size)
 
 
@@ -129,6 +138,10 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
                                 config.layers.transformer_impl)))
     training, ckpt, logging = config.training, config.checkpoint, config.logging
     num_microbatches = training.global_batch_size // (training.micro_batch_size * dp_size)
+    # the training steps' batches: megatron-core's calculator (--rampup-batch-size grows them)
+    start_calculator(rank=dist.get_rank(), rampup=training.rampup_batch_size,
+                     global_batch_size=training.global_batch_size,
+                     micro_batch_size=training.micro_batch_size, data_parallel_size=dp_size)
     objects = build_training_objects(config, device=device)
     model_chunks = objects.model_chunks
     optimizer, scheduler, regularizer = objects.optimizer, objects.scheduler, objects.regularizer
@@ -271,15 +284,16 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
             if profiler:
                 profiler.before_step(state.iteration)
             started = time.perf_counter()
+            update_num_microbatches(state.consumed_samples, consistency_check=True)
+            step_batch = get_current_global_batch_size()
             with timers.phase("batch-generator") if timers else contextlib.nullcontext():
-                batches = [next(train_batches) for _ in range(num_microbatches)]
+                batches = [next(train_batches) for _ in range(get_num_microbatches())]
             record = train_step(model_chunks, optimizer, scheduler, regularizer, batches,
-                                global_batch_size=training.global_batch_size, timers=timers,
-                                **step_kwargs)
+                                global_batch_size=step_batch, timers=timers, **step_kwargs)
             state.iteration += 1
             if profiler:
                 profiler.after_step(state.iteration)
-            state.consumed_samples += training.global_batch_size
+            state.consumed_samples += step_batch
             saved_in_background(log)
             collect_garbage(training, iteration=state.iteration)
             _count_skips(state, record, training.max_skipped_steps)
@@ -530,14 +544,20 @@ def lr_scheduler(training: TrainingConfig, optimizer) -> OptimizerParamScheduler
     if decay_iters == 0:  # --train-iters 0: nothing will be trained
         decay_iters = 1
     batch = training.global_batch_size
-    decay_samples = decay_iters * batch
+
+    def samples(iterations):  # consumed by then: the ramp-up's smaller batches count as such
+        return samples_after(iterations, batch, training.rampup_batch_size)
+
+    decay_samples = samples(decay_iters)
     if training.lr_warmup_fraction is not None:
         warmup_samples = int(training.lr_warmup_fraction * decay_samples)
     else:
-        warmup_samples = training.lr_warmup_iters * batch
+        warmup_samples = samples(training.lr_warmup_iters)
     if warmup_samples >= decay_samples:
+        warmup_iters = (training.lr_warmup_iters if training.lr_warmup_fraction is None
+                        else warmup_samples // batch)
         raise ConfigError(
-            f"the LR warm-up ({warmup_samples // batch} iterations) must end "
+            f"the LR warm-up ({warmup_iters} iterations) must end "
             f"before the decay does ({decay_iters} iterations); shorten --lr-warmup-iters/"
             "--lr-warmup-fraction or lengthen --train-iters/--lr-decay-iters"
         )
@@ -550,11 +570,11 @@ def lr_scheduler(training: TrainingConfig, optimizer) -> OptimizerParamScheduler
         lr_decay_steps=decay_samples,
         lr_decay_style=training.lr_decay_style,
         wsd_decay_steps=(None if training.lr_wsd_decay_iters is None
-                         else training.lr_wsd_decay_iters * batch),
+                         else decay_samples - samples(decay_iters - training.lr_wsd_decay_iters)),
         lr_wsd_decay_style=training.lr_wsd_decay_style,
         start_wd=training.weight_decay,
         end_wd=training.weight_decay,
-        wd_incr_steps=training.train_iters * batch,
+        wd_incr_steps=samples(training.train_iters),
         wd_incr_style="constant",
     )
 
@@ -564,8 +584,10 @@ def num_samples(config: RunConfig) -> tuple[int, Optional[int], Optional[int]]:
     evaluation reads the same first ``--eval-iters`` global batches of its split, or all of it
     with ``--full-validation``, so validation losses compare across iterations (and, the split's
     order not following ``--seed``, across seeds). ``--skip-train`` builds no training split."""
-    batch = config.training.global_batch_size
-    train = 0 if config.logging.skip_train else config.training.train_iters * batch
+    training = config.training
+    batch = training.global_batch_size
+    train = 0 if config.logging.skip_train else samples_after(
+        training.train_iters, batch, training.rampup_batch_size)
     if config.logging.full_validation:
         return train, None, None
     per_evaluation = max(config.logging.eval_iters, 1) * batch
@@ -641,7 +663,9 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
     last = window[-1]
     seconds = sum(r.step_seconds for r in window) / len(window)
     model_config, training = config.model, config.training
-    tokens_per_step = training.global_batch_size * model_config.seq_length
+    # each step's own batch (--rampup-batch-size): tokens/s and FLOP/s over the window's steps
+    batch_sizes = [r.global_batch_size or training.global_batch_size for r in window]
+    tokens_per_step = _mean(batch_sizes) * model_config.seq_length
     out = dict(
         iteration=state.iteration,
         train_iters=training.train_iters,
@@ -649,7 +673,7 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
         ms_per_iteration=1000 * seconds,
         tokens_per_sec=tokens_per_step / seconds,
         lr=float(last.lr),
-        global_batch_size=training.global_batch_size,
+        global_batch_size=batch_sizes[-1],
         lm_loss=_mean(float(r.lm_loss) for r in records),
         grad_norm=_mean(r.grad_norm for r in records),
         skipped_iterations=state.skipped_iterations,

@@ -161,6 +161,8 @@ class StepRecord:
     skipped: bool
     """The loss or the gradient was not finite: no update, and lambda kept."""
     lr: float
+    global_batch_size: Optional[int] = None
+    """The step's sequences: --global-batch-size, or less while --rampup-batch-size ramps."""
     routing: Optional[RoutingStats] = None
     """ReLU routing's statistics (None for dense and TopK models)."""
     aux_losses_L: dict = field(default_factory=dict)
@@ -212,7 +214,8 @@ def train_step(
         grad_norm = float(optimizer.get_grad_norm() or 0.0)
         finite = math.isfinite(grad_norm)
         record = StepRecord(lm_loss=lm_loss, grad_norm=grad_norm, skipped=not finite,
-                            lr=optimizer.param_groups[0]["lr"])
+                            lr=optimizer.param_groups[0]["lr"],
+                            global_batch_size=global_batch_size)
         if finite:
             _clip_grads(optimizer, grad_norm)
             optimizer.step_with_ready_grads()

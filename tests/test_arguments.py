@@ -14,7 +14,7 @@ from remoe_patches.argument_mapping import (
     run_config_from_args,
 )
 from remoe_patches.argument_notes import ineffective_flags
-from remoe_patches.arguments import parse_args
+from remoe_patches.arguments import parse_args, parse_run_config
 from remoe_patches.config import ModelConfig, ParallelConfig
 from remoe_patches.router_registry import SWEEP_NAMES, ReLUOptions
 
@@ -258,7 +258,7 @@ def test_unknown_flag_names_the_closest_one(typo, capsys):
 
 @pytest.mark.parametrize("flag, reason", [
     ("--fsdp-double-buffer", "pretrain_gpt.py --help lists what is"),
-    ("--rampup-batch-size", "pretrain_gpt.py --help lists what is"),
+    ("--decrease-batch-size-if-needed", "pretrain_gpt.py --help lists what is"),
     ("--fp8-format", "FP8 training is not built here (use --bf16)"),
 ])
 def test_a_megatron_lm_flag_not_built_here_is_named_so(flag, reason, capsys):
@@ -299,6 +299,15 @@ def test_yaml_switch_needs_a_boolean(tmp_path, capsys):
     config.write_text("swiglu: 3\n")
     err = parse_error(["--config", str(config), *TINY_FLAGS], capsys)
     assert str(config) in err and "swiglu takes true or false" in err
+
+
+def test_yaml_lists_give_the_flags_of_several_values(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("profile_ranks: [0, 2]\n")
+    assert parse_run_config(["--config", str(config), *TINY_FLAGS]).logging.profile_ranks == (0, 2)
+    config.write_text("lr: [1, 2]\n")
+    assert "lr takes one value, not a list" in parse_error(["--config", str(config), *TINY_FLAGS],
+                                                           capsys)
 
 
 # --- (d) one line per mistake ---------------------------------------------------------------

@@ -22,6 +22,7 @@ ATTRIBUTE = {"ParallelConfig": "parallel", "TrainingConfig": "training", "DataCo
 VALUES = {
     "--micro-batch-size": "1", "--train-iters": "12", "--lr": "0.002",
     "--global-batch-size": "4", "--lr-warmup-fraction": "0.1",
+    "--rampup-batch-size": None,  # needs --train-samples: tests/test_batch_rampup.py
     "--data-path": ["data/a_text_document", "data/b_text_document"],
     "--train-data-path": None, "--valid-data-path": None, "--test-data-path": None,
     "--mock-data": None, "--demo-corpus": None, "--skip-train": None,
