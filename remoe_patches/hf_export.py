@@ -10,8 +10,7 @@
                             or tokenizer.json (Hugging Face), as named in config.json
 
 - a **dense** run is a plain transformers ``LlamaForCausalLM`` (``llama_export``: Llama's names,
-  ``linear_qkv`` and ``linear_fc1`` split; ``model_type: llama``, no remote code), which any
-  Llama runtime loads;
+  ``linear_qkv`` and ``linear_fc1`` split; ``model_type: llama``, no remote code);
 - a **MoE** run (TopK, ReMoE) keeps megatron's parameter names (TE-fused norm weights and
   grouped-GEMM expert weights renamed to the local-layer names) and ``config.json`` holds
   ``reference_model.GPTConfig``'s fields; transformers loads it with ``trust_remote_code=True``
