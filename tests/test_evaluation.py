@@ -167,6 +167,28 @@ def test_reference_backend_scores_like_megatron(relu_lm, relu_checkpoint):
 
 
 @pytest.mark.integration
+def test_a_dense_llama_export_scores_like_its_checkpoint(single_rank, tmp_path_factory, tmp_path):
+    from remoe_patches.evaluation import RemoeLM
+    from remoe_patches.hf_export import export_checkpoint
+
+    load = checkpoint(tmp_path_factory, "dense")
+    export = export_checkpoint(load, str(tmp_path / "export"))
+    assert json.loads((Path(export) / "config.json").read_text())["model_type"] == "llama"
+    exported, megatron = RemoeLM(load=export, batch_size=2), RemoeLM(load=load, batch_size=2)
+    info = exported.get_model_info()
+    assert (info["backend"], info["router"], info["iteration"]) == ("reference", "dense", 3)
+    assert exported.max_length == SEQ
+    pairs = [("The value of", " the function"), (LONG_TEXT, " return None"), ("", "import os")]
+    a = megatron.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    b = exported.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    assert [x[0] for x in b] == pytest.approx([x[0] for x in a], rel=1e-5)
+    assert [x[1] for x in b] == [x[1] for x in a]
+    rolling = requests("loglikelihood_rolling", [(LONG_TEXT,)])
+    assert exported.loglikelihood_rolling(rolling, disable_tqdm=True) == pytest.approx(
+        megatron.loglikelihood_rolling(rolling, disable_tqdm=True), rel=1e-5)
+
+
+@pytest.mark.integration
 def test_generate_until_is_greedy(relu_lm):
     lm = relu_lm
     prompts = [("def main():\n", {"until": ["\n\n"], "max_gen_toks": 6}),

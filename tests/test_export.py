@@ -1,5 +1,8 @@
 """tools/export_checkpoint.py and the self-contained reference model.
 
+A dense run exports in HF Llama's layout, a MoE run in the reference layout; both load back
+onto the reference model (``load_export_for_inference``), in float32 or bfloat16.
+
 The reference model (plain PyTorch, ``remoe_patches/reference_model.py``) must reproduce the
 megatron-core model's logits for dense, TopK MoE and ReMoE checkpoints. Tolerance: float32 on
 both sides, max |logit difference| <= 1e-5 x max |logit| (measured: about 1e-6 relative; the
@@ -109,6 +112,125 @@ def test_exported_files(single_rank, tmp_path_factory, tmp_path):
     assert exported_tokenizer.tokenize(text) == tokenizer.tokenize(text)
     assert exported_tokenizer.eod == tokenizer.eod
     assert_logits_match(model, reference, tokens_for(tokenizer.vocab_size))
+
+
+LLAMA_LAYER_NAMES = ["input_layernorm.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight",
+                     "mlp.up_proj.weight", "post_attention_layernorm.weight",
+                     "self_attn.k_proj.weight", "self_attn.o_proj.weight",
+                     "self_attn.q_proj.weight", "self_attn.v_proj.weight"]
+
+
+def rounded_to_bf16(model):
+    """``model`` with every weight rounded to bfloat16 (and kept in float32), in place."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    return model
+
+
+@pytest.mark.integration
+def test_a_dense_export_is_a_llama_model(single_rank, tmp_path_factory, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from remoe_patches.hf_export import load_export_for_inference
+    from remoe_patches.reference_model import SwiGLU
+    from remoe_patches.trained_model import load_model_for_inference
+
+    load = checkpoint(tmp_path_factory, "dense")
+    exports = {}
+    for name, flags in (("fp32", []), ("bf16", ["--bf16"])):
+        exports[name] = tmp_path / name
+        result = subprocess.run(
+            [sys.executable, str(REPO / "tools" / "export_checkpoint.py"), "--load", load,
+             "--output", str(exports[name]), *flags], cwd=REPO, capture_output=True, text=True,
+            timeout=600, env=clean_env())
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        # no remote code: transformers' own LlamaForCausalLM runs it (test_hf_export.py)
+        assert sorted(p.name for p in exports[name].iterdir()) == [
+            "config.json", "generation_config.json", "merges.txt", "model.safetensors",
+            "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+
+    config = json.loads((exports["fp32"] / "config.json").read_text())
+    assert {k: config[k] for k in (
+        "architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+        "max_position_embeddings", "vocab_size", "tie_word_embeddings", "attention_bias",
+        "mlp_bias", "hidden_act", "torch_dtype", "eos_token_id", "iteration")} == dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=1e6,
+        max_position_embeddings=SEQ, vocab_size=512, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False, hidden_act="silu", torch_dtype="float32",
+        eos_token_id=0, iteration=3)
+    assert "auto_map" not in config
+    bf16_config = json.loads((exports["bf16"] / "config.json").read_text())
+    assert bf16_config.pop("torch_dtype") == "bfloat16"
+    assert bf16_config == {k: v for k, v in config.items() if k != "torch_dtype"}
+
+    weights = load_file(str(exports["fp32"] / "model.safetensors"))
+    assert sorted(weights) == sorted(
+        ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+        + [f"model.layers.{i}.{name}" for i in range(2) for name in LLAMA_LAYER_NAMES])
+    assert {value.dtype for value in weights.values()} == {torch.float32}
+    with safe_open(str(exports["fp32"] / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # what transformers' own files carry
+    halves = load_file(str(exports["bf16"] / "model.safetensors"))
+    assert sorted(halves) == sorted(weights)
+    for name, value in weights.items():
+        assert halves[name].dtype == torch.bfloat16
+        assert torch.equal(halves[name], value.to(torch.bfloat16)), name
+    assert os.path.getsize(exports["bf16"] / "model.safetensors") < 0.51 * os.path.getsize(
+        exports["fp32"] / "model.safetensors")
+
+    # the project's own loader maps the Llama weights back onto the reference model
+    model, tokenizer, _ = load_model_for_inference(load)
+    reference, exported_tokenizer, loaded = load_export_for_inference(str(exports["fp32"]))
+    assert (loaded["router"], loaded["seq_length"]) == ("dense", SEQ)
+    assert isinstance(reference.decoder.layers[0].mlp, SwiGLU)
+    assert exported_tokenizer.tokenize("def main():") == tokenizer.tokenize("def main():")
+    tokens = tokens_for(tokenizer.vocab_size)
+    fp32_logits = assert_logits_match(model, reference, tokens)
+    rounded, _, _ = load_export_for_inference(str(exports["bf16"]))
+    assert_logits_match(rounded_to_bf16(model), rounded, tokens)
+    with torch.no_grad():  # and the rounding is real
+        assert float((rounded(tokens) - fp32_logits).abs().max()) > (
+            RELATIVE_TOLERANCE * float(fp32_logits.abs().max()))
+
+
+@pytest.mark.integration
+def test_a_bf16_moe_export_keeps_the_reference_layout(single_rank, tmp_path_factory, tmp_path):
+    from safetensors.torch import load_file
+
+    from remoe_patches.hf_export import export_checkpoint, load_export_for_inference
+    from remoe_patches.trained_model import load_model_for_inference
+
+    load = checkpoint(tmp_path_factory, "relu")
+    fp32 = Path(export_checkpoint(load, str(tmp_path / "fp32")))
+    bf16 = Path(export_checkpoint(load, str(tmp_path / "bf16"), dtype="bfloat16"))
+    assert sorted(p.name for p in bf16.iterdir()) == sorted(p.name for p in fp32.iterdir())
+    assert "modeling_remoe.py" in {p.name for p in bf16.iterdir()}
+    config, bf16_config = (json.loads((d / "config.json").read_text()) for d in (fp32, bf16))
+    assert (config.pop("torch_dtype"), bf16_config.pop("torch_dtype")) == ("float32", "bfloat16")
+    assert bf16_config == config
+    weights = load_file(str(fp32 / "model.safetensors"))
+    halves = load_file(str(bf16 / "model.safetensors"))
+    assert sorted(halves) == sorted(weights)
+    for name, value in weights.items():
+        assert torch.equal(halves[name], value.to(torch.bfloat16)), name
+
+    model, tokenizer, _ = load_model_for_inference(load)
+    reference, _, _ = load_export_for_inference(str(bf16))
+    assert_logits_match(rounded_to_bf16(model), reference, tokens_for(tokenizer.vocab_size))
+
+
+def test_an_unknown_dtype_is_refused_before_anything_is_read(tmp_path):
+    from remoe_patches.hf_export import export_checkpoint
+
+    with pytest.raises(ValueError) as error:
+        export_checkpoint(str(tmp_path / "no_run"), str(tmp_path / "out"), dtype="float16")
+    assert str(error.value) == "dtype 'float16' is not exported; use one of float32, bfloat16"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.integration

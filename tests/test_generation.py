@@ -114,6 +114,31 @@ def test_checkpoint_and_export_generate_the_same_text(tmp_path_factory, tmp_path
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_dense_llama_export_generates(tmp_path_factory, tmp_path, dtype):
+    load = checkpoint(tmp_path_factory, "dense")
+    export = tmp_path / "export"
+    flags = ["--bf16"] if dtype == "bfloat16" else []
+    exported = subprocess.run([sys.executable, str(REPO / "tools" / "export_checkpoint.py"),
+                               "--load", load, "--output", str(export), *flags], cwd=REPO,
+                              capture_output=True, text=True, timeout=600, env=clean_env())
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert json.loads((export / "config.json").read_text())["torch_dtype"] == dtype
+    greedy = ["--temperature", "0", "--max-new-tokens", "12", "--json",
+              "--prompt", "def main(", "--prompt", "import os"]
+    from_export = cli("--load", str(export), *greedy)
+    assert from_export.returncode == 0, from_export.stderr[-2000:]
+    rows = [json.loads(line) for line in from_export.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["def main(", "import os"]
+    if dtype == "float32":  # the same weights: the checkpoint's text
+        from_checkpoint = cli("--load", load, *greedy)
+        assert from_checkpoint.returncode == 0, from_checkpoint.stderr[-2000:]
+        assert from_export.stdout == from_checkpoint.stdout
+    else:  # rounded weights: some text (the logits themselves are checked in test_export.py)
+        assert all(1 <= len(r["tokens"]) <= 12 for r in rows)
+
+
+@pytest.mark.integration
 def test_a_prompt_longer_than_the_context_is_said_to_be_cut(tmp_path_factory):
     load = checkpoint(tmp_path_factory, "relu")  # --seq-length 32
     long_prompt = "def main():\n" + "    x = x + 1\n" * 40
