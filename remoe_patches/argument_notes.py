@@ -66,8 +66,6 @@ def ineffective_flags(
          "checkpoints are written synchronously", when=not args.use_persistent_ckpt_worker)
     note("use_persistent_ckpt_worker", "--use-persistent-ckpt-worker", "only used with "
          "--async-save", when=not args.async_save)
-    note("use_checkpoint_args", "--use-checkpoint-args",
-         "the model comes from the command line and YAML; a mismatching checkpoint fails to load")
     note("dist_ckpt_strictness", "--dist-ckpt-strictness",
          "checkpoints always load strictly (every saved tensor must fit the model)")
     note("tensorboard_log_interval", "--tensorboard-log-interval",

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import difflib
 import functools
 import sys
@@ -511,12 +512,43 @@ def parse_command_line(argv: Optional[Sequence[str]] = None) -> CommandLine:
         dest for dest in yaml_given | cli_given
         if not (dest in parser.switch_defaults
                 and bool(getattr(args, dest)) == bool(parser.switch_defaults[dest])))
+    saved_model = _take_checkpoint_args(args, parser) if args.use_checkpoint_args else None
     complete_and_validate(args, parser)
     try:
         config = run_config_from_args(args)
     except ConfigError as error:
         parser.error(str(error))
+    if saved_model is not None:  # a checkpoint of this project: its model as it was trained
+        config = dataclasses.replace(config, model=saved_model)
     return CommandLine(config, args)
+
+
+def _take_checkpoint_args(args, parser):
+    """--use-checkpoint-args: the model's flags from the newest checkpoint under --load, as
+    Megatron-LM's ``load_args_from_checkpoint`` (``megatron_lm_checkpoints``). A Megatron-LM
+    checkpoint sets ``args``' architecture flags; for one of this project, its saved
+    ``ModelConfig`` is returned (and fills the required model flags the command line left out)."""
+    from megatron.core import dist_checkpointing
+
+    from remoe_patches import megatron_lm_checkpoints
+    from remoe_patches.checkpointing import read_run_config, resolve_checkpoint_dir
+
+    if not args.load:
+        parser.error("--use-checkpoint-args takes the model from --load: give --load DIR")
+    try:
+        directory = resolve_checkpoint_dir(args.load)
+        common = dist_checkpointing.load_common_state_dict(directory)
+    except Exception as error:  # noqa: BLE001 (any unreadable checkpoint: one line)
+        parser.error(f"--use-checkpoint-args: no checkpoint to take the model from under "
+                     f"--load {args.load} ({error})")
+    if megatron_lm_checkpoints.is_megatron_lm_state(common):
+        megatron_lm_checkpoints.take_architecture_args(args, common["args"])
+        return None
+    model = read_run_config(args.load).model
+    for dest in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(args, dest) is None:
+            setattr(args, dest, getattr(model, dest))
+    return model
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -51,6 +51,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 )
 from torch.distributed.checkpoint.api import CheckpointException
 
+from remoe_patches import megatron_lm_checkpoints
 from remoe_patches.config import ModelConfig
 from remoe_patches.megatron_fixes import restore_adam_steps
 from remoe_patches.run_config import RunConfig
@@ -219,6 +220,18 @@ def check_same_architecture(directory: str, saved_model: dict, model: ModelConfi
         raise CheckpointError(
             f"{directory} holds another model than this run builds ({'; '.join(differ)}); give "
             "the flags the checkpoint was trained with, or --load another checkpoint")
+
+
+def _check_same_fields(directory: str, saved: dict, model: ModelConfig) -> None:
+    """``check_same_architecture`` for the ModelConfig fields a Megatron-LM checkpoint's args
+    give (``saved``)."""
+    differ = [f"{_SHAPE_FLAGS[name]}: checkpoint {value}, this run {getattr(model, name)}"
+              for name, value in saved.items() if getattr(model, name) != value]
+    if differ:
+        raise CheckpointError(
+            f"{directory} holds another model than this run builds ({'; '.join(differ)}); give "
+            "the flags the checkpoint was trained with (or --use-checkpoint-args), or --load "
+            "another checkpoint")
 
 
 def _rng_state() -> dict:
@@ -538,14 +551,32 @@ def load_checkpoint(
 def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_optimizer,
           load_rng, load_training_state, model_config=None, fully_parallel=False) -> dict:
     common = dist_checkpointing.load_common_state_dict(directory)
+    megatron_lm = megatron_lm_checkpoints.is_megatron_lm_state(common)
     run_config = common.get("run_config") or {}
-    if model_config is not None:
-        check_same_architecture(directory, run_config.get("model"), model_config)
-    saved_parallel = run_config.get("parallel") or {}
-    rng_wanted = load_rng and _same_layout(saved_parallel, common.get("data_parallel_size"))
+    if megatron_lm:  # (megatron_lm_checkpoints: the common state, said otherwise)
+        saved = megatron_lm_checkpoints.training_state(
+            common, regularizer.target_sparsity if regularizer is not None else None)
+        args = common["args"]
+        saved_parallel = {name: getattr(args, name, 1) for name in (
+            "tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "expert_model_parallel_size")}
+        optimizer_saved = common.get("optimizer") is not None
+        if model_config is not None:
+            _check_same_fields(directory, megatron_lm_checkpoints.model_fields(common),
+                               model_config)
+    else:
+        saved = {key: common.get(key) for key in ("iteration", "consumed_samples", "scheduler",
+                                                  "regularizer")}
+        saved_parallel = run_config.get("parallel") or {}
+        optimizer_saved = common.get("optimizer_saved")
+        if model_config is not None:
+            check_same_architecture(directory, run_config.get("model"), model_config)
+    # (Megatron-LM's RNG states are laid out per PP x TP rank: not restored)
+    rng_wanted = load_rng and not megatron_lm and _same_layout(
+        saved_parallel, common.get("data_parallel_size"))
     # Checkpoints written before content metadata existed used megatron's defaults ({}).
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
-    load_optimizer = load_optimizer and optimizer is not None and common.get("optimizer_saved")
+    load_optimizer = load_optimizer and optimizer is not None and optimizer_saved
     if load_optimizer:
         _check_optimizer_layout(directory, metadata, content_metadata(model_chunks),
                                 saved_parallel)
@@ -565,6 +596,7 @@ def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_op
 
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
+        state[key].pop("moe_relu_l1_reg_coeff", None)  # the fork's lambda: saved["regularizer"]
         _unwrap(chunk).load_state_dict(state[key])
     if load_optimizer:
         # Without grad mode: an fp32 model under the distributed optimizer has main weights that
@@ -576,18 +608,19 @@ def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_op
         # The fp32 main weights of a bf16 or distributed optimizer are copies of the model's;
         # refresh them from the weights just loaded (Megatron-LM does the same).
         optimizer.reload_model_params()
-    if load_training_state and scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if load_training_state and regularizer is not None and state.get("regularizer") is not None:
-        regularizer.load_state_dict(state["regularizer"])
+    if load_training_state and scheduler is not None and saved["scheduler"] is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    if load_training_state and regularizer is not None and saved["regularizer"] is not None:
+        regularizer.load_state_dict(saved["regularizer"])
     if rng_wanted:
         _set_rng_state(state["rng_state"].data if hasattr(state["rng_state"], "data")
                        else state["rng_state"])
     return dict(
-        iteration=state["iteration"],
-        consumed_samples=state["consumed_samples"],
+        iteration=saved["iteration"],
+        consumed_samples=saved["consumed_samples"],
         run_config=run_config,
         rng_restored=rng_wanted,
+        megatron_lm=megatron_lm,
     )
 
 

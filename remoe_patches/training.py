@@ -464,6 +464,8 @@ def _report_load(ckpt, restored, regularizer, fresh_run, skip_train=False) -> No
     if regularizer is not None:
         details.append(f"l1 coeff {float(regularizer.coeff):.4E}")
     weights_only = " (weights only: --no-load-optim)" if ckpt.no_load_optim else ""
+    if restored.get("megatron_lm"):
+        weights_only += " (Megatron-LM's layout; its RNG states are not restored)"
     print(f" resuming from {restored['directory']}: {', '.join(details)}{weights_only}",
           flush=True)
 
