@@ -5,9 +5,8 @@ against megatron-core).
 Shape suffixes: B = rows, S = positions, V = vocabulary.
 
 Tolerance: float32, max |difference| <= 1e-5 x max |logit| (measured: under 1e-6 relative; the
-cached and padded forwards multiply matrices of other shapes, nothing else differs). The weights
-are drawn at std 0.3, so attention is far from uniform and the routers pick different experts for
-different tokens (checked).
+cached and padded forwards multiply matrices of other shapes, nothing else differs). The model is
+``tiny_reference.tiny_model``: weights far from their init, routers that vary (checked).
 """
 
 from __future__ import annotations
@@ -16,35 +15,17 @@ import pytest
 import torch
 
 from remoe_patches import reference_model
-from remoe_patches.reference_model import GPT, GPTConfig, KVCache
+from remoe_patches.reference_model import GPT, KVCache
 from remoe_patches.router_registry import ROUTERS
+from tiny_reference import random_rows, tiny_model
 
 RELATIVE_TOLERANCE = 1e-5
-VOCAB = 96
-
-
-def tiny_model(router: str, seed: int = 0) -> GPT:
-    config = GPTConfig(vocab_size=VOCAB, num_layers=2, hidden_size=32, num_attention_heads=4,
-                       num_query_groups=2, head_dim=8, seq_length=64, rotary_base=1e4,
-                       norm_epsilon=1e-5, router=router, ffn_hidden_size=64, num_experts=4,
-                       topk=2, expert_ffn_hidden_size=16, moe_router_pre_softmax=False)
-    model = GPT(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 def assert_close(got, expected):
     scale = float(expected.abs().max())
     error = float((got - expected).abs().max())
     assert error <= RELATIVE_TOLERANCE * scale, (error, scale)
-
-
-def rows(*lengths, seed=1) -> list:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=generator) for n in lengths]
 
 
 def left_padded(prompts: list) -> tuple:
@@ -60,7 +41,7 @@ def left_padded(prompts: list) -> tuple:
 @pytest.mark.parametrize("router", ["relu", "topk", "dense"])
 def test_cached_logits_equal_the_full_forward_at_every_step(router):
     model = tiny_model(router)
-    tokens_BS = torch.stack(rows(20, 20, 20))
+    tokens_BS = torch.stack(random_rows(20, 20, 20))
     with torch.no_grad():
         cache = KVCache()
         pieces = [model(tokens_BS[:, :7], cache=cache)]  # a prefill, then 1, 1, 3, 1, ... tokens
@@ -84,8 +65,8 @@ def test_cached_logits_equal_the_full_forward_at_every_step(router):
 @pytest.mark.parametrize("router", ["relu", "topk"])
 def test_left_padded_rows_get_the_logits_they_get_alone(router):
     model = tiny_model(router)
-    prompts = rows(5, 12, 1, 9)
-    continuation = rows(6, 6, 6, 6, seed=2)
+    prompts = random_rows(5, 12, 1, 9)
+    continuation = random_rows(6, 6, 6, 6, seed=2)
     tokens_BS, mask_BS = left_padded(prompts)
     with torch.no_grad():
         alone = [model(torch.cat((p, c))[None])[0] for p, c in zip(prompts, continuation)]
@@ -111,7 +92,7 @@ def test_left_padded_rows_get_the_logits_they_get_alone(router):
 
 def test_rows_and_columns_leave_the_cache():
     model = tiny_model("relu")
-    prompts = rows(4, 10, 7)
+    prompts = random_rows(4, 10, 7)
     tokens_BS, mask_BS = left_padded(prompts)
     with torch.no_grad():
         cache = KVCache()
