@@ -71,9 +71,9 @@ def test_transformers_loads_an_export_and_agrees_with_megatron(single_rank, tmp_
 
     # AutoTokenizer reads the exported files as the training tokenizer does
     assert seen["prompt_ids"] == tokenizer.tokenize("def main(")
-    ours = generate(lambda t: megatron_logits(model, t), seen["prompt_ids"],
-                    SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
-                    vocab_size=tokenizer.vocab_size, context_length=SEQ)
+    [ours] = generate(lambda t: megatron_logits(model, t), [seen["prompt_ids"]],
+                      SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
+                      vocab_size=tokenizer.vocab_size, context_length=SEQ, use_cache=False)
     assert seen["new_ids"] == ours
     assert seen["text"] == "def main(" + tokenizer.detokenize(ours)
     config = json.loads((Path(export) / "config.json").read_text())
