@@ -179,7 +179,7 @@ def _transformers_files(output_dir: str, tokenizer: Tokenizer, config: dict) -> 
     # generated, as in tools/generate.py; the logits themselves stay those of training.
     padding_ids = list(range(tokenizer.vocab_size, config["vocab_size"]))
     _write_atomically(os.path.join(output_dir, "generation_config.json"), lambda path: _write_json(
-        path, {"eos_token_id": eod, "pad_token_id": eod, "use_cache": False,
+        path, {"eos_token_id": eod, "pad_token_id": eod, "use_cache": True,
                "suppress_tokens": padding_ids}))
     if tokenizer.hf_tokenizer is not None:
         if "tokenizer.json" not in config["tokenizer"]["files"].values():  # else copied already
@@ -199,7 +199,7 @@ def _transformers_files(output_dir: str, tokenizer: Tokenizer, config: dict) -> 
                      "AutoModelForCausalLM": "modeling_remoe.RemoeForCausalLM"},
         "eos_token_id": eod,
         "torch_dtype": "float32",
-        "use_cache": False,
+        "use_cache": True,
     }
 
 
