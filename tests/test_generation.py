@@ -296,3 +296,24 @@ def test_a_prompt_longer_than_the_context_is_said_to_be_cut(tmp_path_factory):
                              "--seq-length)")
     assert [json.loads(line)["prompt"] for line in result.stdout.splitlines()] == [
         "import os", long_prompt]
+
+
+@pytest.mark.integration
+def test_the_generation_benchmark_prints_its_table():
+    """Not a timing test: the script runs its four modes and finds the same tokens in all."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "benchmark_generation.py"), "--router", "topk",
+         "--prompts", "3", "--prompt-tokens", "4", "9", "--new-tokens", "3", "--repeats", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=clean_env())
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == ("command: python tools/benchmark_generation.py --router topk --prompts 3 "
+                        "--prompt-tokens 4 9 --new-tokens 3 --repeats 1")
+    assert lines[3] == ("work: 3 prompts of 4-9 tokens, 3 new tokens each (9 in all), greedy; "
+                        "the median of 1 round")
+    rows = [line for line in lines if line.startswith("| ") and "seconds" not in line]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| recompute, each prompt alone (before the cache)", "| recompute, batched (left-padded)",
+        "| key/value cache, each prompt alone", "| key/value cache, batched (tools/generate.py)"]
+    assert rows[0].endswith(" | 1.0x |")
+    assert lines[-1] == "same tokens in all four modes: yes"
