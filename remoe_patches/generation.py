@@ -249,12 +249,12 @@ def _generate_batch(model, prompts, config, vocab_size, context_length, eod, use
                               attention_mask=mask_BT[:, -context_length:], cache=cache)[:, -1]
         logits_BV = logits_BV[:, :vocab_size].float().cpu()
         next_B = [_sample(logits_BV[b], config, generators[row]) for b, row in enumerate(rows)]
-        going = [config.max_new_tokens > len(new[row]) + 1
-                 and not (config.stop_at_eod and eod is not None and token == eod)
-                 for row, token in zip(rows, next_B)]
-        for row, token in zip(rows, next_B):
-            if not (config.stop_at_eod and eod is not None and token == eod):
+        ended = [config.stop_at_eod and eod is not None and token == eod for token in next_B]
+        for row, token, end in zip(rows, next_B, ended):
+            if not end:
                 new[row].append(token)
+        going = [not end and len(new[row]) < config.max_new_tokens
+                 for row, end in zip(rows, ended)]
         if not any(going):
             break
         tokens_BT = torch.cat((tokens_BT, torch.tensor(next_B, device=device)[:, None]), dim=1)
