@@ -191,8 +191,7 @@ def export_model(model, model_config: ModelConfig, tokenizer: Tokenizer, output_
                           lambda path, source=source: shutil.copyfile(source, path))
         files[keyword] = name
     config["tokenizer"] = {"type": tokenizer.kind, "files": files}
-    _generation_and_tokenizer_files(output_dir, tokenizer, reference, files,
-                                    use_cache=not model_config.is_moe)
+    _generation_and_tokenizer_files(output_dir, tokenizer, reference, files)
     if model_config.is_moe:
         config.update(_remote_code_files(output_dir, tokenizer))
     _write_atomically(os.path.join(output_dir, WEIGHTS_FILE), lambda path: save_file(
@@ -208,7 +207,7 @@ def _check_dtype(dtype: str) -> None:
 
 
 def _generation_and_tokenizer_files(output_dir: str, tokenizer: Tokenizer, reference: dict,
-                                    copied: dict, *, use_cache: bool) -> None:
+                                    copied: dict) -> None:
     """generation_config.json, and the tokenizer files AutoTokenizer reads (``copied``: the
     tokenizer's own files, already written)."""
     eod = tokenizer.eod
@@ -216,7 +215,7 @@ def _generation_and_tokenizer_files(output_dir: str, tokenizer: Tokenizer, refer
     # generated, as in tools/generate.py; the logits themselves stay those of training.
     padding_ids = list(range(tokenizer.vocab_size, reference["vocab_size"]))
     _write_atomically(os.path.join(output_dir, "generation_config.json"), lambda path: _write_json(
-        path, {"eos_token_id": eod, "pad_token_id": eod, "use_cache": use_cache,
+        path, {"eos_token_id": eod, "pad_token_id": eod, "use_cache": True,
                "suppress_tokens": padding_ids}))
     if tokenizer.hf_tokenizer is not None:
         if "tokenizer.json" not in copied.values():
@@ -247,7 +246,7 @@ def _remote_code_files(output_dir: str, tokenizer: Tokenizer) -> dict:
         "auto_map": {"AutoConfig": "configuration_remoe.RemoeConfig",
                      "AutoModelForCausalLM": "modeling_remoe.RemoeForCausalLM"},
         "eos_token_id": tokenizer.eod,
-        "use_cache": False,
+        "use_cache": True,
     }
 
 

@@ -2,10 +2,11 @@
 through AutoConfig, AutoModelForCausalLM and AutoTokenizer with ``trust_remote_code=True``, a
 dense one as transformers' own ``LlamaForCausalLM`` without it; the logits equal the
 megatron-core model's, the loss is the training loss, and ``generate()`` gives the text
-tools/generate.py gives. A bfloat16 export loads in bfloat16, close to the float32 logits, and
-in float32 gives the logits of the megatron model with its weights rounded to bfloat16.
-transformers runs in a subprocess with its own HF_HOME (it copies the remote code into its
-module cache)."""
+tools/generate.py gives; with a left-padded batch and its key/value cache, each row's tokens are
+those the megatron-core model gives the prompt alone. A bfloat16 export loads in bfloat16, close
+to the float32 logits, and in float32 gives the logits of the megatron model with its weights
+rounded to bfloat16. transformers runs in a subprocess with its own HF_HOME (it copies the
+remote code into its module cache)."""
 
 from __future__ import annotations
 
@@ -74,9 +75,9 @@ def test_transformers_loads_an_export_and_agrees_with_megatron(single_rank, tmp_
 
     # AutoTokenizer reads the exported files as the training tokenizer does
     assert seen["prompt_ids"] == tokenizer.tokenize("def main(")
-    ours = generate(lambda t: megatron_logits(model, t), seen["prompt_ids"],
-                    SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
-                    vocab_size=tokenizer.vocab_size, context_length=SEQ)
+    [ours] = generate(lambda t: megatron_logits(model, t), [seen["prompt_ids"]],
+                      SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
+                      vocab_size=tokenizer.vocab_size, context_length=SEQ, use_cache=False)
     assert seen["new_ids"] == ours
     assert seen["text"] == "def main(" + tokenizer.detokenize(ours)
     config = json.loads((Path(export) / "config.json").read_text())
@@ -212,3 +213,76 @@ def test_a_bf16_moe_export_loads_with_its_remote_code(single_rank, tmp_path_fact
             parameter.copy_(parameter.to(torch.bfloat16).float())
         rounded = megatron_logits(model, tokens)
     assert max_error(out["logits"], rounded) <= RELATIVE_TOLERANCE
+
+
+GENERATE_SIDE = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+export, prompts = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
+tokenizer.pad_token = tokenizer.eos_token
+inputs = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+forwards = []  # (rows, positions fed, the cache's class) of each forward generate() makes
+forward = model.forward
+def spy(*args, **kwargs):
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    forwards.append([*kwargs["input_ids"].shape, type(cache).__name__])
+    return forward(*args, **kwargs)
+model.forward = spy
+out = model.generate(**inputs, max_new_tokens=12, do_sample=False, output_logits=True,
+                     return_dict_in_generate=True)
+model.forward = forward
+width = inputs.input_ids.shape[1]
+# each step's logits against the whole padded batch recomputed without a cache
+errors = []
+with torch.no_grad():
+    for step, logits in enumerate(out.logits):
+        mask = torch.cat([inputs.attention_mask, torch.ones(len(prompts), step).long()], 1)
+        full = model(out.sequences[:, :width + step], attention_mask=mask, use_cache=False).logits
+        errors.append(float((logits - full[:, -1]).abs().max() / full[:, -1].abs().max()))
+print(json.dumps(dict(new_ids=out.sequences[:, width:].tolist(), forwards=forwards,
+                      mask=inputs.attention_mask.tolist(), errors=errors,
+                      eos=tokenizer.eos_token_id)))
+"""
+
+
+@pytest.mark.parametrize("router", ["relu", "topk"])
+def test_transformers_generates_a_left_padded_batch_with_its_cache(single_rank, tmp_path_factory,
+                                                                   tmp_path, router):
+    from remoe_patches.generation import SamplingConfig, generate
+    from remoe_patches.hf_export import export_checkpoint
+    from remoe_patches.trained_model import load_model_for_inference, megatron_logits
+
+    load = checkpoint(tmp_path_factory, router)
+    export = export_checkpoint(load, str(tmp_path / "export"))
+    prompts = ["def main(", "import os", "class Point:\n    def __init__("]
+    result = subprocess.run(
+        [sys.executable, "-c", GENERATE_SIDE, export, json.dumps(prompts)], cwd=tmp_path,
+        capture_output=True, text=True, timeout=600,
+        env=clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    # left padding, and the cache used: the prompts once, then one position per step
+    lengths = [sum(row) for row in seen["mask"]]
+    assert len(set(lengths)) == 3 and all(row[-1] == 1 for row in seen["mask"])
+    width = len(seen["mask"][0])
+    assert seen["forwards"][0] == [3, width, "DynamicCache"]
+    assert seen["forwards"][1:] == [[3, 1, "DynamicCache"]] * (len(seen["forwards"]) - 1)
+    assert max(seen["errors"]) <= RELATIVE_TOLERANCE
+
+    # each row: the tokens megatron-core gives its prompt alone, without a cache, to the first
+    # end-of-document token (after which transformers pads the row)
+    model, tokenizer, _ = load_model_for_inference(load)
+    eos = seen["eos"]
+    assert max(lengths) + 12 <= SEQ  # transformers does not slide a window past the context
+    alone = generate(lambda t: megatron_logits(model, t),
+                     [tokenizer.tokenize(prompt) for prompt in prompts],
+                     SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
+                     vocab_size=tokenizer.vocab_size, context_length=SEQ, use_cache=False)
+
+    def to_first_eos(ids):
+        return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+    assert [to_first_eos(row) for row in seen["new_ids"]] == [to_first_eos(row) for row in alone]
+    assert len({tuple(row) for row in alone}) == 3

@@ -2,7 +2,8 @@
 ``pretrain_gpt.py`` in subprocesses (3 steps on a small demo corpus) on first use and cached
 under pytest's session temp dir.
 
-- ``relu``: 1-process ReMoE; ``topk``: 1-process TopK MoE; ``dense``: 1-process dense.
+- ``relu``: 1-process ReMoE; ``topk``: 1-process TopK MoE; ``dense``: 1-process dense;
+  ``expert_choice``: 1-process Expert Choice (a router that routes a token by its neighbours).
 - ``relu-ep2`` / ``relu-tp2``: the ``relu`` checkpoint loaded by ``pretrain_gpt.py`` on 2 ranks
   with EP=2 (resp. TP=2 + sequence parallel) and saved again with no training step: the same
   weights, written as 2 ranks' shards. Evaluating them on one process must give exactly the
@@ -77,6 +78,8 @@ def _flags(corpus, save, router, **overrides) -> list:
         argv += ["--moe-router-pre-softmax"]
     if router == "relu":
         argv += ["--moe-relu-routing"]
+    if router == "expert_choice":
+        argv += ["--moe-router-type", "expert_choice"]
     return argv
 
 
@@ -112,7 +115,7 @@ def checkpoint(tmp_path_factory, name: str) -> str:
     if (save / "latest_checkpointed_iteration.txt").exists():
         return str(save)
     corpus = _corpus(tmp_path_factory)
-    if name in ("relu", "topk", "dense"):
+    if name in ("relu", "topk", "dense", "expert_choice"):
         _pretrain(_flags(corpus, save, name))
     else:
         source = checkpoint(tmp_path_factory, "relu")
