@@ -10,21 +10,14 @@ statistics restart after each window).
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
-import psutil
 import torch
 import torch.distributed as dist
 
 GB = 1024**3
-
-# Megatron-LM's tensorboard tags (--log-memory-to-tensorboard) of the record's keys, in bytes.
-MEGATRON_LM_MEMORY_TAGS = {
-    "memory_reserved_gb": "mem-reserved-bytes",
-    "memory_allocated_gb": "mem-allocated-bytes",
-    "memory_max_allocated_gb": "mem-max-allocated-bytes",
-}
 
 
 def _peak_rss_bytes() -> float:
@@ -32,9 +25,18 @@ def _peak_rss_bytes() -> float:
     return float(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, else KiB
 
 
+def _rss_bytes() -> float:
+    try:  # (psutil is a dependency, but a run without --save works without it)
+        import psutil
+    except ImportError:
+        with open("/proc/self/statm") as statm:
+            return float(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    return float(psutil.Process().memory_info().rss)
+
+
 def local_memory_bytes(device: torch.device) -> dict:
     """This rank's memory now (bytes) by record key; on CUDA the window's peaks restart."""
-    rss = float(psutil.Process().memory_info().rss)
+    rss = _rss_bytes()
     memory = dict(memory_rss_gb=rss,
                   memory_rss_peak_gb=max(rss, _peak_rss_bytes()))  # (the kernel's peak may lag)
     if device.type == "cuda":
@@ -54,13 +56,3 @@ def memory_record(device: torch.device) -> dict:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
     return {name: value / GB for name, value in zip(memory, maxima.tolist())}
-
-
-def peak_memory_gb(record: dict) -> float:
-    """The figure the console shows: the device's window peak on a GPU, else the process's."""
-    return record.get("memory_max_allocated_gb", record["memory_rss_peak_gb"])
-
-
-def megatron_lm_memory_scalars(record: dict) -> dict:
-    """Megatron-LM's memory tags of the record, in bytes."""
-    return {tag: record[key] * GB for key, tag in MEGATRON_LM_MEMORY_TAGS.items() if key in record}

@@ -11,7 +11,6 @@ import os
 import sys
 from typing import Optional
 
-from remoe_patches.memory_usage import megatron_lm_memory_scalars, peak_memory_gb
 from remoe_patches.run_directory import metrics_path
 
 
@@ -26,6 +25,15 @@ MEGATRON_LM_TAGS = {
     "ms_per_iteration": ("iteration-time", 1e-3),  # seconds
     "val_lm_loss": ("lm loss validation", 1.0),
 }
+
+
+# Megatron-LM's tags (--log-memory-to-tensorboard) of memory_usage's record keys, in bytes.
+MEGATRON_LM_MEMORY_TAGS = {
+    "memory_reserved_gb": "mem-reserved-bytes",
+    "memory_allocated_gb": "mem-allocated-bytes",
+    "memory_max_allocated_gb": "mem-max-allocated-bytes",
+}
+GB = 1024**3
 
 
 # The metrics file holds one object per logged step; evaluation records carry ``val_lm_loss``
@@ -187,6 +195,17 @@ def megatron_lm_scalars(record: dict) -> dict:
     if "lm loss validation" in scalars:
         scalars["lm loss validation ppl"] = math.exp(min(scalars["lm loss validation"], 20))
     return scalars
+
+
+def megatron_lm_memory_scalars(record: dict) -> dict:
+    """Megatron-LM's memory tags of the record, in bytes."""
+    return {tag: record[key] * GB for key, tag in MEGATRON_LM_MEMORY_TAGS.items()
+            if key in record}
+
+
+def peak_memory_gb(record: dict) -> float:
+    """The figure the console shows: the device's window peak on a GPU, else the process's."""
+    return record.get("memory_max_allocated_gb", record["memory_rss_peak_gb"])
 
 
 def format_step_line(r: dict) -> str:

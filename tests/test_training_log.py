@@ -14,9 +14,8 @@ import torch
 
 from remoe_patches.config import ModelConfig, ParallelConfig
 from remoe_patches.expert_load import ExpertLoad
-from remoe_patches.memory_usage import (
-    GB, local_memory_bytes, megatron_lm_memory_scalars, peak_memory_gb,
-)
+from remoe_patches.memory_usage import GB, local_memory_bytes
+from remoe_patches.metrics_log import megatron_lm_memory_scalars, peak_memory_gb
 from remoe_patches.regularizer import RoutingStats
 from remoe_patches.routing_health import RoutingHealth
 from remoe_patches.step_timers import StepTimers
