@@ -567,6 +567,7 @@ def test_readme_zero_shot_commands_run_as_written(relu_checkpoint, tmp_path):
     (tmp_path / "runs" / "demo").symlink_to(relu_checkpoint)
     (tmp_path / "tools").symlink_to(REPO / "tools")
     counts = write_fixtures(tmp_path / "DIR")
+    (tmp_path / "prompts.jsonl").write_text('"def add(a, b):"\n"import "\n')  # --prompt-file
     env = clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                     PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     blocks = readme_blocks("Zero-shot evaluation and export")

@@ -153,9 +153,9 @@ def test_a_dense_export_is_transformers_own_llama(single_rank, tmp_path_factory,
     assert float(out["loss"]) == pytest.approx(float(training_loss), rel=1e-5)
     # generate() (with Llama's key/value cache) picks the tokens tools/generate.py picks
     assert seen["prompt_ids"] == tokenizer.tokenize("def main(")
-    ours = generate(lambda t: megatron_logits(model, t), seen["prompt_ids"],
-                    SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
-                    vocab_size=tokenizer.vocab_size, context_length=SEQ)
+    [ours] = generate(lambda t: megatron_logits(model, t), [seen["prompt_ids"]],
+                      SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
+                      vocab_size=tokenizer.vocab_size, context_length=SEQ, use_cache=False)
     assert seen["new_ids"] == ours
     assert seen["text"] == "def main(" + tokenizer.detokenize(ours)
 

@@ -79,6 +79,8 @@ def two_layouts(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     flags = authors_style_flags(corpus, root / "unused")
     config = parse_run_config(flags)
+    # (module-scoped: megatron's global groups as a function-scoped single_rank may leave them)
+    parallel_state.destroy_model_parallel()
     initialize_parallel(ParallelConfig(), seed=1234)
     try:
         data = config.data

@@ -91,7 +91,7 @@ def test_the_authors_launch_with_wandb_flags_logs_offline_and_a_resume_continues
     save = tmp_path / "run"
     wandb_dir = tmp_path / "wandb-files"
     wandb_flags = ["--wandb-project", "remoe-tests", "--wandb-exp-name", "182m-remoe-cpu",
-                   "--wandb-save-dir", str(wandb_dir)]
+                   "--wandb-save-dir", str(wandb_dir), "--moe-per-layer-logging"]
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     ok(run(authors_style_flags(corpus, save, train_iters=3, save_interval=3) + wandb_flags,
            env=env))
@@ -107,7 +107,10 @@ def test_the_authors_launch_with_wandb_flags_logs_offline_and_a_resume_continues
             assert logged["lm_loss"] == pytest.approx(record["lm_loss"])
             assert logged["lm loss"] == pytest.approx(record["lm_loss"])  # Megatron-LM's tag
             assert logged["sparsity_per_layer/layer_1"] == pytest.approx(
-                record["sparsity_per_layer"][0])
+                record["sparsity_per_layer"][0])  # (--moe-per-layer-logging)
+            assert logged["expert_share_per_layer/layer_2/expert_7"] == pytest.approx(
+                record["expert_share_per_layer"][1][7])
+            assert logged["expert_share_cv"] == pytest.approx(record["expert_share_cv"])
         if "val_lm_loss" in record:
             assert logged["lm loss validation"] == pytest.approx(record["val_lm_loss"])
     assert any("val_lm_loss" in r for r in metrics)
