@@ -69,48 +69,39 @@ def write_megatron_lm_checkpoint(root, iteration, objects, args) -> None:
     run_directory.write_latest_iteration(str(root), iteration)
 
 
-@pytest.fixture(scope="module")
-def two_layouts(corpus, tmp_path_factory):
+@pytest.fixture
+def two_layouts(corpus, single_rank, tmp_path):
     """The same trained state (2 steps, lambda moved) saved in this project's layout and in
     Megatron-LM's."""
-    from remoe_patches.config import ParallelConfig
-    from remoe_patches.parallel import destroy_parallel, initialize_parallel
-
-    root = tmp_path_factory.mktemp("layouts")
+    root = tmp_path / "layouts"
     flags = authors_style_flags(corpus, root / "unused")
     config = parse_run_config(flags)
-    # (module-scoped: megatron's global groups as a function-scoped single_rank may leave them)
-    parallel_state.destroy_model_parallel()
-    initialize_parallel(ParallelConfig(), seed=1234)
-    try:
-        data = config.data
-        tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
-                                    merge_file=data.merge_file)
-        config = config.replace(
-            model=dict(vocab_size=vocab_size_with_padding(
-                tokenizer.vocab_size, data.make_vocab_size_divisible_by, 1)),
-            training=check_batch_sizes(config.training, 1))
-        objects = build_training_objects(config, device=torch.device("cpu"))
-        gen = torch.Generator().manual_seed(0)
-        seq = config.model.seq_length
-        for _ in range(2):
-            tokens = torch.randint(0, tokenizer.vocab_size, (2, seq + 1), generator=gen)
-            batch = dict(tokens_BS=tokens[:, :-1], labels_BS=tokens[:, 1:],
-                         loss_mask_BS=torch.ones(2, seq),
-                         position_ids_BS=torch.arange(seq).expand(2, -1))
-            train_step(objects.model_chunks, objects.optimizer, objects.scheduler,
-                       objects.regularizer, [batch, batch], seq_length=seq, micro_batch_size=2,
-                       global_batch_size=4)
-        assert objects.regularizer.coeff != config.model.router_options.l1_coeff_init
-        ours, megatron_lm = root / "ours", root / "megatron_lm"
-        checkpointing.save_checkpoint(str(ours), 2, objects.model_chunks, objects.optimizer,
-                                      objects.scheduler, consumed_samples=8,
-                                      regularizer=objects.regularizer,
-                                      run_config=config.to_dict(), data_parallel_size=1)
-        write_megatron_lm_checkpoint(megatron_lm, 2, objects,
-                                     megatron_lm_args(config, consumed_samples=8))
-    finally:
-        destroy_parallel()
+    data = config.data
+    tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
+                                merge_file=data.merge_file)
+    config = config.replace(
+        model=dict(vocab_size=vocab_size_with_padding(
+            tokenizer.vocab_size, data.make_vocab_size_divisible_by, 1)),
+        training=check_batch_sizes(config.training, 1))
+    objects = build_training_objects(config, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    seq = config.model.seq_length
+    for _ in range(2):
+        tokens = torch.randint(0, tokenizer.vocab_size, (2, seq + 1), generator=gen)
+        batch = dict(tokens_BS=tokens[:, :-1], labels_BS=tokens[:, 1:],
+                     loss_mask_BS=torch.ones(2, seq),
+                     position_ids_BS=torch.arange(seq).expand(2, -1))
+        train_step(objects.model_chunks, objects.optimizer, objects.scheduler,
+                   objects.regularizer, [batch, batch], seq_length=seq, micro_batch_size=2,
+                   global_batch_size=4)
+    assert objects.regularizer.coeff != config.model.router_options.l1_coeff_init
+    ours, megatron_lm = root / "ours", root / "megatron_lm"
+    checkpointing.save_checkpoint(str(ours), 2, objects.model_chunks, objects.optimizer,
+                                  objects.scheduler, consumed_samples=8,
+                                  regularizer=objects.regularizer,
+                                  run_config=config.to_dict(), data_parallel_size=1)
+    write_megatron_lm_checkpoint(megatron_lm, 2, objects,
+                                 megatron_lm_args(config, consumed_samples=8))
     return flags, ours, megatron_lm
 
 
