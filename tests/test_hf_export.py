@@ -46,7 +46,6 @@ print(json.dumps(dict(config_class=type(config).__name__, model_class=type(model
 @pytest.mark.parametrize("router", ["relu", "topk"])
 def test_transformers_loads_an_export_and_agrees_with_megatron(single_rank, tmp_path_factory,
                                                                tmp_path, router):
-    from remoe_patches.generation import SamplingConfig, generate
     from remoe_patches.hf_export import export_checkpoint
     from remoe_patches.trained_model import load_model_for_inference, megatron_logits
 
@@ -69,17 +68,9 @@ def test_transformers_loads_an_export_and_agrees_with_megatron(single_rank, tmp_
         expected = megatron_logits(model, tokens)
     scale = float(expected.abs().max())
     assert float((out["logits"] - expected).abs().max()) <= RELATIVE_TOLERANCE * scale
-    training_loss = torch.nn.functional.cross_entropy(
-        expected[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-    assert float(out["loss"]) == pytest.approx(float(training_loss), rel=1e-5)
-
-    # AutoTokenizer reads the exported files as the training tokenizer does
-    assert seen["prompt_ids"] == tokenizer.tokenize("def main(")
-    [ours] = generate(lambda t: megatron_logits(model, t), [seen["prompt_ids"]],
-                      SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
-                      vocab_size=tokenizer.vocab_size, context_length=SEQ, use_cache=False)
-    assert seen["new_ids"] == ours
-    assert seen["text"] == "def main(" + tokenizer.detokenize(ours)
+    # AutoTokenizer reads the exported files as the training tokenizer does; generate() picks
+    # the tokens tools/generate.py picks
+    same_loss_and_greedy_text(out, seen, expected, tokens, model, tokenizer)
     config = json.loads((Path(export) / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_remoe.RemoeForCausalLM"
 
@@ -126,7 +117,6 @@ def max_error(got, expected) -> float:
 
 
 def test_a_dense_export_is_transformers_own_llama(single_rank, tmp_path_factory, tmp_path):
-    from remoe_patches.generation import SamplingConfig, generate
     from remoe_patches.hf_export import export_model
     from remoe_patches.trained_model import load_model_for_inference, megatron_logits
 
@@ -148,16 +138,8 @@ def test_a_dense_export_is_transformers_own_llama(single_rank, tmp_path_factory,
         expected = megatron_logits(model, tokens)
     assert float(expected.std()) > 1.0
     assert max_error(out["logits"], expected) <= RELATIVE_TOLERANCE
-    training_loss = torch.nn.functional.cross_entropy(
-        expected[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-    assert float(out["loss"]) == pytest.approx(float(training_loss), rel=1e-5)
     # generate() (with Llama's key/value cache) picks the tokens tools/generate.py picks
-    assert seen["prompt_ids"] == tokenizer.tokenize("def main(")
-    [ours] = generate(lambda t: megatron_logits(model, t), [seen["prompt_ids"]],
-                      SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
-                      vocab_size=tokenizer.vocab_size, context_length=SEQ, use_cache=False)
-    assert seen["new_ids"] == ours
-    assert seen["text"] == "def main(" + tokenizer.detokenize(ours)
+    same_loss_and_greedy_text(out, seen, expected, tokens, model, tokenizer)
 
 
 def test_a_bf16_dense_export_loads_in_bf16(single_rank, tmp_path_factory, tmp_path):
@@ -286,3 +268,20 @@ def test_transformers_generates_a_left_padded_batch_with_its_cache(single_rank, 
 
     assert [to_first_eos(row) for row in seen["new_ids"]] == [to_first_eos(row) for row in alone]
     assert len({tuple(row) for row in alone}) == 3
+
+
+def same_loss_and_greedy_text(out, seen, expected, tokens, model, tokenizer) -> None:
+    """transformers' loss is the training loss of megatron's logits ``expected``, and its greedy
+    continuation of "def main(" is the one generation.generate gives the megatron model."""
+    from remoe_patches.generation import SamplingConfig, generate
+    from remoe_patches.trained_model import megatron_logits
+
+    training_loss = torch.nn.functional.cross_entropy(
+        expected[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    assert float(out["loss"]) == pytest.approx(float(training_loss), rel=1e-5)
+    assert seen["prompt_ids"] == tokenizer.tokenize("def main(")
+    [ours] = generate(lambda t: megatron_logits(model, t), [seen["prompt_ids"]],
+                      SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
+                      vocab_size=tokenizer.vocab_size, context_length=SEQ, use_cache=False)
+    assert seen["new_ids"] == ours
+    assert seen["text"] == "def main(" + tokenizer.detokenize(ours)
