@@ -27,8 +27,6 @@ def complete_and_validate(args, parser) -> None:
         parser.error(f"missing required flag(s): {', '.join(missing)}")
     if (args.train_iters is None) == (args.train_samples is None):
         parser.error("give exactly one of --train-iters and --train-samples")
-    if args.fp16:
-        parser.error("--fp16 is not supported: use --bf16")
     if args.lr_warmup_fraction is not None and "lr_warmup_iters" in args.given:
         parser.error("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive; give one")
     if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
@@ -81,7 +79,8 @@ def complete_and_validate(args, parser) -> None:
 
 
 def _validate_moe(args, parser) -> None:
-    if args.moe_relu_routing and args.moe_router_type not in (None, "relu"):
+    if args.moe_relu_routing and not (args.moe_router_type is None
+                                      or ROUTERS[args.moe_router_type].adaptive_l1):
         parser.error(f"--moe-relu-routing contradicts --moe-router-type {args.moe_router_type}; "
                      "give one of them")
     if args.num_experts is not None and args.num_experts < 1:
@@ -103,8 +102,8 @@ def _validate_moe(args, parser) -> None:
         return
     if args.moe_router_type is None:
         args.moe_router_type = "relu" if args.moe_relu_routing else "topk"
-    args.moe_relu_routing = args.moe_router_type == "relu"
     kind = ROUTERS[args.moe_router_type]
+    args.moe_relu_routing = kind.adaptive_l1  # Megatron-LM's name of --moe-router-type relu
     routing = "--moe-relu-routing" if kind.adaptive_l1 else f"--moe-router-type {kind.name}"
     if kind.routes_by_token_ids and args.pipeline_model_parallel_size > 1 and (
             args.moe_layer_recompute or args.recompute_granularity == "full"):

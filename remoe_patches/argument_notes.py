@@ -3,6 +3,7 @@ each given one once at start-up with the reason, so nothing is silently ignored.
 
 from __future__ import annotations
 
+from remoe_patches.arguments import FLAG_PARTS
 from remoe_patches.flag_fields import declared_flags, flag_dest
 from remoe_patches.router_registry import ROUTERS, TOPK_ROUTER_FLAGS
 
@@ -25,6 +26,11 @@ def ineffective_flags(
         if dest in given and when and flag not in found:
             found[flag] = reason
 
+    for part in FLAG_PARTS:  # the flags declared without effect
+        for option, flag in declared_flags(part):
+            if option.metadata["note"]:
+                note(option.metadata["argparse"].get("dest") or flag_dest(flag), flag,
+                     option.metadata["note"])
     on_cpu = not cuda_available
     needs_te_kernel = SPEED_ONLY_ON_CPU if on_cpu else NEEDS_TE
     te_missing = not (cuda_available and transformer_engine_available)
@@ -49,9 +55,6 @@ def ineffective_flags(
     note("distributed_backend", "--distributed-backend",
          f"{'CPU' if on_cpu else 'GPU'} runs use {backend_used}",
          when=args.distributed_backend != backend_used)
-    note("use_mcore_models", "--use-mcore-models",
-         "always on: megatron-core models are the only ones")
-    note("log_throughput", "--log-throughput", "always on: throughput is always logged")
     note("sequence_parallel", "--sequence-parallel",
          "needs --tensor-model-parallel-size > 1; turned off",
          when=args.tensor_model_parallel_size == 1)
@@ -61,13 +64,10 @@ def ineffective_flags(
                  "log_memory_to_tensorboard"):
         note(dest, f"--{dest.replace('_', '-')}", "needs --tensorboard-dir",
              when=args.tensorboard_dir is None)
-    note("num_workers", "--num-workers", "batches are read in the training process")
     note("async_save", "--async-save", "needs --use-persistent-ckpt-worker, as in Megatron-LM; "
          "checkpoints are written synchronously", when=not args.use_persistent_ckpt_worker)
     note("use_persistent_ckpt_worker", "--use-persistent-ckpt-worker", "only used with "
          "--async-save", when=not args.async_save)
-    note("dist_ckpt_strictness", "--dist-ckpt-strictness",
-         "checkpoints always load strictly (every saved tensor must fit the model)")
     note("tensorboard_log_interval", "--tensorboard-log-interval",
          "tensorboard is written at every --log-interval", when=args.tensorboard_dir is not None)
     gpt2 = args.tokenizer_type == "GPT2BPETokenizer"
@@ -99,6 +99,10 @@ def ineffective_flags(
         owner = "--moe-relu-routing" if kind.adaptive_l1 else f"--moe-router-type {kind.name}"
         for option, flag in declared_flags(kind.options):
             note(flag_dest(flag), flag, f"only used with {owner}", when=router != kind.name)
+            if option.metadata["needs"]:  # an option of its router's (router == kind.name)
+                needed, value = option.metadata["needs"]
+                note(flag_dest(flag), flag, f"only used with {needed} {value}",
+                     when=getattr(args, flag_dest(needed)) != value)
     # megatron TopKRouter's options: the ReLU router says what it does instead
     # (--moe-router-load-balancing-type is honoured by ReLU routing too: 'none' turns the L1
     # regularizer's load balancing off, Eq. 9 instead of Eq. 10, so it gets no note)
@@ -114,8 +118,6 @@ def ineffective_flags(
         else:
             reason = f"not used by --moe-router-type {router}"
         note(dest, f"--{dest.replace('_', '-')}", reason)
-    note("moe_hash_seed", "--moe-hash-seed", "only used with --moe-hash-type random_permutation",
-         when=router == "hash" and getattr(args, "moe_hash_type", "mod") != "random_permutation")
     note("moe_token_drop_policy", "--moe-token-drop-policy",
          "only with --moe-expert-capacity-factor (token dropping)",
          when=args.moe_expert_capacity_factor is None)

@@ -26,12 +26,13 @@ Design:
   ``argument_notes.ineffective_flags`` as having no effect on this machine, for the driver to
   list once at start-up. ``args.given`` holds the destinations set explicitly (command line or
   YAML), which is what "a flag given" means there.
-- A flag that sets a field of the run's configuration is declared on that field
-  (``flag_fields.flag_field``: ``ParallelConfig``, the training, data, checkpoint and logging
-  parts of ``run_config``, and each router's options in ``router_registry``); this module adds
-  those to
-  their Megatron-LM groups and declares the rest (model and parallel shape, Megatron-LM flags
-  that are refused or only noted).
+- A flag is declared once, on the config field it sets (``flag_fields.flag_field``: the parts of
+  ``run_config.RunConfig``, each router's options in ``router_registry``); Megatron-LM's flags
+  that set no field are declared alike on ``config.RecipeFlags`` (the LLaMA recipe fixes their
+  value: ``must``), ``config.UnbuiltFlags`` (other values are not built),
+  ``run_config.OtherFlags`` (read by the mapping, or only noted: ``note``) and
+  ``router_registry.TopKRouterFlags``. The parser is one loop over ``GROUPS``, Megatron-LM's
+  argument groups, adding each part's flags of the group (``FLAG_PARTS``).
 - ``parse_command_line`` parses (this module), completes and checks the flags
   (``argument_checks``) and maps them, once, onto a ``run_config.RunConfig``
   (``argument_mapping``): the typed run configuration everything after start-up takes.
@@ -58,7 +59,6 @@ so communication overlaps computation) and ``PYTORCH_CUDA_ALLOC_CONF=expandable_
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import difflib
 import functools
@@ -70,19 +70,31 @@ import yaml
 
 from remoe_patches.argument_checks import complete_and_validate
 from remoe_patches.argument_mapping import run_config_from_args
-from remoe_patches.config import ConfigError, ParallelConfig
+from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig, RecipeFlags, UnbuiltFlags
 from remoe_patches.flag_fields import add_declared_flags
-from remoe_patches.router_registry import MOE_GROUP, ROUTERS
+from remoe_patches.router_registry import ROUTERS, TopKRouterFlags
 from remoe_patches.run_config import (
     CheckpointConfig,
     DataConfig,
+    LayerOptions,
     LoggingConfig,
+    OtherFlags,
     RunConfig,
     TrainingConfig,
 )
 
 DECLARED_PARTS = (ParallelConfig, TrainingConfig, DataConfig, CheckpointConfig, LoggingConfig)
-"""The RunConfig parts whose fields declare their flags (``flag_fields``)."""
+"""The RunConfig parts whose flags map straight onto their fields (``values_from_args``)."""
+
+FLAG_PARTS = (*DECLARED_PARTS, ModelConfig, LayerOptions, RecipeFlags, UnbuiltFlags, OtherFlags,
+              TopKRouterFlags, *dict.fromkeys(kind.options for kind in ROUTERS.values()))
+"""Every dataclass whose fields declare flags, in the order ``--help`` lists them."""
+
+GROUPS = ("model architecture", "mixture of experts", "parallelism", "data", "tokenizer",
+          "training", "learning rate", "mixed precision", "regularization",
+          "activation recomputation", "fused kernels (speed only)", "logging", "checkpointing",
+          "validation", "profiling", "distributed")
+"""Megatron-LM's argument groups, in its order."""
 
 # Flags that Megatron-LM treats as alternatives; a command-line one drops the YAML's other one.
 MUTUALLY_EXCLUSIVE = (("lr_warmup_fraction", "lr_warmup_iters"), ("train_iters", "train_samples"))
@@ -115,21 +127,8 @@ def build_parser() -> MegatronArgumentParser:
         help="YAML mapping of flag names with underscores to values, used as defaults; the "
         "command line overrides them (--no-X switches off an on/off flag --X that it sets).",
     )
-    _add_model_arguments(parser)
-    _add_moe_arguments(parser)
-    _add_parallel_arguments(parser)
-    _add_data_arguments(parser)
-    _add_tokenizer_arguments(parser)
-    _add_training_arguments(parser)
-    _add_learning_rate_arguments(parser)
-    _add_mixed_precision_arguments(parser)
-    _add_regularization_arguments(parser)
-    _add_recompute_arguments(parser)
-    _add_fused_kernel_arguments(parser)
-    _add_logging_arguments(parser)
-    _add_checkpointing_arguments(parser)
-    _add_validation_arguments(parser)
-    _add_distributed_arguments(parser)
+    for title in GROUPS:
+        add_declared_flags(parser.add_argument_group(title), title, FLAG_PARTS)
     _add_opposites(parser)
     return parser
 
@@ -138,337 +137,16 @@ def _add_opposites(parser) -> None:
     """``--no-X`` for every on/off flag ``--X``, ``--X`` for Megatron-LM's ``--no-X`` flags: the
     same destination set back to its default (the opposites take no room in ``--help``)."""
     switches = (argparse._StoreTrueAction, argparse._StoreFalseAction)
-    for action in list(parser._actions):
-        if not isinstance(action, switches):
-            continue
+    for action in [action for action in parser._actions if isinstance(action, switches)]:
         for flag in action.option_strings:
-            if not flag.startswith("--"):
-                continue
             opposite = "--" + flag[len("--no-"):] if flag.startswith("--no-") else \
                 "--no-" + flag[2:]
             # --disable-bias-linear has no name for its opposite, and is left so
-            if flag.startswith("--no-") or isinstance(action, argparse._StoreTrueAction):
-                if opposite in parser._option_string_actions:
-                    continue
+            if (flag.startswith("--no-") or isinstance(action, argparse._StoreTrueAction)) \
+                    and opposite not in parser._option_string_actions:
                 parser.add_argument(opposite, dest=action.dest, action="store_const",
                                     const=not action.const, help=argparse.SUPPRESS)
                 parser.switch_defaults[action.dest] = not action.const
-
-
-def _add_model_arguments(parser):
-    group = parser.add_argument_group("model architecture")
-    add_declared_flags(group, "model architecture", DECLARED_PARTS)
-    group.add_argument("--num-layers", type=int, help="Transformer layers (required).")
-    group.add_argument("--hidden-size", type=int, help="Model width (required).")
-    group.add_argument(
-        "--ffn-hidden-size", type=int,
-        help="FFN width; default 4 * hidden, also with --swiglu (the paper's FFN).",
-    )
-    group.add_argument("--num-attention-heads", type=int, help="Query heads (required).")
-    group.add_argument("--kv-channels", type=int, help="Per-head width; default hidden / heads.")
-    group.add_argument(
-        "--group-query-attention", action="store_true", help="Grouped-query attention.",
-    )
-    group.add_argument(
-        "--num-query-groups", type=int, default=1,
-        help="Key/value heads with --group-query-attention.",
-    )
-    group.add_argument(
-        "--max-position-embeddings", type=int,
-        help="Longest sequence (default --seq-length); must be >= --seq-length.",
-    )
-    group.add_argument(
-        "--position-embedding-type", default="learned_absolute",
-        choices=["learned_absolute", "rope", "none"], help="Position embedding; must be rope.",
-    )
-    group.add_argument(
-        "--no-position-embedding", action="store_false", dest="add_position_embedding",
-        help="No learned absolute position embedding (implied by rope).",
-    )
-    group.add_argument("--rotary-base", type=int, default=10000, help="RoPE base.")
-    group.add_argument(
-        "--rotary-percent", type=float, default=1.0,
-        help="Fraction of each head rotated; must be 1.0.",
-    )
-    group.add_argument(
-        "--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"],
-        help="Norm layer; must be RMSNorm.",
-    )
-    group.add_argument("--norm-epsilon", type=float, default=1e-5, help="Norm epsilon.")
-    group.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (required).")
-    group.add_argument(
-        "--untie-embeddings-and-output-weights", action="store_true",
-        help="Separate input embedding and output layer (required).",
-    )
-    group.add_argument(
-        "--disable-bias-linear", action="store_false", dest="add_bias_linear",
-        help="No bias in linear layers (required).",
-    )
-    group.add_argument(
-        "--init-method-std", type=float, default=0.02, help="Std of the normal init.",
-    )
-    group.add_argument(
-        "--use-mcore-models", action="store_true", help="No-op: megatron-core models always."
-    )
-    group.add_argument(
-        "--transformer-impl", default="transformer_engine", choices=["local", "transformer_engine"],
-        help="Layer implementation; local when transformer-engine is not installed.",
-    )
-
-
-def _moe_layer_freq(text: str):
-    """Megatron-LM's --moe-layer-freq: an int (every N-th layer) or a list like [1,0,1,0]."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = None
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an int nor a list like [1,0,1,0]")
-    return value
-
-
-def _add_moe_arguments(parser):
-    group = parser.add_argument_group("mixture of experts")
-    group.add_argument("--num-experts", type=int, help="Experts E; a dense model without it.")
-    group.add_argument(
-        "--moe-layer-freq", type=_moe_layer_freq, default=1,
-        help="Which layers are MoE layers; must be 1 (all of them).",
-    )
-    group.add_argument(
-        "--moe-ffn-hidden-size", type=int,
-        help="Expert width before granularity; default the FFN width.",
-    )
-    group.add_argument(
-        "--moe-router-topk", type=int, default=2,
-        help="k active experts (TopK); with ReLU routing it sets the target sparsity 1 - k/E.",
-    )
-    group.add_argument(
-        "--moe-router-load-balancing-type", default="aux_loss",
-        choices=["aux_loss", "seq_aux_loss", "sinkhorn", "none"],
-        help="TopK: aux_loss (Switch) or none; ReLU routing: anything but none keeps the L1 "
-        "regularizer load-balanced (Eq. 10), none makes it plain L1 (Eq. 9).",
-    )
-    group.add_argument(
-        "--moe-router-pre-softmax", action="store_true",
-        help="TopK: softmax over all experts before the top-k (needed for k=1).",
-    )
-    group.add_argument(
-        "--moe-aux-loss-coeff", type=float, default=0.0, help="Weight of TopK's Switch aux loss."
-    )
-    group.add_argument("--moe-z-loss-coeff", type=float, help="Weight of TopK's router z-loss.")
-    group.add_argument(
-        "--moe-router-topk-scaling-factor", type=float,
-        help="TopK: multiply the chosen experts' gates by this (e.g. E with k=1 and pre-softmax, "
-        "so that a gate starts near 1 rather than 1/E).",
-    )
-    group.add_argument(
-        "--moe-router-score-function", default="softmax", choices=["softmax", "sigmoid"],
-        help="TopK: the score the top-k picks from.",
-    )
-    group.add_argument(
-        "--moe-router-enable-expert-bias", action="store_true",
-        help="TopK: aux-loss-free load balancing with a per-expert bias in the top-k selection "
-        "(needs --moe-router-score-function sigmoid).",
-    )
-    group.add_argument(
-        "--moe-router-bias-update-rate", type=float, default=1e-3,
-        help="TopK: step of the expert bias update (--moe-router-enable-expert-bias).",
-    )
-    group.add_argument(
-        "--moe-input-jitter-eps", type=float,
-        help="TopK: multiply the router input by uniform noise in [1-eps, 1+eps] while training.",
-    )
-    group.add_argument(
-        "--moe-token-drop-policy", default="probs", choices=["probs", "position"],
-        help="TopK with a capacity factor: drop the lowest-probability tokens or the last ones.",
-    )
-    group.add_argument(
-        "--moe-token-dispatcher-type", default="allgather",
-        choices=["allgather", "alltoall", "alltoall_seq", "flex", "sorted"],
-        help="Token dispatcher; alltoall or allgather (both dropless), or sorted: no "
-             "communication, device-side expert offsets, one host read per layer (EP=TP=1).",
-    )
-    group.add_argument(
-        "--moe-grouped-gemm", action="store_true", help="Grouped GEMM for the experts.",
-    )
-    group.add_argument(
-        "--moe-expert-capacity-factor", type=float,
-        help="TopK token dropping capacity; unset means dropless.",
-    )
-    group.add_argument(
-        "--moe-pad-expert-input-to-capacity", action="store_true",
-        help="TopK: pad each expert's input to the capacity.",
-    )
-    group.add_argument(
-        "--moe-layer-recompute", action="store_true",
-        help="Recompute the MoE layers in the backward pass (saves memory).",
-    )
-    group.add_argument(
-        "--moe-permute-fusion", action="store_true",
-        help="Fused token permutation (transformer-engine); TopK only.",
-    )
-    group.add_argument(
-        "--moe-router-dtype", choices=["fp32", "fp64"],
-        help="Router GEMM, gates and the weighting of expert outputs in this dtype instead of "
-        "the model's (bf16 under --bf16). Default: fp32 from 32 experts (E x G), as "
-        "megatron-core advises; the model's dtype below (README, 'Router precision').",
-    )
-    group.add_argument("--moe-relu-routing", action="store_true",
-                       help="ReMoE: ReLU routing (the same as --moe-router-type relu).")
-    group.add_argument(
-        "--moe-router-type", choices=[name for name in ROUTERS if name != "dense"],
-        help="The router: " + "; ".join(f"{kind.name}: {kind.summary}"
-                                        for kind in ROUTERS.values() if kind.name != "dense")
-        + " (the baselines of the paper's Table 2: README 'Table 2 baselines').",
-    )
-    # each router's own options, declared with them
-    add_declared_flags(group, MOE_GROUP, [kind.options for kind in ROUTERS.values()])
-    group.add_argument(
-        "--moe-granularity", type=int, default=1,
-        help="Fine-grained experts G: E*G experts of width FFN/G, k*G active.",
-    )
-
-
-def _add_parallel_arguments(parser):
-    group = parser.add_argument_group("parallelism")
-    add_declared_flags(group, "parallelism", DECLARED_PARTS)
-    group.add_argument(
-        "--num-layers-per-virtual-pipeline-stage", type=int,
-        help="Interleaved pipeline schedule; not supported.",
-    )
-    group.add_argument("--context-parallel-size", type=int, default=1, help="CP; must be 1.")
-    group.add_argument(
-        "--expert-tensor-parallel-size", type=int, help="Expert TP; must equal TP (the default)."
-    )
-
-
-def _add_data_arguments(parser):
-    group = parser.add_argument_group("data")
-    add_declared_flags(group, "data", DECLARED_PARTS)
-    group.add_argument("--num-workers", type=int, default=2, help="Data loader worker processes.")
-    group.add_argument("--seq-length", type=int, help="Tokens per sequence (required).")
-
-
-def _add_tokenizer_arguments(parser):
-    group = parser.add_argument_group("tokenizer")
-    add_declared_flags(group, "tokenizer", DECLARED_PARTS)
-
-
-def _add_training_arguments(parser):
-    group = parser.add_argument_group("training")
-    add_declared_flags(group, "training", DECLARED_PARTS)
-    group.add_argument("--train-samples", type=int, help="Training sequences (or --train-iters).")
-    group.add_argument(
-        "--optimizer", default="adam", choices=["adam"], help="adam is AdamW, as in Megatron-LM."
-    )
-
-
-def _add_learning_rate_arguments(parser):
-    group = parser.add_argument_group("learning rate")
-    add_declared_flags(group, "learning rate", DECLARED_PARTS)
-
-
-def _add_mixed_precision_arguments(parser):
-    group = parser.add_argument_group("mixed precision")
-    add_declared_flags(group, "mixed precision", DECLARED_PARTS)
-    group.add_argument("--fp16", action="store_true", help="Not supported: use --bf16.")
-
-
-def _add_regularization_arguments(parser):
-    group = parser.add_argument_group("regularization")
-    add_declared_flags(group, "regularization", DECLARED_PARTS)
-    group.add_argument(
-        "--attention-dropout", type=float, default=0.1, help="Attention dropout; must be 0.0."
-    )
-    group.add_argument(
-        "--hidden-dropout", type=float, default=0.1, help="Hidden dropout; must be 0.0.",
-    )
-
-
-def _add_recompute_arguments(parser):
-    group = parser.add_argument_group("activation recomputation")
-    group.add_argument(
-        "--recompute-activations", action="store_true",
-        help="Selective recomputation (core attention).",
-    )
-    group.add_argument(
-        "--recompute-granularity", choices=["full", "selective"], help="What to recompute."
-    )
-    group.add_argument(
-        "--recompute-method", choices=["uniform", "block"], help="Which layers (full only)."
-    )
-    group.add_argument("--recompute-num-layers", type=int, help="Layers per unit (full only).")
-
-
-def _add_fused_kernel_arguments(parser):
-    group = parser.add_argument_group("fused kernels (speed only)")
-    group.add_argument("--use-flash-attn", action="store_true", help="Flash attention.")
-    group.add_argument(
-        "--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion",
-        help="Unfused scale-mask-softmax.",
-    )
-    group.add_argument(
-        "--no-bias-swiglu-fusion", action="store_false", dest="bias_swiglu_fusion",
-        help="Unfused bias + SwiGLU.",
-    )
-    group.add_argument(
-        "--no-bias-dropout-fusion", action="store_false", dest="bias_dropout_fusion",
-        help="Unfused bias + dropout + residual.",
-    )
-    group.add_argument(
-        "--no-gradient-accumulation-fusion", action="store_false",
-        dest="gradient_accumulation_fusion",
-        help="Unfused weight-gradient accumulation.",
-    )
-
-
-def _add_logging_arguments(parser):
-    group = parser.add_argument_group("logging")
-    add_declared_flags(group, "logging", DECLARED_PARTS)
-    group.add_argument("--log-throughput", action="store_true", help="No-op: always logged.")
-    group.add_argument(
-        "--tensorboard-log-interval", type=int, default=1, help="Steps between TensorBoard writes."
-    )
-
-
-def _add_checkpointing_arguments(parser):
-    group = parser.add_argument_group("checkpointing")
-    add_declared_flags(group, "checkpointing", DECLARED_PARTS)
-    group.add_argument(
-        "--use-checkpoint-args", action="store_true", help="Take the model flags from --load."
-    )
-    group.add_argument(
-        "--ckpt-format", default="torch_dist", choices=["torch_dist"],
-        help="Checkpoint format.",
-    )
-    group.add_argument(
-        "--dist-ckpt-strictness", default="assume_ok_unexpected",
-        choices=[
-            "assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected", "raise_all",
-            "return_unexpected", "return_all", "ignore_all",
-        ],
-        help="How loading treats missing or unexpected checkpoint keys.",
-    )
-
-
-def _add_validation_arguments(parser):
-    group = parser.add_argument_group("validation")
-    add_declared_flags(group, "validation", DECLARED_PARTS)
-    group = parser.add_argument_group("profiling")
-    add_declared_flags(group, "profiling", DECLARED_PARTS)
-
-
-def _add_distributed_arguments(parser):
-    group = parser.add_argument_group("distributed")
-    add_declared_flags(group, "distributed", DECLARED_PARTS)
-    group.add_argument(
-        "--distributed-backend", default="nccl", choices=["nccl", "gloo"],
-        help="Follows the device: NCCL on GPUs, gloo on CPU.",
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ the Table 2 baselines), with its own options in ``router_options``. ``ParallelCo
 layout.
 ``ModelConfig.transformer_config(parallel)`` turns both into megatron-core's TransformerConfig.
 Every check fails with a ``ConfigError`` that names the config, the field and the fix.
+The fields declare their ``pretrain_gpt.py`` flags (``flag_fields.flag_field``), and
+``RecipeFlags`` and ``UnbuiltFlags`` Megatron-LM's flags that only one value of suits here.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from remoe_patches.flag_fields import flag_field
-from remoe_patches.router_registry import ROUTERS, RouterKind
+from remoe_patches.flag_fields import flag_field, int_or_list
+from remoe_patches.router_registry import MOE_GROUP, ROUTERS, RouterKind
 
 DROPLESS_DISPATCHERS = ("alltoall", "allgather", "sorted")
+
+ARCH = "model architecture"
+"""The argparse group of the architecture's flags (Megatron-LM's)."""
 
 
 class ConfigError(ValueError):
@@ -42,49 +47,85 @@ PRESETS: dict[str, dict] = {
 class ModelConfig:
     """One GPT model: LLaMA architecture (spec §3) with a dense, TopK-MoE or ReLU-MoE MLP."""
 
-    num_layers: int
+    num_layers: int = flag_field(flag="--num-layers", group=ARCH, type=int,
+                                 help="Transformer layers (required).")
     """Transformer layers."""
-    hidden_size: int
+    hidden_size: int = flag_field(flag="--hidden-size", group=ARCH, type=int,
+                                  help="Model width (required).")
     """Model width."""
-    num_attention_heads: int
+    num_attention_heads: int = flag_field(flag="--num-attention-heads", group=ARCH, type=int,
+                                          help="Query heads (required).")
     """Query heads."""
-    num_query_groups: int = 4
+    num_query_groups: int = flag_field(
+        4, flag="--num-query-groups", group=ARCH, parser_default=1,
+        help="Key/value heads with --group-query-attention.")
     """Key/value heads of grouped-query attention."""
-    ffn_hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = flag_field(
+        None, flag="--ffn-hidden-size", group=ARCH, type=int,
+        help="FFN width; default 4 * hidden, also with --swiglu (the paper's FFN).")
     """Width of the dense FFN and of each expert before granularity; default 4 * hidden_size."""
     vocab_size: int = 51200
     """Padded vocabulary size (the paper: GPT-2 BPE padded to a multiple of 1024, 51200)."""
-    seq_length: int = 1024
+    seq_length: int = flag_field(1024, flag="--seq-length", group="data", parser_default=None,
+                                 type=int, help="Tokens per sequence (required).")
     """Tokens per sequence (also the RoPE table length)."""
-    rotary_base: int = 1_000_000
+    rotary_base: int = flag_field(1_000_000, flag="--rotary-base", group=ARCH,
+                                  parser_default=10000, help="RoPE base.")
     """RoPE base."""
-    init_method_std: float = 0.01
+    init_method_std: float = flag_field(0.01, flag="--init-method-std", group=ARCH,
+                                        parser_default=0.02, help="Std of the normal init.")
     """Std of the normal weight init."""
 
-    router: str = "relu"
+    # The MoE fields (their flags' group): a dense model keeps their defaults.
+    router: str = flag_field(
+        "relu", flag="--moe-router-type", group=MOE_GROUP, parser_default=None,
+        choices=[kind.name for kind in ROUTERS.values() if kind.is_moe],
+        help="The router: " + "; ".join(f"{kind.name}: {kind.summary}"
+                                        for kind in ROUTERS.values() if kind.is_moe)
+        + " (the baselines of the paper's Table 2: README 'Table 2 baselines').")
     """A name of ``router_registry.ROUTERS``: ``dense`` (no experts), ``topk`` (megatron's
     TopKRouter), ``relu`` (ReMoE), or a Table 2 baseline (``hash``, ``expert_choice``,
     ``sparsemixer``, ``lory``)."""
     router_options: Any = None
     """The router's own options, an instance of its registry entry's ``options`` dataclass
     (``ReLUOptions``, ``HashOptions``, ...); None: that dataclass's defaults."""
-    num_experts: int = 8
+    num_experts: int = flag_field(8, flag="--num-experts", group=MOE_GROUP, parser_default=None,
+                                  type=int, help="Experts E; a dense model without it.")
     """Experts E before granularity."""
-    topk: int = 1
+    topk: int = flag_field(
+        1, flag="--moe-router-topk", group=MOE_GROUP, parser_default=2,
+        help="k active experts (TopK); with ReLU routing it sets the target sparsity 1 - k/E.")
     """k: TopK's active experts; for ReLU routing it sets the target sparsity 1 - k/E."""
-    granularity: int = 1
+    granularity: int = flag_field(
+        1, flag="--moe-granularity", group=MOE_GROUP,
+        help="Fine-grained experts G: E*G experts of width FFN/G, k*G active.")
     """G: fine-grained experts, E*G experts of width ffn/G with top-k*G."""
-    moe_aux_loss_coeff: float = 0.01
+    moe_aux_loss_coeff: float = flag_field(0.01, flag="--moe-aux-loss-coeff", group=MOE_GROUP,
+                                           parser_default=0.0, type=float,
+                                           help="Weight of TopK's Switch aux loss.")
     """Weight of the Switch load-balancing loss of the routers balanced by it (TopK,
     SparseMixer-v2; 0 turns it off); the other routers ignore it."""
-    token_dispatcher: str = "alltoall"
+    token_dispatcher: str = flag_field(
+        "alltoall", flag="--moe-token-dispatcher-type", group=MOE_GROUP,
+        parser_default="allgather", choices=["allgather", "alltoall", "alltoall_seq", "flex",
+                                             "sorted"],
+        help="Token dispatcher; alltoall or allgather (both dropless), or sorted: no "
+        "communication, device-side expert offsets, one host read per layer (EP=TP=1).")
     """The dropless token path: megatron's ``alltoall`` or ``allgather`` dispatcher, or ``sorted``
     (``token_dispatch.py``: all on the device, one host read per layer; EP = TP = 1 only)."""
-    moe_expert_capacity_factor: Optional[float] = None
+    moe_expert_capacity_factor: Optional[float] = flag_field(
+        None, flag="--moe-expert-capacity-factor", group=MOE_GROUP, type=float,
+        help="TopK token dropping capacity; unset means dropless.")
     """Token dropping capacity; must stay None (dropless) for ReLU routing."""
-    moe_grouped_gemm: bool = False
+    moe_grouped_gemm: bool = flag_field(False, flag="--moe-grouped-gemm", group=MOE_GROUP,
+                                        action="store_true",
+                                        help="Grouped GEMM for the experts.")
     """All local experts in grouped GEMMs (transformer-engine's, or torch's ``grouped_mm``)."""
-    moe_router_dtype: Optional[Literal["fp32", "fp64"]] = None
+    moe_router_dtype: Optional[Literal["fp32", "fp64"]] = flag_field(
+        None, flag="--moe-router-dtype", group=MOE_GROUP, choices=["fp32", "fp64"],
+        help="Router GEMM, gates and the weighting of expert outputs in this dtype instead of "
+        "the model's (bf16 under --bf16). Default: fp32 from 32 experts (E x G), as "
+        "megatron-core advises; the model's dtype below (README, 'Router precision').")
     """Router GEMM, gates and expert-output weighting in this dtype; None: the model's dtype."""
 
     def __post_init__(self):
@@ -338,3 +379,71 @@ class ParallelConfig:
                 raise ConfigError(f"ParallelConfig.{field_name}: {message}")
         return self
 
+
+
+@dataclass(frozen=True)
+class RecipeFlags:
+    """Megatron-LM's flags that the LLaMA recipe (spec §3) fixes, under Megatron-LM's defaults:
+    any other value than ``must`` is refused, all of them at once (a Megatron-LM default command
+    line misses several). The recipe is built in: nothing stores them."""
+
+    normalization: str = flag_field(
+        "LayerNorm", flag="--normalization", group=ARCH, choices=["LayerNorm", "RMSNorm"],
+        must="RMSNorm", refusal="must be RMSNorm, not {value}",
+        help="Norm layer; must be RMSNorm.")
+    swiglu: bool = flag_field(False, flag="--swiglu", group=ARCH, action="store_true",
+                              must=True, refusal="must be given", help="SwiGLU MLP (required).")
+    untie_embeddings_and_output_weights: bool = flag_field(
+        False, flag="--untie-embeddings-and-output-weights", group=ARCH, action="store_true",
+        must=True, refusal="must be given (tied embeddings are not built)",
+        help="Separate input embedding and output layer (required).")
+    position_embedding_type: str = flag_field(
+        "learned_absolute", flag="--position-embedding-type", group=ARCH,
+        choices=["learned_absolute", "rope", "none"], must="rope",
+        refusal="must be rope, not {value}", help="Position embedding; must be rope.")
+    add_position_embedding: bool = flag_field(
+        True, flag="--no-position-embedding", group=ARCH, action="store_false",
+        dest="add_position_embedding",
+        help="No learned absolute position embedding (implied by rope).")
+    add_bias_linear: bool = flag_field(
+        True, flag="--disable-bias-linear", group=ARCH, action="store_false",
+        dest="add_bias_linear", must=False,
+        refusal="must be given (linear layers have no bias)",
+        help="No bias in linear layers (required).")
+    hidden_dropout: float = flag_field(
+        0.1, flag="--hidden-dropout", group="regularization", must=0.0,
+        refusal="must be 0.0, not {value}{if_default}", help="Hidden dropout; must be 0.0.")
+    attention_dropout: float = flag_field(
+        0.1, flag="--attention-dropout", group="regularization", must=0.0,
+        refusal="must be 0.0, not {value}{if_default}", help="Attention dropout; must be 0.0.")
+
+
+@dataclass(frozen=True)
+class UnbuiltFlags:
+    """Megatron-LM's flags whose other values are not built here, refused one at a time: the
+    model's when the model is mapped, the layout's (group ``parallelism``) with the layout."""
+
+    rotary_percent: float = flag_field(
+        1.0, flag="--rotary-percent", group=ARCH, must=1.0,
+        refusal="must be 1.0: the builder rotates whole heads",
+        help="Fraction of each head rotated; must be 1.0.")
+    moe_layer_freq: object = flag_field(
+        1, flag="--moe-layer-freq", group=MOE_GROUP, type=int_or_list,
+        must=lambda value, args: args.num_experts is None or value in (1, [1] * args.num_layers),
+        refusal="must be 1: the builder makes every layer an MoE layer",
+        help="Which layers are MoE layers; must be 1 (all of them).")
+    fp16: bool = flag_field(False, flag="--fp16", group="mixed precision", action="store_true",
+                            must=False, refusal="is not supported: use --bf16",
+                            help="Not supported: use --bf16.")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = flag_field(
+        None, flag="--num-layers-per-virtual-pipeline-stage", group="parallelism", type=int,
+        must=None, refusal="is not supported (no interleaved pipeline)",
+        help="Interleaved pipeline schedule; not supported.")
+    context_parallel_size: int = flag_field(
+        1, flag="--context-parallel-size", group="parallelism", must=1,
+        refusal="must be 1 (no context parallelism)", help="CP; must be 1.")
+    expert_tensor_parallel_size: Optional[int] = flag_field(
+        None, flag="--expert-tensor-parallel-size", group="parallelism", type=int,
+        must=lambda value, args: value in (None, args.tensor_model_parallel_size),
+        refusal="must equal --tensor-model-parallel-size ({tensor_model_parallel_size})",
+        help="Expert TP; must equal TP (the default).")

@@ -88,7 +88,8 @@ class HashOptions:
     """``mod`` (expert = token id mod E, the ReMoE paper's setting) or ``random_permutation``
     (a seeded random permutation of the vocabulary dealt round-robin to the experts)."""
     seed: int = option(0, "--moe-hash-seed",
-                       "Hash routing: seed of --moe-hash-type random_permutation.")
+                       "Hash routing: seed of --moe-hash-type random_permutation.",
+                       needs=("--moe-hash-type", "random_permutation"))
     """The seed of the ``random_permutation`` hash."""
 
     def validate(self, model: "ModelConfig") -> list:
@@ -203,6 +204,48 @@ TOPK_ROUTER_FLAGS = ("moe_router_pre_softmax", "moe_aux_loss_coeff",
 
 
 @dataclass(frozen=True)
+class TopKRouterFlags:
+    """The flags of megatron's TopKRouter options that ``ModelConfig`` does not hold (they go to
+    ``LayerOptions.topk_router`` for the kinds that honour them); never instantiated."""
+
+    moe_router_load_balancing_type: str = option(
+        "aux_loss", "--moe-router-load-balancing-type",
+        "TopK: aux_loss (Switch) or none; ReLU routing: anything but none keeps the L1 "
+        "regularizer load-balanced (Eq. 10), none makes it plain L1 (Eq. 9).",
+        choices=["aux_loss", "seq_aux_loss", "sinkhorn", "none"])
+    moe_router_pre_softmax: bool = option(
+        False, "--moe-router-pre-softmax",
+        "TopK: softmax over all experts before the top-k (needed for k=1).", action="store_true")
+    moe_z_loss_coeff: Optional[float] = option(None, "--moe-z-loss-coeff",
+                                               "Weight of TopK's router z-loss.", type=float)
+    moe_router_topk_scaling_factor: Optional[float] = option(
+        None, "--moe-router-topk-scaling-factor",
+        "TopK: multiply the chosen experts' gates by this (e.g. E with k=1 and pre-softmax, so "
+        "that a gate starts near 1 rather than 1/E).", type=float)
+    moe_router_score_function: str = option(
+        "softmax", "--moe-router-score-function", "TopK: the score the top-k picks from.",
+        choices=["softmax", "sigmoid"])
+    moe_router_enable_expert_bias: bool = option(
+        False, "--moe-router-enable-expert-bias",
+        "TopK: aux-loss-free load balancing with a per-expert bias in the top-k selection "
+        "(needs --moe-router-score-function sigmoid).", action="store_true")
+    moe_router_bias_update_rate: float = option(
+        1e-3, "--moe-router-bias-update-rate",
+        "TopK: step of the expert bias update (--moe-router-enable-expert-bias).")
+    moe_input_jitter_eps: Optional[float] = option(
+        None, "--moe-input-jitter-eps",
+        "TopK: multiply the router input by uniform noise in [1-eps, 1+eps] while training.",
+        type=float)
+    moe_token_drop_policy: str = option(
+        "probs", "--moe-token-drop-policy",
+        "TopK with a capacity factor: drop the lowest-probability tokens or the last ones.",
+        choices=["probs", "position"])
+    moe_pad_expert_input_to_capacity: bool = option(
+        False, "--moe-pad-expert-input-to-capacity",
+        "TopK: pad each expert's input to the capacity.", action="store_true")
+
+
+@dataclass(frozen=True)
 class RouterKind:
     """One router kind and everything the code asks about it."""
 
@@ -249,6 +292,8 @@ class RouterKind:
     row at a time)."""
     expert_parallel: bool = True
     """Its experts can be split over ranks (EP > 1)."""
+    is_moe: bool = True
+    """It has experts (all but dense)."""
     sweep_flags: dict = field(default_factory=dict)
     """What a sweep's ``router:`` switch sets (``configs/<size>_<sweep_name>.yaml``'s settings)."""
 
@@ -284,7 +329,8 @@ def _capacity_times_k(model) -> float:
 
 
 ROUTERS: dict = {kind.name: kind for kind in (
-    RouterKind("dense", "Dense", "dense", "no experts", active_experts=_no_experts),
+    RouterKind("dense", "Dense", "dense", "no experts", active_experts=_no_experts,
+               is_moe=False),
     RouterKind(
         "topk", "TopK MoE", "moe", "megatron's TopKRouter (default)",
         megatron_topk_router=True, topk_router_flags=TOPK_ROUTER_FLAGS, switch_aux_loss=True,

@@ -9,9 +9,9 @@ Parts: ``model`` (``config.ModelConfig``: the architecture and routing), ``paral
 (``config.ParallelConfig``: the layout), ``layers`` (TransformerConfig options that do not change
 the model's function: recomputation, fused kernels, TopK-router extras), ``training`` (batches,
 steps, optimizer, schedule, precision, when to stop), ``data`` (datasets and tokenizer),
-``checkpoint`` and ``logging``. The fields of the last four and of ``ParallelConfig`` declare their
-``pretrain_gpt.py`` flags (``flag_fields.flag_field``): the parser lists them and the flags map
-onto them from there.
+``checkpoint`` and ``logging``. The fields of every part declare their ``pretrain_gpt.py`` flags
+(``flag_fields.flag_field``): the parser lists them and the flags map onto them from there;
+``OtherFlags`` declares the Megatron-LM flags that set no field of their own.
 Each part is frozen: a change is a new config (``dataclasses.replace``), so nothing is mutated
 mid-run.
 """
@@ -22,36 +22,60 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig
+from remoe_patches.config import ARCH, ConfigError, ModelConfig, ParallelConfig
 from remoe_patches.flag_fields import flag_field, nonnegative_int, positive_int
-from remoe_patches.router_registry import ROUTERS
+from remoe_patches.router_registry import MOE_GROUP, ROUTERS
 from remoe_patches.tokenizer import TOKENIZER_TYPES
+
+
+RECOMPUTE, FUSED = "activation recomputation", "fused kernels (speed only)"
 
 
 @dataclass(frozen=True)
 class LayerOptions:
     """TransformerConfig settings beyond ``ModelConfig``: how the layers compute, not what."""
 
-    norm_epsilon: float = 1e-5
+    norm_epsilon: float = flag_field(1e-5, flag="--norm-epsilon", group=ARCH,
+                                     help="Norm epsilon.")
     """RMSNorm epsilon."""
-    kv_channels: Optional[int] = None
+    kv_channels: Optional[int] = flag_field(None, flag="--kv-channels", group=ARCH, type=int,
+                                            help="Per-head width; default hidden / heads.")
     """Width of one attention head; default hidden / heads."""
-    recompute_granularity: Optional[str] = None
+    recompute_granularity: Optional[str] = flag_field(
+        None, flag="--recompute-granularity", group=RECOMPUTE, choices=["full", "selective"],
+        help="What to recompute.")
     """None, 'selective' (the modules below) or 'full' (whole layers)."""
-    recompute_method: Optional[str] = None
+    recompute_method: Optional[str] = flag_field(
+        None, flag="--recompute-method", group=RECOMPUTE, choices=["uniform", "block"],
+        help="Which layers (full only).")
     """'uniform' or 'block' (full recomputation only)."""
-    recompute_num_layers: Optional[int] = None
+    recompute_num_layers: Optional[int] = flag_field(
+        None, flag="--recompute-num-layers", group=RECOMPUTE, type=int,
+        help="Layers per unit (full only).")
     """Layers per recomputed unit (full recomputation only)."""
     recompute_modules: tuple = ()
     """Selective recomputation's modules: 'core_attn', 'moe'."""
-    masked_softmax_fusion: bool = True
-    bias_swiglu_fusion: bool = True
-    bias_dropout_fusion: bool = True
-    gradient_accumulation_fusion: bool = True
-    moe_permute_fusion: bool = False
+    masked_softmax_fusion: bool = flag_field(
+        True, flag="--no-masked-softmax-fusion", group=FUSED, action="store_false",
+        dest="masked_softmax_fusion", help="Unfused scale-mask-softmax.")
+    bias_swiglu_fusion: bool = flag_field(
+        True, flag="--no-bias-swiglu-fusion", group=FUSED, action="store_false",
+        dest="bias_swiglu_fusion", help="Unfused bias + SwiGLU.")
+    bias_dropout_fusion: bool = flag_field(
+        True, flag="--no-bias-dropout-fusion", group=FUSED, action="store_false",
+        dest="bias_dropout_fusion", help="Unfused bias + dropout + residual.")
+    gradient_accumulation_fusion: bool = flag_field(
+        True, flag="--no-gradient-accumulation-fusion", group=FUSED, action="store_false",
+        dest="gradient_accumulation_fusion", help="Unfused weight-gradient accumulation.")
+    moe_permute_fusion: bool = flag_field(
+        False, flag="--moe-permute-fusion", group=MOE_GROUP, action="store_true",
+        help="Fused token permutation (transformer-engine); TopK only.")
     """The fusions wanted; each is on only where its kernel exists (see
     ``transformer_overrides``)."""
-    transformer_impl: str = "transformer_engine"
+    transformer_impl: str = flag_field(
+        "transformer_engine", flag="--transformer-impl", group=ARCH,
+        choices=["local", "transformer_engine"],
+        help="Layer implementation; local when transformer-engine is not installed.")
     """'transformer_engine' (when installed) or 'local' (megatron-core's own layers). A run saves
     the implementation it used (``model.transformer_impl_in_use``), not the one asked for."""
     topk_router: dict = field(default_factory=dict)
@@ -413,6 +437,65 @@ class LoggingConfig:
     memory_snapshot_path: str = flag_field(
         "snapshot.pickle", flag="--memory-snapshot-path", group="profiling", type=str,
         help="Where --record-memory-history writes (pytorch.org/memory_viz opens it).")
+
+
+@dataclass(frozen=True)
+class OtherFlags:
+    """Megatron-LM's flags that set no field of their own: values the mapping derives fields from
+    (``argument_mapping``), and flags without effect here (``note``). Never instantiated."""
+
+    group_query_attention: bool = flag_field(False, flag="--group-query-attention", group=ARCH,
+                                             action="store_true", help="Grouped-query attention.")
+    max_position_embeddings: Optional[int] = flag_field(
+        None, flag="--max-position-embeddings", group=ARCH, type=int,
+        help="Longest sequence (default --seq-length); must be >= --seq-length.")
+    use_mcore_models: bool = flag_field(
+        False, flag="--use-mcore-models", group=ARCH, action="store_true",
+        note="always on: megatron-core models are the only ones",
+        help="No-op: megatron-core models always.")
+    moe_ffn_hidden_size: Optional[int] = flag_field(
+        None, flag="--moe-ffn-hidden-size", group=MOE_GROUP, type=int,
+        help="Expert width before granularity; default the FFN width.")
+    moe_layer_recompute: bool = flag_field(
+        False, flag="--moe-layer-recompute", group=MOE_GROUP, action="store_true",
+        help="Recompute the MoE layers in the backward pass (saves memory).")
+    moe_relu_routing: bool = flag_field(
+        False, flag="--moe-relu-routing", group=MOE_GROUP, action="store_true",
+        help="ReMoE: ReLU routing (the same as --moe-router-type relu).")
+    num_workers: int = flag_field(2, flag="--num-workers", group="data",
+                                  note="batches are read in the training process",
+                                  help="Data loader worker processes.")
+    train_samples: Optional[int] = flag_field(None, flag="--train-samples", group="training",
+                                              type=int,
+                                              help="Training sequences (or --train-iters).")
+    optimizer: str = flag_field("adam", flag="--optimizer", group="training", choices=["adam"],
+                                help="adam is AdamW, as in Megatron-LM.")
+    recompute_activations: bool = flag_field(
+        False, flag="--recompute-activations", group=RECOMPUTE, action="store_true",
+        help="Selective recomputation (core attention).")
+    use_flash_attn: bool = flag_field(False, flag="--use-flash-attn", group=FUSED,
+                                      action="store_true", help="Flash attention.")
+    log_throughput: bool = flag_field(False, flag="--log-throughput", group="logging",
+                                      action="store_true",
+                                      note="always on: throughput is always logged",
+                                      help="No-op: always logged.")
+    tensorboard_log_interval: int = flag_field(1, flag="--tensorboard-log-interval",
+                                               group="logging",
+                                               help="Steps between TensorBoard writes.")
+    use_checkpoint_args: bool = flag_field(
+        False, flag="--use-checkpoint-args", group="checkpointing", action="store_true",
+        help="Take the model flags from --load.")
+    ckpt_format: str = flag_field("torch_dist", flag="--ckpt-format", group="checkpointing",
+                                  choices=["torch_dist"], help="Checkpoint format.")
+    dist_ckpt_strictness: str = flag_field(
+        "assume_ok_unexpected", flag="--dist-ckpt-strictness", group="checkpointing",
+        choices=["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
+                 "raise_all", "return_unexpected", "return_all", "ignore_all"],
+        note="checkpoints always load strictly (every saved tensor must fit the model)",
+        help="How loading treats missing or unexpected checkpoint keys.")
+    distributed_backend: str = flag_field(
+        "nccl", flag="--distributed-backend", group="distributed", choices=["nccl", "gloo"],
+        help="Follows the device: NCCL on GPUs, gloo on CPU.")
 
 
 PARTS = dict(model=ModelConfig, parallel=ParallelConfig, layers=LayerOptions,
