@@ -8,35 +8,27 @@ meaning, and the ReMoE fork's ``--moe-relu-routing``, ``--moe-relu-l1-reg-coeff-
 
 Design:
 
-- ``parse_args`` reads ``--config FILE.yaml`` first, a flat mapping from flag names written with
-  underscores (``num_layers: 12``) to values; the YAML values become defaults and the command
-  line overrides them. A command-line flag also drops the YAML's value of its mutually
-  exclusive partner (``--lr-warmup-iters`` replaces a YAML ``lr_warmup_fraction``).
+- A flag is declared once, as metadata of the config field it sets (``flag_fields.flag_field``
+  on the parts of ``run_config.RunConfig`` and the routers' options); Megatron-LM's flags that
+  set no field are declared alike, as data: ``config.RecipeFlags`` and ``config.UnbuiltFlags``
+  (the one value accepted, ``must``, and the refusal otherwise), ``run_config.OtherFlags`` (read
+  by the mapping, or only noted: ``note``), ``router_registry.TopKRouterFlags``. The parser is
+  one loop over Megatron-LM's groups (``GROUPS``) and the declaring parts (``FLAG_PARTS``).
+- ``--config FILE.yaml`` is read first, a flat mapping from flag names with underscores
+  (``num_layers: 12``) to values that become the defaults the command line overrides; a
+  command-line flag also drops the YAML's value of its mutually exclusive partner.
 - Every on/off flag can be switched either way, so that the command line can undo a YAML's
-  ``true``: ``--X`` has ``--no-X`` (``--no-demo-corpus``, ``--no-moe-relu-routing``), and
-  Megatron-LM's ``--no-X`` flags have ``--X`` (``--load-optim``, ``--masked-softmax-fusion``).
-  A flag switched to its default does not count as given.
-- Errors are one line on stderr and exit code 2, like ``parser.error`` but without the usage
-  text of ~120 flags. Prefixes are not accepted (``allow_abbrev=False``). A Megatron-LM flag
-  that is not implemented here (``megatron_lm_flags.txt``: all 681 of Megatron-LM
-  core_v0.16.1's) is answered "Megatron-LM's --X is not supported here"; any other unknown flag
-  or YAML key names the known one it misspells, when one is close.
-- Nothing is silently ignored. A flag is either honoured, refused with a one-line reason (a
-  setting the builder cannot honour, e.g. ``--normalization LayerNorm``), or reported by
-  ``argument_notes.ineffective_flags`` as having no effect on this machine, for the driver to
-  list once at start-up. ``args.given`` holds the destinations set explicitly (command line or
-  YAML), which is what "a flag given" means there.
-- A flag is declared once, on the config field it sets (``flag_fields.flag_field``: the parts of
-  ``run_config.RunConfig``, each router's options in ``router_registry``); Megatron-LM's flags
-  that set no field are declared alike on ``config.RecipeFlags`` (the LLaMA recipe fixes their
-  value: ``must``), ``config.UnbuiltFlags`` (other values are not built),
-  ``run_config.OtherFlags`` (read by the mapping, or only noted: ``note``) and
-  ``router_registry.TopKRouterFlags``. The parser is one loop over ``GROUPS``, Megatron-LM's
-  argument groups, adding each part's flags of the group (``FLAG_PARTS``).
+  ``true``: ``--X`` has ``--no-X``, Megatron-LM's ``--no-X`` has ``--X``. A flag switched to its
+  default does not count as given (``args.given``: the destinations set explicitly).
+- Errors are one line on stderr and exit code 2, without the usage text of ~120 flags; no
+  prefixes (``allow_abbrev=False``). A Megatron-LM flag not implemented here
+  (``megatron_lm_flags.txt``: all of Megatron-LM core_v0.16.1's) is named as such; any other
+  unknown flag or YAML key names the known one it misspells, when one is close.
+- Nothing is silently ignored: a flag is honoured, refused with a one-line reason, or listed by
+  ``argument_notes.ineffective_flags`` as without effect on this machine.
 - ``parse_command_line`` parses (this module), completes and checks the flags
-  (``argument_checks``) and maps them, once, onto a ``run_config.RunConfig``
-  (``argument_mapping``): the typed run configuration everything after start-up takes.
-  ``parse_args`` is the flags alone.
+  (``argument_checks``) and maps them, once, onto the ``run_config.RunConfig`` everything after
+  start-up takes (``argument_mapping``). ``parse_args`` is the flags alone.
 
 Where we differ from Megatron-LM on purpose:
 
@@ -50,10 +42,9 @@ Where we differ from Megatron-LM on purpose:
 - ``--moe-router-dtype`` defaults to fp32 from 32 experts (E x G), where megatron-core warns
   that the model's dtype is unstable; below that it is the model's dtype, as in Megatron-LM.
 
-Environment variables exported by the authors' scripts that only matter for speed on GPUs and
-that this code neither needs nor reads: ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (orders kernel launches
-so communication overlaps computation) and ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``
-(less allocator fragmentation).
+The authors' scripts' ``CUDA_DEVICE_MAX_CONNECTIONS=1`` and
+``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` only matter for speed on GPUs; nothing here
+reads them.
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ class ModelConfig:
     """Query heads."""
     num_query_groups: int = flag_field(
         4, flag="--num-query-groups", group=ARCH, parser_default=1,
+        needs=("--group-query-attention",),
         help="Key/value heads with --group-query-attention.")
     """Key/value heads of grouped-query attention."""
     ffn_hidden_size: Optional[int] = flag_field(

@@ -27,7 +27,8 @@ def flag_field(default=MISSING, *, flag: str, help: str, group: str = "", must=M
 
     ``must``: the only value accepted (or a test ``must(value, args)``), else ``refusal`` (after
     the flag; ``str.format`` fields: ``value``, ``if_default`` and the flags' dests). ``note``:
-    why the flag, given, has no effect. ``needs``: ``(flag, value)`` without which it has none.
+    why the flag, given, has no effect. ``needs``: ``(flag, value)`` without which it has none
+    (``(flag,)``: without that flag set).
     """
     metadata = dict(flag=flag, help=help, group=group, argparse=argparse_kwargs, must=must,
                     refusal=refusal, note=note, needs=needs)
@@ -43,6 +44,11 @@ def declared_flags(config_class) -> list:
 def flag_dest(flag: str) -> str:
     """argparse's attribute name of ``flag``: ``--moe-hash-seed`` -> ``moe_hash_seed``."""
     return flag[2:].replace("-", "_")
+
+
+def option_dest(option: dataclasses.Field) -> str:
+    """argparse's attribute name of a declared field's flag (its ``dest``, if it names one)."""
+    return option.metadata["argparse"].get("dest") or flag_dest(option.metadata["flag"])
 
 
 def add_declared_flags(group, name: str, config_classes) -> None:
@@ -68,7 +74,7 @@ def refusals(config_class, args: argparse.Namespace, groups=None) -> list:
         must = option.metadata["must"]
         if must is MISSING or groups is not None and option.metadata["group"] not in groups:
             continue
-        dest = option.metadata["argparse"].get("dest") or flag_dest(flag)
+        dest = option_dest(option)
         value = getattr(args, dest)
         if not (must(value, args) if callable(must) else value == must):
             origin = "" if dest in args.given else " (Megatron-LM's default)"
@@ -82,7 +88,7 @@ def values_from_args(config_class, args: argparse.Namespace) -> dict:
     bools, lists (``nargs``) as tuples."""
     values = {}
     for option, flag in declared_flags(config_class):
-        value = getattr(args, option.metadata["argparse"].get("dest") or flag_dest(flag))
+        value = getattr(args, option_dest(option))
         if option.metadata["argparse"].get("action") in ("store_true", "store_false"):
             value = bool(value)
         elif isinstance(value, list):

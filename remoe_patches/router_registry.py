@@ -231,7 +231,8 @@ class TopKRouterFlags:
         "(needs --moe-router-score-function sigmoid).", action="store_true")
     moe_router_bias_update_rate: float = option(
         1e-3, "--moe-router-bias-update-rate",
-        "TopK: step of the expert bias update (--moe-router-enable-expert-bias).")
+        "TopK: step of the expert bias update (--moe-router-enable-expert-bias).",
+        needs=("--moe-router-enable-expert-bias",))
     moe_input_jitter_eps: Optional[float] = option(
         None, "--moe-input-jitter-eps",
         "TopK: multiply the router input by uniform noise in [1-eps, 1+eps] while training.",

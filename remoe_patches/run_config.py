@@ -158,10 +158,12 @@ class TrainingConfig:
         choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
     lr_wsd_decay_style: str = flag_field(
         "exponential", flag="--lr-wsd-decay-style", group="learning rate",
+        needs=("--lr-decay-style", "WSD"),
         choices=["exponential", "linear", "cosine", "minus_sqrt"],
         help="WSD: the anneal's shape (Megatron-LM's default: exponential).")
     lr_wsd_decay_iters: Optional[int] = flag_field(
         None, flag="--lr-wsd-decay-iters", group="learning rate", type=int,
+        needs=("--lr-decay-style", "WSD"),
         help="WSD: the iterations of the anneal, at the end of the decay (required with WSD).")
     lr_decay_iters: Optional[int] = flag_field(
         None, flag="--lr-decay-iters", group="learning rate", type=int,
@@ -385,9 +387,11 @@ class LoggingConfig:
         help="The console's timers over ranks: the max, the min and max, or every rank.")
     log_timers_to_tensorboard: bool = flag_field(
         False, flag="--log-timers-to-tensorboard", group="logging", action="store_true",
+        needs=("--tensorboard-dir",),
         help="Also write the timers (max over ranks) to TensorBoard and W&B as <name>-time.")
     log_memory_to_tensorboard: bool = flag_field(
         False, flag="--log-memory-to-tensorboard", group="logging", action="store_true",
+        needs=("--tensorboard-dir",),
         help="Also write the memory of each log window to TensorBoard and W&B.")
     eval_interval: Optional[int] = flag_field(
         1000, flag="--eval-interval", group="validation",
@@ -480,7 +484,7 @@ class OtherFlags:
                                       note="always on: throughput is always logged",
                                       help="No-op: always logged.")
     tensorboard_log_interval: int = flag_field(1, flag="--tensorboard-log-interval",
-                                               group="logging",
+                                               group="logging", needs=("--tensorboard-dir",),
                                                help="Steps between TensorBoard writes.")
     use_checkpoint_args: bool = flag_field(
         False, flag="--use-checkpoint-args", group="checkpointing", action="store_true",
