@@ -15,9 +15,8 @@ from remoe_patches.batch_rampup import rampup_problem
 from remoe_patches.router_registry import ROUTERS
 from remoe_patches.wandb_log import wandb_problem
 
-REQUIRED = (
-    "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "lr"
-)
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+            "lr")
 
 
 def complete_and_validate(args, parser) -> None:
@@ -30,10 +29,8 @@ def complete_and_validate(args, parser) -> None:
     if args.lr_warmup_fraction is not None and "lr_warmup_iters" in args.given:
         parser.error("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive; give one")
     if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
-        parser.error(
-            f"--global-batch-size {args.global_batch_size} is not divisible by "
-            f"--micro-batch-size {args.micro_batch_size}"
-        )
+        parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                     f"--micro-batch-size {args.micro_batch_size}")
 
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
@@ -42,10 +39,8 @@ def complete_and_validate(args, parser) -> None:
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.max_position_embeddings < args.seq_length:
-        parser.error(
-            f"--max-position-embeddings {args.max_position_embeddings} is shorter than "
-            f"--seq-length {args.seq_length}"
-        )
+        parser.error(f"--max-position-embeddings {args.max_position_embeddings} is shorter than "
+                     f"--seq-length {args.seq_length}")
     _validate_moe(args, parser)
     _complete_recompute(args, parser)
     _complete_data_and_tokenizer(args, parser)
@@ -64,9 +59,9 @@ def complete_and_validate(args, parser) -> None:
     if args.rampup_batch_size is not None:
         # Megatron-LM asserts "expected no batch-size rampup for iteration-based training"
         if args.train_samples is None:
-            parser.error(
-                "--rampup-batch-size needs --train-samples (the ramp and the run are counted in "
-                "samples, as in Megatron-LM); give --train-samples instead of --train-iters")
+            parser.error("--rampup-batch-size needs --train-samples (the ramp and the run are "
+                         "counted in samples, as in Megatron-LM); give --train-samples instead "
+                         "of --train-iters")
         problem = rampup_problem(args.rampup_batch_size, args.global_batch_size)
         if problem:
             parser.error(problem)
@@ -104,7 +99,7 @@ def _validate_moe(args, parser) -> None:
         args.moe_router_type = "relu" if args.moe_relu_routing else "topk"
     kind = ROUTERS[args.moe_router_type]
     args.moe_relu_routing = kind.adaptive_l1  # Megatron-LM's name of --moe-router-type relu
-    routing = "--moe-relu-routing" if kind.adaptive_l1 else f"--moe-router-type {kind.name}"
+    routing = kind.routing_flag
     if kind.routes_by_token_ids and args.pipeline_model_parallel_size > 1 and (
             args.moe_layer_recompute or args.recompute_granularity == "full"):
         # The routers hold the ids of the last forward; under 1F1B a recomputed forward of
@@ -136,30 +131,24 @@ def _validate_moe(args, parser) -> None:
             parser.error("--moe-router-enable-expert-bias needs --moe-router-score-function "
                          "sigmoid (megatron-core's rule)")
         if top1 and softmax and not args.moe_router_pre_softmax and not sinkhorn:
-            parser.error(
-                "--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over the one chosen "
-                "expert has no gradient; megatron-core refuses it)"
-            )
+            parser.error("--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over the "
+                         "one chosen expert has no gradient; megatron-core refuses it)")
 
 
 def _complete_recompute(args, parser) -> None:
     """Megatron-LM's recompute flags as megatron-core 0.16's granularity and module list."""
     if args.recompute_activations:
         if args.recompute_granularity == "full":
-            parser.error(
-                "--recompute-activations (selective) conflicts with --recompute-granularity full"
-            )
+            parser.error("--recompute-activations (selective) conflicts with "
+                         "--recompute-granularity full")
         args.recompute_granularity = "selective"
     full = args.recompute_granularity == "full"
     if full and (args.recompute_method is None or args.recompute_num_layers is None):
-        parser.error(
-            "--recompute-granularity full needs --recompute-method (uniform or block) and "
-            "--recompute-num-layers"
-        )
+        parser.error("--recompute-granularity full needs --recompute-method (uniform or block) "
+                     "and --recompute-num-layers")
     if not full and (args.recompute_method is not None or args.recompute_num_layers is not None):
-        parser.error(
-            "--recompute-method and --recompute-num-layers need --recompute-granularity full"
-        )
+        parser.error("--recompute-method and --recompute-num-layers need "
+                     "--recompute-granularity full")
     args.recompute_modules = ["core_attn"] if args.recompute_granularity == "selective" else []
     # Full recomputation already covers the MoE layers; a dense model has none.
     if args.moe_layer_recompute and not full and args.num_experts is not None:
@@ -178,9 +167,8 @@ def _complete_data_and_tokenizer(args, parser) -> None:
                      "mock_data", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model"]
     clashing = [f"--{dest.replace('_', '-')}" for dest in demo_replaces if dest in args.given]
     if args.demo_corpus and clashing:
-        parser.error(
-            f"--demo-corpus sets the data and tokenizer itself; drop {', '.join(clashing)}"
-        )
+        parser.error(f"--demo-corpus sets the data and tokenizer itself; drop "
+                     f"{', '.join(clashing)}")
     for flag, blend in [("--data-path", args.data_path), ("--train-data-path", per_split[0]),
                         ("--valid-data-path", per_split[1]), ("--test-data-path", per_split[2])]:
         if blend is not None:

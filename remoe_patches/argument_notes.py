@@ -86,9 +86,8 @@ def _note_moe_flags(args, note, *, te_kernel_missing: bool, on_cpu: bool) -> Non
          "--moe-ffn-hidden-size", when="moe_ffn_hidden_size" in args.given)
     router = ROUTERS[args.moe_router_type]
     for kind in ROUTERS.values():  # each router's own options
-        owner = "--moe-relu-routing" if kind.adaptive_l1 else f"--moe-router-type {kind.name}"
         for _, flag in declared_flags(kind.options):
-            note(flag, f"only used with {owner}", when=router is not kind)
+            note(flag, f"only used with {kind.routing_flag}", when=router is not kind)
     # megatron TopKRouter's options: the ReLU router says what it does instead
     # (--moe-router-load-balancing-type is honoured by ReLU routing too: 'none' turns the L1
     # regularizer's load balancing off, Eq. 9 instead of Eq. 10, so it gets no note)

@@ -236,12 +236,10 @@ def _config_path(argv) -> Optional[str]:
     return pre_parser.parse_known_args(argv)[0].config
 
 
-def _long_flags(parser) -> list:
-    # argparse keeps its actions in a private list; it has been stable for as long as argparse.
-    return [
-        flag for action in parser._actions for flag in action.option_strings
-        if flag.startswith("--")
-    ]
+def _long_flags(parser) -> dict:
+    """flag -> argparse action (argparse's private table, stable for as long as argparse)."""
+    return {flag: action for flag, action in parser._option_string_actions.items()
+            if flag.startswith("--")}
 
 
 def _parse_strictly(parser, tokens) -> argparse.Namespace:
@@ -254,7 +252,7 @@ def _parse_strictly(parser, tokens) -> argparse.Namespace:
                          "(--X switches it on, --no-X off)")
         if flag is None:
             parser.error(f"unexpected value {extras[0]!r} (no flag takes it)")
-        parser.error(unknown_flag_message(flag.split("=", 1)[0], _long_flags(parser)))
+        parser.error(unknown_flag_message(flag.split("=", 1)[0], list(_long_flags(parser))))
     return args
 
 
@@ -318,12 +316,9 @@ def _yaml_tokens(path: str, parser) -> list:
         return []
     if not isinstance(mapping, dict):
         parser.error("must be a mapping of flag names (with underscores) to values")
-    actions = {
-        flag[2:].replace("-", "_"): (flag, action)
-        for action in parser._actions
-        for flag in action.option_strings
-        if flag.startswith("--") and flag not in ("--help", "--config")
-    }
+    actions = {flag[2:].replace("-", "_"): (flag, action)
+               for flag, action in _long_flags(parser).items()
+               if flag not in ("--help", "--config")}
     tokens = []
     for key, value in mapping.items():
         if key not in actions:

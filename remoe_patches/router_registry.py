@@ -298,6 +298,12 @@ class RouterKind:
     sweep_flags: dict = field(default_factory=dict)
     """What a sweep's ``router:`` switch sets (``configs/<size>_<sweep_name>.yaml``'s settings)."""
 
+    @property
+    def routing_flag(self) -> str:
+        """The flag that asks for it: the ReMoE fork's ``--moe-relu-routing`` for ReLU routing,
+        ``--moe-router-type NAME`` otherwise."""
+        return "--moe-relu-routing" if self.adaptive_l1 else f"--moe-router-type {self.name}"
+
     def build_router(self, model: "ModelConfig", regularizer=None):
         """The ``MoESubmodules.router`` builder, or None for megatron's TopKRouter."""
         return _resolve(self.router_builder)(model, regularizer) if self.router_builder else None
