@@ -6,9 +6,10 @@ An entry (``RouterKind``) holds everything the rest of the code asks about a kin
 (``name`` in configs and checkpoints, ``title`` in tables and plots, ``sweep_name`` in sweep
 files and ``configs/<size>_<sweep_name>.yaml``), how megatron-core's MoE layer gets it (a builder
 for the ``MoESubmodules.router`` slot, or a rewrite of the decoder spec), and the properties the
-config checks, the parser and the logs need. Builders are named ``"module:function"`` and
-imported when a model is built, so this module stays free of torch and megatron (the sweep tool
-and the analysis read it without loading either).
+config checks, the parser and the logs need. ``TopKRouterFlags`` declares the flags of megatron's
+TopKRouter options that the kinds honour (``topk_router_flags``). Builders are named
+``"module:function"`` and imported when a model is built, so this module stays free of torch and
+megatron (the sweep tool and the analysis read it without loading either).
 
 Adding a router: its routing math and its megatron adapter in their own modules, its options
 dataclass and one ``RouterKind`` entry here. Nothing else compares router kinds.
