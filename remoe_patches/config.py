@@ -105,7 +105,8 @@ class ModelConfig:
 
     @property
     def is_moe(self) -> bool:
-        return self.router != "dense"
+        """Its layers hold experts (the registry entry's ``is_moe``)."""
+        return self.kind.is_moe
 
     @property
     def dense_ffn_hidden_size(self) -> int:
