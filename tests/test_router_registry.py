@@ -91,7 +91,6 @@ KIND_NAMES_ALLOWED = {
     "argument_mapping.py": "the flag parser: rewritten to ask the registry (issue 23)",
     "argument_checks.py": "--moe-relu-routing is Megatron-LM's alias of --moe-router-type relu",
     "argument_notes.py": "--moe-hash-seed's note names its router",
-    "benchmark.py": "writes pretrain_gpt.py flags per router",
 }
 
 
