@@ -145,10 +145,3 @@ def test_legacy_flat_fields_name_the_options_they_became():
         assert set(kind.legacy_defaults) <= options, kind.name
         assert not seen & set(kind.legacy_flat_fields), kind.name  # one kind per old field
         seen |= set(kind.legacy_flat_fields)
-    # every options field of the kinds that existed then had a flat field, except those added
-    # later, which get the value the old runs were trained with
-    for kind in ROUTERS.values():
-        if kind.legacy_flat_fields:
-            options = {f.name for f in dataclasses.fields(kind.options)}
-            assert options <= set(kind.legacy_flat_fields.values()) | set(
-                kind.legacy_defaults) | {"seed", "hash_type"}, kind.name
