@@ -14,7 +14,14 @@ import re
 from typing import Optional
 
 from remoe_patches.batch_rampup import iterations_for
-from remoe_patches.config import ConfigError, ModelConfig, ParallelConfig, RecipeFlags, UnbuiltFlags
+from remoe_patches.config import (
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    RecipeFlags,
+    UnbuiltFlags,
+    default_router_dtype,
+)
 from remoe_patches.flag_fields import declared_flags, refusals, values_from_args
 from remoe_patches.router_registry import MOE_GROUP, ROUTERS
 from remoe_patches.run_config import (
@@ -42,10 +49,6 @@ LLAMA_RECIPE = (
     "ReMoE's builder implements the LLaMA recipe of the paper (RMSNorm, SwiGLU, RoPE, untied "
     "embeddings, no bias, no dropout)"
 )
-
-FP32_ROUTER_FROM_EXPERTS = 32
-"""megatron-core advises fp32 routing from this many experts (it warns otherwise)."""
-
 
 def router_options_from_args(router: str, args):
     """``router``'s options dataclass from its flags."""
@@ -93,12 +96,10 @@ def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelCo
 
 
 def router_dtype(args) -> Optional[str]:
-    """``--moe-router-dtype``, or the default: fp32 from 32 experts (E x G), the model's dtype
-    below, for TopK and ReLU routing alike (README, 'Router precision')."""
+    """``--moe-router-dtype``, or ``config.default_router_dtype``'s."""
     if args.moe_router_dtype is not None:
         return args.moe_router_dtype
-    experts = (args.num_experts or 0) * args.moe_granularity
-    return "fp32" if experts >= FP32_ROUTER_FROM_EXPERTS else None
+    return default_router_dtype((args.num_experts or 0) * args.moe_granularity)
 
 
 def parallel_config_from_args(args) -> ParallelConfig:

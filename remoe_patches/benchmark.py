@@ -1,10 +1,10 @@
 """Training throughput of dense vs TopK MoE vs ReMoE models of one preset, in one process.
 
 The three models have the same active parameters per token: the dense FFN is ``k * G`` expert
-widths wide. Each is built and trained by the code ``pretrain_gpt.py`` runs (the same flags go
-through the same parser, ``training.build_training_objects`` and ``training_step.train_step``) on
-synthetic Zipf-distributed tokens that are already on the device, so that only the step is
-timed.
+widths wide. Each is built and trained by the code ``pretrain_gpt.py`` runs (its ``RunConfig``,
+``run_config``, is the one ``pretrain_gpt.py`` makes of the same settings; then
+``training.build_training_objects`` and ``training_step.train_step``) on synthetic
+Zipf-distributed tokens that are already on the device, so that only the step is timed.
 
 Phases measured (``steps`` timed steps each, after ``warmup_steps`` untimed ones):
 
@@ -35,6 +35,7 @@ as not meaningful instead of with a verdict.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import statistics
@@ -47,14 +48,20 @@ from typing import Optional
 import torch
 
 from megatron.core.transformer.moe.router import Router
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from remoe_patches.arguments import parse_run_config
-from remoe_patches.config import PRESETS, ConfigError
+from remoe_patches.config import (
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    default_router_dtype,
+)
 from remoe_patches.flops import training_flops_per_token
 from remoe_patches.host_sync import OUTSIDE_SCOPES, SOURCES, sync_counter
 from remoe_patches.parallel import local_device, seed_all
 from remoe_patches.router_registry import ROUTERS as ROUTER_KINDS
-from remoe_patches.run_config import RunConfig
+from remoe_patches.run_config import DataConfig, LayerOptions, RunConfig, TrainingConfig
 from remoe_patches.training import build_training_objects
 from remoe_patches.training_step import StepRecord, train_step
 
@@ -197,55 +204,68 @@ class PhaseResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building a model through pretrain_gpt.py's flags
+# The models' run configs
+
+# megatron's TopKRouter options the benchmark sets for every MoE model that honours them
+# (``RouterKind.topk_router_flags``; configs/*_moe.yaml's dMoE baseline: softmax before the top-k),
+# the others at megatron-core's defaults.
+_TOPK_ROUTER_SETTINGS = dict(moe_router_pre_softmax=True)
+# pretrain_gpt.py's --rotary-base default (Megatron-LM's), which the benchmark has always used
+_ROTARY_BASE = 10_000
 
 
-def training_flags(config: BenchmarkConfig, router: str, device: torch.device) -> list[str]:
-    """The ``pretrain_gpt.py`` flags of ``router``'s model under ``config``."""
+def run_config(config: BenchmarkConfig, router: str, device: torch.device) -> RunConfig:
+    """``router``'s RunConfig under ``config``: the run ``pretrain_gpt.py`` would make of the same
+    settings (mock data: the batches are ``zipf_batches``), with the preset's vocabulary."""
+    kind = ROUTER_KINDS[router]
     m = config.model_fields
-    on_gpu = device.type == "cuda"
-    flags = [
-        "--num-layers", m["num_layers"], "--hidden-size", m["hidden_size"],
-        "--num-attention-heads", m["num_attention_heads"],
-        "--group-query-attention", "--num-query-groups", m["num_query_groups"],
-        "--seq-length", m["seq_length"], "--max-position-embeddings", m["seq_length"],
-        "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
-        "--untie-embeddings-and-output-weights", "--disable-bias-linear",
-        "--init-method-std", 0.01, "--attention-dropout", 0.0, "--hidden-dropout", 0.0,
-        "--micro-batch-size", config.micro_batch_size,
-        "--global-batch-size", config.micro_batch_size * config.num_microbatches,
-        # a long, flat schedule: the benchmark's steps all run near --lr
-        "--train-iters", 1_000_000, "--lr", config.lr, "--min-lr", config.lr / 10,
-        "--lr-warmup-iters", 1, "--lr-decay-style", "cosine", "--clip-grad", 1.0,
-        "--mock-data", "--seed", config.seed,
-    ]
     ffn = m.get("ffn_hidden_size") or 4 * m["hidden_size"]
-    if router == "dense":
+    model = dict(num_layers=m["num_layers"], hidden_size=m["hidden_size"],
+                 num_attention_heads=m["num_attention_heads"],
+                 num_query_groups=m["num_query_groups"], vocab_size=m["vocab_size"],
+                 seq_length=m["seq_length"], rotary_base=_ROTARY_BASE, init_method_std=0.01,
+                 router=router)
+    layers = {}
+    if not kind.is_moe:
         # the same active parameters per token as k of the E*G experts of width ffn/G
-        flags += ["--ffn-hidden-size", config.topk * ffn]
+        model.update(ffn_hidden_size=config.topk * ffn)
     else:
-        flags += ["--num-experts", config.num_experts, "--moe-router-topk", config.topk,
-                  "--moe-granularity", config.granularity, "--moe-ffn-hidden-size", ffn,
-                  "--moe-token-dispatcher-type", config.token_dispatcher,
-                  "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", 0.01,
-                  "--moe-router-pre-softmax"]
-        # the dMoE baseline of configs/*_moe.yaml: gates scaled by E/k
-        if ROUTER_KINDS[router].megatron_topk_router:
-            flags += ["--moe-router-topk-scaling-factor", config.num_experts / config.topk]
-        else:  # ReMoE or a Table 2 baseline (configs/182m_<router>.yaml's settings)
-            flags += ["--moe-router-type", router]
-        if router == "lory":  # the paper's 256-token segments, or one segment of a short sequence
-            flags += ["--moe-lory-segment-length", math.gcd(256, m["seq_length"])]
-        if config.grouped_gemm:
-            flags += ["--moe-grouped-gemm"]
-    if config.bf16 if config.bf16 is not None else on_gpu:
-        flags += ["--bf16"]
-    if config.recompute == "moe":
-        flags += ["--moe-layer-recompute"]
+        experts = config.num_experts * config.granularity
+        model.update(
+            ffn_hidden_size=ffn, num_experts=config.num_experts, topk=config.topk,
+            granularity=config.granularity, moe_aux_loss_coeff=0.01,
+            # Lory: the paper's 256-token segments, or fewer that divide a short sequence
+            router_options=kind.default_options(m["seq_length"]),
+            token_dispatcher=config.token_dispatcher, moe_grouped_gemm=config.grouped_gemm,
+            moe_router_dtype=default_router_dtype(experts))
+        layers.update(topk_router=_topk_router_options(config, kind))
+    if config.recompute == "moe" and kind.is_moe:
+        layers.update(recompute_granularity="selective", recompute_modules=("moe",))
     elif config.recompute == "full":
-        flags += ["--recompute-granularity", "full", "--recompute-method", "uniform",
-                  "--recompute-num-layers", 1]
-    return [str(flag) for flag in flags]
+        layers.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+    on_gpu = device.type == "cuda"
+    training = TrainingConfig(
+        micro_batch_size=config.micro_batch_size,
+        global_batch_size=config.micro_batch_size * config.num_microbatches,
+        # a long, flat schedule: the benchmark's steps all run near lr
+        train_iters=1_000_000, lr=config.lr, min_lr=config.lr / 10, lr_warmup_iters=1,
+        lr_decay_style="cosine", clip_grad=1.0, seed=config.seed,
+        bf16=config.bf16 if config.bf16 is not None else on_gpu)
+    return RunConfig(model=ModelConfig(**model), parallel=ParallelConfig(), training=training,
+                     layers=LayerOptions(**layers), data=DataConfig(mock_data=True)).validate()
+
+
+def _topk_router_options(config: BenchmarkConfig, kind) -> dict:
+    """``LayerOptions.topk_router`` of ``kind``'s model: the TopKRouter options it honours."""
+    settings = dict(_TOPK_ROUTER_SETTINGS)
+    if kind.megatron_topk_router:  # the dMoE baseline of configs/*_moe.yaml: gates scaled by E/k
+        settings.update(moe_router_topk_scaling_factor=config.num_experts / config.topk)
+    names = [name for name in kind.topk_router_flags if name != "moe_aux_loss_coeff"]  # the model's
+    if kind.token_dropping:
+        names += ["moe_token_drop_policy", "moe_pad_expert_input_to_capacity"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+    return {name: settings.get(name, defaults[name]) for name in names}
 
 
 def zipf_batches(vocab_size: int, seq_length: int, micro_batch_size: int, count: int,
@@ -662,13 +682,6 @@ def _fit_together(config: BenchmarkConfig, device: torch.device, progress) -> bo
     return False
 
 
-def run_config(config: BenchmarkConfig, router: str, device: torch.device) -> RunConfig:
-    """``router``'s RunConfig, as ``pretrain_gpt.py`` would build it from ``training_flags``
-    (with the preset's vocabulary, which needs no tokenizer)."""
-    parsed = parse_run_config(training_flags(config, router, device))
-    return parsed.replace(model=dict(vocab_size=config.model_fields["vocab_size"]))
-
-
 def _block_size(total: int, rounds: int, index: int) -> int:
     """Split ``total`` steps over ``rounds`` blocks as evenly as possible."""
     return total // rounds + (1 if index < total % rounds else 0)
@@ -688,15 +701,22 @@ def step_time_ratios(results: list) -> dict:
         ratios[name] = {"ratio": value, "spread": spread, "meaningful": meaningful,
                         "at_most_1": value <= 1.0 + spread if meaningful else None}
 
-    topk = by_label.get(ROUTER_KINDS["topk"].title)
-    dense = by_label.get(ROUTER_KINDS["dense"].title)
+    # ReMoE's phases against megatron's TopK router, every MoE against the dense model
+    topk = by_label.get(_title_of(lambda kind: kind.megatron_topk_router))
+    dense = by_label.get(_title_of(lambda kind: not kind.is_moe))
     for result in results:
-        if result.router == "relu" and topk is not None:
-            ratio(f"ReMoE ({result.phase}) / TopK MoE", result, topk)
+        if ROUTER_KINDS[result.router].adaptive_l1 and topk is not None:
+            ratio(f"{result.label} / {topk.label}", result, topk)
     for result in results:
-        if result.router != "dense" and dense is not None:
-            ratio(f"{result.label} / Dense", result, dense)
+        if ROUTER_KINDS[result.router].is_moe and dense is not None:
+            ratio(f"{result.label} / {dense.label}", result, dense)
     return ratios
+
+
+def _title_of(has_property) -> str:
+    """The title of the router kind with ``has_property`` (there is one)."""
+    (kind,) = [kind for kind in ROUTER_KINDS.values() if has_property(kind)]
+    return kind.title
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,8 +758,8 @@ def format_table(report: dict) -> str:
     noisy = False
     for name, value in report["ratios"].items():
         verdict = "<= 1.00 within spread" if value["at_most_1"] else "> 1.00"
-        if "Dense" in name:
-            verdict = ""
+        if name.endswith(f"/ {_title_of(lambda kind: not kind.is_moe)}"):
+            verdict = ""  # MoE against dense: a cost, no claim to check
         if not value.get("meaningful", True):
             verdict, noisy = "not meaningful: the step times spread too much", True
         lines.append(f"{name}: {value['ratio']:.3f} (spread +-{100 * value['spread']:.1f}%)"

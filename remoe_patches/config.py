@@ -25,6 +25,15 @@ from remoe_patches.router_registry import MOE_GROUP, ROUTERS, RouterKind
 
 DROPLESS_DISPATCHERS = ("alltoall", "allgather", "sorted")
 
+FP32_ROUTER_FROM_EXPERTS = 32
+"""megatron-core advises fp32 routing from this many experts (it warns otherwise)."""
+
+
+def default_router_dtype(total_experts: int) -> Optional[str]:
+    """The router's dtype when none is asked for: fp32 from 32 experts (E x G), the model's dtype
+    below, for every router alike (README, 'Router precision')."""
+    return "fp32" if total_experts >= FP32_ROUTER_FROM_EXPERTS else None
+
 ARCH = "model architecture"
 """The argparse group of the architecture's flags (Megatron-LM's)."""
 
@@ -147,7 +156,8 @@ class ModelConfig:
 
     @property
     def is_moe(self) -> bool:
-        return self.router != "dense"
+        """Its layers hold experts (the registry entry's ``is_moe``)."""
+        return self.kind.is_moe
 
     @property
     def dense_ffn_hidden_size(self) -> int:

@@ -81,9 +81,11 @@ def reference_state(model) -> dict:
 
 def reference_config(model, model_config: ModelConfig, tokenizer: Tokenizer) -> dict:
     """``config.json``'s architecture fields (``reference_model.GPTConfig``), checked."""
+    from remoe_patches.reference_model import ROUTERS as REFERENCE_ROUTERS
+
     tc = model.config
     unsupported = [
-        (model_config.router not in ("dense", "topk", "relu"),
+        (model_config.router not in REFERENCE_ROUTERS,
          f"the {model_config.router} router (it exports Dense, TopK MoE and ReMoE models)"),
         (tc.rotary_interleaved, "interleaved rotary embedding"),
         (tc.qk_layernorm, "query/key layer norm"),

@@ -10,7 +10,7 @@ says things differently:
     iteration                                 iteration
     args.consumed_train_samples               consumed_samples
     opt_param_scheduler                       scheduler
-    model.moe_relu_l1_reg_coeff (the fork's   regularizer {coeff, multiplier, target_sparsity}
+    model.moe_relu_l1_reg_coeff (the fork's   regularizer {l1_coeff, multiplier, target_sparsity}
       lambda, a buffer of its GPTModel)
     rng_state (one per PP x TP rank)          rng_state (one per PP x TP x DP rank): not restored
     checkpoint_version, rerun_state_machine, num_floating_point_operations_so_far: not used
@@ -51,10 +51,10 @@ def training_state(common: dict, target_sparsity: Optional[float]) -> dict:
     state = dict(iteration=common.get("iteration", 0),
                  consumed_samples=getattr(args, "consumed_train_samples", 0) or 0,
                  scheduler=common.get("opt_param_scheduler"), regularizer=None)
-    coeff = (common.get("model") or {}).get("moe_relu_l1_reg_coeff")
-    if coeff is not None and target_sparsity is not None:
+    l1_coeff = (common.get("model") or {}).get("moe_relu_l1_reg_coeff")
+    if l1_coeff is not None and target_sparsity is not None:
         state["regularizer"] = dict(
-            coeff=coeff, target_sparsity=target_sparsity,
+            l1_coeff=l1_coeff, target_sparsity=target_sparsity,
             multiplier=float(getattr(args, "moe_relu_l1_reg_coeff_multiplier", 1.2)))
     return state
 

@@ -146,7 +146,7 @@ def build_regularizer(model_config: ModelConfig, device=None) -> Optional[Adapti
         target_sparsity=model_config.target_sparsity,
         num_layers=model_config.num_layers,
         num_experts=model_config.total_experts,
-        init_coeff=model_config.router_options.l1_coeff_init,
+        l1_coeff_init=model_config.router_options.l1_coeff_init,
         multiplier=model_config.router_options.l1_coeff_multiplier,
         device=device,
     )

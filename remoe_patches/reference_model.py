@@ -61,8 +61,6 @@ import torch.nn.functional as F
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-ROUTERS = ("dense", "topk", "relu")
-"""The routers implemented here: each routes a token by itself alone, so the cache is exact."""
 
 
 @dataclass
@@ -191,26 +189,42 @@ class SwiGLU(nn.Module):
         return self.linear_fc2(F.silu(gate) * up)
 
 
+def topk_gates(cfg: GPTConfig, logits):
+    """TopK MoE (megatron's TopKRouter with softmax scores)."""
+    k = cfg.topk
+    if cfg.moe_router_pre_softmax:
+        top, index = logits.softmax(dim=-1).topk(k, dim=-1)
+    else:
+        top, index = logits.topk(k, dim=-1)
+        top = top.softmax(dim=-1)
+    if cfg.moe_router_topk_scaling_factor:
+        top = top * cfg.moe_router_topk_scaling_factor
+    return torch.zeros_like(logits).scatter(-1, index, top)
+
+
+def relu_gates(cfg: GPTConfig, logits):
+    """ReMoE (Eq. 5)."""
+    return F.relu(logits)
+
+
+MOE_GATES = {"topk": topk_gates, "relu": relu_gates}
+"""The MoE routers by ``GPTConfig.router``: ``gates(cfg, logits [T, E])`` -> gates [T, E], zero
+where an expert is inactive."""
+ROUTERS = ("dense", *MOE_GATES)
+"""The routers implemented here (dense: no experts): each routes a token by itself alone, so the
+cache is exact."""
+
+
 class Router(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
+        self.gates = MOE_GATES[cfg.router]
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
 
     def forward(self, x):
         """x: [T, hidden] -> gates [T, E], zero where an expert is inactive."""
-        logits = x @ self.weight.t()
-        if self.cfg.router == "relu":
-            return F.relu(logits)
-        k = self.cfg.topk
-        if self.cfg.moe_router_pre_softmax:
-            top, index = logits.softmax(dim=-1).topk(k, dim=-1)
-        else:
-            top, index = logits.topk(k, dim=-1)
-            top = top.softmax(dim=-1)
-        if self.cfg.moe_router_topk_scaling_factor:
-            top = top * self.cfg.moe_router_topk_scaling_factor
-        return torch.zeros_like(logits).scatter(-1, index, top)
+        return self.gates(self.cfg, x @ self.weight.t())
 
 
 class Experts(nn.Module):
@@ -244,8 +258,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
         self.self_attention = Attention(cfg, layer_index)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size) if cfg.router == "dense" \
-            else MoE(cfg)
+        self.mlp = MoE(cfg) if cfg.router in MOE_GATES \
+            else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
 
     def forward(self, x_BSD, angles_B1Sd, allowed_B1ST, cache=None):
         x_BSD = x_BSD + self.self_attention(self.input_layernorm(x_BSD), angles_B1Sd,

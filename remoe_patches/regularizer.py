@@ -103,7 +103,7 @@ class RoutingStats:
     """Each layer's L_reg (Eq. 9 or 10), averaged over micro-batches and data-parallel ranks."""
     expert_load_LE: torch.Tensor
     """Each expert's share of its layer's tokens."""
-    coeff: torch.Tensor
+    l1_coeff: torch.Tensor
     """The lambda this step trained with (before the update)."""
 
 
@@ -115,10 +115,10 @@ class AdaptiveL1:
         target_sparsity: ``1 - k/E``, the sparsity the coefficient steers towards.
         num_layers: transformer layers of the whole model (all pipeline stages).
         num_experts: experts per MoE layer (for the expert-load statistics).
-        init_coeff: ``lambda_0``.
+        l1_coeff_init: ``lambda_0``.
         multiplier: ``alpha`` > 1; ``lambda *= alpha`` while too dense, ``/= alpha`` otherwise
             (a step exactly at the target divides, as in the authors' code).
-        device: where ``coeff`` and the statistics live (the model's device).
+        device: where ``l1_coeff`` and the statistics live (the model's device).
     """
 
     def __init__(
@@ -126,7 +126,7 @@ class AdaptiveL1:
         target_sparsity: float,
         num_layers: int,
         num_experts: int = 1,
-        init_coeff: float = 1e-8,
+        l1_coeff_init: float = 1e-8,
         multiplier: float = 1.2,
         device: Optional[torch.device | str] = None,
     ):
@@ -134,23 +134,23 @@ class AdaptiveL1:
             raise ValueError(f"AdaptiveL1.target_sparsity={target_sparsity} must be in [0, 1)")
         if multiplier <= 1.0:
             raise ValueError(f"AdaptiveL1.multiplier={multiplier} must be > 1")
-        if init_coeff <= 0.0:
-            raise ValueError(f"AdaptiveL1.init_coeff={init_coeff} must be > 0")
+        if l1_coeff_init <= 0.0:
+            raise ValueError(f"AdaptiveL1.l1_coeff_init={l1_coeff_init} must be > 0")
         self.target_sparsity = float(target_sparsity)
         self.multiplier = float(multiplier)
         self.num_layers = int(num_layers)
         self.num_experts = int(num_experts)
-        self.coeff = torch.tensor(init_coeff, dtype=torch.float32, device=device)
+        self.l1_coeff = torch.tensor(l1_coeff_init, dtype=torch.float32, device=device)
         self._stats_LC = torch.zeros(
             self.num_layers, _LOAD + self.num_experts, dtype=torch.float32, device=device
         )
 
     @property
     def device(self) -> torch.device:
-        return self.coeff.device
+        return self.l1_coeff.device
 
     def to(self, device: torch.device | str) -> "AdaptiveL1":
-        self.coeff = self.coeff.to(device)
+        self.l1_coeff = self.l1_coeff.to(device)
         self._stats_LC = self._stats_LC.to(device)
         return self
 
@@ -205,7 +205,7 @@ class AdaptiveL1:
             reg_loss_L=torch.where(is_moe_L, stats_LC[:, _TOKEN_REG_LOSS] / tokens_L1[:, 0],
                                    torch.nan),
             expert_load_LE=expert_load_LE,
-            coeff=self.coeff,
+            l1_coeff=self.l1_coeff,
         )
         if update:
             self.update(sparsity)
@@ -213,20 +213,22 @@ class AdaptiveL1:
 
     def update(self, sparsity: torch.Tensor) -> None:
         """Eq. 7: ``lambda *= alpha`` when sparsity < target, else ``lambda /= alpha``."""
-        too_dense = sparsity.to(self.coeff.device) < self.target_sparsity
+        too_dense = sparsity.to(self.l1_coeff.device) < self.target_sparsity
         factor = torch.where(too_dense, self.multiplier, 1.0 / self.multiplier)
         # A new tensor, not an in-place update: graphs still waiting for their backward saved
-        # the old value (and RoutingStats.coeff keeps the one the step used).
-        self.coeff = self.coeff * factor.to(self.coeff.dtype)
+        # the old value (and RoutingStats.l1_coeff keeps the one the step used).
+        self.l1_coeff = self.l1_coeff * factor.to(self.l1_coeff.dtype)
 
     def state_dict(self) -> dict:
         return {
-            "coeff": self.coeff.detach().clone(),
+            "l1_coeff": self.l1_coeff.detach().clone(),
             "multiplier": self.multiplier,
             "target_sparsity": self.target_sparsity,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.coeff = torch.as_tensor(state["coeff"], dtype=torch.float32).to(self.device).clone()
+        """Restore ``state_dict``'s state; checkpoints written before the rename hold ``coeff``."""
+        l1_coeff = state["l1_coeff"] if "l1_coeff" in state else state["coeff"]
+        self.l1_coeff = torch.as_tensor(l1_coeff, dtype=torch.float32).to(self.device).clone()
         self.multiplier = float(state["multiplier"])
         self.target_sparsity = float(state["target_sparsity"])

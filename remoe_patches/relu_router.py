@@ -4,9 +4,9 @@ Shape suffixes: T = tokens this rank routes, E = experts.
 
 The router returns what megatron-core's dropless token dispatchers expect: ``probs_TE`` (the ReLU
 gates, zero where inactive) and ``routing_map_TE`` (gate > 0). During training the gates' backward
-adds the gradient of ``coeff * L_reg_l / num_moe_layers``, scaled like the LM loss's gradient over
-micro-batches (the scale megatron's ``MoEAuxLossAutoScaler`` holds for its aux losses), so the LM
-loss it reports is unchanged; and it records the layer's reg loss and expert counts in the
+adds the gradient of ``l1_coeff * L_reg_l / num_moe_layers``, scaled like the LM loss's gradient
+over micro-batches (the scale megatron's ``MoEAuxLossAutoScaler`` holds for its aux losses), so the
+LM loss it reports is unchanged; and it records the layer's reg loss and expert counts in the
 regularizer, the one owner of the step's routing statistics (not megatron's global aux-loss
 tracker).
 
@@ -103,7 +103,7 @@ class ReLURouter(Router):
         return gates_TE, relu_gates.active_mask(gates_TE)
 
     def _routing_with_regularizer(self, logits_TE):
-        """The gates, whose backward adds ``coeff * dL_reg/dR / num_moe_layers`` (the loss is
+        """The gates, whose backward adds ``l1_coeff * dL_reg/dR / num_moe_layers`` (the loss is
         linear in the gates), scaled like the LM loss's gradient as megatron's aux losses are."""
         routing_map_TE = relu_gates.active_mask(logits_TE)  # ReLU keeps the sign
         local_num_tokens = logits_TE.shape[0]
@@ -117,7 +117,7 @@ class ReLURouter(Router):
                                        self.load_balancing)
 
         # The model's L_reg is the mean over MoE layers (spec Eq. 9/10 with their 1/L).
-        weight = self.regularizer.coeff / self.num_moe_layers
+        weight = self.regularizer.l1_coeff / self.num_moe_layers
         if self.calculate_per_token_loss:
             # megatron then divides every gradient by the token count; undo it as its aux loss does.
             weight = weight * local_num_tokens

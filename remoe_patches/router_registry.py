@@ -18,6 +18,7 @@ dataclass and one ``RouterKind`` entry here. Nothing else compares router kinds.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -180,6 +181,12 @@ class LoryOptions:
     """The first segment is routed from its own mean without gradient (the paper's rule), or
     ``uniform`` (strictly causal)."""
 
+    @classmethod
+    def for_sequence_length(cls, seq_length: int) -> "LoryOptions":
+        """The defaults with segments that divide ``seq_length``: the paper's 256 tokens, or the
+        largest power of two dividing both (one segment of a shorter power-of-two sequence)."""
+        return cls(segment_length=math.gcd(cls().segment_length, seq_length))
+
     def validate(self, model: "ModelConfig") -> list:
         problems = []
         if self.segment_length < 1 or model.seq_length % self.segment_length:
@@ -259,8 +266,19 @@ class RouterKind:
     """Sweep files' ``router:`` and ``configs/<size>_<sweep_name>.yaml``: ``remoe``."""
     summary: str
     """Half a line for ``--moe-router-type``'s help."""
+    is_moe: bool = True
+    """Its layers hold experts (and a router); False: a dense FFN."""
     options: type = NoOptions
     """Its options dataclass (``ModelConfig.router_options``)."""
+    options_for_sequence_length: Optional[Callable] = None
+    """``function(seq_length)``: its default options fitted to sequences of that length, where a
+    default must divide it (Lory's segments); None: ``options()``."""
+    legacy_flat_fields: dict = field(default_factory=dict)
+    """Checkpoints from before the registry held the router options as flat ``ModelConfig``
+    fields: each old field's name mapped to the options field it became."""
+    legacy_defaults: dict = field(default_factory=dict)
+    """Options fields for a run saved with the flat fields that did not exist yet then, set to
+    what such a run was trained with (``run_config`` rebuilds it from them)."""
     router_builder: Optional[str] = None
     """``"module:function"``, ``function(model_config, regularizer)`` returning the builder of
     megatron-core's ``MoESubmodules.router`` slot; None keeps megatron's TopKRouter."""
@@ -294,8 +312,6 @@ class RouterKind:
     row at a time)."""
     expert_parallel: bool = True
     """Its experts can be split over ranks (EP > 1)."""
-    is_moe: bool = True
-    """It has experts (all but dense)."""
     sweep_flags: dict = field(default_factory=dict)
     """What a sweep's ``router:`` switch sets (``configs/<size>_<sweep_name>.yaml``'s settings)."""
 
@@ -304,6 +320,12 @@ class RouterKind:
         """The flag that asks for it: the ReMoE fork's ``--moe-relu-routing`` for ReLU routing,
         ``--moe-router-type NAME`` otherwise."""
         return "--moe-relu-routing" if self.adaptive_l1 else f"--moe-router-type {self.name}"
+
+    def default_options(self, seq_length: int):
+        """Its options' defaults for a model of sequences of ``seq_length`` tokens."""
+        if self.options_for_sequence_length is not None:
+            return self.options_for_sequence_length(seq_length)
+        return self.options()
 
     def build_router(self, model: "ModelConfig", regularizer=None):
         """The ``MoESubmodules.router`` builder, or None for megatron's TopKRouter."""
@@ -337,8 +359,7 @@ def _capacity_times_k(model) -> float:
 
 
 ROUTERS: dict = {kind.name: kind for kind in (
-    RouterKind("dense", "Dense", "dense", "no experts", active_experts=_no_experts,
-               is_moe=False),
+    RouterKind("dense", "Dense", "dense", "no experts", is_moe=False, active_experts=_no_experts),
     RouterKind(
         "topk", "TopK MoE", "moe", "megatron's TopKRouter (default)",
         megatron_topk_router=True, topk_router_flags=TOPK_ROUTER_FLAGS, switch_aux_loss=True,
@@ -351,31 +372,45 @@ ROUTERS: dict = {kind.name: kind for kind in (
         "relu", "ReMoE", "remoe", "ReMoE's ReLU router", options=ReLUOptions,
         router_builder="remoe_patches.relu_router:router_builder_for",
         adaptive_l1=True, experts_per_token_vary=True,
+        legacy_flat_fields=dict(relu_l1_coeff_init="l1_coeff_init",
+                                relu_l1_coeff_multiplier="l1_coeff_multiplier",
+                                relu_load_balancing="load_balancing"),
         sweep_flags=dict(moe_relu_routing=True)),
     RouterKind(
         "hash", "Hash", "hash", "Hash Layers", options=HashOptions,
         router_builder="remoe_patches.hash_router:router_builder_for",
         prepare_model="remoe_patches.hash_router:feed_token_ids",
         active_experts=_one_expert, routes_by_token_ids=True,
+        legacy_flat_fields=dict(hash_type="hash_type", hash_seed="seed"),
+        # Saved before the hash type existed: hash runs then used the seeded random permutation
+        # and must be rebuilt with the map they were trained with.
+        legacy_defaults=dict(hash_type="random_permutation"),
         sweep_flags=dict(moe_router_type="hash")),
     RouterKind(
         "expert_choice", "Expert Choice", "ec", "Expert Choice", options=ExpertChoiceOptions,
         router_builder="remoe_patches.expert_choice_router:router_builder_for",
         active_experts=_capacity_times_k, experts_per_token_vary=True, routes_by_neighbours=True,
+        legacy_flat_fields=dict(expert_choice_capacity_factor="capacity_factor",
+                                expert_choice_group="group"),
         sweep_flags=dict(moe_router_type="expert_choice")),
     RouterKind(
         "sparsemixer", "SparseMixer-v2", "sparsemixer", "SparseMixer-v2",
         options=SparseMixerOptions,
         router_builder="remoe_patches.sparsemixer_router:router_builder_for",
         topk_router_flags=("moe_aux_loss_coeff", "moe_input_jitter_eps", "moe_z_loss_coeff"),
-        switch_aux_loss=True,
+        switch_aux_loss=True, legacy_flat_fields=dict(sparsemixer_jitter_eps="jitter_eps"),
         # GRIN's Switch aux loss
         sweep_flags=dict(moe_router_type="sparsemixer", moe_router_load_balancing_type="aux_loss",
                          moe_aux_loss_coeff=0.01)),
     RouterKind(
         "lory", "Lory", "lory", "Lory (merged experts)", options=LoryOptions,
+        options_for_sequence_length=LoryOptions.for_sequence_length,
         block_spec="remoe_patches.lory_layer:block_spec_for",
         active_experts=_one_expert, routes_by_neighbours=True, expert_parallel=False,
+        legacy_flat_fields=dict(lory_segment_length="segment_length",
+                                lory_dense_warmup_fraction="dense_warmup_fraction",
+                                lory_first_segment="first_segment"),
+        legacy_defaults=dict(dense_warmup_fraction=0.0),  # trained before the warm-up existed
         sweep_flags=dict(moe_router_type="lory")),
 )}
 """Every router kind by ``name``."""

@@ -555,21 +555,6 @@ class RunConfig:
         return cls(**parts)
 
 
-# ModelConfig's flat router fields before the router registry: the field of the router's options
-# each became. A run saved then holds them all, whatever its router.
-_FLAT_ROUTER_FIELDS = {
-    "relu": dict(relu_l1_coeff_init="l1_coeff_init", relu_l1_coeff_multiplier="l1_coeff_multiplier",
-                 relu_load_balancing="load_balancing"),
-    "hash": dict(hash_type="hash_type", hash_seed="seed"),
-    "expert_choice": dict(expert_choice_capacity_factor="capacity_factor",
-                          expert_choice_group="group"),
-    "sparsemixer": dict(sparsemixer_jitter_eps="jitter_eps"),
-    "lory": dict(lory_segment_length="segment_length",
-                 lory_dense_warmup_fraction="dense_warmup_fraction",
-                 lory_first_segment="first_segment"),
-}
-
-
 def _model_values(values: dict) -> dict:
     """ModelConfig's keyword arguments from its saved fields, its router's options rebuilt (also
     from a run saved with the flat router fields of older versions)."""
@@ -577,18 +562,15 @@ def _model_values(values: dict) -> dict:
     kind = ROUTERS.get(router)
     if kind is None:
         raise ConfigError(f"RunConfig.model.router: {router!r} is not one of {', '.join(ROUTERS)}")
-    flat = {old: new for fields in _FLAT_ROUTER_FIELDS.values() for old, new in fields.items()}
+    # A run saved with the flat router fields holds them all, whatever its router.
+    flat = {old for other in ROUTERS.values() for old in other.legacy_flat_fields}
     saved_flat = {key: values.pop(key) for key in list(values) if key in flat}
     options = values.get("router_options")
     if options is None:
-        options = {new: saved_flat[old] for old, new in _FLAT_ROUTER_FIELDS.get(router, {}).items()
+        options = {new: saved_flat[old] for old, new in kind.legacy_flat_fields.items()
                    if old in saved_flat}
-        if saved_flat and router == "hash" and "hash_type" not in options:
-            # Saved before the hash type existed: hash runs then used the seeded random
-            # permutation, and must be rebuilt with the map they were trained with.
-            options["hash_type"] = "random_permutation"
-        if saved_flat and router == "lory" and "dense_warmup_fraction" not in options:
-            options["dense_warmup_fraction"] = 0.0  # trained before the warm-up existed
+        if saved_flat:
+            options = {**kind.legacy_defaults, **options}
     if isinstance(options, dict):
         known = {f.name for f in dataclasses.fields(kind.options)}
         unknown = sorted(set(options) - known)

@@ -331,7 +331,7 @@ def resolve_flags(base: dict, values: dict, *, where: str, environ) -> dict:
                              "the router key sets it")
         for key in ROUTER_IDENTITY:
             flags.pop(key, None)
-        if router == "dense":
+        if not SWEEP_NAMES[router].is_moe:
             flags = {k: v for k, v in flags.items() if not _is_moe_flag(k)}
         else:
             flags.update(ROUTER_SWITCHES[router])
@@ -345,7 +345,7 @@ def resolve_flags(base: dict, values: dict, *, where: str, environ) -> dict:
         # or k (a config's 8.0 is E/k for its E=8, k=1); the sweep can set the value itself.
         topk = flags.get("moe_router_topk", MOE_DEFAULTS["moe_router_topk"])
         flags["moe_router_topk_scaling_factor"] = float(flags["num_experts"]) / topk
-    if router == "dense":
+    if router is not None and not SWEEP_NAMES[router].is_moe:
         flags = {k: v for k, v in flags.items() if not _is_moe_flag(k)}
     flags = {key: _expand(value, where, environ) for key, value in flags.items()}
     for key in LIST_FLAGS:

@@ -462,7 +462,7 @@ def _report_load(ckpt, restored, regularizer, fresh_run, skip_train=False) -> No
     details = [f"iteration {restored['iteration']}",
                f"consumed samples {restored['consumed_samples']:,}"]
     if regularizer is not None:
-        details.append(f"l1 coeff {float(regularizer.coeff):.4E}")
+        details.append(f"l1 coeff {float(regularizer.l1_coeff):.4E}")
     weights_only = " (weights only: --no-load-optim)" if ckpt.no_load_optim else ""
     if restored.get("megatron_lm"):
         weights_only += " (Megatron-LM's layout; its RNG states are not restored)"
@@ -687,7 +687,7 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
         reg_loss_L = torch.stack([r.routing.reg_loss_L for r in records]).mean(0)
         out.update(
             reg_loss=_mean(float(r.routing.reg_loss_L[moe_layers].mean()) for r in records),
-            l1_coeff=float(last.routing.coeff),
+            l1_coeff=float(last.routing.l1_coeff),
             sparsity=_mean(float(r.routing.sparsity) for r in records),
             sparsity_min=float(sparsity_L[moe_layers].min()),
             sparsity_max=float(sparsity_L[moe_layers].max()),

@@ -81,7 +81,7 @@ def run_step(rank, world_size, *, ckpt_dir, parallel_kwargs, model_kwargs, globa
             stats = built.regularizer.finish_step()
             result.update(reg_loss_L=stats.reg_loss_L, sparsity_L=stats.sparsity_L,
                           expert_load_LE=stats.expert_load_LE, step_sparsity=stats.sparsity,
-                          coeff=built.regularizer.coeff.clone())
+                          l1_coeff=built.regularizer.l1_coeff.clone())
 
         # (a hash router's weight is frozen: no gradient)
         grads = {name: param.main_grad.clone() for name, param in model.named_parameters()

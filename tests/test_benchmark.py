@@ -22,6 +22,7 @@ from remoe_patches import benchmark
 from remoe_patches.benchmark import BenchmarkConfig, format_table, run_benchmark
 from remoe_patches.config import ConfigError, ModelConfig
 from remoe_patches.relu_router import ReLURouter
+from remoe_patches.run_config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(preset="tiny", micro_batch_size=4, warmup_steps=2, steps=4, stage1_steps=3,
@@ -213,9 +214,34 @@ def test_config_errors_name_the_field():
 
 
 def test_dense_twin_has_the_same_active_parameters():
-    flags = benchmark.training_flags(BenchmarkConfig(topk=2), "dense",
-                                     benchmark.torch.device("cpu"))
-    assert flags[flags.index("--ffn-hidden-size") + 1] == str(2 * 4 * 64)
+    config = benchmark.run_config(BenchmarkConfig(topk=2), "dense", benchmark.torch.device("cpu"))
+    assert config.model.ffn_hidden_size == 2 * 4 * 64
+
+
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_run_configs_are_the_runs_the_benchmark_describes(granularity):
+    bench = BenchmarkConfig(topk=2, granularity=granularity, num_microbatches=3,
+                            model_overrides=dict(seq_length=96))
+    cpu, cuda = benchmark.torch.device("cpu"), benchmark.torch.device("cuda")
+    dense = benchmark.run_config(bench, "dense", cpu).model
+    for router in benchmark.ROUTERS:
+        if {"hash": 1, "sparsemixer": 2}.get(router, 8) < granularity * bench.topk:
+            continue  # one (Hash) or at most two (SparseMixer-v2) experts per token
+        config = benchmark.run_config(bench, router, cpu)
+        assert RunConfig.from_dict(config.to_dict()) == config  # what a checkpoint stores
+        model = config.model
+        assert model.router == router and model.vocab_size == 512 and model.seq_length == 96
+        assert config.training.global_batch_size == 3 * bench.micro_batch_size
+        assert config.data.mock_data and not config.training.bf16
+        assert benchmark.run_config(bench, router, cuda).training.bf16  # bf16 by default on GPUs
+        if router in ("topk", "relu"):  # k*G experts of width ffn/G: the dense twin's width
+            assert model.nominal_active_experts * model.expert_ffn_hidden_size == \
+                dense.ffn_hidden_size
+        if router == "topk":  # the dMoE baseline: softmax first, gates scaled by E/k
+            assert config.layers.topk_router["moe_router_pre_softmax"]
+            assert config.layers.topk_router["moe_router_topk_scaling_factor"] == 8 / 2
+        if router == "lory":  # 256-token segments do not divide 96 tokens
+            assert model.router_options.segment_length == 32
 
 
 @pytest.mark.integration

@@ -49,7 +49,7 @@ class Crash(RuntimeError):
 
 def test_crash_mid_write_keeps_previous_checkpoint(single_rank, tmp_path, monkeypatch):
     built, ddp, optimizer, scheduler = make_run(single_rank)
-    built.regularizer.coeff = torch.tensor(0.25)
+    built.regularizer.l1_coeff = torch.tensor(0.25)
     checkpointing.save_checkpoint(str(tmp_path), 1, [ddp], optimizer, scheduler,
                                   consumed_samples=4, regularizer=built.regularizer)
     saved = weights(built.model)
@@ -77,7 +77,7 @@ def test_crash_mid_write_keeps_previous_checkpoint(single_rank, tmp_path, monkey
     restored = checkpointing.load_checkpoint(str(tmp_path), [fresh_ddp], fresh_optimizer,
                                              fresh_scheduler, regularizer=fresh.regularizer)
     assert restored["iteration"] == 1 and restored["consumed_samples"] == 4
-    assert fresh.regularizer.coeff.item() == 0.25
+    assert fresh.regularizer.l1_coeff.item() == 0.25
     for key, value in weights(fresh.model).items():
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
 

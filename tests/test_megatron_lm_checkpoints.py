@@ -56,7 +56,7 @@ def write_megatron_lm_checkpoint(root, iteration, objects, args) -> None:
     model_state = ddp.module.module.sharded_state_dict(metadata=with_group)  # DDP > Float16Module
     optimizer_state = objects.optimizer.sharded_state_dict(model_state, is_loading=False,
                                                            metadata=with_group)
-    model_state["moe_relu_l1_reg_coeff"] = objects.regularizer.coeff.detach().clone()
+    model_state["moe_relu_l1_reg_coeff"] = objects.regularizer.l1_coeff.detach().clone()
     state = dict(
         args=args, checkpoint_version=3.0, iteration=iteration, model=model_state,
         optimizer=optimizer_state, opt_param_scheduler=objects.scheduler.state_dict(),
@@ -94,7 +94,7 @@ def two_layouts(corpus, single_rank, tmp_path):
         train_step(objects.model_chunks, objects.optimizer, objects.scheduler,
                    objects.regularizer, [batch, batch], seq_length=seq, micro_batch_size=2,
                    global_batch_size=4)
-    assert objects.regularizer.coeff != config.model.router_options.l1_coeff_init
+    assert objects.regularizer.l1_coeff != config.model.router_options.l1_coeff_init
     ours, megatron_lm = root / "ours", root / "megatron_lm"
     checkpointing.save_checkpoint(str(ours), 2, objects.model_chunks, objects.optimizer,
                                   objects.scheduler, consumed_samples=8,

@@ -1,7 +1,7 @@
 """megatron-core GPTModels built by remoe_patches.model, on one CPU rank.
 
 Dense, TopK MoE and ReMoE models run forward and backward; ReMoE's regularizer reaches the
-router weights with exactly the gradient of ``coeff * mean_l L_reg,l`` and leaves the LM loss
+router weights with exactly the gradient of ``l1_coeff * mean_l L_reg,l`` and leaves the LM loss
 unchanged; tokens without experts pass through the residual; empty experts work.
 """
 
@@ -99,8 +99,8 @@ def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
     params = [p for p in model.parameters()]
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
 
-    def run(coeff):
-        regularizer.coeff.fill_(coeff)
+    def run(l1_coeff):
+        regularizer.l1_coeff.fill_(l1_coeff)
         inputs = []
         hooks = [r.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
                  for r in routers]
@@ -113,11 +113,11 @@ def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
     grads_without = torch.autograd.grad(loss_without, params, retain_graph=True)
     expected_reg, expected_per_layer = reference_reg_loss(inputs, [r.weight for r in routers],
                                                           topk=2)
-    coeff = 0.7
-    expected_extra = torch.autograd.grad(coeff * expected_reg, params, allow_unused=True)
+    l1_coeff = 0.7
+    expected_extra = torch.autograd.grad(l1_coeff * expected_reg, params, allow_unused=True)
     regularizer.finish_step(update=False)  # drop the records of the run above
 
-    loss_with, _ = run(coeff)
+    loss_with, _ = run(l1_coeff)
     grads_with = torch.autograd.grad(loss_with, params)
     assert loss_with.item() == loss_without.item()
     torch.testing.assert_close(regularizer.finish_step(update=False).reg_loss_L,

@@ -95,7 +95,7 @@ def test_two_ranks_match_one(references, tmp_path, layout):
         # with pipeline parallelism only the last stage computes the loss
         if not torch.isnan(result["lm_loss"]):
             torch.testing.assert_close(result["lm_loss"], expected["lm_loss"], rtol=1e-5, atol=0)
-        for key in ("reg_loss_L", "sparsity_L", "expert_load_LE", "step_sparsity", "coeff"):
+        for key in ("reg_loss_L", "sparsity_L", "expert_load_LE", "step_sparsity", "l1_coeff"):
             assert (key in result) == (key in expected), key
             if key in expected:
                 torch.testing.assert_close(result[key], expected[key], rtol=1e-5, atol=1e-7,

@@ -21,7 +21,7 @@ from routing_references import E, K, T, logits_away_from_zero
 
 
 def test_scripted_sparsity_sequence_with_tie():
-    reg = AdaptiveL1(target_sparsity=0.875, num_layers=1, init_coeff=1e-8, multiplier=1.2)
+    reg = AdaptiveL1(target_sparsity=0.875, num_layers=1, l1_coeff_init=1e-8, multiplier=1.2)
     sparsities = [0.5, 0.6, 0.9, 0.875, 0.874, 1.0]
     # too dense -> *alpha; too sparse or exactly at target -> /alpha
     exponents = [+1, +1, -1, -1, +1, -1]
@@ -29,8 +29,8 @@ def test_scripted_sparsity_sequence_with_tie():
     for sparsity, exponent in zip(sparsities, exponents):
         reg.update(torch.tensor(sparsity))
         expected *= 1.2 ** exponent
-        assert reg.coeff.item() == pytest.approx(expected, rel=1e-6)
-    assert reg.coeff.dtype == torch.float32 and reg.coeff.dim() == 0
+        assert reg.l1_coeff.item() == pytest.approx(expected, rel=1e-6)
+    assert reg.l1_coeff.dtype == torch.float32 and reg.l1_coeff.dim() == 0
 
 
 def test_step_statistics_average_micro_batches_then_moe_layers():
@@ -74,14 +74,14 @@ def test_replicated_records_count_once_and_loss_shares_add_up():
     summed = shards[0]
     summed._stats_LC += shards[1]._stats_LC  # the all-reduce over the two ranks
     expected, got = whole.finish_step(), summed.finish_step()
-    for field in ("sparsity", "sparsity_L", "reg_loss_L", "expert_load_LE", "coeff"):
+    for field in ("sparsity", "sparsity_L", "reg_loss_L", "expert_load_LE", "l1_coeff"):
         torch.testing.assert_close(getattr(got, field), getattr(expected, field))
     assert expected.sparsity.item() == pytest.approx(0.5)
-    assert summed.coeff.item() == whole.coeff.item()
+    assert summed.l1_coeff.item() == whole.l1_coeff.item()
 
 
 def test_finish_step_updates_from_the_reduced_value():
-    reg = AdaptiveL1(target_sparsity=0.875, num_layers=2, num_experts=8, init_coeff=1.0,
+    reg = AdaptiveL1(target_sparsity=0.875, num_layers=2, num_experts=8, l1_coeff_init=1.0,
                      multiplier=2.0)
 
     def record(layer, active_pairs):  # of 10 tokens x 8 experts
@@ -92,25 +92,36 @@ def test_finish_step_updates_from_the_reduced_value():
     record(2, 16.0)  # sparsity 0.8: mean 0.85 < 0.875, too dense
     stats = reg.finish_step()
     assert stats.sparsity.item() == pytest.approx(0.85)
-    assert reg.coeff.item() == 2.0
-    assert stats.coeff.item() == 1.0  # the coefficient the step trained with
+    assert reg.l1_coeff.item() == 2.0
+    assert stats.l1_coeff.item() == 1.0  # the coefficient the step trained with
     # a skipped step's statistics are consumed without an update
     record(1, 72.0)
     reg.finish_step(update=False)
-    assert reg.coeff.item() == 2.0
+    assert reg.l1_coeff.item() == 2.0
 
 
 def test_state_round_trip():
-    reg = AdaptiveL1(target_sparsity=0.75, num_layers=2, init_coeff=3e-4, multiplier=1.3)
+    reg = AdaptiveL1(target_sparsity=0.75, num_layers=2, l1_coeff_init=3e-4, multiplier=1.3)
     reg.update(torch.tensor(0.1))
-    restored = AdaptiveL1(target_sparsity=0.5, num_layers=2, init_coeff=1.0, multiplier=1.1)
+    restored = AdaptiveL1(target_sparsity=0.5, num_layers=2, l1_coeff_init=1.0, multiplier=1.1)
     restored.load_state_dict(reg.state_dict())
-    assert restored.coeff.item() == reg.coeff.item()
+    assert restored.l1_coeff.item() == reg.l1_coeff.item()
     assert (restored.multiplier, restored.target_sparsity) == (1.3, 0.75)
     # the saved state is a copy, not a view of the live coefficient
     state = reg.state_dict()
     reg.update(torch.tensor(0.1))
-    assert state["coeff"].item() != reg.coeff.item()
+    assert state["l1_coeff"].item() != reg.l1_coeff.item()
+
+
+def test_state_saved_before_the_rename_loads():
+    # checkpoints written before the coefficient was named l1_coeff hold it as "coeff"
+    old_state = {"coeff": torch.tensor(2.5e-6), "multiplier": 1.3, "target_sparsity": 0.75}
+    restored = AdaptiveL1(target_sparsity=0.5, num_layers=2, l1_coeff_init=1.0, multiplier=1.1)
+    restored.load_state_dict(old_state)
+    assert restored.l1_coeff.item() == pytest.approx(2.5e-6)
+    assert restored.l1_coeff.dtype == torch.float32
+    assert (restored.multiplier, restored.target_sparsity) == (1.3, 0.75)
+    assert set(restored.state_dict()) == {"l1_coeff", "multiplier", "target_sparsity"}
 
 
 @pytest.mark.parametrize(
@@ -118,7 +129,7 @@ def test_state_round_trip():
     [
         (dict(target_sparsity=1.0), "target_sparsity"),
         (dict(target_sparsity=0.5, multiplier=1.0), "multiplier"),
-        (dict(target_sparsity=0.5, init_coeff=0.0), "init_coeff"),
+        (dict(target_sparsity=0.5, l1_coeff_init=0.0), "l1_coeff_init"),
     ],
 )
 def test_bad_settings_name_the_field(kwargs, field):

@@ -13,6 +13,7 @@ import pytest
 
 from remoe_patches import router_registry
 from remoe_patches.arguments import parse_run_config
+from remoe_patches.config import PRESETS, ModelConfig, ParallelConfig
 from remoe_patches.flag_fields import declared_flags, flag_dest
 from remoe_patches.router_registry import ROUTERS, SWEEP_NAMES
 
@@ -83,25 +84,20 @@ def test_the_registry_loads_without_torch():
     assert out.split() == ["False", "False"]
 
 
-# Modules that may still name router kinds, and why.
+# Modules that may still compare router kinds, and why.
 KIND_NAMES_ALLOWED = {
     "router_registry.py": "the registry",
-    "run_config.py": "reading runs saved before the registry (their flat router fields)",
-    "reference_model.py": "self-contained (copied into exports): dense, TopK and ReLU only",
-    "hf_export.py": "exports what reference_model.py implements",
-    "argument_checks.py": "--moe-relu-routing is Megatron-LM's alias of --moe-router-type relu",
-    "argument_notes.py": "--moe-hash-seed's note names its router",
-    "sweep.py": "reads a run's router back from its flags (--moe-relu-routing)",
-    "benchmark.py": "writes pretrain_gpt.py flags per router; the ReMoE / TopK ratio row",
 }
 
 
 def test_no_router_kind_comparisons_outside_the_registry():
-    kinds = "|".join(name for name in ROUTERS if name != "dense")
+    kinds = "|".join(ROUTERS)
     comparison = re.compile(rf"""(==|!=)\s*["']({kinds})["']|["']({kinds})["']\s*(==|!=)"""
-                            rf"""|in\s*\((\s*["'](dense|{kinds})["']\s*,?)+\)""")
+                            rf"""|in\s*\((\s*["']({kinds})["']\s*,?)+\)""")
     found = []
-    for path in sorted((REPO / "remoe_patches").rglob("*.py")):
+    paths = [*(REPO / "remoe_patches").rglob("*.py"), *(REPO / "tools").rglob("*.py"),
+             *(REPO / "scripts").rglob("*.py"), REPO / "pretrain_gpt.py"]
+    for path in sorted(paths):
         if path.name in KIND_NAMES_ALLOWED:
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -109,3 +105,39 @@ def test_no_router_kind_comparisons_outside_the_registry():
                 found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not found, "ask the registry entry (model.kind / ROUTERS[name]) instead:\n" + \
         "\n".join(found)
+
+
+@pytest.mark.parametrize("kind", ROUTERS.values(), ids=list(ROUTERS))
+def test_is_moe_says_whether_the_built_layers_hold_experts(kind):
+    model = ModelConfig.preset("tiny", router=kind.name,
+                               router_options=kind.default_options(PRESETS["tiny"]["seq_length"]))
+    assert model.is_moe == kind.is_moe
+    transformer = model.transformer_config(ParallelConfig())
+    assert (transformer.num_moe_experts is not None) == kind.is_moe
+    assert (model.nominal_active_experts > 0) == kind.is_moe
+    dense_width = ModelConfig.preset("tiny", router="dense").num_parameters()
+    assert (model.num_parameters() > dense_width) == kind.is_moe  # E experts of width ffn
+
+
+@pytest.mark.parametrize("seq_length", [32, 64, 384, 1024, 4096])
+def test_default_options_fit_the_sequence_length(seq_length):
+    for kind in ROUTERS.values():
+        options = kind.default_options(seq_length)
+        assert isinstance(options, kind.options)
+        model = ModelConfig.preset("tiny", router=kind.name, seq_length=seq_length,
+                                   router_options=options)
+        assert options.validate(model) == [], kind.name
+        if seq_length % 256 == 0:  # the defaults fit the paper's sequences as they are
+            assert options == kind.options(), kind.name
+    assert ROUTERS["lory"].default_options(64).segment_length == 64  # one segment
+    assert ROUTERS["lory"].default_options(384).segment_length == 128
+
+
+def test_legacy_flat_fields_name_the_options_they_became():
+    seen = set()
+    for kind in ROUTERS.values():
+        options = {f.name for f in dataclasses.fields(kind.options)}
+        assert set(kind.legacy_flat_fields.values()) <= options, kind.name
+        assert set(kind.legacy_defaults) <= options, kind.name
+        assert not seen & set(kind.legacy_flat_fields), kind.name  # one kind per old field
+        seen |= set(kind.legacy_flat_fields)

@@ -39,7 +39,7 @@ def step_record(sparsity_L, load_LE, lm_loss=3.0):
     sparsity_L = torch.tensor(sparsity_L)
     routing = RoutingStats(sparsity=torch.nanmean(sparsity_L), sparsity_L=sparsity_L,
                            reg_loss_L=torch.tensor([0.5, 0.7]),
-                           expert_load_LE=torch.tensor(load_LE), coeff=torch.tensor(0.01))
+                           expert_load_LE=torch.tensor(load_LE), l1_coeff=torch.tensor(0.01))
     return StepRecord(lm_loss=torch.tensor(lm_loss), grad_norm=1.0, skipped=False, lr=1e-3,
                       routing=routing, step_seconds=0.5)
 

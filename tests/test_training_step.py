@@ -358,7 +358,7 @@ def test_a_non_finite_loss_skips_the_update_and_keeps_lambda(single_rank):
     from remoe_patches.training_step import train_step
 
     config, objects = training_objects("relu")
-    before, coeff = weights(objects), objects.regularizer.coeff.clone()
+    before, coeff = weights(objects), objects.regularizer.l1_coeff.clone()
     scheduler_steps = objects.scheduler.num_steps
     bad = make_batch(1)
     with torch.no_grad():  # an inf weight makes the loss (and every gradient) non-finite
@@ -369,7 +369,7 @@ def test_a_non_finite_loss_skips_the_update_and_keeps_lambda(single_rank):
     assert record.skipped
     for name, value in weights(objects).items():
         assert torch.equal(value, before[name]), name
-    assert objects.regularizer.coeff.item() == coeff.item()
+    assert objects.regularizer.l1_coeff.item() == coeff.item()
     assert objects.scheduler.num_steps == scheduler_steps
     assert record.routing is not None  # the step's statistics were consumed all the same
     again = train_step(objects.model_chunks, objects.optimizer, objects.scheduler,
@@ -389,7 +389,7 @@ def test_the_step_record_carries_the_routers_statistics(single_rank, router):
     if router == "relu":
         stats = record.routing
         assert record.load_balancing_loss_L is None
-        assert 0.0 <= stats.sparsity.item() <= 1.0 and stats.coeff.item() == pytest.approx(1e-8)
+        assert 0.0 <= stats.sparsity.item() <= 1.0 and stats.l1_coeff.item() == pytest.approx(1e-8)
         torch.testing.assert_close(stats.expert_load_LE.sum(-1),
                                    (1 - stats.sparsity_L) * 4)  # active experts per token
     elif router == "topk":
