@@ -11,8 +11,8 @@ import remoe_patches  # noqa: F401  (quiets megatron-core's import-time notices)
 @pytest.fixture(scope="session")
 def single_rank():
     """One-process model parallelism (TP=PP=EP=1) for tests that build megatron models."""
-    from remoe_patches.config import ParallelConfig
-    from remoe_patches.parallel import destroy_parallel, initialize_parallel
+    from remoe_patches.config.model_config import ParallelConfig
+    from remoe_patches.runtime.parallel import destroy_parallel, initialize_parallel
 
     parallel = ParallelConfig()
     initialize_parallel(parallel, seed=1234)

@@ -9,7 +9,7 @@ Parse, build, train: everything else lives in ``remoe_patches``.
 
 import sys
 
-from remoe_patches.launch import main
+from remoe_patches.cli.launch import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -16,8 +16,9 @@ setup(
     description="ReMoE (ReLU-routed Mixture-of-Experts) on megatron-core",
     python_requires=">=3.10",
     packages=find_packages(include=["remoe_patches", "remoe_patches.*"]),
-    package_data={"remoe_patches.lm_eval_tasks": ["*.yaml"],
-                  "remoe_patches": ["hf_remote_code/*.py", "megatron_lm_flags.txt"]},
+    package_data={"remoe_patches.eval.lm_eval_tasks": ["*.yaml"],
+                  "remoe_patches.inference": ["hf_remote_code/*.py"],
+                  "remoe_patches.cli": ["megatron_lm_flags.txt"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core==0.16.1",
@@ -28,14 +29,14 @@ setup(
         "tqdm",
         "tokenizers",
         "sentencepiece",
-        "lm-eval==0.4.13",  # zero-shot evaluation (remoe_patches/evaluation.py)
+        "lm-eval==0.4.13",  # zero-shot evaluation (remoe_patches/eval/evaluation.py)
         "safetensors",  # checkpoint export (tools/export_checkpoint.py)
-        "matplotlib",  # routing analyses (remoe_patches/analysis.py)
+        "matplotlib",  # routing analyses (remoe_patches/analysis/routing_analyses.py)
     ],
     extras_require={
         "hf": ["transformers>=4.56"],  # loading exports with AutoModelForCausalLM
         "wandb": ["wandb>=0.19"],  # --wandb-project
         "test": ["pytest", "ruff==0.17.6", "transformers>=4.56", "wandb>=0.19"],
     },
-    entry_points={"console_scripts": ["remoe-lm-eval = remoe_patches.lm_eval_cli:main"]},
+    entry_points={"console_scripts": ["remoe-lm-eval = remoe_patches.eval.lm_eval_cli:main"]},
 )

@@ -4,7 +4,7 @@
     python scripts/_check_launch.py --world-size 8 [--gpus-per-node 8 --nnodes 1] -- FLAGS...
 
 Called by ``scripts/_launch.sh`` (every launch, and ``--dry-run``). The flags go through
-pretrain_gpt.py's own parser (``remoe_patches.arguments.parse_args``) and its mapping onto the
+pretrain_gpt.py's own parser (``remoe_patches.cli.arguments.parse_args``) and its mapping onto the
 model and parallel configs; then the layout is checked against the world size and the global
 batch against the data-parallel size, as ``pretrain_gpt.py`` does once it has started. A
 problem is one line on stderr and exit code 2; a valid command prints a summary and exits 0.
@@ -41,12 +41,12 @@ def main(argv=None) -> int:
     options = own.parse_args(argv[:split])
     flags = argv[split + 1:]
 
-    from remoe_patches.argument_checks import split_blend
-    from remoe_patches.arguments import parse_run_config
-    from remoe_patches.config import ConfigError
-    from remoe_patches.router_registry import ROUTERS
-    from remoe_patches.tokenizer import build_tokenizer, vocab_size_with_padding
-    from remoe_patches.training import check_batch_sizes
+    from remoe_patches.cli.argument_checks import split_blend
+    from remoe_patches.cli.arguments import parse_run_config
+    from remoe_patches.config.model_config import ConfigError
+    from remoe_patches.config.router_registry import ROUTERS
+    from remoe_patches.data.tokenizer import build_tokenizer, vocab_size_with_padding
+    from remoe_patches.train.training import check_batch_sizes
 
     # one line on stderr and exit 2 when the flags are not valid
     config = parse_run_config(flags)

@@ -25,7 +25,7 @@
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT [300]  seconds torchrun gives its ranks after a SIGTERM
 #
 # Arguments: --dry-run (anywhere) prints the full command, validates it with pretrain_gpt.py's
-# own parser (remoe_patches.arguments) and exits without training: 0 when valid, 2 otherwise.
+# own parser (remoe_patches.cli.arguments) and exits without training: 0 when valid, 2 otherwise.
 # Every other argument is passed through to pretrain_gpt.py after the script's flags, so it
 # overrides them and the config (e.g. --train-iters 1000 --save-interval 500).
 

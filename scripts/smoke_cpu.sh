@@ -36,7 +36,7 @@ if [ -z "${DATA_PATH:-}" ]; then
     # shellcheck disable=SC2016
     eval "$(cd "$REPO" && "$PYTHON" -c '
 import shlex
-from remoe_patches.demo_corpus import ensure_demo_corpus
+from remoe_patches.data.demo_corpus import ensure_demo_corpus
 corpus = ensure_demo_corpus()
 for name, value in (("DATA_PATH", corpus.data_prefix), ("VOCAB_FILE", corpus.vocab_file),
                     ("MERGE_FILE", corpus.merge_file)):

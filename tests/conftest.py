@@ -12,7 +12,7 @@ from routing_fixtures import routed, routing_corpus, routing_run  # noqa: E402, 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A small multi-domain corpus and its tokenizer files, built once per test module."""
-    from remoe_patches.demo_corpus import build_demo_corpus
+    from remoe_patches.data.demo_corpus import build_demo_corpus
 
     return build_demo_corpus(tmp_path_factory.mktemp("corpus"), vocab_size=384,
                              max_chars_per_domain=40_000)

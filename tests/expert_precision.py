@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from remoe_patches.local_layers import GroupedGemmExperts
+from remoe_patches.model.local_layers import GroupedGemmExperts
 
 BF16_TOLERANCE = 2e-2
 """Largest relative error accepted; bf16 rounding measures ~4e-3 (CPU), a wrong formula >> 0.1."""

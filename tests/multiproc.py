@@ -8,7 +8,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from remoe_patches.parallel import free_port
+from remoe_patches.runtime.parallel import free_port
 
 
 def _worker(rank, world_size, port, out_dir, fn, kwargs):

@@ -17,7 +17,7 @@ NUM_SEQUENCES = 24
 
 @pytest.fixture(scope="session")
 def routing_corpus(tmp_path_factory):
-    from remoe_patches.demo_corpus import build_demo_corpus
+    from remoe_patches.data.demo_corpus import build_demo_corpus
 
     return build_demo_corpus(tmp_path_factory.mktemp("corpus"), vocab_size=384,
                              max_chars_per_domain=40_000)
@@ -59,7 +59,7 @@ def direct_masks(model, tokens_NS) -> np.ndarray:
 def routed(single_rank, routing_corpus, routing_run):
     """Both checkpoints of the run routed on one calibration set (``samples``), and their masks
     computed directly (``direct``), one sequence at a time."""
-    from remoe_patches import routing_capture
+    from remoe_patches.analysis import routing_capture
 
     calibration = routing_capture.calibration_set(routing_corpus.data_prefix,
                                                   seq_length=SEQ_LENGTH,

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from remoe_patches.sparsemixer import JITTER_EPS_DEFAULT
+from remoe_patches.routing.sparsemixer import JITTER_EPS_DEFAULT
 
 # --- ReLU gates: T tokens, E experts, K the top-k that load balancing assumes -----------------
 

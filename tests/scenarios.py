@@ -14,10 +14,10 @@ import torch
 
 from megatron.core import dist_checkpointing, parallel_state
 
-from remoe_patches.config import ModelConfig, ParallelConfig
-from remoe_patches.model import build_model
-from remoe_patches.parallel import destroy_parallel, initialize_parallel
-from remoe_patches.training_step import forward_backward, wrap_with_ddp
+from remoe_patches.config.model_config import ModelConfig, ParallelConfig
+from remoe_patches.model.build import build_model
+from remoe_patches.runtime.parallel import destroy_parallel, initialize_parallel
+from remoe_patches.train.training_step import forward_backward, wrap_with_ddp
 
 from tiny import TINY_MODEL
 

@@ -10,8 +10,8 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from remoe_patches.config import ModelConfig, ParallelConfig
-from remoe_patches.model import customize_layers, decoder_block_spec
+from remoe_patches.config.model_config import ModelConfig, ParallelConfig
+from remoe_patches.model.build import customize_layers, decoder_block_spec
 
 TINY_MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                   ffn_hidden_size=64, vocab_size=128, seq_length=16)

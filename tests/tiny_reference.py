@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from remoe_patches.reference_model import GPT, GPTConfig
+from remoe_patches.inference.reference_model import GPT, GPTConfig
 
 VOCAB = 96
 

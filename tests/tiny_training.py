@@ -10,11 +10,11 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 
-from remoe_patches import checkpointing
-from remoe_patches.config import ModelConfig
-from remoe_patches.megatron_fixes import initialize_adam_state
-from remoe_patches.model import build_model
-from remoe_patches.training_step import forward_backward, wrap_with_ddp
+from remoe_patches.train import checkpointing
+from remoe_patches.config.model_config import ModelConfig
+from remoe_patches.runtime.megatron_fixes import initialize_adam_state
+from remoe_patches.model.build import build_model
+from remoe_patches.train.training_step import forward_backward, wrap_with_ddp
 
 from tiny import TINY_MODEL, TINY_RELU_MODEL
 
@@ -48,8 +48,8 @@ ROUTER_FLAGS = {"dense": [], "topk": ["--num-experts", "4", "--moe-router-topk",
 
 
 def training_objects(router, *extra):
-    from remoe_patches.arguments import parse_run_config
-    from remoe_patches.training import build_training_objects
+    from remoe_patches.cli.arguments import parse_run_config
+    from remoe_patches.train.training import build_training_objects
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from remoe_patches.parallel import free_port
+from remoe_patches.runtime.parallel import free_port
 
 from training_runs import REPO
 
@@ -38,7 +38,7 @@ def _cache_root(tmp_path_factory) -> Path:
 
 
 def _corpus(tmp_path_factory):
-    from remoe_patches.demo_corpus import build_demo_corpus
+    from remoe_patches.data.demo_corpus import build_demo_corpus
 
     root = _cache_root(tmp_path_factory) / "corpus"
     done = root / "built.json"

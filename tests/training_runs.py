@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from remoe_patches.parallel import free_port
+from remoe_patches.runtime.parallel import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"

@@ -14,9 +14,9 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from remoe_patches.benchmark import BenchmarkConfig, _Session, run_benchmark
-from remoe_patches.local_layers import SDPAttention
-from remoe_patches.relu_router import ReLURouter
+from remoe_patches.experiments.benchmark import BenchmarkConfig, _Session, run_benchmark
+from remoe_patches.model.local_layers import SDPAttention
+from remoe_patches.model.routers.relu_router import ReLURouter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from expert_precision import BF16_TOLERANCE, grouped_experts_bf16_errors  # noqa: E402
@@ -95,7 +95,7 @@ def test_sdpa_matches_megatron_attention_in_bf16(single_gpu):
 
 def test_grouped_experts_in_bf16_match_float64_outputs_and_gradients(single_gpu):
     """CUTLASS grouped_mm (sm90) or its fallback, forward and backward, ragged and empty groups,
-    against float64 arithmetic; tests/test_local_layers.py shows the check fails on a wrong
+    against float64 arithmetic; tests/model/test_local_layers.py shows the check fails on a wrong
     formula (probabilities applied twice) on CPU."""
     counts = [300, 0, 17, 1024, 5, 0, 64, 90]
     errors = grouped_experts_bf16_errors(torch.device("cuda", torch.cuda.current_device()),
@@ -119,9 +119,9 @@ def test_checkpoint_of_the_layers_built_here_loads_into_local_layers(single_gpu,
     layers (the one differently named tensor is matched); without it, the local layers' own."""
     from megatron.core import dist_checkpointing
 
-    from remoe_patches.checkpointing import match_saved_names
-    from remoe_patches.config import ModelConfig, ParallelConfig
-    from remoe_patches.model import HAVE_TE, build_model
+    from remoe_patches.train.checkpointing import match_saved_names
+    from remoe_patches.config.model_config import ModelConfig, ParallelConfig
+    from remoe_patches.model.build import HAVE_TE, build_model
 
     config = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                          ffn_hidden_size=128, vocab_size=256, seq_length=32, router="relu",

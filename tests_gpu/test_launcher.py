@@ -2,9 +2,9 @@
 optimizer, both overlap flags, grouped-GEMM experts, MoE-layer recomputation), shrunk in size,
 trains, saves and resumes where it stopped.
 
-The CPU suite checks the same path bit-exact (tests/test_paper_configs.py); on a GPU, atomic adds
-in the token permutation's backward make two runs differ in the last bits, so the resumed run is
-compared within bf16 noise.
+The CPU suite checks the same path bit-exact (tests/train/test_paper_configs.py); on a GPU, atomic
+adds in the token permutation's backward make two runs differ in the last bits, so the resumed run
+is compared within bf16 noise.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from remoe_patches.demo_corpus import build_demo_corpus
+from remoe_patches.data.demo_corpus import build_demo_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 

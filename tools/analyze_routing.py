@@ -28,8 +28,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from remoe_patches import analysis, analysis_report, routing_capture  # noqa: E402
-from remoe_patches import domains, run_directory, run_metrics  # noqa: E402
+from remoe_patches.analysis import (  # noqa: E402
+    routing_analyses as analysis, analysis_report, routing_capture,
+)
+from remoe_patches.data import domains  # noqa: E402
+from remoe_patches.runs import run_directory, run_metrics  # noqa: E402
 
 
 def _add_data_options(parser):

@@ -9,7 +9,7 @@ The models share the preset and the active parameters per token (dense FFN = k e
 with pretrain_gpt.py's code on synthetic tokens, and are timed after a warm-up, in alternating
 rounds (--sequential: one after another); ReMoE is measured in stage I (dense routing, right
 after the warm-up) and stage III (after its sparsity settles at 1 - k/E). See
-remoe_patches/benchmark.py for what each column means.
+remoe_patches/experiments/benchmark.py for what each column means.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def parse(argv):
-    from remoe_patches.benchmark import DEFAULT_ROUTERS, ROUTERS, BenchmarkConfig
-    from remoe_patches.config import PRESETS
+    from remoe_patches.experiments.benchmark import DEFAULT_ROUTERS, ROUTERS, BenchmarkConfig
+    from remoe_patches.config.model_config import PRESETS
 
     defaults = BenchmarkConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -85,9 +85,9 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
-    from remoe_patches.benchmark import format_table, run_benchmark, to_json
-    from remoe_patches.config import ConfigError, ParallelConfig
-    from remoe_patches.parallel import destroy_parallel, initialize_parallel
+    from remoe_patches.experiments.benchmark import format_table, run_benchmark, to_json
+    from remoe_patches.config.model_config import ConfigError, ParallelConfig
+    from remoe_patches.runtime.parallel import destroy_parallel, initialize_parallel
 
     config, json_path = parse(argv)
     try:

@@ -68,7 +68,7 @@ def random_model(router: str, seed: int):
     """The demo's shape (configs/demo.yaml) with weights drawn as at initialisation."""
     import torch
 
-    from remoe_patches.reference_model import GPT, GPTConfig
+    from remoe_patches.inference.reference_model import GPT, GPTConfig
 
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=4096, num_layers=4, hidden_size=128, num_attention_heads=4,
@@ -98,9 +98,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from remoe_patches.checkpointing import CheckpointError
-    from remoe_patches.generation import SamplingConfig, generate, load_for_generation
-    from remoe_patches.reference_model import GPT
+    from remoe_patches.train.checkpointing import CheckpointError
+    from remoe_patches.inference.generation import SamplingConfig, generate, load_for_generation
+    from remoe_patches.inference.reference_model import GPT
 
     low, high = args.prompt_tokens
     if not (args.prompts >= 1 and 1 <= low <= high and args.new_tokens >= 1

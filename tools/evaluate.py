@@ -12,7 +12,7 @@ acc_norm, LAMBADA acc, PIQA acc_norm, RACE acc) and their average. ``--output`` 
 lm-eval's results JSON; with several ``--load`` values each model's JSON goes to
 ``<output stem>.<row number>.json`` instead (the table names them). ``--data-dir DIR`` reads the
 tasks from local jsonl files, ``DIR/<task>/<split>.jsonl`` in each upstream dataset's schema
-(see ``remoe_patches/evaluation.py``); without it, lm-eval loads the datasets from the Hugging
+(see ``remoe_patches/eval/evaluation.py``); without it, lm-eval loads the datasets from the Hugging
 Face hub.
 """
 
@@ -95,11 +95,11 @@ def main(argv=None) -> int:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
-    from remoe_patches.checkpointing import CheckpointError
-    from remoe_patches.evaluation import RemoeLM, markdown_table, \
+    from remoe_patches.train.checkpointing import CheckpointError
+    from remoe_patches.eval.evaluation import RemoeLM, markdown_table, \
         offline_task_manager
-    from remoe_patches.lm_eval_tasks import TaskDataError
-    from remoe_patches.router_registry import ROUTERS
+    from remoe_patches.eval.lm_eval_tasks import TaskDataError
+    from remoe_patches.config.router_registry import ROUTERS
 
     tasks = list(args.tasks)
     if args.data_dir is not None:
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         except ConnectionError as error:  # datasets' own, raised when the hub is out of reach
             print(f"evaluate.py: error: {error}: there is no network here; pass --data-dir DIR "
                   "with the tasks' files (DIR/<task>/<split>.jsonl, see "
-                  "remoe_patches/lm_eval_tasks/functions.py for each task's file and schema)",
+                  "remoe_patches/eval/lm_eval_tasks/functions.py for each task's file and schema)",
                   file=sys.stderr)
             return 2
         except TaskDataError as error:

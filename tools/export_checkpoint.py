@@ -10,8 +10,8 @@ transformers ``LlamaForCausalLM`` (Llama's parameter names and config.json, no r
 MoE run (TopK, ReMoE) keeps megatron's parameter names, with config.json holding the
 architecture (sizes, router kind, experts, k, granularity, rotary base, norm epsilon, vocabulary,
 tokenizer) and the transformers remote code beside it (``trust_remote_code=True``). Run either
-with ``remoe_patches.hf_export.load_export_for_inference(OUT)`` (plain PyTorch, no megatron),
-``tools/generate.py --load OUT`` or ``tools/evaluate.py --load OUT``.
+with ``remoe_patches.inference.hf_export.load_export_for_inference(OUT)`` (plain PyTorch, no
+megatron), ``tools/generate.py --load OUT`` or ``tools/evaluate.py --load OUT``.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def main(argv=None) -> int:
                         "torch_dtype says so). Default: float32, the checkpoint's weights exactly.")
     args = parser.parse_args(argv)
 
-    from remoe_patches.checkpointing import CheckpointError
-    from remoe_patches.hf_export import export_checkpoint
+    from remoe_patches.train.checkpointing import CheckpointError
+    from remoe_patches.inference.hf_export import export_checkpoint
 
     try:
         out = export_checkpoint(args.load, args.output, tokenizer_dir=args.tokenizer_dir,

@@ -13,8 +13,8 @@ reference model). Each ``--prompt`` (and each line of ``--prompt-file``, a JSON 
 its completion after the prompt, in order; ``--json`` prints one JSON object per prompt instead.
 
 Up to ``--batch-size`` prompts decode together, left-padded, with a key/value cache: the prompts
-run once, then each step feeds one new token per prompt (``remoe_patches/generation.py``). A
-checkpoint is converted to the reference model in memory for this. Checkpoints whose router
+run once, then each step feeds one new token per prompt (``remoe_patches/inference/generation.py``).
+A checkpoint is converted to the reference model in memory for this. Checkpoints whose router
 routes a token by its neighbours (Expert Choice, Lory) or that the reference model does not
 implement are generated without the cache, each prompt alone (a note says why). ``--no-kv-cache``
 does that for any model: each prompt alone, its whole context recomputed for every token, the
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from remoe_patches.generation import SamplingConfig
+    from remoe_patches.inference.generation import SamplingConfig
 
     defaults = SamplingConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -85,13 +85,13 @@ def read_prompts(args) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from remoe_patches.generation import (
+    from remoe_patches.inference.generation import (
         SamplingConfig,
         SamplingError,
         generate,
         load_for_generation,
     )
-    from remoe_patches.checkpointing import CheckpointError
+    from remoe_patches.train.checkpointing import CheckpointError
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed,

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # stdlib only: importable before the checks that the runs' packages are installed
-from remoe_patches.run_directory import LATEST_FILE, METRICS_FILE, metrics_path  # noqa: E402
+from remoe_patches.runs.run_directory import LATEST_FILE, METRICS_FILE, metrics_path  # noqa: E402
 
 PARTS = ("tests", "train", "bench")
 ALPHA = 1.2  # configs/182m_remoe.yaml's coefficient multiplier (the default)
@@ -268,7 +268,7 @@ def benchmark_summary(path: Path) -> str:
 def train_part(out: Path, env: dict) -> list:
     """200 steps saving at 100 and 200, then a resume to 240: it must continue from 200."""
     started = time.time()
-    corpus_code = ("from remoe_patches.demo_corpus import ensure_demo_corpus as e; c = e(); "
+    corpus_code = ("from remoe_patches.data.demo_corpus import ensure_demo_corpus as e; c = e(); "
                    "print(c.data_prefix, c.vocab_file, c.merge_file)")
     corpus = subprocess.run([sys.executable, "-c", corpus_code], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=90)

@@ -3,11 +3,12 @@
 
 ``pretrain_gpt.py`` answers a Megatron-LM flag it does not implement with "Megatron-LM's --X is
 not supported here" rather than a guess at a similar flag of ours; it knows them from
-``remoe_patches/megatron_lm_flags.txt``, which this tool wrote from a Megatron-LM checkout of the
-release whose megatron-core we pin:
+``remoe_patches/cli/megatron_lm_flags.txt``, which this tool wrote from a Megatron-LM checkout of
+the release whose megatron-core we pin:
 
     git clone https://github.com/NVIDIA/Megatron-LM && git -C Megatron-LM checkout core_v0.16.1
-    python tools/list_megatron_lm_flags.py Megatron-LM --output remoe_patches/megatron_lm_flags.txt
+    python tools/list_megatron_lm_flags.py Megatron-LM --output \\
+        remoe_patches/cli/megatron_lm_flags.txt
 
 It builds the parser with Megatron-LM's ``add_megatron_arguments`` (its many flags generated
 from its config dataclasses included), importing the checkout's ``megatron`` package. Modules

@@ -6,7 +6,7 @@
 
 writes ``P_text_document.bin`` and ``P_text_document.idx`` (one pair per ``--json-keys`` key),
 readable by Megatron-LM and megatron-core. The work is done by
-``remoe_patches.preprocess.preprocess_jsonl``.
+``remoe_patches.data.preprocess.preprocess_jsonl``.
 """
 
 import argparse
@@ -18,8 +18,8 @@ if importlib.util.find_spec("remoe_patches") is None:
     # Run from a checkout without installing the package: the repository root is our parent.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from remoe_patches.preprocess import preprocess_jsonl  # noqa: E402
-from remoe_patches.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
+from remoe_patches.data.preprocess import preprocess_jsonl  # noqa: E402
+from remoe_patches.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -8,7 +8,8 @@
     python tools/sweep.py configs/sweeps/topk_baseline.yaml --collect --reference remoe
 
 Every run is validated with pretrain_gpt.py's parser first. Finished runs are skipped when the
-sweep is launched again. The sweep file format is described in ``remoe_patches/sweep.py``.
+sweep is launched again. The sweep file format is described in
+``remoe_patches/experiments/sweep.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from remoe_patches import sweep as sweeps  # noqa: E402
+from remoe_patches.experiments import sweep as sweeps  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

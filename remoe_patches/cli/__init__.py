@@ -1,0 +1,2 @@
+"""The command line of ``pretrain_gpt.py``: Megatron-LM's flags, their checks, mapping and notes,
+and the entry point."""

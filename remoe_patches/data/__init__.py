@@ -1,0 +1,1 @@
+"""Training data: datasets, the demo corpus, domains, preprocessing, tokenizers."""

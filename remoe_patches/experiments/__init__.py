@@ -1,0 +1,1 @@
+"""Sweeps and benchmarks: many runs from one config, and their tables."""

@@ -1,0 +1,2 @@
+"""Trained models for inference: loading, generation, the reference model and the exports (HF
+Llama, remote code)."""

@@ -1,0 +1,2 @@
+"""The routers for megatron-core's ``MoESubmodules.router`` slot (and Lory's MLP), one module per
+router kind."""

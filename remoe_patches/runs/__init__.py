@@ -1,0 +1,1 @@
+"""A run directory's layout and metrics, and the CSV writer: no torch."""

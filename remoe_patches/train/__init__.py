@@ -1,0 +1,2 @@
+"""The pretraining loop and what it runs, logs and saves: steps, checkpoints, timers, memory,
+profiling, metrics."""
