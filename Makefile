@@ -1,12 +1,13 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make demo   -- the embedded demo training run
-#   make test   -- the linter (make lint), then the test suite
-# and, beside them, make benchmark (tools/benchmark.py), make test-gpu (tests_gpu/, CUDA) and
+#   make test   -- the linter and the formatter's check (make lint), then the test suite
+# and, beside them, make test-fast (the suite without the tests that start processes or train
+# end to end: pytest -m "not integration"), make benchmark (tools/benchmark.py), make test-gpu (tests_gpu/, CUDA) and
 # make gpu-check OUT=dir (the GPU acceptance: tools/gpu_check.py).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo lint test test-gpu gpu-check benchmark
+.PHONY: setup demo lint test test-fast test-gpu gpu-check benchmark
 
 setup: $(VENV)/.installed
 
@@ -21,12 +22,19 @@ $(VENV)/.installed: setup.py
 demo: setup
 	$(PY) pretrain_gpt.py --config configs/demo.yaml
 
-# ruff's checks (ruff.toml) of the code and the tests; make test runs them first.
+# ruff's checks and its formatter's (ruff.toml) on the code and the tests; make test runs them
+# first. `$(PY) -m ruff format $(LINTED)` applies the formatting.
+LINTED := remoe_patches tools tests tests_gpu scripts pretrain_gpt.py conftest.py setup.py
 lint: setup
-	$(PY) -m ruff check remoe_patches tools tests tests_gpu scripts pretrain_gpt.py
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 
 test: setup lint
 	$(PY) -m pytest -q tests
+
+# The unit tests alone (minutes): every test but those marked integration (pytest.ini).
+test-fast: setup lint
+	$(PY) -m pytest -q -m "not integration" tests
 
 # On a machine with a CUDA GPU: the GPU tests (not part of CI, which has none).
 test-gpu: setup

@@ -16,9 +16,11 @@ setup(
     description="ReMoE (ReLU-routed Mixture-of-Experts) on megatron-core",
     python_requires=">=3.10",
     packages=find_packages(include=["remoe_patches", "remoe_patches.*"]),
-    package_data={"remoe_patches.eval.lm_eval_tasks": ["*.yaml"],
-                  "remoe_patches.inference": ["hf_remote_code/*.py"],
-                  "remoe_patches.cli": ["megatron_lm_flags.txt"]},
+    package_data={
+        "remoe_patches.eval.lm_eval_tasks": ["*.yaml"],
+        "remoe_patches.inference": ["hf_remote_code/*.py"],
+        "remoe_patches.cli": ["megatron_lm_flags.txt"],
+    },
     install_requires=[
         "torch>=2.6",
         "megatron-core==0.16.1",

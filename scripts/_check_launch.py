@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     own.add_argument("--gpus-per-node", type=int)
     own.add_argument("--nnodes", type=int, default=1)
     options = own.parse_args(argv[:split])
-    flags = argv[split + 1:]
+    flags = argv[split + 1 :]
 
     from remoe_patches.cli.argument_checks import split_blend
     from remoe_patches.cli.arguments import parse_run_config
@@ -65,44 +65,60 @@ def main(argv=None) -> int:
     vocab = None
     if data.tokenizer_type == "GPT2BPETokenizer":
         if os.path.isfile(data.vocab_file) and os.path.isfile(data.merge_file):
-            vocab = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
-                                    merge_file=data.merge_file).vocab_size
+            vocab = build_tokenizer(
+                data.tokenizer_type, vocab_file=data.vocab_file, merge_file=data.merge_file
+            ).vocab_size
         else:
-            notes.append(f"tokenizer files not found here ({data.vocab_file}, {data.merge_file}); "
-                         f"the parameter count assumes GPT-2's {GPT2_VOCAB} tokens")
-    padded = vocab_size_with_padding(vocab or GPT2_VOCAB, data.make_vocab_size_divisible_by,
-                                     parallel.tensor_model_parallel_size)
+            notes.append(
+                f"tokenizer files not found here ({data.vocab_file}, {data.merge_file}); "
+                f"the parameter count assumes GPT-2's {GPT2_VOCAB} tokens"
+            )
+    padded = vocab_size_with_padding(
+        vocab or GPT2_VOCAB, data.make_vocab_size_divisible_by, parallel.tensor_model_parallel_size
+    )
     model = config.replace(model=dict(vocab_size=padded)).model
     if data.data_path:
         prefixes, _ = split_blend(data.data_path)
         absent = [p for p in prefixes if not os.path.isfile(p + ".idx")]
         if absent:
-            notes.append(f"{len(absent)} of {len(prefixes)} --data-path prefixes not found here "
-                         f"(first: {absent[0]}.bin/.idx)")
+            notes.append(
+                f"{len(absent)} of {len(prefixes)} --data-path prefixes not found here "
+                f"(first: {absent[0]}.bin/.idx)"
+            )
 
     router = ROUTERS[model.router].title
     moe = ""
     if model.is_moe:
-        moe = (f"; E={model.num_experts} k={model.topk} G={model.granularity}"
-               + (f", target sparsity {model.target_sparsity:g}" if model.kind.adaptive_l1 else ""))
+        moe = f"; E={model.num_experts} k={model.topk} G={model.granularity}" + (
+            f", target sparsity {model.target_sparsity:g}" if model.kind.adaptive_l1 else ""
+        )
     global_batch = training.global_batch_size
     iterations = training.train_iters
     tokens = iterations * global_batch * model.seq_length
-    nodes = f"{options.nnodes} node(s) x {options.gpus_per_node} GPUs" if options.gpus_per_node \
+    nodes = (
+        f"{options.nnodes} node(s) x {options.gpus_per_node} GPUs"
+        if options.gpus_per_node
         else f"{options.world_size} ranks"
+    )
     print("dry run: valid for pretrain_gpt.py (nothing was started)")
-    print(f"  world: {options.world_size} ranks = {nodes}; TP={parallel.tensor_model_parallel_size}"
-          f" PP={parallel.pipeline_model_parallel_size} EP={parallel.expert_model_parallel_size}"
-          f" DP={dp}; sequence parallel {'on' if parallel.sequence_parallel else 'off'}")
-    print(f"  model: {router}, {model.num_layers} layers, hidden {model.hidden_size}, "
-          f"{model.num_attention_heads} heads ({model.num_query_groups} query groups), FFN "
-          f"{model.dense_ffn_hidden_size}{moe}; {model.num_parameters() / 1e6:,.0f}M parameters "
-          f"(vocabulary {padded})")
-    print(f"  training: {iterations} iterations x {global_batch} sequences x "
-          f"{model.seq_length} tokens = {_count(tokens)} tokens; micro batch "
-          f"{training.micro_batch_size} x {accumulation} accumulation steps x DP {dp}; lr "
-          f"{training.lr:g} -> {training.min_lr:g} {training.lr_decay_style}; "
-          f"{'bf16' if training.bf16 else 'fp32'}")
+    print(
+        f"  world: {options.world_size} ranks = {nodes}; TP={parallel.tensor_model_parallel_size}"
+        f" PP={parallel.pipeline_model_parallel_size} EP={parallel.expert_model_parallel_size}"
+        f" DP={dp}; sequence parallel {'on' if parallel.sequence_parallel else 'off'}"
+    )
+    print(
+        f"  model: {router}, {model.num_layers} layers, hidden {model.hidden_size}, "
+        f"{model.num_attention_heads} heads ({model.num_query_groups} query groups), FFN "
+        f"{model.dense_ffn_hidden_size}{moe}; {model.num_parameters() / 1e6:,.0f}M parameters "
+        f"(vocabulary {padded})"
+    )
+    print(
+        f"  training: {iterations} iterations x {global_batch} sequences x "
+        f"{model.seq_length} tokens = {_count(tokens)} tokens; micro batch "
+        f"{training.micro_batch_size} x {accumulation} accumulation steps x DP {dp}; lr "
+        f"{training.lr:g} -> {training.min_lr:g} {training.lr_decay_style}; "
+        f"{'bf16' if training.bf16 else 'fp32'}"
+    )
     for note in notes:
         print(f"  note: {note}")
     return 0

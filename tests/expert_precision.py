@@ -36,12 +36,22 @@ def grouped_experts_bf16_errors(device, counts, hidden=64, ffn=128, seed=0) -> d
     """Relative errors of GroupedGemmExperts in bf16 (megatron's parallel state must be up)."""
     experts = len(counts)
     config = TransformerConfig(
-        num_layers=1, hidden_size=hidden, num_attention_heads=4, moe_ffn_hidden_size=ffn,
-        num_moe_experts=experts, gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, bias_activation_fusion=False, bf16=True,
-        params_dtype=torch.bfloat16, moe_grouped_gemm=True)
-    grouped = GroupedGemmExperts(experts, config,
-                                 pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+        num_layers=1,
+        hidden_size=hidden,
+        num_attention_heads=4,
+        moe_ffn_hidden_size=ffn,
+        num_moe_experts=experts,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        moe_grouped_gemm=True,
+    )
+    grouped = GroupedGemmExperts(
+        experts, config, pg_collection=ProcessGroupCollection.use_mpu_process_groups()
+    )
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():  # weights of the init's scale, drawn here so every device agrees
         for weight in (grouped.weight1, grouped.weight2):
@@ -54,16 +64,27 @@ def grouped_experts_bf16_errors(device, counts, hidden=64, ffn=128, seed=0) -> d
     x, p = hidden_Th.clone().requires_grad_(), probs_T.clone().requires_grad_()
     out, _ = grouped(x, torch.tensor(counts, device=device), p)
     out.backward(upstream_Th)
-    actual = dict(output=out, d_hidden=x.grad, d_probs=p.grad, d_weight1=grouped.weight1.grad,
-                  d_weight2=grouped.weight2.grad)
+    actual = dict(
+        output=out,
+        d_hidden=x.grad,
+        d_probs=p.grad,
+        d_weight1=grouped.weight1.grad,
+        d_weight2=grouped.weight2.grad,
+    )
 
     x64, p64 = (t.double().requires_grad_() for t in (hidden_Th, probs_T))
     w1 = grouped.weight1.detach().double().view(experts, hidden, -1).requires_grad_()
     w2 = grouped.weight2.detach().double().view(experts, -1, hidden).requires_grad_()
     exact_out = exact_experts(x64, p64, w1, w2, counts)
     exact_out.backward(upstream_Th.double())
-    exact = dict(output=exact_out, d_hidden=x64.grad, d_probs=p64.grad,
-                 d_weight1=w1.grad.reshape(grouped.weight1.shape),
-                 d_weight2=w2.grad.reshape(grouped.weight2.shape))
-    return {name: float((actual[name].detach().double() - exact[name]).norm()
-                        / exact[name].norm()) for name in exact}
+    exact = dict(
+        output=exact_out,
+        d_hidden=x64.grad,
+        d_probs=p64.grad,
+        d_weight1=w1.grad.reshape(grouped.weight1.shape),
+        d_weight2=w2.grad.reshape(grouped.weight2.shape),
+    )
+    return {
+        name: float((actual[name].detach().double() - exact[name]).norm() / exact[name].norm())
+        for name in exact
+    }

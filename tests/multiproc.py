@@ -28,8 +28,9 @@ def run_on_ranks(fn, world_size: int, tmp_dir, **kwargs) -> list:
     os.makedirs(out_dir)
     port = free_port()
     try:
-        mp.spawn(_worker, args=(world_size, port, out_dir, fn, kwargs), nprocs=world_size,
-                 join=True)
+        mp.spawn(
+            _worker, args=(world_size, port, out_dir, fn, kwargs), nprocs=world_size, join=True
+        )
     finally:
         outcomes = []
         for rank in range(world_size):

@@ -19,8 +19,9 @@ NUM_SEQUENCES = 24
 def routing_corpus(tmp_path_factory):
     from remoe_patches.data.demo_corpus import build_demo_corpus
 
-    return build_demo_corpus(tmp_path_factory.mktemp("corpus"), vocab_size=384,
-                             max_chars_per_domain=40_000)
+    return build_demo_corpus(
+        tmp_path_factory.mktemp("corpus"), vocab_size=384, max_chars_per_domain=40_000
+    )
 
 
 @pytest.fixture(scope="session")
@@ -28,8 +29,19 @@ def routing_run(routing_corpus, tmp_path_factory):
     from training_runs import authors_style_flags, ok, run
 
     save = tmp_path_factory.mktemp("run")
-    ok(run(authors_style_flags(routing_corpus, save, seq_length=SEQ_LENGTH, train_iters=6,
-                               save_interval=3, eval_interval=3, log_interval=1)))
+    ok(
+        run(
+            authors_style_flags(
+                routing_corpus,
+                save,
+                seq_length=SEQ_LENGTH,
+                train_iters=6,
+                save_interval=3,
+                eval_interval=3,
+                log_interval=1,
+            )
+        )
+    )
     return save
 
 
@@ -39,9 +51,12 @@ def direct_masks(model, tokens_NS) -> np.ndarray:
 
     routers = [layer.mlp.router for layer in model.decoder.layers]
     seen = {}
-    handles = [router.register_forward_hook(
-        lambda module, inputs, output, i=i: seen.__setitem__(i, output[1].clone()))
-        for i, router in enumerate(routers)]
+    handles = [
+        router.register_forward_hook(
+            lambda module, inputs, output, i=i: seen.__setitem__(i, output[1].clone())
+        )
+        for i, router in enumerate(routers)
+    ]
     masks = []
     try:
         with torch.no_grad():
@@ -61,9 +76,9 @@ def routed(single_rank, routing_corpus, routing_run):
     computed directly (``direct``), one sequence at a time."""
     from remoe_patches.analysis import routing_capture
 
-    calibration = routing_capture.calibration_set(routing_corpus.data_prefix,
-                                                  seq_length=SEQ_LENGTH,
-                                                  num_sequences=NUM_SEQUENCES)
+    calibration = routing_capture.calibration_set(
+        routing_corpus.data_prefix, seq_length=SEQ_LENGTH, num_sequences=NUM_SEQUENCES
+    )
     samples, direct = [], []
     for directory in routing_capture.checkpoint_dirs(routing_run):
         checkpoint = routing_capture.load_moe_for_routing(directory)

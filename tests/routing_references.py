@@ -25,6 +25,7 @@ def logits_away_from_zero(seed=0, dtype=torch.float64):
 
 # --- Hash and Expert Choice routing ------------------------------------------------------------
 
+
 def reference_hash_table(vocab_size, num_experts, seed):
     """The table dealt by hand: the i-th id of the seeded permutation goes to expert i mod E."""
     permutation = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -50,8 +51,12 @@ def reference_expert_choice(logits_SBE, topk, capacity_factor, group):
         groups = [[(s, b) for s in range(seq_length) for b in range(batch_size)]]
     chosen = np.zeros((seq_length * batch_size, num_experts), dtype=bool)
     for tokens in groups:
-        capacity = max(1, min(len(tokens), int(np.floor(
-            capacity_factor * len(tokens) * topk / num_experts + 0.5))))
+        capacity = max(
+            1,
+            min(
+                len(tokens), int(np.floor(capacity_factor * len(tokens) * topk / num_experts + 0.5))
+            ),
+        )
         for e in range(num_experts):
             ranked = sorted(tokens, key=lambda sb: -scores[sb[0], sb[1], e])
             for s, b in ranked[:capacity]:
@@ -60,6 +65,7 @@ def reference_expert_choice(logits_SBE, topk, capacity_factor, group):
 
 
 # --- Lory ---------------------------------------------------------------------------------------
+
 
 def np_softmax(x):
     z = np.exp(x - x.max())
@@ -83,7 +89,7 @@ def reference_weights(hidden, router, segment_length, first_segment):
                 weights[b, n] = 1.0 / experts
                 continue
             source = max(n - 1, 0)  # "own_detached": segment 0 routes itself
-            mean = hidden[source * segment_length:(source + 1) * segment_length, b].mean(axis=0)
+            mean = hidden[source * segment_length : (source + 1) * segment_length, b].mean(axis=0)
             weights[b, n] = np_softmax(np.array([router[e] @ mean for e in range(experts)]))
     return weights
 

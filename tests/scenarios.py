@@ -30,10 +30,10 @@ def make_batches(global_batch: int, num_chunks: int, seq_length: int, vocab_size
     size = global_batch // num_chunks
     return [
         dict(
-            tokens_BS=tokens[i * size:(i + 1) * size, :-1],
-            labels_BS=tokens[i * size:(i + 1) * size, 1:],
+            tokens_BS=tokens[i * size : (i + 1) * size, :-1],
+            labels_BS=tokens[i * size : (i + 1) * size, 1:],
             loss_mask_BS=torch.ones(size, seq_length),
-            position_ids_BS=position_ids[i * size:(i + 1) * size],
+            position_ids_BS=position_ids[i * size : (i + 1) * size],
         )
         for i in range(num_chunks)
     ]
@@ -48,8 +48,17 @@ def _save(model, path):
     dist_checkpointing.save(_sharded(model), path)
 
 
-def run_step(rank, world_size, *, ckpt_dir, parallel_kwargs, model_kwargs, global_batch,
-             micro_batch, reference):
+def run_step(
+    rank,
+    world_size,
+    *,
+    ckpt_dir,
+    parallel_kwargs,
+    model_kwargs,
+    global_batch,
+    micro_batch,
+    reference,
+):
     """One training step; the reference saves weights and grads, the others compare to them."""
     parallel = ParallelConfig(**parallel_kwargs)
     initialize_parallel(parallel, rank=rank, world_size=world_size, seed=1234)
@@ -71,21 +80,37 @@ def run_step(rank, world_size, *, ckpt_dir, parallel_kwargs, model_kwargs, globa
         dp_size = parallel_state.get_data_parallel_world_size()
         dp_rank = parallel_state.get_data_parallel_rank()
         num_microbatches = global_batch // (micro_batch * dp_size)
-        chunks = make_batches(global_batch, global_batch // micro_batch, TINY_MODEL["seq_length"],
-                              model_config.vocab_size)
-        mine = chunks[dp_rank * num_microbatches:(dp_rank + 1) * num_microbatches]
-        losses = forward_backward([ddp], mine, num_microbatches=num_microbatches,
-                                  seq_length=TINY_MODEL["seq_length"], micro_batch_size=micro_batch)
+        chunks = make_batches(
+            global_batch,
+            global_batch // micro_batch,
+            TINY_MODEL["seq_length"],
+            model_config.vocab_size,
+        )
+        mine = chunks[dp_rank * num_microbatches : (dp_rank + 1) * num_microbatches]
+        losses = forward_backward(
+            [ddp],
+            mine,
+            num_microbatches=num_microbatches,
+            seq_length=TINY_MODEL["seq_length"],
+            micro_batch_size=micro_batch,
+        )
         result = {"lm_loss": losses["lm_loss"]}
         if built.regularizer is not None:
             stats = built.regularizer.finish_step()
-            result.update(reg_loss_L=stats.reg_loss_L, sparsity_L=stats.sparsity_L,
-                          expert_load_LE=stats.expert_load_LE, step_sparsity=stats.sparsity,
-                          l1_coeff=built.regularizer.l1_coeff.clone())
+            result.update(
+                reg_loss_L=stats.reg_loss_L,
+                sparsity_L=stats.sparsity_L,
+                expert_load_LE=stats.expert_load_LE,
+                step_sparsity=stats.sparsity,
+                l1_coeff=built.regularizer.l1_coeff.clone(),
+            )
 
         # (a hash router's weight is frozen: no gradient)
-        grads = {name: param.main_grad.clone() for name, param in model.named_parameters()
-                 if param.requires_grad}
+        grads = {
+            name: param.main_grad.clone()
+            for name, param in model.named_parameters()
+            if param.requires_grad
+        }
         if reference:
             for name, param in model.named_parameters():
                 if name in grads:
@@ -94,8 +119,10 @@ def run_step(rank, world_size, *, ckpt_dir, parallel_kwargs, model_kwargs, globa
         else:
             expected = dist_checkpointing.load(_sharded(model), f"{ckpt_dir}/grads")
             result["grad_errors"] = {
-                name: ((grads[name] - expected[name]).abs().max() /
-                       expected[name].abs().max().clamp(min=1e-12)).item()
+                name: (
+                    (grads[name] - expected[name]).abs().max()
+                    / expected[name].abs().max().clamp(min=1e-12)
+                ).item()
                 for name in grads
             }
         return result

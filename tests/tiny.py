@@ -13,8 +13,15 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from remoe_patches.config.model_config import ModelConfig, ParallelConfig
 from remoe_patches.model.build import customize_layers, decoder_block_spec
 
-TINY_MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                  ffn_hidden_size=64, vocab_size=128, seq_length=16)
+TINY_MODEL = dict(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=64,
+    vocab_size=128,
+    seq_length=16,
+)
 TINY_RELU_MODEL = {**TINY_MODEL, "router": "relu"}
 NUM_EXPERTS = 8  # ModelConfig's default
 
@@ -28,8 +35,9 @@ def batch(seed=0, batch_size=3, cfg=TINY_MODEL):
 
 def transformer_config(**model_fields):
     """TINY_MODEL's TransformerConfig with a topk MoE layout (the router slot is replaced)."""
-    return ModelConfig(router="topk", moe_aux_loss_coeff=0.0, **{**TINY_MODEL, **model_fields}
-                       ).transformer_config(ParallelConfig())
+    return ModelConfig(
+        router="topk", moe_aux_loss_coeff=0.0, **{**TINY_MODEL, **model_fields}
+    ).transformer_config(ParallelConfig())
 
 
 def build_gpt(router_builder, **model_fields):
@@ -39,11 +47,16 @@ def build_gpt(router_builder, **model_fields):
     model_parallel_cuda_manual_seed(1)
     config = transformer_config(**model_fields)
     spec = customize_layers(decoder_block_spec(config), router_builder=router_builder)
-    return GPTModel(config=config, transformer_layer_spec=spec,
-                    vocab_size=TINY_MODEL["vocab_size"],
-                    max_sequence_length=TINY_MODEL["seq_length"], pre_process=True,
-                    post_process=True, share_embeddings_and_output_weights=False,
-                    position_embedding_type="rope")
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=TINY_MODEL["vocab_size"],
+        max_sequence_length=TINY_MODEL["seq_length"],
+        pre_process=True,
+        post_process=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+    )
 
 
 def fake_groups(rank=0, size=1):

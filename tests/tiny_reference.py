@@ -12,10 +12,23 @@ VOCAB = 96
 
 
 def tiny_model(router: str, seed: int = 0, seq_length: int = 64) -> GPT:
-    config = GPTConfig(vocab_size=VOCAB, num_layers=2, hidden_size=32, num_attention_heads=4,
-                       num_query_groups=2, head_dim=8, seq_length=seq_length, rotary_base=1e4,
-                       norm_epsilon=1e-5, router=router, ffn_hidden_size=64, num_experts=4,
-                       topk=2, expert_ffn_hidden_size=16, moe_router_pre_softmax=False)
+    config = GPTConfig(
+        vocab_size=VOCAB,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=8,
+        seq_length=seq_length,
+        rotary_base=1e4,
+        norm_epsilon=1e-5,
+        router=router,
+        ffn_hidden_size=64,
+        num_experts=4,
+        topk=2,
+        expert_ffn_hidden_size=16,
+        moe_router_pre_softmax=False,
+    )
     model = GPT(config).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

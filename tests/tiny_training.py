@@ -29,22 +29,56 @@ def make_batch(seed, batch_size=2, kept=None):
     if kept is not None:
         for row, count in enumerate(kept):
             mask[row, count:] = 0.0
-    return dict(tokens_BS=tokens[:, :-1], labels_BS=tokens[:, 1:], loss_mask_BS=mask,
-                position_ids_BS=torch.arange(SEQ).expand(batch_size, -1))
+    return dict(
+        tokens_BS=tokens[:, :-1],
+        labels_BS=tokens[:, 1:],
+        loss_mask_BS=mask,
+        position_ids_BS=torch.arange(SEQ).expand(batch_size, -1),
+    )
 
 
 TRAIN_FLAGS = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-    "--group-query-attention", "--num-query-groups", "2", "--ffn-hidden-size", "64",
-    "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
-    "--lr", "1e-2", "--train-iters", "10", "--clip-grad", "0.05", "--mock-data",
-    "--normalization", "RMSNorm", "--swiglu", "--untie-embeddings-and-output-weights",
-    "--disable-bias-linear", "--position-embedding-type", "rope",
-    "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--group-query-attention",
+    "--num-query-groups",
+    "2",
+    "--ffn-hidden-size",
+    "64",
+    "--seq-length",
+    str(SEQ),
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--lr",
+    "1e-2",
+    "--train-iters",
+    "10",
+    "--clip-grad",
+    "0.05",
+    "--mock-data",
+    "--normalization",
+    "RMSNorm",
+    "--swiglu",
+    "--untie-embeddings-and-output-weights",
+    "--disable-bias-linear",
+    "--position-embedding-type",
+    "rope",
+    "--attention-dropout",
+    "0.0",
+    "--hidden-dropout",
+    "0.0",
 ]
-ROUTER_FLAGS = {"dense": [], "topk": ["--num-experts", "4", "--moe-router-topk", "2",
-                                      "--moe-aux-loss-coeff", "0.01"],
-                "relu": ["--num-experts", "4", "--moe-router-topk", "1", "--moe-relu-routing"]}
+ROUTER_FLAGS = {
+    "dense": [],
+    "topk": ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01"],
+    "relu": ["--num-experts", "4", "--moe-router-topk", "1", "--moe-relu-routing"],
+}
 
 
 def training_objects(router, *extra):
@@ -59,8 +93,11 @@ def training_objects(router, *extra):
 
 
 def step_kwargs(config):
-    return dict(seq_length=SEQ, micro_batch_size=config.training.micro_batch_size,
-                global_batch_size=config.training.global_batch_size)
+    return dict(
+        seq_length=SEQ,
+        micro_batch_size=config.training.micro_batch_size,
+        global_batch_size=config.training.global_batch_size,
+    )
 
 
 def distributed_bf16_run(parallel, *, eager_state=True, seed=0):
@@ -70,8 +107,14 @@ def distributed_bf16_run(parallel, *, eager_state=True, seed=0):
     built = build_model(ModelConfig(**TINY_RELU_MODEL), parallel, bf16=True)
     model = Float16Module(built.transformer_config, built.model)
     ddp = wrap_with_ddp(model, built.transformer_config, use_distributed_optimizer=True)
-    config = OptimizerConfig(optimizer="adam", lr=1e-2, bf16=True, params_dtype=torch.bfloat16,
-                             use_distributed_optimizer=True, weight_decay=0.1)
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=1e-2,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        use_distributed_optimizer=True,
+        weight_decay=0.1,
+    )
     optimizer = get_megatron_optimizer(config, [ddp])
     if eager_state:
         initialize_adam_state(optimizer)
@@ -82,20 +125,36 @@ def saved_after_training(parallel, directory, steps=2):
     """A run trained ``steps`` steps and saved to ``directory`` as checkpoint ``steps``."""
     built, ddp, optimizer = distributed_bf16_run(parallel)
     train(ddp, optimizer, steps)
-    checkpointing.save_checkpoint(str(directory), steps, [ddp], optimizer, None,
-                                  consumed_samples=2 * steps, regularizer=built.regularizer)
+    checkpointing.save_checkpoint(
+        str(directory),
+        steps,
+        [ddp],
+        optimizer,
+        None,
+        consumed_samples=2 * steps,
+        regularizer=built.regularizer,
+    )
     return built, ddp, optimizer
 
 
 def train(ddp, optimizer, steps, seed=1):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        tokens = torch.randint(0, TINY_RELU_MODEL["vocab_size"],
-                               (2, TINY_RELU_MODEL["seq_length"] + 1), generator=gen)
-        batch = dict(tokens_BS=tokens[:, :-1], labels_BS=tokens[:, 1:],
-                     loss_mask_BS=torch.ones(2, TINY_RELU_MODEL["seq_length"]),
-                     position_ids_BS=torch.arange(TINY_RELU_MODEL["seq_length"]).expand(2, -1))
+        tokens = torch.randint(
+            0, TINY_RELU_MODEL["vocab_size"], (2, TINY_RELU_MODEL["seq_length"] + 1), generator=gen
+        )
+        batch = dict(
+            tokens_BS=tokens[:, :-1],
+            labels_BS=tokens[:, 1:],
+            loss_mask_BS=torch.ones(2, TINY_RELU_MODEL["seq_length"]),
+            position_ids_BS=torch.arange(TINY_RELU_MODEL["seq_length"]).expand(2, -1),
+        )
         optimizer.zero_grad()
-        forward_backward([ddp], [batch], num_microbatches=1,
-                         seq_length=TINY_RELU_MODEL["seq_length"], micro_batch_size=2)
+        forward_backward(
+            [ddp],
+            [batch],
+            num_microbatches=1,
+            seq_length=TINY_RELU_MODEL["seq_length"],
+            micro_batch_size=2,
+        )
         assert optimizer.step()[0]

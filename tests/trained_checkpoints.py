@@ -45,35 +45,66 @@ def _corpus(tmp_path_factory):
     if done.exists():
         return json.loads(done.read_text())
     corpus = build_demo_corpus(root, vocab_size=384, max_chars_per_domain=40_000)
-    info = dict(data_prefix=corpus.data_prefix, vocab_file=corpus.vocab_file,
-                merge_file=corpus.merge_file)
+    info = dict(
+        data_prefix=corpus.data_prefix, vocab_file=corpus.vocab_file, merge_file=corpus.merge_file
+    )
     done.write_text(json.dumps(info))
     return info
 
 
 def _flags(corpus, save, router, **overrides) -> list:
     flags = dict(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        seq_length=SEQ, max_position_embeddings=SEQ, ffn_hidden_size=128,
-        position_embedding_type="rope", rotary_base=1000000, normalization="RMSNorm",
-        init_method_std=0.02, attention_dropout=0.0, hidden_dropout=0.0,
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        seq_length=SEQ,
+        max_position_embeddings=SEQ,
+        ffn_hidden_size=128,
+        position_embedding_type="rope",
+        rotary_base=1000000,
+        normalization="RMSNorm",
+        init_method_std=0.02,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
         make_vocab_size_divisible_by=256,
-        micro_batch_size=2, global_batch_size=4, lr=1e-3, min_lr=1e-4, lr_decay_style="cosine",
-        lr_warmup_iters=1, train_iters=3, seed=1234,
-        data_path=corpus["data_prefix"], split="969,30,1", vocab_file=corpus["vocab_file"],
-        merge_file=corpus["merge_file"], log_interval=1, eval_interval=None, eval_iters=1,
+        micro_batch_size=2,
+        global_batch_size=4,
+        lr=1e-3,
+        min_lr=1e-4,
+        lr_decay_style="cosine",
+        lr_warmup_iters=1,
+        train_iters=3,
+        seed=1234,
+        data_path=corpus["data_prefix"],
+        split="969,30,1",
+        vocab_file=corpus["vocab_file"],
+        merge_file=corpus["merge_file"],
+        log_interval=1,
+        eval_interval=None,
+        eval_iters=1,
         save=save,
     )
     if router != "dense":
-        flags.update(num_experts=8, moe_router_topk=1, moe_aux_loss_coeff=1e-2,
-                     moe_token_dispatcher_type="alltoall", moe_relu_l1_reg_coeff_init=0.05)
+        flags.update(
+            num_experts=8,
+            moe_router_topk=1,
+            moe_aux_loss_coeff=1e-2,
+            moe_token_dispatcher_type="alltoall",
+            moe_relu_l1_reg_coeff_init=0.05,
+        )
     flags.update(overrides)
     argv = []
     for key, value in flags.items():
         if value is not None:
             argv += ["--" + key.replace("_", "-"), str(value)]
-    argv += ["--disable-bias-linear", "--no-position-embedding", "--swiglu",
-             "--untie-embeddings-and-output-weights", "--group-query-attention"]
+    argv += [
+        "--disable-bias-linear",
+        "--no-position-embedding",
+        "--swiglu",
+        "--untie-embeddings-and-output-weights",
+        "--group-query-attention",
+    ]
     if router == "topk":
         argv += ["--moe-router-pre-softmax"]
     if router == "relu":
@@ -86,26 +117,47 @@ def _flags(corpus, save, router, **overrides) -> list:
 def clean_env(**extra) -> dict:
     """This process's environment without torch.distributed rendezvous variables: a
     subprocess must not reuse a port that this process may hold."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
 def _pretrain(argv, nproc=1):
     script = str(REPO / "pretrain_gpt.py")
-    command = [sys.executable, script, *argv] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-port", str(free_port()), script, *argv]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env=clean_env())
+    command = (
+        [sys.executable, script, *argv]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(free_port()),
+            script,
+            *argv,
+        ]
+    )
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, env=clean_env()
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 RESAVED = {
     "relu-ep2": ["--expert-model-parallel-size", "2"],
     "relu-grouped-ep2": ["--expert-model-parallel-size", "2", "--moe-grouped-gemm"],
-    "relu-tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel",
-                 "--make-vocab-size-divisible-by", "128"],
+    "relu-tp2": [
+        "--tensor-model-parallel-size",
+        "2",
+        "--sequence-parallel",
+        "--make-vocab-size-divisible-by",
+        "128",
+    ],
 }
 
 
@@ -119,12 +171,16 @@ def checkpoint(tmp_path_factory, name: str) -> str:
         _pretrain(_flags(corpus, save, name))
     else:
         source = checkpoint(tmp_path_factory, "relu")
-        argv = _flags(corpus, save, "relu", load=source) + [
-            "--no-load-optim", "--no-load-rng", "--no-save-optim"] + RESAVED[name]
+        argv = (
+            _flags(corpus, save, "relu", load=source)
+            + ["--no-load-optim", "--no-load-rng", "--no-save-optim"]
+            + RESAVED[name]
+        )
         _pretrain(argv, nproc=2)
     return str(save)
 
 
 def tokens_for(vocab_size: int, batch=3, length=SEQ, seed=0) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (batch, length),
-                         generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed)
+    )

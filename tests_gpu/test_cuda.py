@@ -36,8 +36,9 @@ class sync_is_an_error:
 
 @pytest.mark.parametrize("grouped_gemm", [True, False])
 def test_training_steps_never_sync_in_router_regularizer_or_update(single_gpu, grouped_gemm):
-    config = BenchmarkConfig(preset="tiny", routers=("relu",), warmup_steps=2,
-                             grouped_gemm=grouped_gemm)
+    config = BenchmarkConfig(
+        preset="tiny", routers=("relu",), warmup_steps=2, grouped_gemm=grouped_gemm
+    )
     session = _Session(config, "relu", torch.device("cuda", torch.cuda.current_device()))
     session.warm_up()
     guards = {}
@@ -78,13 +79,18 @@ def test_sdpa_matches_megatron_attention_in_bf16(single_gpu):
     # attention_dropout=0: TransformerConfig's default of 0.1 makes both modules drop different
     # random probabilities in training mode (what this test failed on at first on an H200).
     # float32 config: megatron's unfused softmax would cast float32 scores to bf16 otherwise.
-    config = TransformerConfig(num_layers=1, hidden_size=512, num_attention_heads=8,
-                               num_query_groups=2, masked_softmax_fusion=False,
-                               attention_dropout=0.0)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=512,
+        num_attention_heads=8,
+        num_query_groups=2,
+        masked_softmax_fusion=False,
+        attention_dropout=0.0,
+    )
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(256, 2, 8, 64, device="cuda", generator=gen)
     k, v = (torch.randn(256, 2, 2, 64, device="cuda", generator=gen) for _ in range(2))
-    exact = causal_attention_float64(q, k, v, scale=64 ** -0.5).float()
+    exact = causal_attention_float64(q, k, v, scale=64**-0.5).float()
     reference = DotProductAttention(config, 1, AttnMaskType.causal, "self").eval()
     torch.testing.assert_close(reference(q, k, v, None), exact, rtol=1e-4, atol=1e-4)
     sdpa = SDPAttention(config, 1, AttnMaskType.causal, "self").eval()
@@ -98,14 +104,17 @@ def test_grouped_experts_in_bf16_match_float64_outputs_and_gradients(single_gpu)
     against float64 arithmetic; tests/model/test_local_layers.py shows the check fails on a wrong
     formula (probabilities applied twice) on CPU."""
     counts = [300, 0, 17, 1024, 5, 0, 64, 90]
-    errors = grouped_experts_bf16_errors(torch.device("cuda", torch.cuda.current_device()),
-                                         counts, hidden=256, ffn=512)
+    errors = grouped_experts_bf16_errors(
+        torch.device("cuda", torch.cuda.current_device()), counts, hidden=256, ffn=512
+    )
     assert max(errors.values()) < BF16_TOLERANCE, errors
 
 
 def test_benchmark_reports_mfu_and_no_remoe_syncs(single_gpu):
-    report = run_benchmark(BenchmarkConfig(preset="tiny", steps=4, rounds=2, warmup_steps=2),
-                           progress=lambda line: None)
+    report = run_benchmark(
+        BenchmarkConfig(preset="tiny", steps=4, rounds=2, warmup_steps=2),
+        progress=lambda line: None,
+    )
     assert [r.label for r in report["results"]][:3] == ["Dense", "TopK MoE", "ReMoE (stage I)"]
     for r in report["results"]:
         assert r.remoe_syncs_per_step == 0
@@ -123,9 +132,17 @@ def test_checkpoint_of_the_layers_built_here_loads_into_local_layers(single_gpu,
     from remoe_patches.config.model_config import ModelConfig, ParallelConfig
     from remoe_patches.model.build import HAVE_TE, build_model
 
-    config = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                         ffn_hidden_size=128, vocab_size=256, seq_length=32, router="relu",
-                         moe_grouped_gemm=True)
+    config = ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        vocab_size=256,
+        seq_length=32,
+        router="relu",
+        moe_grouped_gemm=True,
+    )
     saved = build_model(config, ParallelConfig(), use_transformer_engine=HAVE_TE).model.cuda()
     dist_checkpointing.save(saved.sharded_state_dict(), str(tmp_path))
     local = build_model(config, ParallelConfig(), use_transformer_engine=False).model.cuda()
@@ -135,5 +152,6 @@ def test_checkpoint_of_the_layers_built_here_loads_into_local_layers(single_gpu,
     positions = torch.arange(32, device="cuda").expand(2, -1)
     with torch.no_grad():
         expected = saved.eval()(tokens, positions, None)
-        torch.testing.assert_close(local.eval()(tokens, positions, None), expected,
-                                   rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(
+            local.eval()(tokens, positions, None), expected, rtol=2e-3, atol=2e-3
+        )

@@ -29,48 +29,77 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from remoe_patches.analysis import (  # noqa: E402
-    routing_analyses as analysis, analysis_report, routing_capture,
+    routing_analyses as analysis,
+    analysis_report,
+    routing_capture,
 )
 from remoe_patches.data import domains  # noqa: E402
 from remoe_patches.runs import run_directory, run_metrics  # noqa: E402
 
 
 def _add_data_options(parser):
-    parser.add_argument("--data-path", metavar="PREFIX",
-                        help="indexed dataset to route (default: the run's --data-path)")
-    parser.add_argument("--num-sequences", type=int, default=256,
-                        help="calibration sequences (default 256, fewer if the documents end)")
+    parser.add_argument(
+        "--data-path",
+        metavar="PREFIX",
+        help="indexed dataset to route (default: the run's --data-path)",
+    )
+    parser.add_argument(
+        "--num-sequences",
+        type=int,
+        default=256,
+        help="calibration sequences (default 256, fewer if the documents end)",
+    )
     parser.add_argument("--seq-length", type=int, help="tokens per sequence (default: the model's)")
-    parser.add_argument("--documents", default="auto",
-                        choices=["auto", "valid", "train", "test", "all"],
-                        help="which documents of the run's --split to take (default auto: "
-                        "valid if they are enough, else all)")
+    parser.add_argument(
+        "--documents",
+        default="auto",
+        choices=["auto", "valid", "train", "test", "all"],
+        help="which documents of the run's --split to take (default auto: "
+        "valid if they are enough, else all)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--out", metavar="DIR", help="output directory (default RUN/analysis)")
 
 
 def _add_domain_options(parser):
-    parser.add_argument("--domains", metavar="FILE",
-                        help="one domain per document: a JSON list, or a jsonl corpus "
-                        "(default: domains.json next to the dataset)")
-    parser.add_argument("--domain-key", metavar="KEY",
-                        help="the domain's key in a jsonl --domains (default: domain)")
+    parser.add_argument(
+        "--domains",
+        metavar="FILE",
+        help="one domain per document: a JSON list, or a jsonl corpus "
+        "(default: domains.json next to the dataset)",
+    )
+    parser.add_argument(
+        "--domain-key",
+        metavar="KEY",
+        help="the domain's key in a jsonl --domains (default: domain)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Routing analyses of ReMoE / TopK-MoE runs (PNG + CSV each).",
-        allow_abbrev=False)
-    parser.add_argument("--report", metavar="DIR",
-                        help="write DIR/index.html with every plot in DIR (or DIR/analysis)")
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--report",
+        metavar="DIR",
+        help="write DIR/index.html with every plot in DIR (or DIR/analysis)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = commands.add_parser("stages", help="sparsity, coefficient and reg loss over steps")
     p.add_argument("run", help="run directory (or its metrics.jsonl)")
-    p.add_argument("--target-sparsity", type=float,
-                   help="default: 1 - k/E from the run's checkpoint or sweep config")
-    p.add_argument("--tolerance", type=float, default=run_metrics.SETTLE_TOLERANCE,
-                   help="stage III: sparsity within this of the target to the end")
+    p.add_argument(
+        "--target-sparsity",
+        type=float,
+        help="default: 1 - k/E from the run's checkpoint or sweep config",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=run_metrics.SETTLE_TOLERANCE,
+        help="stage III: sparsity within this of the target to the end",
+    )
     p.add_argument("--out", metavar="DIR")
 
     p = commands.add_parser("per-token", help="active experts per vocabulary id vs frequency")
@@ -84,13 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("load", help="expert load, dead experts, collapsed layers")
     p.add_argument("load", help="run directory (latest checkpoint) or iter_XXXXXXX")
-    p.add_argument("--all-checkpoints", action="store_true",
-                   help="every checkpoint of the run directory, oldest first")
+    p.add_argument(
+        "--all-checkpoints",
+        action="store_true",
+        help="every checkpoint of the run directory, oldest first",
+    )
     _add_data_options(p)
 
     p = commands.add_parser("stability", help="flip rate of the routing between checkpoints")
-    p.add_argument("checkpoints", nargs="+",
-                   help="two or more iter_XXXXXXX in order, or a run directory (all of its)")
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        help="two or more iter_XXXXXXX in order, or a run directory (all of its)",
+    )
     _add_data_options(p)
 
     p = commands.add_parser("all", help="every analysis of a run, then the HTML report")
@@ -111,12 +146,19 @@ def _route(load_path, args, calibration=None):
     checkpoint = routing_capture.load_moe_for_routing(load_path)
     if calibration is None:
         calibration = routing_capture.default_calibration(
-            checkpoint, data_path=args.data_path, num_sequences=args.num_sequences,
-            seq_length=args.seq_length, documents=args.documents)
-        print(f" calibration: {calibration.tokens_NS.shape[0]} sequences x "
-              f"{calibration.tokens_NS.shape[1]} tokens from documents "
-              f"{calibration.first_document}..{calibration.end_document - 1} of "
-              f"{calibration.prefix}", flush=True)
+            checkpoint,
+            data_path=args.data_path,
+            num_sequences=args.num_sequences,
+            seq_length=args.seq_length,
+            documents=args.documents,
+        )
+        print(
+            f" calibration: {calibration.tokens_NS.shape[0]} sequences x "
+            f"{calibration.tokens_NS.shape[1]} tokens from documents "
+            f"{calibration.first_document}..{calibration.end_document - 1} of "
+            f"{calibration.prefix}",
+            flush=True,
+        )
     sample = routing_capture.route_checkpoint(checkpoint, calibration, batch_size=args.batch_size)
     print(f" routed {checkpoint.directory} (iteration {checkpoint.iteration})", flush=True)
     return sample
@@ -133,7 +175,8 @@ def _domains(args, sample):
     path = args.domains or analysis.default_domains_file(sample.calibration.prefix)
     if path is None:
         raise routing_capture.AnalysisError(
-            f"no domains.json next to {sample.calibration.prefix}; give --domains FILE")
+            f"no domains.json next to {sample.calibration.prefix}; give --domains FILE"
+        )
     return domains.read_domains(path, args.domain_key)
 
 
@@ -153,23 +196,33 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None and args.report is None:
-        parser.error("give a command (stages, per-token, per-domain, load, stability, all, "
-                     "report) or --report DIR")
+        parser.error(
+            "give a command (stages, per-token, per-domain, load, stability, all, "
+            "report) or --report DIR"
+        )
     try:
         command = args.command
         if command == "stages":
-            _print(analysis.stages(args.run, _out_dir(args, args.run),
-                                   target=args.target_sparsity, tolerance=args.tolerance))
+            _print(
+                analysis.stages(
+                    args.run,
+                    _out_dir(args, args.run),
+                    target=args.target_sparsity,
+                    tolerance=args.tolerance,
+                )
+            )
         elif command in ("per-token", "per-domain"):
             sample = _route(args.load, args)
             if command == "per-token":
                 _print(analysis.per_token(sample, _out_dir(args, args.load)))
             else:
-                _print(analysis.per_domain(sample, _domains(args, sample),
-                                           _out_dir(args, args.load)))
+                _print(
+                    analysis.per_domain(sample, _domains(args, sample), _out_dir(args, args.load))
+                )
         elif command == "load":
-            paths = (routing_capture.checkpoint_dirs(args.load) if args.all_checkpoints
-                     else [args.load])
+            paths = (
+                routing_capture.checkpoint_dirs(args.load) if args.all_checkpoints else [args.load]
+            )
             _print(analysis.expert_load(_routes(paths, args), _out_dir(args, args.load)))
         elif command == "stability":
             paths = args.checkpoints

@@ -30,54 +30,113 @@ def parse(argv):
     defaults = BenchmarkConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--preset", choices=list(PRESETS), default=defaults.preset)
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                 "seq_length", "vocab_size", "ffn_hidden_size"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name,
-                            help="Override the preset's value.")
+    for name in (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "seq_length",
+        "vocab_size",
+        "ffn_hidden_size",
+    ):
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=int, dest=name, help="Override the preset's value."
+        )
     parser.add_argument("--num-experts", type=int, default=defaults.num_experts, help="E.")
-    parser.add_argument("--moe-router-topk", type=int, default=defaults.topk, dest="topk",
-                        help="k.")
-    parser.add_argument("--moe-granularity", type=int, default=defaults.granularity,
-                        dest="granularity", help="G.")
-    parser.add_argument("--routers", nargs="+", choices=ROUTERS, default=list(DEFAULT_ROUTERS),
-                        help="Routers to compare (default: dense topk relu).")
+    parser.add_argument(
+        "--moe-router-topk", type=int, default=defaults.topk, dest="topk", help="k."
+    )
+    parser.add_argument(
+        "--moe-granularity", type=int, default=defaults.granularity, dest="granularity", help="G."
+    )
+    parser.add_argument(
+        "--routers",
+        nargs="+",
+        choices=ROUTERS,
+        default=list(DEFAULT_ROUTERS),
+        help="Routers to compare (default: dense topk relu).",
+    )
     parser.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size)
     parser.add_argument("--num-microbatches", type=int, default=defaults.num_microbatches)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="Timed steps a phase.")
-    parser.add_argument("--stage1-steps", type=int, default=defaults.stage1_steps,
-                        help="Timed steps of ReMoE's stage I.")
+    parser.add_argument(
+        "--stage1-steps",
+        type=int,
+        default=defaults.stage1_steps,
+        help="Timed steps of ReMoE's stage I.",
+    )
     parser.add_argument("--max-settle-steps", type=int, default=defaults.max_settle_steps)
-    parser.add_argument("--rounds", type=int, default=defaults.rounds,
-                        help="Alternating timing rounds (the timed steps split over them).")
-    parser.add_argument("--sequential", action="store_true",
-                        help="Measure and free one model at a time (for models that do not fit "
-                        "in memory together) instead of alternating rounds.")
-    parser.add_argument("--recompute", choices=["none", "moe", "full"],
-                        default=defaults.recompute)
-    parser.add_argument("--grouped-gemm", action=argparse.BooleanOptionalAction,
-                        default=defaults.grouped_gemm, help="Grouped-GEMM experts.")
-    parser.add_argument("--moe-token-dispatcher-type", dest="token_dispatcher",
-                        choices=["sorted", "alltoall", "allgather"],
-                        default=defaults.token_dispatcher, help="The MoE models' token path.")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 mixed precision (default: on GPUs).")
-    parser.add_argument("--peak-tflops", type=float,
-                        help="The device's peak for MFU (default: by device name).")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help="Alternating timing rounds (the timed steps split over them).",
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="Measure and free one model at a time (for models that do not fit "
+        "in memory together) instead of alternating rounds.",
+    )
+    parser.add_argument("--recompute", choices=["none", "moe", "full"], default=defaults.recompute)
+    parser.add_argument(
+        "--grouped-gemm",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.grouped_gemm,
+        help="Grouped-GEMM experts.",
+    )
+    parser.add_argument(
+        "--moe-token-dispatcher-type",
+        dest="token_dispatcher",
+        choices=["sorted", "alltoall", "allgather"],
+        default=defaults.token_dispatcher,
+        help="The MoE models' token path.",
+    )
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 mixed precision (default: on GPUs).",
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, help="The device's peak for MFU (default: by device name)."
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--json", metavar="PATH", help="Also write the results as JSON.")
     args = parser.parse_args(argv)
-    overrides = {name: getattr(args, name) for name in (
-        "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
-        "vocab_size", "ffn_hidden_size") if getattr(args, name) is not None}
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "seq_length",
+            "vocab_size",
+            "ffn_hidden_size",
+        )
+        if getattr(args, name) is not None
+    }
     config = BenchmarkConfig(
-        preset=args.preset, model_overrides=overrides, num_experts=args.num_experts,
-        topk=args.topk, granularity=args.granularity, routers=tuple(args.routers),
-        micro_batch_size=args.micro_batch_size, num_microbatches=args.num_microbatches,
-        warmup_steps=args.warmup_steps, steps=args.steps, stage1_steps=args.stage1_steps,
-        max_settle_steps=args.max_settle_steps, recompute=args.recompute,
-        interleave=not args.sequential, rounds=args.rounds,
-        grouped_gemm=args.grouped_gemm, bf16=args.bf16, peak_tflops=args.peak_tflops,
+        preset=args.preset,
+        model_overrides=overrides,
+        num_experts=args.num_experts,
+        topk=args.topk,
+        granularity=args.granularity,
+        routers=tuple(args.routers),
+        micro_batch_size=args.micro_batch_size,
+        num_microbatches=args.num_microbatches,
+        warmup_steps=args.warmup_steps,
+        steps=args.steps,
+        stage1_steps=args.stage1_steps,
+        max_settle_steps=args.max_settle_steps,
+        recompute=args.recompute,
+        interleave=not args.sequential,
+        rounds=args.rounds,
+        grouped_gemm=args.grouped_gemm,
+        bf16=args.bf16,
+        peak_tflops=args.peak_tflops,
         token_dispatcher=args.token_dispatcher,
         seed=args.seed,
     )
@@ -101,11 +160,13 @@ def main(argv=None) -> int:
         return 2
     finally:
         destroy_parallel()
-    print(f"\n{report['device']}, preset {config.preset}"
-          + (f" {config.model_overrides}" if config.model_overrides else "")
-          + f", E={config.num_experts} k={config.topk} G={config.granularity}, micro-batch "
-          f"{config.micro_batch_size} x {config.num_microbatches}, {config.steps} timed steps "
-          f"({config.stage1_steps} in ReMoE's stage I)\n")
+    print(
+        f"\n{report['device']}, preset {config.preset}"
+        + (f" {config.model_overrides}" if config.model_overrides else "")
+        + f", E={config.num_experts} k={config.topk} G={config.granularity}, micro-batch "
+        f"{config.micro_batch_size} x {config.num_microbatches}, {config.steps} timed steps "
+        f"({config.stage1_steps} in ReMoE's stage I)\n"
+    )
     print(format_table(report), flush=True)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -45,22 +45,41 @@ MODES = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--load", metavar="DIR",
-                        help="checkpoint (--save directory or iter_XXXXXXX) or export directory; "
-                        "default: random weights of the demo's size")
-    parser.add_argument("--router", choices=("dense", "topk", "relu"), default="relu",
-                        help="the random model's router (without --load)")
+    parser.add_argument(
+        "--load",
+        metavar="DIR",
+        help="checkpoint (--save directory or iter_XXXXXXX) or export directory; "
+        "default: random weights of the demo's size",
+    )
+    parser.add_argument(
+        "--router",
+        choices=("dense", "topk", "relu"),
+        default="relu",
+        help="the random model's router (without --load)",
+    )
     parser.add_argument("--prompts", type=int, default=8, help="prompts in the batch")
-    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(16, 64),
-                        metavar=("MIN", "MAX"), help="prompt lengths, spread evenly")
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        nargs=2,
+        default=(16, 64),
+        metavar=("MIN", "MAX"),
+        help="prompt lengths, spread evenly",
+    )
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens added to each prompt")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of every mode")
     parser.add_argument("--seed", type=int, default=0, help="of the prompts and random weights")
-    parser.add_argument("--threads", type=int,
-                        help="torch's CPU threads (default: torch's own choice); on a machine "
-                        "that other jobs share, 1 keeps OpenMP threads from waiting on each other")
-    parser.add_argument("--tokenizer-dir", metavar="DIR",
-                        help="directory now holding a checkpoint's tokenizer files")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch's CPU threads (default: torch's own choice); on a machine "
+        "that other jobs share, 1 keeps OpenMP threads from waiting on each other",
+    )
+    parser.add_argument(
+        "--tokenizer-dir",
+        metavar="DIR",
+        help="directory now holding a checkpoint's tokenizer files",
+    )
     return parser.parse_args(argv)
 
 
@@ -71,10 +90,22 @@ def random_model(router: str, seed: int):
     from remoe_patches.inference.reference_model import GPT, GPTConfig
 
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=4096, num_layers=4, hidden_size=128, num_attention_heads=4,
-                       num_query_groups=4, head_dim=32, seq_length=256, rotary_base=1e6,
-                       norm_epsilon=1e-5, router=router, ffn_hidden_size=512, num_experts=8,
-                       topk=1, expert_ffn_hidden_size=512)
+    config = GPTConfig(
+        vocab_size=4096,
+        num_layers=4,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=4,
+        head_dim=32,
+        seq_length=256,
+        rotary_base=1e6,
+        norm_epsilon=1e-5,
+        router=router,
+        ffn_hidden_size=512,
+        num_experts=8,
+        topk=1,
+        expert_ffn_hidden_size=512,
+    )
     model = GPT(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -103,10 +134,18 @@ def main(argv=None) -> int:
     from remoe_patches.inference.reference_model import GPT
 
     low, high = args.prompt_tokens
-    if not (args.prompts >= 1 and 1 <= low <= high and args.new_tokens >= 1
-            and args.repeats >= 1 and (args.threads or 1) >= 1):
-        print("benchmark_generation.py: error: --prompts, --new-tokens, --repeats, --threads "
-              "and --prompt-tokens MIN MAX must be >= 1, with MIN <= MAX", file=sys.stderr)
+    if not (
+        args.prompts >= 1
+        and 1 <= low <= high
+        and args.new_tokens >= 1
+        and args.repeats >= 1
+        and (args.threads or 1) >= 1
+    ):
+        print(
+            "benchmark_generation.py: error: --prompts, --new-tokens, --repeats, --threads "
+            "and --prompt-tokens MIN MAX must be >= 1, with MIN <= MAX",
+            file=sys.stderr,
+        )
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,8 +156,11 @@ def main(argv=None) -> int:
             print(f"benchmark_generation.py: error: {error}", file=sys.stderr)
             return 2
         if not isinstance(loaded.model, GPT):
-            print(f"benchmark_generation.py: error: --load {args.load}: no key/value cache for "
-                  f"this model ({loaded.no_cache_reason}); nothing to compare", file=sys.stderr)
+            print(
+                f"benchmark_generation.py: error: --load {args.load}: no key/value cache for "
+                f"this model ({loaded.no_cache_reason}); nothing to compare",
+                file=sys.stderr,
+            )
             return 2
         model, vocab, context = loaded.model, loaded.tokenizer.vocab_size, loaded.context_length
         described = f"--load {args.load}"
@@ -127,13 +169,17 @@ def main(argv=None) -> int:
         context = model.config.seq_length
         described = "random weights of the demo's size"
     if high + args.new_tokens > context:
-        print(f"benchmark_generation.py: note: prompts of up to {high} tokens plus "
-              f"{args.new_tokens} new ones pass the model's {context}-token context: the rows "
-              "that do are recomputed past it", file=sys.stderr)
+        print(
+            f"benchmark_generation.py: note: prompts of up to {high} tokens plus "
+            f"{args.new_tokens} new ones pass the model's {context}-token context: the rows "
+            "that do are recomputed past it",
+            file=sys.stderr,
+        )
 
     generator = torch.Generator().manual_seed(args.seed)
-    lengths = [round(low + (high - low) * i / max(args.prompts - 1, 1))
-               for i in range(args.prompts)]
+    lengths = [
+        round(low + (high - low) * i / max(args.prompts - 1, 1)) for i in range(args.prompts)
+    ]
     prompts = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
     sampling = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens, stop_at_eod=False)
 
@@ -161,24 +207,32 @@ def main(argv=None) -> int:
     parameters = sum(p.numel() for p in model.parameters())
     cfg = model.config
     print(f"command: python tools/benchmark_generation.py {shlex.join(sys.argv[1:])}")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} with "
-          f"{threads} thread{'s' if threads > 1 else ''}, float32; "
-          f"{datetime.date.today().isoformat()}; load average {load_before:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after")
-    print(f"model: {described}: {cfg.router}, {cfg.num_layers} layers, hidden "
-          f"{cfg.hidden_size}, {cfg.num_experts or 'no'} experts, {parameters / 1e6:.1f}M "
-          f"parameters, context {context}")
-    print(f"work: {args.prompts} prompts of {low}-{high} tokens, {args.new_tokens} new tokens "
-          f"each ({new_tokens} in all), greedy; the median of {args.repeats} "
-          f"round{'s' if args.repeats > 1 else ''}")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} with "
+        f"{threads} thread{'s' if threads > 1 else ''}, float32; "
+        f"{datetime.date.today().isoformat()}; load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after"
+    )
+    print(
+        f"model: {described}: {cfg.router}, {cfg.num_layers} layers, hidden "
+        f"{cfg.hidden_size}, {cfg.num_experts or 'no'} experts, {parameters / 1e6:.1f}M "
+        f"parameters, context {context}"
+    )
+    print(
+        f"work: {args.prompts} prompts of {low}-{high} tokens, {args.new_tokens} new tokens "
+        f"each ({new_tokens} in all), greedy; the median of {args.repeats} "
+        f"round{'s' if args.repeats > 1 else ''}"
+    )
     print()
     print("| mode | seconds: median (min-max) | new tokens/s | speed-up |")
     print("|---|---|---|---|")
     baseline = statistics.median(seconds[MODES[0][0]])
     for title, _, _ in MODES:
         median = statistics.median(seconds[title])
-        print(f"| {title} | {median:.2f} ({min(seconds[title]):.2f}-{max(seconds[title]):.2f}) "
-              f"| {new_tokens / median:,.0f} | {baseline / median:.1f}x |")
+        print(
+            f"| {title} | {median:.2f} ({min(seconds[title]):.2f}-{max(seconds[title]):.2f}) "
+            f"| {new_tokens / median:,.0f} | {baseline / median:.1f}x |"
+        )
     same = all(tokens[title] == tokens[MODES[0][0]] for title, _, _ in MODES)
     print()
     print(f"same tokens in all four modes: {'yes' if same else 'NO'}")

@@ -35,27 +35,49 @@ def parse_args(argv=None):
         description="Zero-shot lm-eval evaluation of ReMoE checkpoints (the paper's Table 2).",
         allow_abbrev=False,
     )
-    parser.add_argument("--load", action="append", required=True, metavar="DIR",
-                        help="Checkpoint (pretrain_gpt.py --save dir or iter_XXXXXXX) or export "
-                        "directory; repeat for several rows.")
-    parser.add_argument("--label", action="append", metavar="NAME",
-                        help="Row label per --load (default: router kind and directory name).")
-    parser.add_argument("--tasks", default=DEFAULT_TASKS,
-                        help=f"Comma-separated lm-eval tasks (default: {DEFAULT_TASKS}).")
+    parser.add_argument(
+        "--load",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="Checkpoint (pretrain_gpt.py --save dir or iter_XXXXXXX) or export "
+        "directory; repeat for several rows.",
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        metavar="NAME",
+        help="Row label per --load (default: router kind and directory name).",
+    )
+    parser.add_argument(
+        "--tasks",
+        default=DEFAULT_TASKS,
+        help=f"Comma-separated lm-eval tasks (default: {DEFAULT_TASKS}).",
+    )
     parser.add_argument("--num-fewshot", type=int, help="Few-shot examples (default: 0).")
     parser.add_argument("--batch-size", type=int, default=16, help="Sequences per forward pass.")
-    parser.add_argument("--limit", type=float,
-                        help="At most this many documents per task (a fraction if < 1).")
+    parser.add_argument(
+        "--limit", type=float, help="At most this many documents per task (a fraction if < 1)."
+    )
     parser.add_argument("--output", metavar="FILE.json", help="Write lm-eval's results JSON here.")
-    parser.add_argument("--data-dir", metavar="DIR",
-                        help="Read the tasks from DIR/<task>/<split>.jsonl (offline).")
-    parser.add_argument("--backend", default="auto", choices=["auto", "megatron", "reference"],
-                        help="Model code: megatron-core, or the exported reference model "
-                        "(auto: by what the directory holds).")
-    parser.add_argument("--max-length", type=int,
-                        help="Context length (default: the checkpoint's --seq-length).")
-    parser.add_argument("--tokenizer-dir", metavar="DIR",
-                        help="Directory now holding the checkpoint's tokenizer files.")
+    parser.add_argument(
+        "--data-dir", metavar="DIR", help="Read the tasks from DIR/<task>/<split>.jsonl (offline)."
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "megatron", "reference"],
+        help="Model code: megatron-core, or the exported reference model "
+        "(auto: by what the directory holds).",
+    )
+    parser.add_argument(
+        "--max-length", type=int, help="Context length (default: the checkpoint's --seq-length)."
+    )
+    parser.add_argument(
+        "--tokenizer-dir",
+        metavar="DIR",
+        help="Directory now holding the checkpoint's tokenizer files.",
+    )
     parser.add_argument("--seed", type=int, default=1234, help="lm-eval's random seeds.")
     args = parser.parse_args(argv)
     if args.label and len(args.label) != len(args.load):
@@ -81,8 +103,9 @@ def output_paths(output, count: int) -> list:
     if count == 1:
         return [output]
     path = Path(output)
-    return [str(path.with_name(f"{path.stem}.{i + 1}{path.suffix or '.json'}"))
-            for i in range(count)]
+    return [
+        str(path.with_name(f"{path.stem}.{i + 1}{path.suffix or '.json'}")) for i in range(count)
+    ]
 
 
 def main(argv=None) -> int:
@@ -96,8 +119,7 @@ def main(argv=None) -> int:
     from lm_eval.utils import handle_non_serializable
 
     from remoe_patches.train.checkpointing import CheckpointError
-    from remoe_patches.eval.evaluation import RemoeLM, markdown_table, \
-        offline_task_manager
+    from remoe_patches.eval.evaluation import RemoeLM, markdown_table, offline_task_manager
     from remoe_patches.eval.lm_eval_tasks import TaskDataError
     from remoe_patches.config.router_registry import ROUTERS
 
@@ -115,8 +137,13 @@ def main(argv=None) -> int:
     for index, directory in enumerate(args.load):
         print(f"[{index + 1}/{len(args.load)}] {directory}", flush=True)
         try:
-            lm = RemoeLM(load=directory, backend=args.backend, batch_size=args.batch_size,
-                         max_length=args.max_length, tokenizer_dir=args.tokenizer_dir)
+            lm = RemoeLM(
+                load=directory,
+                backend=args.backend,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                tokenizer_dir=args.tokenizer_dir,
+            )
         except (CheckpointError, ValueError) as error:
             print(f"evaluate.py: error: --load {directory}: {error}", file=sys.stderr)
             return 2
@@ -126,16 +153,25 @@ def main(argv=None) -> int:
             label = f"{ROUTERS[lm.router].title} ({Path(directory).resolve().name})"
         try:
             results = lm_eval.simple_evaluate(
-                model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                batch_size=args.batch_size, log_samples=False, task_manager=task_manager,
-                random_seed=args.seed, numpy_random_seed=args.seed,
-                torch_random_seed=args.seed, fewshot_random_seed=args.seed,
+                model=lm,
+                tasks=tasks,
+                num_fewshot=args.num_fewshot,
+                limit=args.limit,
+                batch_size=args.batch_size,
+                log_samples=False,
+                task_manager=task_manager,
+                random_seed=args.seed,
+                numpy_random_seed=args.seed,
+                torch_random_seed=args.seed,
+                fewshot_random_seed=args.seed,
             )
         except ConnectionError as error:  # datasets' own, raised when the hub is out of reach
-            print(f"evaluate.py: error: {error}: there is no network here; pass --data-dir DIR "
-                  "with the tasks' files (DIR/<task>/<split>.jsonl, see "
-                  "remoe_patches/eval/lm_eval_tasks/functions.py for each task's file and schema)",
-                  file=sys.stderr)
+            print(
+                f"evaluate.py: error: {error}: there is no network here; pass --data-dir DIR "
+                "with the tasks' files (DIR/<task>/<split>.jsonl, see "
+                "remoe_patches/eval/lm_eval_tasks/functions.py for each task's file and schema)",
+                file=sys.stderr,
+            )
             return 2
         except TaskDataError as error:
             print(f"evaluate.py: error: {error}", file=sys.stderr)
@@ -145,8 +181,7 @@ def main(argv=None) -> int:
         if paths[index] is not None:
             Path(paths[index]).parent.mkdir(parents=True, exist_ok=True)
             with open(paths[index], "w") as f:
-                json.dump(results, f, indent=2, default=handle_non_serializable,
-                          ensure_ascii=False)
+                json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
         del lm
         gc.collect()
 

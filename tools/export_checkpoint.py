@@ -25,25 +25,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--load", required=True, metavar="DIR",
-                        help="pretrain_gpt.py --save directory (latest checkpoint) or one "
-                        "iter_XXXXXXX directory.")
+    parser.add_argument(
+        "--load",
+        required=True,
+        metavar="DIR",
+        help="pretrain_gpt.py --save directory (latest checkpoint) or one iter_XXXXXXX directory.",
+    )
     parser.add_argument("--output", required=True, metavar="OUT", help="Export directory.")
-    parser.add_argument("--tokenizer-dir", metavar="DIR",
-                        help="Directory now holding the checkpoint's tokenizer files.")
-    parser.add_argument("--force", action="store_true",
-                        help="Export into a non-empty directory, overwriting the exported files.")
-    parser.add_argument("--bf16", action="store_true",
-                        help="Save the weights in bfloat16 (half the size; config.json's "
-                        "torch_dtype says so). Default: float32, the checkpoint's weights exactly.")
+    parser.add_argument(
+        "--tokenizer-dir",
+        metavar="DIR",
+        help="Directory now holding the checkpoint's tokenizer files.",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="Export into a non-empty directory, overwriting the exported files.",
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="Save the weights in bfloat16 (half the size; config.json's "
+        "torch_dtype says so). Default: float32, the checkpoint's weights exactly.",
+    )
     args = parser.parse_args(argv)
 
     from remoe_patches.train.checkpointing import CheckpointError
     from remoe_patches.inference.hf_export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.load, args.output, tokenizer_dir=args.tokenizer_dir,
-                                force=args.force, dtype="bfloat16" if args.bf16 else "float32")
+        out = export_checkpoint(
+            args.load,
+            args.output,
+            tokenizer_dir=args.tokenizer_dir,
+            force=args.force,
+            dtype="bfloat16" if args.bf16 else "float32",
+        )
     except CheckpointError as error:  # the message names the directory
         print(f"export_checkpoint.py: error: {error}", file=sys.stderr)
         return 2

@@ -52,9 +52,15 @@ LARGE_CARD_GIB = 100  # 469m's benchmark needs MoE recomputation below this
 
 # What the GPU runs import, by module, with the distribution that provides it; the first two are
 # the ones an offline machine brings as wheels.
-NEEDED = {"megatron.core": "megatron-core==0.16.1", "psutil": "psutil", "numpy": "numpy",
-          "yaml": "PyYAML", "tokenizers": "tokenizers", "tensorboard": "tensorboard",
-          "pytest": "pytest"}
+NEEDED = {
+    "megatron.core": "megatron-core==0.16.1",
+    "psutil": "psutil",
+    "numpy": "numpy",
+    "yaml": "PyYAML",
+    "tokenizers": "tokenizers",
+    "tensorboard": "tensorboard",
+    "pytest": "pytest",
+}
 FROM_WHEELS = {"megatron.core": "megatron_core-*.whl", "psutil": "psutil-*.whl"}
 
 
@@ -66,11 +72,18 @@ def refuse(message: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=PARTS + ("all",), default="all",
-                        help="Which part to run (default: all, one after another).")
+    parser.add_argument(
+        "--part",
+        choices=PARTS + ("all",),
+        default="all",
+        help="Which part to run (default: all, one after another).",
+    )
     parser.add_argument("--out", default="gpu_check", help="Output directory.")
-    parser.add_argument("--wheels", default=str(REPO / ".whl"),
-                        help="Where megatron-core's and psutil's wheels are (offline machines).")
+    parser.add_argument(
+        "--wheels",
+        default=str(REPO / ".whl"),
+        help="Where megatron-core's and psutil's wheels are (offline machines).",
+    )
     args = parser.parse_args(argv)
     require_cuda()
     out = Path(args.out).resolve()
@@ -88,12 +101,16 @@ def require_cuda() -> None:
     try:
         import torch
     except ImportError as error:
-        refuse(f"torch does not import ({error}); this needs python3 with a CUDA build of "
-               "torch (the CPU suite is `make test`)")
+        refuse(
+            f"torch does not import ({error}); this needs python3 with a CUDA build of "
+            "torch (the CPU suite is `make test`)"
+        )
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        refuse(f"needs a CUDA GPU, and torch {torch.__version__} ({build}) sees none; run it "
-               "on a GPU machine (the CPU suite is `make test`)")
+        refuse(
+            f"needs a CUDA GPU, and torch {torch.__version__} ({build}) sees none; run it "
+            "on a GPU machine (the CPU suite is `make test`)"
+        )
 
 
 def environment(out: Path, wheels: Path) -> dict:
@@ -105,9 +122,23 @@ def environment(out: Path, wheels: Path) -> dict:
         found = [w for m in missing for w in sorted(glob.glob(str(wheels / FROM_WHEELS[m])))[-1:]]
         if found:
             site = out / "site"
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index",
-                            "--no-deps", "--no-compile", "--upgrade", "--target", str(site),
-                            *found], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-index",
+                    "--no-deps",
+                    "--no-compile",
+                    "--upgrade",
+                    "--target",
+                    str(site),
+                    *found,
+                ],
+                check=True,
+            )
             env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     missing = missing_modules(env, NEEDED)
@@ -115,7 +146,8 @@ def environment(out: Path, wheels: Path) -> dict:
         refuse(
             "missing " + ", ".join(f"{m} ({NEEDED[m]})" for m in missing) + f" for {sys.executable}"
             f"; pip install them, or on an offline machine put the wheels in {wheels} "
-            "(README: 'GPU acceptance')")
+            "(README: 'GPU acceptance')"
+        )
     # The launchers call `python` and `torchrun` from PATH: make both this interpreter.
     bin_dir = out / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -123,20 +155,23 @@ def environment(out: Path, wheels: Path) -> dict:
     if not python.exists():
         python.symlink_to(sys.executable)
     torchrun = bin_dir / "torchrun"
-    torchrun.write_text(f"#!/bin/sh\nexec {sys.executable} -m torch.distributed.run \"$@\"\n")
+    torchrun.write_text(f'#!/bin/sh\nexec {sys.executable} -m torch.distributed.run "$@"\n')
     torchrun.chmod(0o755)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     return env
 
 
 def missing_modules(env: dict, modules) -> list:
-    code = ("import importlib.util as u, sys\n"
-            "for m in sys.argv[1:]:\n"
-            "    try:\n        found = u.find_spec(m) is not None\n"
-            "    except ImportError:\n        found = False\n"
-            "    found or print(m)")
-    probe = subprocess.run([sys.executable, "-c", code, *modules], env=env, capture_output=True,
-                           text=True)
+    code = (
+        "import importlib.util as u, sys\n"
+        "for m in sys.argv[1:]:\n"
+        "    try:\n        found = u.find_spec(m) is not None\n"
+        "    except ImportError:\n        found = False\n"
+        "    found or print(m)"
+    )
+    probe = subprocess.run(
+        [sys.executable, "-c", code, *modules], env=env, capture_output=True, text=True
+    )
     return probe.stdout.split()
 
 
@@ -145,15 +180,23 @@ def run(log: Path, env: dict, timeout: float, *command, extra_env=None) -> tuple
     are killed (exit code 124)."""
     started = time.time()
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO, env={**env, **(extra_env or {})},
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**env, **(extra_env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_tree(process.pid)
             process.wait()
-            out.write(f"\n[gpu-check] timed out after {timeout:.0f} s; killed it and every "
-                      "process it started\n")
+            out.write(
+                f"\n[gpu-check] timed out after {timeout:.0f} s; killed it and every "
+                "process it started\n"
+            )
             code = 124
     return code, time.time() - started
 
@@ -210,14 +253,25 @@ def row(step, ok, seconds, detail) -> dict:
 
 
 def tests_part(out: Path, env: dict) -> list:
-    code, seconds = run(out / "tests_gpu.log", env, 420, sys.executable, "-m", "pytest", "-q",
-                        "-p", "no:cacheprovider", str(REPO / "tests_gpu"))
+    code, seconds = run(
+        out / "tests_gpu.log",
+        env,
+        420,
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(REPO / "tests_gpu"),
+    )
     return [row("tests_gpu", code == 0, seconds, pytest_counts(out / "tests_gpu.log", code))]
 
 
 def pytest_counts(log: Path, code: int) -> str:
-    lines = [line for line in log.read_text().splitlines()
-             if re.search(r"\d+ (passed|failed)", line)]
+    lines = [
+        line for line in log.read_text().splitlines() if re.search(r"\d+ (passed|failed)", line)
+    ]
     if code == 124:
         return "timed out (see tests_gpu.log)"
     return lines[-1].strip("= ") if lines else "no pytest summary (see tests_gpu.log)"
@@ -234,21 +288,53 @@ def bench_part(out: Path, env: dict) -> list:
     for (preset, dispatcher, extra), limit in zip(runs, (140, 140, 190)):
         name = f"bench_{preset}_{dispatcher}"
         path = out / f"{name}.json"
-        code, seconds = run(out / f"{name}.log", env, limit, sys.executable,
-                            str(REPO / "tools" / "benchmark.py"), "--preset", preset,
-                            "--moe-token-dispatcher-type", dispatcher, "--micro-batch-size", "8",
-                            "--steps", "10", "--rounds", "2", "--stage1-steps", "5",
-                            "--max-settle-steps", "300", "--json", str(path), *extra)
+        code, seconds = run(
+            out / f"{name}.log",
+            env,
+            limit,
+            sys.executable,
+            str(REPO / "tools" / "benchmark.py"),
+            "--preset",
+            preset,
+            "--moe-token-dispatcher-type",
+            dispatcher,
+            "--micro-batch-size",
+            "8",
+            "--steps",
+            "10",
+            "--rounds",
+            "2",
+            "--stage1-steps",
+            "5",
+            "--max-settle-steps",
+            "300",
+            "--json",
+            str(path),
+            *extra,
+        )
         label = f"benchmark {preset} {dispatcher}" + (f" ({' '.join(extra)})" if extra else "")
-        rows.append(row(label, code == 0 and path.exists(), seconds,
-                        benchmark_summary(path) if code != 124 else "timed out"))
+        rows.append(
+            row(
+                label,
+                code == 0 and path.exists(),
+                seconds,
+                benchmark_summary(path) if code != 124 else "timed out",
+            )
+        )
     return rows
 
 
 def total_memory_gib(env) -> float:
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda."
-                            "get_device_properties(0).total_memory / 2**30)"],
-                           env=env, capture_output=True, text=True)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     return float(probe.stdout.strip() or 0)
 
 
@@ -260,22 +346,37 @@ def benchmark_summary(path: Path) -> str:
     for r in report["results"]:
         mfu = f"{100 * r['mfu']:.1f}% MFU" if r.get("mfu") is not None else "no MFU"
         memory = f", {r['peak_memory'] / 2**30:.1f} GiB peak" if r.get("peak_memory") else ""
-        parts.append(f"{r['label']}: {r['median_ms']:.1f} ms, {mfu}, "
-                     f"{r['syncs_per_step']:.0f} syncs{memory}")
+        parts.append(
+            f"{r['label']}: {r['median_ms']:.1f} ms, {mfu}, {r['syncs_per_step']:.0f} syncs{memory}"
+        )
     return "; ".join(parts)
 
 
 def train_part(out: Path, env: dict) -> list:
     """200 steps saving at 100 and 200, then a resume to 240: it must continue from 200."""
     started = time.time()
-    corpus_code = ("from remoe_patches.data.demo_corpus import ensure_demo_corpus as e; c = e(); "
-                   "print(c.data_prefix, c.vocab_file, c.merge_file)")
-    corpus = subprocess.run([sys.executable, "-c", corpus_code], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=90)
+    corpus_code = (
+        "from remoe_patches.data.demo_corpus import ensure_demo_corpus as e; c = e(); "
+        "print(c.data_prefix, c.vocab_file, c.merge_file)"
+    )
+    corpus = subprocess.run(
+        [sys.executable, "-c", corpus_code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     if corpus.returncode != 0:
         (out / "demo_corpus.log").write_text(corpus.stdout + corpus.stderr)
-        return [row("launcher 182m_remoe save+resume", False, time.time() - started,
-                    "demo corpus failed (see demo_corpus.log)")]
+        return [
+            row(
+                "launcher 182m_remoe save+resume",
+                False,
+                time.time() - started,
+                "demo corpus failed (see demo_corpus.log)",
+            )
+        ]
     data, vocab, merges = corpus.stdout.split()[-3:]
     save = Path(tempfile.mkdtemp(prefix="gpu_check_launcher_"))
     try:
@@ -288,17 +389,41 @@ def train_part(out: Path, env: dict) -> list:
 
 
 def launch_and_resume(out, env, save, data, vocab, merges) -> tuple[bool, str]:
-    launch_env = dict(GPUS_PER_NODE="1", CHECKPOINT_DIR=str(save), DATA_PATH=data,
-                      VOCAB_FILE=vocab, MERGE_FILE=merges, MASTER_PORT="29517")
+    launch_env = dict(
+        GPUS_PER_NODE="1",
+        CHECKPOINT_DIR=str(save),
+        DATA_PATH=data,
+        VOCAB_FILE=vocab,
+        MERGE_FILE=merges,
+        MASTER_PORT="29517",
+    )
     # The same schedule (decay over 240 steps) in both runs, so the resume continues one run.
-    flags = ["--micro-batch-size", "16", "--global-batch-size", "32", "--lr-decay-iters", "240",
-             "--save-interval", "100", "--eval-interval", "100", "--eval-iters", "2",
-             "--log-interval", "10", "--make-vocab-size-divisible-by", "128"]
+    flags = [
+        "--micro-batch-size",
+        "16",
+        "--global-batch-size",
+        "32",
+        "--lr-decay-iters",
+        "240",
+        "--save-interval",
+        "100",
+        "--eval-interval",
+        "100",
+        "--eval-iters",
+        "2",
+        "--log-interval",
+        "10",
+        "--make-vocab-size-divisible-by",
+        "128",
+    ]
     script = str(REPO / "scripts" / "pretrain_182m_remoe.sh")
-    for log, iters, limit in (("launcher_200.log", "200", 230), ("launcher_resume_240.log",
-                                                                 "240", 150)):
-        code, _ = run(out / log, env, limit, script, *flags, "--train-iters", iters,
-                      extra_env=launch_env)
+    for log, iters, limit in (
+        ("launcher_200.log", "200", 230),
+        ("launcher_resume_240.log", "240", 150),
+    ):
+        code, _ = run(
+            out / log, env, limit, script, *flags, "--train-iters", iters, extra_env=launch_env
+        )
         if code != 0:
             return False, f"exit {code}{' (timed out)' if code == 124 else ''} (see {log})"
     return resume_continuity(save)
@@ -333,11 +458,13 @@ def resume_continuity(save: Path, stop=200, end=240, interval=10) -> tuple[bool,
     if not latest.exists() or latest.read_text().strip() != str(end):
         problems.append(f"no checkpoint at {end}")
     first, last = records[min(records)], records[max(records)]
-    detail = (f"loss {first['lm_loss']:.2f} -> {before['lm_loss']:.2f} ({stop}) -> "
-              f"{after['lm_loss']:.2f} ({stop + interval}) -> {last['lm_loss']:.2f} "
-              f"({max(records)}); sparsity {before['sparsity']:.3f} -> {after['sparsity']:.3f}; "
-              f"lambda {before['l1_coeff']:.3g} -> {after['l1_coeff']:.3g}; "
-              f"{before.get('tokens_per_sec', 0):,.0f} tokens/s")
+    detail = (
+        f"loss {first['lm_loss']:.2f} -> {before['lm_loss']:.2f} ({stop}) -> "
+        f"{after['lm_loss']:.2f} ({stop + interval}) -> {last['lm_loss']:.2f} "
+        f"({max(records)}); sparsity {before['sparsity']:.3f} -> {after['sparsity']:.3f}; "
+        f"lambda {before['l1_coeff']:.3g} -> {after['l1_coeff']:.3g}; "
+        f"{before.get('tokens_per_sec', 0):,.0f} tokens/s"
+    )
     return not problems, detail + ("" if not problems else "; PROBLEMS: " + "; ".join(problems))
 
 
@@ -347,10 +474,16 @@ RUNS = {"tests": tests_part, "train": train_part, "bench": bench_part}
 def write_summary(out: Path, part: str, device: str, rows: list) -> bool:
     """Print and write the part's summary; whether every step passed."""
     total = sum(r["seconds"] for r in rows)
-    lines = [f"# gpu-check {part}, {device}, {time.strftime('%Y-%m-%d')}, {total} s", "",
-             "| step | result | seconds | detail |", "|---|---|---|---|"]
-    lines += [f"| {r['step']} | {'ok' if r['ok'] else 'FAILED'} | {r['seconds']} | {r['detail']} |"
-              for r in rows]
+    lines = [
+        f"# gpu-check {part}, {device}, {time.strftime('%Y-%m-%d')}, {total} s",
+        "",
+        "| step | result | seconds | detail |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['step']} | {'ok' if r['ok'] else 'FAILED'} | {r['seconds']} | {r['detail']} |"
+        for r in rows
+    ]
     summary = "\n".join(lines)
     print("\n" + summary, flush=True)
     (out / f"summary_{part}.md").write_text(summary + "\n")
@@ -359,9 +492,17 @@ def write_summary(out: Path, part: str, device: str, rows: list) -> bool:
 
 
 def device_name(env) -> str:
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name()"
-                            " if torch.cuda.is_available() else 'no CUDA device')"],
-                           capture_output=True, text=True, env=env)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch; print(torch.cuda.get_device_name()"
+            " if torch.cuda.is_available() else 'no CUDA device')",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     return probe.stdout.strip() or "unknown device"
 
 

@@ -32,6 +32,7 @@ def megatron_lm_flags(checkout: Path) -> tuple:
     for _ in range(50):
         try:
             from megatron.training.arguments import add_megatron_arguments
+
             break
         except ModuleNotFoundError as error:
             if error.name.split(".")[0] == "megatron":
@@ -40,12 +41,19 @@ def megatron_lm_flags(checkout: Path) -> tuple:
             for name in [name for name in sys.modules if name.startswith("megatron")]:
                 del sys.modules[name]
             sys.modules[error.name] = mock.MagicMock(
-                __name__=error.name, __path__=[], __spec__=None, __version__="99.0")
+                __name__=error.name, __path__=[], __spec__=None, __version__="99.0"
+            )
     else:
         raise SystemExit("list_megatron_lm_flags: too many missing modules")
     parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
-    flags = sorted({flag for action in parser._actions for flag in action.option_strings
-                    if flag.startswith("--")})
+    flags = sorted(
+        {
+            flag
+            for action in parser._actions
+            for flag in action.option_strings
+            if flag.startswith("--")
+        }
+    )
     return flags, stood_in
 
 
@@ -55,17 +63,26 @@ def main(argv=None) -> None:
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     if not (args.checkout / "megatron" / "training" / "arguments.py").is_file():
-        raise SystemExit(f"list_megatron_lm_flags: {args.checkout} is not a Megatron-LM checkout "
-                         "(no megatron/training/arguments.py)")
-    described = subprocess.run(["git", "-C", str(args.checkout), "describe", "--tags", "--always"],
-                               capture_output=True, text=True).stdout.strip() or "unknown"
+        raise SystemExit(
+            f"list_megatron_lm_flags: {args.checkout} is not a Megatron-LM checkout "
+            "(no megatron/training/arguments.py)"
+        )
+    described = (
+        subprocess.run(
+            ["git", "-C", str(args.checkout), "describe", "--tags", "--always"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        or "unknown"
+    )
     flags, stood_in = megatron_lm_flags(args.checkout)
     header = [
         f"# The long flags of Megatron-LM's pretrain_gpt.py parser at {described}",
         "# (add_megatron_arguments), written by tools/list_megatron_lm_flags.py.",
         f"# {len(flags)} flags"
-        + (f"; stood in for while building the parser: {', '.join(stood_in)}." if stood_in
-           else "."),
+        + (
+            f"; stood in for while building the parser: {', '.join(stood_in)}." if stood_in else "."
+        ),
     ]
     args.output.write_text("\n".join(header + flags) + "\n")
     print(f"{args.output}: {len(flags)} flags of Megatron-LM {described}")

@@ -26,24 +26,41 @@ from remoe_patches.experiments import sweep as sweeps  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Run a grid of ReMoE/MoE/dense pretraining runs from a sweep file.",
-        allow_abbrev=False)
+        allow_abbrev=False,
+    )
     parser.add_argument("sweep", help="the sweep file, e.g. configs/sweeps/experts.yaml")
-    parser.add_argument("--launcher", choices=["print", "local", "slurm"], default="print",
-                        help="print the commands (default), run them one after another here, "
-                        "or write a Slurm job-array script")
-    parser.add_argument("--collect", action="store_true",
-                        help="gather the runs' results into results.md/results.csv/runs.csv")
-    parser.add_argument("--reference", metavar="ROW",
-                        help="--collect with replicates: the row the others are compared with, "
-                        "paired by seed (a row's name such as remoe_scale-none, a grid value "
-                        "such as remoe, or a row's label; default: the sweep file's "
-                        "table.reference, else the ReMoE row)")
-    parser.add_argument("--output-dir", help="where the runs live (default: the file's "
-                        "output_dir, else runs/sweeps/<name>)")
-    parser.add_argument("--keep-going", action="store_true",
-                        help="local: go on with the next run when one fails")
-    parser.add_argument("--no-validate", action="store_true",
-                        help="skip checking every run with pretrain_gpt.py's parser")
+    parser.add_argument(
+        "--launcher",
+        choices=["print", "local", "slurm"],
+        default="print",
+        help="print the commands (default), run them one after another here, "
+        "or write a Slurm job-array script",
+    )
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="gather the runs' results into results.md/results.csv/runs.csv",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="ROW",
+        help="--collect with replicates: the row the others are compared with, "
+        "paired by seed (a row's name such as remoe_scale-none, a grid value "
+        "such as remoe, or a row's label; default: the sweep file's "
+        "table.reference, else the ReMoE row)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        help="where the runs live (default: the file's output_dir, else runs/sweeps/<name>)",
+    )
+    parser.add_argument(
+        "--keep-going", action="store_true", help="local: go on with the next run when one fails"
+    )
+    parser.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="skip checking every run with pretrain_gpt.py's parser",
+    )
     return parser.parse_args(argv)
 
 
@@ -71,8 +88,10 @@ def main(argv=None) -> int:
             print(path)
         else:
             outcome = sweeps.run_local(sweep, keep_going=args.keep_going)
-            counts = {state: list(outcome.values()).count(state)
-                      for state in ("finished", "skipped", "failed")}
+            counts = {
+                state: list(outcome.values()).count(state)
+                for state in ("finished", "skipped", "failed")
+            }
             print(f"sweep {sweep.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
             if counts["failed"] or len(outcome) < len(sweep.runs):
                 return 1

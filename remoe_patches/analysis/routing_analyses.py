@@ -54,8 +54,9 @@ from remoe_patches.runs.run_metrics import (
 # Training stages
 
 
-def stages(run_dir, out_dir, *, target: Optional[float] = None,
-           tolerance: float = SETTLE_TOLERANCE) -> AnalysisResult:
+def stages(
+    run_dir, out_dir, *, target: Optional[float] = None, tolerance: float = SETTLE_TOLERANCE
+) -> AnalysisResult:
     """Sparsity (mean, per layer), coefficient, reg and LM loss over steps; the three stages."""
     run_dir = Path(run_dir)
     metrics = run_dir if run_dir.is_file() else run_dir / METRICS_FILE
@@ -64,8 +65,9 @@ def stages(run_dir, out_dir, *, target: Optional[float] = None,
     if not steps:
         raise AnalysisError(f"{metrics} holds no training records")
     if not any("sparsity" in r for r in steps):
-        raise AnalysisError(f"{metrics} has no sparsity: the stages are those of ReLU routing "
-                            "(a ReMoE run)")
+        raise AnalysisError(
+            f"{metrics} has no sparsity: the stages are those of ReLU routing (a ReMoE run)"
+        )
     steps = [r for r in steps if "sparsity" in r]
     if target is None:
         target = _run_target(metrics.parent)
@@ -90,14 +92,21 @@ def stages(run_dir, out_dir, *, target: Optional[float] = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for record, stage in zip(steps, stage_of):
-        row = dict(iteration=record["iteration"], stage=stage, lm_loss=record.get("lm_loss"),
-                   val_lm_loss=evaluations.get(record["iteration"]),
-                   reg_loss=record.get("reg_loss"), l1_coeff=record.get("l1_coeff"),
-                   sparsity=record["sparsity"], lr=record.get("lr"))
+        row = dict(
+            iteration=record["iteration"],
+            stage=stage,
+            lm_loss=record.get("lm_loss"),
+            val_lm_loss=evaluations.get(record["iteration"]),
+            reg_loss=record.get("reg_loss"),
+            l1_coeff=record.get("l1_coeff"),
+            sparsity=record["sparsity"],
+            lr=record.get("lr"),
+        )
         per_layer = record.get("sparsity_per_layer") or []
         for layer in range(num_layers):
-            row[f"sparsity_layer_{layer + 1}"] = (per_layer[layer] if layer < len(per_layer)
-                                                  else None)
+            row[f"sparsity_layer_{layer + 1}"] = (
+                per_layer[layer] if layer < len(per_layer) else None
+            )
         rows.append(row)
     csv_path = write_csv(out_dir / "stages.csv", rows)
 
@@ -121,8 +130,14 @@ def stages(run_dir, out_dir, *, target: Optional[float] = None,
     ax = axes[0]
     for layer in range(num_layers):
         values = [r.get(f"sparsity_layer_{layer + 1}") for r in rows]
-        ax.plot(iterations, _floats(values), color=colors[layer], lw=1, alpha=0.8,
-                label=f"layer {layer + 1}")
+        ax.plot(
+            iterations,
+            _floats(values),
+            color=colors[layer],
+            lw=1,
+            alpha=0.8,
+            label=f"layer {layer + 1}",
+        )
     ax.plot(iterations, sparsity, color="black", lw=2.2, label="mean")
     if target is not None:
         ax.axhline(target, color="red", ls="--", lw=1, label=f"target {target:g}")
@@ -138,15 +153,18 @@ def stages(run_dir, out_dir, *, target: Optional[float] = None,
     axes[3].plot(iterations, _floats(r["lm_loss"] for r in rows), label="train")
     if evaluations:
         val_iterations = sorted(evaluations)
-        axes[3].plot(val_iterations, [evaluations[i] for i in val_iterations], "o-",
-                     label="validation")
+        axes[3].plot(
+            val_iterations, [evaluations[i] for i in val_iterations], "o-", label="validation"
+        )
     axes[3].set_ylabel("LM loss")
     axes[3].set_xlabel("iteration")
     axes[3].legend(fontsize=8)
     # The first record is the mean of the steps since iteration 0: stage I starts there.
-    spans = [("I", 0, stage2_start, "tab:blue"),
-             ("II", stage2_start, settle if settle is not None else iterations[-1], "tab:orange"),
-             ("III", settle, iterations[-1], "tab:green")]
+    spans = [
+        ("I", 0, stage2_start, "tab:blue"),
+        ("II", stage2_start, settle if settle is not None else iterations[-1], "tab:orange"),
+        ("III", settle, iterations[-1], "tab:green"),
+    ]
     for name, start, end, color in spans:
         if start is None or end is None or end <= start:
             continue
@@ -155,9 +173,11 @@ def stages(run_dir, out_dir, *, target: Optional[float] = None,
         axes[0].text((start + end) / 2, 0.04, name, ha="center", fontsize=9, fontweight="bold")
     title = f"{ROUTERS['relu'].title} training stages"
     if settle is not None:
-        title += (f": settled at iteration {settle}; stage III sparsity "
-                  f"{summary['stage3_sparsity_mean']:.4f} $\\pm$ "
-                  f"{summary['stage3_sparsity_std']:.4f}")
+        title += (
+            f": settled at iteration {settle}; stage III sparsity "
+            f"{summary['stage3_sparsity_mean']:.4f} $\\pm$ "
+            f"{summary['stage3_sparsity_std']:.4f}"
+        )
     elif target is not None:
         title += f": sparsity not yet within {tolerance} of the target"
     axes[0].set_title(title, fontsize=10)
@@ -178,16 +198,26 @@ def per_token(sample: RoutedSample, out_dir) -> AnalysisResult:
     active_TL = mask.sum(axis=2)  # experts used by each token in each layer
     counts_V = np.bincount(tokens, minlength=vocab)
     active_V = np.bincount(tokens, weights=active_TL.sum(axis=1), minlength=vocab)
-    active_VL = np.stack([np.bincount(tokens, weights=active_TL[:, layer], minlength=vocab)
-                          for layer in range(num_layers)], axis=1)
+    active_VL = np.stack(
+        [
+            np.bincount(tokens, weights=active_TL[:, layer], minlength=vocab)
+            for layer in range(num_layers)
+        ],
+        axis=1,
+    )
     present = np.nonzero(counts_V)[0]
     order = present[np.argsort(-counts_V[present], kind="stable")]
     rows = []
     for token in order:
         count = int(counts_V[token])
-        row = dict(token_id=int(token), token=_one_line(_token_text(sample.tokenizer, token)),
-                   count=count, frequency=count / tokens.size, active_total=int(active_V[token]),
-                   mean_active_experts=active_V[token] / (count * num_layers))
+        row = dict(
+            token_id=int(token),
+            token=_one_line(_token_text(sample.tokenizer, token)),
+            count=count,
+            frequency=count / tokens.size,
+            active_total=int(active_V[token]),
+            mean_active_experts=active_V[token] / (count * num_layers),
+        )
         for index, layer in enumerate(sample.layers):
             row[f"mean_active_layer_{layer}"] = active_VL[token, index] / count
         rows.append(row)
@@ -208,31 +238,54 @@ def per_token(sample: RoutedSample, out_dir) -> AnalysisResult:
             weights = counts_V[order][inside]
             centers.append(math.sqrt(edges[index] * edges[index + 1]))
             binned.append(float(np.average(mean_active[inside], weights=weights)))
-    summary = dict(tokens=int(tokens.size), distinct_tokens=int(present.size),
-                   spearman_frequency_vs_active=rho,
-                   mean_active_experts=float(active_V.sum() / (tokens.size * num_layers)),
-                   active_total=int(active_V.sum()), iteration=sample.iteration)
+    summary = dict(
+        tokens=int(tokens.size),
+        distinct_tokens=int(present.size),
+        spearman_frequency_vs_active=rho,
+        mean_active_experts=float(active_V.sum() / (tokens.size * num_layers)),
+        active_total=int(active_V.sum()),
+        iteration=sample.iteration,
+    )
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.scatter(frequency, mean_active, s=np.clip(counts_V[order] / counts_V.max() * 60, 3, 60),
-               alpha=0.35, color="tab:blue", edgecolors="none", label="vocabulary id")
+    ax.scatter(
+        frequency,
+        mean_active,
+        s=np.clip(counts_V[order] / counts_V.max() * 60, 3, 60),
+        alpha=0.35,
+        color="tab:blue",
+        edgecolors="none",
+        label="vocabulary id",
+    )
     ax.plot(centers, binned, "o-", color="tab:red", lw=2, label="mean in frequency bin")
-    ax.axhline(summary["mean_active_experts"], color="gray", ls=":", lw=1,
-               label=f"mean over tokens {summary['mean_active_experts']:.2f}")
+    ax.axhline(
+        summary["mean_active_experts"],
+        color="gray",
+        ls=":",
+        lw=1,
+        label=f"mean over tokens {summary['mean_active_experts']:.2f}",
+    )
     if ROUTERS[sample.router].adaptive_l1:
-        ax.axhline(sample.topk, color="black", ls="--", lw=1,
-                   label=f"TopK's fixed k = {sample.topk}")
+        ax.axhline(
+            sample.topk, color="black", ls="--", lw=1, label=f"TopK's fixed k = {sample.topk}"
+        )
     for token in order[:8]:  # the most frequent tokens, labelled
-        ax.annotate(repr(_token_text(sample.tokenizer, token))[1:-1][:12],
-                    (counts_V[token] / tokens.size,
-                     active_V[token] / (counts_V[token] * num_layers)),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            repr(_token_text(sample.tokenizer, token))[1:-1][:12],
+            (counts_V[token] / tokens.size, active_V[token] / (counts_V[token] * num_layers)),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("token frequency in the calibration set")
     ax.set_ylabel("average active experts per MoE layer")
-    ax.set_title(f"Active experts per vocabulary id ({present.size} ids, {tokens.size:,} tokens, "
-                 f"iteration {sample.iteration}); Spearman rho = {rho:.2f}", fontsize=10)
+    ax.set_title(
+        f"Active experts per vocabulary id ({present.size} ids, {tokens.size:,} tokens, "
+        f"iteration {sample.iteration}); Spearman rho = {rho:.2f}",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     png = save_figure(fig, out_dir / "per_token.png")
     return write_summary(AnalysisResult("per_token", png, csv_path, summary), out_dir)
@@ -279,8 +332,10 @@ def per_domain(sample: RoutedSample, domains: Sequence[str], out_dir) -> Analysi
     """Per layer: the share of each domain's tokens routed to each expert; active experts."""
     documents = sample.calibration.documents_NS.reshape(-1)
     if documents.max() >= len(domains):
-        raise AnalysisError(f"the domain list names {len(domains)} documents, but the "
-                            f"calibration set reaches document {documents.max()}")
+        raise AnalysisError(
+            f"the domain list names {len(domains)} documents, but the "
+            f"calibration set reaches document {documents.max()}"
+        )
     names = sorted(set(domains[d] for d in np.unique(documents)))
     domain_index = {name: i for i, name in enumerate(names)}
     per_document = np.array([domain_index.get(name, -1) for name in domains])
@@ -303,10 +358,14 @@ def per_domain(sample: RoutedSample, domains: Sequence[str], out_dir) -> Analysi
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(out_dir / "per_domain.csv", rows)
-    summary = dict(domains={name: int(tokens_D[d]) for d, name in enumerate(names)},
-                   active_experts={name: [round(float(v), 4) for v in active_DL[d]]
-                                   for d, name in enumerate(names)},
-                   layers=sample.layers, iteration=sample.iteration)
+    summary = dict(
+        domains={name: int(tokens_D[d]) for d, name in enumerate(names)},
+        active_experts={
+            name: [round(float(v), 4) for v in active_DL[d]] for d, name in enumerate(names)
+        },
+        layers=sample.layers,
+        iteration=sample.iteration,
+    )
 
     plt = pyplot()
     from matplotlib.gridspec import GridSpec
@@ -315,14 +374,20 @@ def per_domain(sample: RoutedSample, domains: Sequence[str], out_dir) -> Analysi
     columns = min(num_layers, 4)
     heat_rows = math.ceil(num_layers / columns)
     fig = plt.figure(figsize=(3.6 * columns + 1, 2.2 * heat_rows + 3.6))
-    grid = GridSpec(heat_rows + 1, columns + 1, figure=fig,
-                    width_ratios=[1] * columns + [0.05], height_ratios=[1] * heat_rows + [1.5])
+    grid = GridSpec(
+        heat_rows + 1,
+        columns + 1,
+        figure=fig,
+        width_ratios=[1] * columns + [0.05],
+        height_ratios=[1] * heat_rows + [1.5],
+    )
     vmax = float(fraction_DLE.max()) or 1.0
     image = None
     for index, layer in enumerate(sample.layers):
         ax = fig.add_subplot(grid[index // columns, index % columns])
-        image = ax.imshow(fraction_DLE[:, index, :], vmin=0, vmax=vmax, cmap="magma_r",
-                          aspect="auto")
+        image = ax.imshow(
+            fraction_DLE[:, index, :], vmin=0, vmax=vmax, cmap="magma_r", aspect="auto"
+        )
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_yticks(range(len(names)), names if index % columns == 0 else [], fontsize=8)
         ax.set_xticks(range(num_experts))
@@ -331,26 +396,45 @@ def per_domain(sample: RoutedSample, domains: Sequence[str], out_dir) -> Analysi
             for d in range(len(names)):
                 for expert in range(num_experts):
                     value = fraction_DLE[d, index, expert]
-                    ax.text(expert, d, f"{value:.2f}"[1:] if value < 1 else "1", ha="center",
-                            va="center", fontsize=5.5,
-                            color="white" if value > 0.6 * vmax else "black")
+                    ax.text(
+                        expert,
+                        d,
+                        f"{value:.2f}"[1:] if value < 1 else "1",
+                        ha="center",
+                        va="center",
+                        fontsize=5.5,
+                        color="white" if value > 0.6 * vmax else "black",
+                    )
         if index // columns == heat_rows - 1 or index + columns >= num_layers:
             ax.set_xlabel("expert", fontsize=8)
-    fig.colorbar(image, cax=fig.add_subplot(grid[:heat_rows, columns]),
-                 label="share of the domain's tokens")
+    fig.colorbar(
+        image, cax=fig.add_subplot(grid[:heat_rows, columns]), label="share of the domain's tokens"
+    )
     ax = fig.add_subplot(grid[heat_rows, :columns])
     width = 0.8 / len(names)
     for d, name in enumerate(names):
-        ax.bar(np.arange(num_layers) + (d - (len(names) - 1) / 2) * width, active_DL[d], width,
-               label=f"{name} ({tokens_D[d]:,} tokens)")
+        ax.bar(
+            np.arange(num_layers) + (d - (len(names) - 1) / 2) * width,
+            active_DL[d],
+            width,
+            label=f"{name} ({tokens_D[d]:,} tokens)",
+        )
     if ROUTERS[sample.router].adaptive_l1:
-        ax.axhline(sample.topk, color="black", ls="--", lw=1,
-                   label=f"k = {sample.topk} (the target, as a mean over layers)")
+        ax.axhline(
+            sample.topk,
+            color="black",
+            ls="--",
+            lw=1,
+            label=f"k = {sample.topk} (the target, as a mean over layers)",
+        )
     ax.set_xticks(range(num_layers), [f"layer {layer}" for layer in sample.layers], fontsize=8)
     ax.set_ylabel("average active experts")
     ax.legend(fontsize=8, ncol=len(names) + 1)
-    fig.suptitle(f"Routing by domain (iteration {sample.iteration}): share of each domain's "
-                 "tokens per expert, and active experts per domain and layer", fontsize=10)
+    fig.suptitle(
+        f"Routing by domain (iteration {sample.iteration}): share of each domain's "
+        "tokens per expert, and active experts per domain and layer",
+        fontsize=10,
+    )
     png = save_figure(fig, out_dir / "per_domain.png")
     return write_summary(AnalysisResult("per_domain", png, csv_path, summary), out_dir)
 
@@ -373,10 +457,17 @@ def expert_load(samples: Sequence[RoutedSample], out_dir) -> AnalysisResult:
         per_iteration.append((sample, load_LE, sparsity_L, dead_LE, collapsed_L))
         for index, layer in enumerate(sample.layers):
             for expert in range(load_LE.shape[1]):
-                rows.append(dict(iteration=sample.iteration, layer=layer, expert=expert,
-                                 load=load_LE[index, expert], dead=bool(dead_LE[index, expert]),
-                                 layer_sparsity=sparsity_L[index],
-                                 collapsed=bool(collapsed_L[index])))
+                rows.append(
+                    dict(
+                        iteration=sample.iteration,
+                        layer=layer,
+                        expert=expert,
+                        load=load_LE[index, expert],
+                        dead=bool(dead_LE[index, expert]),
+                        layer_sparsity=sparsity_L[index],
+                        collapsed=bool(collapsed_L[index]),
+                    )
+                )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(out_dir / "load.csv", rows)
@@ -384,52 +475,86 @@ def expert_load(samples: Sequence[RoutedSample], out_dir) -> AnalysisResult:
     summary = dict(
         iteration=last.iteration,
         tokens=int(last.mask_NSLE.shape[0] * last.mask_NSLE.shape[1]),
-        dead_experts={str(layer): [int(e) for e in np.nonzero(dead_LE[i])[0]]
-                      for i, layer in enumerate(last.layers) if dead_LE[i].any()},
+        dead_experts={
+            str(layer): [int(e) for e in np.nonzero(dead_LE[i])[0]]
+            for i, layer in enumerate(last.layers)
+            if dead_LE[i].any()
+        },
         collapsed_layers=[int(layer) for i, layer in enumerate(last.layers) if collapsed_L[i]],
         sparsity_per_layer=[round(float(v), 4) for v in sparsity_L],
-        max_load=float(load_LE.max()), min_load=float(load_LE.min()),
-        dead_share=DEAD_EXPERT_SHARE, collapse_sparsity=COLLAPSE_SPARSITY)
+        max_load=float(load_LE.max()),
+        min_load=float(load_LE.min()),
+        dead_share=DEAD_EXPERT_SHARE,
+        collapse_sparsity=COLLAPSE_SPARSITY,
+    )
 
     plt = pyplot()
     several = len(per_iteration) > 1
-    fig, axes = plt.subplots(1, 3 if several else 2, figsize=(16 if several else 11, 4.8),
-                             gridspec_kw=dict(width_ratios=[1.4, 1, 1] if several else [1.4, 1]))
+    fig, axes = plt.subplots(
+        1,
+        3 if several else 2,
+        figsize=(16 if several else 11, 4.8),
+        gridspec_kw=dict(width_ratios=[1.4, 1, 1] if several else [1.4, 1]),
+    )
     ax = axes[0]
     image = ax.imshow(load_LE, cmap="viridis", aspect="auto", vmin=0)
     for index, expert in zip(*np.nonzero(dead_LE)):
-        ax.text(expert, index, "x", ha="center", va="center", color="red", fontsize=11,
-                fontweight="bold")
+        ax.text(
+            expert,
+            index,
+            "x",
+            ha="center",
+            va="center",
+            color="red",
+            fontsize=11,
+            fontweight="bold",
+        )
     ax.set_yticks(range(len(last.layers)), [f"layer {layer}" for layer in last.layers], fontsize=8)
     ax.set_xticks(range(load_LE.shape[1]))
     ax.tick_params(axis="x", labelsize=7)
     ax.set_xlabel("expert")
-    ax.set_title(f"share of the layer's tokens (x: dead, < 1/64), iteration {last.iteration}",
-                 fontsize=9)
+    ax.set_title(
+        f"share of the layer's tokens (x: dead, < 1/64), iteration {last.iteration}", fontsize=9
+    )
     fig.colorbar(image, ax=ax)
     ax = axes[1]
     colors = ["tab:red" if c else "tab:blue" for c in collapsed_L]
     ax.bar(range(len(last.layers)), sparsity_L, color=colors)
     ax.axhline(COLLAPSE_SPARSITY, color="red", ls=":", lw=1, label="collapse 0.99")
     if last.target_sparsity is not None:
-        ax.axhline(last.target_sparsity, color="black", ls="--", lw=1,
-                   label=f"target {last.target_sparsity:g}")
+        ax.axhline(
+            last.target_sparsity,
+            color="black",
+            ls="--",
+            lw=1,
+            label=f"target {last.target_sparsity:g}",
+        )
     ax.set_xticks(range(len(last.layers)), [str(layer) for layer in last.layers], fontsize=8)
     ax.set_xlabel("layer")
     ax.set_ylabel("sparsity")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"layer sparsity; {int(dead_LE.sum())} dead experts, "
-                 f"{int(collapsed_L.sum())} collapsed layers", fontsize=9)
+    ax.set_title(
+        f"layer sparsity; {int(dead_LE.sum())} dead experts, "
+        f"{int(collapsed_L.sum())} collapsed layers",
+        fontsize=9,
+    )
     if several:
         ax = axes[2]
         iterations = [s.iteration for s, *_ in per_iteration]
         for index, layer in enumerate(last.layers):
-            ax.plot(iterations, [p[2][index] for p in per_iteration], "o-", ms=3,
-                    label=f"layer {layer}")
+            ax.plot(
+                iterations, [p[2][index] for p in per_iteration], "o-", ms=3, label=f"layer {layer}"
+            )
         ax2 = ax.twinx()
-        ax2.plot(iterations, [int(p[3].sum()) for p in per_iteration], "s--", color="red",
-                 alpha=0.6, ms=4)
+        ax2.plot(
+            iterations,
+            [int(p[3].sum()) for p in per_iteration],
+            "s--",
+            color="red",
+            alpha=0.6,
+            ms=4,
+        )
         ax2.set_ylabel("dead experts (all layers)", color="red")
         ax.set_xlabel("iteration")
         ax.set_ylabel("layer sparsity")
@@ -447,8 +572,10 @@ def expert_load(samples: Sequence[RoutedSample], out_dir) -> AnalysisResult:
 def flip_counts(mask_a: np.ndarray, mask_b: np.ndarray) -> np.ndarray:
     """Per layer: how many (token, expert) entries differ between two ``[N, S, L, E]`` masks."""
     if mask_a.shape != mask_b.shape:
-        raise AnalysisError(f"routing masks of shapes {mask_a.shape} and {mask_b.shape} do not "
-                            "compare: the checkpoints differ in layers or experts")
+        raise AnalysisError(
+            f"routing masks of shapes {mask_a.shape} and {mask_b.shape} do not "
+            "compare: the checkpoints differ in layers or experts"
+        )
     return (mask_a != mask_b).sum(axis=(0, 1, 3))
 
 
@@ -467,20 +594,33 @@ def stability(samples: Sequence[RoutedSample], out_dir) -> AnalysisResult:
         rate_L = flips_L / (num_tokens * num_experts)
         total = flips_L.sum() / (len(before.layers) * num_tokens * num_experts)
         pairs.append((before.iteration, after.iteration, rate_L, float(total)))
-        common = dict(from_iteration=before.iteration, to_iteration=after.iteration,
-                      tokens=num_tokens, experts=num_experts)
+        common = dict(
+            from_iteration=before.iteration,
+            to_iteration=after.iteration,
+            tokens=num_tokens,
+            experts=num_experts,
+        )
         for index, layer in enumerate(before.layers):
-            rows.append(dict(common, layer=layer, flips=int(flips_L[index]),
-                             flip_rate=rate_L[index]))
+            rows.append(
+                dict(common, layer=layer, flips=int(flips_L[index]), flip_rate=rate_L[index])
+            )
         rows.append(dict(common, layer="all", flips=int(flips_L.sum()), flip_rate=total))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(out_dir / "stability.csv", rows)
     layers = samples[0].layers
-    summary = dict(pairs=[dict(from_iteration=a, to_iteration=b, flip_rate=total,
-                               flip_rate_per_layer=[round(float(v), 6) for v in rate])
-                          for a, b, rate, total in pairs],
-                   tokens=int(samples[0].mask_NSLE.shape[0] * samples[0].mask_NSLE.shape[1]))
+    summary = dict(
+        pairs=[
+            dict(
+                from_iteration=a,
+                to_iteration=b,
+                flip_rate=total,
+                flip_rate_per_layer=[round(float(v), 6) for v in rate],
+            )
+            for a, b, rate, total in pairs
+        ],
+        tokens=int(samples[0].mask_NSLE.shape[0] * samples[0].mask_NSLE.shape[1]),
+    )
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
@@ -493,14 +633,24 @@ def stability(samples: Sequence[RoutedSample], out_dir) -> AnalysisResult:
     else:
         to_iterations = [b for _, b, _, _ in pairs]
         for index, layer in enumerate(layers):
-            ax.plot(to_iterations, [p[2][index] for p in pairs], "o-", ms=3, lw=1,
-                    label=f"layer {layer}")
-        ax.plot(to_iterations, [p[3] for p in pairs], "o-", color="black", lw=2.2,
-                label="all layers")
+            ax.plot(
+                to_iterations,
+                [p[2][index] for p in pairs],
+                "o-",
+                ms=3,
+                lw=1,
+                label=f"layer {layer}",
+            )
+        ax.plot(
+            to_iterations, [p[3] for p in pairs], "o-", color="black", lw=2.2, label="all layers"
+        )
         ax.set_xlabel("iteration (against the previous checkpoint)")
         ax.set_title("Routing flip rate between consecutive checkpoints", fontsize=10)
-    ax.set_ylabel("flip rate: $||M_i^l - M_j^l||_1 / (T E)$ per layer,\n"
-                  "$\\sum_l ||M_i^l - M_j^l||_1 / (L T E)$ for all layers", fontsize=9)
+    ax.set_ylabel(
+        "flip rate: $||M_i^l - M_j^l||_1 / (T E)$ per layer,\n"
+        "$\\sum_l ||M_i^l - M_j^l||_1 / (L T E)$ for all layers",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     png = save_figure(fig, out_dir / "stability.png")
     return write_summary(AnalysisResult("stability", png, csv_path, summary), out_dir)

@@ -43,8 +43,11 @@ def checkpoint_dirs(path) -> list:
     path = Path(path)
     if is_checkpoint_dir(path) or path.name.startswith(CHECKPOINT_PREFIX):
         return [path]
-    found = sorted(p for p in path.glob(CHECKPOINT_PREFIX + "*")
-                   if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit())
+    found = sorted(
+        p
+        for p in path.glob(CHECKPOINT_PREFIX + "*")
+        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    )
     if not found:
         raise AnalysisError(f"{path} holds no checkpoint (iter_XXXXXXX directories)")
     return found
@@ -70,8 +73,14 @@ def load_moe_for_routing(load) -> LoadedCheckpoint:
     model, tokenizer, model_config = load_model_for_inference(str(load))
     if not model_config.is_moe:
         raise AnalysisError(f"{load} is a dense model: it has no routing to analyse")
-    return LoadedCheckpoint(model, tokenizer, model_config, read_run_config(model.checkpoint_dir),
-                            model.checkpoint_iteration, model.checkpoint_dir)
+    return LoadedCheckpoint(
+        model,
+        tokenizer,
+        model_config,
+        read_run_config(model.checkpoint_dir),
+        model.checkpoint_iteration,
+        model.checkpoint_dir,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +105,9 @@ def document_range(num_documents: int, split: str, part: str) -> tuple:
     if part == "all":
         return 0, num_documents
     from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
 
     parts = ("train", "valid", "test")
     if part not in parts:
@@ -121,9 +132,15 @@ class Calibration:
     end_document: int
 
 
-def calibration_set(prefix: str, *, seq_length: int, num_sequences: int,
-                    documents: tuple = None, seed: Optional[int] = CALIBRATION_SEED,
-                    max_document_tokens: Optional[int] = None) -> Calibration:
+def calibration_set(
+    prefix: str,
+    *,
+    seq_length: int,
+    num_sequences: int,
+    documents: tuple = None,
+    seed: Optional[int] = CALIBRATION_SEED,
+    max_document_tokens: Optional[int] = None,
+) -> Calibration:
     """Up to ``num_sequences`` sequences of ``seq_length`` tokens from the documents
     ``[begin, end)`` (default: all): documents drawn in a seeded random order (``seed=None``:
     dataset order), each contributing its first ``max_document_tokens`` tokens (default
@@ -138,13 +155,15 @@ def calibration_set(prefix: str, *, seq_length: int, num_sequences: int,
     if seed is None:
         order = np.arange(begin, min(end, begin + wanted))
     else:  # at most `wanted` documents are needed: draw only those (memory stays bounded)
-        order = begin + np.random.default_rng(seed).choice(count, size=min(count, wanted),
-                                                            replace=False)
+        order = begin + np.random.default_rng(seed).choice(
+            count, size=min(count, wanted), replace=False
+        )
     tokens, owners, have = [], [], 0
     for document in order:
         sequences = range(document_indices[document], document_indices[document + 1])
-        chunk = np.concatenate([np.asarray(dataset[i], dtype=np.int64) for i in sequences]
-                               or [np.zeros(0, np.int64)])
+        chunk = np.concatenate(
+            [np.asarray(dataset[i], dtype=np.int64) for i in sequences] or [np.zeros(0, np.int64)]
+        )
         if cap:
             chunk = chunk[:cap]
         tokens.append(chunk)
@@ -156,12 +175,16 @@ def calibration_set(prefix: str, *, seq_length: int, num_sequences: int,
     if found == 0:
         raise AnalysisError(
             f"documents {begin}..{end - 1} of {prefix} give {have} tokens, fewer than one "
-            f"sequence of {seq_length}; use more documents (e.g. documents='all')")
+            f"sequence of {seq_length}; use more documents (e.g. documents='all')"
+        )
     used = found * seq_length
     return Calibration(
         tokens_NS=np.concatenate(tokens)[:used].reshape(found, seq_length),
         documents_NS=np.concatenate(owners)[:used].reshape(found, seq_length),
-        prefix=prefix, first_document=begin, end_document=end)
+        prefix=prefix,
+        first_document=begin,
+        end_document=end,
+    )
 
 
 def _indexed_dataset(prefix: str):
@@ -175,15 +198,23 @@ def _capped_tokens(dataset, begin: int, end: int, cap: int) -> int:
     if end <= begin:
         return 0
     indices = dataset.document_indices
-    lengths = np.asarray(dataset.sequence_lengths[indices[begin]:indices[end]], dtype=np.int64)
-    per_document = np.add.reduceat(lengths, np.asarray(indices[begin:end]) - indices[begin]) \
-        if lengths.size else np.zeros(0, np.int64)
+    lengths = np.asarray(dataset.sequence_lengths[indices[begin] : indices[end]], dtype=np.int64)
+    per_document = (
+        np.add.reduceat(lengths, np.asarray(indices[begin:end]) - indices[begin])
+        if lengths.size
+        else np.zeros(0, np.int64)
+    )
     return int(np.minimum(per_document, cap).sum() if cap else per_document.sum())
 
 
-def default_calibration(checkpoint: LoadedCheckpoint, *, data_path: Optional[str] = None,
-                        num_sequences: int = 256, seq_length: Optional[int] = None,
-                        documents: str = "auto") -> Calibration:
+def default_calibration(
+    checkpoint: LoadedCheckpoint,
+    *,
+    data_path: Optional[str] = None,
+    num_sequences: int = 256,
+    seq_length: Optional[int] = None,
+    documents: str = "auto",
+) -> Calibration:
     """The calibration set of a run: its data and sequence length, and the documents of
     ``documents``: ``train``/``valid``/``test`` (the run's ``--split``), ``all``, or ``auto``:
     the validation documents if they give ``num_sequences`` sequences, else all documents."""
@@ -196,11 +227,14 @@ def default_calibration(checkpoint: LoadedCheckpoint, *, data_path: Optional[str
     split = checkpoint.run_config.data.split or "969,30,1"
     part = "valid" if documents == "auto" else documents
     begin, end = document_range(num_documents, split, part)
-    if documents == "auto" and _capped_tokens(dataset, begin, end, 4 * seq_length) \
-            < num_sequences * seq_length:
+    if (
+        documents == "auto"
+        and _capped_tokens(dataset, begin, end, 4 * seq_length) < num_sequences * seq_length
+    ):
         begin, end = 0, num_documents
-    return calibration_set(prefix, seq_length=seq_length, num_sequences=num_sequences,
-                           documents=(begin, end))
+    return calibration_set(
+        prefix, seq_length=seq_length, num_sequences=num_sequences, documents=(begin, end)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,8 +245,9 @@ def moe_routers(model) -> list:
     """``[(layer_number, router)]`` of every MoE layer (ReLURouter or megatron's TopKRouter)."""
     from megatron.core.transformer.moe.router import Router
 
-    routers = [(module.layer_number, module) for module in model.modules()
-               if isinstance(module, Router)]
+    routers = [
+        (module.layer_number, module) for module in model.modules() if isinstance(module, Router)
+    ]
     if not routers:
         raise AnalysisError("the model has no MoE router")
     return sorted(routers, key=lambda item: item[0])
@@ -232,6 +267,7 @@ def route(model, tokens_NS: np.ndarray, *, batch_size: int = 16) -> tuple:
     def hook_for(layer_number):
         def hook(module, inputs, output):
             captured[layer_number] = output[1].detach()
+
         return hook
 
     handles = [router.register_forward_hook(hook_for(number)) for number, router in routers]
@@ -243,15 +279,19 @@ def route(model, tokens_NS: np.ndarray, *, batch_size: int = 16) -> tuple:
     try:
         with torch.no_grad():
             for start in range(0, num_sequences, batch_size):
-                batch = torch.as_tensor(tokens_NS[start:start + batch_size], device=device)
+                batch = torch.as_tensor(tokens_NS[start : start + batch_size], device=device)
                 positions = torch.arange(seq_length, device=device).expand_as(batch)
                 captured.clear()
                 model(batch, positions, None)
                 per_layer = []
                 for number, _ in routers:
                     routing_map = captured[number]  # [S*B, E], s-major
-                    per_layer.append(routing_map.view(seq_length, batch.shape[0], -1)
-                                     .transpose(0, 1).bool().cpu())
+                    per_layer.append(
+                        routing_map.view(seq_length, batch.shape[0], -1)
+                        .transpose(0, 1)
+                        .bool()
+                        .cpu()
+                    )
                 masks.append(torch.stack(per_layer, dim=2))  # [B, S, L, E]
     finally:
         for handle in handles:
@@ -278,16 +318,25 @@ class RoutedSample:
     checkpoint: str = ""
 
 
-def route_checkpoint(checkpoint: LoadedCheckpoint, calibration: Calibration, *,
-                     batch_size: int = 16) -> RoutedSample:
+def route_checkpoint(
+    checkpoint: LoadedCheckpoint, calibration: Calibration, *, batch_size: int = 16
+) -> RoutedSample:
     """``checkpoint``'s routing masks on ``calibration``, with what the analyses need."""
     config = checkpoint.model_config
     if calibration.tokens_NS.shape[1] > config.seq_length:
-        raise AnalysisError(f"calibration sequences of {calibration.tokens_NS.shape[1]} tokens "
-                            f"exceed the model's --seq-length {config.seq_length}")
+        raise AnalysisError(
+            f"calibration sequences of {calibration.tokens_NS.shape[1]} tokens "
+            f"exceed the model's --seq-length {config.seq_length}"
+        )
     mask, layers = route(checkpoint.model, calibration.tokens_NS, batch_size=batch_size)
     return RoutedSample(
-        calibration=calibration, mask_NSLE=mask, layers=layers, iteration=checkpoint.iteration,
-        topk=config.total_topk, router=config.router, tokenizer=checkpoint.tokenizer,
+        calibration=calibration,
+        mask_NSLE=mask,
+        layers=layers,
+        iteration=checkpoint.iteration,
+        topk=config.total_topk,
+        router=config.router,
+        tokenizer=checkpoint.tokenizer,
         target_sparsity=config.target_sparsity if config.kind.adaptive_l1 else None,
-        checkpoint=checkpoint.directory)
+        checkpoint=checkpoint.directory,
+    )

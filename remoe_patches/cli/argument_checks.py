@@ -15,8 +15,14 @@ from remoe_patches.train.batch_rampup import rampup_problem
 from remoe_patches.config.router_registry import ROUTERS
 from remoe_patches.train.wandb_log import wandb_problem
 
-REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-            "lr")
+REQUIRED = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "seq_length",
+    "micro_batch_size",
+    "lr",
+)
 
 
 def complete_and_validate(args, parser) -> None:
@@ -29,8 +35,10 @@ def complete_and_validate(args, parser) -> None:
     if args.lr_warmup_fraction is not None and "lr_warmup_iters" in args.given:
         parser.error("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive; give one")
     if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
-        parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                     f"--micro-batch-size {args.micro_batch_size}")
+        parser.error(
+            f"--global-batch-size {args.global_batch_size} is not divisible by "
+            f"--micro-batch-size {args.micro_batch_size}"
+        )
 
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
@@ -39,8 +47,10 @@ def complete_and_validate(args, parser) -> None:
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.max_position_embeddings < args.seq_length:
-        parser.error(f"--max-position-embeddings {args.max_position_embeddings} is shorter than "
-                     f"--seq-length {args.seq_length}")
+        parser.error(
+            f"--max-position-embeddings {args.max_position_embeddings} is shorter than "
+            f"--seq-length {args.seq_length}"
+        )
     _validate_moe(args, parser)
     _complete_recompute(args, parser)
     _complete_data_and_tokenizer(args, parser)
@@ -59,9 +69,11 @@ def complete_and_validate(args, parser) -> None:
     if args.rampup_batch_size is not None:
         # Megatron-LM asserts "expected no batch-size rampup for iteration-based training"
         if args.train_samples is None:
-            parser.error("--rampup-batch-size needs --train-samples (the ramp and the run are "
-                         "counted in samples, as in Megatron-LM); give --train-samples instead "
-                         "of --train-iters")
+            parser.error(
+                "--rampup-batch-size needs --train-samples (the ramp and the run are "
+                "counted in samples, as in Megatron-LM); give --train-samples instead "
+                "of --train-iters"
+            )
         problem = rampup_problem(args.rampup_batch_size, args.global_batch_size)
         if problem:
             parser.error(problem)
@@ -69,86 +81,120 @@ def complete_and_validate(args, parser) -> None:
     if problem:
         parser.error(problem)
     if args.profile and args.profile_step_end <= args.profile_step_start:
-        parser.error(f"--profile-step-end {args.profile_step_end} must be after "
-                     f"--profile-step-start {args.profile_step_start}")
+        parser.error(
+            f"--profile-step-end {args.profile_step_end} must be after "
+            f"--profile-step-start {args.profile_step_start}"
+        )
 
 
 def _validate_moe(args, parser) -> None:
-    if args.moe_relu_routing and not (args.moe_router_type is None
-                                      or ROUTERS[args.moe_router_type].adaptive_l1):
-        parser.error(f"--moe-relu-routing contradicts --moe-router-type {args.moe_router_type}; "
-                     "give one of them")
+    if args.moe_relu_routing and not (
+        args.moe_router_type is None or ROUTERS[args.moe_router_type].adaptive_l1
+    ):
+        parser.error(
+            f"--moe-relu-routing contradicts --moe-router-type {args.moe_router_type}; "
+            "give one of them"
+        )
     if args.num_experts is not None and args.num_experts < 1:
         # 0 reads as "no experts": a dense model, unless routing flags ask for experts.
-        routing = "--moe-relu-routing" if args.moe_relu_routing else (
-            f"--moe-router-type {args.moe_router_type}" if args.moe_router_type else None)
+        routing = (
+            "--moe-relu-routing"
+            if args.moe_relu_routing
+            else (f"--moe-router-type {args.moe_router_type}" if args.moe_router_type else None)
+        )
         if routing:
-            parser.error(f"--num-experts {args.num_experts} contradicts {routing}: routing needs "
-                         f"experts; give --num-experts >= 1, or drop {routing.split()[0]} for a "
-                         "dense model")
+            parser.error(
+                f"--num-experts {args.num_experts} contradicts {routing}: routing needs "
+                f"experts; give --num-experts >= 1, or drop {routing.split()[0]} for a "
+                "dense model"
+            )
         if args.num_experts < 0:
-            parser.error(f"--num-experts {args.num_experts} must be >= 1; leave it out (or give 0) "
-                         "for a dense model")
+            parser.error(
+                f"--num-experts {args.num_experts} must be >= 1; leave it out (or give 0) "
+                "for a dense model"
+            )
         args.num_experts = None
     if args.num_experts is None:
         if args.moe_relu_routing or args.moe_router_type is not None:
-            parser.error(f"{'--moe-relu-routing' if args.moe_relu_routing else '--moe-router-type'}"
-                         " needs --num-experts")
+            parser.error(
+                f"{'--moe-relu-routing' if args.moe_relu_routing else '--moe-router-type'}"
+                " needs --num-experts"
+            )
         return
     if args.moe_router_type is None:
         args.moe_router_type = "relu" if args.moe_relu_routing else "topk"
     kind = ROUTERS[args.moe_router_type]
     args.moe_relu_routing = kind.adaptive_l1  # Megatron-LM's name of --moe-router-type relu
     routing = kind.routing_flag
-    if kind.routes_by_token_ids and args.pipeline_model_parallel_size > 1 and (
-            args.moe_layer_recompute or args.recompute_granularity == "full"):
+    if (
+        kind.routes_by_token_ids
+        and args.pipeline_model_parallel_size > 1
+        and (args.moe_layer_recompute or args.recompute_granularity == "full")
+    ):
         # The routers hold the ids of the last forward; under 1F1B a recomputed forward of
         # micro-batch i runs after micro-batch i+1's forward (hash_router.py).
-        parser.error(f"{routing} with recomputation at --pipeline-model-parallel-size "
-                     f"{args.pipeline_model_parallel_size} would route recomputed layers with "
-                     "another micro-batch's token ids; drop --moe-layer-recompute/"
-                     "--recompute-granularity full or use PP=1")
+        parser.error(
+            f"{routing} with recomputation at --pipeline-model-parallel-size "
+            f"{args.pipeline_model_parallel_size} would route recomputed layers with "
+            "another micro-batch's token ids; drop --moe-layer-recompute/"
+            "--recompute-granularity full or use PP=1"
+        )
     if kind.experts_per_token_vary and args.moe_permute_fusion:
         # megatron-core 0.16.1's alltoall dispatcher sizes the fused permutation's output as
         # tokens x k in the dropless case; these routers give a token up to E experts, and
         # transformer-engine's kernel would write past that buffer.
-        parser.error(f"{routing} excludes --moe-permute-fusion: the fused permutation's buffer "
-                     f"holds tokens x --moe-router-topk entries, and {kind.title} routing "
-                     "activates up to --num-experts per token; drop --moe-permute-fusion")
+        parser.error(
+            f"{routing} excludes --moe-permute-fusion: the fused permutation's buffer "
+            f"holds tokens x --moe-router-topk entries, and {kind.title} routing "
+            "activates up to --num-experts per token; drop --moe-permute-fusion"
+        )
     if kind.adaptive_l1 and args.moe_pad_expert_input_to_capacity:
-        parser.error("--moe-relu-routing excludes --moe-pad-expert-input-to-capacity: ReLU "
-                     "routing is dropless (a token may use 0..E experts)")
+        parser.error(
+            "--moe-relu-routing excludes --moe-pad-expert-input-to-capacity: ReLU "
+            "routing is dropless (a token may use 0..E experts)"
+        )
     # The rules on the model's own settings (k, granularity, dispatcher, capacity) are
     # ModelConfig.validate's, reported in flag terms; these are about flags it does not hold.
-    if kind.token_dropping and args.moe_pad_expert_input_to_capacity \
-            and args.moe_expert_capacity_factor is None:
+    if (
+        kind.token_dropping
+        and args.moe_pad_expert_input_to_capacity
+        and args.moe_expert_capacity_factor is None
+    ):
         parser.error("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
     if kind.megatron_topk_router:
         top1 = args.moe_router_topk * args.moe_granularity == 1
         sinkhorn = args.moe_router_load_balancing_type == "sinkhorn"
         softmax = args.moe_router_score_function == "softmax"
         if args.moe_router_enable_expert_bias and softmax:
-            parser.error("--moe-router-enable-expert-bias needs --moe-router-score-function "
-                         "sigmoid (megatron-core's rule)")
+            parser.error(
+                "--moe-router-enable-expert-bias needs --moe-router-score-function "
+                "sigmoid (megatron-core's rule)"
+            )
         if top1 and softmax and not args.moe_router_pre_softmax and not sinkhorn:
-            parser.error("--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over the "
-                         "one chosen expert has no gradient; megatron-core refuses it)")
+            parser.error(
+                "--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over the "
+                "one chosen expert has no gradient; megatron-core refuses it)"
+            )
 
 
 def _complete_recompute(args, parser) -> None:
     """Megatron-LM's recompute flags as megatron-core 0.16's granularity and module list."""
     if args.recompute_activations:
         if args.recompute_granularity == "full":
-            parser.error("--recompute-activations (selective) conflicts with "
-                         "--recompute-granularity full")
+            parser.error(
+                "--recompute-activations (selective) conflicts with --recompute-granularity full"
+            )
         args.recompute_granularity = "selective"
     full = args.recompute_granularity == "full"
     if full and (args.recompute_method is None or args.recompute_num_layers is None):
-        parser.error("--recompute-granularity full needs --recompute-method (uniform or block) "
-                     "and --recompute-num-layers")
+        parser.error(
+            "--recompute-granularity full needs --recompute-method (uniform or block) "
+            "and --recompute-num-layers"
+        )
     if not full and (args.recompute_method is not None or args.recompute_num_layers is not None):
-        parser.error("--recompute-method and --recompute-num-layers need "
-                     "--recompute-granularity full")
+        parser.error(
+            "--recompute-method and --recompute-num-layers need --recompute-granularity full"
+        )
     args.recompute_modules = ["core_attn"] if args.recompute_granularity == "selective" else []
     # Full recomputation already covers the MoE layers; a dense model has none.
     if args.moe_layer_recompute and not full and args.num_experts is not None:
@@ -163,14 +209,28 @@ def _complete_data_and_tokenizer(args, parser) -> None:
         parser.error("--data-path excludes --train-data-path/--valid-data-path/--test-data-path")
     if args.mock_data and (args.data_path is not None or has_per_split):
         parser.error("--mock-data excludes --data-path and the per-split data paths")
-    demo_replaces = ["data_path", "train_data_path", "valid_data_path", "test_data_path",
-                     "mock_data", "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model"]
+    demo_replaces = [
+        "data_path",
+        "train_data_path",
+        "valid_data_path",
+        "test_data_path",
+        "mock_data",
+        "tokenizer_type",
+        "vocab_file",
+        "merge_file",
+        "tokenizer_model",
+    ]
     clashing = [f"--{dest.replace('_', '-')}" for dest in demo_replaces if dest in args.given]
     if args.demo_corpus and clashing:
-        parser.error(f"--demo-corpus sets the data and tokenizer itself; drop "
-                     f"{', '.join(clashing)}")
-    for flag, blend in [("--data-path", args.data_path), ("--train-data-path", per_split[0]),
-                        ("--valid-data-path", per_split[1]), ("--test-data-path", per_split[2])]:
+        parser.error(
+            f"--demo-corpus sets the data and tokenizer itself; drop {', '.join(clashing)}"
+        )
+    for flag, blend in [
+        ("--data-path", args.data_path),
+        ("--train-data-path", per_split[0]),
+        ("--valid-data-path", per_split[1]),
+        ("--test-data-path", per_split[2]),
+    ]:
         if blend is not None:
             try:
                 split_blend(blend)

@@ -35,20 +35,30 @@ from remoe_patches.config.run_config import (
 
 # Fields named in ModelConfig/ParallelConfig validation errors, as their flags.
 FIELD_FLAGS = {
-    **{option.name: flag for part in (ModelConfig, ParallelConfig)
-       for option, flag in declared_flags(part)},
-    **{f"router_options.{option.name}": flag for kind in ROUTERS.values()
-       for option, flag in declared_flags(kind.options)},
+    **{
+        option.name: flag
+        for part in (ModelConfig, ParallelConfig)
+        for option, flag in declared_flags(part)
+    },
+    **{
+        f"router_options.{option.name}": flag
+        for kind in ROUTERS.values()
+        for option, flag in declared_flags(kind.options)
+    },
 }
 
-MOE_FIELDS = {option.name for option, _ in declared_flags(ModelConfig)
-              if option.metadata["group"] == MOE_GROUP}
+MOE_FIELDS = {
+    option.name
+    for option, _ in declared_flags(ModelConfig)
+    if option.metadata["group"] == MOE_GROUP
+}
 """ModelConfig's MoE fields: a dense model keeps their defaults, whatever the flags say."""
 
 LLAMA_RECIPE = (
     "ReMoE's builder implements the LLaMA recipe of the paper (RMSNorm, SwiGLU, RoPE, untied "
     "embeddings, no bias, no dropout)"
 )
+
 
 def router_options_from_args(router: str, args):
     """``router``'s options dataclass from its flags."""
@@ -69,26 +79,36 @@ def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelCo
         raise ConfigError(f"{'; '.join(refused)}: {LLAMA_RECIPE}")
     kind = ROUTERS[args.moe_router_type if args.num_experts else "dense"]
     balancing = args.moe_router_load_balancing_type
-    refused = refusals(UnbuiltFlags, args, groups=("model architecture", MOE_GROUP,
-                                                   "mixed precision"))
+    refused = refusals(
+        UnbuiltFlags, args, groups=("model architecture", MOE_GROUP, "mixed precision")
+    )
     if kind.switch_aux_loss and balancing not in ("aux_loss", "none"):
-        refused.append(f"--moe-router-load-balancing-type {balancing} is not built for "
-                       f"{kind.name} routing; use aux_loss or none")
+        refused.append(
+            f"--moe-router-load-balancing-type {balancing} is not built for "
+            f"{kind.name} routing; use aux_loss or none"
+        )
     if refused:
         raise ConfigError(refused[0])
-    values = {name: value for name, value in values_from_args(ModelConfig, args).items()
-              if kind.is_moe or name not in MOE_FIELDS}
+    values = {
+        name: value
+        for name, value in values_from_args(ModelConfig, args).items()
+        if kind.is_moe or name not in MOE_FIELDS
+    }
     values.update(
         router=kind.name,
-        num_query_groups=(args.num_query_groups if args.group_query_attention
-                          else args.num_attention_heads),
+        num_query_groups=(
+            args.num_query_groups if args.group_query_attention else args.num_attention_heads
+        ),
         # Every layer of an MoE model is an MoE layer, so the experts' width is the FFN width.
         ffn_hidden_size=args.moe_ffn_hidden_size if kind.is_moe else args.ffn_hidden_size,
-        **({} if vocab_size is None else dict(vocab_size=vocab_size)))
+        **({} if vocab_size is None else dict(vocab_size=vocab_size)),
+    )
     if kind.is_moe:
-        values.update(moe_aux_loss_coeff=0.0 if balancing == "none" else args.moe_aux_loss_coeff,
-                      router_options=router_options_from_args(kind.name, args),
-                      moe_router_dtype=router_dtype(args))
+        values.update(
+            moe_aux_loss_coeff=0.0 if balancing == "none" else args.moe_aux_loss_coeff,
+            router_options=router_options_from_args(kind.name, args),
+            moe_router_dtype=router_dtype(args),
+        )
     try:
         return ModelConfig(**values).validate()
     except ConfigError as error:
@@ -118,9 +138,11 @@ def _in_flag_terms(error: ConfigError) -> str:
     if not match or match[1] not in FIELD_FLAGS:
         return str(error)
     value = f" {match[2][1:]}" if match[2] else ""
-    message = re.sub(r"\b([a-z_]+)=([^\s;,]+)",
-                     lambda m: f"{FIELD_FLAGS[m[1]]} {m[2]}" if m[1] in FIELD_FLAGS else m[0],
-                     match[3])
+    message = re.sub(
+        r"\b([a-z_]+)=([^\s;,]+)",
+        lambda m: f"{FIELD_FLAGS[m[1]]} {m[2]}" if m[1] in FIELD_FLAGS else m[0],
+        match[3],
+    )
     return f"{FIELD_FLAGS[match[1]]}{value}: {message}"
 
 
@@ -132,25 +154,33 @@ def layer_options_from_args(args) -> LayerOptions:
         # megatron TopKRouter's options that the router honours (moe_aux_loss_coeff is the
         # model's: ModelConfig)
         kind = ROUTERS[args.moe_router_type]
-        topk_router = {dest: getattr(args, dest) for dest in kind.topk_router_flags
-                       if dest != "moe_aux_loss_coeff"}
+        topk_router = {
+            dest: getattr(args, dest)
+            for dest in kind.topk_router_flags
+            if dest != "moe_aux_loss_coeff"
+        }
         if kind.token_dropping:
             topk_router.update(
                 moe_token_drop_policy=args.moe_token_drop_policy,
-                moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity)
-    return LayerOptions(**{
-        **values_from_args(LayerOptions, args),
-        "recompute_modules": tuple(args.recompute_modules),
-        "moe_permute_fusion": bool(args.num_experts is not None and args.moe_permute_fusion),
-        "topk_router": topk_router})
+                moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+            )
+    return LayerOptions(
+        **{
+            **values_from_args(LayerOptions, args),
+            "recompute_modules": tuple(args.recompute_modules),
+            "moe_permute_fusion": bool(args.num_experts is not None and args.moe_permute_fusion),
+            "topk_router": topk_router,
+        }
+    )
 
 
 def run_config_from_args(args) -> RunConfig:
     """The whole run the (completed, validated) flags describe; ConfigError names the flag."""
     train_iters = args.train_iters
     if train_iters is None:  # --train-samples: the steps that consume them (with the ramp-up's)
-        train_iters = iterations_for(args.train_samples, args.global_batch_size,
-                                     args.rampup_batch_size)
+        train_iters = iterations_for(
+            args.train_samples, args.global_batch_size, args.rampup_batch_size
+        )
     model = model_config_from_args(args)
     parallel = parallel_config_from_args(args)
     try:
@@ -161,8 +191,9 @@ def run_config_from_args(args) -> RunConfig:
         model=model,
         parallel=parallel,
         layers=layer_options_from_args(args),
-        training=TrainingConfig(**{**values_from_args(TrainingConfig, args),
-                                   "train_iters": train_iters}),
+        training=TrainingConfig(
+            **{**values_from_args(TrainingConfig, args), "train_iters": train_iters}
+        ),
         data=DataConfig(**values_from_args(DataConfig, args)),
         checkpoint=CheckpointConfig(**values_from_args(CheckpointConfig, args)),
         logging=LoggingConfig(**values_from_args(LoggingConfig, args)),

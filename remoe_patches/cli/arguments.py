@@ -84,14 +84,36 @@ from remoe_patches.config.run_config import (
 DECLARED_PARTS = (ParallelConfig, TrainingConfig, DataConfig, CheckpointConfig, LoggingConfig)
 """The RunConfig parts whose flags map straight onto their fields (``values_from_args``)."""
 
-FLAG_PARTS = (*DECLARED_PARTS, ModelConfig, LayerOptions, RecipeFlags, UnbuiltFlags, OtherFlags,
-              TopKRouterFlags, *dict.fromkeys(kind.options for kind in ROUTERS.values()))
+FLAG_PARTS = (
+    *DECLARED_PARTS,
+    ModelConfig,
+    LayerOptions,
+    RecipeFlags,
+    UnbuiltFlags,
+    OtherFlags,
+    TopKRouterFlags,
+    *dict.fromkeys(kind.options for kind in ROUTERS.values()),
+)
 """Every dataclass whose fields declare flags, in the order ``--help`` lists them."""
 
-GROUPS = ("model architecture", "mixture of experts", "parallelism", "data", "tokenizer",
-          "training", "learning rate", "mixed precision", "regularization",
-          "activation recomputation", "fused kernels (speed only)", "logging", "checkpointing",
-          "validation", "profiling", "distributed")
+GROUPS = (
+    "model architecture",
+    "mixture of experts",
+    "parallelism",
+    "data",
+    "tokenizer",
+    "training",
+    "learning rate",
+    "mixed precision",
+    "regularization",
+    "activation recomputation",
+    "fused kernels (speed only)",
+    "logging",
+    "checkpointing",
+    "validation",
+    "profiling",
+    "distributed",
+)
 """Megatron-LM's argument groups, in its order."""
 
 # Flags that Megatron-LM treats as alternatives; a command-line one drops the YAML's other one.
@@ -121,7 +143,8 @@ def build_parser() -> MegatronArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument(
-        "--config", metavar="FILE.yaml",
+        "--config",
+        metavar="FILE.yaml",
         help="YAML mapping of flag names with underscores to values, used as defaults; the "
         "command line overrides them (--no-X switches off an on/off flag --X that it sets).",
     )
@@ -137,13 +160,20 @@ def _add_opposites(parser) -> None:
     switches = (argparse._StoreTrueAction, argparse._StoreFalseAction)
     for action in [action for action in parser._actions if isinstance(action, switches)]:
         for flag in action.option_strings:
-            opposite = "--" + flag[len("--no-"):] if flag.startswith("--no-") else \
-                "--no-" + flag[2:]
+            opposite = (
+                "--" + flag[len("--no-") :] if flag.startswith("--no-") else "--no-" + flag[2:]
+            )
             # --disable-bias-linear has no name for its opposite, and is left so
-            if (flag.startswith("--no-") or isinstance(action, argparse._StoreTrueAction)) \
-                    and opposite not in parser._option_string_actions:
-                parser.add_argument(opposite, dest=action.dest, action="store_const",
-                                    const=not action.const, help=argparse.SUPPRESS)
+            if (
+                flag.startswith("--no-") or isinstance(action, argparse._StoreTrueAction)
+            ) and opposite not in parser._option_string_actions:
+                parser.add_argument(
+                    opposite,
+                    dest=action.dest,
+                    action="store_const",
+                    const=not action.const,
+                    help=argparse.SUPPRESS,
+                )
                 parser.switch_defaults[action.dest] = not action.const
 
 
@@ -185,9 +215,13 @@ def parse_command_line(argv: Optional[Sequence[str]] = None) -> CommandLine:
     args = _parse_strictly(parser, argv)
     # an on/off flag switched back (--no-demo-corpus over a YAML's true) is as if not given
     args.given = frozenset(
-        dest for dest in yaml_given | cli_given
-        if not (dest in parser.switch_defaults
-                and bool(getattr(args, dest)) == bool(parser.switch_defaults[dest])))
+        dest
+        for dest in yaml_given | cli_given
+        if not (
+            dest in parser.switch_defaults
+            and bool(getattr(args, dest)) == bool(parser.switch_defaults[dest])
+        )
+    )
     saved_model = _take_checkpoint_args(args, parser) if args.use_checkpoint_args else None
     complete_and_validate(args, parser)
     try:
@@ -215,8 +249,10 @@ def _take_checkpoint_args(args, parser):
         directory = resolve_checkpoint_dir(args.load)
         common = dist_checkpointing.load_common_state_dict(directory)
     except Exception as error:  # noqa: BLE001 (any unreadable checkpoint: one line)
-        parser.error(f"--use-checkpoint-args: no checkpoint to take the model from under "
-                     f"--load {args.load} ({error})")
+        parser.error(
+            f"--use-checkpoint-args: no checkpoint to take the model from under "
+            f"--load {args.load} ({error})"
+        )
     if megatron_lm_checkpoints.is_megatron_lm_state(common):
         megatron_lm_checkpoints.take_architecture_args(args, common["args"])
         return None
@@ -245,8 +281,11 @@ def _config_path(argv) -> Optional[str]:
 
 def _long_flags(parser) -> dict:
     """flag -> argparse action (argparse's private table, stable for as long as argparse)."""
-    return {flag: action for flag, action in parser._option_string_actions.items()
-            if flag.startswith("--")}
+    return {
+        flag: action
+        for flag, action in parser._option_string_actions.items()
+        if flag.startswith("--")
+    }
 
 
 def _parse_strictly(parser, tokens) -> argparse.Namespace:
@@ -255,8 +294,10 @@ def _parse_strictly(parser, tokens) -> argparse.Namespace:
     if extras:
         flag = next((token for token in extras if token.startswith("-")), None)
         if flag is None and extras[0].lower() in ("true", "false"):
-            parser.error(f"unexpected value {extras[0]!r}: an on/off flag takes no value "
-                         "(--X switches it on, --no-X off)")
+            parser.error(
+                f"unexpected value {extras[0]!r}: an on/off flag takes no value "
+                "(--X switches it on, --no-X off)"
+            )
         if flag is None:
             parser.error(f"unexpected value {extras[0]!r} (no flag takes it)")
         parser.error(unknown_flag_message(flag.split("=", 1)[0], list(_long_flags(parser))))
@@ -293,10 +334,12 @@ def unknown_flag_message(flag: str, known_flags) -> str:
     implemented here is named as such (with why, where there is a reason); otherwise the known
     flag it misspells, when one is close."""
     if flag in megatron_lm_flags():
-        reason = next((why for prefix, why in NOT_SUPPORTED_BECAUSE.items()
-                       if flag.startswith(prefix)), None)
-        return (f"Megatron-LM's {flag} is not supported here"
-                + (f": {reason}" if reason else "; pretrain_gpt.py --help lists what is"))
+        reason = next(
+            (why for prefix, why in NOT_SUPPORTED_BECAUSE.items() if flag.startswith(prefix)), None
+        )
+        return f"Megatron-LM's {flag} is not supported here" + (
+            f": {reason}" if reason else "; pretrain_gpt.py --help lists what is"
+        )
     closest = difflib.get_close_matches(flag, known_flags, n=1, cutoff=SIMILAR_FLAG_CUTOFF)
     hint = f"; did you mean {closest[0]}?" if closest else " (see --help)"
     return f"unknown flag {flag}{hint}"
@@ -323,17 +366,18 @@ def _yaml_tokens(path: str, parser) -> list:
         return []
     if not isinstance(mapping, dict):
         parser.error("must be a mapping of flag names (with underscores) to values")
-    actions = {flag[2:].replace("-", "_"): (flag, action)
-               for flag, action in _long_flags(parser).items()
-               if flag not in ("--help", "--config")}
+    actions = {
+        flag[2:].replace("-", "_"): (flag, action)
+        for flag, action in _long_flags(parser).items()
+        if flag not in ("--help", "--config")
+    }
     tokens = []
     for key, value in mapping.items():
         if key not in actions:
             as_flag = "--" + str(key).replace("_", "-")
             if as_flag in megatron_lm_flags():
                 parser.error(f"key {key}: " + unknown_flag_message(as_flag, []))
-            closest = difflib.get_close_matches(str(key), actions, n=1,
-                                                cutoff=SIMILAR_FLAG_CUTOFF)
+            closest = difflib.get_close_matches(str(key), actions, n=1, cutoff=SIMILAR_FLAG_CUTOFF)
             hint = f"; did you mean {closest[0]}?" if closest else ""
             parser.error(f"unknown key {key}{hint}")
         flag, action = actions[key]

@@ -45,28 +45,41 @@ def use_demo_corpus(config: RunConfig) -> RunConfig:
     if _is_first_rank():
         print(f" demo corpus: {corpus.root} ({corpus.num_tokens:,} tokens)", flush=True)
     return config.replace(
-        data=dict(data_path=(corpus.data_prefix,), vocab_file=corpus.vocab_file,
-                  merge_file=corpus.merge_file, tokenizer_type="GPT2BPETokenizer"),
-        logging=dict(eval_domains=config.logging.eval_domains or corpus.domains_file))
+        data=dict(
+            data_path=(corpus.data_prefix,),
+            vocab_file=corpus.vocab_file,
+            merge_file=corpus.merge_file,
+            tokenizer_type="GPT2BPETokenizer",
+        ),
+        logging=dict(eval_domains=config.logging.eval_domains or corpus.domains_file),
+    )
 
 
 def notes_on_this_machine(config: RunConfig) -> list:
     """``machine_notes`` for this process's machine and launch."""
-    gpu_memory = (torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-                  if torch.cuda.is_available() else None)
+    gpu_memory = (
+        torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        if torch.cuda.is_available()
+        else None
+    )
     return machine_notes(
-        config, transformer_engine=transformer_impl_in_use(
-            config.layers.transformer_impl) == "transformer_engine",
-        world_size=int(os.environ.get("WORLD_SIZE", 1)), gpu_memory_bytes=gpu_memory)
+        config,
+        transformer_engine=transformer_impl_in_use(config.layers.transformer_impl)
+        == "transformer_engine",
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        gpu_memory_bytes=gpu_memory,
+    )
 
 
 def arguments_listing(args) -> list:
     """Megatron-LM's start-up listing: every argument with its resolved value (YAML, command line
     and derived defaults applied), sorted, dotted to one column."""
     names = sorted((name for name in vars(args) if name != "given"), key=str.lower)
-    return (["------------------------ arguments ------------------------"]
-            + [f"  {name} {'.' * (48 - len(name))} {getattr(args, name)}" for name in names]
-            + ["-------------------- end of arguments ---------------------"])
+    return (
+        ["------------------------ arguments ------------------------"]
+        + [f"  {name} {'.' * (48 - len(name))} {getattr(args, name)}" for name in names]
+        + ["-------------------- end of arguments ---------------------"]
+    )
 
 
 def main(argv=None) -> int:
@@ -81,8 +94,10 @@ def main(argv=None) -> int:
         if _is_first_rank():
             print("\n".join(listing), flush=True)
             notes = ineffective_flags(
-                args, cuda_available=torch.cuda.is_available(),
-                transformer_engine_available=HAVE_TE, wgrad_fusion_available=HAVE_WGRAD_FUSION,
+                args,
+                cuda_available=torch.cuda.is_available(),
+                transformer_engine_available=HAVE_TE,
+                wgrad_fusion_available=HAVE_WGRAD_FUSION,
             )
             for flag, reason in notes:
                 print(f" note: {flag} has no effect here: {reason}", flush=True)
@@ -105,8 +120,12 @@ def main(argv=None) -> int:
     except torch.OutOfMemoryError as error:
         if os.environ.get("REMOE_DEBUG"):
             raise
-        print(f"error: {_rank_prefix()}out of GPU memory ({str(error).splitlines()[0]}); "
-              f"lower it with {less_memory(config)}", file=sys.stderr, flush=True)
+        print(
+            f"error: {_rank_prefix()}out of GPU memory ({str(error).splitlines()[0]}); "
+            f"lower it with {less_memory(config)}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     except TrainingStopped as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -114,13 +133,19 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C without --exit-signal-handler (after a save under way)
         if os.environ.get("REMOE_DEBUG"):
             raise
-        print(f"{_rank_prefix()}interrupted (Ctrl-C); resume from the last checkpoint with --load",
-              file=sys.stderr, flush=True)
+        print(
+            f"{_rank_prefix()}interrupted (Ctrl-C); resume from the last checkpoint with --load",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
     finally:
         destroy_parallel()
     if int(os.environ.get("RANK", 0)) == int(os.environ.get("WORLD_SIZE", 1)) - 1:
         ran = state.iteration - state.start_iteration
-        print(f" done: iteration {state.iteration} ({ran} in this launch, "
-              f"{time.time() - started:.0f} s)", flush=True)
+        print(
+            f" done: iteration {state.iteration} ({ran} in this launch, "
+            f"{time.time() - started:.0f} s)",
+            flush=True,
+        )
     return 0

@@ -28,9 +28,14 @@ TORCHRUN_DEFAULT_GRACE_S = 30
 GRACE_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 
 
-def machine_notes(config, *, environ: Mapping[str, str] = os.environ,
-                  transformer_engine: bool = False, world_size: int = 1,
-                  gpu_memory_bytes: Optional[int] = None) -> list:
+def machine_notes(
+    config,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    transformer_engine: bool = False,
+    world_size: int = 1,
+    gpu_memory_bytes: Optional[int] = None,
+) -> list:
     """The notes for ``config`` (a RunConfig) on this machine, each one line; ConfigError when
     the run cannot fit (``gpu_memory_bytes``: one GPU's, None on CPU)."""
     notes = []
@@ -61,14 +66,18 @@ def torchrun_grace_note(environ: Mapping[str, str]) -> Optional[str]:
     if "TORCHELASTIC_RUN_ID" not in environ:  # not under torchrun: the signal reaches the rank
         return None
     if not torchrun_can_wait_longer():
-        return (f"--exit-signal-handler: torchrun of torch {torch.__version__} SIGKILLs the "
-                f"ranks {TORCHRUN_DEFAULT_GRACE_S} s after it forwards a SIGTERM, so the last "
-                f"step and its save must fit in that; torch >= 2.12 reads {GRACE_ENV}, or "
-                "signal the ranks (pkill -TERM -f pretrain_gpt.py) rather than torchrun")
+        return (
+            f"--exit-signal-handler: torchrun of torch {torch.__version__} SIGKILLs the "
+            f"ranks {TORCHRUN_DEFAULT_GRACE_S} s after it forwards a SIGTERM, so the last "
+            f"step and its save must fit in that; torch >= 2.12 reads {GRACE_ENV}, or "
+            "signal the ranks (pkill -TERM -f pretrain_gpt.py) rather than torchrun"
+        )
     if not environ.get(GRACE_ENV):
-        return (f"--exit-signal-handler: torchrun SIGKILLs the ranks "
-                f"{TORCHRUN_DEFAULT_GRACE_S} s after it forwards a SIGTERM, which can cut the "
-                f"last save short; export {GRACE_ENV}=300 (the launchers in scripts/ do)")
+        return (
+            f"--exit-signal-handler: torchrun SIGKILLs the ranks "
+            f"{TORCHRUN_DEFAULT_GRACE_S} s after it forwards a SIGTERM, which can cut the "
+            f"last save short; export {GRACE_ENV}=300 (the launchers in scripts/ do)"
+        )
     return None
 
 
@@ -79,10 +88,12 @@ def grouped_mm_note() -> Optional[str]:
     major, minor = torch.cuda.get_device_capability()
     if major >= 9:
         return None
-    return (f"--moe-grouped-gemm on {torch.cuda.get_device_name()} (sm{major}{minor}): torch's "
-            "grouped_mm has no fused kernel below sm90 and runs one GEMM per expert after a "
-            "host read of the offsets, as megatron's SequentialMLP does (the same numbers; the "
-            "speed of both is unmeasured on such a card)")
+    return (
+        f"--moe-grouped-gemm on {torch.cuda.get_device_name()} (sm{major}{minor}): torch's "
+        "grouped_mm has no fused kernel below sm90 and runs one GEMM per expert after a "
+        "host read of the offsets, as megatron's SequentialMLP does (the same numbers; the "
+        "speed of both is unmeasured on such a card)"
+    )
 
 
 def resident_bytes_per_gpu(config, world_size: int) -> float:
@@ -93,8 +104,13 @@ def resident_bytes_per_gpu(config, world_size: int) -> float:
     total = model.num_parameters()
     experts = 0
     if model.is_moe:
-        experts = (model.num_layers * model.total_experts * 3 * model.hidden_size
-                   * model.expert_ffn_hidden_size)
+        experts = (
+            model.num_layers
+            * model.total_experts
+            * 3
+            * model.hidden_size
+            * model.expert_ffn_hidden_size
+        )
     tp_pp = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     per_gpu = (total - experts) / tp_pp + experts / (tp_pp * parallel.expert_model_parallel_size)
     dp = parallel.data_parallel_size(world_size)
@@ -106,18 +122,25 @@ def memory_note(config, world_size: int, gpu_memory_bytes: int) -> Optional[str]
     """ConfigError when the resident state alone exceeds the GPU; a note when it fills 40% of
     it; else None."""
     resident = resident_bytes_per_gpu(config, world_size)
-    gib = 2 ** 30
-    share = (f"the weights, gradients and optimizer state take about {resident / gib:.1f} GiB "
-             f"of each GPU's {gpu_memory_bytes / gib:.0f} GiB (Megatron-LM's estimate, "
-             f"{world_size} GPU{'s' if world_size > 1 else ''})")
+    gib = 2**30
+    share = (
+        f"the weights, gradients and optimizer state take about {resident / gib:.1f} GiB "
+        f"of each GPU's {gpu_memory_bytes / gib:.0f} GiB (Megatron-LM's estimate, "
+        f"{world_size} GPU{'s' if world_size > 1 else ''})"
+    )
     if resident > gpu_memory_bytes:
-        raise ConfigError(f"the model does not fit: {share}; use more GPUs with "
-                          "--use-distributed-optimizer, or expert/tensor parallelism")
+        raise ConfigError(
+            f"the model does not fit: {share}; use more GPUs with "
+            "--use-distributed-optimizer, or expert/tensor parallelism"
+        )
     if resident < 0.4 * gpu_memory_bytes:
         return None
-    stage = (" and ReMoE's stage I (routing still dense for the first ~100 steps, several "
-             "experts per token) adds the run's largest activations"
-             if config.model.kind.adaptive_l1 else "")
+    stage = (
+        " and ReMoE's stage I (routing still dense for the first ~100 steps, several "
+        "experts per token) adds the run's largest activations"
+        if config.model.kind.adaptive_l1
+        else ""
+    )
     return f"{share}{stage}; if it runs out of memory: {less_memory(config)}"
 
 

@@ -18,8 +18,18 @@ import dataclasses
 from dataclasses import MISSING, field
 
 
-def flag_field(default=MISSING, *, flag: str, help: str, group: str = "", must=MISSING,
-               refusal: str = "", note: str = "", needs: tuple = (), **argparse_kwargs):
+def flag_field(
+    default=MISSING,
+    *,
+    flag: str,
+    help: str,
+    group: str = "",
+    must=MISSING,
+    refusal: str = "",
+    note: str = "",
+    needs: tuple = (),
+    **argparse_kwargs,
+):
     """A dataclass field set by ``flag``: ``default`` (none: a required field, whose flag then
     defaults to None), the argparse ``group`` it is listed in, its ``help``, and extra
     ``add_argument`` keywords (``type``, ``choices``, ``nargs``, ``action``; ``parser_default``
@@ -30,15 +40,24 @@ def flag_field(default=MISSING, *, flag: str, help: str, group: str = "", must=M
     why the flag, given, has no effect. ``needs``: ``(flag, value)`` without which it has none
     (``(flag,)``: without that flag set).
     """
-    metadata = dict(flag=flag, help=help, group=group, argparse=argparse_kwargs, must=must,
-                    refusal=refusal, note=note, needs=needs)
+    metadata = dict(
+        flag=flag,
+        help=help,
+        group=group,
+        argparse=argparse_kwargs,
+        must=must,
+        refusal=refusal,
+        note=note,
+        needs=needs,
+    )
     return field(default=default, metadata=metadata)
 
 
 def declared_flags(config_class) -> list:
     """``(field, flag)`` of the fields of ``config_class`` that declare a flag."""
-    return [(f, f.metadata["flag"]) for f in dataclasses.fields(config_class)
-            if f.metadata.get("flag")]
+    return [
+        (f, f.metadata["flag"]) for f in dataclasses.fields(config_class) if f.metadata.get("flag")
+    ]
 
 
 def flag_dest(flag: str) -> str:
@@ -59,8 +78,9 @@ def add_declared_flags(group, name: str, config_classes) -> None:
             if option.metadata["group"] != name:
                 continue
             kwargs = dict(option.metadata["argparse"])
-            default = kwargs.pop("parser_default", None if option.default is MISSING
-                                 else option.default)
+            default = kwargs.pop(
+                "parser_default", None if option.default is MISSING else option.default
+            )
             if "action" not in kwargs and "type" not in kwargs and default is not None:
                 kwargs["type"] = type(default)
             group.add_argument(flag, default=default, help=option.metadata["help"], **kwargs)
@@ -78,8 +98,10 @@ def refusals(config_class, args: argparse.Namespace, groups=None) -> list:
         value = getattr(args, dest)
         if not (must(value, args) if callable(must) else value == must):
             origin = "" if dest in args.given else " (Megatron-LM's default)"
-            found.append(f"{flag} " + option.metadata["refusal"].format(
-                value=value, if_default=origin, **vars(args)))
+            found.append(
+                f"{flag} "
+                + option.metadata["refusal"].format(value=value, if_default=origin, **vars(args))
+            )
     return found
 
 

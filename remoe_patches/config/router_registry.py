@@ -41,6 +41,7 @@ def option(default, flag: str, help: str, **argparse_kwargs):
 # Each router's options. ``validate(model)`` returns the problems as (field, message) pairs.
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class NoOptions:
     """A router without options of its own (dense, TopK: megatron's own flags configure it)."""
@@ -53,11 +54,15 @@ class NoOptions:
 class ReLUOptions:
     """ReMoE: the adaptive L1 regularizer that holds the sparsity at 1 - k/E (spec §2)."""
 
-    l1_coeff_init: float = option(1e-8, "--moe-relu-l1-reg-coeff-init",
-                                  "ReMoE: initial L1 coefficient lambda_0.")
+    l1_coeff_init: float = option(
+        1e-8, "--moe-relu-l1-reg-coeff-init", "ReMoE: initial L1 coefficient lambda_0."
+    )
     """lambda_0 of the adaptive L1 coefficient."""
-    l1_coeff_multiplier: float = option(1.2, "--moe-relu-l1-reg-coeff-multiplier",
-                                        "ReMoE: factor alpha of the adaptive L1 coefficient.")
+    l1_coeff_multiplier: float = option(
+        1.2,
+        "--moe-relu-l1-reg-coeff-multiplier",
+        "ReMoE: factor alpha of the adaptive L1 coefficient.",
+    )
     """alpha of the adaptive L1 coefficient."""
     load_balancing: bool = True
     """L1 with load balancing (Eq. 10) or plain L1 (Eq. 9); set by Megatron-LM's
@@ -83,15 +88,21 @@ class HashOptions:
     """Hash Layers (Roller et al. 2021): a fixed map of token ids to experts."""
 
     hash_type: str = option(
-        "mod", "--moe-hash-type",
+        "mod",
+        "--moe-hash-type",
         "Hash routing's map of token ids to experts: mod (expert = token id mod E, the ReMoE "
         "paper's setting; default) or random_permutation (a seeded random permutation of the "
-        "vocabulary dealt round-robin to the experts, --moe-hash-seed).", choices=HASH_TYPES)
+        "vocabulary dealt round-robin to the experts, --moe-hash-seed).",
+        choices=HASH_TYPES,
+    )
     """``mod`` (expert = token id mod E, the ReMoE paper's setting) or ``random_permutation``
     (a seeded random permutation of the vocabulary dealt round-robin to the experts)."""
-    seed: int = option(0, "--moe-hash-seed",
-                       "Hash routing: seed of --moe-hash-type random_permutation.",
-                       needs=("--moe-hash-type", "random_permutation"))
+    seed: int = option(
+        0,
+        "--moe-hash-seed",
+        "Hash routing: seed of --moe-hash-type random_permutation.",
+        needs=("--moe-hash-type", "random_permutation"),
+    )
     """The seed of the ``random_permutation`` hash."""
 
     def validate(self, model: "ModelConfig") -> list:
@@ -99,8 +110,13 @@ class HashOptions:
         if self.hash_type not in HASH_TYPES:
             problems.append(("hash_type", f"not one of {', '.join(HASH_TYPES)}"))
         if model.total_topk != 1:
-            problems.append(("topk", "hash routing sends each token to exactly one expert; use "
-                                     "k=1 and granularity 1"))
+            problems.append(
+                (
+                    "topk",
+                    "hash routing sends each token to exactly one expert; use "
+                    "k=1 and granularity 1",
+                )
+            )
         return problems
 
 
@@ -113,14 +129,18 @@ class ExpertChoiceOptions:
     """Expert Choice (Zhou et al. 2022): each expert picks its tokens."""
 
     capacity_factor: float = option(
-        1.0, "--moe-expert-choice-capacity-factor",
-        "Expert Choice: each expert takes capacity x k / E of its group's tokens.")
+        1.0,
+        "--moe-expert-choice-capacity-factor",
+        "Expert Choice: each expert takes capacity x k / E of its group's tokens.",
+    )
     """Each expert takes ``factor * k / E`` of its group's tokens."""
     group: str = option(
-        "sequence", "--moe-expert-choice-group",
+        "sequence",
+        "--moe-expert-choice-group",
         "Expert Choice: an expert chooses among each sequence's tokens or the micro-batch's "
         "(both see later tokens of a sequence: README, 'Table 2 baselines').",
-        choices=EXPERT_CHOICE_GROUPS)
+        choices=EXPERT_CHOICE_GROUPS,
+    )
     """The tokens an expert chooses among, ``sequence`` or ``batch``."""
 
     def validate(self, model: "ModelConfig") -> list:
@@ -141,15 +161,18 @@ class SparseMixerOptions:
     """SparseMixer-v2 (GRIN-MoE): sampled TopK with a Heun-style gradient for the router."""
 
     jitter_eps: float = option(
-        0.01, "--moe-sparsemixer-jitter-eps",
-        "SparseMixer-v2: experts within this relative band of the top logit are sampled.")
+        0.01,
+        "--moe-sparsemixer-jitter-eps",
+        "SparseMixer-v2: experts within this relative band of the top logit are sampled.",
+    )
     """The relative band around the top logit an expert is sampled from (GRIN's 0.01)."""
 
     def validate(self, model: "ModelConfig") -> list:
         problems = []
         if model.total_topk not in SPARSEMIXER_TOPK:
-            problems.append(("topk", "SparseMixer-v2 samples one or two experts per token; use "
-                                     "k*G of 1 or 2"))
+            problems.append(
+                ("topk", "SparseMixer-v2 samples one or two experts per token; use k*G of 1 or 2")
+            )
         if not self.jitter_eps > 0:
             problems.append(("jitter_eps", "must be > 0"))
         return problems
@@ -165,19 +188,26 @@ class LoryOptions:
     """Lory (Zhong et al. 2024): experts merged into one FFN per segment."""
 
     segment_length: int = option(
-        256, "--moe-lory-segment-length",
-        "Lory: tokens per segment (segment i is routed from segment i-1).")
+        256,
+        "--moe-lory-segment-length",
+        "Lory: tokens per segment (segment i is routed from segment i-1).",
+    )
     """Tokens per segment; segment i is routed from segment i-1's mean."""
     dense_warmup_fraction: float = option(
-        0.05, "--moe-lory-dense-warmup-fraction",
+        0.05,
+        "--moe-lory-dense-warmup-fraction",
         "Lory: train the layers as a dense FFN for this share of the steps, then start every "
-        "expert as a copy of it (the Lory paper's 5%%; 0 turns it off).")
+        "expert as a copy of it (the Lory paper's 5%%; 0 turns it off).",
+    )
     """The share of the training steps the layers are a dense FFN (expert 0's weights) before
     every expert starts as a copy of it (the Lory paper's 5%; 0 turns it off)."""
     first_segment: str = option(
-        "own_detached", "--moe-lory-first-segment",
+        "own_detached",
+        "--moe-lory-first-segment",
         "Lory: route the first segment from its own mean without gradient (the paper) or "
-        "uniformly (strictly causal).", choices=LORY_FIRST_SEGMENT_RULES)
+        "uniformly (strictly causal).",
+        choices=LORY_FIRST_SEGMENT_RULES,
+    )
     """The first segment is routed from its own mean without gradient (the paper's rule), or
     ``uniform`` (strictly causal)."""
 
@@ -190,13 +220,16 @@ class LoryOptions:
     def validate(self, model: "ModelConfig") -> list:
         problems = []
         if self.segment_length < 1 or model.seq_length % self.segment_length:
-            problems.append(("segment_length", f"must divide seq_length={model.seq_length}; "
-                                               "pick a divisor of it"))
+            problems.append(
+                (
+                    "segment_length",
+                    f"must divide seq_length={model.seq_length}; pick a divisor of it",
+                )
+            )
         if not 0.0 <= self.dense_warmup_fraction < 1.0:
             problems.append(("dense_warmup_fraction", "must be in [0, 1)"))
         if self.first_segment not in LORY_FIRST_SEGMENT_RULES:
-            problems.append(("first_segment",
-                             f"not one of {', '.join(LORY_FIRST_SEGMENT_RULES)}"))
+            problems.append(("first_segment", f"not one of {', '.join(LORY_FIRST_SEGMENT_RULES)}"))
         return problems
 
 
@@ -204,10 +237,16 @@ class LoryOptions:
 # The entries
 # ---------------------------------------------------------------------------------------------
 
-TOPK_ROUTER_FLAGS = ("moe_router_pre_softmax", "moe_aux_loss_coeff",
-                     "moe_router_topk_scaling_factor", "moe_router_score_function",
-                     "moe_router_enable_expert_bias", "moe_router_bias_update_rate",
-                     "moe_input_jitter_eps", "moe_z_loss_coeff")
+TOPK_ROUTER_FLAGS = (
+    "moe_router_pre_softmax",
+    "moe_aux_loss_coeff",
+    "moe_router_topk_scaling_factor",
+    "moe_router_score_function",
+    "moe_router_enable_expert_bias",
+    "moe_router_bias_update_rate",
+    "moe_input_jitter_eps",
+    "moe_z_loss_coeff",
+)
 """megatron's TopKRouter options (flag dests); a kind lists those it honours."""
 
 
@@ -217,41 +256,65 @@ class TopKRouterFlags:
     ``LayerOptions.topk_router`` for the kinds that honour them); never instantiated."""
 
     moe_router_load_balancing_type: str = option(
-        "aux_loss", "--moe-router-load-balancing-type",
+        "aux_loss",
+        "--moe-router-load-balancing-type",
         "TopK: aux_loss (Switch) or none; ReLU routing: anything but none keeps the L1 "
         "regularizer load-balanced (Eq. 10), none makes it plain L1 (Eq. 9).",
-        choices=["aux_loss", "seq_aux_loss", "sinkhorn", "none"])
+        choices=["aux_loss", "seq_aux_loss", "sinkhorn", "none"],
+    )
     moe_router_pre_softmax: bool = option(
-        False, "--moe-router-pre-softmax",
-        "TopK: softmax over all experts before the top-k (needed for k=1).", action="store_true")
-    moe_z_loss_coeff: Optional[float] = option(None, "--moe-z-loss-coeff",
-                                               "Weight of TopK's router z-loss.", type=float)
+        False,
+        "--moe-router-pre-softmax",
+        "TopK: softmax over all experts before the top-k (needed for k=1).",
+        action="store_true",
+    )
+    moe_z_loss_coeff: Optional[float] = option(
+        None, "--moe-z-loss-coeff", "Weight of TopK's router z-loss.", type=float
+    )
     moe_router_topk_scaling_factor: Optional[float] = option(
-        None, "--moe-router-topk-scaling-factor",
+        None,
+        "--moe-router-topk-scaling-factor",
         "TopK: multiply the chosen experts' gates by this (e.g. E with k=1 and pre-softmax, so "
-        "that a gate starts near 1 rather than 1/E).", type=float)
+        "that a gate starts near 1 rather than 1/E).",
+        type=float,
+    )
     moe_router_score_function: str = option(
-        "softmax", "--moe-router-score-function", "TopK: the score the top-k picks from.",
-        choices=["softmax", "sigmoid"])
+        "softmax",
+        "--moe-router-score-function",
+        "TopK: the score the top-k picks from.",
+        choices=["softmax", "sigmoid"],
+    )
     moe_router_enable_expert_bias: bool = option(
-        False, "--moe-router-enable-expert-bias",
+        False,
+        "--moe-router-enable-expert-bias",
         "TopK: aux-loss-free load balancing with a per-expert bias in the top-k selection "
-        "(needs --moe-router-score-function sigmoid).", action="store_true")
+        "(needs --moe-router-score-function sigmoid).",
+        action="store_true",
+    )
     moe_router_bias_update_rate: float = option(
-        1e-3, "--moe-router-bias-update-rate",
+        1e-3,
+        "--moe-router-bias-update-rate",
         "TopK: step of the expert bias update (--moe-router-enable-expert-bias).",
-        needs=("--moe-router-enable-expert-bias",))
+        needs=("--moe-router-enable-expert-bias",),
+    )
     moe_input_jitter_eps: Optional[float] = option(
-        None, "--moe-input-jitter-eps",
+        None,
+        "--moe-input-jitter-eps",
         "TopK: multiply the router input by uniform noise in [1-eps, 1+eps] while training.",
-        type=float)
+        type=float,
+    )
     moe_token_drop_policy: str = option(
-        "probs", "--moe-token-drop-policy",
+        "probs",
+        "--moe-token-drop-policy",
         "TopK with a capacity factor: drop the lowest-probability tokens or the last ones.",
-        choices=["probs", "position"])
+        choices=["probs", "position"],
+    )
     moe_pad_expert_input_to_capacity: bool = option(
-        False, "--moe-pad-expert-input-to-capacity",
-        "TopK: pad each expert's input to the capacity.", action="store_true")
+        False,
+        "--moe-pad-expert-input-to-capacity",
+        "TopK: pad each expert's input to the capacity.",
+        action="store_true",
+    )
 
 
 @dataclass(frozen=True)
@@ -358,61 +421,115 @@ def _capacity_times_k(model) -> float:
     return model.router_options.capacity_factor * model.total_topk
 
 
-ROUTERS: dict = {kind.name: kind for kind in (
-    RouterKind("dense", "Dense", "dense", "no experts", is_moe=False, active_experts=_no_experts),
-    RouterKind(
-        "topk", "TopK MoE", "moe", "megatron's TopKRouter (default)",
-        megatron_topk_router=True, topk_router_flags=TOPK_ROUTER_FLAGS, switch_aux_loss=True,
-        token_dropping=True,
-        # The project's dMoE baseline (README "A fair TopK baseline"): the Switch aux loss,
-        # softmax before the top-k, and the chosen gates scaled by E/k.
-        sweep_flags=dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01,
-                         moe_router_pre_softmax=True, moe_router_topk_scaling_factor="E/k")),
-    RouterKind(
-        "relu", "ReMoE", "remoe", "ReMoE's ReLU router", options=ReLUOptions,
-        router_builder="remoe_patches.model.routers.relu_router:router_builder_for",
-        adaptive_l1=True, experts_per_token_vary=True,
-        legacy_flat_fields=dict(relu_l1_coeff_init="l1_coeff_init",
-                                relu_l1_coeff_multiplier="l1_coeff_multiplier",
-                                relu_load_balancing="load_balancing"),
-        sweep_flags=dict(moe_relu_routing=True)),
-    RouterKind(
-        "hash", "Hash", "hash", "Hash Layers", options=HashOptions,
-        router_builder="remoe_patches.model.routers.hash_router:router_builder_for",
-        prepare_model="remoe_patches.model.routers.hash_router:feed_token_ids",
-        active_experts=_one_expert, routes_by_token_ids=True,
-        legacy_flat_fields=dict(hash_type="hash_type", hash_seed="seed"),
-        # Saved before the hash type existed: hash runs then used the seeded random permutation
-        # and must be rebuilt with the map they were trained with.
-        legacy_defaults=dict(hash_type="random_permutation"),
-        sweep_flags=dict(moe_router_type="hash")),
-    RouterKind(
-        "expert_choice", "Expert Choice", "ec", "Expert Choice", options=ExpertChoiceOptions,
-        router_builder="remoe_patches.model.routers.expert_choice_router:router_builder_for",
-        active_experts=_capacity_times_k, experts_per_token_vary=True, routes_by_neighbours=True,
-        legacy_flat_fields=dict(expert_choice_capacity_factor="capacity_factor",
-                                expert_choice_group="group"),
-        sweep_flags=dict(moe_router_type="expert_choice")),
-    RouterKind(
-        "sparsemixer", "SparseMixer-v2", "sparsemixer", "SparseMixer-v2",
-        options=SparseMixerOptions,
-        router_builder="remoe_patches.model.routers.sparsemixer_router:router_builder_for",
-        topk_router_flags=("moe_aux_loss_coeff", "moe_input_jitter_eps", "moe_z_loss_coeff"),
-        switch_aux_loss=True, legacy_flat_fields=dict(sparsemixer_jitter_eps="jitter_eps"),
-        # GRIN's Switch aux loss
-        sweep_flags=dict(moe_router_type="sparsemixer", moe_router_load_balancing_type="aux_loss",
-                         moe_aux_loss_coeff=0.01)),
-    RouterKind(
-        "lory", "Lory", "lory", "Lory (merged experts)", options=LoryOptions,
-        options_for_sequence_length=LoryOptions.for_sequence_length,
-        block_spec="remoe_patches.model.routers.lory_layer:block_spec_for",
-        active_experts=_one_expert, routes_by_neighbours=True, expert_parallel=False,
-        legacy_flat_fields=dict(lory_segment_length="segment_length",
-                                lory_dense_warmup_fraction="dense_warmup_fraction",
-                                lory_first_segment="first_segment"),
-        legacy_defaults=dict(dense_warmup_fraction=0.0),  # trained before the warm-up existed
-        sweep_flags=dict(moe_router_type="lory")),
-)}
+ROUTERS: dict = {
+    kind.name: kind
+    for kind in (
+        RouterKind(
+            "dense", "Dense", "dense", "no experts", is_moe=False, active_experts=_no_experts
+        ),
+        RouterKind(
+            "topk",
+            "TopK MoE",
+            "moe",
+            "megatron's TopKRouter (default)",
+            megatron_topk_router=True,
+            topk_router_flags=TOPK_ROUTER_FLAGS,
+            switch_aux_loss=True,
+            token_dropping=True,
+            # The project's dMoE baseline (README "A fair TopK baseline"): the Switch aux loss,
+            # softmax before the top-k, and the chosen gates scaled by E/k.
+            sweep_flags=dict(
+                moe_router_load_balancing_type="aux_loss",
+                moe_aux_loss_coeff=0.01,
+                moe_router_pre_softmax=True,
+                moe_router_topk_scaling_factor="E/k",
+            ),
+        ),
+        RouterKind(
+            "relu",
+            "ReMoE",
+            "remoe",
+            "ReMoE's ReLU router",
+            options=ReLUOptions,
+            router_builder="remoe_patches.model.routers.relu_router:router_builder_for",
+            adaptive_l1=True,
+            experts_per_token_vary=True,
+            legacy_flat_fields=dict(
+                relu_l1_coeff_init="l1_coeff_init",
+                relu_l1_coeff_multiplier="l1_coeff_multiplier",
+                relu_load_balancing="load_balancing",
+            ),
+            sweep_flags=dict(moe_relu_routing=True),
+        ),
+        RouterKind(
+            "hash",
+            "Hash",
+            "hash",
+            "Hash Layers",
+            options=HashOptions,
+            router_builder="remoe_patches.model.routers.hash_router:router_builder_for",
+            prepare_model="remoe_patches.model.routers.hash_router:feed_token_ids",
+            active_experts=_one_expert,
+            routes_by_token_ids=True,
+            legacy_flat_fields=dict(hash_type="hash_type", hash_seed="seed"),
+            # Saved before the hash type existed: hash runs then used the seeded random permutation
+            # and must be rebuilt with the map they were trained with.
+            legacy_defaults=dict(hash_type="random_permutation"),
+            sweep_flags=dict(moe_router_type="hash"),
+        ),
+        RouterKind(
+            "expert_choice",
+            "Expert Choice",
+            "ec",
+            "Expert Choice",
+            options=ExpertChoiceOptions,
+            router_builder="remoe_patches.model.routers.expert_choice_router:router_builder_for",
+            active_experts=_capacity_times_k,
+            experts_per_token_vary=True,
+            routes_by_neighbours=True,
+            legacy_flat_fields=dict(
+                expert_choice_capacity_factor="capacity_factor", expert_choice_group="group"
+            ),
+            sweep_flags=dict(moe_router_type="expert_choice"),
+        ),
+        RouterKind(
+            "sparsemixer",
+            "SparseMixer-v2",
+            "sparsemixer",
+            "SparseMixer-v2",
+            options=SparseMixerOptions,
+            router_builder="remoe_patches.model.routers.sparsemixer_router:router_builder_for",
+            topk_router_flags=("moe_aux_loss_coeff", "moe_input_jitter_eps", "moe_z_loss_coeff"),
+            switch_aux_loss=True,
+            legacy_flat_fields=dict(sparsemixer_jitter_eps="jitter_eps"),
+            # GRIN's Switch aux loss
+            sweep_flags=dict(
+                moe_router_type="sparsemixer",
+                moe_router_load_balancing_type="aux_loss",
+                moe_aux_loss_coeff=0.01,
+            ),
+        ),
+        RouterKind(
+            "lory",
+            "Lory",
+            "lory",
+            "Lory (merged experts)",
+            options=LoryOptions,
+            options_for_sequence_length=LoryOptions.for_sequence_length,
+            block_spec="remoe_patches.model.routers.lory_layer:block_spec_for",
+            active_experts=_one_expert,
+            routes_by_neighbours=True,
+            expert_parallel=False,
+            legacy_flat_fields=dict(
+                lory_segment_length="segment_length",
+                lory_dense_warmup_fraction="dense_warmup_fraction",
+                lory_first_segment="first_segment",
+            ),
+            legacy_defaults=dict(dense_warmup_fraction=0.0),  # trained before the warm-up existed
+            sweep_flags=dict(moe_router_type="lory"),
+        ),
+    )
+}
 """Every router kind by ``name``."""
 
 SWEEP_NAMES: dict = {kind.sweep_name: kind for kind in ROUTERS.values()}

@@ -51,8 +51,14 @@ OUTPUT_PREFIX = "demo"  # preprocess_jsonl names the dataset demo_text_document
 
 # Generated tables and fixtures are not the code a model should learn from.
 _SKIPPED_STDLIB_DIRS = {
-    "test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
-    "pydoc_data", "encodings",
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "pydoc_data",
+    "encodings",
 }
 _MAX_SOURCE_FILE_BYTES = 100_000
 # A budget remainder smaller than this is not worth a truncated document.
@@ -247,7 +253,8 @@ def stdlib_source_files(seed: int) -> list:
     files = []
     for directory, subdirectories, names in os.walk(stdlib):
         subdirectories[:] = [
-            name for name in subdirectories
+            name
+            for name in subdirectories
             if name not in _SKIPPED_STDLIB_DIRS and not name.startswith("config-")
         ]
         for name in names:

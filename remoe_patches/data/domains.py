@@ -33,8 +33,10 @@ def read_domains(path, key: Optional[str] = None) -> list:
     """
     path = Path(path)
     if not path.is_file():
-        raise DomainsError(f"no domain list at {path}: give a JSON list of domain names, one "
-                           "per document, or the jsonl corpus the data was built from")
+        raise DomainsError(
+            f"no domain list at {path}: give a JSON list of domain names, one "
+            "per document, or the jsonl corpus the data was built from"
+        )
     if path.suffix == ".json":
         domains = json.loads(path.read_text())
         if not isinstance(domains, list):
@@ -49,8 +51,10 @@ def read_domains(path, key: Optional[str] = None) -> list:
             value = json.loads(line)
             for part in parts:
                 if not isinstance(value, dict) or part not in value:
-                    raise DomainsError(f"{path}, line {number}: no {'.'.join(parts)} (choose "
-                                       "the key with --eval-domain-key)")
+                    raise DomainsError(
+                        f"{path}, line {number}: no {'.'.join(parts)} (choose "
+                        "the key with --eval-domain-key)"
+                    )
                 value = value[part]
             domains.append(str(value))
     return domains
@@ -63,14 +67,19 @@ class TokenDomains:
     padding after the data ends.
     """
 
-    def __init__(self, domain_per_document: Sequence[str], document_indices: np.ndarray,
-                 source: str = "the domain list"):
+    def __init__(
+        self,
+        domain_per_document: Sequence[str],
+        document_indices: np.ndarray,
+        source: str = "the domain list",
+    ):
         num_documents = len(document_indices) - 1
         if len(domain_per_document) != num_documents:
             raise DomainsError(
                 f"{source} names {len(domain_per_document)} documents, but the dataset holds "
                 f"{num_documents}: give the domain list of the documents the dataset was "
-                "built from, in their order")
+                "built from, in their order"
+            )
         self.names = sorted(set(domain_per_document))
         index = {name: i for i, name in enumerate(self.names)}
         domain_of_document = np.array([index[d] for d in domain_per_document], dtype=np.int64)
@@ -79,28 +88,32 @@ class TokenDomains:
         self._domain_of_sequence = np.repeat(domain_of_document, sequences_per_document)
 
     @classmethod
-    def for_dataset(cls, domain_per_document: Sequence[str], dataset,
-                    source: str = "the domain list") -> "TokenDomains":
+    def for_dataset(
+        cls, domain_per_document: Sequence[str], dataset, source: str = "the domain list"
+    ) -> "TokenDomains":
         """For a megatron ``GPTDataset``, or a ``BlendedDataset`` of one prefix (``--data-path
         1.0 PREFIX``): the documents of its indexed dataset."""
         prefixes = {part.dataset.path_prefix for part in gpt_datasets(dataset)}
         if len(prefixes) != 1:
             raise DomainsError(
                 f"--eval-domains needs the data from one dataset prefix, the one its list "
-                f"describes; this split blends {len(prefixes)}: {', '.join(sorted(prefixes))}")
-        return cls(domain_per_document, gpt_datasets(dataset)[0].dataset.document_indices,
-                   source)
+                f"describes; this split blends {len(prefixes)}: {', '.join(sorted(prefixes))}"
+            )
+        return cls(domain_per_document, gpt_datasets(dataset)[0].dataset.document_indices, source)
 
     def of_sample(self, dataset, index: int) -> np.ndarray:
         """``domain_S``: the domain of each label of ``dataset[index]`` (a ``GPTDataset`` or a
         ``BlendedDataset`` of them)."""
         while hasattr(dataset, "dataset_sample_index"):  # a blend: the sample it reads
             dataset[index]  # loads the blend's index arrays (memory-mapped)
-            dataset, index = (dataset.datasets[dataset.dataset_index[index]],
-                              int(dataset.dataset_sample_index[index]))
+            dataset, index = (
+                dataset.datasets[dataset.dataset_index[index]],
+                int(dataset.dataset_sample_index[index]),
+            )
         sequence_S = sample_sequences(dataset, index)
-        domain_S = np.where(sequence_S >= 0,
-                            self._domain_of_sequence[np.maximum(sequence_S, 0)], -1)
+        domain_S = np.where(
+            sequence_S >= 0, self._domain_of_sequence[np.maximum(sequence_S, 0)], -1
+        )
         return domain_S
 
     def one_hot(self, domain_BS: np.ndarray) -> np.ndarray:
@@ -114,8 +127,9 @@ def gpt_datasets(dataset) -> list:
     if hasattr(dataset, "datasets"):
         return [part for inner in dataset.datasets for part in gpt_datasets(inner)]
     if not hasattr(dataset, "document_index"):  # mock data
-        raise DomainsError(f"--eval-domains needs data read from a dataset prefix, not a "
-                           f"{type(dataset).__name__}")
+        raise DomainsError(
+            f"--eval-domains needs data read from a dataset prefix, not a {type(dataset).__name__}"
+        )
     return [dataset]
 
 

@@ -81,8 +81,9 @@ def largest_token_id(prefix: str, cache_dir: Optional[str] = None) -> int:
     caches = [prefix + MAX_TOKEN_ID_SUFFIX]
     if cache_dir:
         digest = hashlib.sha256(os.path.abspath(bin_path).encode()).hexdigest()[:16]
-        caches.append(os.path.join(cache_dir, f"{os.path.basename(prefix)}-{digest}"
-                                              f"{MAX_TOKEN_ID_SUFFIX}"))
+        caches.append(
+            os.path.join(cache_dir, f"{os.path.basename(prefix)}-{digest}{MAX_TOKEN_ID_SUFFIX}")
+        )
     for path in caches:
         try:
             with open(path) as f:
@@ -95,7 +96,7 @@ def largest_token_id(prefix: str, cache_dir: Optional[str] = None) -> int:
     tokens = numpy.memmap(bin_path, dtype=dtype, mode="r") if stat.st_size else []
     largest = -1
     for start in range(0, len(tokens), _SCAN_CHUNK):
-        largest = max(largest, int(tokens[start:start + _SCAN_CHUNK].max()))
+        largest = max(largest, int(tokens[start : start + _SCAN_CHUNK].max()))
     for path in caches:  # the first place that takes it; none is fine
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -109,8 +110,13 @@ def largest_token_id(prefix: str, cache_dir: Optional[str] = None) -> int:
     return largest
 
 
-def check_token_ids(blends: Sequence[tuple[str, Sequence[str]]], vocab_size: int, *,
-                    tokenizer: str, cache_dir: Optional[str] = None) -> None:
+def check_token_ids(
+    blends: Sequence[tuple[str, Sequence[str]]],
+    vocab_size: int,
+    *,
+    tokenizer: str,
+    cache_dir: Optional[str] = None,
+) -> None:
     """Refuse data with a token id outside the (padded) vocabulary, which the embedding would
     index out of range at step 1 (an IndexError on CPU, a device-side assert on a GPU): data
     preprocessed with another tokenizer. ``blends``: ``(flag, blend)`` pairs; ``tokenizer``
@@ -187,19 +193,46 @@ def build_splits(
     if num_samples[0] == 0:  # nothing to train on (--skip-train): build no training split
         train = None
     else:
-        train = _build_some_splits((0,), seed, data_path=data_path, split=split,
-                                   per_split_paths=per_split_paths, seq_length=seq_length,
-                                   tokenizer=tokenizer, num_samples=num_samples, mock=mock,
-                                   cache_path=cache_path)[0]
-    _, valid, test = _build_some_splits((1, 2), eval_seed, data_path=data_path, split=split,
-                                        per_split_paths=per_split_paths, seq_length=seq_length,
-                                        tokenizer=tokenizer, num_samples=num_samples, mock=mock,
-                                        cache_path=cache_path)
+        train = _build_some_splits(
+            (0,),
+            seed,
+            data_path=data_path,
+            split=split,
+            per_split_paths=per_split_paths,
+            seq_length=seq_length,
+            tokenizer=tokenizer,
+            num_samples=num_samples,
+            mock=mock,
+            cache_path=cache_path,
+        )[0]
+    _, valid, test = _build_some_splits(
+        (1, 2),
+        eval_seed,
+        data_path=data_path,
+        split=split,
+        per_split_paths=per_split_paths,
+        seq_length=seq_length,
+        tokenizer=tokenizer,
+        num_samples=num_samples,
+        mock=mock,
+        cache_path=cache_path,
+    )
     return Splits(train=train, valid=valid, test=test)
 
 
-def _build_some_splits(keep, seed, *, data_path, split, per_split_paths, seq_length, tokenizer,
-                       num_samples, mock, cache_path) -> list:
+def _build_some_splits(
+    keep,
+    seed,
+    *,
+    data_path,
+    split,
+    per_split_paths,
+    seq_length,
+    tokenizer,
+    num_samples,
+    mock,
+    cache_path,
+) -> list:
     """The splits numbered in ``keep`` (None for the others), shuffled with ``seed``."""
     use_per_split = not mock and data_path is None
 
@@ -211,8 +244,10 @@ def _build_some_splits(keep, seed, *, data_path, split, per_split_paths, seq_len
     blend_per_split = None
     blend = None
     if use_per_split:
-        blend_per_split = [blend_for(p, num_samples[i]) if p and i in keep else None
-                           for i, p in enumerate(per_split_paths)]
+        blend_per_split = [
+            blend_for(p, num_samples[i]) if p and i in keep else None
+            for i, p in enumerate(per_split_paths)
+        ]
         if not any(blend_per_split):  # (megatron would take no blend at all for mock data)
             return [None, None, None]
     elif not mock:
@@ -233,8 +268,9 @@ def _build_some_splits(keep, seed, *, data_path, split, per_split_paths, seq_len
         create_attention_mask=False,
     )
     if config.split_matrix is not None:
-        config.split_matrix = [bounds if i in keep else None
-                               for i, bounds in enumerate(config.split_matrix)]
+        config.split_matrix = [
+            bounds if i in keep else None for i, bounds in enumerate(config.split_matrix)
+        ]
     sizes = [num_samples[i] if i in keep else 0 for i in range(3)]
     dataset_class = MockGPTDataset if mock else GPTDataset
     return BlendedMegatronDatasetBuilder(dataset_class, sizes, lambda: True, config).build()

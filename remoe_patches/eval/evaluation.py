@@ -90,8 +90,7 @@ from tqdm import tqdm
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, \
-    simple_parse_args_string
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from remoe_patches.eval.lm_eval_tasks.functions import OFFLINE, offline_files
 from remoe_patches.config.router_registry import ROUTERS
@@ -137,6 +136,7 @@ class _OfflineTaskWarnings(logging.Filter):
     @classmethod
     def offline_tags(cls) -> set:
         if cls._tags is None:
+
             class Loader(yaml.SafeLoader):  # the tags only: no !function is imported
                 pass
 
@@ -209,15 +209,18 @@ def offline_task_manager(tasks, data_dir):
             raise ValueError(
                 f"task {task!r} has no offline config; --data-dir supports "
                 f"{', '.join(offline_tasks())} (leave --data-dir out to load other tasks from "
-                "the Hugging Face hub)")
+                "the Hugging Face hub)"
+            )
         offline_files(task, data_dir)
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
-                       metadata={"data_dir": str(Path(data_dir).resolve())})
+    return TaskManager(
+        include_path=str(TASKS_DIR),
+        include_defaults=False,
+        metadata={"data_dir": str(Path(data_dir).resolve())},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The lm-eval model
-
 
 
 class ModelArgsError(ValueError):
@@ -232,8 +235,10 @@ def _as_int(value, name: str) -> int:
         raise ModelArgsError(f"{name} must be a positive integer, got {value!r}") from None
 
 
-LOAD_HELP = ("a pretrain_gpt.py --save directory, one of its iter_XXXXXXX directories or a "
-             "tools/export_checkpoint.py export")
+LOAD_HELP = (
+    "a pretrain_gpt.py --save directory, one of its iter_XXXXXXX directories or a "
+    "tools/export_checkpoint.py export"
+)
 
 
 @register_model("remoe")
@@ -270,25 +275,35 @@ class RemoeLM(TemplateLM):
                 hint = f"did you mean {close[0]}=? " if close else ""
                 raise ModelArgsError(
                     f"--model_args {name}=...: the remoe model has no argument {name!r} ({hint}"
-                    f"it takes {', '.join(known)})")
+                    f"it takes {', '.join(known)})"
+                )
         if "load" not in arguments:
             raise ModelArgsError(
-                f"--model_args needs load=DIR ({LOAD_HELP}), e.g. --model_args load=runs/demo")
+                f"--model_args needs load=DIR ({LOAD_HELP}), e.g. --model_args load=runs/demo"
+            )
         from remoe_patches.train.checkpointing import CheckpointError
         from remoe_patches.inference.trained_model import TokenizerFilesError
 
         try:
             return cls(**arguments)
         except TokenizerFilesError as error:
-            raise ModelArgsError(f"load={arguments['load']}: "
-                                 f"{error.naming('tokenizer_dir=DIR in --model_args')}") from None
+            raise ModelArgsError(
+                f"load={arguments['load']}: {error.naming('tokenizer_dir=DIR in --model_args')}"
+            ) from None
         except CheckpointError as error:
             raise ModelArgsError(f"load={arguments['load']}: {error}") from None
 
-    def __init__(self, load: str, backend: str = "auto", batch_size=16,
-                 max_length: Optional[int] = None, max_gen_toks: int = 256,
-                 device: Optional[str] = None, tokenizer_dir: Optional[str] = None,
-                 max_batch_size=None):
+    def __init__(
+        self,
+        load: str,
+        backend: str = "auto",
+        batch_size=16,
+        max_length: Optional[int] = None,
+        max_gen_toks: int = 256,
+        device: Optional[str] = None,
+        tokenizer_dir: Optional[str] = None,
+        max_batch_size=None,
+    ):
         super().__init__()
         from remoe_patches.inference import hf_export, trained_model
 
@@ -304,11 +319,11 @@ class RemoeLM(TemplateLM):
         if backend == "auto":
             backend = "reference" if is_export else "megatron"
         if backend not in ("megatron", "reference"):
-            raise ModelArgsError(
-                f"backend must be megatron, reference or auto, not {backend!r}")
+            raise ModelArgsError(f"backend must be megatron, reference or auto, not {backend!r}")
         if backend == "megatron" and is_export:
             raise ModelArgsError(
-                f"{self.load} is an exported model: it runs on the reference backend (or auto)")
+                f"{self.load} is an exported model: it runs on the reference backend (or auto)"
+            )
         self.model_backend = backend
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's CLI asks for cuda by default; its own HF model falls back the same way
@@ -317,17 +332,20 @@ class RemoeLM(TemplateLM):
         ref_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if is_export:
             self.model, self.tokenizer, config = hf_export.load_export_for_inference(
-                self.load, device=ref_device)
+                self.load, device=ref_device
+            )
             self.router, self.seq_length = config["router"], config["seq_length"]
             self.iteration = config.get("iteration")
         else:
             model, self.tokenizer, model_config = trained_model.load_model_for_inference(
-                self.load, tokenizer_dir=tokenizer_dir)
+                self.load, tokenizer_dir=tokenizer_dir
+            )
             self.router, self.seq_length = model_config.router, model_config.seq_length
             self.iteration = model.checkpoint_iteration
             if backend == "reference":
                 model = hf_export.reference_from_megatron(
-                    model, model_config, self.tokenizer, device=ref_device)
+                    model, model_config, self.tokenizer, device=ref_device
+                )
             self.model = model
         self._device = next(self.model.parameters()).device
         self._max_length = _as_int(max_length, "max_length") if max_length else self.seq_length
@@ -356,9 +374,15 @@ class RemoeLM(TemplateLM):
         return self.tokenizer.kind
 
     def get_model_info(self) -> dict:
-        return dict(model_source="remoe", load=os.path.abspath(self.load),
-                    backend=self.model_backend, router=self.router, iteration=self.iteration,
-                    max_length=self.max_length, rows_per_forward=self.rows_per_forward)
+        return dict(
+            model_source="remoe",
+            load=os.path.abspath(self.load),
+            backend=self.model_backend,
+            router=self.router,
+            iteration=self.iteration,
+            max_length=self.max_length,
+            rows_per_forward=self.rows_per_forward,
+        )
 
     @property
     def rows_per_forward(self) -> int:
@@ -366,8 +390,9 @@ class RemoeLM(TemplateLM):
         per forward nothing is padded and no other row shares its routing."""
         return 1 if ROUTERS[self.router].routes_by_neighbours else self.batch_size
 
-    def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None,
-                   **kwargs) -> list:
+    def tok_encode(
+        self, string: str, add_special_tokens=None, left_truncate_len=None, **kwargs
+    ) -> list:
         tokens = self.tokenizer.tokenize(string)
         if left_truncate_len:
             tokens = tokens[-left_truncate_len:]
@@ -391,7 +416,7 @@ class RemoeLM(TemplateLM):
         width = max(len(row) for row in rows)
         batch = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
         for i, row in enumerate(rows):
-            batch[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            batch[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         return batch
 
     # -- scoring -----------------------------------------------------------------------------
@@ -406,26 +431,30 @@ class RemoeLM(TemplateLM):
                 raise ValueError("a loglikelihood request needs a context and a continuation")
             whole = list(context) + list(continuation)
             for start in range(len(context), len(whole), self.max_length):
-                pieces.append((whole[:start], whole[start:start + self.max_length]))
+                pieces.append((whole[:start], whole[start : start + self.max_length]))
                 owners.append(index)
         scores = [None] * len(pieces)
         order = sorted(range(len(pieces)), key=lambda i: -(len(pieces[i][0]) + len(pieces[i][1])))
-        progress = tqdm(total=len(requests), disable=disable_tqdm,
-                        desc="Running loglikelihood requests")
+        progress = tqdm(
+            total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests"
+        )
         for start in range(0, len(order), self.rows_per_forward):
-            chunk = order[start:start + self.rows_per_forward]
+            chunk = order[start : start + self.rows_per_forward]
             # left-truncate: the last max_length + 1 tokens, minus the last (never an input)
-            inputs = [(pieces[i][0] + pieces[i][1])[-(self.max_length + 1):][:-1] for i in chunk]
+            inputs = [(pieces[i][0] + pieces[i][1])[-(self.max_length + 1) :][:-1] for i in chunk]
             logprobs = torch.log_softmax(self.logits(self._padded(inputs)), dim=-1)
             for row, i in enumerate(chunk):
                 continuation = pieces[i][1]
                 end = len(inputs[row])
-                piece = logprobs[row, end - len(continuation):end]
+                piece = logprobs[row, end - len(continuation) : end]
                 target = torch.tensor(continuation, device=piece.device)
-                scores[i] = (float(piece.gather(-1, target[:, None]).sum()),
-                             bool((piece.argmax(dim=-1) == target).all()))
-            progress.update(sum(1 for i in chunk if i + 1 == len(owners)
-                                or owners[i + 1] != owners[i]))
+                scores[i] = (
+                    float(piece.gather(-1, target[:, None]).sum()),
+                    bool((piece.argmax(dim=-1) == target).all()),
+                )
+            progress.update(
+                sum(1 for i in chunk if i + 1 == len(owners) or owners[i + 1] != owners[i])
+            )
         progress.close()
         results = [[0.0, True] for _ in requests]
         for index, (logprob, greedy) in zip(owners, scores):
@@ -440,9 +469,15 @@ class RemoeLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list:
         windows, owners = [], []
         for index, (string,) in enumerate(req.args for req in requests):
-            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for context, continuation in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, context, continuation))
                 owners.append(index)
         scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
@@ -461,17 +496,20 @@ class RemoeLM(TemplateLM):
         for i, request in enumerate(requests):
             context, gen_kwargs = request.args
             groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
-        progress = tqdm(total=len(requests), disable=disable_tqdm,
-                        desc="Running generate_until requests")
+        progress = tqdm(
+            total=len(requests), disable=disable_tqdm, desc="Running generate_until requests"
+        )
         for indices in groups.values():
             until, max_gen_toks = self._generation_settings(requests[indices[0]].args[1])
             room = self.max_length - max_gen_toks
             context_length = room if room > 0 else self.max_length
-            encoded = {i: self.tok_encode(requests[i].args[0], left_truncate_len=context_length)
-                       for i in indices}
+            encoded = {
+                i: self.tok_encode(requests[i].args[0], left_truncate_len=context_length)
+                for i in indices
+            }
             indices = sorted(indices, key=lambda i: -len(encoded[i]))
             for start in range(0, len(indices), self.rows_per_forward):
-                chunk = indices[start:start + self.rows_per_forward]
+                chunk = indices[start : start + self.rows_per_forward]
                 outputs = self.greedy_generate([encoded[i] for i in chunk], max_gen_toks, until)
                 for i, text in zip(chunk, outputs):
                     results[i] = text
@@ -502,10 +540,12 @@ class RemoeLM(TemplateLM):
             active = [i for i, finished in enumerate(done) if not finished]
             if not active:
                 break
-            windows = [(list(contexts[i]) + generated[i])[-self.max_length:] for i in active]
+            windows = [(list(contexts[i]) + generated[i])[-self.max_length :] for i in active]
             logits = self.logits(self._padded(windows))
             for row, i in enumerate(active):
-                token = int(logits[row, len(windows[row]) - 1, :self.tokenizer.vocab_size].argmax())
+                token = int(
+                    logits[row, len(windows[row]) - 1, : self.tokenizer.vocab_size].argmax()
+                )
                 if token == self.eot_token_id:
                     done[i] = True
                     continue
@@ -517,7 +557,7 @@ class RemoeLM(TemplateLM):
             text = self.tok_decode(tokens)
             for stop in until:
                 if stop and stop in text:
-                    text = text[:text.index(stop)]
+                    text = text[: text.index(stop)]
             texts.append(text)
         return texts
 
@@ -560,9 +600,12 @@ def markdown_table(rows, tasks=DEFAULT_TASKS) -> str:
         scores = table_scores(results, tasks)
         cells = [label] + [_cell(scores[task]) for task in list(tasks) + ["avg"]]
         lines.append("| " + " | ".join(cells) + " |")
-    metrics = ", ".join(
-        f"{titles.get(task, task)} {task_metric(task, rows[0][1].get('results', {}).get(task, {}))}"
-        for task in tasks) if rows else ""
+    first_results = rows[0][1].get("results", {}) if rows else {}
+    named_metrics = (
+        f"{titles.get(task, task)} {task_metric(task, first_results.get(task, {}))}"
+        for task in tasks
+    )
+    metrics = ", ".join(named_metrics) if rows else ""
     return "\n".join(lines) + f"\n\nMetrics (percent): {metrics}."
 
 

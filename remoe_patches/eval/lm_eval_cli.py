@@ -29,7 +29,7 @@ def expand_data_dir(argv: list) -> list:
         if spelling in argv:
             index = argv.index(spelling)
             data_dir = argv[index + 1] if index + 1 < len(argv) else None
-            del argv[index:index + 2]
+            del argv[index : index + 2]
             break
     else:
         return argv
@@ -41,7 +41,7 @@ def expand_data_dir(argv: list) -> list:
     if "--metadata" in argv:
         index = argv.index("--metadata")
         metadata = json.loads(argv[index + 1])
-        del argv[index:index + 2]
+        del argv[index : index + 2]
     metadata["data_dir"] = os.path.abspath(data_dir)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

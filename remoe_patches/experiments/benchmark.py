@@ -138,8 +138,14 @@ class BenchmarkConfig:
         if self.preset not in PRESETS:
             fail("preset", f"{self.preset!r} is not one of {', '.join(PRESETS)}")
         unknown = set(self.model_overrides) - {
-            "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-            "seq_length", "vocab_size", "ffn_hidden_size"}
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "seq_length",
+            "vocab_size",
+            "ffn_hidden_size",
+        }
         if unknown:
             fail("model_overrides", f"unknown fields {sorted(unknown)}")
         bad_routers = [r for r in self.routers if r not in ROUTERS]
@@ -148,10 +154,18 @@ class BenchmarkConfig:
         if self.recompute not in ("none", "moe", "full"):
             fail("recompute", f"{self.recompute!r} is not one of none, moe, full")
         if self.token_dispatcher not in ("sorted", "alltoall", "allgather"):
-            fail("token_dispatcher",
-                 f"{self.token_dispatcher!r} is not one of sorted, alltoall, allgather")
-        for name in ("micro_batch_size", "num_microbatches", "steps", "stage1_steps",
-                     "settle_window", "rounds"):
+            fail(
+                "token_dispatcher",
+                f"{self.token_dispatcher!r} is not one of sorted, alltoall, allgather",
+            )
+        for name in (
+            "micro_batch_size",
+            "num_microbatches",
+            "steps",
+            "stage1_steps",
+            "settle_window",
+            "rounds",
+        ):
             if getattr(self, name) < 1:
                 fail(name, "must be >= 1")
         if self.interleave and self.rounds > self.steps:
@@ -162,8 +176,13 @@ class BenchmarkConfig:
 
     @property
     def model_fields(self) -> dict:
-        return {"num_query_groups": 4, "vocab_size": 51200, "seq_length": 1024,
-                **PRESETS[self.preset], **self.model_overrides}
+        return {
+            "num_query_groups": 4,
+            "vocab_size": 51200,
+            "seq_length": 1024,
+            **PRESETS[self.preset],
+            **self.model_overrides,
+        }
 
 
 @dataclass
@@ -221,11 +240,17 @@ def run_config(config: BenchmarkConfig, router: str, device: torch.device) -> Ru
     kind = ROUTER_KINDS[router]
     m = config.model_fields
     ffn = m.get("ffn_hidden_size") or 4 * m["hidden_size"]
-    model = dict(num_layers=m["num_layers"], hidden_size=m["hidden_size"],
-                 num_attention_heads=m["num_attention_heads"],
-                 num_query_groups=m["num_query_groups"], vocab_size=m["vocab_size"],
-                 seq_length=m["seq_length"], rotary_base=_ROTARY_BASE, init_method_std=0.01,
-                 router=router)
+    model = dict(
+        num_layers=m["num_layers"],
+        hidden_size=m["hidden_size"],
+        num_attention_heads=m["num_attention_heads"],
+        num_query_groups=m["num_query_groups"],
+        vocab_size=m["vocab_size"],
+        seq_length=m["seq_length"],
+        rotary_base=_ROTARY_BASE,
+        init_method_std=0.01,
+        router=router,
+    )
     layers = {}
     if not kind.is_moe:
         # the same active parameters per token as k of the E*G experts of width ffn/G
@@ -233,28 +258,45 @@ def run_config(config: BenchmarkConfig, router: str, device: torch.device) -> Ru
     else:
         experts = config.num_experts * config.granularity
         model.update(
-            ffn_hidden_size=ffn, num_experts=config.num_experts, topk=config.topk,
-            granularity=config.granularity, moe_aux_loss_coeff=0.01,
+            ffn_hidden_size=ffn,
+            num_experts=config.num_experts,
+            topk=config.topk,
+            granularity=config.granularity,
+            moe_aux_loss_coeff=0.01,
             # Lory: the paper's 256-token segments, or fewer that divide a short sequence
             router_options=kind.default_options(m["seq_length"]),
-            token_dispatcher=config.token_dispatcher, moe_grouped_gemm=config.grouped_gemm,
-            moe_router_dtype=default_router_dtype(experts))
+            token_dispatcher=config.token_dispatcher,
+            moe_grouped_gemm=config.grouped_gemm,
+            moe_router_dtype=default_router_dtype(experts),
+        )
         layers.update(topk_router=_topk_router_options(config, kind))
     if config.recompute == "moe" and kind.is_moe:
         layers.update(recompute_granularity="selective", recompute_modules=("moe",))
     elif config.recompute == "full":
-        layers.update(recompute_granularity="full", recompute_method="uniform",
-                      recompute_num_layers=1)
+        layers.update(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
     on_gpu = device.type == "cuda"
     training = TrainingConfig(
         micro_batch_size=config.micro_batch_size,
         global_batch_size=config.micro_batch_size * config.num_microbatches,
         # a long, flat schedule: the benchmark's steps all run near lr
-        train_iters=1_000_000, lr=config.lr, min_lr=config.lr / 10, lr_warmup_iters=1,
-        lr_decay_style="cosine", clip_grad=1.0, seed=config.seed,
-        bf16=config.bf16 if config.bf16 is not None else on_gpu)
-    return RunConfig(model=ModelConfig(**model), parallel=ParallelConfig(), training=training,
-                     layers=LayerOptions(**layers), data=DataConfig(mock_data=True)).validate()
+        train_iters=1_000_000,
+        lr=config.lr,
+        min_lr=config.lr / 10,
+        lr_warmup_iters=1,
+        lr_decay_style="cosine",
+        clip_grad=1.0,
+        seed=config.seed,
+        bf16=config.bf16 if config.bf16 is not None else on_gpu,
+    )
+    return RunConfig(
+        model=ModelConfig(**model),
+        parallel=ParallelConfig(),
+        training=training,
+        layers=LayerOptions(**layers),
+        data=DataConfig(mock_data=True),
+    ).validate()
 
 
 def _topk_router_options(config: BenchmarkConfig, kind) -> dict:
@@ -269,8 +311,14 @@ def _topk_router_options(config: BenchmarkConfig, kind) -> dict:
     return {name: settings.get(name, defaults[name]) for name in names}
 
 
-def zipf_batches(vocab_size: int, seq_length: int, micro_batch_size: int, count: int,
-                 device: torch.device, seed: int) -> list[dict]:
+def zipf_batches(
+    vocab_size: int,
+    seq_length: int,
+    micro_batch_size: int,
+    count: int,
+    device: torch.device,
+    seed: int,
+) -> list[dict]:
     """``count`` micro-batches of tokens drawn with Zipf-like frequencies (p ~ 1/(rank + 10)),
     so routing sees frequent and rare tokens as in text; placed on ``device`` up front."""
     gen = torch.Generator().manual_seed(seed)
@@ -279,15 +327,19 @@ def zipf_batches(vocab_size: int, seq_length: int, micro_batch_size: int, count:
     batches = []
     for _ in range(count):
         ranks = torch.multinomial(
-            probabilities, micro_batch_size * (seq_length + 1), replacement=True, generator=gen)
+            probabilities, micro_batch_size * (seq_length + 1), replacement=True, generator=gen
+        )
         tokens = permutation[ranks].view(micro_batch_size, seq_length + 1)
-        batches.append({
-            "tokens_BS": tokens[:, :-1].contiguous().to(device),
-            "labels_BS": tokens[:, 1:].contiguous().to(device),
-            "loss_mask_BS": torch.ones(micro_batch_size, seq_length, device=device),
-            "position_ids_BS": torch.arange(seq_length, device=device).expand(
-                micro_batch_size, -1).contiguous(),
-        })
+        batches.append(
+            {
+                "tokens_BS": tokens[:, :-1].contiguous().to(device),
+                "labels_BS": tokens[:, 1:].contiguous().to(device),
+                "loss_mask_BS": torch.ones(micro_batch_size, seq_length, device=device),
+                "position_ids_BS": torch.arange(seq_length, device=device)
+                .expand(micro_batch_size, -1)
+                .contiguous(),
+            }
+        )
     return batches
 
 
@@ -311,11 +363,22 @@ class _Session:
         self.objects = build_training_objects(self.run_config, device=device)
         self.model_config = self.run_config.model
         vocab, seq_length = self.model_config.vocab_size, self.model_config.seq_length
-        self.batches = _cycle(zipf_batches(
-            vocab, seq_length, config.micro_batch_size,
-            count=max(8, config.num_microbatches), device=device, seed=config.seed))
-        self.routers = [m for chunk in self.objects.model_chunks for m in chunk.modules()
-                        if isinstance(m, Router)]
+        self.batches = _cycle(
+            zipf_batches(
+                vocab,
+                seq_length,
+                config.micro_batch_size,
+                count=max(8, config.num_microbatches),
+                device=device,
+                seed=config.seed,
+            )
+        )
+        self.routers = [
+            m
+            for chunk in self.objects.model_chunks
+            for m in chunk.modules()
+            if isinstance(m, Router)
+        ]
         self.syncs = None
         self.clock = None  # a _RouterClock while timed steps run
         self._router_calls: dict = {}
@@ -325,8 +388,10 @@ class _Session:
 
     def _hook_routers(self) -> None:
         for router_module in self.routers:
-            self._router_hooks += [router_module.register_forward_pre_hook(self._enter_router),
-                                   router_module.register_forward_hook(self._leave_router)]
+            self._router_hooks += [
+                router_module.register_forward_pre_hook(self._enter_router),
+                router_module.register_forward_hook(self._leave_router),
+            ]
 
     def _unhook_routers(self) -> None:
         for handle in self._router_hooks:
@@ -368,11 +433,17 @@ class _Session:
     def step(self) -> StepRecord:
         o, training = self.objects, self.run_config.training
         batches = [next(self.batches) for _ in range(self.config.num_microbatches)]
-        return train_step(o.model_chunks, o.optimizer, o.scheduler, o.regularizer, batches,
-                          seq_length=self.model_config.seq_length,
-                          micro_batch_size=training.micro_batch_size,
-                          global_batch_size=training.global_batch_size,
-                          regularizer_scope=self._regularizer_scope)
+        return train_step(
+            o.model_chunks,
+            o.optimizer,
+            o.scheduler,
+            o.regularizer,
+            batches,
+            seq_length=self.model_config.seq_length,
+            micro_batch_size=training.micro_batch_size,
+            global_batch_size=training.global_batch_size,
+            regularizer_scope=self._regularizer_scope,
+        )
 
     def _regularizer_scope(self):
         # train_step's seam: the regularizer's step-end work (its reduction, the coefficient
@@ -527,8 +598,13 @@ class Timing:
     syncs_by_source: Counter = field(default_factory=Counter)
 
 
-def finish_phase(session: _Session, phase: str, timing: Timing, peak_tflops: Optional[float],
-                 settled_after: Optional[int] = None) -> PhaseResult:
+def finish_phase(
+    session: _Session,
+    phase: str,
+    timing: Timing,
+    peak_tflops: Optional[float],
+    settled_after: Optional[int] = None,
+) -> PhaseResult:
     """Turn a phase's timed steps into its row; times the routers and one step's memory."""
     config, model_config = session.config, session.model_config
     times, steps = timing.step_ms, len(timing.step_ms)
@@ -548,23 +624,38 @@ def finish_phase(session: _Session, phase: str, timing: Timing, peak_tflops: Opt
         router_share = statistics.median(r / t for r, t in zip(timing.router_ms, times))
     step_memory = session.step_memory()
     return PhaseResult(
-        router=session.router, phase=phase, step_ms=times, median_ms=median,
-        p25_ms=_percentile(times, 0.25), p75_ms=_percentile(times, 0.75),
+        router=session.router,
+        phase=phase,
+        step_ms=times,
+        median_ms=median,
+        p25_ms=_percentile(times, 0.25),
+        p75_ms=_percentile(times, 0.75),
         tokens_per_s=tokens_per_step / (median / 1000.0),
-        active_experts_per_token=active, sparsity=sparsity, model_tflops=tflops,
+        active_experts_per_token=active,
+        sparsity=sparsity,
+        model_tflops=tflops,
         mfu=None if peak_tflops is None else tflops / peak_tflops,
-        peak_memory=session.resident_memory + step_memory, step_memory=step_memory,
+        peak_memory=session.resident_memory + step_memory,
+        step_memory=step_memory,
         router_ms_per_step=router_ms,
-        router_share=router_share, router_step_ms=timing.router_ms if session.routers else None,
-        syncs_per_step=timing.syncs / steps, remoe_syncs_per_step=timing.remoe_syncs / steps,
+        router_share=router_share,
+        router_step_ms=timing.router_ms if session.routers else None,
+        syncs_per_step=timing.syncs / steps,
+        remoe_syncs_per_step=timing.remoe_syncs / steps,
         settled_after_steps=settled_after,
-        syncs_by_source={source: count / steps
-                         for source, count in sorted(timing.syncs_by_source.items())},
+        syncs_by_source={
+            source: count / steps for source, count in sorted(timing.syncs_by_source.items())
+        },
     )
 
 
-def measure_phase(session: _Session, phase: str, peak_tflops: Optional[float],
-                  settled_after: Optional[int] = None, steps: Optional[int] = None) -> PhaseResult:
+def measure_phase(
+    session: _Session,
+    phase: str,
+    peak_tflops: Optional[float],
+    settled_after: Optional[int] = None,
+    steps: Optional[int] = None,
+) -> PhaseResult:
     """``steps`` (default ``config.steps``) timed steps of one session in one block."""
     timing = Timing()
     session.timed_steps(steps or session.config.steps, timing)
@@ -579,10 +670,12 @@ def settle(session: _Session) -> tuple[bool, int]:
     target = session.model_config.target_sparsity
     window = []
     for step in range(1, config.max_settle_steps + 1):
-        window = (window + [float(session.step().routing.sparsity)])[-config.settle_window:]
-        if (len(window) == config.settle_window
-                and abs(statistics.fmean(window) - target) <= config.settle_tolerance
-                and max(abs(s - target) for s in window) <= 5 * config.settle_tolerance):
+        window = (window + [float(session.step().routing.sparsity)])[-config.settle_window :]
+        if (
+            len(window) == config.settle_window
+            and abs(statistics.fmean(window) - target) <= config.settle_tolerance
+            and max(abs(s - target) for s in window) <= 5 * config.settle_tolerance
+        ):
             return True, step
     return False, config.max_settle_steps
 
@@ -605,8 +698,9 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
-def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None,
-                  progress=print) -> dict:
+def run_benchmark(
+    config: BenchmarkConfig, device: Optional[torch.device] = None, progress=print
+) -> dict:
     """Benchmark each router of ``config``; megatron's parallel groups must be initialized
     (one rank). Returns ``{"device", "peak_tflops", "config", "results", "ratios"}``.
 
@@ -622,17 +716,22 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
 
     def prepare(router) -> tuple:
         """Build and warm up; for ReMoE measure stage I and settle. -> (session, phase, steps)"""
-        progress(f" benchmark: {ROUTER_KINDS[router].title}: building, "
-                 f"{config.warmup_steps} warm-up steps")
+        progress(
+            f" benchmark: {ROUTER_KINDS[router].title}: building, "
+            f"{config.warmup_steps} warm-up steps"
+        )
         session = _Session(config, router, device)
         session.warm_up()
         if not ROUTER_KINDS[router].adaptive_l1:  # ReMoE: stage I, then the settled stage
             return session, "", None
-        progress(f" benchmark: {ROUTER_KINDS[router].title}: stage I, "
-                 f"{config.stage1_steps} timed steps")
+        progress(
+            f" benchmark: {ROUTER_KINDS[router].title}: stage I, {config.stage1_steps} timed steps"
+        )
         results.append(measure_phase(session, "stage I", peak_tflops, steps=config.stage1_steps))
-        progress(f" benchmark: {ROUTER_KINDS[router].title}: settling "
-                 f"(at most {config.max_settle_steps} steps)")
+        progress(
+            f" benchmark: {ROUTER_KINDS[router].title}: settling "
+            f"(at most {config.max_settle_steps} steps)"
+        )
         settled, steps = settle(session)
         return session, "stage III" if settled else "not settled", steps
 
@@ -641,8 +740,10 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
         prepared = [prepare(router) for router in config.routers]
         timings = [Timing() for _ in prepared]
         titles = ", ".join(ROUTER_KINDS[r].title for r in config.routers)
-        progress(f" benchmark: timing {titles} in "
-                 f"{config.rounds} alternating rounds of {config.steps} steps in all")
+        progress(
+            f" benchmark: timing {titles} in "
+            f"{config.rounds} alternating rounds of {config.steps} steps in all"
+        )
         for round_index in range(config.rounds):
             block = _block_size(config.steps, config.rounds, round_index)
             for (session, _, _), timing in zip(prepared, timings):
@@ -660,8 +761,13 @@ def run_benchmark(config: BenchmarkConfig, device: Optional[torch.device] = None
                 session.close()
     order = {router: index for index, router in enumerate(config.routers)}
     results.sort(key=lambda r: (order[r.router], r.phase != "stage I"))
-    return {"device": device_name(device), "peak_tflops": peak_tflops,
-            "config": asdict(config), "results": results, "ratios": step_time_ratios(results)}
+    return {
+        "device": device_name(device),
+        "peak_tflops": peak_tflops,
+        "config": asdict(config),
+        "results": results,
+        "ratios": step_time_ratios(results),
+    }
 
 
 def _fit_together(config: BenchmarkConfig, device: torch.device, progress) -> bool:
@@ -674,12 +780,15 @@ def _fit_together(config: BenchmarkConfig, device: torch.device, progress) -> bo
     bytes_per_parameter = 18 if bf16 else 16
     needed = sum(
         run_config(config, router, device).model.num_parameters() * bytes_per_parameter
-        for router in config.routers)
+        for router in config.routers
+    )
     free, _ = torch.cuda.mem_get_info(device)
     if needed <= free / 2:
         return True
-    progress(f" benchmark: the models need ~{needed / 2**30:.0f} GiB for weights and optimizer "
-             f"state together ({free / 2**30:.0f} GiB free): measuring one after another")
+    progress(
+        f" benchmark: the models need ~{needed / 2**30:.0f} GiB for weights and optimizer "
+        f"state together ({free / 2**30:.0f} GiB free): measuring one after another"
+    )
     return False
 
 
@@ -699,8 +808,12 @@ def step_time_ratios(results: list) -> dict:
         spread = math.hypot(numerator.relative_spread, denominator.relative_spread)
         value = numerator.median_ms / denominator.median_ms
         meaningful = spread <= MEANINGFUL_SPREAD
-        ratios[name] = {"ratio": value, "spread": spread, "meaningful": meaningful,
-                        "at_most_1": value <= 1.0 + spread if meaningful else None}
+        ratios[name] = {
+            "ratio": value,
+            "spread": spread,
+            "meaningful": meaningful,
+            "at_most_1": value <= 1.0 + spread if meaningful else None,
+        }
 
     # ReMoE's phases against megatron's TopK router, every MoE against the dense model
     topk = by_label.get(_title_of(lambda kind: kind.megatron_topk_router))
@@ -732,9 +845,20 @@ def format_table(report: dict) -> str:
     """The markdown table and the ratio lines."""
     cuda = not report["device"].startswith("CPU")
     memory_kind = "allocated" if cuda else "RSS"
-    header = ["model", "active experts/token", "ms/step median", "p25-p75", "tokens/s",
-              "model TFLOP/s", "MFU", f"peak memory ({memory_kind})", "step peak",
-              "router share", "host syncs/step", f"syncs in {REMOE_SCOPE}"]
+    header = [
+        "model",
+        "active experts/token",
+        "ms/step median",
+        "p25-p75",
+        "tokens/s",
+        "model TFLOP/s",
+        "MFU",
+        f"peak memory ({memory_kind})",
+        "step peak",
+        "router share",
+        "host syncs/step",
+        f"syncs in {REMOE_SCOPE}",
+    ]
     rows = []
     for r in report["results"]:
         label = r.label
@@ -743,14 +867,22 @@ def format_table(report: dict) -> str:
         active = f"{r.active_experts_per_token:.2f}"
         if r.sparsity is not None:
             active += f" (sparsity {r.sparsity:.3f})"
-        rows.append([
-            label, active, f"{r.median_ms:.1f}", f"{r.p25_ms:.1f}-{r.p75_ms:.1f}",
-            f"{r.tokens_per_s:,.0f}", f"{r.model_tflops:.3g}",
-            "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
-            _memory(r.peak_memory), _memory(r.step_memory),
-            "-" if r.router_share is None else f"{100 * r.router_share:.1f}%",
-            f"{r.syncs_per_step:g}", f"{r.remoe_syncs_per_step:g}",
-        ])
+        rows.append(
+            [
+                label,
+                active,
+                f"{r.median_ms:.1f}",
+                f"{r.p25_ms:.1f}-{r.p75_ms:.1f}",
+                f"{r.tokens_per_s:,.0f}",
+                f"{r.model_tflops:.3g}",
+                "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
+                _memory(r.peak_memory),
+                _memory(r.step_memory),
+                "-" if r.router_share is None else f"{100 * r.router_share:.1f}%",
+                f"{r.syncs_per_step:g}",
+                f"{r.remoe_syncs_per_step:g}",
+            ]
+        )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines.append("")
@@ -763,12 +895,16 @@ def format_table(report: dict) -> str:
             verdict = ""  # MoE against dense: a cost, no claim to check
         if not value.get("meaningful", True):
             verdict, noisy = "not meaningful: the step times spread too much", True
-        lines.append(f"{name}: {value['ratio']:.3f} (spread +-{100 * value['spread']:.1f}%)"
-                     + (f"  {verdict}" if verdict else ""))
+        lines.append(
+            f"{name}: {value['ratio']:.3f} (spread +-{100 * value['spread']:.1f}%)"
+            + (f"  {verdict}" if verdict else "")
+        )
     if noisy:
-        lines.append(f"A spread over +-{100 * MEANINGFUL_SPREAD:.0f}% means the machine was busy "
-                     "(other processes, clock changes): rerun on an idle machine, or with more "
-                     "--steps and --rounds.")
+        lines.append(
+            f"A spread over +-{100 * MEANINGFUL_SPREAD:.0f}% means the machine was busy "
+            "(other processes, clock changes): rerun on an idle machine, or with more "
+            "--steps and --rounds."
+        )
     return "\n".join(lines)
 
 

@@ -102,9 +102,14 @@ REPO = Path(__file__).resolve().parent.parent.parent
 SPECIAL_KEYS = ("config", "size", "router")
 ROUTERS = tuple(SWEEP_NAMES)
 # Flags that say which router a config uses; replaced when ``router`` switches it.
-ROUTER_IDENTITY = ("moe_relu_routing", "moe_router_type", "moe_router_pre_softmax",
-                   "moe_aux_loss_coeff",
-                   "moe_router_load_balancing_type", "moe_router_topk_scaling_factor")
+ROUTER_IDENTITY = (
+    "moe_relu_routing",
+    "moe_router_type",
+    "moe_router_pre_softmax",
+    "moe_aux_loss_coeff",
+    "moe_router_load_balancing_type",
+    "moe_router_topk_scaling_factor",
+)
 # What each router switch sets: the registry entry's sweep_flags (configs/<size>_<router>.yaml's
 # settings; TopK is the project's dMoE baseline, README "A fair TopK baseline").
 ROUTER_SWITCHES = {name: kind.sweep_flags for name, kind in SWEEP_NAMES.items()}
@@ -169,13 +174,18 @@ class Run:
     def router(self) -> str:
         if not self.flags.get("num_experts"):
             return "dense"
-        kind = "relu" if self.flags.get("moe_relu_routing") else (
-            self.flags.get("moe_router_type") or "topk")
+        kind = (
+            "relu"
+            if self.flags.get("moe_relu_routing")
+            else (self.flags.get("moe_router_type") or "topk")
+        )
         return ROUTER_KINDS[kind].sweep_name
 
     def config_text(self, omit=()) -> str:
-        header = f"# sweep run {self.name}: written by tools/sweep.py; the grid values: " \
-                 f"{json.dumps(self.values)}\n"
+        header = (
+            f"# sweep run {self.name}: written by tools/sweep.py; the grid values: "
+            f"{json.dumps(self.values)}\n"
+        )
         if omit:
             header += f"# left out, passed on the command line: {', '.join(omit)}\n"
         flags = {key: value for key, value in self.flags.items() if key not in omit}
@@ -217,16 +227,28 @@ def load_sweep(path, output_dir=None, environ=None, missing_ok=False) -> Sweep:
         raise SweepError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(spec, dict):
         raise SweepError(f"{path}: must be a mapping with base: and grid:")
-    known = {"name", "description", "output_dir", "base", "grid", "exclude", "launch", "table",
-             "paper"}
+    known = {
+        "name",
+        "description",
+        "output_dir",
+        "base",
+        "grid",
+        "exclude",
+        "launch",
+        "table",
+        "paper",
+    }
     unknown = sorted(set(spec) - known)
     if unknown:
-        raise SweepError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(known))}")
+        raise SweepError(
+            f"{path}: unknown top-level key(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
     name = str(spec.get("name") or path.stem)
     environ = os.environ if environ is None else environ
-    unset = sorted({name for name in re.findall(r"\$\{(\w+)\}", path.read_text())
-                    if name not in environ})
+    unset = sorted(
+        {name for name in re.findall(r"\$\{(\w+)\}", path.read_text()) if name not in environ}
+    )
     if missing_ok:
         environ = {**{name: "${" + name + "}" for name in unset}, **environ}
     base = _mapping(spec.get("base"), f"{path}: base")
@@ -242,8 +264,11 @@ def load_sweep(path, output_dir=None, environ=None, missing_ok=False) -> Sweep:
         if stray:
             raise SweepError(f"{path}: exclude names {', '.join(stray)}, which is not a grid key")
     paper = _mapping(spec.get("paper"), f"{path}: paper")
-    out = Path(output_dir) if output_dir is not None else Path(
-        spec.get("output_dir") or f"runs/sweeps/{name}")
+    out = (
+        Path(output_dir)
+        if output_dir is not None
+        else Path(spec.get("output_dir") or f"runs/sweeps/{name}")
+    )
 
     runs = []
     for combination in itertools.product(*grid.values()):
@@ -252,20 +277,37 @@ def load_sweep(path, output_dir=None, environ=None, missing_ok=False) -> Sweep:
             continue
         run_name = run_name_for(values) or name
         flags = resolve_flags(base, values, where=f"{path}: run {run_name}", environ=environ)
-        runs.append(Run(name=run_name, directory=out / run_name, values=values, flags=flags,
-                        paper=paper.get(run_name)))
+        runs.append(
+            Run(
+                name=run_name,
+                directory=out / run_name,
+                values=values,
+                flags=flags,
+                paper=paper.get(run_name),
+            )
+        )
     names = [run.name for run in runs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise SweepError(f"{path}: several runs are named {', '.join(duplicates)}; grid values "
-                         "must differ after formatting")
+        raise SweepError(
+            f"{path}: several runs are named {', '.join(duplicates)}; grid values "
+            "must differ after formatting"
+        )
     stray_paper = sorted(set(paper) - set(names))
     if stray_paper:
         raise SweepError(f"{path}: paper names unknown run(s) {', '.join(stray_paper)}")
     launch = _mapping(spec.get("launch"), f"{path}: launch")
     table = _mapping(spec.get("table"), f"{path}: table")
-    return Sweep(name=name, path=path, output_dir=out, runs=runs, grid_keys=list(grid),
-                 launch=launch, table=table, unset=unset if missing_ok else [])
+    return Sweep(
+        name=name,
+        path=path,
+        output_dir=out,
+        runs=runs,
+        grid_keys=list(grid),
+        launch=launch,
+        table=table,
+        unset=unset if missing_ok else [],
+    )
 
 
 def _mapping(value, where) -> dict:
@@ -324,11 +366,14 @@ def resolve_flags(base: dict, values: dict, *, where: str, environ) -> dict:
         flags.update(loaded)
     explicit = {k: v for k, v in {**base, **values}.items() if k not in SPECIAL_KEYS}
     if router is not None and size is None:
-        clashing = sorted(set(explicit) & {"moe_relu_routing", "moe_router_type",
-                                           "moe_router_pre_softmax"})
+        clashing = sorted(
+            set(explicit) & {"moe_relu_routing", "moe_router_type", "moe_router_pre_softmax"}
+        )
         if clashing:
-            raise SweepError(f"{where}: {', '.join(clashing)} conflicts with router: {router}; "
-                             "the router key sets it")
+            raise SweepError(
+                f"{where}: {', '.join(clashing)} conflicts with router: {router}; "
+                "the router key sets it"
+            )
         for key in ROUTER_IDENTITY:
             flags.pop(key, None)
         if not SWEEP_NAMES[router].is_moe:
@@ -339,8 +384,9 @@ def resolve_flags(base: dict, values: dict, *, where: str, environ) -> dict:
                 flags.setdefault(key, value)
     flags.update(explicit)
     if flags.get("moe_router_topk_scaling_factor") is not None and (
-            "moe_router_topk_scaling_factor" not in explicit or
-            flags["moe_router_topk_scaling_factor"] == "E/k"):
+        "moe_router_topk_scaling_factor" not in explicit
+        or flags["moe_router_topk_scaling_factor"] == "E/k"
+    ):
         # A TopK baseline keeps its gates scaled by the run's own E/k when a grid changes E
         # or k (a config's 8.0 is E/k for its E=8, k=1); the sweep can set the value itself.
         topk = flags.get("moe_router_topk", MOE_DEFAULTS["moe_router_topk"])
@@ -365,8 +411,9 @@ def _expand(value, where, environ):
         return value
     missing = [name for name in re.findall(r"\$\{(\w+)\}", value) if name not in environ]
     if missing:
-        raise SweepError(f"{where}: {', '.join(missing)} not set in the environment "
-                         f"(used by {value!r})")
+        raise SweepError(
+            f"{where}: {', '.join(missing)} not set in the environment (used by {value!r})"
+        )
     return re.sub(r"\$\{(\w+)\}", lambda m: environ[m[1]], value)
 
 
@@ -381,8 +428,16 @@ def resolve_path(path) -> Path:
 def run_argv(run: Run) -> list:
     """pretrain_gpt.py's flags for ``run`` (its config file, save/load and tensorboard dirs)."""
     directory = str(run.directory)
-    return ["--config", str(run.config_path), "--save", directory, "--load", directory,
-            "--tensorboard-dir", os.path.join(directory, run_directory.TENSORBOARD_DIR)]
+    return [
+        "--config",
+        str(run.config_path),
+        "--save",
+        directory,
+        "--load",
+        directory,
+        "--tensorboard-dir",
+        os.path.join(directory, run_directory.TENSORBOARD_DIR),
+    ]
 
 
 def validate_runs(sweep: Sweep) -> None:
@@ -396,8 +451,12 @@ def validate_runs(sweep: Sweep) -> None:
         unknown_flag_message,
     )
 
-    known = {flag[2:].replace("-", "_") for action in build_parser()._actions
-             for flag in action.option_strings if flag.startswith("--")}
+    known = {
+        flag[2:].replace("-", "_")
+        for action in build_parser()._actions
+        for flag in action.option_strings
+        if flag.startswith("--")
+    }
     for run in sweep.runs:
         for key in run.flags:
             if key not in known:
@@ -406,12 +465,16 @@ def validate_runs(sweep: Sweep) -> None:
                 where = "grid" if key in run.values else "base"
                 as_flag = "--" + key.replace("_", "-")
                 if as_flag in megatron_lm_flags():
-                    raise SweepError(f"{sweep.path}: {where}.{key}: "
-                                     + unknown_flag_message(as_flag, []))
-                closest = difflib.get_close_matches(key, sorted(known), n=1,
-                                                    cutoff=SIMILAR_FLAG_CUTOFF)
-                raise SweepError(f"{sweep.path}: {where}.{key} is not a pretrain_gpt.py flag"
-                                 + (f"; did you mean {closest[0]}?" if closest else ""))
+                    raise SweepError(
+                        f"{sweep.path}: {where}.{key}: " + unknown_flag_message(as_flag, [])
+                    )
+                closest = difflib.get_close_matches(
+                    key, sorted(known), n=1, cutoff=SIMILAR_FLAG_CUTOFF
+                )
+                raise SweepError(
+                    f"{sweep.path}: {where}.{key} is not a pretrain_gpt.py flag"
+                    + (f"; did you mean {closest[0]}?" if closest else "")
+                )
     with tempfile.TemporaryDirectory() as scratch:
         for run in sweep.runs:
             config = Path(scratch) / f"{run.name}.yaml"
@@ -425,8 +488,9 @@ def validate_runs(sweep: Sweep) -> None:
                 if error.code:
                     said = errors.getvalue().strip().replace(f"{config}: ", "")
                     said = said.removeprefix("pretrain_gpt.py: error: ")
-                    raise SweepError(f"{sweep.path}: run {run.name}: pretrain_gpt.py refuses "
-                                     f"its flags: {said}") from None
+                    raise SweepError(
+                        f"{sweep.path}: run {run.name}: pretrain_gpt.py refuses its flags: {said}"
+                    ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,8 +511,12 @@ def is_finished(run: Run) -> bool:
         return True
     iters = run.flags.get("train_iters")
     latest = latest_iteration(run.directory)
-    return (iters is not None and latest is not None and latest >= iters
-            and os.path.isdir(run_directory.checkpoint_dir(run.directory, latest)))
+    return (
+        iters is not None
+        and latest is not None
+        and latest >= iters
+        and os.path.isdir(run_directory.checkpoint_dir(run.directory, latest))
+    )
 
 
 def mark_done(run: Run) -> bool:
@@ -457,9 +525,17 @@ def mark_done(run: Run) -> bool:
     iters = run.flags.get("train_iters")
     if latest is None or (iters is not None and latest < iters):
         return False
-    Path(run_directory.done_path(run.directory)).write_text(json.dumps(dict(
-        run=run.name, iteration=latest, config_sha256=run.config_digest(),
-        finished=datetime.datetime.now().isoformat(timespec="seconds"))) + "\n")
+    Path(run_directory.done_path(run.directory)).write_text(
+        json.dumps(
+            dict(
+                run=run.name,
+                iteration=latest,
+                config_sha256=run.config_digest(),
+                finished=datetime.datetime.now().isoformat(timespec="seconds"),
+            )
+        )
+        + "\n"
+    )
     return True
 
 
@@ -492,8 +568,17 @@ def local_command(run: Run, nproc_per_node: int = 1, master_port: Optional[int] 
         from remoe_patches.runtime.parallel import free_port
 
         master_port = free_port()
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-            str(nproc_per_node), "--master-port", str(master_port), script, *run_argv(run)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc_per_node),
+        "--master-port",
+        str(master_port),
+        script,
+        *run_argv(run),
+    ]
 
 
 def print_commands(sweep: Sweep, out=sys.stdout) -> None:
@@ -506,8 +591,10 @@ def print_commands(sweep: Sweep, out=sys.stdout) -> None:
     nproc = int(sweep.launch.get("nproc_per_node", 1))
     if sweep.unset:
         names = ", ".join(sweep.unset)
-        out.write(f"# {names} not set: the commands pass the flags that use them as ${{...}}, "
-                  "for the shell to fill in; export them first\n")
+        out.write(
+            f"# {names} not set: the commands pass the flags that use them as ${{...}}, "
+            "for the shell to fill in; export them first\n"
+        )
     for run in sweep.runs:
         finished = is_finished(run)
         placeholders = run.placeholder_flags()
@@ -519,7 +606,8 @@ def print_commands(sweep: Sweep, out=sys.stdout) -> None:
         for key, value in placeholders.items():
             command += f" --{key.replace('_', '-')} " + " ".join(
                 _shell_word(word, key in LIST_FLAGS)
-                for word in (value if isinstance(value, list) else [value]))
+                for word in (value if isinstance(value, list) else [value])
+            )
         out.write(command + "\n")
 
 
@@ -538,14 +626,18 @@ def run_local(sweep: Sweep, *, keep_going: bool = False, out=sys.stdout) -> dict
     """Run the unfinished runs one after another; ``{name: 'skipped'|'finished'|'failed'}``."""
     nproc = int(sweep.launch.get("nproc_per_node", 1))
     if int(sweep.launch.get("nnodes", 1)) != 1:
-        raise SweepError("--launcher local runs on this machine: launch.nnodes must be 1; use "
-                         "--launcher slurm")
+        raise SweepError(
+            "--launcher local runs on this machine: launch.nnodes must be 1; use --launcher slurm"
+        )
     outcome = {}
     for index, run in enumerate(sweep.runs, start=1):
         prefix = f"[{index}/{len(sweep.runs)}] {run.name}"
         if is_finished(run):
-            note = " (its settings changed since; delete its DONE to run it again)" \
-                if config_changed(run) else ""
+            note = (
+                " (its settings changed since; delete its DONE to run it again)"
+                if config_changed(run)
+                else ""
+            )
             out.write(f"{prefix}: finished, skipped{note}\n")
             out.flush()
             outcome[run.name] = "skipped"
@@ -572,8 +664,9 @@ def run_local(sweep: Sweep, *, keep_going: bool = False, out=sys.stdout) -> dict
 def _run_logged(command, log_path: Path, out) -> int:
     """Run ``command``, its output both to ``log_path`` and ``out``; its exit code."""
     with open(log_path, "a") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for line in process.stdout:
             log.write(line)
             out.write(line)
@@ -630,7 +723,7 @@ def write_slurm(sweep: Sweep) -> Path:
         'RUN="${RUNS[$SLURM_ARRAY_TASK_ID]}"',
         f'export RUN_DIR={shlex.quote(str(out_dir))}/"$RUN"',
         f'if [ -f "$RUN_DIR/{run_directory.DONE_FILE}" ]; then echo "$RUN: finished, skipped"; '
-        'exit 0; fi',
+        "exit 0; fi",
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         "export MASTER_PORT=$((20000 + SLURM_ARRAY_TASK_ID % 10000))",
         "export CUDA_DEVICE_MAX_CONNECTIONS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
@@ -639,10 +732,10 @@ def write_slurm(sweep: Sweep) -> Path:
         "source scripts/slurm/job_time.sh  # and by the clock, 10 minutes before the limit",
         'export EXIT_DURATION_FLAGS="$(exit_duration_flags)"',
         "srun --kill-on-bad-exit=1 bash -c 'exec torchrun "
-        f"--nproc-per-node {nproc} --nnodes \"$SLURM_NNODES\" --node-rank \"$SLURM_NODEID\" "
-        "--master-addr \"$MASTER_ADDR\" --master-port \"$MASTER_PORT\" pretrain_gpt.py "
-        f"--config \"$RUN_DIR/{run_directory.CONFIG_FILE}\" --save \"$RUN_DIR\" "
-        f"--load \"$RUN_DIR\" --tensorboard-dir \"$RUN_DIR/{run_directory.TENSORBOARD_DIR}\" "
+        f'--nproc-per-node {nproc} --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" '
+        '--master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" pretrain_gpt.py '
+        f'--config "$RUN_DIR/{run_directory.CONFIG_FILE}" --save "$RUN_DIR" '
+        f'--load "$RUN_DIR" --tensorboard-dir "$RUN_DIR/{run_directory.TENSORBOARD_DIR}" '
         "--exit-signal-handler $EXIT_DURATION_FLAGS' || true",
         f'LATEST="$(cat "$RUN_DIR/{run_directory.LATEST_FILE}" 2>/dev/null || echo 0)"',
         'if [ "$LATEST" -ge "${TRAIN_ITERS[$SLURM_ARRAY_TASK_ID]}" ]; then',
@@ -669,9 +762,11 @@ def write_slurm(sweep: Sweep) -> Path:
 def zero_shot_average(directory: Path) -> Optional[float]:
     """The zero-shot average (percent) of ``zero_shot.json`` or an lm-eval results file."""
     candidates = [Path(directory) / run_directory.ZERO_SHOT_FILE]
-    candidates += sorted((Path(p) for p in glob.glob(str(Path(directory) / "**" / "results*.json"),
-                                                      recursive=True)),
-                         key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates += sorted(
+        (Path(p) for p in glob.glob(str(Path(directory) / "**" / "results*.json"), recursive=True)),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     for path in candidates:
         if not path.is_file():
             continue
@@ -724,10 +819,13 @@ def collect(sweep: Sweep, reference=None) -> dict:
     columns_key = sweep.table.get("columns", "router" if "router" in sweep.grid_keys else None)
     replicates_key = sweep.table.get("replicates")
     if replicates_key is not None and replicates_key not in sweep.grid_keys:
-        raise SweepError(f"{sweep.path}: table.replicates names {replicates_key}, which is not "
-                         "a grid key")
-    rows_keys = list(sweep.table.get("rows") or [
-        k for k in sweep.grid_keys if k not in (columns_key, replicates_key)])
+        raise SweepError(
+            f"{sweep.path}: table.replicates names {replicates_key}, which is not a grid key"
+        )
+    rows_keys = list(
+        sweep.table.get("rows")
+        or [k for k in sweep.grid_keys if k not in (columns_key, replicates_key)]
+    )
     values = list(sweep.table.get("values") or ["val_lm_loss"])
     if "zero_shot_avg" not in values and any(r["zero_shot_avg"] is not None for r in results):
         values.append("zero_shot_avg")
@@ -739,8 +837,9 @@ def collect(sweep: Sweep, reference=None) -> dict:
     row_values = _unique([tuple(r[k] for k in rows_keys) for r in results])
     cell = {}  # (row, column) -> the runs in that cell (several only for replicates)
     for r in results:
-        cell.setdefault((tuple(r[k] for k in rows_keys), r[columns_key] if columns_key else None),
-                        []).append(r)
+        cell.setdefault(
+            (tuple(r[k] for k in rows_keys), r[columns_key] if columns_key else None), []
+        ).append(r)
 
     def column_title(value):
         if columns_key is None:
@@ -753,13 +852,20 @@ def collect(sweep: Sweep, reference=None) -> dict:
     markdown = [f"# Sweep {sweep.name}", ""]
     table_rows = []
     for value_key in values:
-        header = [row_title] + [column_title(c) or VALUE_TITLES.get(value_key, value_key)
-                                for c in column_values]
-        markdown += [f"{VALUE_TITLES.get(value_key, value_key).capitalize()}:", "",
-                     "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        header = [row_title] + [
+            column_title(c) or VALUE_TITLES.get(value_key, value_key) for c in column_values
+        ]
+        markdown += [
+            f"{VALUE_TITLES.get(value_key, value_key).capitalize()}:",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         for row in row_values:
-            label = " ".join(_row_label_part(k, v) for k, v in zip(rows_keys, row)
-                             if v is not None) or sweep.name
+            label = (
+                " ".join(_row_label_part(k, v) for k, v in zip(rows_keys, row) if v is not None)
+                or sweep.name
+            )
             cells, csv_row = [], {row_title: label}
             for column in column_values:
                 runs = cell.get((row, column))
@@ -770,7 +876,8 @@ def collect(sweep: Sweep, reference=None) -> dict:
                     mean, spread = runs[0][value_key], None
                 else:
                     text, mean, spread = _replicates_cell(
-                        runs, value_key, LABELS.get(replicates_key, replicates_key))
+                        runs, value_key, LABELS.get(replicates_key, replicates_key)
+                    )
                 cells.append(text)
                 title = f"{column_title(column) or 'value'} {value_key}"
                 csv_row[title] = "" if mean is None else mean
@@ -781,32 +888,42 @@ def collect(sweep: Sweep, reference=None) -> dict:
         markdown.append("")
     unfinished = [r["name"] for r in results if r["status"] != "finished"]
     if unfinished:
-        markdown.append(f"Not finished: {', '.join(unfinished)} (their cells show the last "
-                        "value logged, or n/a).")
+        markdown.append(
+            f"Not finished: {', '.join(unfinished)} (their cells show the last "
+            "value logged, or n/a)."
+        )
     if any(r["paper"] is not None for r in results):
         markdown.append(f"In parentheses: the paper's {VALUE_TITLES.get(values[0], values[0])}.")
 
     # one group per table cell: the runs that differ only in the replicate key
     groups = []
     for row in row_values:
-        row_label = " ".join(_row_label_part(k, v) for k, v in zip(rows_keys, row)
-                             if v is not None)
+        row_label = " ".join(_row_label_part(k, v) for k, v in zip(rows_keys, row) if v is not None)
         for column in column_values:
             runs = cell.get((row, column))
             if not runs:
                 continue
             grid_values = {k: runs[0][k] for k in sweep.grid_keys if k != replicates_key}
             label = " ".join(p for p in (row_label, column_title(column)) if p) or sweep.name
-            groups.append(dict(label=label, name=run_name_for(grid_values) or sweep.name,
-                               values=grid_values, router=runs[0]["router"], runs=runs))
+            groups.append(
+                dict(
+                    label=label,
+                    name=run_name_for(grid_values) or sweep.name,
+                    values=grid_values,
+                    router=runs[0]["router"],
+                    runs=runs,
+                )
+            )
     seeds = dict(intervals=[], paired=[], reference=None)
     if replicates_key is not None:
         if markdown[-1] != "":
             markdown.append("")
         lines, seeds = seeds_markdown(
-            groups, replicates_key,
+            groups,
+            replicates_key,
             reference if reference is not None else sweep.table.get("reference"),
-            where=str(sweep.path))
+            where=str(sweep.path),
+        )
         markdown += lines
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     plot_path = sweep.output_dir / CURVES_FILE
@@ -815,20 +932,31 @@ def collect(sweep: Sweep, reference=None) -> dict:
     if curves:
         try:
             plot_validation_curves(
-                curves, plot_path, title=f"Sweep {sweep.name}" + (
+                curves,
+                plot_path,
+                title=f"Sweep {sweep.name}"
+                + (
                     f" (mean over {LABELS.get(replicates_key, replicates_key)}s; band: min-max)"
-                    if replicates_key else ""))
+                    if replicates_key
+                    else ""
+                ),
+            )
             plotted = plot_path
         except ImportError:
             markdown += ["", "No plot of the validation curves: matplotlib is not installed."]
     if plotted is None and plot_path.exists():
         plot_path.unlink()  # not a stale plot of earlier runs beside this table
     if plotted is not None:
-        over = f"; mean over {LABELS.get(replicates_key, replicates_key)}s, band min-max" \
-            if replicates_key else ""
+        over = (
+            f"; mean over {LABELS.get(replicates_key, replicates_key)}s, band min-max"
+            if replicates_key
+            else ""
+        )
         markdown += ([""] if markdown[-1] != "" else []) + [
-            f"Validation curves of every row ({len(curves)}{over}): "
-            f"[{CURVES_FILE}]({CURVES_FILE})", "", f"![validation curves]({CURVES_FILE})"]
+            f"Validation curves of every row ({len(curves)}{over}): [{CURVES_FILE}]({CURVES_FILE})",
+            "",
+            f"![validation curves]({CURVES_FILE})",
+        ]
     text = "\n".join(markdown).rstrip() + "\n"
 
     (sweep.output_dir / "results.md").write_text(text)
@@ -838,8 +966,14 @@ def collect(sweep: Sweep, reference=None) -> dict:
     # results.csv and runs.csv have always had the csv module's default \r\n line ends
     write_csv(sweep.output_dir / "results.csv", list(wide.values()), line_end="\r\n")
     write_csv(sweep.output_dir / "runs.csv", results, line_end="\r\n")
-    return dict(markdown=text, results=results, table=list(wide.values()), seeds=seeds,
-                curves=[c[0] for c in curves], plot=plotted)
+    return dict(
+        markdown=text,
+        results=results,
+        table=list(wide.values()),
+        seeds=seeds,
+        curves=[c[0] for c in curves],
+        plot=plotted,
+    )
 
 
 def _row_label_part(key, value) -> str:
@@ -891,17 +1025,44 @@ def _unique(items) -> list:
     return seen
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Over seeds: t-intervals, paired differences from a reference row, the validation curves
 
 # t_{0.975, df} for df = 1..30 (scipy.stats.t.ppf(0.975, df), 6 decimals); beyond 30 the
 # Cornish-Fisher expansion of the t quantile around the normal's z_{0.975} = 1.959964, which is
 # within 1e-7 of the exact quantile there. scipy is not a dependency of this package.
-T_975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004,
-         2.262157, 2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905,
-         2.109816, 2.100922, 2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899,
-         2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
+T_975 = (
+    12.706205,
+    4.302653,
+    3.182446,
+    2.776445,
+    2.570582,
+    2.446912,
+    2.364624,
+    2.306004,
+    2.262157,
+    2.228139,
+    2.200985,
+    2.178813,
+    2.160369,
+    2.144787,
+    2.131450,
+    2.119905,
+    2.109816,
+    2.100922,
+    2.093024,
+    2.085963,
+    2.079614,
+    2.073873,
+    2.068658,
+    2.063899,
+    2.059539,
+    2.055529,
+    2.051831,
+    2.048407,
+    2.045230,
+    2.042272,
+)
 Z_975 = 1.959963984540054
 INTERVAL_VALUES = ("val_lm_loss", "test_lm_loss")
 CURVES_FILE = "val_curves.png"
@@ -914,10 +1075,13 @@ def t_quantile_975(df: int) -> float:
     if df <= len(T_975):
         return T_975[df - 1]
     z = Z_975
-    terms = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
-             (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
-             (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
-    return z + sum(term / df ** power for power, term in enumerate(terms, start=1))
+    terms = (
+        (z**3 + z) / 4,
+        (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+        (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160,
+    )
+    return z + sum(term / df**power for power, term in enumerate(terms, start=1))
 
 
 def t_interval(values) -> dict:
@@ -931,7 +1095,7 @@ def t_interval(values) -> dict:
     if n == 1:
         return dict(n=1, mean=mean, sd=None, half_width=None)
     sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    return dict(n=n, mean=mean, sd=sd, half_width=t_quantile_975(n - 1) * sd / n ** 0.5)
+    return dict(n=n, mean=mean, sd=sd, half_width=t_quantile_975(n - 1) * sd / n**0.5)
 
 
 def paired_difference(row: dict, reference: dict) -> dict:
@@ -939,16 +1103,20 @@ def paired_difference(row: dict, reference: dict) -> dict:
     t-interval, the seeds paired and those of either left out (``{seed: value}`` mappings)."""
     paired = [seed for seed in row if seed in reference]
     stats = t_interval([row[seed] - reference[seed] for seed in paired])
-    stats.update(seeds=paired, unpaired_row=[s for s in row if s not in reference],
-                 unpaired_reference=[s for s in reference if s not in row])
+    stats.update(
+        seeds=paired,
+        unpaired_row=[s for s in row if s not in reference],
+        unpaired_reference=[s for s in reference if s not in row],
+    )
     hw = stats["half_width"]
     stats["excludes_zero"] = None if hw is None else abs(stats["mean"]) > hw
     return stats
 
 
 def _seed_values(group: dict, key: str, replicates_key: str) -> dict:
-    return {r[replicates_key]: float(r[key]) for r in group["runs"]
-            if isinstance(r[key], (int, float))}
+    return {
+        r[replicates_key]: float(r[key]) for r in group["runs"] if isinstance(r[key], (int, float))
+    }
 
 
 def find_reference(groups: list, reference, where: str) -> tuple:
@@ -958,22 +1126,31 @@ def find_reference(groups: list, reference, where: str) -> tuple:
         remoe = [g for g in groups if g["router"] == "remoe"]
         if len(remoe) == 1:
             return remoe[0], ""
-        why = "no ReMoE row" if not remoe else \
-            f"several ReMoE rows ({', '.join(g['name'] for g in remoe)})"
+        why = (
+            "no ReMoE row"
+            if not remoe
+            else f"several ReMoE rows ({', '.join(g['name'] for g in remoe)})"
+        )
         return None, f"No paired differences: {why}; set table.reference to a row."
     if isinstance(reference, dict):
-        matches = [g for g in groups
-                   if all(k in g["values"] and g["values"][k] == v for k, v in reference.items())]
+        matches = [
+            g
+            for g in groups
+            if all(k in g["values"] and g["values"][k] == v for k, v in reference.items())
+        ]
     else:
         text = str(reference)
         matches = [g for g in groups if g["name"] == text]
-        matches = matches or [g for g in groups if text in
-                              [_format_value(v) for v in g["values"].values()]]
+        matches = matches or [
+            g for g in groups if text in [_format_value(v) for v in g["values"].values()]
+        ]
         matches = matches or [g for g in groups if g["label"] == text]
     if len(matches) != 1:
         names = ", ".join(g["name"] for g in (matches or groups))
-        raise SweepError(f"{where}: table.reference {reference!r} matches "
-                         f"{'several rows' if matches else 'no row'}: {names}")
+        raise SweepError(
+            f"{where}: table.reference {reference!r} matches "
+            f"{'several rows' if matches else 'no row'}: {names}"
+        )
     return matches[0], ""
 
 
@@ -985,19 +1162,27 @@ def seeds_markdown(groups: list, replicates_key: str, reference, where: str) -> 
     """The results.md section on the replicates: each row's mean and 95% t-interval of the
     final losses, and its paired per-seed difference from the reference row; with the numbers
     (``{"intervals": [...], "paired": [...], "reference": name}``)."""
-    keys = [k for k in INTERVAL_VALUES
-            if any(isinstance(r[k], (int, float)) for g in groups for r in g["runs"])]
+    keys = [
+        k
+        for k in INTERVAL_VALUES
+        if any(isinstance(r[k], (int, float)) for g in groups for r in g["runs"])
+    ]
     lines, intervals, paired = [], [], []
     if not keys:
         return lines, dict(intervals=intervals, paired=paired, reference=None)
     seed_label = LABELS.get(replicates_key, replicates_key)
-    lines += [f"Over {seed_label}s (replicates): mean and 95% t-interval, mean ± "
-              "t(0.975, n-1) · sd / sqrt(n), of each row's final loss; n = the runs with a value.",
-              ""]
+    lines += [
+        f"Over {seed_label}s (replicates): mean and 95% t-interval, mean ± "
+        "t(0.975, n-1) · sd / sqrt(n), of each row's final loss; n = the runs with a value.",
+        "",
+    ]
     header = ["row"]
     for key in keys:
-        header += ["n" if key == keys[0] else f"n ({VALUE_TITLES[key]})",
-                   f"{VALUE_TITLES[key]} mean", "95% interval"]
+        header += [
+            "n" if key == keys[0] else f"n ({VALUE_TITLES[key]})",
+            f"{VALUE_TITLES[key]} mean",
+            "95% interval",
+        ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group in groups:
         cells = []
@@ -1010,8 +1195,10 @@ def seeds_markdown(groups: list, replicates_key: str, reference, where: str) -> 
             elif stats["half_width"] is None:
                 interval = "-"
             else:
-                low, high = (stats["mean"] - stats["half_width"],
-                             stats["mean"] + stats["half_width"])
+                low, high = (
+                    stats["mean"] - stats["half_width"],
+                    stats["mean"] + stats["half_width"],
+                )
                 interval = f"± {stats['half_width']:.4f} [{low:.4f}, {high:.4f}]"
             if key == keys[0] and any(r["status"] != "finished" for r in group["runs"]):
                 n += " (not all finished)"
@@ -1023,32 +1210,44 @@ def seeds_markdown(groups: list, replicates_key: str, reference, where: str) -> 
     if ref is None:
         lines += [note, ""]
         return lines, dict(intervals=intervals, paired=paired, reference=None)
-    lines += [f"Paired by {seed_label} (same {seed_label} = same data order and initial "
-              f"weights): each row minus the reference row {ref['label']} ({ref['name']}), the "
-              f"mean of the per-{seed_label} differences and its 95% t-interval; only "
-              f"{seed_label}s both rows have count (pairs); a positive difference is a higher "
-              "loss than the reference's.", ""]
+    lines += [
+        f"Paired by {seed_label} (same {seed_label} = same data order and initial "
+        f"weights): each row minus the reference row {ref['label']} ({ref['name']}), the "
+        f"mean of the per-{seed_label} differences and its 95% t-interval; only "
+        f"{seed_label}s both rows have count (pairs); a positive difference is a higher "
+        "loss than the reference's.",
+        "",
+    ]
     for key in keys:
         reference_values = _seed_values(ref, key, replicates_key)
         compared = [g for g in groups if g is not ref and _seed_values(g, key, replicates_key)]
         if not compared:
             continue
         if not reference_values:
-            lines += [f"No paired {VALUE_TITLES[key]} differences: the reference row has none.",
-                      ""]
+            lines += [f"No paired {VALUE_TITLES[key]} differences: the reference row has none.", ""]
             continue
-        header = ["row", "pairs", f"{VALUE_TITLES[key]} difference", "95% interval",
-                  "excludes 0"]
+        header = ["row", "pairs", f"{VALUE_TITLES[key]} difference", "95% interval", "excludes 0"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for group in compared:
             stats = paired_difference(_seed_values(group, key, replicates_key), reference_values)
-            paired.append(dict(row=group["name"], label=group["label"], value=key,
-                               reference=ref["name"], **stats))
+            paired.append(
+                dict(
+                    row=group["name"],
+                    label=group["label"],
+                    value=key,
+                    reference=ref["name"],
+                    **stats,
+                )
+            )
             pairs = str(stats["n"])
-            left_out = [f"{seed_label} {', '.join(map(_format_value, seeds))} only in {where}"
-                        for seeds, where in ((stats["unpaired_row"], "this row"),
-                                             (stats["unpaired_reference"], "the reference"))
-                        if seeds]
+            left_out = [
+                f"{seed_label} {', '.join(map(_format_value, seeds))} only in {where}"
+                for seeds, where in (
+                    (stats["unpaired_row"], "this row"),
+                    (stats["unpaired_reference"], "the reference"),
+                )
+                if seeds
+            ]
             if left_out:
                 count = len(stats["unpaired_row"]) + len(stats["unpaired_reference"])
                 pairs += f" ({count} unpaired left out: {'; '.join(left_out)})"
@@ -1061,9 +1260,13 @@ def seeds_markdown(groups: list, replicates_key: str, reference, where: str) -> 
                 high = stats["mean"] + stats["half_width"]
                 interval = f"± {stats['half_width']:.4f} [{low:+.4f}, {high:+.4f}]"
                 excludes = "yes" if stats["excludes_zero"] else "no"
-            lines.append("| " + " | ".join([group["label"], pairs,
-                                            _number(stats["mean"], sign=True), interval,
-                                            excludes]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [group["label"], pairs, _number(stats["mean"], sign=True), interval, excludes]
+                )
+                + " |"
+            )
         lines.append("")
     return lines, dict(intervals=intervals, paired=paired, reference=ref["name"])
 
@@ -1075,9 +1278,11 @@ def validation_curves(groups: list) -> list:
     for group in groups:
         per_run = []
         for r in group["runs"]:
-            points = {rec["iteration"]: float(rec["val_lm_loss"])
-                      for rec in read_metrics(r["run_dir"])
-                      if "val_lm_loss" in rec and "iteration" in rec}
+            points = {
+                rec["iteration"]: float(rec["val_lm_loss"])
+                for rec in read_metrics(r["run_dir"])
+                if "val_lm_loss" in rec and "iteration" in rec
+            }
             if points:
                 per_run.append(points)
         if not per_run:
@@ -1086,8 +1291,15 @@ def validation_curves(groups: list) -> list:
         if not iterations:
             continue
         values = [[p[i] for p in per_run] for i in iterations]
-        curves.append((group["label"], iterations, [sum(v) / len(v) for v in values],
-                       [min(v) for v in values], [max(v) for v in values]))
+        curves.append(
+            (
+                group["label"],
+                iterations,
+                [sum(v) / len(v) for v in values],
+                [min(v) for v in values],
+                [max(v) for v in values],
+            )
+        )
     return curves
 
 
@@ -1102,11 +1314,11 @@ def plot_validation_curves(curves: list, path: Path, title: str = ""):
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     for label, iterations, mean, low, high in curves:
-        line, = axes.plot(iterations, mean, marker="o" if len(iterations) < 3 else None,
-                          label=label)
+        (line,) = axes.plot(
+            iterations, mean, marker="o" if len(iterations) < 3 else None, label=label
+        )
         if any(a != b for a, b in zip(low, high)):
-            axes.fill_between(iterations, low, high, color=line.get_color(), alpha=0.2,
-                              linewidth=0)
+            axes.fill_between(iterations, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     axes.set_xlabel("iteration")
     axes.set_ylabel("validation loss")
     axes.set_title(title, fontsize="medium")

@@ -108,12 +108,16 @@ def cache_unavailable_reason(router: str) -> Optional[str]:
     """Why a checkpoint of ``router`` is generated without the key/value cache, or None."""
     kind = router_kind(router)
     if kind.routes_by_neighbours:
-        return (f"{kind.title} routes a token by the other tokens of its sequence, so cached "
-                "keys and values would go stale as the sequence grows")
+        return (
+            f"{kind.title} routes a token by the other tokens of its sequence, so cached "
+            "keys and values would go stale as the sequence grows"
+        )
     if router not in reference_model.ROUTERS:
         titles = ", ".join(router_kind(name).title for name in reference_model.ROUTERS)
-        return (f"the cache runs in the reference model, which implements {titles} routing, "
-                f"not {kind.title}")
+        return (
+            f"the cache runs in the reference model, which implements {titles} routing, "
+            f"not {kind.title}"
+        )
     return None
 
 
@@ -130,8 +134,9 @@ class GenerationModel(NamedTuple):
     no_cache_reason: Optional[str]  # why a cache was asked for and is not used
 
 
-def load_for_generation(directory: str, *, tokenizer_dir: Optional[str] = None,
-                        use_cache: bool = True, device=None) -> GenerationModel:
+def load_for_generation(
+    directory: str, *, tokenizer_dir: Optional[str] = None, use_cache: bool = True, device=None
+) -> GenerationModel:
     """A checkpoint (any saved layout) or an export, ready for ``generate``.
 
     With ``use_cache``: the reference model (a checkpoint converted in memory), unless
@@ -151,22 +156,32 @@ def load_for_generation(directory: str, *, tokenizer_dir: Optional[str] = None,
         if use_cache:
             return GenerationModel(model, tokenizer, config["seq_length"], True, None)
         device = next(model.parameters()).device
-        return GenerationModel(lambda tokens_1T: model(tokens_1T.to(device)), tokenizer,
-                               config["seq_length"], False, None)
+        return GenerationModel(
+            lambda tokens_1T: model(tokens_1T.to(device)),
+            tokenizer,
+            config["seq_length"],
+            False,
+            None,
+        )
     megatron, tokenizer, model_config = load_model_for_inference(
-        directory, tokenizer_dir=tokenizer_dir)
+        directory, tokenizer_dir=tokenizer_dir
+    )
     context = model_config.seq_length
     reason = cache_unavailable_reason(model_config.router) if use_cache else None
     if use_cache and reason is None:
         try:
             reference = reference_from_megatron(
-                megatron, model_config, tokenizer,
-                device=device or next(megatron.parameters()).device)
+                megatron,
+                model_config,
+                tokenizer,
+                device=device or next(megatron.parameters()).device,
+            )
             return GenerationModel(reference, tokenizer, context, True, None)
         except ValueError as error:  # a feature the reference model lacks
             reason = str(error).split("; ")[0]
-    return GenerationModel(lambda tokens_1T: megatron_logits(megatron, tokens_1T), tokenizer,
-                           context, False, reason)
+    return GenerationModel(
+        lambda tokens_1T: megatron_logits(megatron, tokens_1T), tokenizer, context, False, reason
+    )
 
 
 @torch.no_grad()
@@ -189,25 +204,29 @@ def generate(
     """
     config.validate()
     if not isinstance(prompts, (list, tuple)) or not all(
-            isinstance(prompt, (list, tuple)) for prompt in prompts):
-        raise ValueError("prompts must be a list of token id lists; for one prompt pass "
-                         "[prompt_ids]")
+        isinstance(prompt, (list, tuple)) for prompt in prompts
+    ):
+        raise ValueError(
+            "prompts must be a list of token id lists; for one prompt pass [prompt_ids]"
+        )
     for number, prompt in enumerate(prompts, start=1):
         if not prompt:
             raise ValueError(f"prompt {number} is empty: give at least one token of text")
     if isinstance(model, reference_model.GPT):
-        return _generate_batch(model, prompts, config, vocab_size, context_length, eod,
-                               use_cache)
+        return _generate_batch(model, prompts, config, vocab_size, context_length, eod, use_cache)
     if use_cache:
-        raise ValueError("a logits function keeps no key/value cache: pass use_cache=False, or "
-                         "a reference_model.GPT (hf_export.reference_from_megatron)")
-    return [_generate_alone(model, prompt, config, vocab_size, context_length, eod)
-            for prompt in prompts]
+        raise ValueError(
+            "a logits function keeps no key/value cache: pass use_cache=False, or "
+            "a reference_model.GPT (hf_export.reference_from_megatron)"
+        )
+    return [
+        _generate_alone(model, prompt, config, vocab_size, context_length, eod)
+        for prompt in prompts
+    ]
 
 
 def _sample(logits_V: torch.Tensor, config: SamplingConfig, generator) -> int:
-    return int(torch.multinomial(next_token_distribution(logits_V, config), 1,
-                                 generator=generator))
+    return int(torch.multinomial(next_token_distribution(logits_V, config), 1, generator=generator))
 
 
 def _generate_alone(logits_fn, prompt_ids, config, vocab_size, context_length, eod) -> list:
@@ -232,8 +251,8 @@ def _generate_batch(model, prompts, config, vocab_size, context_length, eod, use
     tokens_BT = torch.zeros(len(prompts), width, dtype=torch.long)
     mask_BT = torch.zeros(len(prompts), width, dtype=torch.long)
     for b, prompt in enumerate(prompts):
-        tokens_BT[b, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask_BT[b, width - len(prompt):] = 1
+        tokens_BT[b, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask_BT[b, width - len(prompt) :] = 1
     tokens_BT, mask_BT = tokens_BT.to(device), mask_BT.to(device)
     generators = [torch.Generator().manual_seed(config.seed) for _ in prompts]
     new = [[] for _ in prompts]
@@ -245,23 +264,26 @@ def _generate_batch(model, prompts, config, vocab_size, context_length, eod, use
         else:  # the prefill, or a window past the context (no cache reaches it)
             fits = tokens_BT.shape[1] <= context_length
             cache = reference_model.KVCache() if use_cache and fits else None
-            logits_BV = model(tokens_BT[:, -context_length:],
-                              attention_mask=mask_BT[:, -context_length:], cache=cache)[:, -1]
+            logits_BV = model(
+                tokens_BT[:, -context_length:],
+                attention_mask=mask_BT[:, -context_length:],
+                cache=cache,
+            )[:, -1]
         logits_BV = logits_BV[:, :vocab_size].float().cpu()
         next_B = [_sample(logits_BV[b], config, generators[row]) for b, row in enumerate(rows)]
         ended = [config.stop_at_eod and eod is not None and token == eod for token in next_B]
         for row, token, end in zip(rows, next_B, ended):
             if not end:
                 new[row].append(token)
-        going = [not end and len(new[row]) < config.max_new_tokens
-                 for row, end in zip(rows, ended)]
+        going = [not end and len(new[row]) < config.max_new_tokens for row, end in zip(rows, ended)]
         if not any(going):
             break
         tokens_BT = torch.cat((tokens_BT, torch.tensor(next_B, device=device)[:, None]), dim=1)
         mask_BT = torch.cat((mask_BT, torch.ones_like(mask_BT[:, :1])), dim=1)
         if not all(going):  # finished rows leave; so do columns that are padding in every row
-            keep_B = torch.tensor([b for b, going_on in enumerate(going) if going_on],
-                                  device=device)
+            keep_B = torch.tensor(
+                [b for b, going_on in enumerate(going) if going_on], device=device
+            )
             rows = [row for row, going_on in zip(rows, going) if going_on]
             tokens_BT, mask_BT = tokens_BT[keep_B], mask_BT[keep_B]
             start = int(mask_BT.any(dim=0).long().argmax())  # the first column with a token

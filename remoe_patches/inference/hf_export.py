@@ -57,11 +57,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # transformer-engine layer specs fuse the norms into the following linear layer and group the
 # experts' weights; the reference model uses the local layers' names.
 _TE_RENAMES = (
-    (re.compile(r"(.*)\.self_attention\.linear_qkv\.layer_norm_weight$"),
-     r"\1.input_layernorm.weight"),
+    (
+        re.compile(r"(.*)\.self_attention\.linear_qkv\.layer_norm_weight$"),
+        r"\1.input_layernorm.weight",
+    ),
     (re.compile(r"(.*)\.mlp\.linear_fc1\.layer_norm_weight$"), r"\1.pre_mlp_layernorm.weight"),
-    (re.compile(r"(.*)\.mlp\.experts\.linear_fc([12])\.weight(\d+)$"),
-     r"\1.mlp.experts.local_experts.\3.linear_fc\2.weight"),
+    (
+        re.compile(r"(.*)\.mlp\.experts\.linear_fc([12])\.weight(\d+)$"),
+        r"\1.mlp.experts.local_experts.\3.linear_fc\2.weight",
+    ),
 )
 
 
@@ -85,22 +89,28 @@ def reference_config(model, model_config: ModelConfig, tokenizer: Tokenizer) -> 
 
     tc = model.config
     unsupported = [
-        (model_config.router not in REFERENCE_ROUTERS,
-         f"the {model_config.router} router (it exports Dense, TopK MoE and ReMoE models)"),
+        (
+            model_config.router not in REFERENCE_ROUTERS,
+            f"the {model_config.router} router (it exports Dense, TopK MoE and ReMoE models)",
+        ),
         (tc.rotary_interleaved, "interleaved rotary embedding"),
         (tc.qk_layernorm, "query/key layer norm"),
         (tc.add_bias_linear, "linear biases"),
-        (getattr(tc, "moe_router_score_function", "softmax") != "softmax",
-         f"router score function {getattr(tc, 'moe_router_score_function', None)}"),
+        (
+            getattr(tc, "moe_router_score_function", "softmax") != "softmax",
+            f"router score function {getattr(tc, 'moe_router_score_function', None)}",
+        ),
         (getattr(tc, "moe_shared_expert_intermediate_size", None), "shared experts"),
         (getattr(tc, "moe_router_enable_expert_bias", False), "router expert bias"),
         (getattr(tc, "moe_router_group_topk", None), "group-limited top-k"),
     ]
     for present, what in unsupported:
         if present:
-            raise ValueError(f"the reference model does not implement {what}; evaluate or "
-                             "sample the checkpoint itself (tools/evaluate.py, tools/generate.py "
-                             "--load DIR)")
+            raise ValueError(
+                f"the reference model does not implement {what}; evaluate or "
+                "sample the checkpoint itself (tools/evaluate.py, tools/generate.py "
+                "--load DIR)"
+            )
     config = dict(
         vocab_size=model_config.vocab_size,
         num_layers=model_config.num_layers,
@@ -135,15 +145,23 @@ def _tokenizer_files(tokenizer: Tokenizer) -> dict:
     """{build_tokenizer keyword: (source path, file name in the export)}."""
     source = tokenizer._source
     if tokenizer.kind == "GPT2BPETokenizer":
-        return {"vocab_file": (source["vocab_file"], "vocab.json"),
-                "merge_file": (source["merge_file"], "merges.txt")}
+        return {
+            "vocab_file": (source["vocab_file"], "vocab.json"),
+            "merge_file": (source["merge_file"], "merges.txt"),
+        }
     if tokenizer.kind == "SentencePieceTokenizer":
         return {"tokenizer_model": (source["tokenizer_model"], "tokenizer.model")}
     return {"tokenizer_model": (source["tokenizer_model"], "tokenizer.json")}
 
 
-def export_checkpoint(load_dir: str, output_dir: str, *, tokenizer_dir: Optional[str] = None,
-                      force: bool = False, dtype: str = "float32") -> str:
+def export_checkpoint(
+    load_dir: str,
+    output_dir: str,
+    *,
+    tokenizer_dir: Optional[str] = None,
+    force: bool = False,
+    dtype: str = "float32",
+) -> str:
     """Write the checkpoint's export (see the module docstring) to ``output_dir``.
 
     A non-empty ``output_dir`` is refused unless ``force`` (then the export's files replace
@@ -153,13 +171,20 @@ def export_checkpoint(load_dir: str, output_dir: str, *, tokenizer_dir: Optional
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not force:
         raise CheckpointError(
             f"{output_dir} is not empty; export into a new directory, or pass --force to "
-            "overwrite the exported files in it")
+            "overwrite the exported files in it"
+        )
     model, tokenizer, model_config = load_model_for_inference(load_dir, tokenizer_dir=tokenizer_dir)
     return export_model(model, model_config, tokenizer, output_dir, dtype=dtype)
 
 
-def export_model(model, model_config: ModelConfig, tokenizer: Tokenizer, output_dir: str, *,
-                 dtype: str = "float32") -> str:
+def export_model(
+    model,
+    model_config: ModelConfig,
+    tokenizer: Tokenizer,
+    output_dir: str,
+    *,
+    dtype: str = "float32",
+) -> str:
     """Write a loaded model's export (``load_model_for_inference``'s three values) to
     ``output_dir``, replacing the export's files there.
 
@@ -172,34 +197,45 @@ def export_model(model, model_config: ModelConfig, tokenizer: Tokenizer, output_
 
     _check_dtype(dtype)
     reference = reference_config(model, model_config, tokenizer)
-    state = {name: value.to(DTYPES[dtype]).contiguous()
-             for name, value in reference_state(model).items()}
+    state = {
+        name: value.to(DTYPES[dtype]).contiguous() for name, value in reference_state(model).items()
+    }
     if model_config.is_moe:
         layout, safetensors_format = EXPORT_FORMAT, EXPORT_FORMAT
         config = dict(reference, torch_dtype=dtype)
     else:
         layout, safetensors_format = LLAMA_FORMAT, "pt"  # "pt": as transformers' own files
-        config = dict(llama_config(reference, dtype), eos_token_id=tokenizer.eod,
-                      bos_token_id=None,  # no BOS: training documents start without one
-                      tokenizer_vocab_size=tokenizer.vocab_size, eod_token_id=tokenizer.eod)
+        config = dict(
+            llama_config(reference, dtype),
+            eos_token_id=tokenizer.eod,
+            bos_token_id=None,  # no BOS: training documents start without one
+            tokenizer_vocab_size=tokenizer.vocab_size,
+            eod_token_id=tokenizer.eod,
+        )
         state = llama_state(state, reference)
-    config.update(format=layout, format_version=EXPORT_VERSION,
-                  source_checkpoint=os.path.abspath(model.checkpoint_dir),
-                  iteration=model.checkpoint_iteration)
+    config.update(
+        format=layout,
+        format_version=EXPORT_VERSION,
+        source_checkpoint=os.path.abspath(model.checkpoint_dir),
+        iteration=model.checkpoint_iteration,
+    )
     os.makedirs(output_dir, exist_ok=True)
     files = {}
     for keyword, (source, name) in _tokenizer_files(tokenizer).items():
-        _write_atomically(os.path.join(output_dir, name),
-                          lambda path, source=source: shutil.copyfile(source, path))
+        _write_atomically(
+            os.path.join(output_dir, name),
+            lambda path, source=source: shutil.copyfile(source, path),
+        )
         files[keyword] = name
     config["tokenizer"] = {"type": tokenizer.kind, "files": files}
     _generation_and_tokenizer_files(output_dir, tokenizer, reference, files)
     if model_config.is_moe:
         config.update(_remote_code_files(output_dir, tokenizer))
-    _write_atomically(os.path.join(output_dir, WEIGHTS_FILE), lambda path: save_file(
-        state, path, metadata={"format": safetensors_format}))
-    _write_atomically(os.path.join(output_dir, CONFIG_FILE),
-                      lambda path: _write_json(path, config))
+    _write_atomically(
+        os.path.join(output_dir, WEIGHTS_FILE),
+        lambda path: save_file(state, path, metadata={"format": safetensors_format}),
+    )
+    _write_atomically(os.path.join(output_dir, CONFIG_FILE), lambda path: _write_json(path, config))
     return output_dir
 
 
@@ -208,28 +244,45 @@ def _check_dtype(dtype: str) -> None:
         raise ValueError(f"dtype {dtype!r} is not exported; use one of {', '.join(DTYPES)}")
 
 
-def _generation_and_tokenizer_files(output_dir: str, tokenizer: Tokenizer, reference: dict,
-                                    copied: dict) -> None:
+def _generation_and_tokenizer_files(
+    output_dir: str, tokenizer: Tokenizer, reference: dict, copied: dict
+) -> None:
     """generation_config.json, and the tokenizer files AutoTokenizer reads (``copied``: the
     tokenizer's own files, already written)."""
     eod = tokenizer.eod
     # Ids past the tokenizer's vocabulary (the padding rows of the output layer) are never
     # generated, as in tools/generate.py; the logits themselves stay those of training.
     padding_ids = list(range(tokenizer.vocab_size, reference["vocab_size"]))
-    _write_atomically(os.path.join(output_dir, "generation_config.json"), lambda path: _write_json(
-        path, {"eos_token_id": eod, "pad_token_id": eod, "use_cache": True,
-               "suppress_tokens": padding_ids}))
+    _write_atomically(
+        os.path.join(output_dir, "generation_config.json"),
+        lambda path: _write_json(
+            path,
+            {
+                "eos_token_id": eod,
+                "pad_token_id": eod,
+                "use_cache": True,
+                "suppress_tokens": padding_ids,
+            },
+        ),
+    )
     if tokenizer.hf_tokenizer is not None:
         if "tokenizer.json" not in copied.values():
-            _write_atomically(os.path.join(output_dir, "tokenizer.json"),
-                              lambda path: tokenizer.hf_tokenizer.save(path))
+            _write_atomically(
+                os.path.join(output_dir, "tokenizer.json"),
+                lambda path: tokenizer.hf_tokenizer.save(path),
+            )
         _write_atomically(
             os.path.join(output_dir, "tokenizer_config.json"),
-            lambda path: _write_json(path, {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "eos_token": tokenizer.hf_tokenizer.id_to_token(eod),
-                "model_max_length": reference["seq_length"],
-                "clean_up_tokenization_spaces": False}))
+            lambda path: _write_json(
+                path,
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "eos_token": tokenizer.hf_tokenizer.id_to_token(eod),
+                    "model_max_length": reference["seq_length"],
+                    "clean_up_tokenization_spaces": False,
+                },
+            ),
+        )
 
 
 def _remote_code_files(output_dir: str, tokenizer: Tokenizer) -> dict:
@@ -237,16 +290,22 @@ def _remote_code_files(output_dir: str, tokenizer: Tokenizer) -> dict:
     for it."""
     import remoe_patches.inference.reference_model as reference_model
 
-    sources = [os.path.join(HF_REMOTE_CODE, name)
-               for name in ("configuration_remoe.py", "modeling_remoe.py")]
+    sources = [
+        os.path.join(HF_REMOTE_CODE, name)
+        for name in ("configuration_remoe.py", "modeling_remoe.py")
+    ]
     for source in sources + [reference_model.__file__]:
-        _write_atomically(os.path.join(output_dir, os.path.basename(source)),
-                          lambda path, source=source: shutil.copyfile(source, path))
+        _write_atomically(
+            os.path.join(output_dir, os.path.basename(source)),
+            lambda path, source=source: shutil.copyfile(source, path),
+        )
     return {
         "model_type": "remoe",
         "architectures": ["RemoeForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_remoe.RemoeConfig",
-                     "AutoModelForCausalLM": "modeling_remoe.RemoeForCausalLM"},
+        "auto_map": {
+            "AutoConfig": "configuration_remoe.RemoeConfig",
+            "AutoModelForCausalLM": "modeling_remoe.RemoeForCausalLM",
+        },
         "eos_token_id": tokenizer.eod,
         "use_cache": True,
     }
@@ -283,8 +342,13 @@ def load_export_for_inference(export_dir: str, device=None) -> tuple:
     config dict of a Llama export also holds the reference model's fields (router, seq_length)."""
     from safetensors.torch import load_file
 
-    from remoe_patches.inference.reference_model import CONFIG_FILE, GPT, GPTConfig, WEIGHTS_FILE, \
-        load_exported
+    from remoe_patches.inference.reference_model import (
+        CONFIG_FILE,
+        GPT,
+        GPTConfig,
+        WEIGHTS_FILE,
+        load_exported,
+    )
 
     with open(os.path.join(export_dir, CONFIG_FILE)) as f:
         config = json.load(f)
@@ -292,8 +356,9 @@ def load_export_for_inference(export_dir: str, device=None) -> tuple:
     if layout == LLAMA_FORMAT:
         config.update(reference_config_from_llama(config))
         model = GPT(GPTConfig.from_dict(config))
-        model.load_state_dict(reference_state_from_llama(
-            load_file(os.path.join(export_dir, WEIGHTS_FILE)), config))
+        model.load_state_dict(
+            reference_state_from_llama(load_file(os.path.join(export_dir, WEIGHTS_FILE)), config)
+        )
         model = model.to(device or "cpu").eval()
     elif layout == EXPORT_FORMAT:
         model = load_exported(export_dir, device=device)
@@ -301,10 +366,12 @@ def load_export_for_inference(export_dir: str, device=None) -> tuple:
         raise CheckpointError(
             f"{export_dir} is not written by tools/export_checkpoint.py (config.json has format "
             f"{layout!r}, not {EXPORT_FORMAT} or {LLAMA_FORMAT}); load it with transformers, or "
-            "export the training checkpoint with tools/export_checkpoint.py")
+            "export the training checkpoint with tools/export_checkpoint.py"
+        )
     spec = config["tokenizer"]
     tokenizer = build_tokenizer(
-        spec["type"], **{k: os.path.join(export_dir, v) for k, v in spec["files"].items()})
+        spec["type"], **{k: os.path.join(export_dir, v) for k, v in spec["files"].items()}
+    )
     return model, tokenizer, config
 
 

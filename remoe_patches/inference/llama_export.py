@@ -110,12 +110,15 @@ def llama_state(state: dict, reference: dict) -> dict:
         prefix, local = (f"model.layers.{match.group(1)}.", match.group(2)) if match else ("", "")
         if local == _QKV:
             blocks = value.view(groups, per_group + 2, head_dim, value.shape[-1])
-            out[prefix + "self_attn.q_proj.weight"] = blocks[:, :per_group].reshape(
-                groups * per_group * head_dim, -1).contiguous()
-            out[prefix + "self_attn.k_proj.weight"] = blocks[:, per_group].reshape(
-                groups * head_dim, -1).contiguous()
-            out[prefix + "self_attn.v_proj.weight"] = blocks[:, per_group + 1].reshape(
-                groups * head_dim, -1).contiguous()
+            out[prefix + "self_attn.q_proj.weight"] = (
+                blocks[:, :per_group].reshape(groups * per_group * head_dim, -1).contiguous()
+            )
+            out[prefix + "self_attn.k_proj.weight"] = (
+                blocks[:, per_group].reshape(groups * head_dim, -1).contiguous()
+            )
+            out[prefix + "self_attn.v_proj.weight"] = (
+                blocks[:, per_group + 1].reshape(groups * head_dim, -1).contiguous()
+            )
         elif local == _FC1:
             gate, up = value.chunk(2, dim=0)
             out[prefix + "mlp.gate_proj.weight"] = gate.contiguous()
@@ -125,8 +128,10 @@ def llama_state(state: dict, reference: dict) -> dict:
         else:
             # reference_config refuses what the recipe does not build, so only a new weight
             # of the dense recipe itself can get here: it needs its row in the tables above
-            raise ValueError(f"{name} has no place in LlamaForCausalLM; add it to "
-                             "remoe_patches/inference/llama_export.py's name tables")
+            raise ValueError(
+                f"{name} has no place in LlamaForCausalLM; add it to "
+                "remoe_patches/inference/llama_export.py's name tables"
+            )
     return out
 
 
@@ -140,10 +145,15 @@ def reference_state_from_llama(state: dict, reference: dict) -> dict:
             out[ours + old] = state[hf + new]
         q, k, v = (state[f"{hf}self_attn.{p}_proj.weight"] for p in "qkv")
         hidden = q.shape[-1]
-        out[ours + _QKV] = torch.cat([
-            q.view(groups, per_group, head_dim, hidden),
-            k.view(groups, 1, head_dim, hidden),
-            v.view(groups, 1, head_dim, hidden)], dim=1).reshape(-1, hidden)
+        out[ours + _QKV] = torch.cat(
+            [
+                q.view(groups, per_group, head_dim, hidden),
+                k.view(groups, 1, head_dim, hidden),
+                v.view(groups, 1, head_dim, hidden),
+            ],
+            dim=1,
+        ).reshape(-1, hidden)
         out[ours + _FC1] = torch.cat(
-            [state[hf + "mlp.gate_proj.weight"], state[hf + "mlp.up_proj.weight"]])
+            [state[hf + "mlp.gate_proj.weight"], state[hf + "mlp.up_proj.weight"]]
+        )
     return out

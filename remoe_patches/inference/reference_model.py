@@ -106,8 +106,10 @@ def rotate_half(x):
 def rotary_angles(positions: torch.Tensor, head_dim: int, base: float):
     """[..., head_dim] angles of integer ``positions`` [...]: megatron's RotaryEmbedding
     (non-interleaved)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                            device=positions.device) / head_dim))
+    inv_freq = 1.0 / (
+        base
+        ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    )
     freqs = positions.to(torch.float32)[..., None] * inv_freq
     return torch.cat((freqs, freqs), dim=-1)
 
@@ -151,7 +153,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer_index: int = 0):
         super().__init__()
         self.heads, self.groups, self.head_dim = (
-            cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim)
+            cfg.num_attention_heads,
+            cfg.num_query_groups,
+            cfg.head_dim,
+        )
         self.layer_index = layer_index  # its entry in a cache
         qkv_width = (self.heads + 2 * self.groups) * self.head_dim
         self.linear_qkv = nn.Linear(cfg.hidden_size, qkv_width, bias=False)
@@ -161,15 +166,16 @@ class Attention(nn.Module):
         B, S, _ = x_BSD.shape
         heads_per_group = self.heads // self.groups
         # [B, S, G, (heads_per_group + 2) * d]: per group, its query heads, then k, then v
-        qkv = self.linear_qkv(x_BSD).view(B, S, self.groups,
-                                          (heads_per_group + 2) * self.head_dim)
-        q, k, v = qkv.split(
-            [heads_per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        qkv = self.linear_qkv(x_BSD).view(B, S, self.groups, (heads_per_group + 2) * self.head_dim)
+        q, k, v = qkv.split([heads_per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
         q_BHSd = q.reshape(B, S, self.heads, self.head_dim).transpose(1, 2)
         k_BGSd, v_BGSd = k.transpose(1, 2), v.transpose(1, 2)
         q_BHSd, k_BGSd = apply_rotary(q_BHSd, angles_B1Sd), apply_rotary(k_BGSd, angles_B1Sd)
-        k_BGTd, v_BGTd = (cache.update(k_BGSd, v_BGSd, self.layer_index) if cache is not None
-                          else (k_BGSd, v_BGSd))
+        k_BGTd, v_BGTd = (
+            cache.update(k_BGSd, v_BGSd, self.layer_index)
+            if cache is not None
+            else (k_BGSd, v_BGSd)
+        )
         k_BHTd = k_BGTd.repeat_interleave(heads_per_group, dim=1)  # head h reads group h // hpg
         v_BHTd = v_BGTd.repeat_interleave(heads_per_group, dim=1)
         scores_BHST = (q_BHSd @ k_BHTd.transpose(-2, -1)) / math.sqrt(self.head_dim)
@@ -231,7 +237,8 @@ class Experts(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.local_experts = nn.ModuleList(
-            SwiGLU(cfg.hidden_size, cfg.expert_ffn_hidden_size) for _ in range(cfg.num_experts))
+            SwiGLU(cfg.hidden_size, cfg.expert_ffn_hidden_size) for _ in range(cfg.num_experts)
+        )
 
 
 class MoE(nn.Module):
@@ -258,12 +265,14 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
         self.self_attention = Attention(cfg, layer_index)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
-        self.mlp = MoE(cfg) if cfg.router in MOE_GATES \
-            else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
+        self.mlp = (
+            MoE(cfg) if cfg.router in MOE_GATES else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
+        )
 
     def forward(self, x_BSD, angles_B1Sd, allowed_B1ST, cache=None):
-        x_BSD = x_BSD + self.self_attention(self.input_layernorm(x_BSD), angles_B1Sd,
-                                            allowed_B1ST, cache)
+        x_BSD = x_BSD + self.self_attention(
+            self.input_layernorm(x_BSD), angles_B1Sd, allowed_B1ST, cache
+        )
         return x_BSD + self.mlp(self.pre_mlp_layernorm(x_BSD))
 
 
@@ -284,8 +293,10 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         if cfg.router not in ROUTERS:
-            raise ValueError(f"the reference model implements the {', '.join(ROUTERS)} routers, "
-                             f"not {cfg.router!r}: run the checkpoint itself (its megatron model)")
+            raise ValueError(
+                f"the reference model implements the {', '.join(ROUTERS)} routers, "
+                f"not {cfg.router!r}: run the checkpoint itself (its megatron model)"
+            )
         self.config = cfg
         self.embedding = Embedding(cfg)
         self.decoder = Decoder(cfg)
@@ -310,15 +321,18 @@ class GPT(nn.Module):
             allowed_B1ST = allowed_ST[None, None]
         else:
             if tuple(attention_mask.shape) != (B, past + S):
-                raise ValueError(f"attention_mask is {list(attention_mask.shape)}, expected "
-                                 f"[batch, cached + new positions] = [{B}, {past + S}]")
+                raise ValueError(
+                    f"attention_mask is {list(attention_mask.shape)}, expected "
+                    f"[batch, cached + new positions] = [{B}, {past + S}]"
+                )
             real_BT = attention_mask.to(device).bool()
             positions_BS = (real_BT.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             # A padding query attends to itself alone: finite, and no real token reads it.
             itself_ST = key_T[None, :] == query_S[:, None]
             allowed_B1ST = (allowed_ST & (real_BT[:, None, :] | itself_ST))[:, None]
-        angles_B1Sd = rotary_angles(positions_BS, self.config.head_dim,
-                                    self.config.rotary_base)[:, None]
+        angles_B1Sd = rotary_angles(positions_BS, self.config.head_dim, self.config.rotary_base)[
+            :, None
+        ]
         x_BSD = self.embedding.word_embeddings(tokens_BS)
         for layer in self.decoder.layers:
             x_BSD = layer(x_BSD, angles_B1Sd, allowed_B1ST, cache)

@@ -42,7 +42,8 @@ class TokenizerFilesError(CheckpointError):
         self.reason = reason
         super().__init__(
             f"cannot rebuild the checkpoint's tokenizer ({reason}); the checkpoint records the "
-            f"tokenizer files by path: pass {option} holding them if they moved")
+            f"tokenizer files by path: pass {option} holding them if they moved"
+        )
 
     def naming(self, option: str) -> "TokenizerFilesError":
         return TokenizerFilesError(self.reason, option)
@@ -51,11 +52,14 @@ class TokenizerFilesError(CheckpointError):
 def tokenizer_from_config(data: DataConfig, tokenizer_dir: Optional[str] = None) -> Tokenizer:
     """The run's tokenizer; ``tokenizer_dir`` replaces the saved files' directories (moved
     files)."""
-    files = dict(vocab_file=data.vocab_file, merge_file=data.merge_file,
-                 tokenizer_model=data.tokenizer_model)
+    files = dict(
+        vocab_file=data.vocab_file, merge_file=data.merge_file, tokenizer_model=data.tokenizer_model
+    )
     if tokenizer_dir is not None:
-        files = {k: (os.path.join(tokenizer_dir, os.path.basename(v)) if v else v)
-                 for k, v in files.items()}
+        files = {
+            k: (os.path.join(tokenizer_dir, os.path.basename(v)) if v else v)
+            for k, v in files.items()
+        }
     try:
         return build_tokenizer(data.tokenizer_type, **files)
     except ValueError as error:
@@ -71,17 +75,18 @@ def _ensure_single_rank_groups() -> None:
     if not parallel_state.model_parallel_is_initialized():
         initialize_parallel(ParallelConfig())
         return
-    sizes = (parallel_state.get_tensor_model_parallel_world_size(),
-             parallel_state.get_pipeline_model_parallel_world_size(),
-             parallel_state.get_expert_model_parallel_world_size())
+    sizes = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_expert_model_parallel_world_size(),
+    )
     if sizes != (1, 1, 1):
         raise RuntimeError(
-            f"inference builds a 1-process model, but megatron's groups are TP/PP/EP={sizes}")
+            f"inference builds a 1-process model, but megatron's groups are TP/PP/EP={sizes}"
+        )
 
 
-def load_model_for_inference(
-    load_dir: str, *, tokenizer_dir: Optional[str] = None
-) -> LoadedModel:
+def load_model_for_inference(load_dir: str, *, tokenizer_dir: Optional[str] = None) -> LoadedModel:
     """(model, tokenizer, model_config) of the checkpoint in ``load_dir``, on one process.
 
     ``load_dir`` is a ``--save`` directory (its latest checkpoint) or one ``iter_XXXXXXX``.
@@ -102,9 +107,12 @@ def load_model_for_inference(
 
     _ensure_single_rank_groups()
     # Either implementation reads either's checkpoint (checkpointing maps the norm keys).
-    built = build_model_for_run(model_config, ParallelConfig(),
-                                config.layers.without_recomputation(),
-                                cuda_available=torch.cuda.is_available())
+    built = build_model_for_run(
+        model_config,
+        ParallelConfig(),
+        config.layers.without_recomputation(),
+        cuda_available=torch.cuda.is_available(),
+    )
     model = built.model
     template = match_saved_names({"model": model.sharded_state_dict()}, directory)
     state = dist_checkpointing.load(template, directory)

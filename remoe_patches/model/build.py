@@ -54,7 +54,6 @@ def customize_layers(
     *,
     router_builder=None,
     experts: Optional[ModuleSpec] = None,
-
     core_attention: Optional[type] = None,
     norm: Optional[type] = None,
 ) -> TransformerBlockSubmodules:
@@ -177,12 +176,14 @@ def build_model(
     ``regularizer`` lets several pipeline chunks share one coefficient; by default a ReMoE
     model gets a new one.
     """
-    transformer_config = model_config.transformer_config(parallel, bf16=bf16,
-                                                         **transformer_overrides)
+    transformer_config = model_config.transformer_config(
+        parallel, bf16=bf16, **transformer_overrides
+    )
     if regularizer is None:
         regularizer = build_regularizer(model_config)
     spec = decoder_block_spec(
-        transformer_config, router_builder_for(model_config, regularizer),
+        transformer_config,
+        router_builder_for(model_config, regularizer),
         use_transformer_engine=use_transformer_engine,
     )
     spec = model_config.kind.rewrite_block_spec(spec, model_config)
@@ -219,9 +220,17 @@ def build_model_for_run(
     here (``LayerOptions.transformer_overrides``). Training and inference build through it."""
     use_te = transformer_impl_in_use(layers.transformer_impl) == "transformer_engine"
     return build_model(
-        model_config, parallel, bf16=bf16, pre_process=pre_process, post_process=post_process,
-        regularizer=regularizer, use_transformer_engine=use_te,
+        model_config,
+        parallel,
+        bf16=bf16,
+        pre_process=pre_process,
+        post_process=post_process,
+        regularizer=regularizer,
+        use_transformer_engine=use_te,
         **layers.transformer_overrides(
-            is_moe=model_config.is_moe, cuda_available=cuda_available,
-            transformer_engine_available=use_te, wgrad_fusion_available=HAVE_WGRAD_FUSION),
+            is_moe=model_config.is_moe,
+            cuda_available=cuda_available,
+            transformer_engine_available=use_te,
+            wgrad_fusion_available=HAVE_WGRAD_FUSION,
+        ),
     )

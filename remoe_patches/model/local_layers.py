@@ -48,9 +48,7 @@ class RMSNorm(torch.nn.RMSNorm):
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
-        super().__init__(
-            hidden_size, eps=eps, dtype=config.params_dtype, device=local_device()
-        )
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype, device=local_device())
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
 
@@ -74,15 +72,18 @@ class SDPAttention(MegatronModule):
             (config.context_parallel_size != 1, "context parallelism"),
             (config.window_size is not None, "sliding-window attention"),
             (config.softmax_type != "vanilla", f"softmax_type={config.softmax_type!r}"),
-            (attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding),
-             f"attn_mask_type={attn_mask_type}"),
+            (
+                attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding),
+                f"attn_mask_type={attn_mask_type}",
+            ),
         ]
         for refused, what in unsupported:
             if refused:
                 raise ValueError(f"SDPAttention does not support {what}; use transformer-engine")
         self.is_causal = attn_mask_type == AttnMaskType.causal
-        self.dropout_p = (config.attention_dropout if attention_dropout is None
-                          else attention_dropout)
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
         if softmax_scale is None:
             softmax_scale = 1.0 / math.sqrt(config.kv_channels)
         if config.apply_query_key_layer_scaling:
@@ -110,7 +111,9 @@ class SDPAttention(MegatronModule):
         dropout_p = self.dropout_p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p else _nothing():
             context_BHSD = F.scaled_dot_product_attention(
-                query_BHSD, key_BGSD, value_BGSD,
+                query_BHSD,
+                key_BGSD,
+                value_BGSD,
                 attn_mask=mask,
                 dropout_p=dropout_p,
                 is_causal=self.is_causal and mask is None,
@@ -161,10 +164,12 @@ class GroupedGemmExperts(MegatronModule):
         fc2_width = divide(config.moe_ffn_hidden_size * num_local_experts, tp_size)
         device = local_device()
         dtype = config.params_dtype
-        self.weight1 = Parameter(torch.empty(config.hidden_size, fc1_width, device=device,
-                                             dtype=dtype))
-        self.weight2 = Parameter(torch.empty(fc2_width, config.hidden_size, device=device,
-                                             dtype=dtype))
+        self.weight1 = Parameter(
+            torch.empty(config.hidden_size, fc1_width, device=device, dtype=dtype)
+        )
+        self.weight2 = Parameter(
+            torch.empty(fc2_width, config.hidden_size, device=device, dtype=dtype)
+        )
         if config.perform_initialization:
             _initialize_affine_weight_gpu(
                 self.weight1, config.init_method, partition_dim=1, is_expert=True

@@ -95,5 +95,6 @@ def use_sorted_token_path(model: torch.nn.Module) -> None:
         if isinstance(module, MoELayer):
             old = module.token_dispatcher
             groups = SimpleNamespace(ep=old.ep_group, expt_tp=old.tp_group, tp_ep=old.tp_ep_group)
-            module.token_dispatcher = SortedTokenDispatcher(config=module.config,
-                                                            pg_collection=groups)
+            module.token_dispatcher = SortedTokenDispatcher(
+                config=module.config, pg_collection=groups
+            )

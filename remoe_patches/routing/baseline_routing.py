@@ -27,6 +27,7 @@ ExpertChoiceGroup = Literal["sequence", "batch"]
 # Hash routing
 # ---------------------------------------------------------------------------------------------
 
+
 def mod_hash_table(vocab_size: int, num_experts: int) -> torch.Tensor:
     """``expert_of_token_V``: expert = token id mod E, the ReMoE paper's hash (its §4.2)."""
     if vocab_size < 1:
@@ -36,8 +37,9 @@ def mod_hash_table(vocab_size: int, num_experts: int) -> torch.Tensor:
     return torch.arange(vocab_size, dtype=torch.long) % num_experts
 
 
-def hash_table(vocab_size: int, num_experts: int, hash_type: str = "mod",
-               seed: int = 0) -> torch.Tensor:
+def hash_table(
+    vocab_size: int, num_experts: int, hash_type: str = "mod", seed: int = 0
+) -> torch.Tensor:
     """``expert_of_token_V`` of ``hash_type`` (one of ``HASH_TYPES``; ``seed`` is used by
     ``random_permutation`` only)."""
     if hash_type == "mod":
@@ -68,7 +70,9 @@ def balanced_hash_table(vocab_size: int, num_experts: int, seed: int) -> torch.T
 
 
 def hash_routing(
-    expert_of_token_V: torch.Tensor, token_ids_SB: torch.Tensor, num_experts: int,
+    expert_of_token_V: torch.Tensor,
+    token_ids_SB: torch.Tensor,
+    num_experts: int,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(probs_TE, routing_map_TE)``: each token to its id's expert with gate 1.0 (k=1).
@@ -94,12 +98,13 @@ def sequence_parallel_slice(token_ids_SB: torch.Tensor, rank: int, world_size: i
             f"{world_size}; sequence parallelism needs a multiple of it"
         )
     chunk = seq_length // world_size
-    return token_ids_SB[rank * chunk:(rank + 1) * chunk]
+    return token_ids_SB[rank * chunk : (rank + 1) * chunk]
 
 
 # ---------------------------------------------------------------------------------------------
 # Expert Choice routing
 # ---------------------------------------------------------------------------------------------
+
 
 def expert_choice_capacity(
     num_group_tokens: int, num_experts: int, topk: int, capacity_factor: float
@@ -131,8 +136,9 @@ def expert_choice_routing(
     if group not in EXPERT_CHOICE_GROUPS:
         raise ValueError(f"group must be one of {EXPERT_CHOICE_GROUPS}, got {group!r}")
     seq_length, batch_size, num_experts = logits_SBE.shape
-    scores_SBE = torch.softmax(logits_SBE.to(torch.promote_types(logits_SBE.dtype, torch.float32)),
-                               dim=-1)
+    scores_SBE = torch.softmax(
+        logits_SBE.to(torch.promote_types(logits_SBE.dtype, torch.float32)), dim=-1
+    )
     if group == "sequence":
         scores_GNE = scores_SBE.transpose(0, 1)
     else:
@@ -148,5 +154,7 @@ def expert_choice_routing(
     else:
         gates_SBE, routing_map_SBE = gates_GNE, routing_map_GNE
     num_tokens = seq_length * batch_size
-    return (gates_SBE.reshape(num_tokens, num_experts),
-            routing_map_SBE.reshape(num_tokens, num_experts))
+    return (
+        gates_SBE.reshape(num_tokens, num_experts),
+        routing_map_SBE.reshape(num_tokens, num_experts),
+    )

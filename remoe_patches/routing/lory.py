@@ -63,17 +63,23 @@ def unsegment(segments_XLh: torch.Tensor, batch: int) -> torch.Tensor:
     return segments_BNLh.permute(1, 2, 0, 3).reshape(count * segment_length, batch, hidden)
 
 
-def segment_means(hidden_SBh: torch.Tensor, segment_length: int,
-                  real_length: int | None = None) -> torch.Tensor:
+def segment_means(
+    hidden_SBh: torch.Tensor, segment_length: int, real_length: int | None = None
+) -> torch.Tensor:
     """``h_bar``: each segment's mean input, ``[B, N, h]``, in at least float32. With
     ``real_length`` (< S), positions from it on are zero padding: the last segment's mean is
     taken over its real tokens."""
     batch, hidden = hidden_SBh.shape[1], hidden_SBh.shape[-1]
     # bf16 sums of hundreds of tokens lose precision; the router reads these means.
-    sums_BNh = segments(hidden_SBh, segment_length).to(_at_least_fp32(hidden_SBh.dtype)).sum(
-        dim=1).reshape(batch, -1, hidden)
-    tokens_N = torch.full((sums_BNh.shape[1],), float(segment_length), device=sums_BNh.device,
-                          dtype=sums_BNh.dtype)
+    sums_BNh = (
+        segments(hidden_SBh, segment_length)
+        .to(_at_least_fp32(hidden_SBh.dtype))
+        .sum(dim=1)
+        .reshape(batch, -1, hidden)
+    )
+    tokens_N = torch.full(
+        (sums_BNh.shape[1],), float(segment_length), device=sums_BNh.device, dtype=sums_BNh.dtype
+    )
     if real_length is not None and real_length < hidden_SBh.shape[0]:
         tokens_N[-1] = real_length - (sums_BNh.shape[1] - 1) * segment_length
     return sums_BNh / tokens_N[:, None]
@@ -164,8 +170,9 @@ def lory_ffn(
         num_segments(seq_length, segment_length)  # its error
     padding = -seq_length % segment_length
     padded_SBh = F.pad(hidden_SBh, (0, 0, 0, 0, 0, padding)) if padding else hidden_SBh
-    weights_BNE = lory_routing_weights(padded_SBh, router_Eh, segment_length, first_segment,
-                                       real_length=seq_length)
+    weights_BNE = lory_routing_weights(
+        padded_SBh, router_Eh, segment_length, first_segment, real_length=seq_length
+    )
     output_SBh = merged_swiglu_ffn(padded_SBh, weights_BNE, fc1_Eh2f, fc2_Efh)
     return output_SBh[:seq_length], weights_BNE
 

@@ -33,8 +33,9 @@ import torch.distributed as dist
 from remoe_patches.routing.relu_gates import at_least_fp32, tokens_per_expert
 
 
-def l1_loss(gates_TE: torch.Tensor, *,
-            num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+def l1_loss(
+    gates_TE: torch.Tensor, *, num_tokens: int | torch.Tensor | None = None
+) -> torch.Tensor:
     """Eq. 9 for one layer: ``1/T sum_t ||R(x_t)||_1`` (gates are non-negative)."""
     if num_tokens is None:
         num_tokens = gates_TE.shape[0]
@@ -70,7 +71,9 @@ def load_balanced_l1_loss(
 
 
 def reg_loss_gradient(
-    tokens_per_expert_E: torch.Tensor, num_tokens: int | torch.Tensor, topk: int,
+    tokens_per_expert_E: torch.Tensor,
+    num_tokens: int | torch.Tensor,
+    topk: int,
     load_balancing: bool = True,
 ) -> torch.Tensor:
     """``dL_reg/dR_te``, the same for every token: ``f_e/T`` for Eq. 10, ``1/T`` for Eq. 9.
@@ -178,8 +181,9 @@ class AdaptiveL1:
         load_E = tokens_per_expert_E if replicas == 1 else tokens_per_expert_E / replicas
         self._stats_LC[layer_number - 1].add_(torch.cat((tokens, token_reg_loss, load_E)))
 
-    def finish_step(self, *, group: Optional[dist.ProcessGroup] = None,
-                    update: bool = True) -> RoutingStats:
+    def finish_step(
+        self, *, group: Optional[dist.ProcessGroup] = None, update: bool = True
+    ) -> RoutingStats:
         """Reduce the step's statistics over ``group`` (default: all ranks), reset them and, with
         ``update``, move the coefficient (Eq. 7) by the step's mean sparsity.
 
@@ -194,16 +198,18 @@ class AdaptiveL1:
         tokens_L = stats_LC[:, _TOKENS]
         is_moe_L = tokens_L > 0
         tokens_L1 = tokens_L.clamp(min=1.0).unsqueeze(1)
-        expert_load_LE = torch.where(is_moe_L.unsqueeze(1), stats_LC[:, _LOAD:] / tokens_L1,
-                                     torch.nan)
+        expert_load_LE = torch.where(
+            is_moe_L.unsqueeze(1), stats_LC[:, _LOAD:] / tokens_L1, torch.nan
+        )
         # Eq. 8: the share of zero gates, 1 - (active pairs) / (tokens x experts)
         sparsity_L = 1.0 - expert_load_LE.sum(dim=1) / self.num_experts
         sparsity = torch.where(is_moe_L, sparsity_L, 0.0).sum() / is_moe_L.sum().clamp(min=1)
         stats = RoutingStats(
             sparsity=sparsity,
             sparsity_L=sparsity_L,
-            reg_loss_L=torch.where(is_moe_L, stats_LC[:, _TOKEN_REG_LOSS] / tokens_L1[:, 0],
-                                   torch.nan),
+            reg_loss_L=torch.where(
+                is_moe_L, stats_LC[:, _TOKEN_REG_LOSS] / tokens_L1[:, 0], torch.nan
+            ),
             expert_load_LE=expert_load_LE,
             l1_coeff=self.l1_coeff,
         )

@@ -76,20 +76,27 @@ HEUN_PARTIAL_SCALE = 1.0 / 3.0
 
 def validate_jitter_eps(jitter_eps: float) -> float:
     """``jitter_eps`` as a float; ValueError naming it unless finite and > 0."""
-    if isinstance(jitter_eps, bool) or not isinstance(jitter_eps, (int, float)) \
-            or not math.isfinite(jitter_eps) or jitter_eps <= 0:
+    if (
+        isinstance(jitter_eps, bool)
+        or not isinstance(jitter_eps, (int, float))
+        or not math.isfinite(jitter_eps)
+        or jitter_eps <= 0
+    ):
         raise ValueError(
             f"jitter_eps={jitter_eps!r}: must be a finite number > 0 (GRIN uses "
             f"{JITTER_EPS_DEFAULT}); at 0 only the top logit survives the jitter mask, so "
-            "pi_z = 1 and the router gets no gradient")
+            "pi_z = 1 and the router gets no gradient"
+        )
     return float(jitter_eps)
 
 
 def validate_topk(topk: int) -> int:
     """``topk``; ValueError naming it unless 1 or 2."""
     if isinstance(topk, bool) or topk not in SUPPORTED_TOPK:
-        raise ValueError(f"topk={topk!r}: SparseMixer-v2 picks 1 or 2 experts per token (one "
-                         "pass each, as GRIN's reference); use 1 or 2")
+        raise ValueError(
+            f"topk={topk!r}: SparseMixer-v2 picks 1 or 2 experts per token (one "
+            "pass each, as GRIN's reference); use 1 or 2"
+        )
     return topk
 
 
@@ -107,8 +114,9 @@ def jitter_keep_mask(
     candidate is always kept (its ratio is 0, or 0/0 = NaN when ``m = 0``, which is not > 2r).
     """
     s_TE = logits_TE.detach()
-    candidate_logits_TE = s_TE if candidates_TE is None else s_TE.masked_fill(
-        ~candidates_TE, -math.inf)
+    candidate_logits_TE = (
+        s_TE if candidates_TE is None else s_TE.masked_fill(~candidates_TE, -math.inf)
+    )
     top_T1 = candidate_logits_TE.max(dim=-1, keepdim=True).values
     factor_TE = torch.maximum(s_TE.abs(), top_T1)
     keep_TE = ~((top_T1 - s_TE) / factor_TE > 2 * jitter_eps)
@@ -127,15 +135,21 @@ def gumbel_max_sample(
 
 
 def heun_scale(
-    expert_T: torch.Tensor, masked_probs_TE: torch.Tensor,
+    expert_T: torch.Tensor,
+    masked_probs_TE: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Step 4, training: ``scale_T = omega + (1 - omega) / 3`` with ``omega = 1`` if the sample
     is the argmax of ``pi`` or ``u > 3/4`` (``u ~ U[0, 1)``, one draw per token), else 0."""
-    uniform_T = torch.rand(expert_T.shape, dtype=masked_probs_TE.dtype,
-                           device=masked_probs_TE.device, generator=generator)
+    uniform_T = torch.rand(
+        expert_T.shape,
+        dtype=masked_probs_TE.dtype,
+        device=masked_probs_TE.device,
+        generator=generator,
+    )
     full_step_T = (expert_T == masked_probs_TE.argmax(dim=-1)) | (
-        uniform_T > 1.0 - HEUN_FULL_STEP_PROBABILITY)
+        uniform_T > 1.0 - HEUN_FULL_STEP_PROBABILITY
+    )
     return torch.where(full_step_T, 1.0, HEUN_PARTIAL_SCALE).to(masked_probs_TE.dtype)
 
 
@@ -213,6 +227,7 @@ def dense_routing(
     to their experts (0 elsewhere, differentiable in the gates) and the bool map of picks."""
     num_tokens = gates_TK.shape[0]
     probs_TE = gates_TK.new_zeros(num_tokens, num_experts).scatter(-1, experts_TK, gates_TK)
-    routing_map_TE = torch.zeros(num_tokens, num_experts, dtype=torch.bool,
-                                 device=gates_TK.device).scatter(-1, experts_TK, True)
+    routing_map_TE = torch.zeros(
+        num_tokens, num_experts, dtype=torch.bool, device=gates_TK.device
+    ).scatter(-1, experts_TK, True)
     return probs_TE, routing_map_TE

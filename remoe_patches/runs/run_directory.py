@@ -105,8 +105,9 @@ def saved_iterations(run_dir: Optional[str]) -> list[int]:
     if not run_dir or not os.path.isdir(run_dir):
         return []
     found = (_CHECKPOINT_NAME.match(name) for name in os.listdir(run_dir))
-    return sorted((int(m[1]) for m in found if m and os.path.isdir(os.path.join(run_dir, m[0]))),
-                  reverse=True)
+    return sorted(
+        (int(m[1]) for m in found if m and os.path.isdir(os.path.join(run_dir, m[0]))), reverse=True
+    )
 
 
 def has_checkpoint(run_dir: Optional[str]) -> bool:

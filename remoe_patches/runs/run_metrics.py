@@ -35,8 +35,9 @@ def read_metrics(path) -> list:
     return records
 
 
-def settle_iteration(records: Sequence[dict], target: float,
-                     tolerance: float = SETTLE_TOLERANCE) -> Optional[int]:
+def settle_iteration(
+    records: Sequence[dict], target: float, tolerance: float = SETTLE_TOLERANCE
+) -> Optional[int]:
     """The first logged iteration from which the sparsity stays within ``tolerance`` of
     ``target`` to the end of the run (the end of stage II); None if it never does."""
     settled = None

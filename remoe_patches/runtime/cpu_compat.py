@@ -72,9 +72,14 @@ def _copies_in_memory(write_buckets, non_blocking=True):
     """The writer's staging of the tensors before training goes on: on a GPU a copy to host
     memory; here the tensors already are in (shared) host memory, and training would change
     them under the writer, so they are copied."""
-    return [(file_name, storage_key, (bytes_data, [(item, tensor.detach().clone())
-                                                   for item, tensor in tensor_data]))
-            for file_name, storage_key, (bytes_data, tensor_data) in write_buckets]
+    return [
+        (
+            file_name,
+            storage_key,
+            (bytes_data, [(item, tensor.detach().clone()) for item, tensor in tensor_data]),
+        )
+        for file_name, storage_key, (bytes_data, tensor_data) in write_buckets
+    ]
 
 
 def _place_cuda_allocations_on_cpu() -> None:

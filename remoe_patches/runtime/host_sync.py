@@ -46,13 +46,30 @@ OUTSIDE_SCOPES = "other"
 
 SOURCES = (
     ("regularizer", ("remoe_patches/routing/regularizer.py",)),
-    ("router", ("remoe_patches/model/routers/relu_router.py", "remoe_patches/routing/relu_gates.py",
-                "megatron/core/transformer/moe/router.py")),
-    ("dispatcher", ("remoe_patches/model/token_dispatch.py",
-                    "megatron/core/transformer/moe/token_dispatcher.py",
-                    "megatron/core/transformer/moe/moe_utils.py")),
-    ("experts", ("remoe_patches/model/local_layers.py", "megatron/core/transformer/moe/experts.py",
-                 "megatron/core/transformer/moe/moe_layer.py")),
+    (
+        "router",
+        (
+            "remoe_patches/model/routers/relu_router.py",
+            "remoe_patches/routing/relu_gates.py",
+            "megatron/core/transformer/moe/router.py",
+        ),
+    ),
+    (
+        "dispatcher",
+        (
+            "remoe_patches/model/token_dispatch.py",
+            "megatron/core/transformer/moe/token_dispatcher.py",
+            "megatron/core/transformer/moe/moe_utils.py",
+        ),
+    ),
+    (
+        "experts",
+        (
+            "remoe_patches/model/local_layers.py",
+            "megatron/core/transformer/moe/experts.py",
+            "megatron/core/transformer/moe/moe_layer.py",
+        ),
+    ),
     ("optimizer", ("megatron/core/optimizer/", "torch/optim/")),
     ("loop", ("remoe_patches/train/training_step.py", "remoe_patches/train/training.py")),
 )
@@ -74,10 +91,14 @@ def sync_source(frame) -> str:
 def _reads_host_step_count(frame) -> bool:
     """Whether the sync is torch's optimizer reading a step count it keeps on the host."""
     while frame is not None and frame.f_code.co_filename.replace(os.sep, "/").endswith(
-            ("torch/_tensor.py", "torch/overrides.py")):
+        ("torch/_tensor.py", "torch/overrides.py")
+    ):
         frame = frame.f_back
-    return (frame is not None and frame.f_code.co_name == "_get_value"
-            and frame.f_code.co_filename.replace(os.sep, "/").endswith("torch/optim/optimizer.py"))
+    return (
+        frame is not None
+        and frame.f_code.co_name == "_get_value"
+        and frame.f_code.co_filename.replace(os.sep, "/").endswith("torch/optim/optimizer.py")
+    )
 
 
 class _Scopes:

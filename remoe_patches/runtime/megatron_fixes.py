@@ -86,8 +86,9 @@ def device_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
 
 def _distributed_torch_adams(optimizer):
     """The (DistributedOptimizer, torch Adam) pairs inside a megatron optimizer."""
-    members = (optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer)
-               else [optimizer])
+    members = (
+        optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    )
     for member in members:
         inner = getattr(member, "optimizer", None)
         if isinstance(member, DistributedOptimizer) and isinstance(

@@ -28,12 +28,16 @@ def rampup_problem(rampup, global_batch_size: int) -> Optional[str]:
     if start < 1 or increment < 1 or samples < 1:
         return f"{flag}: START, INCREMENT and RAMPUP_SAMPLES must be >= 1"
     if start >= global_batch_size:
-        return (f"{flag}: START must be below --global-batch-size {global_batch_size}, which the "
-                "ramp-up grows to; lower START, or drop --rampup-batch-size for a constant batch")
+        return (
+            f"{flag}: START must be below --global-batch-size {global_batch_size}, which the "
+            "ramp-up grows to; lower START, or drop --rampup-batch-size for a constant batch"
+        )
     if (global_batch_size - start) % increment:
-        return (f"{flag}: --global-batch-size {global_batch_size} - START {start} = "
-                f"{global_batch_size - start} is not divisible by INCREMENT {increment}; make "
-                "INCREMENT a divisor of it")
+        return (
+            f"{flag}: --global-batch-size {global_batch_size} - START {start} = "
+            f"{global_batch_size - start} is not divisible by INCREMENT {increment}; make "
+            "INCREMENT a divisor of it"
+        )
     return None
 
 
@@ -51,14 +55,19 @@ def check_rampup_fits(rampup, micro_batch_size: int, data_parallel_size: int) ->
         )
 
 
-def start_calculator(*, rank: int, rampup, global_batch_size: int, micro_batch_size: int,
-                     data_parallel_size: int) -> None:
+def start_calculator(
+    *, rank: int, rampup, global_batch_size: int, micro_batch_size: int, data_parallel_size: int
+) -> None:
     """megatron-core's global calculator for this run (a previous run's in this process is
     replaced); the loop then calls ``update_num_microbatches`` before every step."""
     calculator.unset_num_microbatches_calculator()
     calculator.init_num_microbatches_calculator(
-        rank, None if rampup is None else list(rampup), global_batch_size, micro_batch_size,
-        data_parallel_size)
+        rank,
+        None if rampup is None else list(rampup),
+        global_batch_size,
+        micro_batch_size,
+        data_parallel_size,
+    )
 
 
 def ramp_batch_sizes(global_batch_size: int, rampup) -> tuple:
@@ -70,9 +79,15 @@ def ramp_batch_sizes(global_batch_size: int, rampup) -> tuple:
 @functools.lru_cache(maxsize=8)
 def _ramp(global_batch_size: int, start: int, increment: int, samples: int) -> tuple:
     ramp = calculator.RampupBatchsizeNumMicroBatchesCalculator(
-        global_batch_size, micro_batch_size=1, data_parallel_size=1,
-        decrease_batch_size_if_needed=False, rank=-1, start_global_batch_size=start,
-        batch_size_increment=increment, ramup_samples=samples)
+        global_batch_size,
+        micro_batch_size=1,
+        data_parallel_size=1,
+        decrease_batch_size_if_needed=False,
+        rank=-1,
+        start_global_batch_size=start,
+        batch_size_increment=increment,
+        ramup_samples=samples,
+    )
     sizes, consumed = [], 0
     while consumed <= samples:
         ramp.update(consumed, consistency_check=False)

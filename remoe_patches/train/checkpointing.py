@@ -88,7 +88,7 @@ _SHAPE_FLAGS = {
     "num_query_groups": "--num-query-groups",
     "dense_ffn_hidden_size": "--ffn-hidden-size",
     "vocab_size": "the padded vocabulary (--vocab-file/--tokenizer-model, "
-                  "--make-vocab-size-divisible-by)",
+    "--make-vocab-size-divisible-by)",
     "is_moe": "--num-experts (dense vs MoE)",
     "total_experts": "--num-experts x --moe-granularity",
     "expert_ffn_hidden_size": "--moe-granularity",
@@ -115,7 +115,8 @@ def check_writer_dependencies() -> None:
         raise CheckpointError(
             "--save needs psutil, which megatron-core's checkpoint writer imports (without it "
             "every save hangs): pip install psutil (an offline GPU machine: its wheel, see the "
-            "README's 'GPU acceptance')") from None
+            "README's 'GPU acceptance')"
+        ) from None
 
 
 def resolve_checkpoint_dir(load_dir: str) -> str:
@@ -174,8 +175,9 @@ def checkpoint_problem(directory: str) -> Optional[str]:
         return f".metadata does not read ({type(error).__name__})"
     needed = {}
     for info in storage.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
-                                         info.offset + info.length)
+        needed[info.relative_path] = max(
+            needed.get(info.relative_path, 0), info.offset + info.length
+        )
     for name, size in sorted(needed.items()):
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
@@ -213,25 +215,32 @@ def check_same_architecture(directory: str, saved_model: dict, model: ModelConfi
         saved = ModelConfig(**saved_model)
     except TypeError:  # fields of another version: leave it to the shape check
         return
-    differ = [f"{flag}: checkpoint {getattr(saved, name)}, this run {getattr(model, name)}"
-              for name, flag in _SHAPE_FLAGS.items()
-              if getattr(saved, name) != getattr(model, name)]
+    differ = [
+        f"{flag}: checkpoint {getattr(saved, name)}, this run {getattr(model, name)}"
+        for name, flag in _SHAPE_FLAGS.items()
+        if getattr(saved, name) != getattr(model, name)
+    ]
     if differ:
         raise CheckpointError(
             f"{directory} holds another model than this run builds ({'; '.join(differ)}); give "
-            "the flags the checkpoint was trained with, or --load another checkpoint")
+            "the flags the checkpoint was trained with, or --load another checkpoint"
+        )
 
 
 def _check_same_fields(directory: str, saved: dict, model: ModelConfig) -> None:
     """``check_same_architecture`` for the ModelConfig fields a Megatron-LM checkpoint's args
     give (``saved``)."""
-    differ = [f"{_SHAPE_FLAGS[name]}: checkpoint {value}, this run {getattr(model, name)}"
-              for name, value in saved.items() if getattr(model, name) != value]
+    differ = [
+        f"{_SHAPE_FLAGS[name]}: checkpoint {value}, this run {getattr(model, name)}"
+        for name, value in saved.items()
+        if getattr(model, name) != value
+    ]
     if differ:
         raise CheckpointError(
             f"{directory} holds another model than this run builds ({'; '.join(differ)}); give "
             "the flags the checkpoint was trained with (or --use-checkpoint-args), or --load "
-            "another checkpoint")
+            "another checkpoint"
+        )
 
 
 def _rng_state() -> dict:
@@ -289,12 +298,21 @@ def content_metadata(model_chunks, fully_reshardable: bool = False) -> dict:
 
 def _with_groups(metadata: dict) -> dict:
     """The metadata as sharded_state_dict() wants it: with the process group it cannot save."""
-    return {**metadata,
-            "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    return {
+        **metadata,
+        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
+    }
 
 
-def _sharded_state(model_chunks, optimizer, *, is_loading: bool, rng: Optional[dict],
-                   metadata: dict, directory: Optional[str] = None) -> dict:
+def _sharded_state(
+    model_chunks,
+    optimizer,
+    *,
+    is_loading: bool,
+    rng: Optional[dict],
+    metadata: dict,
+    directory: Optional[str] = None,
+) -> dict:
     """The sharded state to save, or with ``directory`` the template to load it from."""
     metadata = _with_groups(metadata)
     model_state = {}
@@ -366,11 +384,21 @@ def save_checkpoint(
     if async_saves is not None:  # one background save at a time: the latest pointer only grows
         async_saves.finalize(blocking=True)
     with signals_held(f"checkpoint {final} is written"), _save_errors(root, final):
-        _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler,
-                          consumed_samples=consumed_samples, regularizer=regularizer,
-                          run_config=run_config, data_parallel_size=data_parallel_size,
-                          fully_parallel=fully_parallel, fully_reshardable=fully_reshardable,
-                          async_saves=async_saves)
+        _write_checkpoint(
+            root,
+            final,
+            iteration,
+            model_chunks,
+            optimizer,
+            scheduler,
+            consumed_samples=consumed_samples,
+            regularizer=regularizer,
+            run_config=run_config,
+            data_parallel_size=data_parallel_size,
+            fully_parallel=fully_parallel,
+            fully_reshardable=fully_reshardable,
+            async_saves=async_saves,
+        )
     return final
 
 
@@ -387,11 +415,15 @@ def _save_errors(root: str, final: str):
         if dist.get_rank() == 0:
             shutil.rmtree(final + PARTIAL_SUFFIX, ignore_errors=True)
         latest = latest_iteration(root)
-        kept = (f"{checkpoint_dir(root, latest)} is still the latest" if latest is not None
-                else "no earlier checkpoint exists")
+        kept = (
+            f"{checkpoint_dir(root, latest)} is still the latest"
+            if latest is not None
+            else "no earlier checkpoint exists"
+        )
         raise CheckpointSaveError(
             f"writing checkpoint {final} failed ({cause}); {kept}. Free space under {root} "
-            "(or give another --save) and resume with --load") from error
+            "(or give another --save) and resume with --load"
+        ) from error
 
 
 class AsyncSaves:
@@ -415,7 +447,7 @@ class AsyncSaves:
         root, final = self.pending[0]
         with _save_errors(root, final):
             done = self.queue.maybe_finalize_async_calls(blocking=blocking)
-        finished, self.pending = self.pending[:len(done)], self.pending[len(done):]
+        finished, self.pending = self.pending[: len(done)], self.pending[len(done) :]
         return [final for _root, final in finished]
 
     def close(self) -> None:
@@ -451,9 +483,22 @@ def _machine_error(error: BaseException) -> Optional[str]:
     return None
 
 
-def _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler, *,
-                      consumed_samples, regularizer, run_config, data_parallel_size,
-                      fully_parallel=False, fully_reshardable=False, async_saves=None) -> None:
+def _write_checkpoint(
+    root,
+    final,
+    iteration,
+    model_chunks,
+    optimizer,
+    scheduler,
+    *,
+    consumed_samples,
+    regularizer,
+    run_config,
+    data_parallel_size,
+    fully_parallel=False,
+    fully_reshardable=False,
+    async_saves=None,
+) -> None:
     partial = final + PARTIAL_SUFFIX
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
@@ -465,8 +510,9 @@ def _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler
     # the next forward pass; gather them now or another rank's shards are saved one step stale.
     sync_params(model_chunks)
     metadata = content_metadata(model_chunks, fully_reshardable)
-    state = _sharded_state(model_chunks, optimizer, is_loading=False, rng=_rng_state(),
-                           metadata=metadata)
+    state = _sharded_state(
+        model_chunks, optimizer, is_loading=False, rng=_rng_state(), metadata=metadata
+    )
     state.update(
         iteration=iteration,
         consumed_samples=consumed_samples,
@@ -479,10 +525,15 @@ def _write_checkpoint(root, final, iteration, model_chunks, optimizer, scheduler
     strategy = get_default_save_sharded_strategy()
     if fully_parallel:
         strategy = FullyParallelSaveStrategyWrapper(
-            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
-    request = dist_checkpointing.save(state, partial, sharded_strategy=strategy,
-                                      content_metadata=metadata,
-                                      async_sharded_save=async_saves is not None)
+            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+    request = dist_checkpointing.save(
+        state,
+        partial,
+        sharded_strategy=strategy,
+        content_metadata=metadata,
+        async_sharded_save=async_saves is not None,
+    )
 
     def put_into_place():
         dist.barrier()
@@ -536,54 +587,90 @@ def load_checkpoint(
         directory = checkpoint_dir(root, iteration)
         problem = checkpoint_problem(directory)
         if problem is None:
-            restored = _load(directory, model_chunks, optimizer, scheduler,
-                             regularizer=regularizer, load_optimizer=load_optimizer,
-                             load_rng=load_rng, load_training_state=load_training_state,
-                             model_config=model_config, fully_parallel=fully_parallel)
+            restored = _load(
+                directory,
+                model_chunks,
+                optimizer,
+                scheduler,
+                regularizer=regularizer,
+                load_optimizer=load_optimizer,
+                load_rng=load_rng,
+                load_training_state=load_training_state,
+                model_config=model_config,
+                fully_parallel=fully_parallel,
+            )
             return {**restored, "directory": directory, "skipped": skipped}
         skipped.append((directory, problem))
     if skipped:
-        raise CheckpointError(f"no checkpoint under {root} loads: " + "; ".join(
-            f"{directory}: {problem}" for directory, problem in skipped))
+        raise CheckpointError(
+            f"no checkpoint under {root} loads: "
+            + "; ".join(f"{directory}: {problem}" for directory, problem in skipped)
+        )
     return None
 
 
-def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_optimizer,
-          load_rng, load_training_state, model_config=None, fully_parallel=False) -> dict:
+def _load(
+    directory,
+    model_chunks,
+    optimizer,
+    scheduler,
+    *,
+    regularizer,
+    load_optimizer,
+    load_rng,
+    load_training_state,
+    model_config=None,
+    fully_parallel=False,
+) -> dict:
     common = dist_checkpointing.load_common_state_dict(directory)
     megatron_lm = megatron_lm_checkpoints.is_megatron_lm_state(common)
     run_config = common.get("run_config") or {}
     if megatron_lm:  # (megatron_lm_checkpoints: the common state, said otherwise)
         saved = megatron_lm_checkpoints.training_state(
-            common, regularizer.target_sparsity if regularizer is not None else None)
+            common, regularizer.target_sparsity if regularizer is not None else None
+        )
         args = common["args"]
-        saved_parallel = {name: getattr(args, name, 1) for name in (
-            "tensor_model_parallel_size", "pipeline_model_parallel_size",
-            "expert_model_parallel_size")}
+        saved_parallel = {
+            name: getattr(args, name, 1)
+            for name in (
+                "tensor_model_parallel_size",
+                "pipeline_model_parallel_size",
+                "expert_model_parallel_size",
+            )
+        }
         optimizer_saved = common.get("optimizer") is not None
         if model_config is not None:
-            _check_same_fields(directory, megatron_lm_checkpoints.model_fields(common),
-                               model_config)
+            _check_same_fields(
+                directory, megatron_lm_checkpoints.model_fields(common), model_config
+            )
     else:
-        saved = {key: common.get(key) for key in ("iteration", "consumed_samples", "scheduler",
-                                                  "regularizer")}
+        saved = {
+            key: common.get(key)
+            for key in ("iteration", "consumed_samples", "scheduler", "regularizer")
+        }
         saved_parallel = run_config.get("parallel") or {}
         optimizer_saved = common.get("optimizer_saved")
         if model_config is not None:
             check_same_architecture(directory, run_config.get("model"), model_config)
     # (Megatron-LM's RNG states are laid out per PP x TP rank: not restored)
-    rng_wanted = load_rng and not megatron_lm and _same_layout(
-        saved_parallel, common.get("data_parallel_size"))
+    rng_wanted = (
+        load_rng
+        and not megatron_lm
+        and _same_layout(saved_parallel, common.get("data_parallel_size"))
+    )
     # Checkpoints written before content metadata existed used megatron's defaults ({}).
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
     load_optimizer = load_optimizer and optimizer is not None and optimizer_saved
     if load_optimizer:
-        _check_optimizer_layout(directory, metadata, content_metadata(model_chunks),
-                                saved_parallel)
+        _check_optimizer_layout(directory, metadata, content_metadata(model_chunks), saved_parallel)
         _check_optimizer_count(directory, common.get("optimizer"), optimizer)
     template = _sharded_state(
-        model_chunks, optimizer if load_optimizer else None, is_loading=True, rng=None,
-        metadata=metadata, directory=directory,
+        model_chunks,
+        optimizer if load_optimizer else None,
+        is_loading=True,
+        rng=None,
+        metadata=metadata,
+        directory=directory,
     )
     if not rng_wanted:
         del template["rng_state"]
@@ -591,7 +678,8 @@ def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_op
     if fully_parallel:
         strategy = FullyParallelLoadStrategyWrapper(
             get_default_load_sharded_strategy(directory),
-            parallel_state.get_data_parallel_group(with_context_parallel=True))
+            parallel_state.get_data_parallel_group(with_context_parallel=True),
+        )
     state = dist_checkpointing.load(template, directory, sharded_strategy=strategy)
 
     for index, chunk in enumerate(model_chunks):
@@ -613,8 +701,9 @@ def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_op
     if load_training_state and regularizer is not None and saved["regularizer"] is not None:
         regularizer.load_state_dict(saved["regularizer"])
     if rng_wanted:
-        _set_rng_state(state["rng_state"].data if hasattr(state["rng_state"], "data")
-                       else state["rng_state"])
+        _set_rng_state(
+            state["rng_state"].data if hasattr(state["rng_state"], "data") else state["rng_state"]
+        )
     return dict(
         iteration=saved["iteration"],
         consumed_samples=saved["consumed_samples"],
@@ -624,8 +713,9 @@ def _load(directory, model_chunks, optimizer, scheduler, *, regularizer, load_op
     )
 
 
-def _check_optimizer_layout(directory: str, saved: dict, current: dict,
-                            saved_parallel: dict) -> None:
+def _check_optimizer_layout(
+    directory: str, saved: dict, current: dict, saved_parallel: dict
+) -> None:
     """One clear error when the saved optimizer state cannot load into this run's optimizer."""
     saved_type = saved.get("distrib_optim_sharding_type")
     current_type = current.get("distrib_optim_sharding_type")
@@ -636,8 +726,11 @@ def _check_optimizer_layout(directory: str, saved: dict, current: dict,
             f"{how} it, or load the weights alone with --no-load-optim"
         )
     if saved_type == "dp_reshardable":
-        layout = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                  "expert_model_parallel_size")
+        layout = (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "expert_model_parallel_size",
+        )
         now = _model_parallel_sizes()
         before = tuple(saved_parallel.get(name, 1) for name in layout)
         if before != now:
@@ -662,7 +755,8 @@ def _check_optimizer_count(directory: str, saved: Optional[dict], optimizer) -> 
             "expert parallelism (EP > 1) gives the expert parameters an optimizer of their own, "
             "and megatron-core moves optimizer state only between runs that both have it or both "
             "have not. Resume with an EP on the same side of 1, or load the weights alone with "
-            "--no-load-optim")
+            "--no-load-optim"
+        )
 
 
 def _model_parallel_sizes() -> tuple[int, int, int]:

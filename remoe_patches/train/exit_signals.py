@@ -76,8 +76,11 @@ def signals_held(what: str, signals=CAUGHT):
         if not received:
             # os.write, not print: a handler that prints while the interrupted code prints
             # raises a reentrant-call error
-            os.write(2, f" note: {signal.Signals(signum).name} received while {what}; stopping "
-                        "once it is complete\n".encode())
+            os.write(
+                2,
+                f" note: {signal.Signals(signum).name} received while {what}; stopping "
+                "once it is complete\n".encode(),
+            )
         received.append(signum)
 
     previous = {signum: signal.signal(signum, hold) for signum in signals}

@@ -40,8 +40,9 @@ class ExpertShares:
     @property
     def moe_layers(self) -> list:
         """Layers (numbered from 1) with counts."""
-        return [layer + 1 for layer in torch.nonzero(~torch.isnan(self.unrouted_L)).flatten()
-                .tolist()]
+        return [
+            layer + 1 for layer in torch.nonzero(~torch.isnan(self.unrouted_L)).flatten().tolist()
+        ]
 
     def per_layer(self) -> dict:
         """Each MoE layer's summaries, as lists over ``moe_layers``."""
@@ -53,8 +54,9 @@ class ExpertShares:
             expert_share_min=share_ME.min(dim=1).values.tolist(),
             expert_share_max=share_ME.max(dim=1).values.tolist(),
             # the coefficient of variation over the layer's experts: 0 when perfectly balanced
-            expert_share_cv=(share_ME.std(dim=1, unbiased=False) / mean_M.clamp(min=1e-12))
-            .tolist(),
+            expert_share_cv=(
+                share_ME.std(dim=1, unbiased=False) / mean_M.clamp(min=1e-12)
+            ).tolist(),
             experts_per_token=share_ME.sum(dim=1).tolist(),
             tokens_without_expert=self.unrouted_L[rows].double().tolist(),
         )
@@ -69,27 +71,41 @@ class ExpertLoad:
         device: where the counts accumulate (the model's device).
     """
 
-    def __init__(self, num_layers: int, num_experts: int,
-                 device: Optional[torch.device | str] = None):
+    def __init__(
+        self, num_layers: int, num_experts: int, device: Optional[torch.device | str] = None
+    ):
         self.num_experts = int(num_experts)
-        self._counts_LC = torch.zeros(num_layers, _LOAD + self.num_experts, dtype=torch.float32,
-                                      device=device)
+        self._counts_LC = torch.zeros(
+            num_layers, _LOAD + self.num_experts, dtype=torch.float32, device=device
+        )
 
-    def record(self, layer_number: int, tokens_per_expert_E: torch.Tensor,
-               unrouted_tokens: torch.Tensor, num_tokens: int) -> None:
+    def record(
+        self,
+        layer_number: int,
+        tokens_per_expert_E: torch.Tensor,
+        unrouted_tokens: torch.Tensor,
+        num_tokens: int,
+    ) -> None:
         """Add ``num_tokens`` tokens of layer ``layer_number`` (from 1), ``unrouted_tokens`` of
         which no expert took, and how many (or how much weight) went to each expert."""
-        row = torch.cat((torch.full((1,), float(num_tokens), device=self._counts_LC.device),
-                         unrouted_tokens.detach().float().view(1),
-                         tokens_per_expert_E.detach().float()))
+        row = torch.cat(
+            (
+                torch.full((1,), float(num_tokens), device=self._counts_LC.device),
+                unrouted_tokens.detach().float().view(1),
+                tokens_per_expert_E.detach().float(),
+            )
+        )
         self._counts_LC[layer_number - 1].add_(row)
 
     def record_routing_map(self, layer_number: int, routing_map_TE: torch.Tensor) -> None:
         """One micro-batch's dispatch: token t goes to expert e where ``routing_map_TE``."""
         routing_map_TE = routing_map_TE.reshape(-1, self.num_experts)
-        self.record(layer_number, routing_map_TE.sum(dim=0, dtype=torch.float32),
-                    (~routing_map_TE.any(dim=1)).sum(dtype=torch.float32),
-                    routing_map_TE.shape[0])
+        self.record(
+            layer_number,
+            routing_map_TE.sum(dim=0, dtype=torch.float32),
+            (~routing_map_TE.any(dim=1)).sum(dtype=torch.float32),
+            routing_map_TE.shape[0],
+        )
 
     def window(self, group: Optional[dist.ProcessGroup] = None) -> ExpertShares:
         """The counts since the last call, reduced over ``group`` (default: all ranks; every rank
@@ -98,7 +114,7 @@ class ExpertLoad:
         self._counts_LC.zero_()
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(counts_LC, group=group)
-        tokens_L1 = counts_LC[:, _TOKENS:_TOKENS + 1]
+        tokens_L1 = counts_LC[:, _TOKENS : _TOKENS + 1]
         counted_L1 = tokens_L1 > 0
         share_LC = torch.where(counted_L1, counts_LC / tokens_L1.clamp(min=1.0), torch.nan)
         return ExpertShares(share_LE=share_LC[:, _LOAD:], unrouted_L=share_LC[:, _UNROUTED])
@@ -115,8 +131,11 @@ def attach(model_chunks: list, load: ExpertLoad) -> list:
     for chunk in model_chunks:
         for module in chunk.modules():
             if isinstance(module, Router):
-                handles.append(module.register_forward_hook(
-                    lambda router, args, output: _count_routing_map(load, router, output)))
+                handles.append(
+                    module.register_forward_hook(
+                        lambda router, args, output: _count_routing_map(load, router, output)
+                    )
+                )
             elif isinstance(module, LoryMLP):
                 handles.append(module.observe_routing(load.record))
     return handles

@@ -27,15 +27,31 @@ from typing import Optional
 # Megatron-LM's load_args_from_checkpoint: (flag dest, taken even when given on the command
 # line), for what this project builds; then the fork's ReLU routing flags.
 ARCHITECTURE_ARGS = (
-    ("num_layers", False), ("hidden_size", False), ("ffn_hidden_size", False),
-    ("seq_length", False), ("num_attention_heads", False), ("num_query_groups", True),
-    ("group_query_attention", True), ("kv_channels", False), ("max_position_embeddings", False),
-    ("position_embedding_type", True), ("rotary_base", True), ("rotary_percent", True),
-    ("add_bias_linear", True), ("swiglu", True), ("untie_embeddings_and_output_weights", True),
-    ("normalization", True), ("num_experts", True), ("moe_layer_freq", True),
-    ("moe_ffn_hidden_size", True), ("moe_router_topk", True), ("moe_router_pre_softmax", True),
-    ("moe_router_score_function", True), ("moe_router_topk_scaling_factor", True),
-    ("moe_relu_routing", True), ("moe_granularity", True),
+    ("num_layers", False),
+    ("hidden_size", False),
+    ("ffn_hidden_size", False),
+    ("seq_length", False),
+    ("num_attention_heads", False),
+    ("num_query_groups", True),
+    ("group_query_attention", True),
+    ("kv_channels", False),
+    ("max_position_embeddings", False),
+    ("position_embedding_type", True),
+    ("rotary_base", True),
+    ("rotary_percent", True),
+    ("add_bias_linear", True),
+    ("swiglu", True),
+    ("untie_embeddings_and_output_weights", True),
+    ("normalization", True),
+    ("num_experts", True),
+    ("moe_layer_freq", True),
+    ("moe_ffn_hidden_size", True),
+    ("moe_router_topk", True),
+    ("moe_router_pre_softmax", True),
+    ("moe_router_score_function", True),
+    ("moe_router_topk_scaling_factor", True),
+    ("moe_relu_routing", True),
+    ("moe_granularity", True),
 )
 
 
@@ -48,14 +64,19 @@ def training_state(common: dict, target_sparsity: Optional[float]) -> dict:
     """Our common-state entries of a Megatron-LM checkpoint's: ``iteration``,
     ``consumed_samples``, ``scheduler`` and (the fork's lambda) ``regularizer``."""
     args = common["args"]
-    state = dict(iteration=common.get("iteration", 0),
-                 consumed_samples=getattr(args, "consumed_train_samples", 0) or 0,
-                 scheduler=common.get("opt_param_scheduler"), regularizer=None)
+    state = dict(
+        iteration=common.get("iteration", 0),
+        consumed_samples=getattr(args, "consumed_train_samples", 0) or 0,
+        scheduler=common.get("opt_param_scheduler"),
+        regularizer=None,
+    )
     l1_coeff = (common.get("model") or {}).get("moe_relu_l1_reg_coeff")
     if l1_coeff is not None and target_sparsity is not None:
         state["regularizer"] = dict(
-            l1_coeff=l1_coeff, target_sparsity=target_sparsity,
-            multiplier=float(getattr(args, "moe_relu_l1_reg_coeff_multiplier", 1.2)))
+            l1_coeff=l1_coeff,
+            target_sparsity=target_sparsity,
+            multiplier=float(getattr(args, "moe_relu_l1_reg_coeff_multiplier", 1.2)),
+        )
     return state
 
 
@@ -65,9 +86,12 @@ def model_fields(common: dict) -> dict:
     args = common["args"]
     experts = getattr(args, "num_experts", None) or 0
     granularity = getattr(args, "moe_granularity", 1) or 1
-    fields = dict(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                  num_attention_heads=args.num_attention_heads,
-                  vocab_size=getattr(args, "padded_vocab_size", None))
+    fields = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        vocab_size=getattr(args, "padded_vocab_size", None),
+    )
     if getattr(args, "group_query_attention", False):
         fields["num_query_groups"] = args.num_query_groups
     if getattr(args, "ffn_hidden_size", None):

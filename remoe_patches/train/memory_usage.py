@@ -37,14 +37,16 @@ def _rss_bytes() -> float:
 def local_memory_bytes(device: torch.device) -> dict:
     """This rank's memory now (bytes) by record key; on CUDA the window's peaks restart."""
     rss = _rss_bytes()
-    memory = dict(memory_rss_gb=rss,
-                  memory_rss_peak_gb=max(rss, _peak_rss_bytes()))  # (the kernel's peak may lag)
+    memory = dict(
+        memory_rss_gb=rss, memory_rss_peak_gb=max(rss, _peak_rss_bytes())
+    )  # (the kernel's peak may lag)
     if device.type == "cuda":
         memory.update(
             memory_allocated_gb=float(torch.cuda.memory_allocated(device)),
             memory_reserved_gb=float(torch.cuda.memory_reserved(device)),
             memory_max_allocated_gb=float(torch.cuda.max_memory_allocated(device)),
-            memory_max_reserved_gb=float(torch.cuda.max_memory_reserved(device)))
+            memory_max_reserved_gb=float(torch.cuda.max_memory_reserved(device)),
+        )
         torch.cuda.reset_peak_memory_stats(device)
     return memory
 

@@ -75,8 +75,13 @@ class MetricsLog:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.progress = tqdm(total=total_iterations, initial=start_iteration, unit="it",
-                                 dynamic_ncols=True, leave=False)
+            self.progress = tqdm(
+                total=total_iterations,
+                initial=start_iteration,
+                unit="it",
+                dynamic_ncols=True,
+                leave=False,
+            )
 
     def print(self, line: str) -> None:
         if not self.enabled:
@@ -106,8 +111,10 @@ class MetricsLog:
         )
         per_domain = record.get(f"{name}_per_domain", {})
         if per_domain:
-            self.print("   lm loss per domain | " + " | ".join(
-                f"{domain}: {value:.6E}" for domain, value in per_domain.items()))
+            self.print(
+                "   lm loss per domain | "
+                + " | ".join(f"{domain}: {value:.6E}" for domain, value in per_domain.items())
+            )
         self._write(record)
 
     def advance(self, iterations: int = 1) -> None:
@@ -175,23 +182,35 @@ def scalars_of(record: dict) -> dict:
             items = {}
             for layer, item in zip(layers, value):
                 if key in PER_EXPERT:
-                    items.update({f"{key}/layer_{layer}/expert_{expert}": share
-                                  for expert, share in enumerate(item)})
+                    items.update(
+                        {
+                            f"{key}/layer_{layer}/expert_{expert}": share
+                            for expert, share in enumerate(item)
+                        }
+                    )
                 else:  # (a list here is not per expert: dead experts' numbers)
                     items[f"{key}/layer_{layer}"] = item
         elif isinstance(value, dict):
             items = {f"{key}/{name}": item for name, item in value.items()}
         else:
             items = {key: value}
-        out.update({tag: item for tag, item in items.items()
-                    if isinstance(item, (int, float)) and math.isfinite(item)})
+        out.update(
+            {
+                tag: item
+                for tag, item in items.items()
+                if isinstance(item, (int, float)) and math.isfinite(item)
+            }
+        )
     return out
 
 
 def megatron_lm_scalars(record: dict) -> dict:
     """Megatron-LM's tags of the record's values, in its units."""
-    scalars = {tag: record[key] * scale for key, (tag, scale) in MEGATRON_LM_TAGS.items()
-               if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])}
+    scalars = {
+        tag: record[key] * scale
+        for key, (tag, scale) in MEGATRON_LM_TAGS.items()
+        if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])
+    }
     if "lm loss validation" in scalars:
         scalars["lm loss validation ppl"] = math.exp(min(scalars["lm loss validation"], 20))
     return scalars
@@ -199,8 +218,7 @@ def megatron_lm_scalars(record: dict) -> dict:
 
 def megatron_lm_memory_scalars(record: dict) -> dict:
     """Megatron-LM's memory tags of the record, in bytes."""
-    return {tag: record[key] * GB for key, tag in MEGATRON_LM_MEMORY_TAGS.items()
-            if key in record}
+    return {tag: record[key] * GB for key, tag in MEGATRON_LM_MEMORY_TAGS.items() if key in record}
 
 
 def peak_memory_gb(record: dict) -> float:

@@ -37,8 +37,9 @@ def cuda_profiler_stop() -> None:
 class StepProfiler:
     """Starts and stops the chosen profiler around the chosen steps of one rank."""
 
-    def __init__(self, *, start: int, end: int, pytorch: bool, trace_dir: Optional[str],
-                 cuda: bool):
+    def __init__(
+        self, *, start: int, end: int, pytorch: bool, trace_dir: Optional[str], cuda: bool
+    ):
         self.start, self.end = start, end
         self.pytorch, self.trace_dir, self.cuda = pytorch, trace_dir, cuda
         self._profiler = None
@@ -46,20 +47,27 @@ class StepProfiler:
         self.trace_written = False
 
     @classmethod
-    def for_run(cls, logging, *, rank: int, save: Optional[str],
-                device: torch.device) -> Optional["StepProfiler"]:
+    def for_run(
+        cls, logging, *, rank: int, save: Optional[str], device: torch.device
+    ) -> Optional["StepProfiler"]:
         """The profiler ``logging`` (a LoggingConfig) asks of global rank ``rank``; None if
         none."""
         if logging.profile and not logging.use_pytorch_profiler and device.type != "cuda":
-            raise ProfilingError("--profile without --use-pytorch-profiler opens CUDA's profiler "
-                                 "range for nsys, and this run has no GPU: add "
-                                 "--use-pytorch-profiler")
+            raise ProfilingError(
+                "--profile without --use-pytorch-profiler opens CUDA's profiler "
+                "range for nsys, and this run has no GPU: add "
+                "--use-pytorch-profiler"
+            )
         if not logging.profile or rank not in logging.profile_ranks:
             return None
         trace_dir = logging.tensorboard_dir or (os.path.join(save, "profile") if save else None)
-        return cls(start=logging.profile_step_start, end=logging.profile_step_end,
-                   pytorch=logging.use_pytorch_profiler, trace_dir=trace_dir,
-                   cuda=device.type == "cuda")
+        return cls(
+            start=logging.profile_step_start,
+            end=logging.profile_step_end,
+            pytorch=logging.use_pytorch_profiler,
+            trace_dir=trace_dir,
+            cuda=device.type == "cuda",
+        )
 
     def before_step(self, iteration: int) -> None:
         """Called with the steps done so far, before the next one."""
@@ -70,8 +78,11 @@ class StepProfiler:
             if self.cuda:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._profiler = torch.profiler.profile(
-                activities=activities, record_shapes=True, with_stack=True,
-                on_trace_ready=torch.profiler.tensorboard_trace_handler(self.trace_dir))
+                activities=activities,
+                record_shapes=True,
+                with_stack=True,
+                on_trace_ready=torch.profiler.tensorboard_trace_handler(self.trace_dir),
+            )
             self._profiler.__enter__()
         else:
             cuda_profiler_start()
@@ -100,8 +111,10 @@ def start_memory_history(logging, device: torch.device) -> None:
     if not logging.record_memory_history:
         return
     if device.type != "cuda":
-        raise ProfilingError("--record-memory-history records CUDA allocations, and this run "
-                             "has no GPU: drop the flag")
+        raise ProfilingError(
+            "--record-memory-history records CUDA allocations, and this run "
+            "has no GPU: drop the flag"
+        )
     torch.cuda.memory._record_memory_history(max_entries=100_000)
 
 

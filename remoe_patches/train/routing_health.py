@@ -20,8 +20,10 @@ COLLAPSE_SPARSITY = 0.99
 
 def dead_experts(fraction_LE: torch.Tensor) -> set:
     """``{(layer, expert)}`` under ``DEAD_EXPERT_SHARE``; NaN rows (non-MoE layers) never count."""
-    return {(layer + 1, expert)
-            for layer, expert in torch.nonzero(fraction_LE < DEAD_EXPERT_SHARE).tolist()}
+    return {
+        (layer + 1, expert)
+        for layer, expert in torch.nonzero(fraction_LE < DEAD_EXPERT_SHARE).tolist()
+    }
 
 
 def collapsed_layers(sparsity_L: torch.Tensor) -> set:
@@ -52,18 +54,25 @@ class RoutingHealth:
         lines = []
         started, ended = self._changes(self.dead, dead, kind="expert")
         if started:
-            lines.append(f" WARNING: experts dead at iteration {iteration} (under 1/64 of their "
-                         f"layer's tokens {span}): {_by_layer(started)}")
+            lines.append(
+                f" WARNING: experts dead at iteration {iteration} (under 1/64 of their "
+                f"layer's tokens {span}): {_by_layer(started)}"
+            )
         if ended:
-            lines.append(f" note: experts active again at iteration {iteration}: "
-                         f"{_by_layer(ended)}")
+            lines.append(
+                f" note: experts active again at iteration {iteration}: {_by_layer(ended)}"
+            )
         started, ended = self._changes(self.collapsed, collapsed, kind="layer")
         if started:
-            lines.append(f" WARNING: layers collapsed at iteration {iteration} (mean sparsity "
-                         f">= {COLLAPSE_SPARSITY} {span}): " + ", ".join(map(str, sorted(started))))
+            lines.append(
+                f" WARNING: layers collapsed at iteration {iteration} (mean sparsity "
+                f">= {COLLAPSE_SPARSITY} {span}): " + ", ".join(map(str, sorted(started)))
+            )
         if ended:
-            lines.append(f" note: layers routing again at iteration {iteration}: "
-                         + ", ".join(map(str, sorted(ended))))
+            lines.append(
+                f" note: layers routing again at iteration {iteration}: "
+                + ", ".join(map(str, sorted(ended)))
+            )
         self.ever_dead |= self.dead
         self.ever_collapsed |= self.collapsed
         return lines
@@ -89,17 +98,23 @@ class RoutingHealth:
         """The end state, if anything was ever wrong."""
         if not self.ever_dead and not self.ever_collapsed:
             return None
-        parts = [f"{len(self.dead)} dead experts at the end"
-                 + (f" ({_by_layer(self.dead)})" if self.dead else ""),
-                 f"{len(self.ever_dead)} dead at some point"]
+        parts = [
+            f"{len(self.dead)} dead experts at the end"
+            + (f" ({_by_layer(self.dead)})" if self.dead else ""),
+            f"{len(self.ever_dead)} dead at some point",
+        ]
         if self.ever_collapsed:
-            parts.append(f"collapsed layers: {sorted(self.collapsed) or 'none'} at the end, "
-                         f"{sorted(self.ever_collapsed)} at some point")
+            parts.append(
+                f"collapsed layers: {sorted(self.collapsed) or 'none'} at the end, "
+                f"{sorted(self.ever_collapsed)} at some point"
+            )
         return " routing health: " + "; ".join(parts) + " (per window: metrics.jsonl)"
 
 
 def _by_layer(pairs: set) -> str:
     layers = sorted({layer for layer, _ in pairs})
-    return "; ".join(f"layer {layer}: expert "
-                     + ", ".join(str(e) for pair_layer, e in sorted(pairs) if pair_layer == layer)
-                     for layer in layers)
+    return "; ".join(
+        f"layer {layer}: expert "
+        + ", ".join(str(e) for pair_layer, e in sorted(pairs) if pair_layer == layer)
+        for layer in layers
+    )

@@ -28,21 +28,48 @@ from megatron.core.timers import Timers
 from megatron.core.utils import get_model_config
 
 # Timers this project starts itself, with their levels.
-OWN_TIMERS = {"optimizer": 1, "regularizer-step": 1, "batch-generator": 2, "moe-router": 2,
-              "moe-dispatch": 2, "moe-experts": 2, "moe-combine": 2}
+OWN_TIMERS = {
+    "optimizer": 1,
+    "regularizer-step": 1,
+    "batch-generator": 2,
+    "moe-router": 2,
+    "moe-dispatch": 2,
+    "moe-experts": 2,
+    "moe-combine": 2,
+}
 
 # What the log reports, in this order: ours and those megatron-core starts (schedules, gradient
 # reduction, optimizer). A name no rank timed in the window is left out.
 REPORTED = (
-    "forward-backward", "forward-compute", "backward-compute", "batch-generator",
-    "moe-router", "moe-dispatch", "moe-experts", "moe-combine",
-    "forward-recv", "forward-send", "backward-recv", "backward-send",
-    "forward-send-forward-recv", "forward-send-backward-recv", "backward-send-forward-recv",
-    "backward-send-backward-recv", "forward-backward-send-forward-backward-recv",
-    "all-grads-sync", "non-tensor-parallel-grads-all-reduce", "embedding-grads-all-reduce",
-    "optimizer", "optimizer-copy-to-main-grad", "optimizer-unscale-and-check-inf",
-    "optimizer-clip-main-grad", "optimizer-count-zeros", "optimizer-inner-step",
-    "optimizer-copy-main-to-model-params", "params-all-gather", "regularizer-step",
+    "forward-backward",
+    "forward-compute",
+    "backward-compute",
+    "batch-generator",
+    "moe-router",
+    "moe-dispatch",
+    "moe-experts",
+    "moe-combine",
+    "forward-recv",
+    "forward-send",
+    "backward-recv",
+    "backward-send",
+    "forward-send-forward-recv",
+    "forward-send-backward-recv",
+    "backward-send-forward-recv",
+    "backward-send-backward-recv",
+    "forward-backward-send-forward-backward-recv",
+    "all-grads-sync",
+    "non-tensor-parallel-grads-all-reduce",
+    "embedding-grads-all-reduce",
+    "optimizer",
+    "optimizer-copy-to-main-grad",
+    "optimizer-unscale-and-check-inf",
+    "optimizer-clip-main-grad",
+    "optimizer-count-zeros",
+    "optimizer-inner-step",
+    "optimizer-copy-main-to-model-params",
+    "params-all-gather",
+    "regularizer-step",
 )
 
 
@@ -67,8 +94,13 @@ class StepTimers(Timers):
         """The window's ms per step of every reported timer: ``{name: max over ranks}`` and the
         console's lines; the timers restart. Every rank must call (one all-gather)."""
         local = torch.tensor(
-            [self._timers[name].elapsed(reset=True) if name in self._timers else 0.0
-             for name in REPORTED], dtype=torch.float64, device=device)
+            [
+                self._timers[name].elapsed(reset=True) if name in self._timers else 0.0
+                for name in REPORTED
+            ],
+            dtype=torch.float64,
+            device=device,
+        )
         if dist.is_initialized() and dist.get_world_size() > 1:
             ranks = [torch.empty_like(local) for _ in range(dist.get_world_size())]
             dist.all_gather(ranks, local)
@@ -87,18 +119,25 @@ class StepTimers(Timers):
             lines = ["times across ranks (ms):"]
             for i in timed:
                 lines.append(f"  {REPORTED[i]}:")
-                lines += [f"     rank {rank:2d}: {value:.2f}"
-                          for rank, value in enumerate(per_rank_RN[:, i].tolist()) if value > 0]
+                lines += [
+                    f"     rank {rank:2d}: {value:.2f}"
+                    for rank, value in enumerate(per_rank_RN[:, i].tolist())
+                    if value > 0
+                ]
             return "\n".join(lines)
         max_only = self.log_option == "max"
-        lines = ["max time across ranks (ms):" if max_only
-                 else "(min, max) time across ranks (ms):"]
+        lines = [
+            "max time across ranks (ms):" if max_only else "(min, max) time across ranks (ms):"
+        ]
         for i in timed:
             times = per_rank_RN[:, i]
             times = times[times > 0]
             label = (REPORTED[i] + " ").ljust(48, ".")
-            lines.append(f"    {label}: {float(times.max()):.2f}" if max_only else
-                         f"    {label}: ({float(times.min()):.2f}, {float(times.max()):.2f})")
+            lines.append(
+                f"    {label}: {float(times.max()):.2f}"
+                if max_only
+                else f"    {label}: ({float(times.min()):.2f}, {float(times.max()):.2f})"
+            )
         return "\n".join(lines)
 
 
@@ -132,6 +171,7 @@ def _time_moe_layers(timers: StepTimers, model_chunks: list) -> list:
                 timers(stop, log_level=2).stop()
             if start is not None:
                 timers(start, log_level=2).start()
+
         return hook
 
     handles = []

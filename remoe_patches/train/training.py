@@ -74,6 +74,7 @@ from remoe_patches.train.training_step import (
     wrap_with_ddp,
 )
 
+
 class TrainingStopped(RuntimeError):
     """Training cannot go on (too many non-finite steps in a row)."""
 
@@ -102,8 +103,7 @@ def check_batch_sizes(training: TrainingConfig, data_parallel_size: int) -> Trai
             f"multiple of {per_step}"
         )
     if training.rampup_batch_size is not None:
-        check_rampup_fits(training.rampup_batch_size, training.micro_batch_size,
-                          data_parallel_size)
+        check_rampup_fits(training.rampup_batch_size, training.micro_batch_size, data_parallel_size)
     return dataclasses.replace(training, global_batch_size=global_batch_size)
 
 
@@ -120,32 +120,47 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
     if not skip_train:
         check_save_path(config)
     data = config.data
-    tokenizer = build_tokenizer(data.tokenizer_type, vocab_file=data.vocab_file,
-                                merge_file=data.merge_file, tokenizer_model=data.tokenizer_model)
+    tokenizer = build_tokenizer(
+        data.tokenizer_type,
+        vocab_file=data.vocab_file,
+        merge_file=data.merge_file,
+        tokenizer_model=data.tokenizer_model,
+    )
     training = config.training
-    initialize_parallel(config.parallel, seed=training.seed,
-                        timeout_minutes=training.distributed_timeout_minutes)
+    initialize_parallel(
+        config.parallel, seed=training.seed, timeout_minutes=training.distributed_timeout_minutes
+    )
     world_size = dist.get_world_size()
     dp_size = config.parallel.data_parallel_size(world_size)
     device = local_device()
     vocab_size = vocab_size_with_padding(
-        tokenizer.vocab_size, data.make_vocab_size_divisible_by,
+        tokenizer.vocab_size,
+        data.make_vocab_size_divisible_by,
         config.parallel.tensor_model_parallel_size,
     )
-    check_token_ids(data_blends(data), vocab_size, tokenizer=describe_tokenizer(data, tokenizer),
-                    cache_dir=data.data_cache_path)
+    check_token_ids(
+        data_blends(data),
+        vocab_size,
+        tokenizer=describe_tokenizer(data, tokenizer),
+        cache_dir=data.data_cache_path,
+    )
     # The run as it is trained (and saved): the padded vocabulary, the global batch size, the
     # layers actually built (a checkpoint says 'local' when TE was asked for but absent).
-    config = config.replace(model=dict(vocab_size=vocab_size),
-                            training=check_batch_sizes(training, dp_size),
-                            layers=dict(transformer_impl=transformer_impl_in_use(
-                                config.layers.transformer_impl)))
+    config = config.replace(
+        model=dict(vocab_size=vocab_size),
+        training=check_batch_sizes(training, dp_size),
+        layers=dict(transformer_impl=transformer_impl_in_use(config.layers.transformer_impl)),
+    )
     training, ckpt, logging = config.training, config.checkpoint, config.logging
     num_microbatches = training.global_batch_size // (training.micro_batch_size * dp_size)
     # the training steps' batches: megatron-core's calculator (--rampup-batch-size grows them)
-    start_calculator(rank=dist.get_rank(), rampup=training.rampup_batch_size,
-                     global_batch_size=training.global_batch_size,
-                     micro_batch_size=training.micro_batch_size, data_parallel_size=dp_size)
+    start_calculator(
+        rank=dist.get_rank(),
+        rampup=training.rampup_batch_size,
+        global_batch_size=training.global_batch_size,
+        micro_batch_size=training.micro_batch_size,
+        data_parallel_size=dp_size,
+    )
     objects = build_training_objects(config, device=device)
     model_chunks = objects.model_chunks
     optimizer, scheduler, regularizer = objects.optimizer, objects.scheduler, objects.regularizer
@@ -161,8 +176,11 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
         hooks += expert_load.attach(model_chunks, routing_load)
 
     # --async-save needs the persistent writer, as in Megatron-LM (argument_notes says so)
-    async_saves = (checkpointing.AsyncSaves(persistent=True)
-                   if ckpt.async_save and ckpt.use_persistent_ckpt_worker else None)
+    async_saves = (
+        checkpointing.AsyncSaves(persistent=True)
+        if ckpt.async_save and ckpt.use_persistent_ckpt_worker
+        else None
+    )
 
     def saved_in_background(log, blocking=False):
         for directory in async_saves.finalize(blocking=blocking) if async_saves else ():
@@ -171,18 +189,32 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
 
     def save(log=None):
         saved_in_background(log, blocking=True)  # one background save at a time
-        _save(config, state, model_chunks, optimizer, scheduler, regularizer, dp_size, log,
-              async_saves)
+        _save(
+            config,
+            state,
+            model_chunks,
+            optimizer,
+            scheduler,
+            regularizer,
+            dp_size,
+            log,
+            async_saves,
+        )
 
     try:
         if ckpt.load:
             # --finetune takes the weights only: a new run starts from them (as Megatron-LM).
             fresh_start = ckpt.finetune
             restored = checkpointing.load_checkpoint(
-                ckpt.load, model_chunks, optimizer, scheduler, regularizer=regularizer,
+                ckpt.load,
+                model_chunks,
+                optimizer,
+                scheduler,
+                regularizer=regularizer,
                 load_optimizer=not (ckpt.no_load_optim or fresh_start or skip_train),
                 load_rng=not (ckpt.no_load_rng or fresh_start),
-                load_training_state=not fresh_start, model_config=config.model,
+                load_training_state=not fresh_start,
+                model_config=config.model,
                 fully_parallel=ckpt.ckpt_fully_parallel_load,
             )
             if restored is not None and not fresh_start:
@@ -202,45 +234,76 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
             split, dropped = drop_empty_splits(data.data_path, data.split)
             for name in dropped:
                 if dist.get_rank() == 0:
-                    print(f" note: the {name} split of --split {data.split} holds no document "
-                          "of the data; it is skipped", flush=True)
+                    print(
+                        f" note: the {name} split of --split {data.split} holds no document "
+                        "of the data; it is skipped",
+                        flush=True,
+                    )
         splits = build_splits(
-            data_path=data.data_path, split=split,
+            data_path=data.data_path,
+            split=split,
             per_split_paths=(data.train_data_path, data.valid_data_path, data.test_data_path),
-            seq_length=config.model.seq_length, tokenizer=tokenizer,
-            num_samples=num_samples(config), seed=training.seed,
-            mock=data.mock_data, cache_path=data.data_cache_path,
+            seq_length=config.model.seq_length,
+            tokenizer=tokenizer,
+            num_samples=num_samples(config),
+            seed=training.seed,
+            mock=data.mock_data,
+            cache_path=data.data_cache_path,
         )
         dp_rank = parallel_state.get_data_parallel_rank()
-        domains = evaluation_domains(logging.eval_domains, logging.eval_domain_key,
-                                     val=splits.valid, test=splits.test)
+        domains = evaluation_domains(
+            logging.eval_domains, logging.eval_domain_key, val=splits.valid, test=splits.test
+        )
 
         def batches_of(dataset, consumed):
-            for batch in micro_batches(dataset, consumed_samples=consumed,
-                                       micro_batch_size=training.micro_batch_size,
-                                       data_parallel_rank=dp_rank, data_parallel_size=dp_size):
+            for batch in micro_batches(
+                dataset,
+                consumed_samples=consumed,
+                micro_batch_size=training.micro_batch_size,
+                data_parallel_rank=dp_rank,
+                data_parallel_size=dp_size,
+            ):
                 yield to_device(batch, device)
 
-        step_kwargs = dict(seq_length=config.model.seq_length,
-                           micro_batch_size=training.micro_batch_size)
+        step_kwargs = dict(
+            seq_length=config.model.seq_length, micro_batch_size=training.micro_batch_size
+        )
 
         def evaluation(name, dataset):
             """The ``<name>_lm_loss`` record of the split's first --eval-iters global batches, or
             of all its samples (--full-validation)."""
             samples = len(dataset) if logging.full_validation else logging.eval_iters * batch
             collect_garbage(training, evaluation=True)
-            batches = (to_device(b, device) for b in evaluation_batches(
-                dataset, num_samples=samples, global_batch_size=batch,
-                micro_batch_size=training.micro_batch_size, data_parallel_rank=dp_rank,
-                data_parallel_size=dp_size, token_domains=domains.get(name)))
+            batches = (
+                to_device(b, device)
+                for b in evaluation_batches(
+                    dataset,
+                    num_samples=samples,
+                    global_batch_size=batch,
+                    micro_batch_size=training.micro_batch_size,
+                    data_parallel_rank=dp_rank,
+                    data_parallel_size=dp_size,
+                    token_domains=domains.get(name),
+                )
+            )
             per_step = [min(batch, samples - start) for start in range(0, samples, batch)]
             domain_names = domains[name].names if name in domains else ()
             loss, per_domain = evaluate(
-                model_chunks, batches, num_microbatches, per_step, device,
-                global_batch_size=batch, domain_names=domain_names, **step_kwargs)
+                model_chunks,
+                batches,
+                num_microbatches,
+                per_step,
+                device,
+                global_batch_size=batch,
+                domain_names=domain_names,
+                **step_kwargs,
+            )
             collect_garbage(training, evaluation=True)
-            record = {"iteration": state.iteration, f"{name}_lm_loss": loss,
-                      f"{name}_samples": samples}
+            record = {
+                "iteration": state.iteration,
+                f"{name}_lm_loss": loss,
+                f"{name}_samples": samples,
+            }
             if per_domain:
                 record[f"{name}_lm_loss_per_domain"] = per_domain
             return record
@@ -251,11 +314,15 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
             # --skip-train writes nothing: its losses go to the console only
             metrics_dir=None if skip_train else ckpt.save,
             tensorboard_dir=None if skip_train else logging.tensorboard_dir,
-            total_iterations=training.train_iters, start_iteration=state.iteration,
-            enabled=is_logging_rank, per_layer=logging.moe_per_layer_logging,
-            timers=logging.log_timers_to_tensorboard, memory=logging.log_memory_to_tensorboard,
+            total_iterations=training.train_iters,
+            start_iteration=state.iteration,
+            enabled=is_logging_rank,
+            per_layer=logging.moe_per_layer_logging,
+            timers=logging.log_timers_to_tensorboard,
+            memory=logging.log_memory_to_tensorboard,
             wandb_run=wandb_log.open_wandb_run(logging, save=ckpt.save, config=config.to_dict())
-            if is_logging_rank and not skip_train else None,
+            if is_logging_rank and not skip_train
+            else None,
         )
         if skip_train:
             for name, dataset in (("val", splits.valid), ("test", splits.test)):
@@ -272,15 +339,16 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
             gc.disable()
             gc.collect()
         signals = ExitSignals() if training.exit_signal_handler else None
-        profiler = profiling.StepProfiler.for_run(logging, rank=dist.get_rank(),
-                                                  save=ckpt.save, device=device)
+        profiler = profiling.StepProfiler.for_run(
+            logging, rank=dist.get_rank(), save=ckpt.save, device=device
+        )
         profiling.start_memory_history(logging, device)
         saved_at = None
         health = RoutingHealth()
         # Lory's dense warm-up: dense until step lory_warmup, then every expert a copy of the FFN
         lory_warmup = lory_layer.dense_warmup_steps(
-            getattr(config.model.router_options, "dense_warmup_fraction", 0.0),
-            training.train_iters)
+            getattr(config.model.router_options, "dense_warmup_fraction", 0.0), training.train_iters
+        )
         lory_layer.set_dense_warmup(model_chunks, state.iteration < lory_warmup)
         while state.iteration < training.train_iters:
             if lory_warmup and state.iteration == lory_warmup:
@@ -292,8 +360,16 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
             step_batch = get_current_global_batch_size()
             with timers.phase("batch-generator") if timers else contextlib.nullcontext():
                 batches = [next(train_batches) for _ in range(get_num_microbatches())]
-            record = train_step(model_chunks, optimizer, scheduler, regularizer, batches,
-                                global_batch_size=step_batch, timers=timers, **step_kwargs)
+            record = train_step(
+                model_chunks,
+                optimizer,
+                scheduler,
+                regularizer,
+                batches,
+                global_batch_size=step_batch,
+                timers=timers,
+                **step_kwargs,
+            )
             state.iteration += 1
             if profiler:
                 profiler.after_step(state.iteration)
@@ -306,19 +382,35 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
             state.history.append(record)
             window.append(record)
             log.advance()
-            if (state.iteration % logging.log_interval == 0
-                    or state.iteration == training.train_iters):
-                log_window(log, window, config, state, world_size, health,
-                           routing_load=routing_load, timers=timers, device=device)
+            if (
+                state.iteration % logging.log_interval == 0
+                or state.iteration == training.train_iters
+            ):
+                log_window(
+                    log,
+                    window,
+                    config,
+                    state,
+                    world_size,
+                    health,
+                    routing_load=routing_load,
+                    timers=timers,
+                    device=device,
+                )
                 window = []
-                profiling.write_memory_snapshot(logging, is_last_rank=dist.get_rank() ==
-                                                dist.get_world_size() - 1)
+                profiling.write_memory_snapshot(
+                    logging, is_last_rank=dist.get_rank() == dist.get_world_size() - 1
+                )
             elif state.iteration - state.start_iteration in EARLY_LINES:
                 # a launch's first steps on the console too (not in metrics.jsonl, whose records
                 # stay one per --log-interval window): a sign of life, and stage I's dense dip
                 log_window(log, [record], config, state, world_size, console_only=True)
-            if (logging.eval_interval and state.iteration % logging.eval_interval == 0
-                    and splits.valid and evaluates):
+            if (
+                logging.eval_interval
+                and state.iteration % logging.eval_interval == 0
+                and splits.valid
+                and evaluates
+            ):
                 result = evaluation("val", splits.valid)
                 record.val_lm_loss = result["val_lm_loss"]
                 log.evaluation(result)
@@ -385,14 +477,19 @@ def check_save_path(config: RunConfig) -> None:
     not resume (training from step 0 would replace its checkpoints and append a second history
     to its metrics.jsonl). Resuming is ``--load`` equal to ``--save``, as in Megatron-LM."""
     ckpt = config.checkpoint
-    for flag, directory in (("--save", ckpt.save),
-                            ("--tensorboard-dir", config.logging.tensorboard_dir)):
+    for flag, directory in (
+        ("--save", ckpt.save),
+        ("--tensorboard-dir", config.logging.tensorboard_dir),
+    ):
         if directory:
             check_writable_directory(flag, directory)
     if not ckpt.save:
         return
-    resumes = (ckpt.load and not ckpt.finetune
-               and os.path.realpath(ckpt.load) == os.path.realpath(ckpt.save))
+    resumes = (
+        ckpt.load
+        and not ckpt.finetune
+        and os.path.realpath(ckpt.load) == os.path.realpath(ckpt.save)
+    )
     if resumes:
         return
     if run_directory.has_checkpoint(ckpt.save):
@@ -418,8 +515,11 @@ def check_writable_directory(flag: str, directory: str) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        what = ("is a file" if existing == os.path.abspath(directory)
-                else f"is under the file {existing}")
+        what = (
+            "is a file"
+            if existing == os.path.abspath(directory)
+            else f"is under the file {existing}"
+        )
         raise ConfigError(f"{flag} {directory} {what}, not a directory; give a directory")
     try:
         with tempfile.TemporaryFile(dir=existing):
@@ -435,16 +535,22 @@ def data_blends(data) -> list:
     """``(flag, blend)`` for each blend the run reads from disk."""
     if data.mock_data:
         return []
-    named = [("--data-path", data.data_path), ("--train-data-path", data.train_data_path),
-             ("--valid-data-path", data.valid_data_path), ("--test-data-path", data.test_data_path)]
+    named = [
+        ("--data-path", data.data_path),
+        ("--train-data-path", data.train_data_path),
+        ("--valid-data-path", data.valid_data_path),
+        ("--test-data-path", data.test_data_path),
+    ]
     return [(flag, blend) for flag, blend in named if blend]
 
 
 def describe_tokenizer(data, tokenizer) -> str:
     """'--tokenizer-type T (FILE, N tokens)' for messages."""
     source = data.vocab_file or data.tokenizer_model
-    return (f"--tokenizer-type {data.tokenizer_type} ({source + ', ' if source else ''}"
-            f"{tokenizer.vocab_size} tokens)")
+    return (
+        f"--tokenizer-type {data.tokenizer_type} ({source + ', ' if source else ''}"
+        f"{tokenizer.vocab_size} tokens)"
+    )
 
 
 def _report_load(ckpt, restored, regularizer, fresh_run, skip_train=False) -> None:
@@ -453,25 +559,34 @@ def _report_load(ckpt, restored, regularizer, fresh_run, skip_train=False) -> No
         print(f" note: no checkpoint in {ckpt.load} yet: training from scratch", flush=True)
         return
     for directory, problem in restored["skipped"]:
-        print(f" WARNING: checkpoint {directory} does not load ({problem}); using the previous "
-              "one", flush=True)
+        print(
+            f" WARNING: checkpoint {directory} does not load ({problem}); using the previous one",
+            flush=True,
+        )
     if skip_train:
-        print(f" evaluating {restored['directory']} (iteration {restored['iteration']}) without "
-              "training (--skip-train)", flush=True)
+        print(
+            f" evaluating {restored['directory']} (iteration {restored['iteration']}) without "
+            "training (--skip-train)",
+            flush=True,
+        )
         return
     if ckpt.finetune:
-        print(f" loaded the weights of {restored['directory']} (iteration "
-              f"{restored['iteration']}) for a new run (--finetune)", flush=True)
+        print(
+            f" loaded the weights of {restored['directory']} (iteration "
+            f"{restored['iteration']}) for a new run (--finetune)",
+            flush=True,
+        )
         return
-    details = [f"iteration {restored['iteration']}",
-               f"consumed samples {restored['consumed_samples']:,}"]
+    details = [
+        f"iteration {restored['iteration']}",
+        f"consumed samples {restored['consumed_samples']:,}",
+    ]
     if regularizer is not None:
         details.append(f"l1 coeff {float(regularizer.l1_coeff):.4E}")
     weights_only = " (weights only: --no-load-optim)" if ckpt.no_load_optim else ""
     if restored.get("megatron_lm"):
         weights_only += " (Megatron-LM's layout; its RNG states are not restored)"
-    print(f" resuming from {restored['directory']}: {', '.join(details)}{weights_only}",
-          flush=True)
+    print(f" resuming from {restored['directory']}: {', '.join(details)}{weights_only}", flush=True)
 
 
 @dataclass
@@ -492,7 +607,10 @@ def build_training_objects(config: RunConfig, *, device: torch.device) -> Traini
     training = config.training
     regularizer = build_regularizer(config.model, device=device)
     built = build_model_for_run(
-        config.model, config.parallel, config.layers, cuda_available=device.type == "cuda",
+        config.model,
+        config.parallel,
+        config.layers,
+        cuda_available=device.type == "cuda",
         bf16=training.bf16,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -502,7 +620,8 @@ def build_training_objects(config: RunConfig, *, device: torch.device) -> Traini
     if training.bf16:
         model = Float16Module(built.transformer_config, model)
     ddp = wrap_with_ddp(
-        model, built.transformer_config,
+        model,
+        built.transformer_config,
         use_distributed_optimizer=training.use_distributed_optimizer,
         overlap_grad_reduce=training.overlap_grad_reduce,
         overlap_param_gather=training.overlap_param_gather,
@@ -510,8 +629,10 @@ def build_training_objects(config: RunConfig, *, device: torch.device) -> Traini
     optimizer = get_megatron_optimizer(optimizer_config(training), [ddp])
     initialize_adam_state(optimizer)
     return TrainingObjects(
-        model_chunks=[ddp], optimizer=optimizer,
-        scheduler=lr_scheduler(training, optimizer), regularizer=regularizer,
+        model_chunks=[ddp],
+        optimizer=optimizer,
+        scheduler=lr_scheduler(training, optimizer),
+        regularizer=regularizer,
     )
 
 
@@ -532,13 +653,16 @@ def optimizer_config(training: TrainingConfig) -> OptimizerConfig:
     )
 
 
-def collect_garbage(training: TrainingConfig, *, iteration: Optional[int] = None,
-                    evaluation: bool = False) -> bool:
+def collect_garbage(
+    training: TrainingConfig, *, iteration: Optional[int] = None, evaluation: bool = False
+) -> bool:
     """--manual-gc's collection points: every --manual-gc-interval steps, and before and after
     each evaluation (unless --no-manual-gc-eval). Whether it collected."""
     due = training.manual_gc and (
-        training.manual_gc_eval if evaluation else
-        bool(training.manual_gc_interval) and iteration % training.manual_gc_interval == 0)
+        training.manual_gc_eval
+        if evaluation
+        else bool(training.manual_gc_interval) and iteration % training.manual_gc_interval == 0
+    )
     if due:
         gc.collect()
     return due
@@ -560,8 +684,11 @@ def lr_scheduler(training: TrainingConfig, optimizer) -> OptimizerParamScheduler
     else:
         warmup_samples = samples(training.lr_warmup_iters)
     if warmup_samples >= decay_samples:
-        warmup_iters = (training.lr_warmup_iters if training.lr_warmup_fraction is None
-                        else warmup_samples // batch)
+        warmup_iters = (
+            training.lr_warmup_iters
+            if training.lr_warmup_fraction is None
+            else warmup_samples // batch
+        )
         raise ConfigError(
             f"the LR warm-up ({warmup_iters} iterations) must end "
             f"before the decay does ({decay_iters} iterations); shorten --lr-warmup-iters/"
@@ -575,8 +702,11 @@ def lr_scheduler(training: TrainingConfig, optimizer) -> OptimizerParamScheduler
         lr_warmup_steps=warmup_samples,
         lr_decay_steps=decay_samples,
         lr_decay_style=training.lr_decay_style,
-        wsd_decay_steps=(None if training.lr_wsd_decay_iters is None
-                         else decay_samples - samples(decay_iters - training.lr_wsd_decay_iters)),
+        wsd_decay_steps=(
+            None
+            if training.lr_wsd_decay_iters is None
+            else decay_samples - samples(decay_iters - training.lr_wsd_decay_iters)
+        ),
         lr_wsd_decay_style=training.lr_wsd_decay_style,
         start_wd=training.weight_decay,
         end_wd=training.weight_decay,
@@ -592,8 +722,11 @@ def num_samples(config: RunConfig) -> tuple[int, Optional[int], Optional[int]]:
     order not following ``--seed``, across seeds). ``--skip-train`` builds no training split."""
     training = config.training
     batch = training.global_batch_size
-    train = 0 if config.logging.skip_train else samples_after(
-        training.train_iters, batch, training.rampup_batch_size)
+    train = (
+        0
+        if config.logging.skip_train
+        else samples_after(training.train_iters, batch, training.rampup_batch_size)
+    )
     if config.logging.full_validation:
         return train, None, None
     per_evaluation = max(config.logging.eval_iters, 1) * batch
@@ -615,9 +748,18 @@ def _count_skips(state: RunState, record: StepRecord, max_skipped_steps: int) ->
 
 
 @torch.no_grad()
-def evaluate(model_chunks, batches, num_microbatches: int, samples_per_step: list,
-             device: torch.device, *, global_batch_size: int, seq_length: int,
-             micro_batch_size: int, domain_names: Sequence[str] = ()) -> tuple[float, dict]:
+def evaluate(
+    model_chunks,
+    batches,
+    num_microbatches: int,
+    samples_per_step: list,
+    device: torch.device,
+    *,
+    global_batch_size: int,
+    seq_length: int,
+    micro_batch_size: int,
+    domain_names: Sequence[str] = (),
+) -> tuple[float, dict]:
     """Token-mean LM loss over global batches of which the i-th scores ``samples_per_step[i]``
     samples (a last one filled up with masked samples: ``gpt_datasets.evaluation_batches``), and,
     for batches with ``domains_BSD``, the token-mean loss of each of ``domain_names`` that has
@@ -629,9 +771,14 @@ def evaluate(model_chunks, batches, num_microbatches: int, samples_per_step: lis
     per_domain_2D = torch.zeros(2, len(domain_names), dtype=torch.float64)
     for samples in samples_per_step:
         step_batches = [next(batches) for _ in range(num_microbatches)]
-        loss = forward_backward(model_chunks, step_batches, forward_only=True,
-                                num_microbatches=num_microbatches, seq_length=seq_length,
-                                micro_batch_size=micro_batch_size)
+        loss = forward_backward(
+            model_chunks,
+            step_batches,
+            forward_only=True,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+        )
         weight = samples / global_batch_size  # every sample has seq_length scored tokens
         total += float(loss["lm_loss"]) * weight
         count += weight
@@ -639,8 +786,12 @@ def evaluate(model_chunks, batches, num_microbatches: int, samples_per_step: lis
             per_domain_2D += loss["lm_loss_per_domain_2D"].double().cpu()
     for chunk in model_chunks:
         chunk.train()
-    losses = torch.cat([torch.tensor([total / count if count else float("nan")]),
-                        per_domain_2D.reshape(-1).float()])
+    losses = torch.cat(
+        [
+            torch.tensor([total / count if count else float("nan")]),
+            per_domain_2D.reshape(-1).float(),
+        ]
+    )
     # only the last stage computed them; everyone reports the same values
     group = parallel_state.get_pipeline_model_parallel_group()
     if dist.get_world_size(group) > 1:
@@ -648,8 +799,11 @@ def evaluate(model_chunks, batches, num_microbatches: int, samples_per_step: lis
         losses = losses.to(device)
         dist.broadcast(losses, src=last, group=group)
     summed_D, tokens_D = losses[1:].cpu().double().reshape(2, -1)
-    per_domain = {name: float(summed_D[d] / tokens_D[d])
-                  for d, name in enumerate(domain_names) if tokens_D[d] > 0}
+    per_domain = {
+        name: float(summed_D[d] / tokens_D[d])
+        for d, name in enumerate(domain_names)
+        if tokens_D[d] > 0
+    }
     return float(losses[0]), per_domain
 
 
@@ -657,10 +811,19 @@ def evaluate(model_chunks, batches, num_microbatches: int, samples_per_step: lis
 EARLY_LINES = (1, 2, 5, 10)
 
 
-def log_window(log, window: list, config: RunConfig, state: RunState, world_size: int,
-               health: Optional[RoutingHealth] = None, console_only: bool = False, *,
-               routing_load: Optional[ExpertLoad] = None, timers=None,
-               device: Optional[torch.device] = None) -> None:
+def log_window(
+    log,
+    window: list,
+    config: RunConfig,
+    state: RunState,
+    world_size: int,
+    health: Optional[RoutingHealth] = None,
+    console_only: bool = False,
+    *,
+    routing_load: Optional[ExpertLoad] = None,
+    timers=None,
+    device: Optional[torch.device] = None,
+) -> None:
     """Average the window's step records into one, with the window's expert shares, timers and
     memory; report changes of the routing's health. Every rank calls it (the window's counts,
     timers and memory are reduced over ranks). ``console_only``: the line alone (no record
@@ -704,14 +867,16 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
     else:
         active = model_config.nominal_active_experts
         for name in last.aux_losses_L:
-            out[name] = _mean(float(r.aux_losses_L[name].sum() / model_config.num_layers)
-                              for r in records)
+            out[name] = _mean(
+                float(r.aux_losses_L[name].sum() / model_config.num_layers) for r in records
+            )
             # the MoE layers' values (the other rows are zero)
             losses_L = torch.stack([r.aux_losses_L[name] for r in records]).mean(0)
             out[f"{name}_per_layer"] = [float(v) for v in losses_L[losses_L != 0]]
     if routing_load is not None and not console_only:
-        out.update(_routing_shares(routing_load.window(), log, state, health, collapsed,
-                                   len(records)))
+        out.update(
+            _routing_shares(routing_load.window(), log, state, health, collapsed, len(records))
+        )
     if not console_only:
         device = device or torch.device("cpu")
         if timers is not None:
@@ -727,8 +892,9 @@ def log_window(log, window: list, config: RunConfig, state: RunState, world_size
             log.print(timer_lines)
 
 
-def _routing_shares(shares, log, state: RunState, health: Optional[RoutingHealth],
-                    collapsed: set, steps: int) -> dict:
+def _routing_shares(
+    shares, log, state: RunState, health: Optional[RoutingHealth], collapsed: set, steps: int
+) -> dict:
     """The window's expert shares: per MoE layer, and the model's summary; dead experts (the
     health report hears of changes; every window's state goes to metrics.jsonl)."""
     per_layer = shares.per_layer()
@@ -747,8 +913,9 @@ def _routing_shares(shares, log, state: RunState, health: Optional[RoutingHealth
         experts_per_token=_mean(per_layer["experts_per_token"]),
         tokens_without_expert=_mean(per_layer["tokens_without_expert"]),
         dead_experts=len(dead),
-        dead_experts_per_layer=[sorted(e for dead_layer, e in dead if dead_layer == layer)
-                                for layer in layers],
+        dead_experts_per_layer=[
+            sorted(e for dead_layer, e in dead if dead_layer == layer) for layer in layers
+        ],
     )
     out.update({f"{key}_per_layer": values for key, values in per_layer.items()})
     return out
@@ -776,20 +943,38 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _save(config: RunConfig, state, model_chunks, optimizer, scheduler, regularizer, dp_size,
-          log=None, async_saves=None) -> None:
+def _save(
+    config: RunConfig,
+    state,
+    model_chunks,
+    optimizer,
+    scheduler,
+    regularizer,
+    dp_size,
+    log=None,
+    async_saves=None,
+) -> None:
     started = time.perf_counter()
     ckpt = config.checkpoint
     directory = checkpointing.save_checkpoint(
-        ckpt.save, state.iteration, model_chunks,
-        None if ckpt.no_save_optim else optimizer, scheduler,
-        consumed_samples=state.consumed_samples, regularizer=regularizer,
-        run_config=config.to_dict(), data_parallel_size=dp_size,
+        ckpt.save,
+        state.iteration,
+        model_chunks,
+        None if ckpt.no_save_optim else optimizer,
+        scheduler,
+        consumed_samples=state.consumed_samples,
+        regularizer=regularizer,
+        run_config=config.to_dict(),
+        data_parallel_size=dp_size,
         fully_parallel=ckpt.ckpt_fully_parallel_save,
-        fully_reshardable=ckpt.dist_ckpt_optim_fully_reshardable, async_saves=async_saves,
+        fully_reshardable=ckpt.dist_ckpt_optim_fully_reshardable,
+        async_saves=async_saves,
     )
     if log is not None:
         seconds = time.perf_counter() - started
-        log.print(f" checkpoint {directory} is being written in the background (training was "
-                  f"held {seconds:.1f} s)" if async_saves else
-                  f" saved checkpoint {directory} ({seconds:.1f} s)")
+        log.print(
+            f" checkpoint {directory} is being written in the background (training was "
+            f"held {seconds:.1f} s)"
+            if async_saves
+            else f" saved checkpoint {directory} ({seconds:.1f} s)"
+        )

@@ -33,8 +33,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from remoe_patches.routing.regularizer import AdaptiveL1, RoutingStats
 
 
-def lm_loss_func(loss_mask_BS: torch.Tensor, output_tensor: torch.Tensor,
-                 domains_BSD: Optional[torch.Tensor] = None):
+def lm_loss_func(
+    loss_mask_BS: torch.Tensor,
+    output_tensor: torch.Tensor,
+    domains_BSD: Optional[torch.Tensor] = None,
+):
     """Summed masked token losses, their count, and what to report (megatron's 3-tuple form).
     With ``domains_BSD`` (evaluation per domain) the report adds each domain's summed loss and
     token count, ``lm loss per domain`` (2, D)."""
@@ -46,18 +49,18 @@ def lm_loss_func(loss_mask_BS: torch.Tensor, output_tensor: torch.Tensor,
     if domains_BSD is not None:
         in_domain_TD = domains_BSD.reshape(losses.numel(), -1).float() * loss_mask[:, None]
         report["lm loss per domain"] = torch.stack(
-            [losses.detach() @ in_domain_TD, in_domain_TD.sum(dim=0)])
+            [losses.detach() @ in_domain_TD, in_domain_TD.sum(dim=0)]
+        )
     return loss, num_tokens, report
 
 
 def gpt_forward_step(data_iterator: Iterator[dict], model):
     """megatron's ``forward_step_func`` for a GPT model on a batch dict."""
     batch = next(data_iterator)
-    output = model(
-        batch["tokens_BS"], batch["position_ids_BS"], None, labels=batch["labels_BS"]
+    output = model(batch["tokens_BS"], batch["position_ids_BS"], None, labels=batch["labels_BS"])
+    return output, partial(
+        lm_loss_func, batch["loss_mask_BS"], domains_BSD=batch.get("domains_BSD")
     )
-    return output, partial(lm_loss_func, batch["loss_mask_BS"],
-                           domains_BSD=batch.get("domains_BSD"))
 
 
 def wrap_with_ddp(
@@ -198,12 +201,18 @@ def train_step(
     reduction of its statistics and the lambda update) runs inside it (the benchmark counts the
     host syncs made there). ``timers``: ``step_timers.StepTimers`` to time the phases with.
     """
+
     def phase(name):
         return timers.phase(name) if timers is not None else contextlib.nullcontext()
 
     optimizer.zero_grad()
-    lm_loss = forward_backward(model_chunks, batches, num_microbatches=len(batches),
-                               seq_length=seq_length, micro_batch_size=micro_batch_size)["lm_loss"]
+    lm_loss = forward_backward(
+        model_chunks,
+        batches,
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+    )["lm_loss"]
     with phase("optimizer"):
         # The optimizer's own step() in parts, so that a non-finite gradient skips the update
         # after the norm is known, without preparing the gradients and taking the norm twice.
@@ -213,9 +222,13 @@ def train_step(
         optimizer.prepare_grads()
         grad_norm = float(optimizer.get_grad_norm() or 0.0)
         finite = math.isfinite(grad_norm)
-        record = StepRecord(lm_loss=lm_loss, grad_norm=grad_norm, skipped=not finite,
-                            lr=optimizer.param_groups[0]["lr"],
-                            global_batch_size=global_batch_size)
+        record = StepRecord(
+            lm_loss=lm_loss,
+            grad_norm=grad_norm,
+            skipped=not finite,
+            lr=optimizer.param_groups[0]["lr"],
+            global_batch_size=global_batch_size,
+        )
         if finite:
             _clip_grads(optimizer, grad_norm)
             optimizer.step_with_ready_grads()
@@ -236,7 +249,9 @@ def _clip_grads(optimizer, grad_norm: float) -> None:
         if part.config.clip_grad > 0.0 and params:
             # Through the module, like megatron's optimizer: a CPU run's shim replaces it there.
             clip_grads.clip_grad_by_total_norm_fp32(
-                params, max_norm=part.config.clip_grad, total_norm=grad_norm,
+                params,
+                max_norm=part.config.clip_grad,
+                total_norm=grad_norm,
                 use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
             )
 

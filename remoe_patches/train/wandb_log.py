@@ -29,8 +29,10 @@ def wandb_problem(logging, save: Optional[str]) -> Optional[str]:
     if not (logging.wandb_save_dir or save):
         return "--wandb-project needs --save or --wandb-save-dir (where W&B writes the run)"
     if importlib.util.find_spec("wandb") is None:
-        return ("--wandb-project needs the wandb package: pip install 'remoe[wandb]' (or "
-                "wandb), or drop the W&B flags")
+        return (
+            "--wandb-project needs the wandb package: pip install 'remoe[wandb]' (or "
+            "wandb), or drop the W&B flags"
+        )
     return None
 
 
@@ -53,6 +55,12 @@ def open_wandb_run(logging, *, save: Optional[str], config: dict):
     else:
         run_id = uuid.uuid4().hex[:8]  # W&B's own id form: 8 of [a-z0-9]
         id_file.write_text(run_id + "\n")
-    return wandb.init(dir=str(directory), project=logging.wandb_project,
-                      name=logging.wandb_exp_name, entity=logging.wandb_entity or None,
-                      id=run_id, resume="allow", config=config)
+    return wandb.init(
+        dir=str(directory),
+        project=logging.wandb_project,
+        name=logging.wandb_exp_name,
+        entity=logging.wandb_entity or None,
+        id=run_id,
+        resume="allow",
+        config=config,
+    )

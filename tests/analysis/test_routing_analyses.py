@@ -33,16 +33,23 @@ def test_stages_from_metrics(routing_run, tmp_path):
     result = analysis.stages(routing_run, tmp_path)
     rows = check_outputs(result, "stages")
     records = [r for r in run_metrics.read_metrics(routing_run) if "lm_loss" in r]
-    assert ([int(r["iteration"]) for r in rows] == [r["iteration"] for r in records]
-            == list(range(1, 7)))
+    assert (
+        [int(r["iteration"]) for r in rows]
+        == [r["iteration"] for r in records]
+        == list(range(1, 7))
+    )
     for row, record in zip(rows, records):
         for key in ("sparsity", "l1_coeff", "reg_loss", "lm_loss"):
             assert float(row[key]) == pytest.approx(record[key], rel=1e-12)
-        assert [float(row[f"sparsity_layer_{i}"]) for i in (1, 2)] == \
-            pytest.approx(record["sparsity_per_layer"], rel=1e-12)
+        assert [float(row[f"sparsity_layer_{i}"]) for i in (1, 2)] == pytest.approx(
+            record["sparsity_per_layer"], rel=1e-12
+        )
     validation = {int(r["iteration"]): float(r["val_lm_loss"]) for r in rows if r["val_lm_loss"]}
-    assert validation == {r["iteration"]: r["val_lm_loss"]
-                          for r in run_metrics.read_metrics(routing_run) if "val_lm_loss" in r}
+    assert validation == {
+        r["iteration"]: r["val_lm_loss"]
+        for r in run_metrics.read_metrics(routing_run)
+        if "val_lm_loss" in r
+    }
     assert result.summary["target_sparsity"] == 0.875  # 1 - k/E, read from the checkpoint
     assert {row["stage"] for row in rows} <= {"I", "II", "III"}
 
@@ -61,7 +68,8 @@ def test_per_token_counts_add_up(routed, tmp_path):
         assert int(row["count"]) == count
         assert int(row["active_total"]) == active_per_token[tokens == token].sum()
         assert float(row["mean_active_experts"]) == pytest.approx(
-            active_per_token[tokens == token].sum() / (count * 2))
+            active_per_token[tokens == token].sum() / (count * 2)
+        )
     counts = [int(r["count"]) for r in rows]
     assert counts == sorted(counts, reverse=True)
 
@@ -69,8 +77,10 @@ def test_per_token_counts_add_up(routed, tmp_path):
 def test_per_domain_fractions_are_direct_counts(routing_corpus, routed, tmp_path):
     sample, direct = routed["samples"][-1], routed["direct"][-1]
     written = json.loads(Path(routing_corpus.domains_file).read_text())
-    rows = check_outputs(analysis.per_domain(
-        sample, domains.read_domains(routing_corpus.domains_file), tmp_path), "per_domain")
+    rows = check_outputs(
+        analysis.per_domain(sample, domains.read_domains(routing_corpus.domains_file), tmp_path),
+        "per_domain",
+    )
     token_domains = np.array([written[d] for d in routed["calibration"].documents_NS.reshape(-1)])
     flat = direct.reshape(-1, 2, 8)
     assert len(rows) == 2 * len(set(token_domains))
@@ -82,7 +92,8 @@ def test_per_domain_fractions_are_direct_counts(routing_corpus, routed, tmp_path
         got = [float(row[f"expert_{e}"]) for e in range(8)]
         assert got == pytest.approx(expected.tolist(), abs=1e-12)
         assert float(row["active_experts"]) == pytest.approx(
-            flat[mine, layer, :].sum() / mine.sum())
+            flat[mine, layer, :].sum() / mine.sum()
+        )
 
 
 def test_load_dead_experts_and_collapsed_layers(routed, tmp_path):

@@ -24,7 +24,7 @@ def test_calibration_is_document_beginnings(routing_corpus, routed):
     assert len(set(order.tolist())) == len(order) > 1  # each document once, several of them
     for index, (start, end) in enumerate(zip(starts, ends)):
         document = np.asarray(dataset[order[index]], dtype=np.int64)
-        assert np.array_equal(tokens[start:end], document[:end - start])
+        assert np.array_equal(tokens[start:end], document[: end - start])
         if index < len(order) - 1:  # all but the last: the first 4 * S tokens, or all of them
             assert end - start == min(len(document), 4 * SEQ_LENGTH)
     assert calibration.tokens_NS.shape == (NUM_SEQUENCES, SEQ_LENGTH)

@@ -27,8 +27,17 @@ TOPK_ONLY_FLAGS = ["--moe-router-pre-softmax", "--moe-aux-loss-coeff"]
 # Spec §3: layers, hidden, heads of each preset.
 PAPER_SIZES = {"182m": (12, 768, 12), "469m": (24, 1024, 16), "978m": (24, 1536, 16)}
 PATHS_ON_COMMAND_LINE = [
-    "--data-path", "0.6", "data/a_text_document", "0.4", "data/b_text_document",
-    "--vocab-file", "gpt2-vocab.json", "--merge-file", "gpt2-merges.txt", "--save", "runs/x",
+    "--data-path",
+    "0.6",
+    "data/a_text_document",
+    "0.4",
+    "data/b_text_document",
+    "--vocab-file",
+    "gpt2-vocab.json",
+    "--merge-file",
+    "gpt2-merges.txt",
+    "--save",
+    "runs/x",
 ]
 
 
@@ -36,7 +45,7 @@ def without(argv, flag):
     """``argv`` without ``flag`` and, if it takes one, its value."""
     index = argv.index(flag)
     takes_value = index + 1 < len(argv) and not argv[index + 1].startswith("--")
-    return argv[:index] + argv[index + 1 + takes_value:]
+    return argv[:index] + argv[index + 1 + takes_value :]
 
 
 def parse_error(argv, capsys):
@@ -70,12 +79,25 @@ def test_authors_remoe_script_gives_the_papers_model():
     with pytest.warns(UserWarning, match="--sequence-parallel"):
         args = parse_args(AUTHORS_182M_REMOE)
     expected = ModelConfig(
-        num_layers=12, hidden_size=768, num_attention_heads=12, num_query_groups=4,
-        ffn_hidden_size=3072, seq_length=1024, rotary_base=1_000_000, init_method_std=0.01,
-        router="relu", num_experts=8, topk=1, granularity=1, moe_aux_loss_coeff=0.01,
-        router_options=ReLUOptions(l1_coeff_init=1e-8, l1_coeff_multiplier=1.2,
-                                   load_balancing=True),
-        token_dispatcher="alltoall", moe_expert_capacity_factor=None, moe_grouped_gemm=True,
+        num_layers=12,
+        hidden_size=768,
+        num_attention_heads=12,
+        num_query_groups=4,
+        ffn_hidden_size=3072,
+        seq_length=1024,
+        rotary_base=1_000_000,
+        init_method_std=0.01,
+        router="relu",
+        num_experts=8,
+        topk=1,
+        granularity=1,
+        moe_aux_loss_coeff=0.01,
+        router_options=ReLUOptions(
+            l1_coeff_init=1e-8, l1_coeff_multiplier=1.2, load_balancing=True
+        ),
+        token_dispatcher="alltoall",
+        moe_expert_capacity_factor=None,
+        moe_grouped_gemm=True,
         moe_router_dtype=None,  # the model's dtype below 32 experts
         vocab_size=51200,
     )
@@ -83,8 +105,10 @@ def test_authors_remoe_script_gives_the_papers_model():
     for field in dataclasses.fields(ModelConfig):
         assert getattr(model, field.name) == getattr(expected, field.name), field.name
     assert parallel_config_from_args(args) == ParallelConfig(
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        expert_model_parallel_size=1, sequence_parallel=False,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        expert_model_parallel_size=1,
+        sequence_parallel=False,
     )
     assert args.tokenizer_type == "GPT2BPETokenizer"
     assert args.split == "969,30,1"
@@ -101,12 +125,21 @@ def test_authors_remoe_script_lists_what_has_no_effect():
     with pytest.warns(UserWarning):
         args = parse_args(AUTHORS_182M_REMOE)
     on_cpu = flags_of(args, **CPU)
-    for flag in ["--use-flash-attn", "--sequence-parallel", "--no-masked-softmax-fusion",
-                 *TOPK_ONLY_FLAGS]:
+    for flag in [
+        "--use-flash-attn",
+        "--sequence-parallel",
+        "--no-masked-softmax-fusion",
+        *TOPK_ONLY_FLAGS,
+    ]:
         assert flag in on_cpu
     # A GPU run's numerics and communication run on CPU too, with gloo and CPU kernels.
-    for flag in ["--moe-grouped-gemm", "--bf16", "--use-distributed-optimizer",
-                 "--overlap-grad-reduce", "--overlap-param-gather"]:
+    for flag in [
+        "--moe-grouped-gemm",
+        "--bf16",
+        "--use-distributed-optimizer",
+        "--overlap-grad-reduce",
+        "--overlap-param-gather",
+    ]:
         assert flag not in on_cpu
     assert "--moe-router-topk" not in on_cpu  # it sets the target sparsity
     assert len(on_cpu) == len(set(on_cpu))
@@ -117,8 +150,11 @@ def test_authors_remoe_script_lists_what_has_no_effect():
     # chooses flash attention.
     without_te = flags_of(args, cuda_available=True, transformer_engine_available=False)
     assert "--moe-grouped-gemm" not in without_te and "--use-flash-attn" in without_te
-    assert model_config_from_args(args).transformer_config(
-        parallel_config_from_args(args)).moe_grouped_gemm
+    assert (
+        model_config_from_args(args)
+        .transformer_config(parallel_config_from_args(args))
+        .moe_grouped_gemm
+    )
     assert set(TOPK_ONLY_FLAGS) <= set(on_gpu)
     # The overrides agree: on GPUs with transformer-engine the fused kernels are used, except
     # the one the script turns off.
@@ -155,8 +191,17 @@ def test_yaml_values_are_defaults_and_the_command_line_wins(tmp_path):
         "num_layers: 4\nlr: 1e-3\nmoe_relu_routing: true\nnum_experts: 8\nmoe_router_topk: 1\n"
         "data_path: [0.3, a, 0.7, b]\nlr_warmup_fraction: 0.01\n"
     )
-    args = parse_args(["--config", str(config), *without(TINY_FLAGS, "--lr"), "--num-layers", "6",
-                       "--lr-warmup-iters", "5"])
+    args = parse_args(
+        [
+            "--config",
+            str(config),
+            *without(TINY_FLAGS, "--lr"),
+            "--num-layers",
+            "6",
+            "--lr-warmup-iters",
+            "5",
+        ]
+    )
     assert args.lr == 1e-3  # from the YAML, through the flag's type
     assert args.num_layers == 6  # the command line wins
     assert args.moe_relu_routing and args.num_experts == 8
@@ -182,12 +227,16 @@ def test_shipped_config_is_the_papers_setup(path):
     schedule = (args.global_batch_size, args.train_iters, args.lr, args.min_lr)
     assert schedule == (512, 60000, 5e-4, 5e-5) and args.lr_warmup_fraction == 0.01
     assert (args.clip_grad, args.adam_beta1, args.adam_beta2, args.lr_decay_style) == (
-        1.0, 0.9, 0.999, "cosine"
+        1.0,
+        0.9,
+        0.999,
+        "cosine",
     )
     assert (args.split, args.make_vocab_size_divisible_by, args.bf16) == ("969,30,1", 1024, True)
     assert args.recompute_granularity == (
-        "full" if size != "182m" else ("selective" if model.is_moe and model.router != "lory"
-                                       else None)
+        "full"
+        if size != "182m"
+        else ("selective" if model.is_moe and model.router != "lory" else None)
     )
     # On the paper's machines every flag of a shipped config does something.
     assert ineffective_flags(args, **GPU_WITH_TE) == []
@@ -198,8 +247,9 @@ def test_shipped_config_is_the_papers_setup(path):
 def test_the_nine_configs_and_the_table_2_baselines_ship():
     names = {path.stem for path in CONFIG_DIR.glob("*m_*.yaml")}
     baselines = {f"182m_{kind}" for kind in ("hash", "ec", "sparsemixer", "lory")}
-    assert names == baselines | {f"{size}_{kind}" for size in PAPER_SIZES
-                                 for kind in ("dense", "moe", "remoe")}
+    assert names == baselines | {
+        f"{size}_{kind}" for size in PAPER_SIZES for kind in ("dense", "moe", "remoe")
+    }
 
 
 def test_demo_config_is_a_cpu_sized_remoe_on_the_demo_corpus(capsys):
@@ -214,8 +264,9 @@ def test_the_command_line_switches_off_what_the_yaml_switches_on(capsys):
     from remoe_patches.cli.arguments import parse_command_line
 
     demo = ["--config", str(CONFIG_DIR / "demo.yaml")]
-    run = parse_command_line([*demo, "--no-demo-corpus", "--data-path", "P", "--vocab-file", "V",
-                              "--merge-file", "M"])
+    run = parse_command_line(
+        [*demo, "--no-demo-corpus", "--data-path", "P", "--vocab-file", "V", "--merge-file", "M"]
+    )
     assert not run.config.data.demo_corpus and run.config.data.data_path == ("P",)
     assert "demo_corpus" not in run.args.given  # switched back: as if not given
     hashed = parse_command_line([*demo, "--no-moe-relu-routing", "--moe-router-type", "hash"])
@@ -232,8 +283,10 @@ def test_the_command_line_switches_off_what_the_yaml_switches_on(capsys):
     switched_off = parse_args(TINY_FLAGS + ["--use-flash-attn", "--no-use-flash-attn"])
     assert flags_of(switched_off, **CPU) == []
     err = parse_error(TINY_FLAGS + ["--demo-corpus", "false"], capsys)
-    assert "unexpected value 'false': an on/off flag takes no value (--X switches it on, " \
+    assert (
+        "unexpected value 'false': an on/off flag takes no value (--X switches it on, "
         "--no-X off)" in err
+    )
 
 
 def test_every_on_off_flag_has_its_opposite():
@@ -256,11 +309,14 @@ def test_unknown_flag_names_the_closest_one(typo, capsys):
     assert f"unknown flag {typo.split('=')[0]}; did you mean --num-layers?" in err
 
 
-@pytest.mark.parametrize("flag, reason", [
-    ("--fsdp-double-buffer", "pretrain_gpt.py --help lists what is"),
-    ("--decrease-batch-size-if-needed", "pretrain_gpt.py --help lists what is"),
-    ("--fp8-format", "FP8 training is not built here (use --bf16)"),
-])
+@pytest.mark.parametrize(
+    "flag, reason",
+    [
+        ("--fsdp-double-buffer", "pretrain_gpt.py --help lists what is"),
+        ("--decrease-batch-size-if-needed", "pretrain_gpt.py --help lists what is"),
+        ("--fp8-format", "FP8 training is not built here (use --bf16)"),
+    ],
+)
 def test_a_megatron_lm_flag_not_built_here_is_named_so(flag, reason, capsys):
     """Not "did you mean" an unrelated flag of ours."""
     err = parse_error(TINY_FLAGS + [flag, "1"], capsys)
@@ -279,8 +335,15 @@ def test_the_megatron_lm_flag_list_is_megatron_lms():
     from remoe_patches.cli.arguments import build_parser, megatron_lm_flags
 
     flags = megatron_lm_flags()
-    assert {"--profile", "--use-pytorch-profiler", "--wandb-project", "--rampup-batch-size",
-            "--num-experts", "--moe-router-topk", "--async-save"} <= flags
+    assert {
+        "--profile",
+        "--use-pytorch-profiler",
+        "--wandb-project",
+        "--rampup-batch-size",
+        "--num-experts",
+        "--moe-router-topk",
+        "--async-save",
+    } <= flags
     assert not {"--moe-relu-routing", "--demo-corpus", "--max-skipped-steps"} & flags
     ours = {flag for action in build_parser()._actions for flag in action.option_strings}
     shared = {"--num-layers", "--seq-length", "--lr", "--save", "--bf16", "--split"}
@@ -306,8 +369,9 @@ def test_yaml_lists_give_the_flags_of_several_values(tmp_path, capsys):
     config.write_text("profile_ranks: [0, 2]\n")
     assert parse_run_config(["--config", str(config), *TINY_FLAGS]).logging.profile_ranks == (0, 2)
     config.write_text("lr: [1, 2]\n")
-    assert "lr takes one value, not a list" in parse_error(["--config", str(config), *TINY_FLAGS],
-                                                           capsys)
+    assert "lr takes one value, not a list" in parse_error(
+        ["--config", str(config), *TINY_FLAGS], capsys
+    )
 
 
 # --- (d) one line per mistake ---------------------------------------------------------------
@@ -316,34 +380,52 @@ def test_yaml_lists_give_the_flags_of_several_values(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (TINY_FLAGS + ["--lr-warmup-iters", "10", "--lr-warmup-fraction", "0.1"],
-         "--lr-warmup-fraction"),
-        (TINY_FLAGS + ["--global-batch-size", "7"],
-         "--global-batch-size 7 is not divisible by --micro-batch-size 2"),
+        (
+            TINY_FLAGS + ["--lr-warmup-iters", "10", "--lr-warmup-fraction", "0.1"],
+            "--lr-warmup-fraction",
+        ),
+        (
+            TINY_FLAGS + ["--global-batch-size", "7"],
+            "--global-batch-size 7 is not divisible by --micro-batch-size 2",
+        ),
         (TINY_FLAGS + ["--num-experts", "4", "--moe-router-topk", "5"], "--moe-router-topk 5"),
         (TINY_MOE_FLAGS + ["--moe-granularity", "5"], "--moe-granularity 5: does not divide"),
-        (TINY_MOE_FLAGS + ["--moe-relu-routing", "--moe-expert-capacity-factor", "1.0"],
-         "--moe-expert-capacity-factor"),
-        (TINY_MOE_FLAGS + ["--moe-relu-routing", "--moe-pad-expert-input-to-capacity"],
-         "--moe-pad-expert-input-to-capacity"),
-        (TINY_MOE_FLAGS + ["--moe-relu-routing", "--moe-token-dispatcher-type", "flex"],
-         "--moe-token-dispatcher-type flex"),
-        (TINY_MOE_FLAGS + ["--moe-token-dispatcher-type", "alltoall_seq"],
-         "--moe-token-dispatcher-type"),
+        (
+            TINY_MOE_FLAGS + ["--moe-relu-routing", "--moe-expert-capacity-factor", "1.0"],
+            "--moe-expert-capacity-factor",
+        ),
+        (
+            TINY_MOE_FLAGS + ["--moe-relu-routing", "--moe-pad-expert-input-to-capacity"],
+            "--moe-pad-expert-input-to-capacity",
+        ),
+        (
+            TINY_MOE_FLAGS + ["--moe-relu-routing", "--moe-token-dispatcher-type", "flex"],
+            "--moe-token-dispatcher-type flex",
+        ),
+        (
+            TINY_MOE_FLAGS + ["--moe-token-dispatcher-type", "alltoall_seq"],
+            "--moe-token-dispatcher-type",
+        ),
         (TINY_FLAGS + ["--moe-relu-routing"], "--moe-relu-routing needs --num-experts"),
         (TINY_FLAGS + ["--fp16"], "--fp16 is not supported: use --bf16"),
         (without(TINY_FLAGS, "--num-layers"), "missing required flag(s): --num-layers"),
         (without(TINY_FLAGS, "--hidden-size"), "missing required flag(s): --hidden-size"),
-        (without(TINY_FLAGS, "--num-attention-heads"),
-         "missing required flag(s): --num-attention-heads"),
+        (
+            without(TINY_FLAGS, "--num-attention-heads"),
+            "missing required flag(s): --num-attention-heads",
+        ),
         (without(TINY_FLAGS, "--seq-length"), "missing required flag(s): --seq-length"),
         (TINY_FLAGS + ["--train-samples", "100"], "--train-iters and --train-samples"),
         (without(TINY_FLAGS, "--swiglu"), "--swiglu must be given"),
         (without(TINY_FLAGS, "--normalization"), "--normalization must be RMSNorm, not LayerNorm"),
-        (without(TINY_FLAGS, "--untie-embeddings-and-output-weights"),
-         "--untie-embeddings-and-output-weights must be given"),
-        (without(TINY_FLAGS, "--position-embedding-type"),
-         "--position-embedding-type must be rope"),
+        (
+            without(TINY_FLAGS, "--untie-embeddings-and-output-weights"),
+            "--untie-embeddings-and-output-weights must be given",
+        ),
+        (
+            without(TINY_FLAGS, "--position-embedding-type"),
+            "--position-embedding-type must be rope",
+        ),
         (without(TINY_FLAGS, "--disable-bias-linear"), "--disable-bias-linear must be given"),
         (without(TINY_FLAGS, "--hidden-dropout"), "--hidden-dropout must be 0.0, not 0.1"),
         (without(TINY_FLAGS, "--attention-dropout"), "--attention-dropout must be 0.0, not 0.1"),
@@ -351,21 +433,31 @@ def test_yaml_lists_give_the_flags_of_several_values(tmp_path, capsys):
         (TINY_MOE_FLAGS + ["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
         (TINY_FLAGS + ["--context-parallel-size", "2"], "--context-parallel-size must be 1"),
         (TINY_FLAGS + ["--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size"),
-        (TINY_FLAGS + ["--recompute-granularity", "full"],
-         "--recompute-granularity full needs --recompute-method"),
+        (
+            TINY_FLAGS + ["--recompute-granularity", "full"],
+            "--recompute-granularity full needs --recompute-method",
+        ),
         (TINY_FLAGS + ["--recompute-num-layers", "1"], "need --recompute-granularity full"),
-        (without(TINY_MOE_FLAGS, "--moe-router-pre-softmax"),
-         "--moe-router-topk 1 needs --moe-router-pre-softmax"),
+        (
+            without(TINY_MOE_FLAGS, "--moe-router-pre-softmax"),
+            "--moe-router-topk 1 needs --moe-router-pre-softmax",
+        ),
         (TINY_FLAGS + ["--data-path", "0.5", "a", "b", "c"], "--data-path: mixes"),
         (TINY_FLAGS + ["--vocab-file", "vocab.json"], "needs both --vocab-file and --merge-file"),
         (TINY_FLAGS + ["--max-position-embeddings", "16"], "--max-position-embeddings 16"),
         (TINY_FLAGS + ["--optimizer", "sgd"], "--optimizer"),
-        (TINY_MOE_FLAGS + ["--moe-relu-routing", "--moe-permute-fusion"],
-         "--moe-relu-routing excludes --moe-permute-fusion"),
-        (TINY_FLAGS + ["--overlap-param-gather", "--overlap-grad-reduce"],
-         "--overlap-param-gather needs --use-distributed-optimizer"),
-        (TINY_FLAGS + ["--overlap-param-gather", "--use-distributed-optimizer"],
-         "--overlap-param-gather needs --overlap-grad-reduce"),
+        (
+            TINY_MOE_FLAGS + ["--moe-relu-routing", "--moe-permute-fusion"],
+            "--moe-relu-routing excludes --moe-permute-fusion",
+        ),
+        (
+            TINY_FLAGS + ["--overlap-param-gather", "--overlap-grad-reduce"],
+            "--overlap-param-gather needs --use-distributed-optimizer",
+        ),
+        (
+            TINY_FLAGS + ["--overlap-param-gather", "--use-distributed-optimizer"],
+            "--overlap-param-gather needs --overlap-grad-reduce",
+        ),
         (TINY_MOE_FLAGS + ["--moe-router-dtype", "bf16"], "--moe-router-dtype"),
     ],
 )
@@ -385,18 +477,22 @@ def test_dense_model_lists_moe_flags_and_unsupported_logging():
 
 def test_zero_experts_with_remoe_routing_is_refused_naming_both_flags(capsys):
     # issue 26: the ReMoE config with --num-experts 0 trained a dense model without a word
-    line = parse_error(["--config", str(CONFIG_DIR / "182m_remoe.yaml"), "--num-experts", "0",
-                        "--mock-data"], capsys)
+    line = parse_error(
+        ["--config", str(CONFIG_DIR / "182m_remoe.yaml"), "--num-experts", "0", "--mock-data"],
+        capsys,
+    )
     assert "--num-experts 0 contradicts --moe-relu-routing" in line
     line = parse_error(TINY_FLAGS + ["--num-experts", "0", "--moe-router-type", "hash"], capsys)
     assert "--num-experts 0 contradicts --moe-router-type hash" in line
-    assert "--num-experts -1 must be >= 1" in parse_error(TINY_FLAGS + ["--num-experts", "-1"],
-                                                          capsys)
+    assert "--num-experts -1 must be >= 1" in parse_error(
+        TINY_FLAGS + ["--num-experts", "-1"], capsys
+    )
 
 
 def test_zero_experts_is_a_dense_model_that_lists_the_moe_flags():
-    args = parse_args(["--config", str(CONFIG_DIR / "182m_moe.yaml"), "--num-experts", "0",
-                       "--mock-data"])
+    args = parse_args(
+        ["--config", str(CONFIG_DIR / "182m_moe.yaml"), "--num-experts", "0", "--mock-data"]
+    )
     assert model_config_from_args(args).router == "dense"
     listed = dict(ineffective_flags(args, **GPU_WITH_TE))
     assert listed["--moe-router-topk"] == "dense model (--num-experts 0)"
@@ -420,33 +516,73 @@ def test_permute_fusion_stays_available_to_topk():
 
 
 def test_topk_flags_of_megatron_lm_reach_megatron():
-    args = parse_args(TINY_MOE_FLAGS + [
-        "--moe-router-topk-scaling-factor", "8", "--moe-input-jitter-eps", "0.01",
-        "--moe-z-loss-coeff", "1e-3", "--moe-expert-capacity-factor", "1.0",
-        "--moe-token-drop-policy", "position"])
+    args = parse_args(
+        TINY_MOE_FLAGS
+        + [
+            "--moe-router-topk-scaling-factor",
+            "8",
+            "--moe-input-jitter-eps",
+            "0.01",
+            "--moe-z-loss-coeff",
+            "1e-3",
+            "--moe-expert-capacity-factor",
+            "1.0",
+            "--moe-token-drop-policy",
+            "position",
+        ]
+    )
     overrides = transformer_overrides(args, **CPU)
-    assert (overrides["moe_router_topk_scaling_factor"], overrides["moe_input_jitter_eps"],
-            overrides["moe_z_loss_coeff"], overrides["moe_token_drop_policy"]) == \
-        (8.0, 0.01, 1e-3, "position")
-    assert not set(flags_of(args, **CPU)) & {"--moe-router-topk-scaling-factor",
-                                             "--moe-input-jitter-eps", "--moe-token-drop-policy"}
+    assert (
+        overrides["moe_router_topk_scaling_factor"],
+        overrides["moe_input_jitter_eps"],
+        overrides["moe_z_loss_coeff"],
+        overrides["moe_token_drop_policy"],
+    ) == (8.0, 0.01, 1e-3, "position")
+    assert not set(flags_of(args, **CPU)) & {
+        "--moe-router-topk-scaling-factor",
+        "--moe-input-jitter-eps",
+        "--moe-token-drop-policy",
+    }
     # aux-loss-free balancing: sigmoid scores (no pre-softmax needed at k=1) with a bias
-    free = parse_args(without(TINY_MOE_FLAGS, "--moe-router-pre-softmax") + [
-        "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
-        "--moe-router-bias-update-rate", "0.01", "--moe-router-load-balancing-type", "none"])
+    free = parse_args(
+        without(TINY_MOE_FLAGS, "--moe-router-pre-softmax")
+        + [
+            "--moe-router-score-function",
+            "sigmoid",
+            "--moe-router-enable-expert-bias",
+            "--moe-router-bias-update-rate",
+            "0.01",
+            "--moe-router-load-balancing-type",
+            "none",
+        ]
+    )
     overrides = transformer_overrides(free, **CPU)
-    assert (overrides["moe_router_score_function"], overrides["moe_router_enable_expert_bias"],
-            overrides["moe_router_bias_update_rate"]) == ("sigmoid", True, 0.01)
+    assert (
+        overrides["moe_router_score_function"],
+        overrides["moe_router_enable_expert_bias"],
+        overrides["moe_router_bias_update_rate"],
+    ) == ("sigmoid", True, 0.01)
 
 
 def test_topk_flags_have_no_effect_under_relu_routing():
-    args = parse_args(TINY_MOE_FLAGS + ["--moe-relu-routing",
-                                        "--moe-router-topk-scaling-factor", "8",
-                                        "--moe-input-jitter-eps", "0.01",
-                                        "--moe-router-score-function", "sigmoid"])
+    args = parse_args(
+        TINY_MOE_FLAGS
+        + [
+            "--moe-relu-routing",
+            "--moe-router-topk-scaling-factor",
+            "8",
+            "--moe-input-jitter-eps",
+            "0.01",
+            "--moe-router-score-function",
+            "sigmoid",
+        ]
+    )
     listed = dict(ineffective_flags(args, **CPU))
-    for flag in ("--moe-router-topk-scaling-factor", "--moe-input-jitter-eps",
-                 "--moe-router-score-function"):
+    for flag in (
+        "--moe-router-topk-scaling-factor",
+        "--moe-input-jitter-eps",
+        "--moe-router-score-function",
+    ):
         assert "TopK only" in listed[flag], flag
     overrides = transformer_overrides(args, **CPU)
     assert "moe_router_topk_scaling_factor" not in overrides
@@ -459,19 +595,38 @@ def test_expert_bias_needs_sigmoid_scores(capsys):
 
 def test_every_missing_recipe_flag_is_reported_at_once(capsys):
     megatron_defaults = [
-        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-        "--seq-length", "32", "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "10"]
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--train-iters",
+        "10",
+    ]
     line = parse_error(megatron_defaults, capsys)
-    for needle in ("--normalization must be RMSNorm", "--swiglu must be given",
-                   "--untie-embeddings-and-output-weights must be given",
-                   "--position-embedding-type must be rope", "--disable-bias-linear must be given",
-                   "--hidden-dropout must be 0.0", "--attention-dropout must be 0.0"):
+    for needle in (
+        "--normalization must be RMSNorm",
+        "--swiglu must be given",
+        "--untie-embeddings-and-output-weights must be given",
+        "--position-embedding-type must be rope",
+        "--disable-bias-linear must be given",
+        "--hidden-dropout must be 0.0",
+        "--attention-dropout must be 0.0",
+    ):
         assert needle in line, needle
 
 
 def test_demo_corpus_gets_megatron_lms_default_split():
-    args = parse_args([*without(TINY_FLAGS, "--train-iters"), "--train-iters", "2",
-                       "--demo-corpus"])
+    args = parse_args(
+        [*without(TINY_FLAGS, "--train-iters"), "--train-iters", "2", "--demo-corpus"]
+    )
     assert args.split == "969, 30, 1"
 
 
@@ -479,7 +634,8 @@ def test_gradient_accumulation_fusion_flag_is_noted_by_apex_kernel_not_transform
     args = parse_args([*TINY_FLAGS, "--no-gradient-accumulation-fusion"])
     assert "--no-gradient-accumulation-fusion" in flags_of(args, **GPU_WITH_TE)
     assert "--no-gradient-accumulation-fusion" not in flags_of(
-        args, **GPU_WITH_TE, wgrad_fusion_available=True)
+        args, **GPU_WITH_TE, wgrad_fusion_available=True
+    )
     assert "--no-gradient-accumulation-fusion" not in flags_of(
-        args, cuda_available=True, transformer_engine_available=False,
-        wgrad_fusion_available=True)
+        args, cuda_available=True, transformer_engine_available=False, wgrad_fusion_available=True
+    )

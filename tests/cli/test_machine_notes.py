@@ -26,14 +26,19 @@ def test_torchrun_grace_is_noted_only_under_torchrun_with_its_30_s_default(monke
     assert notes.machine_notes(config, environ={}) == []  # python, not torchrun
     [note] = notes.machine_notes(config, environ=UNDER_TORCHRUN)
     assert "30 s after it forwards a SIGTERM" in note and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in note
-    assert notes.machine_notes(
-        config, environ={**UNDER_TORCHRUN, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}) == []
+    assert (
+        notes.machine_notes(
+            config, environ={**UNDER_TORCHRUN, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
+        )
+        == []
+    )
     assert notes.machine_notes(config_of(), environ=UNDER_TORCHRUN) == []  # no handler asked
 
     # a torch whose torchrun cannot wait longer (the GPU machine's 2.11): the way around it
     monkeypatch.setattr(notes, "torchrun_can_wait_longer", lambda: False)
     [note] = notes.machine_notes(
-        config, environ={**UNDER_TORCHRUN, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"})
+        config, environ={**UNDER_TORCHRUN, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
+    )
     assert f"torch {torch.__version__}" in note and "pkill -TERM" in note
 
 
@@ -55,7 +60,7 @@ def test_grouped_gemm_below_sm90_is_noted(monkeypatch):
     assert notes.machine_notes(config, environ={}) == []
 
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def test_resident_state_is_megatron_lms_estimate():
@@ -72,18 +77,22 @@ def test_resident_state_is_megatron_lms_estimate():
 
 def test_paper_models_on_one_80_gb_gpu():
     """978M cannot fit one GPU; 469M ReMoE fits but its stage I is the risk (issue 21 item 5)."""
-    paper = {size: parse_run_config(["--config", str(CONFIGS / f"{size}_remoe.yaml")])
-             for size in ("469m", "978m")}
+    paper = {
+        size: parse_run_config(["--config", str(CONFIGS / f"{size}_remoe.yaml")])
+        for size in ("469m", "978m")
+    }
     with pytest.raises(ConfigError, match="does not fit: .* about 96.1 GiB of each GPU's 80 GiB"):
         notes.machine_notes(paper["978m"], environ={}, gpu_memory_bytes=80 * GIB)
     [note] = notes.machine_notes(paper["469m"], environ={}, gpu_memory_bytes=80 * GIB)
     assert "about 43.3 GiB" in note and "stage I" in note
     assert "recompute" not in note  # its config recomputes every layer already
-    [note] = notes.machine_notes(config_of(), environ={}, gpu_memory_bytes=int(
-        notes.resident_bytes_per_gpu(config_of(), 1) * 2))
+    [note] = notes.machine_notes(
+        config_of(),
+        environ={},
+        gpu_memory_bytes=int(notes.resident_bytes_per_gpu(config_of(), 1) * 2),
+    )
     assert "--moe-layer-recompute" in note
     assert notes.machine_notes(paper["469m"], environ={}, gpu_memory_bytes=141 * GIB) == []
     # 978M over 8 GPUs with the distributed optimizer, as its launcher runs it: fits
-    [note] = notes.machine_notes(paper["978m"], environ={}, world_size=8,
-                                 gpu_memory_bytes=80 * GIB)
+    [note] = notes.machine_notes(paper["978m"], environ={}, world_size=8, gpu_memory_bytes=80 * GIB)
     assert "about 40.1 GiB" in note

@@ -14,19 +14,32 @@ from remoe_patches.config.flag_fields import declared_flags, flag_dest, flag_fie
 
 from command_lines import TINY_FLAGS
 
-ATTRIBUTE = {"ParallelConfig": "parallel", "TrainingConfig": "training", "DataConfig": "data",
-             "CheckpointConfig": "checkpoint", "LoggingConfig": "logging"}
+ATTRIBUTE = {
+    "ParallelConfig": "parallel",
+    "TrainingConfig": "training",
+    "DataConfig": "data",
+    "CheckpointConfig": "checkpoint",
+    "LoggingConfig": "logging",
+}
 
 # Values the tiny run accepts where a generic change would not (the run's own flags, paths
 # that must come in a set).
 VALUES = {
-    "--micro-batch-size": "1", "--train-iters": "12", "--lr": "0.002",
-    "--global-batch-size": "4", "--lr-warmup-fraction": "0.1",
+    "--micro-batch-size": "1",
+    "--train-iters": "12",
+    "--lr": "0.002",
+    "--global-batch-size": "4",
+    "--lr-warmup-fraction": "0.1",
     "--rampup-batch-size": None,  # needs --train-samples: tests/train/test_batch_rampup.py
     "--data-path": ["data/a_text_document", "data/b_text_document"],
-    "--train-data-path": None, "--valid-data-path": None, "--test-data-path": None,
-    "--mock-data": None, "--demo-corpus": None, "--skip-train": None,
-    "--tokenizer-type": None, "--tokenizer-model": None,
+    "--train-data-path": None,
+    "--valid-data-path": None,
+    "--test-data-path": None,
+    "--mock-data": None,
+    "--demo-corpus": None,
+    "--skip-train": None,
+    "--tokenizer-type": None,
+    "--tokenizer-model": None,
     "--overlap-param-gather": None,  # needs the distributed optimizer and grad overlap
     "--lr-decay-style": "cosine",
     "--pipeline-model-parallel-size": "2",  # divides the tiny model's 2 layers
@@ -38,7 +51,9 @@ VALUES = {
     "--profile-ranks": (["--profile-ranks", "0", "2"], (0, 2)),
     "--memory-snapshot-path": "runs/memory.pickle",
     "--wandb-project": None,  # needs its name and the package: tests/train/test_wandb_log.py
-    "--wandb-exp-name": "n", "--wandb-save-dir": "runs/w", "--wandb-entity": "team",
+    "--wandb-exp-name": "n",
+    "--wandb-save-dir": "runs/w",
+    "--wandb-entity": "team",
 }
 
 
@@ -88,8 +103,7 @@ def test_parser_defaults_are_the_fields_defaults():
     parser = build_parser()
     for part in DECLARED_PARTS:
         for option, flag in declared_flags(part):
-            default = parser.get_default(
-                option.metadata["argparse"].get("dest") or flag_dest(flag))
+            default = parser.get_default(option.metadata["argparse"].get("dest") or flag_dest(flag))
             if option.default is MISSING:
                 assert default is None, flag
             elif "parser_default" not in option.metadata["argparse"]:
@@ -100,8 +114,9 @@ def test_values_from_args_converts_switches_and_lists():
     @dataclasses.dataclass
     class Example:
         paths: tuple = flag_field(None, flag="--paths", help="", nargs="*")
-        quiet: bool = flag_field(False, flag="--quiet", help="", action="store_true",
-                                 parser_default=None)
+        quiet: bool = flag_field(
+            False, flag="--quiet", help="", action="store_true", parser_default=None
+        )
         steps: int = flag_field(3, flag="--steps", help="")
 
     args = argparse.Namespace(paths=["a", "b"], quiet=None, steps=5)

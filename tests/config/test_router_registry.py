@@ -27,8 +27,14 @@ def test_each_kind_has_its_own_names():
         values = [getattr(kind, attribute) for kind in ROUTERS.values()]
         assert len(set(values)) == len(values), attribute
     assert {name: kind.name for name, kind in SWEEP_NAMES.items()} == {
-        "dense": "dense", "moe": "topk", "remoe": "relu", "hash": "hash", "ec": "expert_choice",
-        "sparsemixer": "sparsemixer", "lory": "lory"}
+        "dense": "dense",
+        "moe": "topk",
+        "remoe": "relu",
+        "hash": "hash",
+        "ec": "expert_choice",
+        "sparsemixer": "sparsemixer",
+        "lory": "lory",
+    }
     # every sweep name is a shipped config's router: configs/<size>_<sweep name>.yaml
     for kind in ROUTERS.values():
         assert (REPO / "configs" / f"182m_{kind.sweep_name}.yaml").is_file(), kind.name
@@ -42,8 +48,9 @@ def _changed_value(option: dataclasses.Field):
     return {int: lambda v: v + 3, float: lambda v: v * 1.5}[type(option.default)](option.default)
 
 
-@pytest.mark.parametrize("kind", [k for k in ROUTERS.values() if declared_flags(k.options)],
-                         ids=lambda kind: kind.name)
+@pytest.mark.parametrize(
+    "kind", [k for k in ROUTERS.values() if declared_flags(k.options)], ids=lambda kind: kind.name
+)
 def test_every_option_flag_reaches_the_model_config(kind):
     """A flag declared on an options field is parsed and lands in that field, and the other
     kinds' options are not the model's."""
@@ -60,8 +67,9 @@ def test_every_option_flag_reaches_the_model_config(kind):
 
 
 def test_relu_load_balancing_comes_from_megatrons_flag():
-    plain = parse_run_config([*TINY_MOE_FLAGS, "--moe-relu-routing",
-                              "--moe-router-load-balancing-type", "none"])
+    plain = parse_run_config(
+        [*TINY_MOE_FLAGS, "--moe-relu-routing", "--moe-router-load-balancing-type", "none"]
+    )
     assert plain.model.router_options.load_balancing is False
     relu = parse_run_config([*TINY_MOE_FLAGS, "--moe-relu-routing"])
     assert relu.model.router_options.load_balancing
@@ -77,10 +85,13 @@ def test_every_named_builder_imports(hook):
 
 @pytest.mark.integration
 def test_the_registry_loads_without_torch():
-    code = ("import sys, remoe_patches.config.router_registry, remoe_patches.experiments.sweep; "
-            "print('torch' in sys.modules, 'megatron' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=REPO).stdout
+    code = (
+        "import sys, remoe_patches.config.router_registry, remoe_patches.experiments.sweep; "
+        "print('torch' in sys.modules, 'megatron' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
     assert out.split() == ["False", "False"]
 
 
@@ -92,25 +103,33 @@ KIND_NAMES_ALLOWED = {
 
 def test_no_router_kind_comparisons_outside_the_registry():
     kinds = "|".join(ROUTERS)
-    comparison = re.compile(rf"""(==|!=)\s*["']({kinds})["']|["']({kinds})["']\s*(==|!=)"""
-                            rf"""|in\s*\((\s*["']({kinds})["']\s*,?)+\)""")
+    comparison = re.compile(
+        rf"""(==|!=)\s*["']({kinds})["']|["']({kinds})["']\s*(==|!=)"""
+        rf"""|in\s*\((\s*["']({kinds})["']\s*,?)+\)"""
+    )
     found = []
-    paths = [*(REPO / "remoe_patches").rglob("*.py"), *(REPO / "tools").rglob("*.py"),
-             *(REPO / "scripts").rglob("*.py"), REPO / "pretrain_gpt.py"]
+    paths = [
+        *(REPO / "remoe_patches").rglob("*.py"),
+        *(REPO / "tools").rglob("*.py"),
+        *(REPO / "scripts").rglob("*.py"),
+        REPO / "pretrain_gpt.py",
+    ]
     for path in sorted(paths):
         if path.name in KIND_NAMES_ALLOWED:
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if comparison.search(line):
                 found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
-    assert not found, "ask the registry entry (model.kind / ROUTERS[name]) instead:\n" + \
-        "\n".join(found)
+    assert not found, "ask the registry entry (model.kind / ROUTERS[name]) instead:\n" + "\n".join(
+        found
+    )
 
 
 @pytest.mark.parametrize("kind", ROUTERS.values(), ids=list(ROUTERS))
 def test_is_moe_says_whether_the_built_layers_hold_experts(kind):
-    model = ModelConfig.preset("tiny", router=kind.name,
-                               router_options=kind.default_options(PRESETS["tiny"]["seq_length"]))
+    model = ModelConfig.preset(
+        "tiny", router=kind.name, router_options=kind.default_options(PRESETS["tiny"]["seq_length"])
+    )
     assert model.is_moe == kind.is_moe
     transformer = model.transformer_config(ParallelConfig())
     assert (transformer.num_moe_experts is not None) == kind.is_moe
@@ -124,8 +143,9 @@ def test_default_options_fit_the_sequence_length(seq_length):
     for kind in ROUTERS.values():
         options = kind.default_options(seq_length)
         assert isinstance(options, kind.options)
-        model = ModelConfig.preset("tiny", router=kind.name, seq_length=seq_length,
-                                   router_options=options)
+        model = ModelConfig.preset(
+            "tiny", router=kind.name, seq_length=seq_length, router_options=options
+        )
         assert options.validate(model) == [], kind.name
         if seq_length % 256 == 0:  # the defaults fit the paper's sequences as they are
             assert options == kind.options(), kind.name

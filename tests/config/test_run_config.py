@@ -22,10 +22,20 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 
 @pytest.mark.parametrize("source", ["authors", "demo", "469m_remoe"])
 def test_round_trip_through_json_and_yaml(source):
-    argv = {"authors": AUTHORS_182M_REMOE,
-            "demo": ["--config", str(CONFIG_DIR / "demo.yaml")],
-            "469m_remoe": ["--config", str(CONFIG_DIR / "469m_remoe.yaml"), "--data-path", "d",
-                           "--vocab-file", "v.json", "--merge-file", "m.txt"]}[source]
+    argv = {
+        "authors": AUTHORS_182M_REMOE,
+        "demo": ["--config", str(CONFIG_DIR / "demo.yaml")],
+        "469m_remoe": [
+            "--config",
+            str(CONFIG_DIR / "469m_remoe.yaml"),
+            "--data-path",
+            "d",
+            "--vocab-file",
+            "v.json",
+            "--merge-file",
+            "m.txt",
+        ],
+    }[source]
     config = parse_run_config(argv)
     as_json = json.loads(json.dumps(config.to_dict()))
     assert RunConfig.from_dict(as_json) == config
@@ -68,11 +78,14 @@ def test_parts_are_frozen_and_replace_makes_a_new_config():
     assert changed.data is config.data
 
 
-@pytest.mark.parametrize("training, field", [
-    (dict(micro_batch_size=0), "micro_batch_size"),
-    (dict(global_batch_size=6, micro_batch_size=4), "global_batch_size"),
-    (dict(overlap_param_gather=True, overlap_grad_reduce=True), "overlap_param_gather"),
-])
+@pytest.mark.parametrize(
+    "training, field",
+    [
+        (dict(micro_batch_size=0), "micro_batch_size"),
+        (dict(global_batch_size=6, micro_batch_size=4), "global_batch_size"),
+        (dict(overlap_param_gather=True, overlap_grad_reduce=True), "overlap_param_gather"),
+    ],
+)
 def test_training_errors_name_the_field(training, field):
     values = {**dict(micro_batch_size=2, train_iters=1, lr=1e-3), **training}
     with pytest.raises(ConfigError, match=f"TrainingConfig.{field}"):
@@ -82,10 +95,18 @@ def test_training_errors_name_the_field(training, field):
 # ModelConfig's flat router fields before the router registry, with their defaults: a run saved
 # then holds them all, whatever its router.
 FLAT_ROUTER_DEFAULTS = dict(
-    relu_l1_coeff_init=1e-8, relu_l1_coeff_multiplier=1.2, relu_load_balancing=True,
-    hash_type="mod", hash_seed=0, expert_choice_capacity_factor=1.0,
-    expert_choice_group="sequence", sparsemixer_jitter_eps=0.01, lory_segment_length=256,
-    lory_dense_warmup_fraction=0.05, lory_first_segment="own_detached")
+    relu_l1_coeff_init=1e-8,
+    relu_l1_coeff_multiplier=1.2,
+    relu_load_balancing=True,
+    hash_type="mod",
+    hash_seed=0,
+    expert_choice_capacity_factor=1.0,
+    expert_choice_group="sequence",
+    sparsemixer_jitter_eps=0.01,
+    lory_segment_length=256,
+    lory_dense_warmup_fraction=0.05,
+    lory_first_segment="own_detached",
+)
 
 
 def saved_flat(config: RunConfig, **flat) -> dict:
@@ -93,20 +114,30 @@ def saved_flat(config: RunConfig, **flat) -> dict:
     fields; a value None leaves the field out, as a run saved before that field existed)."""
     data = config.to_dict()
     del data["model"]["router_options"]
-    data["model"].update({key: value for key, value in {**FLAT_ROUTER_DEFAULTS, **flat}.items()
-                          if value is not None})
+    data["model"].update(
+        {key: value for key, value in {**FLAT_ROUTER_DEFAULTS, **flat}.items() if value is not None}
+    )
     return data
 
 
 def test_router_options_round_trip_and_runs_saved_with_flat_router_fields():
-    relu = parse_run_config([*TINY_MOE_FLAGS, "--moe-relu-routing",
-                             "--moe-relu-l1-reg-coeff-init", "1e-6"])
+    relu = parse_run_config(
+        [*TINY_MOE_FLAGS, "--moe-relu-routing", "--moe-relu-l1-reg-coeff-init", "1e-6"]
+    )
     assert relu.to_dict()["model"]["router_options"] == dict(
-        l1_coeff_init=1e-6, l1_coeff_multiplier=1.2, load_balancing=True)
+        l1_coeff_init=1e-6, l1_coeff_multiplier=1.2, load_balancing=True
+    )
     assert RunConfig.from_dict(json.loads(json.dumps(relu.to_dict()))) == relu
     assert RunConfig.from_dict(saved_flat(relu, relu_l1_coeff_init=1e-6)) == relu
-    ec = parse_run_config([*TINY_MOE_FLAGS, "--moe-router-type", "expert_choice",
-                           "--moe-expert-choice-capacity-factor", "2"])
+    ec = parse_run_config(
+        [
+            *TINY_MOE_FLAGS,
+            "--moe-router-type",
+            "expert_choice",
+            "--moe-expert-choice-capacity-factor",
+            "2",
+        ]
+    )
     assert RunConfig.from_dict(saved_flat(ec, expert_choice_capacity_factor=2.0)) == ec
     with pytest.raises(ConfigError, match=r"router_options: unknown fields \['alpha'\]"):
         data = relu.to_dict()
@@ -137,40 +168,66 @@ def test_unknown_fields_in_a_saved_config_are_named():
 
 
 def test_fusions_only_where_their_kernels_run():
-    options = LayerOptions(moe_permute_fusion=True, recompute_granularity="selective",
-                           recompute_modules=("moe",))
-    cpu = options.transformer_overrides(is_moe=True, cuda_available=False,
-                                        transformer_engine_available=False)
-    gpu = options.transformer_overrides(is_moe=True, cuda_available=True,
-                                        transformer_engine_available=True,
-                                        wgrad_fusion_available=True)
-    for key in ("masked_softmax_fusion", "bias_activation_fusion", "gradient_accumulation_fusion",
-                "moe_permute_fusion"):
+    options = LayerOptions(
+        moe_permute_fusion=True, recompute_granularity="selective", recompute_modules=("moe",)
+    )
+    cpu = options.transformer_overrides(
+        is_moe=True, cuda_available=False, transformer_engine_available=False
+    )
+    gpu = options.transformer_overrides(
+        is_moe=True,
+        cuda_available=True,
+        transformer_engine_available=True,
+        wgrad_fusion_available=True,
+    )
+    for key in (
+        "masked_softmax_fusion",
+        "bias_activation_fusion",
+        "gradient_accumulation_fusion",
+        "moe_permute_fusion",
+    ):
         assert cpu[key] is False and gpu[key] is True, key
     assert cpu["recompute_modules"] == ["moe"]
-    dense = options.transformer_overrides(is_moe=False, cuda_available=True,
-                                          transformer_engine_available=True)
+    dense = options.transformer_overrides(
+        is_moe=False, cuda_available=True, transformer_engine_available=True
+    )
     assert "moe_permute_fusion" not in dense
     assert "recompute_granularity" not in options.without_recomputation().transformer_overrides(
-        is_moe=True, cuda_available=False, transformer_engine_available=False)
+        is_moe=True, cuda_available=False, transformer_engine_available=False
+    )
 
 
 def test_gradient_accumulation_fusion_needs_apex_kernel_not_transformer_engine(single_rank):
     """TE without apex: megatron's own output layer (a ColumnParallelLinear, in the TE spec too)
     refuses to build with the fusion unless fused_weight_gradient_mlp_cuda imports."""
     te_without_apex = LayerOptions().transformer_overrides(
-        is_moe=True, cuda_available=True, transformer_engine_available=True,
-        wgrad_fusion_available=False)
+        is_moe=True,
+        cuda_available=True,
+        transformer_engine_available=True,
+        wgrad_fusion_available=False,
+    )
     assert te_without_apex["gradient_accumulation_fusion"] is False
-    model = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                        vocab_size=128, seq_length=16)
-    wanted = dict(layernorm_epsilon=1e-5, gradient_accumulation_fusion=
-                  te_without_apex["gradient_accumulation_fusion"])
+    model = ModelConfig(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=128,
+        seq_length=16,
+    )
+    wanted = dict(
+        layernorm_epsilon=1e-5,
+        gradient_accumulation_fusion=te_without_apex["gradient_accumulation_fusion"],
+    )
     build_model(model, single_rank, use_transformer_engine=False, **wanted)
     if not HAVE_WGRAD_FUSION:  # what the build did before the gate (TE alone turned it on)
         with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda"):
-            build_model(model, single_rank, use_transformer_engine=False,
-                        **{**wanted, "gradient_accumulation_fusion": True})
+            build_model(
+                model,
+                single_rank,
+                use_transformer_engine=False,
+                **{**wanted, "gradient_accumulation_fusion": True},
+            )
 
 
 def test_lory_dense_warmup_flag_and_lory_runs_saved_before_it():
@@ -184,5 +241,9 @@ def test_lory_dense_warmup_flag_and_lory_runs_saved_before_it():
     assert restored.dense_warmup_fraction == 0.0  # trained without
     assert restored.segment_length == 16
     with pytest.raises(ConfigError, match="dense_warmup_fraction"):
-        dataclasses.replace(lory.model, router_options=dataclasses.replace(
-            lory.model.router_options, dense_warmup_fraction=1.0)).validate()
+        dataclasses.replace(
+            lory.model,
+            router_options=dataclasses.replace(
+                lory.model.router_options, dense_warmup_fraction=1.0
+            ),
+        ).validate()

@@ -176,10 +176,19 @@ def test_the_launch_says_building_only_when_it_builds(tmp_path, monkeypatch, cap
     monkeypatch.setenv(demo_corpus.CACHE_DIR_ENV, str(tmp_path / "demo"))
     real = demo_corpus.ensure_demo_corpus
     monkeypatch.setattr(demo_corpus, "ensure_demo_corpus", lambda **kw: real(**kw, **SMALL))
-    model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                        vocab_size=600, seq_length=16)
-    config = RunConfig(model=model, parallel=ParallelConfig(), training=TrainingConfig(
-        micro_batch_size=1, global_batch_size=1, train_iters=1, lr=1e-3))
+    model = ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=600,
+        seq_length=16,
+    )
+    config = RunConfig(
+        model=model,
+        parallel=ParallelConfig(),
+        training=TrainingConfig(micro_batch_size=1, global_batch_size=1, train_iters=1, lr=1e-3),
+    )
     launch.use_demo_corpus(config)
     assert "demo corpus: building on first use" in capsys.readouterr().out
     launch.use_demo_corpus(config)

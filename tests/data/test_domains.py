@@ -47,8 +47,14 @@ def prefix(tmp_path):
 
 
 def splits(prefix, num_samples=(20, None, None), seq_length=7):
-    return build_splits(data_path=[prefix], split="50,30,20", seq_length=seq_length,
-                        tokenizer=TOKENIZER, num_samples=num_samples, seed=5)
+    return build_splits(
+        data_path=[prefix],
+        split="50,30,20",
+        seq_length=seq_length,
+        tokenizer=TOKENIZER,
+        num_samples=num_samples,
+        seed=5,
+    )
 
 
 @pytest.mark.parametrize("seq_length", [7, 16])
@@ -60,8 +66,9 @@ def test_every_label_gets_the_domain_of_the_document_it_was_read_from(prefix, se
         for index in range(len(dataset)):
             sample = dataset[index]
             got_S = domains.of_sample(dataset, index)
-            for label, scored, got in zip(sample["labels"].tolist(),
-                                          sample["loss_mask"].tolist(), got_S):
+            for label, scored, got in zip(
+                sample["labels"].tolist(), sample["loss_mask"].tolist(), got_S
+            ):
                 if scored:
                     assert domains.names[got] == DOMAINS[document_of(label)]
                 else:  # padding (megatron pads a split's last sample only when asked to)
@@ -92,9 +99,17 @@ def test_one_hot_marks_one_domain_per_position_and_none_for_padding():
 def test_evaluation_batches_carry_the_domains_of_their_labels(prefix):
     valid = splits(prefix).valid
     domains = TokenDomains.for_dataset(DOMAINS, valid)
-    batches = list(evaluation_batches(valid, num_samples=len(valid), global_batch_size=2,
-                                      micro_batch_size=2, data_parallel_rank=0,
-                                      data_parallel_size=1, token_domains=domains))
+    batches = list(
+        evaluation_batches(
+            valid,
+            num_samples=len(valid),
+            global_batch_size=2,
+            micro_batch_size=2,
+            data_parallel_rank=0,
+            data_parallel_size=1,
+            token_domains=domains,
+        )
+    )
     for batch in batches:
         domain_BS = batch["domains_BSD"].argmax(-1)
         for labels, row in zip(batch["labels_BS"].tolist(), domain_BS.tolist()):
@@ -112,8 +127,10 @@ def test_read_domains_from_a_json_list_or_a_jsonl_key(tmp_path):
     listed.write_text(json.dumps(["a", "b"]))
     assert read_domains(listed) == ["a", "b"]
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text('{"text": "x", "meta": {"pile_set_name": "ArXiv"}}\n\n'
-                      '{"text": "y", "meta": {"pile_set_name": "Github"}}\n')
+    corpus.write_text(
+        '{"text": "x", "meta": {"pile_set_name": "ArXiv"}}\n\n'
+        '{"text": "y", "meta": {"pile_set_name": "Github"}}\n'
+    )
     assert read_domains(corpus, "meta.pile_set_name") == ["ArXiv", "Github"]
     with pytest.raises(DomainsError, match="line 1: no domain .*--eval-domain-key"):
         read_domains(corpus)
@@ -123,14 +140,21 @@ def test_read_domains_from_a_json_list_or_a_jsonl_key(tmp_path):
 
 def test_a_one_prefix_blend_is_followed_to_its_samples(prefix):
     """``--data-path 1.0 PREFIX`` (Megatron-LM's usual form) builds megatron BlendedDatasets."""
-    built = build_splits(data_path=["1.0", prefix], split="50,30,20", seq_length=7,
-                         tokenizer=TOKENIZER, num_samples=(20, 6, 6), seed=5)
+    built = build_splits(
+        data_path=["1.0", prefix],
+        split="50,30,20",
+        seq_length=7,
+        tokenizer=TOKENIZER,
+        num_samples=(20, 6, 6),
+        seed=5,
+    )
     assert hasattr(built.valid, "dataset_index")  # a BlendedDataset
     domains = TokenDomains.for_dataset(DOMAINS, built.valid)
     for index in range(len(built.valid)):
         labels = built.valid[index]["labels"].tolist()
-        assert [domains.names[d] for d in domains.of_sample(built.valid, index)] == \
-               [DOMAINS[document_of(t)] for t in labels]
+        assert [domains.names[d] for d in domains.of_sample(built.valid, index)] == [
+            DOMAINS[document_of(t)] for t in labels
+        ]
 
 
 def test_evaluation_domains_need_each_split_from_the_one_prefix_of_the_list(prefix, tmp_path):
@@ -139,8 +163,9 @@ def test_evaluation_domains_need_each_split_from_the_one_prefix_of_the_list(pref
     built = splits(prefix)
     assert evaluation_domains(None, val=built.valid) == {}
     assert list(evaluation_domains(str(listed), val=built.valid, test=None)) == ["val"]
-    other = types.SimpleNamespace(document_index=None, dataset=types.SimpleNamespace(
-        path_prefix="/data/other"))
+    other = types.SimpleNamespace(
+        document_index=None, dataset=types.SimpleNamespace(path_prefix="/data/other")
+    )
     two_prefixes = types.SimpleNamespace(datasets=[built.valid, other])
     with pytest.raises(DomainsError, match="from one dataset prefix.*blends 2"):
         evaluation_domains(str(listed), val=two_prefixes)

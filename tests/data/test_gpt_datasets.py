@@ -36,8 +36,9 @@ from remoe_patches.data.gpt_datasets import (
 )
 
 EOD = 0
-TOKENIZER = types.SimpleNamespace(vocab_size=1000, eod=EOD,
-                                  unique_identifiers={"class": "test_data"})
+TOKENIZER = types.SimpleNamespace(
+    vocab_size=1000, eod=EOD, unique_identifiers={"class": "test_data"}
+)
 
 
 def document(i):
@@ -58,6 +59,7 @@ def ten_documents(tmp_path):
 
 
 # --- drop_empty_splits ------------------------------------------------------------------------
+
 
 def test_splits_too_small_for_the_corpus_are_dropped(ten_documents):
     """969,30,1-style splits on 10 documents: validation [9.8, 9.9) and test [9.9, 10) round to
@@ -86,13 +88,20 @@ def test_dropped_splits_build_as_none_and_kept_ones_from_their_documents(ten_doc
     """With the returned split megatron builds no dataset for a dropped split (the original one
     would loop forever looking for tokens)."""
     split, _ = drop_empty_splits([ten_documents], "98,1,1")
-    splits = build_splits(data_path=[ten_documents], split=split, seq_length=6,
-                          tokenizer=TOKENIZER, num_samples=(4, 2, 2), seed=1)
+    splits = build_splits(
+        data_path=[ten_documents],
+        split=split,
+        seq_length=6,
+        tokenizer=TOKENIZER,
+        num_samples=(4, 2, 2),
+        seed=1,
+    )
     assert splits.valid is None and splits.test is None
     assert len(splits.train) >= 4
 
 
 # --- check_data_paths ---------------------------------------------------------------------------
+
 
 def test_data_paths_are_checked_prefix_by_prefix(tmp_path, ten_documents):
     check_data_paths([ten_documents])  # both files present
@@ -112,6 +121,7 @@ def test_an_empty_data_path_is_named():
 
 
 # --- build_splits -------------------------------------------------------------------------------
+
 
 def tokens_of(documents):
     return {t for i in documents for t in document(i)}
@@ -138,8 +148,14 @@ def test_samples_are_next_token_windows_of_their_splits_documents(ten_documents)
     are the tokens shifted by one; the loss covers every position (EOD included) and positions
     run 0..S-1 across document boundaries (no resets, as configured)."""
     seq_length = 6
-    splits = build_splits(data_path=[ten_documents], split="8,1,1", seq_length=seq_length,
-                          tokenizer=TOKENIZER, num_samples=(12, 3, 2), seed=3)
+    splits = build_splits(
+        data_path=[ten_documents],
+        split="8,1,1",
+        seq_length=seq_length,
+        tokenizer=TOKENIZER,
+        num_samples=(12, 3, 2),
+        seed=3,
+    )
     expected_documents = {"train": range(8), "valid": [8], "test": [9]}
     crossed_eod = False
     for name, requested in (("train", 12), ("valid", 3), ("test", 2)):
@@ -162,9 +178,15 @@ def test_one_blend_per_split(tmp_path):
     """Without --data-path each split reads its own blend; a split without one is None."""
     train = write_dataset(tmp_path / "train", [document(i) for i in range(6)])
     valid = write_dataset(tmp_path / "valid", [document(i) for i in range(20, 23)])
-    splits = build_splits(data_path=None, split="969,30,1",
-                          per_split_paths=([train], ["1.0", valid], None), seq_length=5,
-                          tokenizer=TOKENIZER, num_samples=(5, 2, 0), seed=1)
+    splits = build_splits(
+        data_path=None,
+        split="969,30,1",
+        per_split_paths=([train], ["1.0", valid], None),
+        seq_length=5,
+        tokenizer=TOKENIZER,
+        num_samples=(5, 2, 0),
+        seed=1,
+    )
     assert splits.test is None
     for dataset, documents in ((splits.train, range(6)), (splits.valid, range(20, 23))):
         seen = set()
@@ -176,8 +198,15 @@ def test_one_blend_per_split(tmp_path):
 
 
 def test_mock_data_needs_no_files():
-    splits = build_splits(data_path=None, split="98,1,1", seq_length=8, tokenizer=TOKENIZER,
-                          num_samples=(4, 2, 2), seed=1, mock=True)
+    splits = build_splits(
+        data_path=None,
+        split="98,1,1",
+        seq_length=8,
+        tokenizer=TOKENIZER,
+        num_samples=(4, 2, 2),
+        seed=1,
+        mock=True,
+    )
     for dataset in (splits.train, splits.valid, splits.test):
         sample = dataset[0]
         assert sample["tokens"].shape == (8,)
@@ -185,6 +214,7 @@ def test_mock_data_needs_no_files():
 
 
 # --- micro_batches, collate, to_device --------------------------------------------------------
+
 
 class NumberedSamples:
     """Sample ``i`` is ``i`` at every position, as megatron's datasets return it (numpy)."""
@@ -198,8 +228,12 @@ class NumberedSamples:
     def __getitem__(self, index):
         assert 0 <= index < self.size
         row = numpy.full(self.seq_length, index, dtype=numpy.int32)
-        return dict(tokens=row, labels=row + 1000, loss_mask=numpy.ones(self.seq_length),
-                    position_ids=numpy.arange(self.seq_length))
+        return dict(
+            tokens=row,
+            labels=row + 1000,
+            loss_mask=numpy.ones(self.seq_length),
+            position_ids=numpy.arange(self.seq_length),
+        )
 
 
 def ids(batch):
@@ -218,10 +252,12 @@ def test_each_rank_takes_its_slice_of_each_chunk():
     """consumed 4, micro-batch 2, DP 2: chunks [4..8), [8..12), ...; rank 1 takes the second
     half of each."""
     data = NumberedSamples(100)
-    rank0 = micro_batches(data, consumed_samples=4, micro_batch_size=2, data_parallel_rank=0,
-                          data_parallel_size=2)
-    rank1 = micro_batches(data, consumed_samples=4, micro_batch_size=2, data_parallel_rank=1,
-                          data_parallel_size=2)
+    rank0 = micro_batches(
+        data, consumed_samples=4, micro_batch_size=2, data_parallel_rank=0, data_parallel_size=2
+    )
+    rank1 = micro_batches(
+        data, consumed_samples=4, micro_batch_size=2, data_parallel_rank=1, data_parallel_size=2
+    )
     assert take(rank0, 3) == [[4, 5], [8, 9], [12, 13]]
     assert take(rank1, 3) == [[6, 7], [10, 11], [14, 15]]
 
@@ -232,8 +268,16 @@ def test_a_steps_samples_do_not_depend_on_the_data_parallel_size(dp, micro_batch
     global_batch, steps = 8, 3
     per_step = global_batch // (micro_batch * dp)
     data = NumberedSamples(1000)
-    ranks = [micro_batches(data, consumed_samples=0, micro_batch_size=micro_batch,
-                           data_parallel_rank=r, data_parallel_size=dp) for r in range(dp)]
+    ranks = [
+        micro_batches(
+            data,
+            consumed_samples=0,
+            micro_batch_size=micro_batch,
+            data_parallel_rank=r,
+            data_parallel_size=dp,
+        )
+        for r in range(dp)
+    ]
     for step in range(steps):
         used = []
         for rank, iterator in enumerate(ranks):
@@ -247,19 +291,25 @@ def test_a_steps_samples_do_not_depend_on_the_data_parallel_size(dp, micro_batch
 def test_resuming_with_another_data_parallel_size_continues_with_the_same_samples():
     """Two steps at DP=2, then a resume at DP=1 from consumed_samples=16: step 3 is [16, 24)."""
     data = NumberedSamples(1000)
-    resumed = micro_batches(data, consumed_samples=16, micro_batch_size=4, data_parallel_rank=0,
-                            data_parallel_size=1)
+    resumed = micro_batches(
+        data, consumed_samples=16, micro_batch_size=4, data_parallel_rank=0, data_parallel_size=1
+    )
     assert sum(take(resumed, 2), []) == list(range(16, 24))
-    straight = [micro_batches(data, consumed_samples=0, micro_batch_size=2, data_parallel_rank=r,
-                              data_parallel_size=2) for r in range(2)]
+    straight = [
+        micro_batches(
+            data, consumed_samples=0, micro_batch_size=2, data_parallel_rank=r, data_parallel_size=2
+        )
+        for r in range(2)
+    ]
     third_step = [take(it, 6)[4:] for it in straight]  # 2 micro-batches per rank and step
     assert sorted(sum(sum(third_step, []), [])) == list(range(16, 24))
 
 
 def test_the_order_wraps_past_the_end_of_the_dataset():
     data = NumberedSamples(10)
-    iterator = micro_batches(data, consumed_samples=8, micro_batch_size=4, data_parallel_rank=0,
-                             data_parallel_size=1)
+    iterator = micro_batches(
+        data, consumed_samples=8, micro_batch_size=4, data_parallel_rank=0, data_parallel_size=1
+    )
     assert take(iterator, 3) == [[8, 9, 0, 1], [2, 3, 4, 5], [6, 7, 8, 9]]
 
 
@@ -273,8 +323,12 @@ def test_collate_stacks_samples_into_the_batch_dict():
     assert torch.equal(batch["loss_mask_BS"], torch.tensor([[1.0] * 4, [1.0, 0.0, 1.0, 0.0]]))
     assert torch.equal(batch["position_ids_BS"], torch.arange(4).expand(2, -1))
     dtypes = {key: value.dtype for key, value in batch.items()}
-    assert dtypes == dict(tokens_BS=torch.long, labels_BS=torch.long, loss_mask_BS=torch.float,
-                          position_ids_BS=torch.long)
+    assert dtypes == dict(
+        tokens_BS=torch.long,
+        labels_BS=torch.long,
+        loss_mask_BS=torch.float,
+        position_ids_BS=torch.long,
+    )
 
 
 def test_to_device_moves_every_tensor():
@@ -301,7 +355,8 @@ def test_largest_token_id_is_computed_once_and_cached_beside_the_data(ten_docume
 
 
 def test_the_cache_goes_to_the_data_cache_path_when_the_data_directory_is_read_only(
-        ten_documents, tmp_path, monkeypatch):
+    ten_documents, tmp_path, monkeypatch
+):
     real_open = open
 
     def read_only_beside_the_data(path, mode="r", *args, **kwargs):
@@ -320,13 +375,18 @@ def test_the_cache_goes_to_the_data_cache_path_when_the_data_directory_is_read_o
 def test_token_ids_beyond_the_padded_vocabulary_are_refused_naming_the_data(ten_documents):
     check_token_ids([("--data-path", [ten_documents])], 197, tokenizer="T")
     with pytest.raises(ValueError) as error:
-        check_token_ids([("--data-path", ["1.0", ten_documents])], 196,
-                        tokenizer="--tokenizer-type GPT2BPETokenizer (vocab.json, 150 tokens)")
+        check_token_ids(
+            [("--data-path", ["1.0", ten_documents])],
+            196,
+            tokenizer="--tokenizer-type GPT2BPETokenizer (vocab.json, 150 tokens)",
+        )
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith(f"--data-path: {ten_documents} holds token id 196, outside this "
-                              "run's vocabulary (--tokenizer-type GPT2BPETokenizer (vocab.json, "
-                              "150 tokens), padded to 196)")
+    assert message.startswith(
+        f"--data-path: {ten_documents} holds token id 196, outside this "
+        "run's vocabulary (--tokenizer-type GPT2BPETokenizer (vocab.json, "
+        "150 tokens), padded to 196)"
+    )
     assert "tools/preprocess_data.py" in message
 
 
@@ -343,13 +403,16 @@ def test_data_of_another_tokenizer_is_one_line_at_start_up(tmp_path):
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     [line] = [text for text in result.stderr.splitlines() if text.startswith("error: ")]
-    assert f"--data-path: {other} holds token id 50039, outside this run's vocabulary " \
-           "(--tokenizer-type GPT2BPETokenizer" in line
+    assert (
+        f"--data-path: {other} holds token id 50039, outside this run's vocabulary "
+        "(--tokenizer-type GPT2BPETokenizer" in line
+    )
     assert "padded to 512)" in line
     assert not save.exists()
 
 
 # --- the validation and test splits: an order that does not follow --seed, all of a split ------
+
 
 def streams(dataset):
     return [sample_stream(dataset[index]) for index in range(len(dataset))]
@@ -365,29 +428,53 @@ def thirty_documents(tmp_path):
 def test_validation_and_test_keep_their_order_whatever_the_seed(thirty_documents):
     """Issue 22: the same checkpoint scored on another sample set under each --seed. Now the
     training split's order follows the seed, validation and test do not."""
-    built = {seed: build_splits(data_path=[thirty_documents], split="50,25,25", seq_length=5,
-                                tokenizer=TOKENIZER, num_samples=(20, 6, 6), seed=seed)
-             for seed in (1, 2, 3)}
+    built = {
+        seed: build_splits(
+            data_path=[thirty_documents],
+            split="50,25,25",
+            seq_length=5,
+            tokenizer=TOKENIZER,
+            num_samples=(20, 6, 6),
+            seed=seed,
+        )
+        for seed in (1, 2, 3)
+    }
     for name in ("valid", "test"):
-        assert streams(getattr(built[1], name)) == streams(getattr(built[2], name)) \
-               == streams(getattr(built[3], name)), name
+        assert (
+            streams(getattr(built[1], name))
+            == streams(getattr(built[2], name))
+            == streams(getattr(built[3], name))
+        ), name
     assert streams(built[1].train) != streams(built[2].train)
 
 
 def test_no_number_of_samples_is_the_whole_split_once(thirty_documents, tmp_path):
     """--full-validation: validation is every token of documents 15-21 once, cut into
     (7 x 8 - 1) // 5 = 11 sequences; a weighted blend gives all of each dataset's split."""
-    splits = build_splits(data_path=[thirty_documents], split="50,25,25", seq_length=5,
-                          tokenizer=TOKENIZER, num_samples=(20, None, None), seed=1)
+    splits = build_splits(
+        data_path=[thirty_documents],
+        split="50,25,25",
+        seq_length=5,
+        tokenizer=TOKENIZER,
+        num_samples=(20, None, None),
+        seed=1,
+    )
     assert len(splits.valid) == 11
     tokens = [token for stream in streams(splits.valid) for token in stream[:-1]]
     assert len(tokens) == 55 and set(tokens) == tokens_of(range(15, 22))  # 56 less the last
     other = write_dataset(tmp_path / "other", [document(i) for i in range(40, 70)])
-    blend = build_splits(data_path=["0.9", thirty_documents, "0.1", other], split="50,25,25",
-                         seq_length=5, tokenizer=TOKENIZER, num_samples=(20, None, None), seed=1)
+    blend = build_splits(
+        data_path=["0.9", thirty_documents, "0.1", other],
+        split="50,25,25",
+        seq_length=5,
+        tokenizer=TOKENIZER,
+        num_samples=(20, None, None),
+        seed=1,
+    )
     assert len(blend.valid) == 22
-    assert {token for stream in streams(blend.valid) for token in stream} == \
-        tokens_of(range(15, 22)) | tokens_of(range(55, 62))
+    assert {token for stream in streams(blend.valid) for token in stream} == tokens_of(
+        range(15, 22)
+    ) | tokens_of(range(55, 62))
 
 
 def test_index_caches_of_the_one_seed_builds_are_not_reused(thirty_documents, tmp_path):
@@ -398,20 +485,37 @@ def test_index_caches_of_the_one_seed_builds_are_not_reused(thirty_documents, tm
     cache = tmp_path / "cache"
 
     def shuffle_indices(split):
-        return sorted(name for name in os.listdir(cache)
-                      if name.endswith(f"-GPTDataset-{split}-shuffle_index.npy"))
+        return sorted(
+            name
+            for name in os.listdir(cache)
+            if name.endswith(f"-GPTDataset-{split}-shuffle_index.npy")
+        )
 
     old_config = GPTDatasetConfig(
-        random_seed=EVAL_SEED, sequence_length=5, blend=get_blend_from_list([thirty_documents]),
-        split="50,25,25", path_to_cache=str(cache), mmap_bin_files=True, tokenizer=TOKENIZER,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False)
+        random_seed=EVAL_SEED,
+        sequence_length=5,
+        blend=get_blend_from_list([thirty_documents]),
+        split="50,25,25",
+        path_to_cache=str(cache),
+        mmap_bin_files=True,
+        tokenizer=TOKENIZER,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
     BlendedMegatronDatasetBuilder(GPTDataset, [20, 6, 6], lambda: True, old_config).build()
     old = shuffle_indices("valid")
     assert len(old) == 1
-    splits = build_splits(data_path=[thirty_documents], split="50,25,25", seq_length=5,
-                          tokenizer=TOKENIZER, num_samples=(20, 6, 6), seed=7,
-                          cache_path=str(cache))
+    splits = build_splits(
+        data_path=[thirty_documents],
+        split="50,25,25",
+        seq_length=5,
+        tokenizer=TOKENIZER,
+        num_samples=(20, 6, 6),
+        seed=7,
+        cache_path=str(cache),
+    )
     assert len(shuffle_indices("valid")) == 2 and old[0] in shuffle_indices("valid")
     valid = splits.valid.datasets[0] if hasattr(splits.valid, "datasets") else splits.valid
     train = splits.train.datasets[0] if hasattr(splits.train, "datasets") else splits.train
@@ -428,9 +532,16 @@ def test_an_evaluation_scores_each_sample_once_and_masks_the_filling(dp, micro_b
     data = NumberedSamples(12)
     scored, filling, per_rank = [], 0, []
     for rank in range(dp):
-        batches = list(evaluation_batches(data, num_samples=10, global_batch_size=4,
-                                          micro_batch_size=micro_batch, data_parallel_rank=rank,
-                                          data_parallel_size=dp))
+        batches = list(
+            evaluation_batches(
+                data,
+                num_samples=10,
+                global_batch_size=4,
+                micro_batch_size=micro_batch,
+                data_parallel_rank=rank,
+                data_parallel_size=dp,
+            )
+        )
         per_rank.append(len(batches))
         for batch in batches:
             for row, number in enumerate(ids(batch)):

@@ -52,8 +52,12 @@ def tokenizer_files(tmp_path_factory):
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=200,
-        hard_vocab_limit=False, model_type="bpe", minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=200,
+        hard_vocab_limit=False,
+        model_type="bpe",
+        minloglevel=2,
     )
     (directory / "sp.model").write_bytes(model.getvalue())
 
@@ -228,7 +232,10 @@ def test_progress_lines_every_log_interval(tmp_path, tokenizer_files, capsys):
 def run_cli(*args):
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "tools" / "preprocess_data.py"), *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -237,10 +244,23 @@ def test_cli_writes_megatron_named_outputs(tmp_path, tokenizer_files):
     files = tokenizer_files["GPT2BPETokenizer"]
     input_path = write_jsonl(tmp_path / "X.jsonl", [{"text": text} for text in DOCUMENTS])
     result = run_cli(
-        "--input", input_path, "--output-prefix", str(tmp_path / "P"), "--json-keys", "text",
-        "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", files["vocab_file"],
-        "--merge-file", files["merge_file"], "--append-eod",
-        "--workers", "2", "--log-interval", "100",
+        "--input",
+        input_path,
+        "--output-prefix",
+        str(tmp_path / "P"),
+        "--json-keys",
+        "text",
+        "--tokenizer-type",
+        "GPT2BPETokenizer",
+        "--vocab-file",
+        files["vocab_file"],
+        "--merge-file",
+        files["merge_file"],
+        "--append-eod",
+        "--workers",
+        "2",
+        "--log-interval",
+        "100",
     )
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr  # megatron's import-time warnings stay out
@@ -254,8 +274,14 @@ def test_cli_writes_megatron_named_outputs(tmp_path, tokenizer_files):
 @pytest.mark.integration
 def test_cli_errors_are_one_line(tmp_path, tokenizer_files):
     files = tokenizer_files["SentencePieceTokenizer"]
-    common = ["--output-prefix", str(tmp_path / "P"), "--tokenizer-type", "SentencePieceTokenizer",
-              "--tokenizer-model", files["tokenizer_model"]]
+    common = [
+        "--output-prefix",
+        str(tmp_path / "P"),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        files["tokenizer_model"],
+    ]
 
     missing = run_cli("--input", str(tmp_path / "absent.jsonl"), *common)
     assert missing.returncode == 1

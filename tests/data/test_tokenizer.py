@@ -179,7 +179,9 @@ def test_tokenizers_survive_pickling(gpt2_files, fixture_dir):
     for tokenizer in tokenizers:
         copy = pickle.loads(pickle.dumps(tokenizer))
         assert (copy.kind, copy.vocab_size, copy.eod) == (
-            tokenizer.kind, tokenizer.vocab_size, tokenizer.eod
+            tokenizer.kind,
+            tokenizer.vocab_size,
+            tokenizer.eod,
         )
         assert copy.tokenize(SAMPLE_TEXT) == tokenizer.tokenize(SAMPLE_TEXT)
 

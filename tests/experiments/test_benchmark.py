@@ -25,8 +25,16 @@ from remoe_patches.model.routers.relu_router import ReLURouter
 from remoe_patches.config.run_config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent.parent
-SMALL = dict(preset="tiny", micro_batch_size=4, warmup_steps=2, steps=4, stage1_steps=3,
-             rounds=2, max_settle_steps=300, token_dispatcher="sorted")
+SMALL = dict(
+    preset="tiny",
+    micro_batch_size=4,
+    warmup_steps=2,
+    steps=4,
+    stage1_steps=3,
+    rounds=2,
+    max_settle_steps=300,
+    token_dispatcher="sorted",
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +73,7 @@ def test_flops_come_from_the_experts_used(report):
     for r in report["results"]:
         if r.router == "relu":  # what the routers activated over the timed steps
             assert r.active_experts_per_token == pytest.approx((1 - r.sparsity) * 8)
-        model = ModelConfig.preset("tiny", num_query_groups=4, router=r.router,
-                                   ffn_hidden_size=256)
+        model = ModelConfig.preset("tiny", num_query_groups=4, router=r.router, ffn_hidden_size=256)
         tokens = SMALL["micro_batch_size"] * model.seq_length
         expected = independent_flops_per_token(model, r.active_experts_per_token) * tokens
         assert r.model_tflops == pytest.approx(expected / (r.median_ms / 1000) / 1e12, rel=1e-9)
@@ -93,11 +100,11 @@ def test_router_share_is_the_routers_part_of_the_same_steps(report):
         assert all(0 < router < step for router, step in zip(r.router_step_ms, r.step_ms))
         shares = sorted(router / step for router, step in zip(r.router_step_ms, r.step_ms))
         assert r.router_share == pytest.approx(
-            (shares[(len(shares) - 1) // 2] + shares[len(shares) // 2]) / 2)
+            (shares[(len(shares) - 1) // 2] + shares[len(shares) // 2]) / 2
+        )
 
 
-def test_load_outside_the_timed_steps_does_not_reach_the_router_share(single_rank,
-                                                                       monkeypatch):
+def test_load_outside_the_timed_steps_does_not_reach_the_router_share(single_rank, monkeypatch):
     """issue 26: router shares of 130-420% on a busy machine, the routers having been timed
     apart from the steps. Here the machine is 'busy' (every router call 50 ms slower) whenever
     no timed step runs."""
@@ -118,8 +125,9 @@ def test_load_outside_the_timed_steps_does_not_reach_the_router_share(single_ran
 
     monkeypatch.setattr(benchmark._Session, "timed_steps", quiet_while_timed)
     monkeypatch.setattr(ReLURouter, "routing", routing_under_load)
-    config = BenchmarkConfig(**{**SMALL, "routers": ("relu",), "max_settle_steps": 1,
-                                "interleave": False})
+    config = BenchmarkConfig(
+        **{**SMALL, "routers": ("relu",), "max_settle_steps": 1, "interleave": False}
+    )
     for result in run_benchmark(config, progress=lambda line: None)["results"]:
         assert 0 < result.router_share < 0.5, (result.label, result.router_share)
 
@@ -127,19 +135,36 @@ def test_load_outside_the_timed_steps_does_not_reach_the_router_share(single_ran
 def phase(router, step_ms, phase=""):
     median = sorted(step_ms)[len(step_ms) // 2]
     return benchmark.PhaseResult(
-        router=router, phase=phase, step_ms=step_ms, median_ms=median,
-        p25_ms=benchmark._percentile(step_ms, 0.25), p75_ms=benchmark._percentile(step_ms, 0.75),
-        tokens_per_s=1.0, active_experts_per_token=1.0, sparsity=None, model_tflops=1.0,
-        mfu=None, peak_memory=0, step_memory=0, router_ms_per_step=None, router_share=None,
-        syncs_per_step=0, remoe_syncs_per_step=0)
+        router=router,
+        phase=phase,
+        step_ms=step_ms,
+        median_ms=median,
+        p25_ms=benchmark._percentile(step_ms, 0.25),
+        p75_ms=benchmark._percentile(step_ms, 0.75),
+        tokens_per_s=1.0,
+        active_experts_per_token=1.0,
+        sparsity=None,
+        model_tflops=1.0,
+        mfu=None,
+        peak_memory=0,
+        step_memory=0,
+        router_ms_per_step=None,
+        router_share=None,
+        syncs_per_step=0,
+        remoe_syncs_per_step=0,
+    )
 
 
 def test_a_spread_too_large_gives_no_verdict():
     # issue 26: spreads of +-600-1400% on a busy machine, then "<= 1.00 within spread"
-    calm = [phase("topk", [40.0, 41.0, 42.0, 43.0, 44.0]),
-            phase("relu", [41.0, 42.0, 43.0, 44.0, 45.0], "stage III")]
-    busy = [phase("topk", [40.0, 41.0, 42.0, 900.0, 950.0]),
-            phase("relu", [30.0, 31.0, 43.0, 700.0, 800.0], "stage III")]
+    calm = [
+        phase("topk", [40.0, 41.0, 42.0, 43.0, 44.0]),
+        phase("relu", [41.0, 42.0, 43.0, 44.0, 45.0], "stage III"),
+    ]
+    busy = [
+        phase("topk", [40.0, 41.0, 42.0, 900.0, 950.0]),
+        phase("relu", [30.0, 31.0, 43.0, 700.0, 800.0], "stage III"),
+    ]
     quiet, noisy = benchmark.step_time_ratios(calm), benchmark.step_time_ratios(busy)
     name = "ReMoE (stage III) / TopK MoE"
     assert quiet[name]["meaningful"] and quiet[name]["at_most_1"] is True
@@ -197,8 +222,9 @@ def test_a_sync_in_the_router_is_counted(single_rank, monkeypatch):
         return routing(self, logits)
 
     monkeypatch.setattr(ReLURouter, "routing", routing_that_syncs)
-    config = BenchmarkConfig(**{**SMALL, "routers": ("relu",), "max_settle_steps": 1,
-                                "interleave": False})
+    config = BenchmarkConfig(
+        **{**SMALL, "routers": ("relu",), "max_settle_steps": 1, "interleave": False}
+    )
     result = run_benchmark(config, progress=lambda line: None)["results"]
     # one per MoE layer and step, in both phases
     assert [r.remoe_syncs_per_step for r in result] == [2.0, 2.0]
@@ -220,8 +246,9 @@ def test_dense_twin_has_the_same_active_parameters():
 
 @pytest.mark.parametrize("granularity", [1, 2])
 def test_run_configs_are_the_runs_the_benchmark_describes(granularity):
-    bench = BenchmarkConfig(topk=2, granularity=granularity, num_microbatches=3,
-                            model_overrides=dict(seq_length=96))
+    bench = BenchmarkConfig(
+        topk=2, granularity=granularity, num_microbatches=3, model_overrides=dict(seq_length=96)
+    )
     cpu, cuda = benchmark.torch.device("cpu"), benchmark.torch.device("cuda")
     dense = benchmark.run_config(bench, "dense", cpu).model
     for router in benchmark.ROUTERS:
@@ -235,8 +262,9 @@ def test_run_configs_are_the_runs_the_benchmark_describes(granularity):
         assert config.data.mock_data and not config.training.bf16
         assert benchmark.run_config(bench, router, cuda).training.bf16  # bf16 by default on GPUs
         if router in ("topk", "relu"):  # k*G experts of width ffn/G: the dense twin's width
-            assert model.nominal_active_experts * model.expert_ffn_hidden_size == \
-                dense.ffn_hidden_size
+            assert (
+                model.nominal_active_experts * model.expert_ffn_hidden_size == dense.ffn_hidden_size
+            )
         if router == "topk":  # the dMoE baseline: softmax first, gates scaled by E/k
             assert config.layers.topk_router["moe_router_pre_softmax"]
             assert config.layers.topk_router["moe_router_topk_scaling_factor"] == 8 / 2
@@ -248,16 +276,40 @@ def test_run_configs_are_the_runs_the_benchmark_describes(granularity):
 def test_command_line_writes_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run(
-        [sys.executable, "tools/benchmark.py", "--preset", "tiny", "--routers", "topk", "relu",
-         "--micro-batch-size", "2", "--warmup-steps", "1", "--steps", "2", "--rounds", "1",
-         "--max-settle-steps", "3", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "tools/benchmark.py",
+            "--preset",
+            "tiny",
+            "--routers",
+            "topk",
+            "relu",
+            "--micro-batch-size",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--steps",
+            "2",
+            "--rounds",
+            "1",
+            "--max-settle-steps",
+            "3",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr
     assert "| TopK MoE |" in run.stdout and "ReMoE (not settled) / TopK MoE" in run.stdout
     saved = json.loads(out.read_text())
     assert [r["label"] for r in saved["results"]] == [
-        "TopK MoE", "ReMoE (stage I)", "ReMoE (not settled)"]
+        "TopK MoE",
+        "ReMoE (stage I)",
+        "ReMoE (not settled)",
+    ]
     assert saved["config"]["steps"] == 2 and "ReMoE (not settled) / TopK MoE" in saved["ratios"]
 
 
@@ -265,15 +317,19 @@ def test_command_line_writes_table_and_json(tmp_path):
 def test_command_line_bad_input_is_one_line(tmp_path):
     run = subprocess.run(
         [sys.executable, "tools/benchmark.py", "--steps", "0"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 2
     assert run.stderr.strip() == "error: BenchmarkConfig.steps: must be >= 1"
 
 
 def test_the_table_2_baselines_are_benchmarked(single_rank):
-    config = BenchmarkConfig(**{**SMALL, "routers": ("hash", "expert_choice", "sparsemixer",
-                                                     "lory")})
+    config = BenchmarkConfig(
+        **{**SMALL, "routers": ("hash", "expert_choice", "sparsemixer", "lory")}
+    )
     results = run_benchmark(config, progress=lambda line: None)["results"]
     assert [r.label for r in results] == ["Hash", "Expert Choice", "SparseMixer-v2", "Lory"]
     for result in results:

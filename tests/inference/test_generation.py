@@ -63,22 +63,26 @@ def test_generation_stops_at_eod_and_keeps_to_the_context_and_the_vocabulary():
         return logits
 
     config = SamplingConfig(temperature=0, max_new_tokens=6)
-    assert generate(logits_fn, [[1, 2]], config, vocab_size=8, context_length=4,
-                    use_cache=False) == [[3] * 6]
+    assert generate(
+        logits_fn, [[1, 2]], config, vocab_size=8, context_length=4, use_cache=False
+    ) == [[3] * 6]
     assert seen_lengths == [2, 3, 4, 4, 4, 4]
-    assert generate(logits_fn, [[1], [2, 2]], config, vocab_size=8, context_length=4, eod=3,
-                    use_cache=False) == [[], []]
+    assert generate(
+        logits_fn, [[1], [2, 2]], config, vocab_size=8, context_length=4, eod=3, use_cache=False
+    ) == [[], []]
 
 
 def test_the_same_seed_gives_the_same_tokens():
     def logits_fn(tokens):
-        return torch.randn(1, tokens.shape[1], 50, generator=torch.Generator().manual_seed(
-            int(tokens.sum())))
+        return torch.randn(
+            1, tokens.shape[1], 50, generator=torch.Generator().manual_seed(int(tokens.sum()))
+        )
 
     def sample(seed):
         config = SamplingConfig(temperature=1.5, max_new_tokens=20, seed=seed)
-        return generate(logits_fn, [[1, 2, 3]], config, vocab_size=50, context_length=64,
-                        use_cache=False)
+        return generate(
+            logits_fn, [[1, 2, 3]], config, vocab_size=50, context_length=64, use_cache=False
+        )
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
@@ -89,18 +93,25 @@ def test_bad_settings_are_refused():
         return torch.zeros(1, tokens.shape[1], 4)
 
     with pytest.raises(ValueError, match="SamplingConfig.top_p"):
-        generate(zeros, [[1]], SamplingConfig(top_p=0.0), vocab_size=4, context_length=8,
-                 use_cache=False)
-    with pytest.raises(ValueError, match=r"^prompts must be a list of token id lists; for one "
-                       r"prompt pass \[prompt_ids\]$"):
-        generate(zeros, [1, 2], SamplingConfig(), vocab_size=4, context_length=8,
-                 use_cache=False)
+        generate(
+            zeros, [[1]], SamplingConfig(top_p=0.0), vocab_size=4, context_length=8, use_cache=False
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"^prompts must be a list of token id lists; for one "
+        r"prompt pass \[prompt_ids\]$",
+    ):
+        generate(zeros, [1, 2], SamplingConfig(), vocab_size=4, context_length=8, use_cache=False)
     with pytest.raises(ValueError, match=r"^prompt 2 is empty: give at least one token of text$"):
-        generate(zeros, [[1], []], SamplingConfig(), vocab_size=4, context_length=8,
-                 use_cache=False)
+        generate(
+            zeros, [[1], []], SamplingConfig(), vocab_size=4, context_length=8, use_cache=False
+        )
     # a function of token ids has no cache to give: asking for one is an error, not a fallback
-    with pytest.raises(ValueError, match=r"^a logits function keeps no key/value cache: pass "
-                       r"use_cache=False, or a reference_model.GPT"):
+    with pytest.raises(
+        ValueError,
+        match=r"^a logits function keeps no key/value cache: pass "
+        r"use_cache=False, or a reference_model.GPT",
+    ):
         generate(zeros, [[1]], SamplingConfig(), vocab_size=4, context_length=8)
 
 
@@ -115,13 +126,30 @@ CONTEXT = 24
 
 def one_at_a_time(model, prompts, config, eod=None) -> list:
     """The loop before the cache: each prompt alone, the whole context recomputed each token."""
-    return [generate(lambda tokens: model(tokens), [prompt], config, vocab_size=VOCAB - 2,
-                     context_length=CONTEXT, eod=eod, use_cache=False)[0] for prompt in prompts]
+    return [
+        generate(
+            lambda tokens: model(tokens),
+            [prompt],
+            config,
+            vocab_size=VOCAB - 2,
+            context_length=CONTEXT,
+            eod=eod,
+            use_cache=False,
+        )[0]
+        for prompt in prompts
+    ]
 
 
 def batched(model, prompts, config, eod=None, use_cache=True) -> list:
-    return generate(model, prompts, config, vocab_size=VOCAB - 2, context_length=CONTEXT,
-                    eod=eod, use_cache=use_cache)
+    return generate(
+        model,
+        prompts,
+        config,
+        vocab_size=VOCAB - 2,
+        context_length=CONTEXT,
+        eod=eod,
+        use_cache=use_cache,
+    )
 
 
 @pytest.mark.parametrize("router", ["relu", "topk"])
@@ -145,7 +173,7 @@ def test_rows_stop_at_the_end_of_document_and_leave_the_batch():
     config = SamplingConfig(temperature=0, max_new_tokens=12)
     free = one_at_a_time(model, prompts, config)
     eod = free[1][5]  # the second row ends after 5 tokens; others may end elsewhere or not
-    expected = [row[:row.index(eod)] if eod in row else row for row in free]
+    expected = [row[: row.index(eod)] if eod in row else row for row in free]
     assert 0 < len(expected[1]) < 12 and sorted(map(len, expected))[-1] == 12
     shapes = []
     hook = model.register_forward_hook(lambda module, args, out: shapes.append(args[0].shape))
@@ -175,15 +203,22 @@ def test_the_cache_is_used_only_where_the_registry_and_the_reference_model_allow
     for name, kind in ROUTERS.items():
         reason = cache_unavailable_reason(name)
         if kind.routes_by_neighbours:
-            assert reason == (f"{kind.title} routes a token by the other tokens of its sequence, "
-                              "so cached keys and values would go stale as the sequence grows")
+            assert reason == (
+                f"{kind.title} routes a token by the other tokens of its sequence, "
+                "so cached keys and values would go stale as the sequence grows"
+            )
         elif name not in reference_model.ROUTERS:
-            assert reason == ("the cache runs in the reference model, which implements Dense, "
-                              f"TopK MoE, ReMoE routing, not {kind.title}")
+            assert reason == (
+                "the cache runs in the reference model, which implements Dense, "
+                f"TopK MoE, ReMoE routing, not {kind.title}"
+            )
         else:
             assert reason is None
     assert {name for name in ROUTERS if cache_unavailable_reason(name) is None} == {
-        "dense", "topk", "relu"}
+        "dense",
+        "topk",
+        "relu",
+    }
 
 
 def test_a_cache_would_go_stale_under_expert_choice(single_rank):
@@ -195,10 +230,18 @@ def test_a_cache_would_go_stale_under_expert_choice(single_rank):
     from remoe_patches.inference.trained_model import megatron_logits
 
     torch.manual_seed(3)
-    config = ModelConfig(router="expert_choice", num_layers=2, hidden_size=32,
-                         num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                         vocab_size=128, seq_length=64, moe_aux_loss_coeff=0.0,
-                         init_method_std=0.2)
+    config = ModelConfig(
+        router="expert_choice",
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=64,
+        vocab_size=128,
+        seq_length=64,
+        moe_aux_loss_coeff=0.0,
+        init_method_std=0.2,
+    )
     model = build_model(config, ParallelConfig(), use_transformer_engine=False).model.eval()
     tokens = torch.randint(1, 128, (1, 20), generator=torch.Generator().manual_seed(0))
     prefix = megatron_logits(model, tokens[:, :10])
@@ -207,31 +250,60 @@ def test_a_cache_would_go_stale_under_expert_choice(single_rank):
 
 
 def cli(*argv):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "generate.py"), *argv],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=clean_env())
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "generate.py"), *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+    )
 
 
 @pytest.mark.integration
 def test_checkpoint_and_export_generate_the_same_text(tmp_path_factory, tmp_path):
     load = checkpoint(tmp_path_factory, "relu")
     export = tmp_path / "export"
-    exported = subprocess.run([sys.executable, str(REPO / "tools" / "export_checkpoint.py"),
-                               "--load", load, "--output", str(export)], cwd=REPO,
-                              capture_output=True, text=True, timeout=600, env=clean_env())
+    exported = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "export_checkpoint.py"),
+            "--load",
+            load,
+            "--output",
+            str(export),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+    )
     assert exported.returncode == 0, exported.stderr[-2000:]
     # three prompts of different lengths, two decoding together, then one
     prompt_file = tmp_path / "prompts.jsonl"
     prompt_file.write_text(json.dumps("class Point:\n    def __init__(self") + "\n")
-    prompts = ["--prompt", "def main(", "--prompt", "import os", "--prompt-file",
-               str(prompt_file), "--batch-size", "2"]
+    prompts = [
+        "--prompt",
+        "def main(",
+        "--prompt",
+        "import os",
+        "--prompt-file",
+        str(prompt_file),
+        "--batch-size",
+        "2",
+    ]
     greedy = ["--temperature", "0", "--max-new-tokens", "12", "--json", *prompts]
     from_checkpoint = cli("--load", load, *greedy)
     from_export = cli("--load", str(export), *greedy)
     assert from_checkpoint.returncode == 0, from_checkpoint.stderr[-2000:]
     assert from_export.returncode == 0, from_export.stderr[-2000:]
     rows = [json.loads(line) for line in from_checkpoint.stdout.splitlines()]
-    assert [r["prompt"] for r in rows] == ["def main(", "import os",
-                                           "class Point:\n    def __init__(self"]
+    assert [r["prompt"] for r in rows] == [
+        "def main(",
+        "import os",
+        "class Point:\n    def __init__(self",
+    ]
     assert all(1 <= len(r["tokens"]) <= 12 for r in rows)
     assert from_checkpoint.stdout == from_export.stdout
     # without the cache: each prompt alone, recomputed (the checkpoint on megatron-core)
@@ -241,8 +313,19 @@ def test_checkpoint_and_export_generate_the_same_text(tmp_path_factory, tmp_path
         assert uncached.stdout == from_checkpoint.stdout
         assert "generate.py: note" not in uncached.stderr + from_checkpoint.stderr
 
-    sampled = ["--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "3",
-               "--max-new-tokens", "12", *prompts]
+    sampled = [
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "12",
+        *prompts,
+    ]
     first, again = cli("--load", str(export), *sampled), cli("--load", str(export), *sampled)
     assert first.returncode == 0 and first.stdout == again.stdout
     assert first.stdout.startswith("def main(")
@@ -255,32 +338,50 @@ def test_checkpoint_and_export_generate_the_same_text(tmp_path_factory, tmp_path
     prompt_file.write_text("def main(\n")
     bad = cli("--load", str(export), "--prompt-file", str(prompt_file))
     assert bad.returncode == 2
-    assert bad.stderr.strip() == (f"generate.py: error: --prompt-file {prompt_file} line 1 is "
-                                  'not a JSON string; write each prompt as "text", escapes for '
-                                  "newlines")
+    assert bad.stderr.strip() == (
+        f"generate.py: error: --prompt-file {prompt_file} line 1 is "
+        'not a JSON string; write each prompt as "text", escapes for '
+        "newlines"
+    )
     none = cli("--load", str(export))
     assert none.returncode == 2
-    assert none.stderr.strip() == ("generate.py: error: no prompt: give --prompt TEXT (several "
-                                   "times for several) or --prompt-file FILE")
+    assert none.stderr.strip() == (
+        "generate.py: error: no prompt: give --prompt TEXT (several "
+        "times for several) or --prompt-file FILE"
+    )
 
 
 @pytest.mark.integration
 def test_expert_choice_is_generated_without_the_cache_each_prompt_alone(tmp_path_factory):
     load = checkpoint(tmp_path_factory, "expert_choice")
-    argv = ["--load", load, "--prompt", "def main(", "--prompt", "import os", "--temperature",
-            "0", "--max-new-tokens", "8", "--json"]
+    argv = [
+        "--load",
+        load,
+        "--prompt",
+        "def main(",
+        "--prompt",
+        "import os",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]
     asked = cli(*argv)
     assert asked.returncode == 0, asked.stderr[-2000:]
     assert asked.stderr.strip().splitlines()[-1] == (
         "generate.py: note: no key/value cache: Expert Choice routes a token by the other tokens "
         "of its sequence, so cached keys and values would go stale as the sequence grows; each "
-        "prompt is generated alone, its context recomputed for every token")
+        "prompt is generated alone, its context recomputed for every token"
+    )
     uncached = cli(*argv, "--no-kv-cache")
     assert uncached.returncode == 0, uncached.stderr[-2000:]
     assert "generate.py: note" not in uncached.stderr
     assert asked.stdout == uncached.stdout
     assert [json.loads(line)["prompt"] for line in asked.stdout.splitlines()] == [
-        "def main(", "import os"]
+        "def main(",
+        "import os",
+    ]
 
 
 @pytest.mark.integration
@@ -289,13 +390,35 @@ def test_a_dense_llama_export_generates(tmp_path_factory, tmp_path, dtype):
     load = checkpoint(tmp_path_factory, "dense")
     export = tmp_path / "export"
     flags = ["--bf16"] if dtype == "bfloat16" else []
-    exported = subprocess.run([sys.executable, str(REPO / "tools" / "export_checkpoint.py"),
-                               "--load", load, "--output", str(export), *flags], cwd=REPO,
-                              capture_output=True, text=True, timeout=600, env=clean_env())
+    exported = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "export_checkpoint.py"),
+            "--load",
+            load,
+            "--output",
+            str(export),
+            *flags,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+    )
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert json.loads((export / "config.json").read_text())["torch_dtype"] == dtype
-    greedy = ["--temperature", "0", "--max-new-tokens", "12", "--json",
-              "--prompt", "def main(", "--prompt", "import os"]
+    greedy = [
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+        "--json",
+        "--prompt",
+        "def main(",
+        "--prompt",
+        "import os",
+    ]
     from_export = cli("--load", str(export), *greedy)
     assert from_export.returncode == 0, from_export.stderr[-2000:]
     rows = [json.loads(line) for line in from_export.stdout.splitlines()]
@@ -312,33 +435,71 @@ def test_a_dense_llama_export_generates(tmp_path_factory, tmp_path, dtype):
 def test_a_prompt_longer_than_the_context_is_said_to_be_cut(tmp_path_factory):
     load = checkpoint(tmp_path_factory, "relu")  # --seq-length 32
     long_prompt = "def main():\n" + "    x = x + 1\n" * 40
-    result = cli("--load", load, "--prompt", "import os", "--prompt", long_prompt,
-                 "--temperature", "0", "--max-new-tokens", "2", "--json")
+    result = cli(
+        "--load",
+        load,
+        "--prompt",
+        "import os",
+        "--prompt",
+        long_prompt,
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     notes = [line for line in result.stderr.splitlines() if line.startswith("generate.py: ")]
     assert len(notes) == 1 and notes[0].startswith("generate.py: note: prompt 2 is ")
-    assert notes[0].endswith(" tokens; the model sees only its last 32 (the checkpoint's "
-                             "--seq-length)")
+    assert notes[0].endswith(
+        " tokens; the model sees only its last 32 (the checkpoint's --seq-length)"
+    )
     assert [json.loads(line)["prompt"] for line in result.stdout.splitlines()] == [
-        "import os", long_prompt]
+        "import os",
+        long_prompt,
+    ]
 
 
 @pytest.mark.integration
 def test_the_generation_benchmark_prints_its_table():
     """Not a timing test: the script runs its four modes and finds the same tokens in all."""
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmark_generation.py"), "--router", "topk",
-         "--prompts", "3", "--prompt-tokens", "4", "9", "--new-tokens", "3", "--repeats", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=clean_env())
+        [
+            sys.executable,
+            str(REPO / "tools" / "benchmark_generation.py"),
+            "--router",
+            "topk",
+            "--prompts",
+            "3",
+            "--prompt-tokens",
+            "4",
+            "9",
+            "--new-tokens",
+            "3",
+            "--repeats",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert lines[0] == ("command: python tools/benchmark_generation.py --router topk --prompts 3 "
-                        "--prompt-tokens 4 9 --new-tokens 3 --repeats 1")
-    assert lines[3] == ("work: 3 prompts of 4-9 tokens, 3 new tokens each (9 in all), greedy; "
-                        "the median of 1 round")
+    assert lines[0] == (
+        "command: python tools/benchmark_generation.py --router topk --prompts 3 "
+        "--prompt-tokens 4 9 --new-tokens 3 --repeats 1"
+    )
+    assert lines[3] == (
+        "work: 3 prompts of 4-9 tokens, 3 new tokens each (9 in all), greedy; the median of 1 round"
+    )
     rows = [line for line in lines if line.startswith("| ") and "seconds" not in line]
     assert [row.split(" | ")[0] for row in rows] == [
-        "| recompute, each prompt alone (before the cache)", "| recompute, batched (left-padded)",
-        "| key/value cache, each prompt alone", "| key/value cache, batched (tools/generate.py)"]
+        "| recompute, each prompt alone (before the cache)",
+        "| recompute, batched (left-padded)",
+        "| key/value cache, each prompt alone",
+        "| key/value cache, batched (tools/generate.py)",
+    ]
     assert rows[0].endswith(" | 1.0x |")
     assert lines[-1] == "same tokens in all four modes: yes"

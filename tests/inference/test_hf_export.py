@@ -44,8 +44,9 @@ print(json.dumps(dict(config_class=type(config).__name__, model_class=type(model
 
 
 @pytest.mark.parametrize("router", ["relu", "topk"])
-def test_transformers_loads_an_export_and_agrees_with_megatron(single_rank, tmp_path_factory,
-                                                               tmp_path, router):
+def test_transformers_loads_an_export_and_agrees_with_megatron(
+    single_rank, tmp_path_factory, tmp_path, router
+):
     from remoe_patches.inference.hf_export import export_checkpoint
     from remoe_patches.inference.trained_model import load_model_for_inference, megatron_logits
 
@@ -55,13 +56,27 @@ def test_transformers_loads_an_export_and_agrees_with_megatron(single_rank, tmp_
     tokens = tokens_for(tokenizer.vocab_size, length=SEQ)
     torch.save(tokens, tmp_path / "tokens.pt")
     result = subprocess.run(
-        [sys.executable, "-c", TRANSFORMERS_SIDE, export, str(tmp_path / "tokens.pt"),
-         str(tmp_path / "out.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env=clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1"))
+        [
+            sys.executable,
+            "-c",
+            TRANSFORMERS_SIDE,
+            export,
+            str(tmp_path / "tokens.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1"),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert (seen["config_class"], seen["model_class"], seen["router"]) == (
-        "RemoeConfig", "RemoeForCausalLM", router)
+        "RemoeConfig",
+        "RemoeForCausalLM",
+        router,
+    )
 
     out = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
@@ -104,9 +119,20 @@ def run_transformers(script, export, tokens, tmp_path):
     """(the JSON line the script printed, the tensors it saved)."""
     torch.save(tokens, tmp_path / "tokens.pt")
     result = subprocess.run(
-        [sys.executable, "-c", script, export, str(tmp_path / "tokens.pt"),
-         str(tmp_path / "out.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env=clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1"))
+        [
+            sys.executable,
+            "-c",
+            script,
+            export,
+            str(tmp_path / "tokens.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1"),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), torch.load(tmp_path / "out.pt")
 
@@ -120,8 +146,7 @@ def test_a_dense_export_is_transformers_own_llama(single_rank, tmp_path_factory,
     from remoe_patches.inference.hf_export import export_model
     from remoe_patches.inference.trained_model import load_model_for_inference, megatron_logits
 
-    model, tokenizer, model_config = load_model_for_inference(
-        checkpoint(tmp_path_factory, "dense"))
+    model, tokenizer, model_config = load_model_for_inference(checkpoint(tmp_path_factory, "dense"))
     # weights drawn large: attention far from uniform, so a wrong rotary layout would show
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -132,7 +157,10 @@ def test_a_dense_export_is_transformers_own_llama(single_rank, tmp_path_factory,
     tokens = tokens_for(tokenizer.vocab_size, length=SEQ)
     seen, out = run_transformers(LLAMA_SIDE, export, tokens, tmp_path)
     assert (seen["config_class"], seen["model_class"], seen["dtypes"]) == (
-        "LlamaConfig", "LlamaForCausalLM", ["torch.float32"])
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        ["torch.float32"],
+    )
 
     with torch.no_grad():
         expected = megatron_logits(model, tokens)
@@ -146,10 +174,10 @@ def test_a_bf16_dense_export_loads_in_bf16(single_rank, tmp_path_factory, tmp_pa
     from remoe_patches.inference.hf_export import export_model
     from remoe_patches.inference.trained_model import load_model_for_inference, megatron_logits
 
-    model, tokenizer, model_config = load_model_for_inference(
-        checkpoint(tmp_path_factory, "dense"))
-    export = export_model(model, model_config, tokenizer, str(tmp_path / "export"),
-                          dtype="bfloat16")
+    model, tokenizer, model_config = load_model_for_inference(checkpoint(tmp_path_factory, "dense"))
+    export = export_model(
+        model, model_config, tokenizer, str(tmp_path / "export"), dtype="bfloat16"
+    )
     tokens = tokens_for(tokenizer.vocab_size, length=SEQ)
     seen, out = run_transformers(LLAMA_SIDE, export, tokens, tmp_path)
     assert (seen["model_class"], seen["dtypes"]) == ("LlamaForCausalLM", ["torch.bfloat16"])
@@ -230,8 +258,9 @@ print(json.dumps(dict(new_ids=out.sequences[:, width:].tolist(), forwards=forwar
 
 
 @pytest.mark.parametrize("router", ["relu", "topk"])
-def test_transformers_generates_a_left_padded_batch_with_its_cache(single_rank, tmp_path_factory,
-                                                                   tmp_path, router):
+def test_transformers_generates_a_left_padded_batch_with_its_cache(
+    single_rank, tmp_path_factory, tmp_path, router
+):
     from remoe_patches.inference.generation import SamplingConfig, generate
     from remoe_patches.inference.hf_export import export_checkpoint
     from remoe_patches.inference.trained_model import load_model_for_inference, megatron_logits
@@ -240,9 +269,13 @@ def test_transformers_generates_a_left_padded_batch_with_its_cache(single_rank, 
     export = export_checkpoint(load, str(tmp_path / "export"))
     prompts = ["def main(", "import os", "class Point:\n    def __init__("]
     result = subprocess.run(
-        [sys.executable, "-c", GENERATE_SIDE, export, json.dumps(prompts)], cwd=tmp_path,
-        capture_output=True, text=True, timeout=600,
-        env=clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1"))
+        [sys.executable, "-c", GENERATE_SIDE, export, json.dumps(prompts)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1"),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     # left padding, and the cache used: the prompts once, then one position per step
@@ -258,13 +291,17 @@ def test_transformers_generates_a_left_padded_batch_with_its_cache(single_rank, 
     model, tokenizer, _ = load_model_for_inference(load)
     eos = seen["eos"]
     assert max(lengths) + 12 <= SEQ  # transformers does not slide a window past the context
-    alone = generate(lambda t: megatron_logits(model, t),
-                     [tokenizer.tokenize(prompt) for prompt in prompts],
-                     SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
-                     vocab_size=tokenizer.vocab_size, context_length=SEQ, use_cache=False)
+    alone = generate(
+        lambda t: megatron_logits(model, t),
+        [tokenizer.tokenize(prompt) for prompt in prompts],
+        SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
+        vocab_size=tokenizer.vocab_size,
+        context_length=SEQ,
+        use_cache=False,
+    )
 
     def to_first_eos(ids):
-        return ids[:ids.index(eos) + 1] if eos in ids else ids
+        return ids[: ids.index(eos) + 1] if eos in ids else ids
 
     assert [to_first_eos(row) for row in seen["new_ids"]] == [to_first_eos(row) for row in alone]
     assert len({tuple(row) for row in alone}) == 3
@@ -277,11 +314,17 @@ def same_loss_and_greedy_text(out, seen, expected, tokens, model, tokenizer) -> 
     from remoe_patches.inference.trained_model import megatron_logits
 
     training_loss = torch.nn.functional.cross_entropy(
-        expected[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        expected[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()
+    )
     assert float(out["loss"]) == pytest.approx(float(training_loss), rel=1e-5)
     assert seen["prompt_ids"] == tokenizer.tokenize("def main(")
-    [ours] = generate(lambda t: megatron_logits(model, t), [seen["prompt_ids"]],
-                      SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
-                      vocab_size=tokenizer.vocab_size, context_length=SEQ, use_cache=False)
+    [ours] = generate(
+        lambda t: megatron_logits(model, t),
+        [seen["prompt_ids"]],
+        SamplingConfig(temperature=0, max_new_tokens=12, stop_at_eod=False),
+        vocab_size=tokenizer.vocab_size,
+        context_length=SEQ,
+        use_cache=False,
+    )
     assert seen["new_ids"] == ours
     assert seen["text"] == "def main(" + tokenizer.detokenize(ours)

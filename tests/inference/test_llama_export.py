@@ -24,10 +24,19 @@ from remoe_patches.inference.llama_export import (
 from remoe_patches.inference.reference_model import GPT, GPTConfig
 
 HEADS, GROUPS, HEAD_DIM, FFN = 4, 2, 16, 96
-CONFIG = GPTConfig(vocab_size=96, num_layers=2, hidden_size=HEADS * HEAD_DIM,
-                   num_attention_heads=HEADS, num_query_groups=GROUPS, head_dim=HEAD_DIM,
-                   seq_length=24, rotary_base=10000.0, norm_epsilon=1e-5, router="dense",
-                   ffn_hidden_size=FFN)
+CONFIG = GPTConfig(
+    vocab_size=96,
+    num_layers=2,
+    hidden_size=HEADS * HEAD_DIM,
+    num_attention_heads=HEADS,
+    num_query_groups=GROUPS,
+    head_dim=HEAD_DIM,
+    seq_length=24,
+    rotary_base=10000.0,
+    norm_epsilon=1e-5,
+    router="dense",
+    ffn_hidden_size=FFN,
+)
 
 
 def reference_model(seed=0) -> GPT:
@@ -50,15 +59,19 @@ def transformers_llama(state: dict):
 
 
 def tokens(seed=1):
-    return torch.randint(0, CONFIG.vocab_size, (3, CONFIG.seq_length),
-                         generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, CONFIG.vocab_size, (3, CONFIG.seq_length), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def test_transformers_llama_computes_the_reference_logits():
     reference = reference_model()
     llama = transformers_llama(llama_state(dict(reference.state_dict()), asdict(CONFIG)))
-    assert (llama.config.num_key_value_heads, llama.config.head_dim,
-            llama.config.rope_parameters["rope_theta"]) == (GROUPS, HEAD_DIM, 10000.0)
+    assert (
+        llama.config.num_key_value_heads,
+        llama.config.head_dim,
+        llama.config.rope_parameters["rope_theta"],
+    ) == (GROUPS, HEAD_DIM, 10000.0)
     x = tokens()
     with torch.no_grad():
         expected, got = reference(x), llama(x).logits
@@ -93,34 +106,47 @@ def test_the_split_follows_megatrons_fused_rows_and_maps_back_exactly():
     block = (per_group + 2) * HEAD_DIM  # megatron: per group, its query heads, then k, then v
 
     def rows(tensor, index):
-        return tensor[index * HEAD_DIM:(index + 1) * HEAD_DIM]
+        return tensor[index * HEAD_DIM : (index + 1) * HEAD_DIM]
 
     for head in range(HEADS):
         group, within = divmod(head, per_group)
-        assert torch.equal(rows(state["model.layers.1.self_attn.q_proj.weight"], head),
-                           rows(qkv[group * block:], within))
+        assert torch.equal(
+            rows(state["model.layers.1.self_attn.q_proj.weight"], head),
+            rows(qkv[group * block :], within),
+        )
     for group in range(GROUPS):
-        assert torch.equal(rows(state["model.layers.1.self_attn.k_proj.weight"], group),
-                           rows(qkv[group * block:], per_group))
-        assert torch.equal(rows(state["model.layers.1.self_attn.v_proj.weight"], group),
-                           rows(qkv[group * block:], per_group + 1))
+        assert torch.equal(
+            rows(state["model.layers.1.self_attn.k_proj.weight"], group),
+            rows(qkv[group * block :], per_group),
+        )
+        assert torch.equal(
+            rows(state["model.layers.1.self_attn.v_proj.weight"], group),
+            rows(qkv[group * block :], per_group + 1),
+        )
     fc1 = reference_state["decoder.layers.0.mlp.linear_fc1.weight"]
     assert torch.equal(state["model.layers.0.mlp.gate_proj.weight"], fc1[:FFN])
     assert torch.equal(state["model.layers.0.mlp.up_proj.weight"], fc1[FFN:])
-    assert torch.equal(state["model.layers.0.post_attention_layernorm.weight"],
-                       reference_state["decoder.layers.0.pre_mlp_layernorm.weight"])
+    assert torch.equal(
+        state["model.layers.0.post_attention_layernorm.weight"],
+        reference_state["decoder.layers.0.pre_mlp_layernorm.weight"],
+    )
     assert torch.equal(state["lm_head.weight"], reference_state["output_layer.weight"])
 
     back = reference_state_from_llama(state, asdict(CONFIG))
     assert sorted(back) == sorted(reference_state)
     assert all(torch.equal(back[name], value) for name, value in reference_state.items())
-    assert GPTConfig.from_dict(reference_config_from_llama(
-        llama_config(asdict(CONFIG), "bfloat16"))) == CONFIG
+    assert (
+        GPTConfig.from_dict(reference_config_from_llama(llama_config(asdict(CONFIG), "bfloat16")))
+        == CONFIG
+    )
 
 
 def test_a_weight_without_a_llama_place_is_named():
     state = dict(reference_model().state_dict())
     state["decoder.layers.0.mlp.router.weight"] = torch.zeros(8, HEADS * HEAD_DIM)
-    with pytest.raises(ValueError, match=r"^decoder\.layers\.0\.mlp\.router\.weight has no place "
-                                         r"in LlamaForCausalLM"):
+    with pytest.raises(
+        ValueError,
+        match=r"^decoder\.layers\.0\.mlp\.router\.weight has no place "
+        r"in LlamaForCausalLM",
+    ):
         llama_state(state, asdict(CONFIG))

@@ -33,8 +33,8 @@ def left_padded(prompts: list) -> tuple:
     tokens_BS = torch.zeros(len(prompts), width, dtype=torch.long)
     mask_BS = torch.zeros(len(prompts), width, dtype=torch.long)
     for b, prompt in enumerate(prompts):
-        tokens_BS[b, width - len(prompt):] = prompt
-        mask_BS[b, width - len(prompt):] = 1
+        tokens_BS[b, width - len(prompt) :] = prompt
+        mask_BS[b, width - len(prompt) :] = 1
     return tokens_BS, mask_BS
 
 
@@ -72,7 +72,7 @@ def test_left_padded_rows_get_the_logits_they_get_alone(router):
         alone = [model(torch.cat((p, c))[None])[0] for p, c in zip(prompts, continuation)]
         padded_BSV = model(tokens_BS, attention_mask=mask_BS)
         for b, prompt in enumerate(prompts):
-            assert_close(padded_BSV[b, -len(prompt):], alone[b][:len(prompt)])
+            assert_close(padded_BSV[b, -len(prompt) :], alone[b][: len(prompt)])
         assert torch.isfinite(padded_BSV).all()  # padding rows too (a padding query sees itself)
 
         # decoding on: the prompt once, then one token per step, the mask growing with it
@@ -80,7 +80,7 @@ def test_left_padded_rows_get_the_logits_they_get_alone(router):
         model(tokens_BS, attention_mask=mask_BS, cache=cache)
         for step in range(6):
             mask_BS = torch.cat((mask_BS, torch.ones(4, 1, dtype=torch.long)), dim=1)
-            next_B1 = torch.stack([c[step:step + 1] for c in continuation])
+            next_B1 = torch.stack([c[step : step + 1] for c in continuation])
             logits_BV = model(next_B1, attention_mask=mask_BS, cache=cache)[:, 0]
             for b, prompt in enumerate(prompts):
                 assert_close(logits_BV[b], alone[b][len(prompt) + step])
@@ -114,10 +114,12 @@ def test_a_mask_of_the_wrong_width_is_refused():
     cache = KVCache()
     with torch.no_grad():
         model(torch.zeros(2, 4, dtype=torch.long), cache=cache)
-        with pytest.raises(ValueError, match=r"^attention_mask is \[2, 1\], expected \[batch, "
-                           r"cached \+ new positions\] = \[2, 5\]$"):
-            model(torch.zeros(2, 1, dtype=torch.long), attention_mask=torch.ones(2, 1),
-                  cache=cache)
+        with pytest.raises(
+            ValueError,
+            match=r"^attention_mask is \[2, 1\], expected \[batch, "
+            r"cached \+ new positions\] = \[2, 5\]$",
+        ):
+            model(torch.zeros(2, 1, dtype=torch.long), attention_mask=torch.ones(2, 1), cache=cache)
 
 
 def test_only_routers_that_route_a_token_by_itself_are_implemented():
@@ -129,6 +131,9 @@ def test_only_routers_that_route_a_token_by_itself_are_implemented():
         if kind.routes_by_neighbours:
             config = tiny_model("relu").config
             config.router = name
-            with pytest.raises(ValueError, match=rf"^the reference model implements the dense, "
-                               rf"topk, relu routers, not '{name}': run the checkpoint itself"):
+            with pytest.raises(
+                ValueError,
+                match=rf"^the reference model implements the dense, "
+                rf"topk, relu routers, not '{name}': run the checkpoint itself",
+            ):
                 GPT(config)

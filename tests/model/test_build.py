@@ -28,8 +28,9 @@ def lm_loss(model, seed=0):
     return model(tokens, positions, None, labels=labels).mean()
 
 
-@pytest.mark.parametrize("router, router_type", [("relu", ReLURouter), ("topk", TopKRouter),
-                                                 ("dense", None)])
+@pytest.mark.parametrize(
+    "router, router_type", [("relu", ReLURouter), ("topk", TopKRouter), ("dense", None)]
+)
 def test_forward_backward_every_router(single_rank, router, router_type):
     built = build_model(ModelConfig(router=router, **TINY_MODEL), single_rank)
     routers = [m for m in built.model.modules() if isinstance(m, (ReLURouter, TopKRouter))]
@@ -48,14 +49,21 @@ def test_parameter_count_matches_the_built_model(single_rank):
 
 
 # spec §3: layers, width, heads, and the dense / MoE (E=8) parameter counts
-@pytest.mark.parametrize("preset, shape, dense, moe", [
-    ("182m", (12, 768, 12), 182e6, 777e6), ("469m", (24, 1024, 16), 469e6, 2.58e9),
-    ("978m", (24, 1536, 16), 978e6, 5.73e9)])
+@pytest.mark.parametrize(
+    "preset, shape, dense, moe",
+    [
+        ("182m", (12, 768, 12), 182e6, 777e6),
+        ("469m", (24, 1024, 16), 469e6, 2.58e9),
+        ("978m", (24, 1536, 16), 978e6, 5.73e9),
+    ],
+)
 def test_presets_have_the_papers_sizes(preset, shape, dense, moe):
     assert ModelConfig.preset(preset, router="dense").num_parameters() == pytest.approx(
-        dense, rel=0.005)
+        dense, rel=0.005
+    )
     assert ModelConfig.preset(preset, router="relu").num_parameters() == pytest.approx(
-        moe, rel=0.005)
+        moe, rel=0.005
+    )
     built = ModelConfig.preset(preset)
     assert (built.num_layers, built.hidden_size, built.num_attention_heads) == shape
     assert built.num_query_groups == 4 and built.dense_ffn_hidden_size == 4 * shape[1]
@@ -75,8 +83,11 @@ def test_fine_grained_experts(single_rank):
     cfg = ModelConfig(router="relu", num_experts=4, topk=1, granularity=4, **TINY_MODEL)
     built = build_model(cfg, single_rank)
     config = built.transformer_config
-    assert (config.num_moe_experts, config.moe_router_topk,
-            config.moe_ffn_hidden_size) == (16, 4, 16)
+    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (
+        16,
+        4,
+        16,
+    )
     assert built.regularizer.target_sparsity == pytest.approx(1 - 1 / 4)
     lm_loss(built.model).backward()
 
@@ -102,8 +113,9 @@ def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
     def run(l1_coeff):
         regularizer.l1_coeff.fill_(l1_coeff)
         inputs = []
-        hooks = [r.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
-                 for r in routers]
+        hooks = [
+            r.register_forward_hook(lambda m, args, out: inputs.append(args[0])) for r in routers
+        ]
         loss = lm_loss(model)
         for hook in hooks:
             hook.remove()
@@ -111,8 +123,9 @@ def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
 
     loss_without, inputs = run(0.0)
     grads_without = torch.autograd.grad(loss_without, params, retain_graph=True)
-    expected_reg, expected_per_layer = reference_reg_loss(inputs, [r.weight for r in routers],
-                                                          topk=2)
+    expected_reg, expected_per_layer = reference_reg_loss(
+        inputs, [r.weight for r in routers], topk=2
+    )
     l1_coeff = 0.7
     expected_extra = torch.autograd.grad(l1_coeff * expected_reg, params, allow_unused=True)
     regularizer.finish_step(update=False)  # drop the records of the run above
@@ -120,13 +133,13 @@ def test_regularizer_gradient_and_unchanged_lm_loss(single_rank):
     loss_with, _ = run(l1_coeff)
     grads_with = torch.autograd.grad(loss_with, params)
     assert loss_with.item() == loss_without.item()
-    torch.testing.assert_close(regularizer.finish_step(update=False).reg_loss_L,
-                               expected_per_layer)
+    torch.testing.assert_close(regularizer.finish_step(update=False).reg_loss_L, expected_per_layer)
     for param, g0, g1, extra in zip(params, grads_without, grads_with, expected_extra):
         extra = torch.zeros_like(g0) if extra is None else extra
         torch.testing.assert_close(g1 - g0, extra, rtol=1e-4, atol=1e-7)
-    router_extra = [e for p, e in zip(params, expected_extra)
-                    if any(p is r.weight for r in routers)]
+    router_extra = [
+        e for p, e in zip(params, expected_extra) if any(p is r.weight for r in routers)
+    ]
     assert all(e is not None and e.abs().max() > 0 for e in router_extra)
 
 
@@ -159,8 +172,9 @@ def test_router_records_the_steps_routing_statistics(single_rank):
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
 def test_tokens_without_experts_and_experts_without_tokens(single_rank, dispatcher):
-    built = build_model(ModelConfig(router="relu", token_dispatcher=dispatcher, **TINY_MODEL),
-                        single_rank)
+    built = build_model(
+        ModelConfig(router="relu", token_dispatcher=dispatcher, **TINY_MODEL), single_rank
+    )
     moe = next(m for m in built.model.modules() if isinstance(m, MoELayer))
     assert isinstance(moe.experts, SequentialMLP)
     hidden = TINY_MODEL["hidden_size"]
@@ -171,8 +185,8 @@ def test_tokens_without_experts_and_experts_without_tokens(single_rank, dispatch
     x[:, 0, 1] = 1.0
     with torch.no_grad():
         moe.router.weight.zero_()
-        moe.router.weight[0, 0] = 1.0      # expert 0: only tokens with x0 = +1
-        moe.router.weight[1:, 1] = -1.0    # experts 1..E-1: never any token
+        moe.router.weight[0, 0] = 1.0  # expert 0: only tokens with x0 = +1
+        moe.router.weight[1:, 1] = -1.0  # experts 1..E-1: never any token
     out, _ = moe(x)
     inactive = sign < 0
     assert torch.equal(out[inactive], torch.zeros_like(out[inactive]))  # residual only
@@ -192,17 +206,22 @@ def test_moe_layer_recomputation_changes_nothing_but_memory(single_rank):
     for recompute in ({}, dict(recompute_granularity="selective", recompute_modules=["moe"])):
         torch.manual_seed(0)
         model_parallel_cuda_manual_seed(0)
-        built = build_model(ModelConfig(router="relu",
-                                        router_options=ReLUOptions(l1_coeff_init=0.5),
-                                        **TINY_MODEL),
-                            single_rank, **recompute)
+        built = build_model(
+            ModelConfig(router="relu", router_options=ReLUOptions(l1_coeff_init=0.5), **TINY_MODEL),
+            single_rank,
+            **recompute,
+        )
         loss = lm_loss(built.model, seed=1)
         loss.backward()
         stats = built.regularizer.finish_step(update=False)
-        runs.append(dict(
-            loss=loss.detach(), reg_loss=stats.reg_loss_L, sparsity=stats.sparsity_L,
-            grads={name: p.grad.clone() for name, p in built.model.named_parameters()},
-        ))
+        runs.append(
+            dict(
+                loss=loss.detach(),
+                reg_loss=stats.reg_loss_L,
+                sparsity=stats.sparsity_L,
+                grads={name: p.grad.clone() for name, p in built.model.named_parameters()},
+            )
+        )
     plain, recomputed = runs
     assert plain["reg_loss"].nansum() > 0
     for key in ("loss", "reg_loss", "sparsity"):
@@ -218,8 +237,11 @@ def routed_gates(model, tokens, positions):
     def keep(router, args, output):
         seen.append((args[0], output[0]))
 
-    hooks = [router.register_forward_hook(keep)
-             for router in model.modules() if isinstance(router, TopKRouter)]
+    hooks = [
+        router.register_forward_hook(keep)
+        for router in model.modules()
+        if isinstance(router, TopKRouter)
+    ]
     with torch.no_grad():
         model(tokens, positions, None)
     for hook in hooks:
@@ -228,8 +250,9 @@ def routed_gates(model, tokens, positions):
 
 
 def test_scaled_topk_gates_are_the_scaled_softmax_probabilities(single_rank):
-    built = build_model(ModelConfig(router="topk", **TINY_MODEL), single_rank,
-                        moe_router_topk_scaling_factor=8.0)
+    built = build_model(
+        ModelConfig(router="topk", **TINY_MODEL), single_rank, moe_router_topk_scaling_factor=8.0
+    )
     tokens, positions, _ = batch()
     routers = [m for m in built.model.modules() if isinstance(m, TopKRouter)]
     for router, (x, gates_TE) in zip(routers, routed_gates(built.model, tokens, positions)):
@@ -245,14 +268,22 @@ def test_aux_loss_free_expert_bias_moves_towards_balance(single_rank):
     from remoe_patches.train.training_step import forward_backward, wrap_with_ddp
 
     rate = 0.125
-    built = build_model(ModelConfig(router="topk", moe_aux_loss_coeff=0.0, **TINY_MODEL),
-                        single_rank,
-                        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                        moe_router_bias_update_rate=rate, moe_router_load_balancing_type="none")
+    built = build_model(
+        ModelConfig(router="topk", moe_aux_loss_coeff=0.0, **TINY_MODEL),
+        single_rank,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=rate,
+        moe_router_load_balancing_type="none",
+    )
     ddp = wrap_with_ddp(built.model, built.transformer_config)
     tokens, positions, labels = batch()
-    step = dict(tokens_BS=tokens, position_ids_BS=positions, labels_BS=labels,
-                loss_mask_BS=torch.ones_like(tokens, dtype=torch.float))
+    step = dict(
+        tokens_BS=tokens,
+        position_ids_BS=positions,
+        labels_BS=labels,
+        loss_mask_BS=torch.ones_like(tokens, dtype=torch.float),
+    )
     routers = [m for m in built.model.modules() if isinstance(m, TopKRouter)]
     maps = {}
 
@@ -260,8 +291,13 @@ def test_aux_loss_free_expert_bias_moves_towards_balance(single_rank):
         maps[router] = output[1]
 
     hooks = [router.register_forward_hook(keep_routing_map) for router in routers]
-    forward_backward([ddp], [step], num_microbatches=1, seq_length=TINY_MODEL["seq_length"],
-                     micro_batch_size=tokens.shape[0])
+    forward_backward(
+        [ddp],
+        [step],
+        num_microbatches=1,
+        seq_length=TINY_MODEL["seq_length"],
+        micro_batch_size=tokens.shape[0],
+    )
     for hook in hooks:
         hook.remove()
     for router in routers:

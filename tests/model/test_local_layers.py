@@ -30,8 +30,12 @@ from tiny import TINY_MODEL
 
 def attention_config(heads=4, groups=2, kv_channels=8):
     return TransformerConfig(
-        num_layers=1, hidden_size=heads * kv_channels, num_attention_heads=heads,
-        num_query_groups=groups, kv_channels=kv_channels, attention_dropout=0.0,
+        num_layers=1,
+        hidden_size=heads * kv_channels,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=kv_channels,
+        attention_dropout=0.0,
         masked_softmax_fusion=False,
     )
 
@@ -68,8 +72,7 @@ def test_sdpa_equals_megatron_attention_with_a_mask(single_rank):
     mask = torch.rand(3, 1, 12, 12, generator=torch.Generator().manual_seed(3)) > 0.6
     mask[..., 0] = False  # every query sees at least one key
     inputs = qkv()
-    torch.testing.assert_close(fast(*inputs, mask), reference(*inputs, mask),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast(*inputs, mask), reference(*inputs, mask), rtol=1e-5, atol=1e-6)
 
 
 def test_sdpa_scale_and_causality_from_first_principles(single_rank):
@@ -85,9 +88,16 @@ def test_sdpa_scale_and_causality_from_first_principles(single_rank):
 
 def experts_config(num_experts=4):
     return TransformerConfig(
-        num_layers=1, hidden_size=16, num_attention_heads=4, ffn_hidden_size=24,
-        moe_ffn_hidden_size=24, num_moe_experts=num_experts, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, bias_activation_fusion=False,
+        num_layers=1,
+        hidden_size=16,
+        num_attention_heads=4,
+        ffn_hidden_size=24,
+        moe_ffn_hidden_size=24,
+        num_moe_experts=num_experts,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
         moe_grouped_gemm=True,
     )
 
@@ -99,7 +109,8 @@ def expert_pair(num_experts=4):
     config = experts_config(num_experts)
     groups = ProcessGroupCollection.use_mpu_process_groups()
     sequential = SequentialMLP(
-        num_experts, config,
+        num_experts,
+        config,
         MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
         pg_collection=groups,
     )
@@ -127,8 +138,9 @@ def test_grouped_experts_equal_sequential_experts(single_rank, counts):
     actual, _ = grouped(hidden, tokens_per_expert, probs)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
-    weights_seq = [p for e in sequential.local_experts
-                   for p in (e.linear_fc1.weight, e.linear_fc2.weight)]
+    weights_seq = [
+        p for e in sequential.local_experts for p in (e.linear_fc1.weight, e.linear_fc2.weight)
+    ]
     g_seq = grads_of(expected, [hidden, probs, *weights_seq])
     g_grp = grads_of(actual, [hidden, probs, grouped.weight1, grouped.weight2])
     torch.testing.assert_close(g_grp[0], g_seq[0], rtol=1e-5, atol=1e-6)
@@ -154,22 +166,26 @@ def test_remoe_checkpoint_moves_between_expert_layouts(single_rank, tmp_path):
     back) through megatron's distributed checkpoint, with the same loss and gradients."""
     cfg = ModelConfig(router="relu", **TINY_MODEL)
     sequential = build_model(cfg, single_rank).model
-    grouped = build_model(ModelConfig(router="relu", moe_grouped_gemm=True, **TINY_MODEL),
-                          single_rank).model
+    grouped = build_model(
+        ModelConfig(router="relu", moe_grouped_gemm=True, **TINY_MODEL), single_rank
+    ).model
     assert any(isinstance(m, GroupedGemmExperts) for m in grouped.modules())
     for name in ("seq", "grp"):
         (tmp_path / name).mkdir()
     dist_checkpointing.save(sequential.sharded_state_dict(), str(tmp_path / "seq"))
     grouped.load_state_dict(
-        dist_checkpointing.load(grouped.sharded_state_dict(), str(tmp_path / "seq")))
+        dist_checkpointing.load(grouped.sharded_state_dict(), str(tmp_path / "seq"))
+    )
     dist_checkpointing.save(grouped.sharded_state_dict(), str(tmp_path / "grp"))
     round_trip = build_model(cfg, single_rank).model
     round_trip.load_state_dict(
-        dist_checkpointing.load(round_trip.sharded_state_dict(), str(tmp_path / "grp")))
+        dist_checkpointing.load(round_trip.sharded_state_dict(), str(tmp_path / "grp"))
+    )
 
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, TINY_MODEL["vocab_size"], (2, TINY_MODEL["seq_length"] + 1),
-                           generator=gen)
+    tokens = torch.randint(
+        0, TINY_MODEL["vocab_size"], (2, TINY_MODEL["seq_length"] + 1), generator=gen
+    )
     positions = torch.arange(TINY_MODEL["seq_length"]).expand(2, -1)
     losses, embedding_grads = [], []
     for model in (sequential, grouped, round_trip):
@@ -194,7 +210,8 @@ def test_grouped_experts_in_bf16_match_float64_outputs_and_gradients(single_rank
 def test_bf16_expert_check_catches_probabilities_applied_twice(single_rank, monkeypatch):
     """The check the GPU runs (tests_gpu/test_cuda.py) fails on a real bug, here on CPU."""
     swiglu = local_layers._swiglu_with_probs
-    monkeypatch.setattr(local_layers, "_swiglu_with_probs",
-                        lambda fc1, probs: swiglu(fc1, probs) * probs)
+    monkeypatch.setattr(
+        local_layers, "_swiglu_with_probs", lambda fc1, probs: swiglu(fc1, probs) * probs
+    )
     errors = grouped_experts_bf16_errors("cpu", RAGGED_COUNTS)
     assert errors["output"] > 10 * BF16_TOLERANCE, errors

@@ -25,17 +25,20 @@ from routing_references import reference_expert_choice, reference_hash_table
 
 # --- hash routing ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("vocab_size, num_experts, seed", [(128, 8, 0), (50, 8, 7), (1000, 3, 123)])
 def test_hash_table_is_the_seeded_round_robin_deal(vocab_size, num_experts, seed):
     table = balanced_hash_table(vocab_size, num_experts, seed)
     assert table.dtype == torch.long and table.tolist() == reference_hash_table(
-        vocab_size, num_experts, seed)
+        vocab_size, num_experts, seed
+    )
 
 
 @pytest.mark.parametrize("vocab_size, num_experts", [(128, 8), (50, 8), (1001, 7), (5, 8)])
 def test_hash_table_balances_the_vocabulary(vocab_size, num_experts):
-    counts = np.bincount(balanced_hash_table(vocab_size, num_experts, 3).numpy(),
-                         minlength=num_experts)
+    counts = np.bincount(
+        balanced_hash_table(vocab_size, num_experts, 3).numpy(), minlength=num_experts
+    )
     assert counts.sum() == vocab_size and counts.max() - counts.min() <= 1
 
 
@@ -80,36 +83,46 @@ def test_sequence_parallel_slice_matches_megatrons_sequence_scatter():
 
 # --- Expert Choice routing ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("tokens, experts, topk, factor, expected", [
-    (16, 8, 1, 1.0, 2),    # T k / E
-    (10, 4, 1, 1.0, 3),    # 2.5 rounds up
-    (12, 8, 1, 1.0, 2),    # 1.5 rounds up
-    (11, 8, 1, 1.0, 1),    # 1.375
-    (3, 8, 1, 1.0, 1),     # at least one token
-    (4, 2, 1, 4.0, 4),     # at most the group
-    (16, 4, 2, 1.0, 8),    # k = 2
-    (16, 4, 1, 2.0, 8),    # capacity factor 2
-])
+
+@pytest.mark.parametrize(
+    "tokens, experts, topk, factor, expected",
+    [
+        (16, 8, 1, 1.0, 2),  # T k / E
+        (10, 4, 1, 1.0, 3),  # 2.5 rounds up
+        (12, 8, 1, 1.0, 2),  # 1.5 rounds up
+        (11, 8, 1, 1.0, 1),  # 1.375
+        (3, 8, 1, 1.0, 1),  # at least one token
+        (4, 2, 1, 4.0, 4),  # at most the group
+        (16, 4, 2, 1.0, 8),  # k = 2
+        (16, 4, 1, 2.0, 8),  # capacity factor 2
+    ],
+)
 def test_capacity(tokens, experts, topk, factor, expected):
     assert expert_choice_capacity(tokens, experts, topk, factor) == expected
 
 
 def random_logits(seq_length=12, batch_size=3, num_experts=4, seed=0):
-    return torch.randn(seq_length, batch_size, num_experts,
-                       generator=torch.Generator().manual_seed(seed)) * 2
+    return (
+        torch.randn(
+            seq_length, batch_size, num_experts, generator=torch.Generator().manual_seed(seed)
+        )
+        * 2
+    )
 
 
 @pytest.mark.parametrize("group", ["sequence", "batch"])
 @pytest.mark.parametrize("topk, factor", [(1, 1.0), (2, 1.0), (1, 1.5), (1, 0.3)])
 def test_expert_choice_against_loops(group, topk, factor):
     logits = random_logits()
-    gates, routing_map = expert_choice_routing(logits, topk=topk, capacity_factor=factor,
-                                               group=group)
+    gates, routing_map = expert_choice_routing(
+        logits, topk=topk, capacity_factor=factor, group=group
+    )
     expected_map, scores = reference_expert_choice(logits, topk, factor, group)
     assert np.array_equal(routing_map.numpy(), expected_map)
     assert gates.dtype == torch.float32
-    np.testing.assert_allclose(gates.numpy(), np.where(expected_map, scores, 0.0),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        gates.numpy(), np.where(expected_map, scores, 0.0), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_every_expert_gets_exactly_capacity_tokens_per_group():
@@ -127,9 +140,19 @@ def test_every_expert_gets_exactly_capacity_tokens_per_group():
 def test_a_token_may_get_no_expert_or_several():
     """E=4, one sequence of 8 tokens, C=2. Tokens 0 and 1 lead experts 0 and 1; tokens 2-5
     lead experts 2 and 3; tokens 6 and 7 are beaten everywhere."""
-    logits = torch.tensor([[3, 3, 0, 0], [4, 4, 0, 0], [0, 0, 5, 0], [0, 0, 4, 0],
-                           [0, 0, 0, 5], [0, 0, 0, 4], [0, 0, 1, 1], [0, 0, 2, 2]],
-                          dtype=torch.float32)[:, None, :]
+    logits = torch.tensor(
+        [
+            [3, 3, 0, 0],
+            [4, 4, 0, 0],
+            [0, 0, 5, 0],
+            [0, 0, 4, 0],
+            [0, 0, 0, 5],
+            [0, 0, 0, 4],
+            [0, 0, 1, 1],
+            [0, 0, 2, 2],
+        ],
+        dtype=torch.float32,
+    )[:, None, :]
     _, routing_map = expert_choice_routing(logits, topk=1)
     assert routing_map.sum(1).tolist() == [2, 2, 1, 1, 1, 1, 0, 0]
     assert routing_map[0].tolist() == [True, True, False, False]
@@ -161,10 +184,10 @@ def test_gate_gradient_matches_plain_ops(group):
     seq_length, batch_size, hidden, num_experts = 6, 2, 5, 3
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(seq_length, batch_size, hidden, generator=gen, dtype=torch.float64)
-    weight = torch.randn(num_experts, hidden, generator=gen, dtype=torch.float64,
-                         requires_grad=True)
-    upstream = torch.randn(seq_length * batch_size, num_experts, generator=gen,
-                           dtype=torch.float64)
+    weight = torch.randn(
+        num_experts, hidden, generator=gen, dtype=torch.float64, requires_grad=True
+    )
+    upstream = torch.randn(seq_length * batch_size, num_experts, generator=gen, dtype=torch.float64)
 
     gates, _ = expert_choice_routing(x @ weight.t(), topk=1, group=group)
     (grad,) = torch.autograd.grad((gates * upstream).sum(), weight)

@@ -25,8 +25,8 @@ def random_layer(seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(S, B, H, generator=gen, dtype=dtype)
     router = torch.randn(E, H, generator=gen, dtype=dtype)
-    fc1 = torch.randn(E, H, 2 * F, generator=gen, dtype=dtype) / H ** 0.5
-    fc2 = torch.randn(E, F, H, generator=gen, dtype=dtype) / F ** 0.5
+    fc1 = torch.randn(E, H, 2 * F, generator=gen, dtype=dtype) / H**0.5
+    fc2 = torch.randn(E, F, H, generator=gen, dtype=dtype) / F**0.5
     return hidden, router, fc1, fc2
 
 
@@ -38,8 +38,10 @@ def reference_output_mixture(hidden, weights, fc1, fc2, segment_length):
     for s in range(x.shape[0]):
         for b in range(x.shape[1]):
             g = weights[b, s // segment_length]
-            out[s, b] = sum(g[e] * np_swiglu_ffn(x[s, b], fc1[e, :, :width], fc1[e, :, width:],
-                                                 fc2[e]) for e in range(len(g)))
+            out[s, b] = sum(
+                g[e] * np_swiglu_ffn(x[s, b], fc1[e, :, :width], fc1[e, :, width:], fc2[e])
+                for e in range(len(g))
+            )
     return out
 
 
@@ -107,13 +109,14 @@ def test_later_segments_never_reach_earlier_segments(first_segment):
     for i in range(N):
         # Everything from segment i + 1 on is replaced: segments 0..i are untouched.
         changed = hidden.clone()
-        changed[(i + 1) * L:] = torch.randn(S - (i + 1) * L, B, H, generator=gen,
-                                            dtype=hidden.dtype)
+        changed[(i + 1) * L :] = torch.randn(
+            S - (i + 1) * L, B, H, generator=gen, dtype=hidden.dtype
+        )
         out_changed, _ = lory.lory_ffn(changed, router, fc1, fc2, L, first_segment)
-        assert torch.allclose(out_changed[:(i + 1) * L], out[:(i + 1) * L], rtol=0, atol=1e-13)
+        assert torch.allclose(out_changed[: (i + 1) * L], out[: (i + 1) * L], rtol=0, atol=1e-13)
         # Segment i's own tokens never enter its routing weights (except Lory's first segment).
         changed = hidden.clone()
-        changed[i * L:(i + 1) * L] = torch.randn(L, B, H, generator=gen, dtype=hidden.dtype)
+        changed[i * L : (i + 1) * L] = torch.randn(L, B, H, generator=gen, dtype=hidden.dtype)
         weights_changed = lory.lory_routing_weights(changed, router, L, first_segment)
         own_routing_kept = torch.allclose(weights_changed[:, i], weights[:, i], rtol=0, atol=0)
         assert own_routing_kept == (i > 0 or first_segment == "uniform")
@@ -152,7 +155,7 @@ def test_first_segment_routing_carries_no_gradient(first_segment):
     out, _ = lory.lory_ffn(hidden, router, fc1, fc2, L, first_segment)
     (router_grad_first,) = torch.autograd.grad(out[:L].square().sum(), router, retain_graph=True)
     assert torch.equal(router_grad_first, torch.zeros_like(router))
-    (router_grad_second,) = torch.autograd.grad(out[L:2 * L].square().sum(), router)
+    (router_grad_second,) = torch.autograd.grad(out[L : 2 * L].square().sum(), router)
     assert router_grad_second.abs().min() > 0
 
 

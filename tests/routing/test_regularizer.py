@@ -28,7 +28,7 @@ def test_scripted_sparsity_sequence_with_tie():
     expected = 1e-8
     for sparsity, exponent in zip(sparsities, exponents):
         reg.update(torch.tensor(sparsity))
-        expected *= 1.2 ** exponent
+        expected *= 1.2**exponent
         assert reg.l1_coeff.item() == pytest.approx(expected, rel=1e-6)
     assert reg.l1_coeff.dtype == torch.float32 and reg.l1_coeff.dim() == 0
 
@@ -37,12 +37,22 @@ def test_step_statistics_average_micro_batches_then_moe_layers():
     reg = AdaptiveL1(target_sparsity=0.5, num_layers=4, num_experts=2)
     # layers 1 and 3 are MoE (two micro-batches of 4 tokens each); 2 and 4 are dense, no records
     # micro-batch sparsities (Eq. 8, 1 - pairs / (4 x 2)): layer 1: 0.5, 0.0; layer 3: 0.5, 1.0
-    for counts_1, loss_1, counts_3, loss_3 in [([2.0, 2.0], 1.0, [3.0, 1.0], 0.5),
-                                               ([4.0, 4.0], 3.0, [0.0, 0.0], 0.5)]:
-        reg.record(1, reg_loss=torch.tensor(loss_1), tokens_per_expert_E=torch.tensor(counts_1),
-                   num_tokens=4)
-        reg.record(3, reg_loss=torch.tensor(loss_3), tokens_per_expert_E=torch.tensor(counts_3),
-                   num_tokens=4)
+    for counts_1, loss_1, counts_3, loss_3 in [
+        ([2.0, 2.0], 1.0, [3.0, 1.0], 0.5),
+        ([4.0, 4.0], 3.0, [0.0, 0.0], 0.5),
+    ]:
+        reg.record(
+            1,
+            reg_loss=torch.tensor(loss_1),
+            tokens_per_expert_E=torch.tensor(counts_1),
+            num_tokens=4,
+        )
+        reg.record(
+            3,
+            reg_loss=torch.tensor(loss_3),
+            tokens_per_expert_E=torch.tensor(counts_3),
+            num_tokens=4,
+        )
     stats = reg.finish_step(update=False)
     assert stats.sparsity_L[0].item() == pytest.approx(0.25)
     assert stats.sparsity_L[2].item() == pytest.approx(0.75)
@@ -65,12 +75,18 @@ def test_replicated_records_count_once_and_loss_shares_add_up():
     loss each; summed over both (what finish_step's reduction does) the step's statistics are
     those of one rank recording the whole layer."""
     whole = AdaptiveL1(target_sparsity=0.5, num_layers=1, num_experts=2)
-    whole.record(1, reg_loss=torch.tensor(3.0), tokens_per_expert_E=torch.tensor([6.0, 2.0]),
-                 num_tokens=8)
+    whole.record(
+        1, reg_loss=torch.tensor(3.0), tokens_per_expert_E=torch.tensor([6.0, 2.0]), num_tokens=8
+    )
     shards = [AdaptiveL1(target_sparsity=0.5, num_layers=1, num_experts=2) for _ in range(2)]
     for shard, share in zip(shards, (1.0, 2.0)):
-        shard.record(1, reg_loss=torch.tensor(share),
-                     tokens_per_expert_E=torch.tensor([6.0, 2.0]), num_tokens=8, replicas=2)
+        shard.record(
+            1,
+            reg_loss=torch.tensor(share),
+            tokens_per_expert_E=torch.tensor([6.0, 2.0]),
+            num_tokens=8,
+            replicas=2,
+        )
     summed = shards[0]
     summed._stats_LC += shards[1]._stats_LC  # the all-reduce over the two ranks
     expected, got = whole.finish_step(), summed.finish_step()
@@ -81,14 +97,19 @@ def test_replicated_records_count_once_and_loss_shares_add_up():
 
 
 def test_finish_step_updates_from_the_reduced_value():
-    reg = AdaptiveL1(target_sparsity=0.875, num_layers=2, num_experts=8, l1_coeff_init=1.0,
-                     multiplier=2.0)
+    reg = AdaptiveL1(
+        target_sparsity=0.875, num_layers=2, num_experts=8, l1_coeff_init=1.0, multiplier=2.0
+    )
 
     def record(layer, active_pairs):  # of 10 tokens x 8 experts
-        reg.record(layer, reg_loss=torch.tensor(0.0), num_tokens=10,
-                   tokens_per_expert_E=torch.tensor([active_pairs] + [0.0] * 7))
+        reg.record(
+            layer,
+            reg_loss=torch.tensor(0.0),
+            num_tokens=10,
+            tokens_per_expert_E=torch.tensor([active_pairs] + [0.0] * 7),
+        )
 
-    record(1, 8.0)   # sparsity 0.9
+    record(1, 8.0)  # sparsity 0.9
     record(2, 16.0)  # sparsity 0.8: mean 0.85 < 0.875, too dense
     stats = reg.finish_step()
     assert stats.sparsity.item() == pytest.approx(0.85)
@@ -149,10 +170,13 @@ def test_l1_loss_is_mean_token_l1_norm():
 def reference_lb_loss(gates: np.ndarray, topk: int) -> float:
     """Eq. 10/11 written out with loops."""
     num_tokens, num_experts = gates.shape
-    f = [num_experts / (topk * num_tokens) * sum(gates[t, e] > 0 for t in range(num_tokens))
-         for e in range(num_experts)]
-    return sum(f[e] * gates[t, e]
-               for t in range(num_tokens) for e in range(num_experts)) / num_tokens
+    f = [
+        num_experts / (topk * num_tokens) * sum(gates[t, e] > 0 for t in range(num_tokens))
+        for e in range(num_experts)
+    ]
+    return (
+        sum(f[e] * gates[t, e] for t in range(num_tokens) for e in range(num_experts)) / num_tokens
+    )
 
 
 def test_load_balanced_l1_loss_matches_eq_10_11():
@@ -190,8 +214,7 @@ def test_f_carries_no_gradient():
     assert soft_counts_E.requires_grad
     f = load_balance_weights(soft_counts_E, T, K)
     assert not f.requires_grad
-    loss = load_balanced_l1_loss(gates, K, tokens_per_expert_E=soft_counts_E,
-                                         num_tokens=T)
+    loss = load_balanced_l1_loss(gates, K, tokens_per_expert_E=soft_counts_E, num_tokens=T)
     (grad_gates,) = torch.autograd.grad(loss, gates)
     expected = (f / T).expand_as(gates)
     torch.testing.assert_close(grad_gates, expected.to(grad_gates.dtype))
@@ -202,7 +225,7 @@ def test_global_counts_make_token_shards_add_up():
     # losses then sum to the whole layer's loss and their sparsities agree with it.
     gates = relu_gates.relu_gates(logits_away_from_zero())
     counts = relu_gates.tokens_per_expert(gates)
-    halves = gates[: T // 2], gates[T // 2:]
+    halves = gates[: T // 2], gates[T // 2 :]
     shared = dict(tokens_per_expert_E=counts, num_tokens=T)
     lb = sum(load_balanced_l1_loss(h, K, **shared) for h in halves)
     l1 = sum(l1_loss(h, num_tokens=T) for h in halves)

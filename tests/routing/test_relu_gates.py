@@ -54,8 +54,9 @@ def test_penalty_scale_is_read_in_the_backward_pass():
     at backward time."""
     logits = logits_away_from_zero().requires_grad_()
     holder = {"scale": torch.tensor(1.0, dtype=logits.dtype)}
-    gates = relu_gates.relu_gates_with_penalty(logits, torch.ones(E, dtype=logits.dtype),
-                                               lambda: holder["scale"])
+    gates = relu_gates.relu_gates_with_penalty(
+        logits, torch.ones(E, dtype=logits.dtype), lambda: holder["scale"]
+    )
     holder["scale"] = torch.tensor(3.0, dtype=logits.dtype)
     (grad,) = torch.autograd.grad(gates.sum() * 0, logits)
     active = logits.detach() > 0

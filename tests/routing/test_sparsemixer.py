@@ -27,10 +27,12 @@ from routing_references import EPS, kept_experts, masked_softmax
 
 # Rows: several experts within the jitter band of the max (A, C), all-negative logits where the
 # ratio's denominator is |s_e| (B), one expert alone in the band (D).
-LOGITS = [[1.00, 0.995, 0.99, 0.5],
-          [-0.200, -0.199, -0.3, -0.198],
-          [2.0, 1.97, 1.99, 1.0],
-          [0.3, -0.2, -0.199, -0.198]]
+LOGITS = [
+    [1.00, 0.995, 0.99, 0.5],
+    [-0.200, -0.199, -0.3, -0.198],
+    [2.0, 1.97, 1.99, 1.0],
+    [0.3, -0.2, -0.199, -0.198],
+]
 SEED = 10  # its samples cover the three cases of the estimator (asserted below)
 
 
@@ -39,6 +41,7 @@ def logits(dtype=torch.float64, requires_grad=False):
 
 
 # ----- independent computations: plain Python over lists --------------------------------------
+
 
 def argmax(values, among):
     return max(among, key=lambda e: (values[e], -e))
@@ -56,8 +59,11 @@ def expected_routing(rows, topk, training, seed=None):
     probs = [[] for _ in rows]
     for _ in range(topk):
         if training:
-            exponential = torch.empty(num_tokens, num_experts, dtype=torch.float64).exponential_(
-                generator=generator).tolist()
+            exponential = (
+                torch.empty(num_tokens, num_experts, dtype=torch.float64)
+                .exponential_(generator=generator)
+                .tolist()
+            )
             uniform = torch.rand(num_tokens, dtype=torch.float64, generator=generator).tolist()
         for t, row in enumerate(rows):
             kept = kept_experts(row, candidates[t])
@@ -89,11 +95,16 @@ def estimator_gradient(probs, experts, upstream):
 
 # ----- the jitter mask --------------------------------------------------------------------------
 
+
 def test_jitter_mask_keeps_the_experts_within_2_eps_of_the_max():
     gen = torch.Generator().manual_seed(0)
-    s_TE = torch.cat([torch.randn(20, 6, generator=gen, dtype=torch.float64) * 0.02 + 0.5,
-                      torch.randn(20, 6, generator=gen, dtype=torch.float64) * 0.02 - 0.5,
-                      torch.randn(20, 6, generator=gen, dtype=torch.float64)])
+    s_TE = torch.cat(
+        [
+            torch.randn(20, 6, generator=gen, dtype=torch.float64) * 0.02 + 0.5,
+            torch.randn(20, 6, generator=gen, dtype=torch.float64) * 0.02 - 0.5,
+            torch.randn(20, 6, generator=gen, dtype=torch.float64),
+        ]
+    )
     candidates_TE = torch.rand(60, 6, generator=gen) > 0.3
     candidates_TE[:, 0] = True
     rows = s_TE.tolist()
@@ -102,13 +113,19 @@ def test_jitter_mask_keeps_the_experts_within_2_eps_of_the_max():
         expected = [[e in kept_experts(row, range(6), eps) for e in range(6)] for row in rows]
         assert keep_TE.tolist() == expected
         keep_TE = jitter_keep_mask(s_TE, eps, candidates_TE)
-        expected = [[e in kept_experts(row, [c for c in range(6) if candidates_TE[t, c]], eps)
-                     for e in range(6)] for t, row in enumerate(rows)]
+        expected = [
+            [
+                e in kept_experts(row, [c for c in range(6) if candidates_TE[t, c]], eps)
+                for e in range(6)
+            ]
+            for t, row in enumerate(rows)
+        ]
         assert keep_TE.tolist() == expected
     assert 0.0 < jitter_keep_mask(s_TE, 0.01).float().mean() < 1.0  # both outcomes occur
 
 
 # ----- (a) the forward: choice and gate ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("topk", [1, 2])
 def test_training_forward_matches_the_documented_draws(topk):
@@ -157,6 +174,7 @@ def test_samples_follow_the_masked_softmax_and_heuns_coin():
 
 # ----- (b) the router gradient ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("topk", [1, 2])
 def test_logit_gradient_is_the_sparsemixer_v2_estimator(topk):
     upstream = [[0.7, -1.3][:topk], [1.1, 0.4][:topk], [-0.6, 0.9][:topk], [1.5, -0.8][:topk]]
@@ -194,8 +212,9 @@ def test_gradient_and_experts_match_the_released_reference():
         ours_TE = s_TE.clone().requires_grad_()
         theirs_TE = s_TE.clone().requires_grad_()
         torch.manual_seed(5)
-        their_gates_TK, their_experts_TK = reference(theirs_TE, jitter_eps=EPS, training=training,
-                                                     top_k=2)
+        their_gates_TK, their_experts_TK = reference(
+            theirs_TE, jitter_eps=EPS, training=training, top_k=2
+        )
         torch.manual_seed(5)
         gates_TK, experts_TK = sparsemixer_v2(ours_TE, topk=2, jitter_eps=EPS, training=training)
         assert torch.equal(experts_TK, their_experts_TK)
@@ -213,15 +232,18 @@ def test_estimator_is_the_true_gradient_in_evaluation():
     s_TE = logits(requires_grad=True)
     for topk in (1, 2):
         assert torch.autograd.gradcheck(
-            lambda s: sparsemixer_v2(s, topk=topk, training=False)[0], (s_TE,))
+            lambda s: sparsemixer_v2(s, topk=topk, training=False)[0], (s_TE,)
+        )
 
 
 def test_in_training_estimator_times_scale_is_the_derivative_with_the_sample_held():
     """With the draws fixed, the gate moves as ``scale * d pi_z``: the estimator equals that
     true derivative where the forward is unscaled and is 3x it where it is scaled to 1/3."""
+
     def run(s_TE):
-        return sparsemixer_v2(s_TE, topk=1, training=True,
-                              generator=torch.Generator().manual_seed(SEED))
+        return sparsemixer_v2(
+            s_TE, topk=1, training=True, generator=torch.Generator().manual_seed(SEED)
+        )
 
     s_TE = logits(requires_grad=True)
     gates_TK, experts_TK = run(s_TE)
@@ -243,6 +265,7 @@ def test_in_training_estimator_times_scale_is_the_derivative_with_the_sample_hel
 
 
 # ----- (c) shapes, dtypes and the dense routing ------------------------------------------------
+
 
 @pytest.mark.parametrize("topk", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -266,10 +289,18 @@ def test_dense_routing_contract(topk, dtype):
 
 # ----- bad input --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(topk=3), "topk"), (dict(topk=0), "topk"), (dict(jitter_eps=0.0), "jitter_eps"),
-    (dict(jitter_eps=-0.1), "jitter_eps"), (dict(jitter_eps=float("nan")), "jitter_eps"),
-    (dict(jitter_eps=True), "jitter_eps")])
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(topk=3), "topk"),
+        (dict(topk=0), "topk"),
+        (dict(jitter_eps=0.0), "jitter_eps"),
+        (dict(jitter_eps=-0.1), "jitter_eps"),
+        (dict(jitter_eps=float("nan")), "jitter_eps"),
+        (dict(jitter_eps=True), "jitter_eps"),
+    ],
+)
 def test_bad_arguments_are_refused_by_name(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}="):
         sparsemixer_v2(logits(), **kwargs)

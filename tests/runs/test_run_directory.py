@@ -28,13 +28,17 @@ def fake_run(root: Path, *, checkpoints=(), partial=(), latest=None) -> Path:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("module", ["run_directory", "sweep", "run_metrics", "routing_capture",
-                                    "metrics_log"])
+@pytest.mark.parametrize(
+    "module", ["run_directory", "sweep", "run_metrics", "routing_capture", "metrics_log"]
+)
 def test_it_and_its_torch_free_readers_import_without_torch_or_megatron(module):
-    code = (f"import sys, remoe_patches.{module}; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'megatron'}))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    code = (
+        f"import sys, remoe_patches.{module}; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'megatron'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -55,12 +59,15 @@ def test_is_checkpoint_dir_needs_the_metadata_file(tmp_path):
     assert not run_directory.is_checkpoint_dir(tmp_path)
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("runs/demo/iter_0000600", "runs/demo"),
-    ("runs/demo/iter_0000600/", "runs/demo"),
-    ("runs/demo", "runs/demo"),
-    ("runs/demo/", "runs/demo"),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("runs/demo/iter_0000600", "runs/demo"),
+        ("runs/demo/iter_0000600/", "runs/demo"),
+        ("runs/demo", "runs/demo"),
+        ("runs/demo/", "runs/demo"),
+    ],
+)
 def test_run_dir_of_a_checkpoint_is_its_parent(path, expected):
     assert run_directory.run_dir_of(path) == expected
     assert run_directory.run_dir_of(Path(path)) == expected
@@ -81,8 +88,10 @@ def test_latest_iteration_is_none_without_a_pointer(tmp_path):
 
 def test_a_garbled_pointer_is_a_value_error_naming_the_file(tmp_path):
     fake_run(tmp_path, latest="release")
-    with pytest.raises(ValueError, match=f"{run_directory.LATEST_FILE} should hold an iteration "
-                                         "number, found 'release'"):
+    with pytest.raises(
+        ValueError,
+        match=f"{run_directory.LATEST_FILE} should hold an iteration number, found 'release'",
+    ):
         run_directory.latest_iteration(str(tmp_path))
 
 
@@ -104,13 +113,16 @@ def test_saved_iterations_are_the_whole_checkpoints_newest_first(tmp_path):
     assert run_directory.saved_iterations(None) == []
 
 
-@pytest.mark.parametrize("layout, expected", [
-    (dict(), False),
-    (dict(partial=[10]), False),  # a save that never finished
-    (dict(checkpoints=[10]), True),
-    (dict(latest="10"), True),  # the pointer alone: loading says what is missing
-    (dict(checkpoints=[10], latest="10"), True),
-])
+@pytest.mark.parametrize(
+    "layout, expected",
+    [
+        (dict(), False),
+        (dict(partial=[10]), False),  # a save that never finished
+        (dict(checkpoints=[10]), True),
+        (dict(latest="10"), True),  # the pointer alone: loading says what is missing
+        (dict(checkpoints=[10], latest="10"), True),
+    ],
+)
 def test_has_checkpoint(tmp_path, layout, expected):
     assert run_directory.has_checkpoint(str(fake_run(tmp_path / "run", **layout))) is expected
 
@@ -121,10 +133,12 @@ def test_has_checkpoint_of_no_directory(tmp_path):
 
 
 def test_the_files_of_a_run_are_found_in_it(tmp_path):
-    for path, name in ((run_directory.metrics_path, run_directory.METRICS_FILE),
-                       (run_directory.config_path, run_directory.CONFIG_FILE),
-                       (run_directory.done_path, run_directory.DONE_FILE),
-                       (run_directory.latest_pointer_path, run_directory.LATEST_FILE)):
+    for path, name in (
+        (run_directory.metrics_path, run_directory.METRICS_FILE),
+        (run_directory.config_path, run_directory.CONFIG_FILE),
+        (run_directory.done_path, run_directory.DONE_FILE),
+        (run_directory.latest_pointer_path, run_directory.LATEST_FILE),
+    ):
         (tmp_path / name).write_text(name)
         assert Path(path(tmp_path)).read_text() == name
         assert path(tmp_path) == path(str(tmp_path)) == str(tmp_path / name)
@@ -141,9 +155,18 @@ def test_is_done_is_the_marker_file(tmp_path):
 
 def test_the_names_are_those_the_launchers_and_existing_runs_use():
     # Runs on disk and scripts/ (CHECKPOINT_DIR/tensorboard) depend on these names.
-    assert (run_directory.LATEST_FILE, run_directory.METRICS_FILE, run_directory.CONFIG_FILE,
-            run_directory.DONE_FILE, run_directory.TENSORBOARD_DIR) == (
-        "latest_checkpointed_iteration.txt", "metrics.jsonl", "config.yaml", "DONE",
-        "tensorboard")
+    assert (
+        run_directory.LATEST_FILE,
+        run_directory.METRICS_FILE,
+        run_directory.CONFIG_FILE,
+        run_directory.DONE_FILE,
+        run_directory.TENSORBOARD_DIR,
+    ) == (
+        "latest_checkpointed_iteration.txt",
+        "metrics.jsonl",
+        "config.yaml",
+        "DONE",
+        "tensorboard",
+    )
     launcher = (REPO / "scripts" / "_launch.sh").read_text()
-    assert f"\"$CHECKPOINT_DIR/{run_directory.TENSORBOARD_DIR}\"" in launcher
+    assert f'"$CHECKPOINT_DIR/{run_directory.TENSORBOARD_DIR}"' in launcher

@@ -130,13 +130,15 @@ def test_grad_norm_and_clipping_run_on_cpu_tensors(shims):
     flat = torch.cat(grads)
     total = clip_grads.get_grad_norm_fp32([p.grad for p in params])
     assert total == pytest.approx(torch.linalg.vector_norm(flat).item(), rel=1e-5)
-    assert clip_grads.get_grad_norm_fp32([p.grad for p in params], norm_type=float("inf")) == \
-        pytest.approx(flat.abs().max().item(), rel=1e-6)
+    assert clip_grads.get_grad_norm_fp32(
+        [p.grad for p in params], norm_type=float("inf")
+    ) == pytest.approx(flat.abs().max().item(), rel=1e-6)
     clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=1.0, total_norm=total)
     for p, g in zip(params, grads):
         torch.testing.assert_close(p.grad, g * (1.0 / (total + 1e-6)))
-    assert torch.linalg.vector_norm(torch.cat([p.grad for p in params])).item() == \
-        pytest.approx(1.0, rel=1e-5)
+    assert torch.linalg.vector_norm(torch.cat([p.grad for p in params])).item() == pytest.approx(
+        1.0, rel=1e-5
+    )
     assert torch.zeros(1).type() == "torch.FloatTensor"
 
 
@@ -147,8 +149,10 @@ def test_cuda_type_names_only_inside_the_wrapped_functions(shims):
 
     def probe(fail=False):
         seen.update(
-            fp32=torch.zeros(1).type(), bf16=torch.zeros(1, dtype=torch.bfloat16).type(),
-            fp16=torch.zeros(1, dtype=torch.half).type(), long=torch.zeros(1).long().type(),
+            fp32=torch.zeros(1).type(),
+            bf16=torch.zeros(1, dtype=torch.bfloat16).type(),
+            fp16=torch.zeros(1, dtype=torch.half).type(),
+            long=torch.zeros(1).long().type(),
             converted=torch.zeros(1).type(torch.float64).dtype,
         )
         if fail:
@@ -157,9 +161,13 @@ def test_cuda_type_names_only_inside_the_wrapped_functions(shims):
 
     wrapped = cpu_compat._named_like_cuda(probe)
     assert wrapped() == "done"
-    assert seen == dict(fp32="torch.cuda.FloatTensor", bf16="torch.cuda.BFloat16Tensor",
-                        fp16="torch.cuda.HalfTensor", long="torch.LongTensor",
-                        converted=torch.float64)
+    assert seen == dict(
+        fp32="torch.cuda.FloatTensor",
+        bf16="torch.cuda.BFloat16Tensor",
+        fp16="torch.cuda.HalfTensor",
+        long="torch.LongTensor",
+        converted=torch.float64,
+    )
     assert torch.zeros(1).type() == "torch.FloatTensor"
     with pytest.raises(KeyError):
         wrapped(fail=True)
@@ -172,9 +180,11 @@ def test_mixed_precision_optimizer_accepts_cpu_bf16_parameters(shims):
     built = build_model(ModelConfig(**TINY_RELU_MODEL), shims, bf16=True)
     ddp = wrap_with_ddp(built.model, built.transformer_config)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, params_dtype=torch.bfloat16), [ddp])
-    inner = optimizer.chained_optimizers[0] if hasattr(optimizer, "chained_optimizers") \
-        else optimizer
+        OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, params_dtype=torch.bfloat16), [ddp]
+    )
+    inner = (
+        optimizer.chained_optimizers[0] if hasattr(optimizer, "chained_optimizers") else optimizer
+    )
     assert type(inner).__name__ == "Float16OptimizerWithFloat16Params"
     bf16 = [p for group in inner.float16_groups for p in group]
     main = [p for group in inner.fp32_from_float16_groups for p in group]
@@ -186,9 +196,13 @@ def test_mixed_precision_optimizer_accepts_cpu_bf16_parameters(shims):
 
 
 def dispatcher_stub(**overrides):
-    stub = SimpleNamespace(drop_and_pad=False, cuda_dtoh_point="before_permutation_1",
-                           input_splits=torch.tensor([3, 0, 5]), output_splits=torch.tensor([4, 4]),
-                           output_splits_tp=None)
+    stub = SimpleNamespace(
+        drop_and_pad=False,
+        cuda_dtoh_point="before_permutation_1",
+        input_splits=torch.tensor([3, 0, 5]),
+        output_splits=torch.tensor([4, 4]),
+        output_splits_tp=None,
+    )
     for key, value in overrides.items():
         setattr(stub, key, value)
     return stub
@@ -204,8 +218,10 @@ def test_alltoall_dispatcher_takes_split_sizes_to_the_host_without_streams(shims
     assert isinstance(stub.input_splits, numpy.ndarray)
     assert stub.input_splits.tolist() == [3, 0, 5] and stub.output_splits.tolist() == [4, 4]
     assert stub.output_splits_tp is None
-    for stub in (dispatcher_stub(cuda_dtoh_point="before_ep_alltoall"),
-                 dispatcher_stub(drop_and_pad=True)):
+    for stub in (
+        dispatcher_stub(cuda_dtoh_point="before_ep_alltoall"),
+        dispatcher_stub(drop_and_pad=True),
+    ):
         method(stub, "before_permutation_1", tokens_per_expert)
         assert torch.is_tensor(stub.input_splits) and torch.is_tensor(stub.output_splits)
 
@@ -221,8 +237,9 @@ def uneven_collectives(rank, world_size):
         equal = [torch.zeros(3) for _ in range(world_size)]
         dist.all_gather(equal, torch.full((3,), float(rank)))
         # rank r contributes arange(n_j) * (r + 1) + 100 j to the piece that rank j keeps
-        pieces = [torch.arange(n, dtype=torch.float) * (rank + 1) + 100 * j
-                  for j, n in enumerate((2, 3))]
+        pieces = [
+            torch.arange(n, dtype=torch.float) * (rank + 1) + 100 * j for j, n in enumerate((2, 3))
+        ]
         kept = torch.zeros((2, 3)[rank])
         assert dist.reduce_scatter(kept, pieces) is None
         kept_async = torch.zeros((2, 3)[rank])
@@ -295,6 +312,7 @@ print("ok")
 def test_nothing_is_installed_with_cuda_and_everything_once_without():
     """A fresh interpreter: with CUDA available apply_cpu_shims installs nothing; without it,
     every shim once, and a second call wraps nothing again."""
-    result = subprocess.run([sys.executable, "-c", SCOPE_CHECK], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", SCOPE_CHECK], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

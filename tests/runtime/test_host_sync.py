@@ -16,10 +16,17 @@ from remoe_patches.config.router_registry import ReLUOptions
 from tiny import TINY_MODEL
 
 
-@pytest.mark.parametrize("call", [
-    lambda t: t.item(), lambda t: t.tolist(), lambda t: t.cpu(), lambda t: bool(t.sum() > 0),
-    lambda t: t.nonzero(), lambda t: torch.nonzero(t),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda t: t.item(),
+        lambda t: t.tolist(),
+        lambda t: t.cpu(),
+        lambda t: bool(t.sum() > 0),
+        lambda t: t.nonzero(),
+        lambda t: torch.nonzero(t),
+    ],
+)
 def test_counter_catches_each_syncing_call(call):
     tensor = torch.ones(3)
     with pytest.raises(RuntimeError, match="host synchronisation"):
@@ -36,8 +43,9 @@ def test_counter_counts_without_raising():
 
 @pytest.mark.parametrize("load_balancing", [True, False])
 def test_moe_layer_step_has_no_sync_in_router_or_update(single_rank, load_balancing):
-    cfg = ModelConfig(router="relu", router_options=ReLUOptions(load_balancing=load_balancing),
-                      **TINY_MODEL)
+    cfg = ModelConfig(
+        router="relu", router_options=ReLUOptions(load_balancing=load_balancing), **TINY_MODEL
+    )
     built = build_model(cfg, single_rank)
     moe = next(m for m in built.model.modules() if isinstance(m, MoELayer))
     router = moe.router

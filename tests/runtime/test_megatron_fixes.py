@@ -30,14 +30,16 @@ def test_router_gating_without_transformer_engine_is_a_plain_gemm():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-
 def weights(module):
     return {k: v.clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
 
 
 def adam_steps(optimizer):
-    adam = optimizer.chained_optimizers[0].optimizer if hasattr(optimizer, "chained_optimizers") \
+    adam = (
+        optimizer.chained_optimizers[0].optimizer
+        if hasattr(optimizer, "chained_optimizers")
         else optimizer.optimizer
+    )
     return [state["step"] for state in adam.state.values()]
 
 
@@ -46,8 +48,9 @@ def test_adam_state_exists_before_the_first_step_and_changes_no_update(single_ra
     eager.state_dict()  # megatron asserts one shared step; it needs the state to exist
     assert [float(s) for s in adam_steps(eager)] == [0.0] * len(adam_steps(eager))
     _, lazy_ddp, lazy = distributed_bf16_run(single_rank, eager_state=False)
-    assert all(torch.equal(a, b) for a, b in zip(weights(eager_ddp).values(),
-                                                 weights(lazy_ddp).values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(weights(eager_ddp).values(), weights(lazy_ddp).values())
+    )
     train(eager_ddp, eager, 3)
     train(lazy_ddp, lazy, 3)
     for (name, a), b in zip(weights(eager_ddp).items(), weights(lazy_ddp).values()):
@@ -57,8 +60,9 @@ def test_adam_state_exists_before_the_first_step_and_changes_no_update(single_ra
 def test_resumed_adam_steps_are_the_saved_ones_one_tensor_each(single_rank, tmp_path):
     _, ddp, optimizer = saved_after_training(single_rank, tmp_path)
     fresh_built, fresh_ddp, fresh = distributed_bf16_run(single_rank, seed=5)
-    checkpointing.load_checkpoint(str(tmp_path), [fresh_ddp], fresh, None,
-                                  regularizer=fresh_built.regularizer)
+    checkpointing.load_checkpoint(
+        str(tmp_path), [fresh_ddp], fresh, None, regularizer=fresh_built.regularizer
+    )
     steps = adam_steps(fresh)
     assert [float(s) for s in steps] == [2.0] * len(steps)
     assert len({id(s) for s in steps}) == len(steps)  # a shared tensor would count N per step

@@ -30,8 +30,7 @@ MODELS = {
     # on any layout (the dispatch, the estimator's gates and the aux loss are compared).
     "hash": dict(router="hash"),
     "expert_choice": dict(router="expert_choice"),
-    "sparsemixer": dict(router="sparsemixer",
-                        router_options=SparseMixerOptions(jitter_eps=1e-6)),
+    "sparsemixer": dict(router="sparsemixer", router_options=SparseMixerOptions(jitter_eps=1e-6)),
     "lory": dict(router="lory", router_options=LoryOptions(segment_length=8)),
 }
 TP2_SP = dict(tensor_model_parallel_size=2, sequence_parallel=True)
@@ -64,8 +63,14 @@ def references(tmp_path_factory):
         if model not in cache:
             ckpt_dir = tmp_path_factory.mktemp(f"ref-{model}")
             (result,) = run_on_ranks(
-                run_step, 1, ckpt_dir, ckpt_dir=str(ckpt_dir), parallel_kwargs={},
-                model_kwargs=MODELS[model], global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH,
+                run_step,
+                1,
+                ckpt_dir,
+                ckpt_dir=str(ckpt_dir),
+                parallel_kwargs={},
+                model_kwargs=MODELS[model],
+                global_batch=GLOBAL_BATCH,
+                micro_batch=MICRO_BATCH,
                 reference=True,
             )
             cache[model] = (ckpt_dir, result)
@@ -76,8 +81,9 @@ def references(tmp_path_factory):
 
 def layout_id(layout):
     model, dispatcher, parallel = layout
-    sizes = "-".join(f"{k.split('_')[0]}{v}" for k, v in parallel.items()
-                     if k != "sequence_parallel")
+    sizes = "-".join(
+        f"{k.split('_')[0]}{v}" for k, v in parallel.items() if k != "sequence_parallel"
+    )
     sequence_parallel = "-sp" if parallel.get("sequence_parallel") else ""
     return f"{model}-{dispatcher}-{sizes or 'dp2'}{sequence_parallel}"
 
@@ -87,9 +93,15 @@ def test_two_ranks_match_one(references, tmp_path, layout):
     model, dispatcher, parallel = layout
     ckpt_dir, expected = references(model)
     results = run_on_ranks(
-        run_step, 2, tmp_path, ckpt_dir=str(ckpt_dir), parallel_kwargs=parallel,
+        run_step,
+        2,
+        tmp_path,
+        ckpt_dir=str(ckpt_dir),
+        parallel_kwargs=parallel,
         model_kwargs={**MODELS[model], "token_dispatcher": dispatcher},
-        global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, reference=False,
+        global_batch=GLOBAL_BATCH,
+        micro_batch=MICRO_BATCH,
+        reference=False,
     )
     for rank, result in enumerate(results):
         # with pipeline parallelism only the last stage computes the loss
@@ -98,8 +110,14 @@ def test_two_ranks_match_one(references, tmp_path, layout):
         for key in ("reg_loss_L", "sparsity_L", "expert_load_LE", "step_sparsity", "l1_coeff"):
             assert (key in result) == (key in expected), key
             if key in expected:
-                torch.testing.assert_close(result[key], expected[key], rtol=1e-5, atol=1e-7,
-                                           equal_nan=True, msg=f"rank {rank}: {key}")
+                torch.testing.assert_close(
+                    result[key],
+                    expected[key],
+                    rtol=1e-5,
+                    atol=1e-7,
+                    equal_nan=True,
+                    msg=f"rank {rank}: {key}",
+                )
         worst = max(result["grad_errors"], key=result["grad_errors"].get)
         assert result["grad_errors"][worst] < 1e-4, f"rank {rank}: gradient of {worst}"
     assert any(not torch.isnan(r["lm_loss"]) for r in results)

@@ -58,37 +58,82 @@ def test_exported_files(single_rank, tmp_path_factory, tmp_path):
     load = checkpoint(tmp_path_factory, "relu")
     out = tmp_path / "export"
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "export_checkpoint.py"), "--load", load,
-         "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
-        env=clean_env())
+        [
+            sys.executable,
+            str(REPO / "tools" / "export_checkpoint.py"),
+            "--load",
+            load,
+            "--output",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "configuration_remoe.py", "generation_config.json", "merges.txt",
-        "model.safetensors", "modeling_remoe.py", "reference_model.py", "tokenizer.json",
-        "tokenizer_config.json", "vocab.json"]
+        "config.json",
+        "configuration_remoe.py",
+        "generation_config.json",
+        "merges.txt",
+        "model.safetensors",
+        "modeling_remoe.py",
+        "reference_model.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
     # readable as the umask allows, like any file the user writes (not 0600)
     umask = os.umask(0)
     os.umask(umask)
     assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
     # a second export into the same directory is refused; --force overwrites
     again = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "export_checkpoint.py"), "--load", load,
-         "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
-        env=clean_env())
+        [
+            sys.executable,
+            str(REPO / "tools" / "export_checkpoint.py"),
+            "--load",
+            load,
+            "--output",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+    )
     assert again.returncode == 2
     assert f"{out} is not empty; export into a new directory, or pass --force" in again.stderr
     (out / "keep.txt").write_text("mine")
     forced = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "export_checkpoint.py"), "--load", load,
-         "--output", str(out), "--force"], cwd=REPO, capture_output=True, text=True,
-        timeout=600, env=clean_env())
+        [
+            sys.executable,
+            str(REPO / "tools" / "export_checkpoint.py"),
+            "--load",
+            load,
+            "--output",
+            str(out),
+            "--force",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+    )
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert (out / "keep.txt").read_text() == "mine"
 
     model, tokenizer, model_config = load_model_for_inference(load)
     weights = load_file(str(out / "model.safetensors"))
-    expected = {k: v for k, v in model.state_dict().items()
-                if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    expected = {
+        k: v
+        for k, v in model.state_dict().items()
+        if torch.is_tensor(v) and not k.endswith("_extra_state")
+    }
     assert sorted(weights) == sorted(expected)
     for name, value in expected.items():
         assert weights[name].dtype == torch.float32
@@ -96,16 +141,46 @@ def test_exported_files(single_rank, tmp_path_factory, tmp_path):
     assert "decoder.layers.1.mlp.experts.local_experts.7.linear_fc2.weight" in weights
 
     config = json.loads((out / "config.json").read_text())
-    assert {k: config[k] for k in (
-        "router", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-        "head_dim", "num_experts", "topk", "granularity", "expert_ffn_hidden_size",
-        "rotary_base", "norm_epsilon", "vocab_size", "seq_length", "iteration")} == dict(
-        router="relu", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        head_dim=16, num_experts=8, topk=1, granularity=1, expert_ffn_hidden_size=128,
-        rotary_base=1e6, norm_epsilon=1e-5, vocab_size=512, seq_length=SEQ, iteration=3)
-    assert config["tokenizer"] == {"type": "GPT2BPETokenizer",
-                                   "files": {"vocab_file": "vocab.json",
-                                             "merge_file": "merges.txt"}}
+    assert {
+        k: config[k]
+        for k in (
+            "router",
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "head_dim",
+            "num_experts",
+            "topk",
+            "granularity",
+            "expert_ffn_hidden_size",
+            "rotary_base",
+            "norm_epsilon",
+            "vocab_size",
+            "seq_length",
+            "iteration",
+        )
+    } == dict(
+        router="relu",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        head_dim=16,
+        num_experts=8,
+        topk=1,
+        granularity=1,
+        expert_ffn_hidden_size=128,
+        rotary_base=1e6,
+        norm_epsilon=1e-5,
+        vocab_size=512,
+        seq_length=SEQ,
+        iteration=3,
+    )
+    assert config["tokenizer"] == {
+        "type": "GPT2BPETokenizer",
+        "files": {"vocab_file": "vocab.json", "merge_file": "merges.txt"},
+    }
 
     reference, exported_tokenizer, _ = load_export_for_inference(str(out))
     text = "def main():\n    return 'tokenizers agree'\n"
@@ -114,10 +189,17 @@ def test_exported_files(single_rank, tmp_path_factory, tmp_path):
     assert_logits_match(model, reference, tokens_for(tokenizer.vocab_size))
 
 
-LLAMA_LAYER_NAMES = ["input_layernorm.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight",
-                     "mlp.up_proj.weight", "post_attention_layernorm.weight",
-                     "self_attn.k_proj.weight", "self_attn.o_proj.weight",
-                     "self_attn.q_proj.weight", "self_attn.v_proj.weight"]
+LLAMA_LAYER_NAMES = [
+    "input_layernorm.weight",
+    "mlp.down_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.o_proj.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.v_proj.weight",
+]
 
 
 def rounded_to_bf16(model):
@@ -142,27 +224,78 @@ def test_a_dense_export_is_a_llama_model(single_rank, tmp_path_factory, tmp_path
     for name, flags in (("fp32", []), ("bf16", ["--bf16"])):
         exports[name] = tmp_path / name
         result = subprocess.run(
-            [sys.executable, str(REPO / "tools" / "export_checkpoint.py"), "--load", load,
-             "--output", str(exports[name]), *flags], cwd=REPO, capture_output=True, text=True,
-            timeout=600, env=clean_env())
+            [
+                sys.executable,
+                str(REPO / "tools" / "export_checkpoint.py"),
+                "--load",
+                load,
+                "--output",
+                str(exports[name]),
+                *flags,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=clean_env(),
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         # no remote code: transformers' own LlamaForCausalLM runs it (test_hf_export.py)
         assert sorted(p.name for p in exports[name].iterdir()) == [
-            "config.json", "generation_config.json", "merges.txt", "model.safetensors",
-            "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+            "config.json",
+            "generation_config.json",
+            "merges.txt",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.json",
+        ]
 
     config = json.loads((exports["fp32"] / "config.json").read_text())
-    assert {k: config[k] for k in (
-        "architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
-        "max_position_embeddings", "vocab_size", "tie_word_embeddings", "attention_bias",
-        "mlp_bias", "hidden_act", "torch_dtype", "eos_token_id", "iteration")} == dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64,
-        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=1e6,
-        max_position_embeddings=SEQ, vocab_size=512, tie_word_embeddings=False,
-        attention_bias=False, mlp_bias=False, hidden_act="silu", torch_dtype="float32",
-        eos_token_id=0, iteration=3)
+    assert {
+        k: config[k]
+        for k in (
+            "architectures",
+            "model_type",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "rms_norm_eps",
+            "rope_theta",
+            "max_position_embeddings",
+            "vocab_size",
+            "tie_word_embeddings",
+            "attention_bias",
+            "mlp_bias",
+            "hidden_act",
+            "torch_dtype",
+            "eos_token_id",
+            "iteration",
+        )
+    } == dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        max_position_embeddings=SEQ,
+        vocab_size=512,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        torch_dtype="float32",
+        eos_token_id=0,
+        iteration=3,
+    )
     assert "auto_map" not in config
     bf16_config = json.loads((exports["bf16"] / "config.json").read_text())
     assert bf16_config.pop("torch_dtype") == "bfloat16"
@@ -171,7 +304,8 @@ def test_a_dense_export_is_a_llama_model(single_rank, tmp_path_factory, tmp_path
     weights = load_file(str(exports["fp32"] / "model.safetensors"))
     assert sorted(weights) == sorted(
         ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
-        + [f"model.layers.{i}.{name}" for i in range(2) for name in LLAMA_LAYER_NAMES])
+        + [f"model.layers.{i}.{name}" for i in range(2) for name in LLAMA_LAYER_NAMES]
+    )
     assert {value.dtype for value in weights.values()} == {torch.float32}
     with safe_open(str(exports["fp32"] / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}  # what transformers' own files carry
@@ -181,7 +315,8 @@ def test_a_dense_export_is_a_llama_model(single_rank, tmp_path_factory, tmp_path
         assert halves[name].dtype == torch.bfloat16
         assert torch.equal(halves[name], value.to(torch.bfloat16)), name
     assert os.path.getsize(exports["bf16"] / "model.safetensors") < 0.51 * os.path.getsize(
-        exports["fp32"] / "model.safetensors")
+        exports["fp32"] / "model.safetensors"
+    )
 
     # the project's own loader maps the Llama weights back onto the reference model
     model, tokenizer, _ = load_model_for_inference(load)
@@ -195,7 +330,8 @@ def test_a_dense_export_is_a_llama_model(single_rank, tmp_path_factory, tmp_path
     assert_logits_match(rounded_to_bf16(model), rounded, tokens)
     with torch.no_grad():  # and the rounding is real
         assert float((rounded(tokens) - fp32_logits).abs().max()) > (
-            RELATIVE_TOLERANCE * float(fp32_logits.abs().max()))
+            RELATIVE_TOLERANCE * float(fp32_logits.abs().max())
+        )
 
 
 @pytest.mark.integration
@@ -237,7 +373,10 @@ def test_an_unknown_dtype_is_refused_before_anything_is_read(tmp_path):
 @pytest.mark.parametrize("router", ROUTERS)
 def test_reference_model_matches_megatron(single_rank, tmp_path_factory, tmp_path, router):
     from remoe_patches.inference.hf_export import (
-        export_checkpoint, load_export_for_inference, reference_from_megatron)
+        export_checkpoint,
+        load_export_for_inference,
+        reference_from_megatron,
+    )
     from remoe_patches.inference.trained_model import load_model_for_inference
     from remoe_patches.inference.reference_model import MoE, SwiGLU
 
@@ -245,12 +384,14 @@ def test_reference_model_matches_megatron(single_rank, tmp_path_factory, tmp_pat
     model, tokenizer, model_config = load_model_for_inference(load)
     assert model_config.router == router
     reference, _, config = load_export_for_inference(
-        export_checkpoint(load, str(tmp_path / "export")))
+        export_checkpoint(load, str(tmp_path / "export"))
+    )
     assert config["router"] == router
     assert isinstance(reference.decoder.layers[0].mlp, SwiGLU if router == "dense" else MoE)
     for seed, length in ((0, SEQ), (1, 7)):
-        assert_logits_match(model, reference, tokens_for(tokenizer.vocab_size, length=length,
-                                                         seed=seed))
+        assert_logits_match(
+            model, reference, tokens_for(tokenizer.vocab_size, length=length, seed=seed)
+        )
 
     # the same weights redrawn larger: attention and routing far from their near-uniform init
     generator = torch.Generator().manual_seed(1)
@@ -274,7 +415,8 @@ def test_reference_model_matches_megatron(single_rank, tmp_path_factory, tmp_pat
 @pytest.mark.integration
 @pytest.mark.parametrize("name", ["relu-ep2", "relu-tp2", "relu-grouped-ep2"])
 def test_export_of_a_sharded_checkpoint_equals_the_single_process_one(
-        single_rank, tmp_path_factory, tmp_path, name):
+    single_rank, tmp_path_factory, tmp_path, name
+):
     from safetensors.torch import load_file
 
     from remoe_patches.inference.hf_export import export_checkpoint
@@ -311,14 +453,16 @@ def test_transformer_engine_names_are_mapped_to_the_reference_names():
             return state
 
     state = reference_state(FakeModel())
-    assert sorted(state) == sorted([
-        "decoder.layers.0.input_layernorm.weight",
-        "decoder.layers.0.self_attention.linear_qkv.weight",
-        "decoder.layers.0.pre_mlp_layernorm.weight",
-        "decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight",
-        "decoder.layers.1.mlp.experts.local_experts.11.linear_fc2.weight",
-        "decoder.layers.1.pre_mlp_layernorm.weight",
-    ])
+    assert sorted(state) == sorted(
+        [
+            "decoder.layers.0.input_layernorm.weight",
+            "decoder.layers.0.self_attention.linear_qkv.weight",
+            "decoder.layers.0.pre_mlp_layernorm.weight",
+            "decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight",
+            "decoder.layers.1.mlp.experts.local_experts.11.linear_fc2.weight",
+            "decoder.layers.1.pre_mlp_layernorm.weight",
+        ]
+    )
     assert all(value.dtype == torch.float32 for value in state.values())
 
 
@@ -326,11 +470,21 @@ def test_transformer_engine_names_are_mapped_to_the_reference_names():
 def test_reference_model_imports_no_megatron():
     source = (REPO / "remoe_patches" / "inference" / "reference_model.py").read_text()
     assert "megatron" not in "\n".join(
-        line for line in source.splitlines() if line.lstrip().startswith(("import", "from")))
+        line for line in source.splitlines() if line.lstrip().startswith(("import", "from"))
+    )
     result = subprocess.run(
-        [sys.executable, "-c", "import sys, remoe_patches.inference.reference_model; "
-         "print(any(m.startswith('megatron') for m in sys.modules))"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env=clean_env())
+        [
+            sys.executable,
+            "-c",
+            "import sys, remoe_patches.inference.reference_model; "
+            "print(any(m.startswith('megatron') for m in sys.modules))",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
     assert result.stdout.strip() == "False", result.stderr
 
 

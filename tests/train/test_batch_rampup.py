@@ -45,8 +45,14 @@ def test_the_rule_by_hand_ramps():
 
 
 def rampup_flags(corpus, save, **overrides):
-    flags = dict(train_iters=None, train_samples=TRAIN_SAMPLES, global_batch_size=GLOBAL,
-                 rampup_batch_size=RAMPUP, save_interval=None, eval_interval=None)
+    flags = dict(
+        train_iters=None,
+        train_samples=TRAIN_SAMPLES,
+        global_batch_size=GLOBAL,
+        rampup_batch_size=RAMPUP,
+        save_interval=None,
+        eval_interval=None,
+    )
     return authors_style_flags(corpus, save, **{**flags, **overrides})
 
 
@@ -62,7 +68,7 @@ def test_steps_take_the_ramps_batches_and_the_lr_follows_the_samples(straight):
     assert sorted(straight) == list(range(1, len(EXPECTED) + 1))
     records = [straight[i] for i in sorted(straight)]  # --log-interval 1: a record a step
     assert [r["global_batch_size"] for r in records] == EXPECTED
-    consumed = [sum(EXPECTED[:i + 1]) for i in range(len(EXPECTED))]
+    consumed = [sum(EXPECTED[: i + 1]) for i in range(len(EXPECTED))]
     assert [r["consumed_samples"] for r in records] == consumed
     assert consumed[-1] == TRAIN_SAMPLES
     assert {r["train_iters"] for r in records} == {len(EXPECTED)}
@@ -74,8 +80,11 @@ def test_steps_take_the_ramps_batches_and_the_lr_follows_the_samples(straight):
     warmup, peak, floor = 0.2 * TRAIN_SAMPLES, 5e-4, 5e-5
     for r, before in zip(records, [0] + consumed):
         ratio = (before - warmup) / (TRAIN_SAMPLES - warmup)
-        lr = (peak * before / warmup if before <= warmup
-              else floor + 0.5 * (math.cos(math.pi * ratio) + 1) * (peak - floor))
+        lr = (
+            peak * before / warmup
+            if before <= warmup
+            else floor + 0.5 * (math.cos(math.pi * ratio) + 1) * (peak - floor)
+        )
         assert r["lr"] == pytest.approx(lr, rel=1e-5), r["iteration"]
 
 
@@ -97,10 +106,23 @@ def test_a_run_stopped_mid_ramp_resumes_as_if_never_stopped(corpus, tmp_path, st
 def test_warmup_and_decay_iterations_count_the_ramps_steps():
     """--lr-warmup-iters 4: the peak at step 4 whatever the batches; min-lr at the last step."""
     argv = [a for a in TINY_FLAGS if a not in ("--train-iters", "10")]
-    training = parse_run_config(argv + [
-        "--train-samples", str(TRAIN_SAMPLES), "--global-batch-size", str(GLOBAL),
-        "--rampup-batch-size", *RAMPUP.split(), "--lr-warmup-iters", "4", "--min-lr", "1e-4",
-        "--lr-decay-style", "linear"]).training
+    training = parse_run_config(
+        argv
+        + [
+            "--train-samples",
+            str(TRAIN_SAMPLES),
+            "--global-batch-size",
+            str(GLOBAL),
+            "--rampup-batch-size",
+            *RAMPUP.split(),
+            "--lr-warmup-iters",
+            "4",
+            "--min-lr",
+            "1e-4",
+            "--lr-decay-style",
+            "linear",
+        ]
+    ).training
     assert training.train_iters == len(EXPECTED)
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     scheduler = lr_scheduler(training, optimizer)
@@ -115,24 +137,73 @@ def test_warmup_and_decay_iterations_count_the_ramps_steps():
 def test_a_yaml_config_gives_the_ramp_as_a_list(tmp_path):
     argv = [a for a in TINY_FLAGS if a not in ("--train-iters", "10")]
     config = tmp_path / "ramp.yaml"
-    config.write_text(f"train_samples: {TRAIN_SAMPLES}\nglobal_batch_size: {GLOBAL}\n"
-                      f"rampup_batch_size: [{START}, {INCREMENT}, {RAMPUP_SAMPLES}]\n")
+    config.write_text(
+        f"train_samples: {TRAIN_SAMPLES}\nglobal_batch_size: {GLOBAL}\n"
+        f"rampup_batch_size: [{START}, {INCREMENT}, {RAMPUP_SAMPLES}]\n"
+    )
     training = parse_run_config(["--config", str(config), *argv]).training
     assert training.rampup_batch_size == (START, INCREMENT, RAMPUP_SAMPLES)
     assert training.train_iters == len(EXPECTED)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--train-iters", "10", "--global-batch-size", "8", "--rampup-batch-size", "2", "2", "24"],
-     "--rampup-batch-size needs --train-samples"),
-    (["--train-samples", "60", "--global-batch-size", "8", "--rampup-batch-size", "2", "4", "24"],
-     "--rampup-batch-size 2 4 24: --global-batch-size 8 - START 2 = 6 is not divisible by "
-     "INCREMENT 4"),
-    (["--train-samples", "60", "--global-batch-size", "8", "--rampup-batch-size", "8", "2", "24"],
-     "START must be below --global-batch-size 8"),
-    (["--train-samples", "60", "--global-batch-size", "8", "--rampup-batch-size", "2", "2", "0"],
-     "START, INCREMENT and RAMPUP_SAMPLES must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            [
+                "--train-iters",
+                "10",
+                "--global-batch-size",
+                "8",
+                "--rampup-batch-size",
+                "2",
+                "2",
+                "24",
+            ],
+            "--rampup-batch-size needs --train-samples",
+        ),
+        (
+            [
+                "--train-samples",
+                "60",
+                "--global-batch-size",
+                "8",
+                "--rampup-batch-size",
+                "2",
+                "4",
+                "24",
+            ],
+            "--rampup-batch-size 2 4 24: --global-batch-size 8 - START 2 = 6 is not divisible by "
+            "INCREMENT 4",
+        ),
+        (
+            [
+                "--train-samples",
+                "60",
+                "--global-batch-size",
+                "8",
+                "--rampup-batch-size",
+                "8",
+                "2",
+                "24",
+            ],
+            "START must be below --global-batch-size 8",
+        ),
+        (
+            [
+                "--train-samples",
+                "60",
+                "--global-batch-size",
+                "8",
+                "--rampup-batch-size",
+                "2",
+                "2",
+                "0",
+            ],
+            "START, INCREMENT and RAMPUP_SAMPLES must be >= 1",
+        ),
+    ],
+)
 def test_what_the_calculator_cannot_ramp_is_refused(flags, message, capsys):
     argv = [a for a in TINY_FLAGS if a not in ("--train-iters", "10")]
     with pytest.raises(SystemExit) as exit_info:
@@ -142,13 +213,25 @@ def test_what_the_calculator_cannot_ramp_is_refused(flags, message, capsys):
     assert message in line
 
 
-@pytest.mark.parametrize("rampup, data_parallel_size", [((2, 2, 24), 2), ((4, 2, 24), 2),
-                                                         ((3, 1, 24), 1)])
+@pytest.mark.parametrize(
+    "rampup, data_parallel_size", [((2, 2, 24), 2), ((4, 2, 24), 2), ((3, 1, 24), 1)]
+)
 def test_batches_that_do_not_split_into_micro_batches_are_refused(rampup, data_parallel_size):
     argv = [a for a in TINY_FLAGS if a not in ("--train-iters", "10")]  # --micro-batch-size 2
-    training = parse_run_config(argv + [
-        "--train-samples", "60", "--global-batch-size", "8",
-        "--rampup-batch-size", *map(str, rampup)]).training
-    with pytest.raises(ConfigError, match="START and INCREMENT must be multiples of "
-                       rf"--micro-batch-size 2 x data-parallel size {data_parallel_size}"):
+    training = parse_run_config(
+        argv
+        + [
+            "--train-samples",
+            "60",
+            "--global-batch-size",
+            "8",
+            "--rampup-batch-size",
+            *map(str, rampup),
+        ]
+    ).training
+    with pytest.raises(
+        ConfigError,
+        match="START and INCREMENT must be multiples of "
+        rf"--micro-batch-size 2 x data-parallel size {data_parallel_size}",
+    ):
         check_batch_sizes(training, data_parallel_size)

@@ -18,10 +18,28 @@ REPO = Path(__file__).resolve().parent.parent.parent
 def test_demo_trains_and_reaches_target_sparsity(tmp_path):
     save = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "pretrain_gpt.py", "--config", "configs/demo.yaml", "--train-iters",
-         "200", "--log-interval", "10", "--eval-interval", "100", "--save", str(save),
-         "--tensorboard-dir", str(save / "tensorboard"), "--save-interval", "200"],
-        cwd=REPO, capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            "pretrain_gpt.py",
+            "--config",
+            "configs/demo.yaml",
+            "--train-iters",
+            "200",
+            "--log-interval",
+            "10",
+            "--eval-interval",
+            "100",
+            "--save",
+            str(save),
+            "--tensorboard-dir",
+            str(save / "tensorboard"),
+            "--save-interval",
+            "200",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(line) for line in open(save / "metrics.jsonl")]
@@ -32,6 +50,7 @@ def test_demo_trains_and_reaches_target_sparsity(tmp_path):
     final_sparsity = sum(r["sparsity"] for r in steps[-5:]) / 5  # the last 50 steps
     assert abs(final_sparsity - 0.875) < 0.03, [r["sparsity"] for r in steps]
     assert steps[0]["sparsity"] < 0.7  # it started dense (stage I)
-    assert any(path.name.startswith("events.out.tfevents")
-               for path in (save / "tensorboard").iterdir())
+    assert any(
+        path.name.startswith("events.out.tfevents") for path in (save / "tensorboard").iterdir()
+    )
     assert "metrics: " in result.stdout and "checkpoint: " in result.stdout

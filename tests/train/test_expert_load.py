@@ -78,11 +78,16 @@ def test_lory_reports_each_experts_mean_routing_weight(single_rank):
 
     config = transformer_config()
     spec = lory_block_spec(decoder_block_spec(config), 4, "own_detached")
-    model = GPTModel(config=config, transformer_layer_spec=spec,
-                     vocab_size=TINY_MODEL["vocab_size"],
-                     max_sequence_length=TINY_MODEL["seq_length"], pre_process=True,
-                     post_process=True, share_embeddings_and_output_weights=False,
-                     position_embedding_type="rope")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=TINY_MODEL["vocab_size"],
+        max_sequence_length=TINY_MODEL["seq_length"],
+        pre_process=True,
+        post_process=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+    )
     weights = {}
 
     def keep(module, args, output):
@@ -99,7 +104,8 @@ def test_lory_reports_each_experts_mean_routing_weight(single_rank):
     shares = load.window()
     for layer in (1, 2):
         assert shares.share_LE[layer - 1] == pytest.approx(
-            weights[layer].float().mean(dim=(0, 1)), rel=1e-5)
+            weights[layer].float().mean(dim=(0, 1)), rel=1e-5
+        )
         assert shares.unrouted_L[layer - 1] == 0.0
     # the dense warm-up routes nothing
     for layer in model.decoder.layers:

@@ -57,15 +57,19 @@ def counted_flops(model, cfg: ModelConfig, active_experts: float) -> float:
     return total + 6 * logits
 
 
-@pytest.mark.parametrize("router, granularity, active", [
-    ("dense", 1, 0.0),
-    ("topk", 1, 1.0),
-    ("topk", 2, 2.0),
-    ("relu", 1, 1.75),   # (1 - sparsity) * E, fractional
-    ("relu", 2, 5.5),
-])
-def test_flops_per_token_match_the_weights_a_token_passes_through(single_rank, router,
-                                                                  granularity, active):
+@pytest.mark.parametrize(
+    "router, granularity, active",
+    [
+        ("dense", 1, 0.0),
+        ("topk", 1, 1.0),
+        ("topk", 2, 2.0),
+        ("relu", 1, 1.75),  # (1 - sparsity) * E, fractional
+        ("relu", 2, 5.5),
+    ],
+)
+def test_flops_per_token_match_the_weights_a_token_passes_through(
+    single_rank, router, granularity, active
+):
     """6 x (attention + active experts' + router weights + logits) + 6 x 2Sh per layer."""
     cfg = ModelConfig(router=router, granularity=granularity, **TINY_MODEL)
     built = build_model(cfg, single_rank)
@@ -83,18 +87,21 @@ def test_each_active_expert_adds_one_experts_weights_in_every_layer(single_rank)
     assert step == pytest.approx(6 * cfg.num_layers * expert, rel=1e-12)
     # no expert active: attention, router and logits remain
     assert training_flops_per_token(cfg, 0.0) == pytest.approx(
-        counted_flops(build_model(cfg, single_rank).model, cfg, 0.0), rel=1e-12)
+        counted_flops(build_model(cfg, single_rank).model, cfg, 0.0), rel=1e-12
+    )
 
 
 def test_dense_model_ignores_active_experts_and_scores_grow_with_the_sequence():
     """A dense model has no experts to count; scores add 6*2*h per token and layer per position."""
     dense = ModelConfig(router="dense", **TINY_MODEL)
     assert training_flops_per_token(dense, 0.0) == training_flops_per_token(dense, 7.0)
-    longer = ModelConfig(router="dense",
-                         **{**TINY_MODEL, "seq_length": TINY_MODEL["seq_length"] + 10})
+    longer = ModelConfig(
+        router="dense", **{**TINY_MODEL, "seq_length": TINY_MODEL["seq_length"] + 10}
+    )
     difference = training_flops_per_token(longer, 0.0) - training_flops_per_token(dense, 0.0)
     assert difference == pytest.approx(
-        6 * 2 * 10 * TINY_MODEL["hidden_size"] * TINY_MODEL["num_layers"])
+        6 * 2 * 10 * TINY_MODEL["hidden_size"] * TINY_MODEL["num_layers"]
+    )
 
 
 def test_paper_182m_dense_by_hand():

@@ -19,15 +19,32 @@ from remoe_patches.runs.run_directory import METRICS_FILE
 
 
 def step_record(iteration=3, **changes):
-    record = dict(iteration=iteration, train_iters=10, consumed_samples=12, ms_per_iteration=512.25,
-                  tokens_per_sec=1234.4, tflops_per_gpu=0.01234, lr=3.0e-4, global_batch_size=4,
-                  lm_loss=5.4321098, grad_norm=1.2345, skipped_iterations=1)
+    record = dict(
+        iteration=iteration,
+        train_iters=10,
+        consumed_samples=12,
+        ms_per_iteration=512.25,
+        tokens_per_sec=1234.4,
+        tflops_per_gpu=0.01234,
+        lr=3.0e-4,
+        global_batch_size=4,
+        lm_loss=5.4321098,
+        grad_norm=1.2345,
+        skipped_iterations=1,
+    )
     record.update(changes)
     return record
 
 
-RELU = dict(reg_loss=0.123456789, l1_coeff=2.5e-3, sparsity=0.8125, sparsity_min=0.7,
-            sparsity_max=0.95, sparsity_per_layer=[0.7, 0.95], dead_experts_per_layer=[[], [2, 3]])
+RELU = dict(
+    reg_loss=0.123456789,
+    l1_coeff=2.5e-3,
+    sparsity=0.8125,
+    sparsity_min=0.7,
+    sparsity_max=0.95,
+    sparsity_per_layer=[0.7, 0.95],
+    dead_experts_per_layer=[[], [2, 3]],
+)
 
 
 def columns(line: str) -> dict:
@@ -44,8 +61,13 @@ def columns(line: str) -> dict:
 
 
 def make_log(tmp_path, **kwargs):
-    options = dict(metrics_dir=str(tmp_path / "run"), tensorboard_dir=None, total_iterations=10,
-                   start_iteration=0, enabled=True)
+    options = dict(
+        metrics_dir=str(tmp_path / "run"),
+        tensorboard_dir=None,
+        total_iterations=10,
+        start_iteration=0,
+        enabled=True,
+    )
     options.update(kwargs)
     return MetricsLog(**options)
 
@@ -58,10 +80,19 @@ def test_step_line_has_megatrons_columns_with_the_records_values():
     """Megatron-LM's iteration line (order, names, formats); every value reads back."""
     line = format_step_line(step_record())
     cols = columns(line)
-    assert list(cols) == ["iteration", "train_iters", "consumed samples",
-                          "elapsed time per iteration (ms)", "tokens/s", "TFLOP/s per device",
-                          "learning rate", "global batch size", "lm loss", "grad norm",
-                          "number of skipped iterations"]
+    assert list(cols) == [
+        "iteration",
+        "train_iters",
+        "consumed samples",
+        "elapsed time per iteration (ms)",
+        "tokens/s",
+        "TFLOP/s per device",
+        "learning rate",
+        "global batch size",
+        "lm loss",
+        "grad norm",
+        "number of skipped iterations",
+    ]
     assert (cols["iteration"], cols["train_iters"]) == (3, 10)
     assert int(cols["consumed samples"]) == 12 and int(cols["global batch size"]) == 4
     assert float(cols["elapsed time per iteration (ms)"]) == pytest.approx(512.25, abs=0.05)
@@ -73,8 +104,9 @@ def test_step_line_has_megatrons_columns_with_the_records_values():
     assert float(cols["grad norm"]) == pytest.approx(1.2345, abs=5e-4)
     assert int(cols["number of skipped iterations"]) == 1
     # what scripts that parse Megatron-LM logs look for
-    assert float(re.search(r"lm loss: ([\d.E+-]+)", line).group(1)) == pytest.approx(5.4321098,
-                                                                                    rel=1e-6)
+    assert float(re.search(r"lm loss: ([\d.E+-]+)", line).group(1)) == pytest.approx(
+        5.4321098, rel=1e-6
+    )
 
 
 def test_step_line_shows_relu_columns_and_load_balancing_only_when_present():
@@ -123,14 +155,19 @@ def test_evaluation_line_reports_loss_and_perplexity(tmp_path, capsys, name, lab
     iteration, loss, ppl = re.fullmatch(pattern, second).groups()
     assert float(loss) == pytest.approx(45.0, rel=1e-6)
     assert float(ppl) == pytest.approx(math.exp(20), rel=1e-6)
-    assert read_jsonl(tmp_path / "run" / METRICS_FILE) == [{"iteration": 7, name: 2.25},
-                                                           {"iteration": 8, name: 45.0}]
+    assert read_jsonl(tmp_path / "run" / METRICS_FILE) == [
+        {"iteration": 7, name: 2.25},
+        {"iteration": 8, name: 45.0},
+    ]
 
 
 def test_the_loss_per_domain_follows_the_evaluation_line(tmp_path, capsys):
     log = make_log(tmp_path)
-    record = {"iteration": 7, "val_lm_loss": 2.25,
-              "val_lm_loss_per_domain": {"code": 2.0, "prose": 2.5}}
+    record = {
+        "iteration": 7,
+        "val_lm_loss": 2.25,
+        "val_lm_loss_per_domain": {"code": 2.0, "prose": 2.5},
+    }
     log.evaluation(record)
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "   lm loss per domain | code: 2.000000E+00 | prose: 2.500000E+00"
@@ -177,8 +214,13 @@ def test_tensorboard_gets_finite_scalars_and_per_layer_lists(tmp_path):
     log = make_log(tmp_path, tensorboard_dir=str(tb), per_layer=True)  # --moe-per-layer-logging
     log.step(step_record(5, **RELU, load_balancing_loss=float("nan")))
     log.step(step_record(6, lm_loss=4.0, sparsity_per_layer=[0.5, float("inf"), 0.25]))
-    log.evaluation(dict(iteration=6, val_lm_loss=4.5,
-                        val_lm_loss_per_domain={"code": 4.25, "prose": float("nan")}))
+    log.evaluation(
+        dict(
+            iteration=6,
+            val_lm_loss=4.5,
+            val_lm_loss_per_domain={"code": 4.25, "prose": float("nan")},
+        )
+    )
     log.close()
     events = EventAccumulator(str(tb))
     events.Reload()
@@ -220,10 +262,16 @@ def tensorboard_tags(tmp_path, record, **options) -> dict:
     return {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
 
 
-ROUTING = dict(moe_layers=[2, 4], expert_share_cv=0.25, expert_share_per_layer=[[0.75, 0.25],
-                                                                                [0.5, 0.5]],
-               expert_share_cv_per_layer=[0.5, 0.0], timers_ms={"forward-backward": 12.5},
-               memory_rss_gb=1.5, memory_rss_peak_gb=2.0, memory_allocated_gb=0.5)
+ROUTING = dict(
+    moe_layers=[2, 4],
+    expert_share_cv=0.25,
+    expert_share_per_layer=[[0.75, 0.25], [0.5, 0.5]],
+    expert_share_cv_per_layer=[0.5, 0.0],
+    timers_ms={"forward-backward": 12.5},
+    memory_rss_gb=1.5,
+    memory_rss_peak_gb=2.0,
+    memory_allocated_gb=0.5,
+)
 
 
 def test_per_layer_timers_and_memory_reach_tensorboard_only_when_asked(tmp_path):
@@ -237,8 +285,7 @@ def test_per_layer_timers_and_memory_reach_tensorboard_only_when_asked(tmp_path)
     assert not any("layer" in tag or "mem" in tag for tag in plain)
     assert [tag for tag in plain if tag.endswith("-time")] == ["iteration-time"]
     assert read_jsonl(tmp_path / "plain" / "run" / METRICS_FILE) == [record]
-    every = tensorboard_tags(tmp_path / "every", record, per_layer=True, timers=True,
-                             memory=True)
+    every = tensorboard_tags(tmp_path / "every", record, per_layer=True, timers=True, memory=True)
     assert every["expert_share_cv_per_layer/layer_2"] == 0.5
     assert every["expert_share_cv_per_layer/layer_4"] == 0.0
     assert every["expert_share_per_layer/layer_2/expert_0"] == 0.75
@@ -255,8 +302,7 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def test_progress_bar_on_a_terminal_counts_from_the_start_iteration(tmp_path, capsys,
-                                                                    monkeypatch):
+def test_progress_bar_on_a_terminal_counts_from_the_start_iteration(tmp_path, capsys, monkeypatch):
     """On an interactive terminal a bar runs from ``start_iteration`` to ``total_iterations``;
     lines are printed above it, not lost."""
     terminal = FakeTerminal()

@@ -23,24 +23,45 @@ pytestmark = pytest.mark.integration
 CONFIGS = ("182m_dense", "182m_moe", "182m_remoe")
 
 # What a GPU run of these configs turns on; none of it may be reported as having no effect.
-GPU_SETTINGS = ("--bf16", "--use-distributed-optimizer", "--overlap-grad-reduce",
-                "--overlap-param-gather", "--moe-grouped-gemm", "--moe-layer-recompute")
+GPU_SETTINGS = (
+    "--bf16",
+    "--use-distributed-optimizer",
+    "--overlap-grad-reduce",
+    "--overlap-param-gather",
+    "--moe-grouped-gemm",
+    "--moe-layer-recompute",
+)
 
-COMPARED = ("lm_loss", "grad_norm", "lr", "reg_loss", "sparsity", "l1_coeff",
-            "load_balancing_loss")
+COMPARED = ("lm_loss", "grad_norm", "lr", "reg_loss", "sparsity", "l1_coeff", "load_balancing_loss")
 
 
 def shrunk(corpus, save, config="182m_remoe", *extra) -> list:
     """``configs/<config>.yaml`` with CPU sizes: 2 ranks x 2 micro-batches of 2 per step."""
     sizes = dict(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=128, seq_length=32, max_position_embeddings=32,
-        make_vocab_size_divisible_by=128, micro_batch_size=2, global_batch_size=8,
-        train_iters=6, lr_warmup_iters=1, log_interval=1, eval_interval=3, eval_iters=1,
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        seq_length=32,
+        max_position_embeddings=32,
+        make_vocab_size_divisible_by=128,
+        micro_batch_size=2,
+        global_batch_size=8,
+        train_iters=6,
+        lr_warmup_iters=1,
+        log_interval=1,
+        eval_interval=3,
+        eval_iters=1,
         save_interval=3,
     )
-    paths = dict(data_path=corpus.data_prefix, vocab_file=corpus.vocab_file,
-                 merge_file=corpus.merge_file, tokenizer_type="GPT2BPETokenizer", save=save)
+    paths = dict(
+        data_path=corpus.data_prefix,
+        vocab_file=corpus.vocab_file,
+        merge_file=corpus.merge_file,
+        tokenizer_type="GPT2BPETokenizer",
+        save=save,
+    )
     argv = ["--config", str(REPO / "configs" / f"{config}.yaml")]
     for key, value in {**sizes, **paths}.items():
         argv += ["--" + key.replace("_", "-"), str(value)]
@@ -60,8 +81,11 @@ def compare(expected: dict, got: dict, iterations, exact=True, rel=0.0):
 
 
 def validation(save) -> dict:
-    return {r["iteration"]: r["val_lm_loss"]
-            for r in map(json.loads, open(Path(save) / "metrics.jsonl")) if "val_lm_loss" in r}
+    return {
+        r["iteration"]: r["val_lm_loss"]
+        for r in map(json.loads, open(Path(save) / "metrics.jsonl"))
+        if "val_lm_loss" in r
+    }
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +112,11 @@ def test_paper_config_trains_saves_and_resumes_bit_exact(corpus, tmp_path, strai
     assert sorted(records) == [1, 2, 3, 4, 5, 6]
     assert records[6]["lm_loss"] < records[1]["lm_loss"]
     metadata = dist_checkpointing.load_content_metadata(str(save / "iter_0000006"))
-    assert metadata == {"distrib_optim_sharding_type": "dp_reshardable",
-                        "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    assert metadata == {
+        "distrib_optim_sharding_type": "dp_reshardable",
+        "singleton_local_shards": False,
+        "chained_optim_avoid_prefix": True,
+    }
 
     resumed = tmp_path / "resumed"
     ok(run(shrunk(corpus, resumed, config, "--exit-interval", "3"), nproc=2))

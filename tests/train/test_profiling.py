@@ -42,8 +42,16 @@ def run_steps(profiler, steps=6):
 def test_the_pytorch_profiler_traces_the_chosen_steps(tmp_path):
     """--profile-step-start 2 --profile-step-end 4: steps 3 and 4, one trace file that Perfetto
     and TensorBoard's profiler plugin read (Chrome trace JSON)."""
-    logging = logging_config("--profile", "--use-pytorch-profiler", "--profile-step-start", "2",
-                             "--profile-step-end", "4", "--tensorboard-dir", str(tmp_path))
+    logging = logging_config(
+        "--profile",
+        "--use-pytorch-profiler",
+        "--profile-step-start",
+        "2",
+        "--profile-step-end",
+        "4",
+        "--tensorboard-dir",
+        str(tmp_path),
+    )
     profiler = profiling.StepProfiler.for_run(logging, rank=0, save=None, device=CPU)
     run_steps(profiler)
     traces = list(tmp_path.glob("*.pt.trace.json"))
@@ -57,8 +65,9 @@ def test_only_the_profile_ranks_profile(tmp_path):
     logging = logging_config("--profile", "--use-pytorch-profiler", "--profile-ranks", "1", "3")
     assert logging.profile_ranks == (1, 3)
     assert profiling.StepProfiler.for_run(logging, rank=0, save=None, device=CPU) is None
-    assert profiling.StepProfiler.for_run(logging, rank=3, save=str(tmp_path),
-                                          device=CPU).trace_dir == str(tmp_path / "profile")
+    assert profiling.StepProfiler.for_run(
+        logging, rank=3, save=str(tmp_path), device=CPU
+    ).trace_dir == str(tmp_path / "profile")
     assert profiling.StepProfiler.for_run(logging_config(), rank=0, save=None, device=CPU) is None
 
 
@@ -93,11 +102,14 @@ def test_the_nsys_range_on_a_machine_without_a_gpu_is_refused():
         profiling.StepProfiler.for_run(logging, rank=0, save=None, device=CPU)
 
 
-def test_memory_history_is_recorded_and_its_snapshot_written_by_the_last_rank(monkeypatch,
-                                                                             tmp_path):
+def test_memory_history_is_recorded_and_its_snapshot_written_by_the_last_rank(
+    monkeypatch, tmp_path
+):
     recorded = []
-    fake = types.SimpleNamespace(_record_memory_history=lambda **kw: recorded.append(kw),
-                                 _snapshot=lambda: {"segments": ["a"]})
+    fake = types.SimpleNamespace(
+        _record_memory_history=lambda **kw: recorded.append(kw),
+        _snapshot=lambda: {"segments": ["a"]},
+    )
     monkeypatch.setattr(torch.cuda, "memory", fake)
     path = tmp_path / "snapshot.pickle"
     logging = logging_config("--record-memory-history", "--memory-snapshot-path", str(path))
@@ -121,17 +133,39 @@ def test_profile_steps_must_be_in_order(capsys):
 def test_a_training_run_writes_the_trace_of_its_profiled_steps(corpus, tmp_path):
     tensorboard = tmp_path / "tb"
     result = subprocess.run(
-        [sys.executable, str(REPO / "pretrain_gpt.py"), *TINY_MOE_FLAGS,
-         "--data-path", corpus.data_prefix, "--split", "90,5,5", "--vocab-file",
-         corpus.vocab_file, "--merge-file", corpus.merge_file, "--train-iters", "4",
-         "--eval-iters", "0", "--profile", "--use-pytorch-profiler",
-         "--profile-step-start", "1", "--profile-step-end", "3",
-         "--tensorboard-dir", str(tensorboard)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            str(REPO / "pretrain_gpt.py"),
+            *TINY_MOE_FLAGS,
+            "--data-path",
+            corpus.data_prefix,
+            "--split",
+            "90,5,5",
+            "--vocab-file",
+            corpus.vocab_file,
+            "--merge-file",
+            corpus.merge_file,
+            "--train-iters",
+            "4",
+            "--eval-iters",
+            "0",
+            "--profile",
+            "--use-pytorch-profiler",
+            "--profile-step-start",
+            "1",
+            "--profile-step-end",
+            "3",
+            "--tensorboard-dir",
+            str(tensorboard),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     traces = list(tensorboard.glob("*.pt.trace.json"))
     assert len(traces) == 1
-    names = {str(event.get("name")) for event in
-             json.loads(traces[0].read_text())["traceEvents"]}
+    names = {str(event.get("name")) for event in json.loads(traces[0].read_text())["traceEvents"]}
     assert any(name.startswith("aten::") for name in names)

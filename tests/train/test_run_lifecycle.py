@@ -22,8 +22,9 @@ pytestmark = pytest.mark.integration
 
 
 def flags(corpus, save, **overrides):
-    return authors_style_flags(corpus, save, **{"eval_interval": None, "save_interval": None,
-                                                **overrides})
+    return authors_style_flags(
+        corpus, save, **{"eval_interval": None, "save_interval": None, **overrides}
+    )
 
 
 def test_load_without_a_checkpoint_is_refused_before_anything_runs(corpus, tmp_path):
@@ -47,8 +48,10 @@ def test_resume_says_where_it_starts_and_a_truncated_checkpoint_falls_back(corpu
     ok(run(flags(corpus, save, save_interval=2, train_iters=4)))
     expected = steps(save)
     resumed = ok(run(flags(corpus, save, save_interval=2, train_iters=6) + ["--load", str(save)]))
-    assert f"resuming from {save / 'iter_0000004'}: iteration 4, consumed samples 16, " \
-           "l1 coeff" in resumed.stdout
+    assert (
+        f"resuming from {save / 'iter_0000004'}: iteration 4, consumed samples 16, "
+        "l1 coeff" in resumed.stdout
+    )
     assert "done: iteration 6 (2 in this launch" in resumed.stdout
     first_resume = steps(save)
 
@@ -57,8 +60,10 @@ def test_resume_says_where_it_starts_and_a_truncated_checkpoint_falls_back(corpu
     with open(shard, "r+b") as f:
         f.truncate(1000)
     again = ok(run(flags(corpus, save, save_interval=2, train_iters=6) + ["--load", str(save)]))
-    assert f"WARNING: checkpoint {save / 'iter_0000006'} does not load ({shard.name} is " \
-           "truncated (1,000 of" in again.stdout
+    assert (
+        f"WARNING: checkpoint {save / 'iter_0000006'} does not load ({shard.name} is "
+        "truncated (1,000 of" in again.stdout
+    )
     assert f"resuming from {save / 'iter_0000004'}: iteration 4" in again.stdout
     # iterations 5 and 6 trained again from iteration 4, exactly as the first time
     for iteration in (5, 6):
@@ -74,8 +79,10 @@ def test_resume_says_where_it_starts_and_a_truncated_checkpoint_falls_back(corpu
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if "error: " in line]
     assert len(error) == 1
-    assert f"no checkpoint under {save} loads: {save / 'iter_0000006'}: .metadata is missing; " \
-           f"{save / 'iter_0000004'}: common.pt does not read" in error[0]
+    assert (
+        f"no checkpoint under {save} loads: {save / 'iter_0000006'}: .metadata is missing; "
+        f"{save / 'iter_0000004'}: common.pt does not read" in error[0]
+    )
 
 
 def wait_for_iteration(process, iteration, timeout=300):
@@ -95,20 +102,34 @@ def launch(argv, nproc):
     if nproc == 1:
         command = [sys.executable, str(REPO / "pretrain_gpt.py"), *argv]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   "--master-port", str(free_port()), str(REPO / "pretrain_gpt.py"), *argv]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(free_port()),
+            str(REPO / "pretrain_gpt.py"),
+            *argv,
+        ]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def stopped_by(signum, corpus, save, nproc, signal_ranks):
     """Train until iteration 3, signal ``signal_ranks`` (worker processes), let it finish."""
-    process = launch(flags(corpus, save, train_iters=1000, log_interval=1)
-                     + ["--exit-signal-handler"], nproc)
+    process = launch(
+        flags(corpus, save, train_iters=1000, log_interval=1) + ["--exit-signal-handler"], nproc
+    )
     try:
         printed = wait_for_iteration(process, 3)
-        workers = [process] if nproc == 1 else sorted(
-            psutil.Process(process.pid).children(), key=lambda p: p.pid)
+        workers = (
+            [process]
+            if nproc == 1
+            else sorted(psutil.Process(process.pid).children(), key=lambda p: p.pid)
+        )
         for rank in signal_ranks:
             os.kill(workers[rank].pid, signum)
         rest, _ = process.communicate(timeout=300)

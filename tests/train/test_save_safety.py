@@ -50,8 +50,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 def flags(corpus, save, **overrides):
-    return authors_style_flags(corpus, save, **{"eval_interval": None, "log_interval": 1,
-                                                **overrides})
+    return authors_style_flags(
+        corpus, save, **{"eval_interval": None, "log_interval": 1, **overrides}
+    )
 
 
 def error_lines(result) -> list:
@@ -65,18 +66,25 @@ def driven(argv, **env):
     # Its own process group, as a terminal's job, with SIGINT handled as a terminal's job has
     # it: a suite run in the background (nohup, `&`) inherits SIGINT ignored, and Python then
     # installs no KeyboardInterrupt handler in the child.
-    return subprocess.Popen([sys.executable, "-c", DRIVER, *argv], cwd=REPO, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, *argv],
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 # --- a second launch into the same --save --------------------------------------------------
 
 
 @pytest.mark.integration
-def test_a_new_run_into_a_finished_runs_save_is_refused_before_anything_is_written(corpus,
-                                                                                   tmp_path):
+def test_a_new_run_into_a_finished_runs_save_is_refused_before_anything_is_written(
+    corpus, tmp_path
+):
     save = tmp_path / "run"
     ok(run(flags(corpus, save, train_iters=2, save_interval=1)))
     before = {path: path.stat().st_mtime_ns for path in save.rglob("*")}
@@ -95,11 +103,13 @@ def test_a_new_run_into_a_finished_runs_save_is_refused_before_anything_is_writt
     resumed = ok(run(flags(corpus, save, train_iters=3) + ["--load", str(save)]))
     assert "resuming from" in resumed.stdout and sorted(steps(save)) == [1, 2, 3]
     # ... and a run that loads another checkpoint may not overwrite this one either
-    other = run(flags(corpus, tmp_path / "other", train_iters=1) + ["--load", str(save),
-                                                                     "--finetune"])
+    other = run(
+        flags(corpus, tmp_path / "other", train_iters=1) + ["--load", str(save), "--finetune"]
+    )
     ok(other)
-    again = run(flags(corpus, save, train_iters=1) + ["--load", str(tmp_path / "other"),
-                                                      "--finetune"])
+    again = run(
+        flags(corpus, save, train_iters=1) + ["--load", str(tmp_path / "other"), "--finetune"]
+    )
     assert again.returncode == 2 and "already holds checkpoints up to iteration 3" in again.stderr
 
 
@@ -165,14 +175,15 @@ def test_trial_file_leaves_nothing_behind(tmp_path):
 @pytest.mark.integration
 def test_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays(corpus, tmp_path):
     save = tmp_path / "run"
-    process = driven(flags(corpus, save, train_iters=4, save_interval=2),
-                     FULL_AT="iter_0000004")
+    process = driven(flags(corpus, save, train_iters=4, save_interval=2), FULL_AT="iter_0000004")
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 1, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     [line] = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert f"writing checkpoint {save / 'iter_0000004'} failed ([Errno 28] No space left on " \
-           f"device); {save / 'iter_0000002'} is still the latest" in line
+    assert (
+        f"writing checkpoint {save / 'iter_0000004'} failed ([Errno 28] No space left on "
+        f"device); {save / 'iter_0000002'} is still the latest" in line
+    )
     assert run_directory.latest_iteration(str(save)) == 2
     assert checkpointing.checkpoint_problem(str(save / "iter_0000002")) is None
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002"]  # no partial left
@@ -215,8 +226,10 @@ def test_ctrl_c_during_a_save_finishes_it_then_exits_without_orphans(corpus, tmp
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-    assert f"note: SIGINT received while checkpoint {save / 'iter_0000002'} is written; " \
-           "stopping once it is complete" in output
+    assert (
+        f"note: SIGINT received while checkpoint {save / 'iter_0000002'} is written; "
+        "stopping once it is complete" in output
+    )
     assert "interrupted (Ctrl-C)" in output
     time.sleep(1)
     assert descendants_alive(children) == []

@@ -29,8 +29,16 @@ def test_megatron_launch_flags_train(corpus, tmp_path):
     records = steps(save)
     assert sorted(records) == [1, 2, 3, 4, 5, 6]
     first, last = records[1], records[6]
-    for key in ("lm_loss", "reg_loss", "l1_coeff", "sparsity", "sparsity_per_layer", "lr",
-                "grad_norm", "tokens_per_sec"):
+    for key in (
+        "lm_loss",
+        "reg_loss",
+        "l1_coeff",
+        "sparsity",
+        "sparsity_per_layer",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+    ):
         assert key in last, key
     assert len(last["sparsity_per_layer"]) == 2
     assert last["lm_loss"] < first["lm_loss"]
@@ -38,9 +46,11 @@ def test_megatron_launch_flags_train(corpus, tmp_path):
     # own sparsity: experts per token = (1 - sparsity) x E, layer by layer
     for record in records.values():
         assert record["experts_per_token_per_layer"] == pytest.approx(
-            [(1.0 - s) * 8 for s in record["sparsity_per_layer"]], rel=1e-6)
-    evaluations = [json.loads(line) for line in open(save / "metrics.jsonl")
-                   if "val_lm_loss" in line]
+            [(1.0 - s) * 8 for s in record["sparsity_per_layer"]], rel=1e-6
+        )
+    evaluations = [
+        json.loads(line) for line in open(save / "metrics.jsonl") if "val_lm_loss" in line
+    ]
     assert [e["iteration"] for e in evaluations] == [3, 6]
     assert (save / "iter_0000006").is_dir()
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "6"
@@ -77,15 +87,24 @@ def initial_weights(corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_process_run(corpus, tmp_path_factory, initial_weights):
     save = tmp_path_factory.mktemp("single")
-    ok(run(authors_style_flags(corpus, save, save_interval=None, eval_interval=None, **FP32)
-           + initial_weights))
+    ok(
+        run(
+            authors_style_flags(corpus, save, save_interval=None, eval_interval=None, **FP32)
+            + initial_weights
+        )
+    )
     return steps(save)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_ranks_train_like_one(corpus, tmp_path, initial_weights, single_process_run, layout):
-    argv = authors_style_flags(corpus, tmp_path, save_interval=None, eval_interval=None,
-                               sequence_parallel=None, **FP32) + LAYOUTS[layout] + initial_weights
+    argv = (
+        authors_style_flags(
+            corpus, tmp_path, save_interval=None, eval_interval=None, sequence_parallel=None, **FP32
+        )
+        + LAYOUTS[layout]
+        + initial_weights
+    )
     ok(run(argv, nproc=2))
     parallel = steps(tmp_path)
     assert sorted(parallel) == sorted(single_process_run)
@@ -96,17 +115,26 @@ def test_two_ranks_train_like_one(corpus, tmp_path, initial_weights, single_proc
         # the expert shares are reduced over every rank: one process's (a token whose gate sits
         # at 0 may flip under another reduction order: 1/128 of a layer's tokens per flip)
         assert got["moe_layers"] == expected["moe_layers"] == [1, 2]
-        for got_E, expected_E in zip(got["expert_share_per_layer"],
-                                     expected["expert_share_per_layer"]):
+        for got_E, expected_E in zip(
+            got["expert_share_per_layer"], expected["expert_share_per_layer"]
+        ):
             assert got_E == pytest.approx(expected_E, abs=0.02), iteration
 
 
 def test_a_launchs_first_steps_print_before_its_first_log_interval(corpus, tmp_path):
     save = tmp_path / "run"
-    result = ok(run(authors_style_flags(corpus, save, train_iters=12, log_interval=8,
-                                        eval_interval=None, save_interval=None)))
-    printed = [int(line.split()[1].rstrip("/")) for line in result.stdout.splitlines()
-               if line.startswith(" iteration ")]
+    result = ok(
+        run(
+            authors_style_flags(
+                corpus, save, train_iters=12, log_interval=8, eval_interval=None, save_interval=None
+            )
+        )
+    )
+    printed = [
+        int(line.split()[1].rstrip("/"))
+        for line in result.stdout.splitlines()
+        if line.startswith(" iteration ")
+    ]
     assert printed == [1, 2, 5, 8, 10, 12]
     assert sorted(steps(save)) == [8, 12]  # metrics.jsonl: one record per window, as before
 
@@ -131,7 +159,7 @@ def test_resume_with_another_data_parallel_size(corpus, tmp_path):
     resumed = tmp_path / "resumed"
     flags = authors_style_flags(corpus, resumed, save_interval=None, eval_interval=None, **FP32)
     ok(run(flags + ["--exit-interval", "3"], nproc=2))  # DP=2
-    ok(run(flags + ["--load", str(resumed)]))             # DP=1
+    ok(run(flags + ["--load", str(resumed)]))  # DP=1
     expected, got = steps(straight), steps(resumed)
     for iteration in (4, 5, 6):
         for key in ("lm_loss", "sparsity", "l1_coeff"):
@@ -144,12 +172,15 @@ def test_async_save_and_fully_parallel_load_resume_exactly(corpus, tmp_path):
     resume from the last, read with --ckpt-fully-parallel-load, takes the uninterrupted run's
     steps."""
     straight = tmp_path / "straight"
-    ok(run(authors_style_flags(corpus, straight, save_interval=None, eval_interval=None),
-           nproc=2))
+    ok(run(authors_style_flags(corpus, straight, save_interval=None, eval_interval=None), nproc=2))
     resumed = tmp_path / "resumed"
     flags = authors_style_flags(corpus, resumed, save_interval=2, eval_interval=None)
-    result = ok(run(flags + ["--exit-interval", "4", "--async-save",
-                             "--use-persistent-ckpt-worker"], nproc=2))
+    result = ok(
+        run(
+            flags + ["--exit-interval", "4", "--async-save", "--use-persistent-ckpt-worker"],
+            nproc=2,
+        )
+    )
     lines = result.stdout.splitlines()
     written = [line for line in lines if "is being written in the background" in line]
     saved = [line for line in lines if "(written in the background)" in line]
@@ -165,8 +196,7 @@ def test_async_save_and_fully_parallel_load_resume_exactly(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["tp2-sp", "pp2"])
-def test_fully_reshardable_optimizer_state_resumes_under_another_layout(corpus, tmp_path,
-                                                                       layout):
+def test_fully_reshardable_optimizer_state_resumes_under_another_layout(corpus, tmp_path, layout):
     """--dist-ckpt-optim-fully-reshardable: the distributed optimizer's Adam state saved under
     DP=2 resumes under TP=2 or PP=2 and continues the uninterrupted DP=2 run (fp32; the
     tolerance of a reordered reduction). Under EP=2, which splits the optimizer in two, it is
@@ -175,21 +205,37 @@ def test_fully_reshardable_optimizer_state_resumes_under_another_layout(corpus, 
     straight = tmp_path / "straight"
     ok(run(authors_style_flags(corpus, straight, **common), nproc=2))
     first = tmp_path / "first"
-    ok(run(authors_style_flags(corpus, first, **common)
-           + ["--exit-interval", "3", "--dist-ckpt-optim-fully-reshardable"], nproc=2))
+    ok(
+        run(
+            authors_style_flags(corpus, first, **common)
+            + ["--exit-interval", "3", "--dist-ckpt-optim-fully-reshardable"],
+            nproc=2,
+        )
+    )
     moved = tmp_path / "moved"
-    ok(run(authors_style_flags(corpus, moved, **{**common, "sequence_parallel": None})
-           + LAYOUTS[layout] + ["--load", str(first)], nproc=2))
+    ok(
+        run(
+            authors_style_flags(corpus, moved, **{**common, "sequence_parallel": None})
+            + LAYOUTS[layout]
+            + ["--load", str(first)],
+            nproc=2,
+        )
+    )
     expected, got = steps(straight), steps(moved)
     assert sorted(got) == [4, 5, 6]
     for iteration in (4, 5, 6):
         for key in ("lm_loss", "reg_loss", "sparsity", "grad_norm"):
-            assert got[iteration][key] == pytest.approx(expected[iteration][key], rel=2e-4,
-                                                        abs=1e-6), (iteration, key)
+            assert got[iteration][key] == pytest.approx(
+                expected[iteration][key], rel=2e-4, abs=1e-6
+            ), (iteration, key)
     if layout == "pp2":
         return
-    refused = run(authors_style_flags(corpus, tmp_path / "ep2", **common) + LAYOUTS["ep2"]
-                  + ["--load", str(first)], nproc=2)
+    refused = run(
+        authors_style_flags(corpus, tmp_path / "ep2", **common)
+        + LAYOUTS["ep2"]
+        + ["--load", str(first)],
+        nproc=2,
+    )
     assert "holds the state of 1 optimizer(s), this run has 2" in refused.stderr
     assert "--no-load-optim" in refused.stderr
 
@@ -201,17 +247,25 @@ def error_line(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("changes, needle", [
-    (dict(data_path="1.0 /nonexistent/prefix_text_document"),
-     "prefix_text_document.bin does not exist"),
-    (dict(tensor_model_parallel_size=2),
-     "error: --tensor-model-parallel-size: TP=2 x PP=1 does not divide the world size 1"),
-    (dict(global_batch_size=5), "--global-batch-size"),
-])
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        (
+            dict(data_path="1.0 /nonexistent/prefix_text_document"),
+            "prefix_text_document.bin does not exist",
+        ),
+        (
+            dict(tensor_model_parallel_size=2),
+            "error: --tensor-model-parallel-size: TP=2 x PP=1 does not divide the world size 1",
+        ),
+        (dict(global_batch_size=5), "--global-batch-size"),
+    ],
+)
 def test_bad_input_one_line_and_nothing_written(corpus, tmp_path, changes, needle):
     save = tmp_path / "never"
-    line = error_line(run(authors_style_flags(corpus, save, tensorboard_dir=save / "tb",
-                                              **changes)))
+    line = error_line(
+        run(authors_style_flags(corpus, save, tensorboard_dir=save / "tb", **changes))
+    )
     assert needle in line
     assert not save.exists()
 
@@ -220,11 +274,17 @@ def test_save_without_psutil_is_refused_at_start_instead_of_hanging(corpus, tmp_
     """megatron's checkpoint writer imports psutil in its forked writers, where a failure
     leaves the trainer waiting forever; the run must refuse before step 1 instead."""
     save = tmp_path / "never"
-    without_psutil = ("import sys; sys.modules['psutil'] = None; "
-                      "from remoe_patches.cli.launch import main; sys.exit(main(sys.argv[1:]))")
-    result = subprocess.run([sys.executable, "-c", without_psutil,
-                             *authors_style_flags(corpus, save)], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    without_psutil = (
+        "import sys; sys.modules['psutil'] = None; "
+        "from remoe_patches.cli.launch import main; sys.exit(main(sys.argv[1:]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", without_psutil, *authors_style_flags(corpus, save)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert error_line(result).startswith("error: --save needs psutil")
     assert not save.exists()
@@ -233,8 +293,9 @@ def test_save_without_psutil_is_refused_at_start_instead_of_hanging(corpus, tmp_
 def test_load_of_another_architecture_names_the_differing_flags(corpus, tmp_path, initial_weights):
     # initial_weights: the authors' flags at hidden size 64 and 8 experts, iteration 0
     save = tmp_path / "other"
-    line = error_line(run(authors_style_flags(corpus, save, hidden_size=32, num_experts=4)
-                          + initial_weights))
+    line = error_line(
+        run(authors_style_flags(corpus, save, hidden_size=32, num_experts=4) + initial_weights)
+    )
     assert "--hidden-size: checkpoint 64, this run 32" in line
     assert "--num-experts x --moe-granularity: checkpoint 8, this run 4" in line
     assert not save.exists()
@@ -250,9 +311,19 @@ def test_batch_not_divisible_by_data_parallel_ranks(corpus, tmp_path):
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path):
     save = tmp_path / "diverged"
-    result = run(authors_style_flags(corpus, save, lr=1e30, min_lr=0.0, lr_warmup_fraction=None,
-                                     train_iters=20, max_skipped_steps=3, eval_interval=None,
-                                     save_interval=None))
+    result = run(
+        authors_style_flags(
+            corpus,
+            save,
+            lr=1e30,
+            min_lr=0.0,
+            lr_warmup_fraction=None,
+            train_iters=20,
+            max_skipped_steps=3,
+            eval_interval=None,
+            save_interval=None,
+        )
+    )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "4 steps in a row had a non-finite loss or gradient" in result.stderr
     records = steps(save)
@@ -261,10 +332,20 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path):
 
 def test_scaled_topk_baseline_trains(corpus, tmp_path):
     save = tmp_path / "topk"
-    result = ok(run(authors_style_flags(corpus, save, moe_relu_routing=None,
-                                        moe_router_topk_scaling_factor=8.0, train_iters=8,
-                                        eval_interval=None, save_interval=None,
-                                        timing_log_level=2)))
+    result = ok(
+        run(
+            authors_style_flags(
+                corpus,
+                save,
+                moe_relu_routing=None,
+                moe_router_topk_scaling_factor=8.0,
+                train_iters=8,
+                eval_interval=None,
+                save_interval=None,
+                timing_log_level=2,
+            )
+        )
+    )
     assert "--moe-router-topk-scaling-factor has no effect" not in result.stdout
     records = steps(save)
     assert records[8]["lm_loss"] < records[1]["lm_loss"]
@@ -273,16 +354,26 @@ def test_scaled_topk_baseline_trains(corpus, tmp_path):
     for record in records.values():
         assert len(record["load_balancing_loss_per_layer"]) == 2
         assert sum(record["load_balancing_loss_per_layer"]) / 2 == pytest.approx(
-            record["load_balancing_loss"])
+            record["load_balancing_loss"]
+        )
         assert [len(shares) for shares in record["expert_share_per_layer"]] == [8, 8]
         assert [sum(shares) for shares in record["expert_share_per_layer"]] == pytest.approx(
-            [1.0, 1.0])
+            [1.0, 1.0]
+        )
         assert record["tokens_without_expert"] == 0.0 and record["experts_per_token"] == 1.0
         # --timing-log-level 2: megatron-core's and the loop's timers, the MoE layer's parts;
         # the memory of every window
-        assert {"forward-backward", "forward-compute", "backward-compute", "optimizer",
-                "batch-generator", "moe-router", "moe-dispatch", "moe-experts",
-                "moe-combine"} <= set(record["timers_ms"])
+        assert {
+            "forward-backward",
+            "forward-compute",
+            "backward-compute",
+            "optimizer",
+            "batch-generator",
+            "moe-router",
+            "moe-dispatch",
+            "moe-experts",
+            "moe-combine",
+        } <= set(record["timers_ms"])
         assert 0.0 < record["timers_ms"]["moe-router"] < record["timers_ms"]["forward-compute"]
         assert record["memory_rss_peak_gb"] >= record["memory_rss_gb"] > 0.1
     assert "(min, max) time across ranks (ms):" in result.stdout
@@ -300,8 +391,14 @@ BASELINES = {
 def test_table_2_baseline_trains_and_resumes(corpus, tmp_path, router):
     """Each Table 2 baseline trains through pretrain_gpt.py and resumes where it stopped: the
     steps after the restart are those of the uninterrupted run."""
-    overrides = dict(moe_relu_routing=None, moe_router_type=router, save_interval=None,
-                     eval_interval=None, train_iters=6, **BASELINES[router])
+    overrides = dict(
+        moe_relu_routing=None,
+        moe_router_type=router,
+        save_interval=None,
+        eval_interval=None,
+        train_iters=6,
+        **BASELINES[router],
+    )
     straight = tmp_path / "straight"
     ok(run(authors_style_flags(corpus, straight, **overrides)))
     resumed = tmp_path / "resumed"
@@ -319,7 +416,8 @@ def test_table_2_baseline_trains_and_resumes(corpus, tmp_path, router):
         shares_LE = record["expert_share_per_layer"]
         assert record["moe_layers"] == [1, 2] and [len(s) for s in shares_LE] == [8, 8]
         assert record["experts_per_token_per_layer"] == pytest.approx(
-            [sum(shares_E) for shares_E in shares_LE])
+            [sum(shares_E) for shares_E in shares_LE]
+        )
         assert record["expert_share_max"] == pytest.approx(max(map(max, shares_LE)))
         # Hash, SparseMixer: one expert a token; Lory: weights summing to 1; Expert Choice:
         # every expert takes its capacity, k*T/E tokens, so some tokens get none
@@ -335,11 +433,16 @@ def test_lory_dense_warmup_trains_then_routes_and_resumes_across_the_switch(corp
     """--moe-lory-dense-warmup-fraction 0.5 of 6 steps: steps 1-3 train the dense FFN (their
     first loss is not the routed model's), step 4 starts every expert from it; a run stopped at
     step 3 and resumed takes the same steps 4-6 as the uninterrupted one."""
-    overrides = dict(moe_relu_routing=None, moe_router_type="lory", save_interval=None,
-                     eval_interval=None, train_iters=6, moe_lory_segment_length=16)
+    overrides = dict(
+        moe_relu_routing=None,
+        moe_router_type="lory",
+        save_interval=None,
+        eval_interval=None,
+        train_iters=6,
+        moe_lory_segment_length=16,
+    )
     straight = tmp_path / "straight"
-    ok(run(authors_style_flags(corpus, straight, moe_lory_dense_warmup_fraction=0.5,
-                               **overrides)))
+    ok(run(authors_style_flags(corpus, straight, moe_lory_dense_warmup_fraction=0.5, **overrides)))
     routed = tmp_path / "routed"
     ok(run(authors_style_flags(corpus, routed, moe_lory_dense_warmup_fraction=0.0, **overrides)))
     resumed = tmp_path / "resumed"

@@ -37,11 +37,21 @@ class CapturedLog:
 
 def step_record(sparsity_L, load_LE, lm_loss=3.0):
     sparsity_L = torch.tensor(sparsity_L)
-    routing = RoutingStats(sparsity=torch.nanmean(sparsity_L), sparsity_L=sparsity_L,
-                           reg_loss_L=torch.tensor([0.5, 0.7]),
-                           expert_load_LE=torch.tensor(load_LE), l1_coeff=torch.tensor(0.01))
-    return StepRecord(lm_loss=torch.tensor(lm_loss), grad_norm=1.0, skipped=False, lr=1e-3,
-                      routing=routing, step_seconds=0.5)
+    routing = RoutingStats(
+        sparsity=torch.nanmean(sparsity_L),
+        sparsity_L=sparsity_L,
+        reg_loss_L=torch.tensor([0.5, 0.7]),
+        expert_load_LE=torch.tensor(load_LE),
+        l1_coeff=torch.tensor(0.01),
+    )
+    return StepRecord(
+        lm_loss=torch.tensor(lm_loss),
+        grad_norm=1.0,
+        skipped=False,
+        lr=1e-3,
+        routing=routing,
+        step_seconds=0.5,
+    )
 
 
 TOKENS = 256  # per layer and step
@@ -59,15 +69,34 @@ def routed(*steps_LE) -> ExpertLoad:
 def logged(log, window, health=None, iteration=2, config=None, **kwargs):
     """``log_window`` of steps whose routing the records' ``expert_load_LE`` say."""
     load = routed(*[r.routing.expert_load_LE.tolist() for r in window])
-    log_window(log, window, config or CONFIG, RunState(iteration=iteration, consumed_samples=8),
-               1, health, routing_load=load, **kwargs)
+    log_window(
+        log,
+        window,
+        config or CONFIG,
+        RunState(iteration=iteration, consumed_samples=8),
+        1,
+        health,
+        routing_load=load,
+        **kwargs,
+    )
 
 
-MODEL = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                    num_experts=4, topk=1, router="relu", vocab_size=128, seq_length=16)
-CONFIG = RunConfig(model=MODEL, parallel=ParallelConfig(),
-                   training=TrainingConfig(micro_batch_size=4, global_batch_size=4,
-                                           train_iters=10, lr=1e-3))
+MODEL = ModelConfig(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_query_groups=2,
+    num_experts=4,
+    topk=1,
+    router="relu",
+    vocab_size=128,
+    seq_length=16,
+)
+CONFIG = RunConfig(
+    model=MODEL,
+    parallel=ParallelConfig(),
+    training=TrainingConfig(micro_batch_size=4, global_batch_size=4, train_iters=10, lr=1e-3),
+)
 HEALTHY = [0.25, 0.25, 0.25, 0.25]
 STARVED = [0.50, 0.49, 0.005, 0.005]  # experts 2 and 3 get 0.5% of the tokens
 
@@ -92,10 +121,17 @@ def test_warnings_only_when_a_state_persists_and_a_summary_at_the_end():
     log = CapturedLog()
     sick = [step_record([0.70, 0.999], [HEALTHY, STARVED])]
     well = [step_record([0.70, 0.80], [HEALTHY, HEALTHY])]
-    windows = [sick, well,  # one starved window alone: chance, no warning
-               sick, sick, sick,  # starved twice in a row: warned once
-               well, sick,  # one fed window: still dead
-               well, well]  # fed twice in a row: back
+    windows = [
+        sick,
+        well,  # one starved window alone: chance, no warning
+        sick,
+        sick,
+        sick,  # starved twice in a row: warned once
+        well,
+        sick,  # one fed window: still dead
+        well,
+        well,
+    ]  # fed twice in a row: back
     for index, window in enumerate(windows, start=1):
         logged(log, window, health, iteration=2 * index)
     assert log.lines == [
@@ -110,7 +146,8 @@ def test_warnings_only_when_a_state_persists_and_a_summary_at_the_end():
     assert [r["dead_experts"] for r in log.records] == [2, 0, 2, 2, 2, 0, 2, 0, 0]
     assert health.summary() == (
         " routing health: 0 dead experts at the end; 2 dead at some point; collapsed layers: "
-        "none at the end, [2] at some point (per window: metrics.jsonl)")
+        "none at the end, [2] at some point (per window: metrics.jsonl)"
+    )
 
 
 def test_no_warning_for_a_healthy_window():
@@ -132,23 +169,40 @@ def test_a_console_only_line_writes_no_record_and_leaves_the_health_alone():
     assert log.records == [] and health.summary() is None
 
 
-TOPK = RunConfig(model=ModelConfig(**{**dataclasses.asdict(MODEL), "router": "topk",
-                                      "topk": 2}),
-                 parallel=ParallelConfig(), training=CONFIG.training)
+TOPK = RunConfig(
+    model=ModelConfig(**{**dataclasses.asdict(MODEL), "router": "topk", "topk": 2}),
+    parallel=ParallelConfig(),
+    training=CONFIG.training,
+)
 
 
 def topk_record(load_balancing_L, z_L):
-    return StepRecord(lm_loss=torch.tensor(3.0), grad_norm=1.0, skipped=False, lr=1e-3,
-                      step_seconds=0.5, aux_losses_L={"load_balancing_loss": torch.tensor(
-                          load_balancing_L), "z_loss": torch.tensor(z_L)})
+    return StepRecord(
+        lm_loss=torch.tensor(3.0),
+        grad_norm=1.0,
+        skipped=False,
+        lr=1e-3,
+        step_seconds=0.5,
+        aux_losses_L={
+            "load_balancing_loss": torch.tensor(load_balancing_L),
+            "z_loss": torch.tensor(z_L),
+        },
+    )
 
 
 def test_a_topk_window_holds_each_layers_expert_shares_and_aux_losses():
     balanced, skewed = [0.5, 0.5, 0.5, 0.5], [1.0, 0.75, 0.25, 0.0]
     log = CapturedLog()
     window = [topk_record([1.0, 1.5], [0.1, 0.3]), topk_record([1.0, 2.5], [0.2, 0.4])]
-    log_window(log, window, TOPK, RunState(iteration=2), 1, RoutingHealth(persist=1),
-               routing_load=routed([balanced, skewed], [balanced, skewed]))
+    log_window(
+        log,
+        window,
+        TOPK,
+        RunState(iteration=2),
+        1,
+        RoutingHealth(persist=1),
+        routing_load=routed([balanced, skewed], [balanced, skewed]),
+    )
     (record,) = log.records
     assert record["moe_layers"] == [1, 2]
     assert record["expert_share_per_layer"] == [balanced, skewed]
@@ -164,8 +218,10 @@ def test_a_topk_window_holds_each_layers_expert_shares_and_aux_losses():
     assert record["z_loss_per_layer"] == pytest.approx([0.15, 0.35])
     assert "sparsity" not in record and "reg_loss" not in record
     # the health report speaks for every router
-    assert log.lines == [" WARNING: experts dead at iteration 2 (under 1/64 of their layer's "
-                         "tokens in 1 windows of 2 steps in a row): layer 2: expert 3"]
+    assert log.lines == [
+        " WARNING: experts dead at iteration 2 (under 1/64 of their layer's "
+        "tokens in 1 windows of 2 steps in a row): layer 2: expert 3"
+    ]
 
 
 def test_timers_and_memory_are_in_every_record(single_rank):  # (megatron's timers: CPU shims)
@@ -195,8 +251,12 @@ def test_timers_and_memory_are_in_every_record(single_rank):  # (megatron's time
 def test_device_memory_is_read_from_torchs_cuda_allocator(monkeypatch):
     """On a GPU the record has torch's allocator figures and the window's peaks restart (torch's
     CUDA calls stood in for here)."""
-    figures = dict(memory_allocated=2 * GB, memory_reserved=3 * GB,
-                   max_memory_allocated=5 * GB, max_memory_reserved=6 * GB)
+    figures = dict(
+        memory_allocated=2 * GB,
+        memory_reserved=3 * GB,
+        max_memory_allocated=5 * GB,
+        max_memory_reserved=6 * GB,
+    )
     resets = []
     for name, value in figures.items():
         monkeypatch.setattr(torch.cuda, name, lambda device, value=value: value)
@@ -204,11 +264,16 @@ def test_device_memory_is_read_from_torchs_cuda_allocator(monkeypatch):
     device = torch.device("cuda", 0)
     memory = local_memory_bytes(device)
     assert {key: memory[key] for key in memory if "rss" not in key} == dict(
-        memory_allocated_gb=2 * GB, memory_reserved_gb=3 * GB, memory_max_allocated_gb=5 * GB,
-        memory_max_reserved_gb=6 * GB)
+        memory_allocated_gb=2 * GB,
+        memory_reserved_gb=3 * GB,
+        memory_max_allocated_gb=5 * GB,
+        memory_max_reserved_gb=6 * GB,
+    )
     assert resets == [device]
     record = {key: value / GB for key, value in memory.items()}
     assert peak_memory_gb(record) == 5.0
     assert megatron_lm_memory_scalars(record) == {
-        "mem-reserved-bytes": 3 * GB, "mem-allocated-bytes": 2 * GB,
-        "mem-max-allocated-bytes": 5 * GB}
+        "mem-reserved-bytes": 3 * GB,
+        "mem-allocated-bytes": 2 * GB,
+        "mem-max-allocated-bytes": 5 * GB,
+    }

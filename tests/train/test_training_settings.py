@@ -25,18 +25,38 @@ def wsd_by_hand(step: int, style: str) -> float:
     if step <= anneal_start:
         return PEAK
     ratio = (step - anneal_start) / ANNEAL
-    coeff = {"exponential": 2 * 0.5 ** ratio - 1, "linear": 1 - ratio,
-             "cosine": 0.5 * (math.cos(math.pi * ratio) + 1), "minus_sqrt": 1 - math.sqrt(ratio)}
+    coeff = {
+        "exponential": 2 * 0.5**ratio - 1,
+        "linear": 1 - ratio,
+        "cosine": 0.5 * (math.cos(math.pi * ratio) + 1),
+        "minus_sqrt": 1 - math.sqrt(ratio),
+    }
     return FLOOR + coeff[style] * (PEAK - FLOOR)
 
 
 @pytest.mark.parametrize("style", ["exponential", "linear", "cosine", "minus_sqrt"])
 def test_wsd_schedule_is_megatron_lms(style):
-    config = parse_run_config([
-        *TINY_FLAGS, "--lr", str(PEAK), "--min-lr", str(FLOOR),
-        "--train-iters", str(STEPS), "--lr-warmup-iters", str(WARMUP), "--global-batch-size", "2",
-        "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", str(ANNEAL),
-        "--lr-wsd-decay-style", style])
+    config = parse_run_config(
+        [
+            *TINY_FLAGS,
+            "--lr",
+            str(PEAK),
+            "--min-lr",
+            str(FLOOR),
+            "--train-iters",
+            str(STEPS),
+            "--lr-warmup-iters",
+            str(WARMUP),
+            "--global-batch-size",
+            "2",
+            "--lr-decay-style",
+            "WSD",
+            "--lr-wsd-decay-iters",
+            str(ANNEAL),
+            "--lr-wsd-decay-style",
+            style,
+        ]
+    )
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     scheduler = lr_scheduler(config.training, optimizer)
     for step in range(1, STEPS + 1):
@@ -44,10 +64,16 @@ def test_wsd_schedule_is_megatron_lms(style):
         assert optimizer.param_groups[0]["lr"] == pytest.approx(wsd_by_hand(step, style)), step
 
 
-@pytest.mark.parametrize("flags, message", [
-    ([], "lr_wsd_decay_iters: --lr-decay-style WSD needs --lr-wsd-decay-iters"),
-    (["--lr-wsd-decay-iters", "50"], "lr_wsd_decay_iters: 50 must be between 1 and the decay's 10"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ([], "lr_wsd_decay_iters: --lr-decay-style WSD needs --lr-wsd-decay-iters"),
+        (
+            ["--lr-wsd-decay-iters", "50"],
+            "lr_wsd_decay_iters: 50 must be between 1 and the decay's 10",
+        ),
+    ],
+)
 def test_wsd_needs_an_anneal_inside_the_decay(flags, message, capsys):
     with pytest.raises(SystemExit):
         parse_run_config([*TINY_FLAGS, "--lr-decay-style", "WSD", *flags])
@@ -86,4 +112,7 @@ def test_manual_gc_collects_at_megatron_lms_points(monkeypatch):
     assert points("--manual-gc") == ([], True, 1)  # interval 0: only around evaluations
     assert points("--manual-gc", "--manual-gc-interval", "4") == ([4, 8, 12], True, 4)
     assert points("--manual-gc", "--manual-gc-interval", "5", "--no-manual-gc-eval") == (
-        [5, 10], False, 2)
+        [5, 10],
+        False,
+        2,
+    )

@@ -64,6 +64,7 @@ def main_grads(model):
 
 # --- lm_loss_func, gpt_forward_step -------------------------------------------------------------
 
+
 def test_lm_loss_func_is_the_masked_sum_with_its_token_count():
     """Megatron's 3-tuple: sum of the kept token losses (with their gradient), the kept count as
     an int, and [sum, count] detached for reporting."""
@@ -75,8 +76,9 @@ def test_lm_loss_func_is_the_masked_sum_with_its_token_count():
     torch.testing.assert_close(loss, losses[keep].sum())
     assert num_tokens.dtype == torch.int and int(num_tokens) == int(keep.sum()) != 15
     assert list(report) == ["lm loss"] and not report["lm loss"].requires_grad
-    torch.testing.assert_close(report["lm loss"], torch.stack([losses[keep].sum(),
-                                                               keep.sum().float()]).detach())
+    torch.testing.assert_close(
+        report["lm loss"], torch.stack([losses[keep].sum(), keep.sum().float()]).detach()
+    )
     loss.backward()
     assert torch.equal(losses.grad, mask)  # masked positions get no gradient
 
@@ -93,16 +95,18 @@ def test_lm_loss_func_reports_each_domains_summed_loss_and_count():
     _, _, report = lm_loss_func(mask, losses, domains_BSD=domains_BSD)
     for d in range(3):
         kept = (domain_BS == d) & mask.bool()
-        torch.testing.assert_close(report["lm loss per domain"][:, d],
-                                   torch.stack([losses[kept].sum(), kept.sum().float()]))
+        torch.testing.assert_close(
+            report["lm loss per domain"][:, d],
+            torch.stack([losses[kept].sum(), kept.sum().float()]),
+        )
     assert report["lm loss per domain"][1].sum() == 9  # 10 kept positions, one of no domain
 
 
 def test_lm_loss_func_sums_low_precision_losses_in_fp32():
-    losses = torch.full((4, 256), 1.0 + 2 ** -7, dtype=torch.bfloat16)  # exact in bf16
+    losses = torch.full((4, 256), 1.0 + 2**-7, dtype=torch.bfloat16)  # exact in bf16
     loss, _, report = lm_loss_func(torch.ones(4, 256), losses)
     assert loss.dtype == torch.float32
-    assert loss.item() == 1024 * (1.0 + 2 ** -7)  # a bf16 sum would round it
+    assert loss.item() == 1024 * (1.0 + 2**-7)  # a bf16 sum would round it
     assert report["lm loss"].tolist() == [loss.item(), 1024.0]
 
 
@@ -131,6 +135,7 @@ def test_forward_step_feeds_one_batch_to_the_model_and_masks_with_its_loss_mask(
 
 
 # --- wrap_with_ddp, params_gathered_lazily, sync_params ------------------------------------------
+
 
 def test_ddp_accumulates_fp32_main_grads_and_finalizes_them(single_rank):
     """Gradients go to fp32 ``main_grad`` buffers, bf16 model or not; the schedules' hooks."""
@@ -164,19 +169,26 @@ def test_overlapped_grad_reduce_gives_the_same_gradients(single_rank):
         torch.testing.assert_close(grad, expected[name], msg=name)
 
 
-@pytest.mark.parametrize("distributed, overlap, lazy", [
-    (False, False, False), (True, False, False), (False, True, False), (True, True, True)])
-def test_params_gathered_lazily_only_with_the_distributed_optimizer_and_overlap(distributed,
-                                                                                overlap, lazy):
-    chunk = SimpleNamespace(ddp_config=SimpleNamespace(use_distributed_optimizer=distributed,
-                                                       overlap_param_gather=overlap))
+@pytest.mark.parametrize(
+    "distributed, overlap, lazy",
+    [(False, False, False), (True, False, False), (False, True, False), (True, True, True)],
+)
+def test_params_gathered_lazily_only_with_the_distributed_optimizer_and_overlap(
+    distributed, overlap, lazy
+):
+    chunk = SimpleNamespace(
+        ddp_config=SimpleNamespace(
+            use_distributed_optimizer=distributed, overlap_param_gather=overlap
+        )
+    )
     assert params_gathered_lazily([chunk]) is lazy
 
 
 class RecordingChunk:
     def __init__(self, distributed, overlap):
-        self.ddp_config = SimpleNamespace(use_distributed_optimizer=distributed,
-                                          overlap_param_gather=overlap)
+        self.ddp_config = SimpleNamespace(
+            use_distributed_optimizer=distributed, overlap_param_gather=overlap
+        )
         self.syncs = []
 
     def start_param_sync(self, *args, **kwargs):
@@ -194,12 +206,17 @@ def test_sync_params_forces_the_deferred_gather_on_every_chunk():
 
 def test_real_ddp_reports_its_gathering_mode(single_rank):
     _, plain = build(single_rank)
-    _, lazy = build(single_rank, use_distributed_optimizer=True, overlap_grad_reduce=True,
-                    overlap_param_gather=True)
+    _, lazy = build(
+        single_rank,
+        use_distributed_optimizer=True,
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
+    )
     assert not params_gathered_lazily([plain]) and params_gathered_lazily([lazy])
 
 
 # --- forward_backward ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("router", ["dense", "relu"])
 def test_reported_loss_is_the_token_mean_over_all_micro_batches(single_rank, router):
@@ -210,8 +227,7 @@ def test_reported_loss_is_the_token_mean_over_all_micro_batches(single_rank, rou
     batches = [make_batch(5, kept=[5, 16]), make_batch(6, kept=[16, 14])]
     total, count = masked_sum_and_count(built.model, batches)
     assert count == 51
-    out = forward_backward([ddp], batches, num_microbatches=2, seq_length=SEQ,
-                           micro_batch_size=2)
+    out = forward_backward([ddp], batches, num_microbatches=2, seq_length=SEQ, micro_batch_size=2)
     assert list(out) == ["lm_loss"]
     torch.testing.assert_close(out["lm_loss"], torch.tensor(total / count), rtol=1e-5, atol=0)
     with torch.no_grad():
@@ -252,8 +268,7 @@ def test_each_step_starts_from_zero_gradients_and_forward_only_leaves_them(singl
         assert torch.equal(grad, grads[name]), name
     assert first["lm_loss"] == second["lm_loss"]
     total, count = masked_sum_and_count(built.model, [make_batch(10)])
-    torch.testing.assert_close(evaluated["lm_loss"], torch.tensor(total / count), rtol=1e-5,
-                               atol=0)
+    torch.testing.assert_close(evaluated["lm_loss"], torch.tensor(total / count), rtol=1e-5, atol=0)
 
 
 def two_rank_step(rank, world_size):
@@ -266,16 +281,24 @@ def two_rank_step(rank, world_size):
         kwargs = dict(num_microbatches=1, seq_length=SEQ, micro_batch_size=2)
         results = {}
         for mode, lazy in (("eager", False), ("lazy", True)):
-            built, ddp = build(parallel, use_distributed_optimizer=True,
-                               overlap_grad_reduce=lazy, overlap_param_gather=lazy)
+            built, ddp = build(
+                parallel,
+                use_distributed_optimizer=True,
+                overlap_grad_reduce=lazy,
+                overlap_param_gather=lazy,
+            )
             optimizer = get_megatron_optimizer(
-                OptimizerConfig(optimizer="adam", lr=0.05, use_distributed_optimizer=True), [ddp])
+                OptimizerConfig(optimizer="adam", lr=0.05, use_distributed_optimizer=True), [ddp]
+            )
             own = masked_sum_and_count(built.model, batches)
             optimizer.zero_grad()
             loss = forward_backward([ddp], batches, **kwargs)["lm_loss"]
             assert optimizer.step()[0]
-            weights = {k: v.clone() for k, v in built.model.state_dict().items()
-                       if torch.is_tensor(v) and v.is_floating_point()}
+            weights = {
+                k: v.clone()
+                for k, v in built.model.state_dict().items()
+                if torch.is_tensor(v) and v.is_floating_point()
+            }
             sync_params([ddp])
             synced = {k: v.clone() for k, v in built.model.state_dict().items() if k in weights}
             results[mode] = dict(own=own, loss=loss, stepped=weights, synced=synced)
@@ -317,11 +340,17 @@ def test_lazily_gathered_weights_are_stale_until_sync_params(two_ranks):
     assert stale, "before sync_params the ranks should disagree on the shards they do not own"
     for rank in range(2):
         for name in names:
-            torch.testing.assert_close(lazy[rank]["synced"][name], eager[rank]["synced"][name],
-                                       rtol=1e-6, atol=1e-7, msg=f"rank {rank}: {name}")
+            torch.testing.assert_close(
+                lazy[rank]["synced"][name],
+                eager[rank]["synced"][name],
+                rtol=1e-6,
+                atol=1e-7,
+                msg=f"rank {rank}: {name}",
+            )
 
 
 # --- train_step ---------------------------------------------------------------------------
+
 
 def weights(objects):
     return {n: p.detach().clone() for n, p in objects.model_chunks[0].named_parameters()}
@@ -339,11 +368,18 @@ def test_train_step_updates_exactly_as_the_optimizers_own_step(single_rank, extr
     _, theirs = training_objects("relu", *extra)
     assert all(torch.equal(a, b) for a, b in zip(weights(ours).values(), weights(theirs).values()))
     for _ in range(2):
-        record = train_step(ours.model_chunks, ours.optimizer, ours.scheduler, ours.regularizer,
-                            batches, **step_kwargs(config))
+        record = train_step(
+            ours.model_chunks,
+            ours.optimizer,
+            ours.scheduler,
+            ours.regularizer,
+            batches,
+            **step_kwargs(config),
+        )
         theirs.optimizer.zero_grad()
-        forward_backward(theirs.model_chunks, batches, num_microbatches=2, seq_length=SEQ,
-                         micro_batch_size=2)
+        forward_backward(
+            theirs.model_chunks, batches, num_microbatches=2, seq_length=SEQ, micro_batch_size=2
+        )
         success, grad_norm, _ = theirs.optimizer.step()
         theirs.scheduler.step(increment=config.training.global_batch_size)
         theirs.regularizer.finish_step()
@@ -364,16 +400,28 @@ def test_a_non_finite_loss_skips_the_update_and_keeps_lambda(single_rank):
     with torch.no_grad():  # an inf weight makes the loss (and every gradient) non-finite
         objects.model_chunks[0].module.output_layer.weight[0, 0] = float("inf")
     before["module.output_layer.weight"][0, 0] = float("inf")
-    record = train_step(objects.model_chunks, objects.optimizer, objects.scheduler,
-                        objects.regularizer, [bad, make_batch(2)], **step_kwargs(config))
+    record = train_step(
+        objects.model_chunks,
+        objects.optimizer,
+        objects.scheduler,
+        objects.regularizer,
+        [bad, make_batch(2)],
+        **step_kwargs(config),
+    )
     assert record.skipped
     for name, value in weights(objects).items():
         assert torch.equal(value, before[name]), name
     assert objects.regularizer.l1_coeff.item() == coeff.item()
     assert objects.scheduler.num_steps == scheduler_steps
     assert record.routing is not None  # the step's statistics were consumed all the same
-    again = train_step(objects.model_chunks, objects.optimizer, objects.scheduler,
-                       objects.regularizer, [make_batch(3), make_batch(4)], **step_kwargs(config))
+    again = train_step(
+        objects.model_chunks,
+        objects.optimizer,
+        objects.scheduler,
+        objects.regularizer,
+        [make_batch(3), make_batch(4)],
+        **step_kwargs(config),
+    )
     assert again.skipped  # the inf weight is still there: skipped again, nothing updated
 
 
@@ -382,16 +430,22 @@ def test_the_step_record_carries_the_routers_statistics(single_rank, router):
     from remoe_patches.train.training_step import train_step
 
     config, objects = training_objects(router)
-    record = train_step(objects.model_chunks, objects.optimizer, objects.scheduler,
-                        objects.regularizer, [make_batch(1), make_batch(2)],
-                        **step_kwargs(config))
+    record = train_step(
+        objects.model_chunks,
+        objects.optimizer,
+        objects.scheduler,
+        objects.regularizer,
+        [make_batch(1), make_batch(2)],
+        **step_kwargs(config),
+    )
     assert torch.isfinite(record.lm_loss) and not record.skipped
     if router == "relu":
         stats = record.routing
         assert record.load_balancing_loss_L is None
         assert 0.0 <= stats.sparsity.item() <= 1.0 and stats.l1_coeff.item() == pytest.approx(1e-8)
-        torch.testing.assert_close(stats.expert_load_LE.sum(-1),
-                                   (1 - stats.sparsity_L) * 4)  # active experts per token
+        torch.testing.assert_close(
+            stats.expert_load_LE.sum(-1), (1 - stats.sparsity_L) * 4
+        )  # active experts per token
     elif router == "topk":
         assert record.routing is None
         assert record.load_balancing_loss_L.shape == (2,)

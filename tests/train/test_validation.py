@@ -24,15 +24,24 @@ pytestmark = pytest.mark.integration
 
 SEQ_LENGTH = 32
 SPLIT = "60,30,10"  # several documents in each split of the small corpus (21 documents)
-EVALUATION_LINE = re.compile(r" (validation|test) at iteration\s+(\d+) \| lm loss: ([\d.E+-]+) "
-                             r"\| lm loss PPL: [\d.E+-]+ \| samples: (\d+)")
+EVALUATION_LINE = re.compile(
+    r" (validation|test) at iteration\s+(\d+) \| lm loss: ([\d.E+-]+) "
+    r"\| lm loss PPL: [\d.E+-]+ \| samples: (\d+)"
+)
 
 
 def flags(corpus, save, **overrides):
-    return authors_style_flags(corpus, save, **{"eval_interval": None, "save_interval": None,
-                                                "split": SPLIT,
-                                                "moe_relu_l1_reg_coeff_init": 1e-4,
-                                                **overrides})
+    return authors_style_flags(
+        corpus,
+        save,
+        **{
+            "eval_interval": None,
+            "save_interval": None,
+            "split": SPLIT,
+            "moe_relu_l1_reg_coeff_init": 1e-4,
+            **overrides,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +58,13 @@ def evaluations(stdout) -> dict:
 
 
 def skip_train(corpus, trained, *extra, save=None, **overrides):
-    return ok(run(flags(corpus, save, **overrides) + ["--load", str(trained), "--skip-train",
-                                                      *extra]))
+    return ok(
+        run(flags(corpus, save, **overrides) + ["--load", str(trained), "--skip-train", *extra])
+    )
 
 
 def snapshot(directory: Path) -> dict:
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*"))}
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.rglob("*"))}
 
 
 def validation_samples(corpus, split=SPLIT) -> int:
@@ -93,8 +102,7 @@ def test_skip_train_prints_both_losses_and_trains_and_saves_nothing(corpus, trai
     assert set(found) == {"validation", "test"}
     assert found["validation"][0] == found["test"][0] == 30  # the checkpoint's iteration
     assert found["validation"][2] == 4  # --eval-iters 1 global batch of 4
-    assert f"evaluating {trained / 'iter_0000030'} (iteration 30) without training" \
-           in result.stdout
+    assert f"evaluating {trained / 'iter_0000030'} (iteration 30) without training" in result.stdout
     assert not re.search(r"^ iteration ", result.stdout, re.MULTILINE)  # no step line
     assert "done: iteration 30 (0 in this launch" in result.stdout
     assert snapshot(trained) == before  # no checkpoint, no metrics.jsonl record, nothing
@@ -115,8 +123,7 @@ def test_full_validation_scores_every_validation_sample(corpus, trained, tmp_pat
     assert found["validation"][2] == expected
     # during training too, at each evaluation
     save = tmp_path / "run"
-    result = ok(run(flags(corpus, save, train_iters=2, eval_interval=1) +
-                    ["--full-validation"]))
+    result = ok(run(flags(corpus, save, train_iters=2, eval_interval=1) + ["--full-validation"]))
     assert [v for k, v in evaluations(result.stdout).items() if k == "validation"]
     records = [line for line in open(save / "metrics.jsonl") if "val_lm_loss" in line]
     assert len(records) == 2 and all(f'"val_samples": {expected}' in r for r in records)
@@ -127,8 +134,10 @@ PER_DOMAIN_LINE = re.compile(r"^   lm loss per domain \| (.*)$", re.MULTILINE)
 
 def per_domain_losses(stdout) -> list:
     """[{domain: loss}] of each evaluation (validation, then test), from the console."""
-    return [{name: float(value) for name, value in (part.split(": ") for part in m.split(" | "))}
-            for m in PER_DOMAIN_LINE.findall(stdout)]
+    return [
+        {name: float(value) for name, value in (part.split(": ") for part in m.split(" | "))}
+        for m in PER_DOMAIN_LINE.findall(stdout)
+    ]
 
 
 def validation_documents(corpus, split=SPLIT) -> range:
@@ -139,9 +148,21 @@ def validation_documents(corpus, split=SPLIT) -> range:
 
 def evaluate_per_domain(corpus, trained, domains_file, *layout, nproc=1):
     """(whole-split validation loss, {domain: loss} of validation) of --skip-train."""
-    result = ok(run(flags(corpus, None) + ["--load", str(trained), "--skip-train",
-                                          "--full-validation", "--eval-domains",
-                                          str(domains_file), *layout], nproc=nproc))
+    result = ok(
+        run(
+            flags(corpus, None)
+            + [
+                "--load",
+                str(trained),
+                "--skip-train",
+                "--full-validation",
+                "--eval-domains",
+                str(domains_file),
+                *layout,
+            ],
+            nproc=nproc,
+        )
+    )
     validation, _test = per_domain_losses(result.stdout)
     return evaluations(result.stdout)["validation"][1], validation
 
@@ -166,18 +187,22 @@ def test_the_validation_loss_per_domain(corpus, trained, tmp_path, per_domain):
 
 def test_the_validation_loss_per_domain_under_pipeline_parallelism(corpus, trained, per_domain):
     """Two stages: the last computes the losses, every rank prints them; they are one process's."""
-    whole, validation = evaluate_per_domain(corpus, trained, corpus.domains_file,
-                                            "--pipeline-model-parallel-size", "2", nproc=2)
+    whole, validation = evaluate_per_domain(
+        corpus, trained, corpus.domains_file, "--pipeline-model-parallel-size", "2", nproc=2
+    )
     assert whole == pytest.approx(per_domain[0], rel=1e-4)
     assert validation == pytest.approx(per_domain[1], rel=1e-4)
 
 
 def test_the_validation_loss_per_domain_during_training(corpus, tmp_path):
     save = tmp_path / "run"
-    ok(run(flags(corpus, save, train_iters=2, eval_interval=1) +
-           ["--eval-domains", corpus.domains_file]))
-    records = [json.loads(line) for line in open(save / "metrics.jsonl")
-               if "val_lm_loss" in line]
+    ok(
+        run(
+            flags(corpus, save, train_iters=2, eval_interval=1)
+            + ["--eval-domains", corpus.domains_file]
+        )
+    )
+    records = [json.loads(line) for line in open(save / "metrics.jsonl") if "val_lm_loss" in line]
     assert len(records) == 2
     for record in records:
         per_domain = record["val_lm_loss_per_domain"]

@@ -32,10 +32,10 @@ def wandb_records(path: Path):
         if BLOCK - position % BLOCK < 7:  # a block's tail too short for a chunk header: padding
             position += BLOCK - position % BLOCK
             continue
-        _checksum, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        _checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
         if kind == 0 and length == 0:
             break
-        chunk = data[position + 7:position + 7 + length]
+        chunk = data[position + 7 : position + 7 + length]
         position += 7 + length
         record = chunk if kind in (FULL, FIRST) else record + chunk
         if kind in (FULL, LAST):
@@ -53,8 +53,10 @@ def history(directory: Path) -> tuple:
             if kind == "run":
                 ids.add(record.run.run_id)
             elif kind == "history":
-                items = {"/".join(item.nested_key) or item.key: json.loads(item.value_json)
-                         for item in record.history.item}
+                items = {
+                    "/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                    for item in record.history.item
+                }
                 steps.setdefault(record.history.step.num, {}).update(items)
     return ids, steps
 
@@ -67,36 +69,67 @@ def parse_error(argv, capsys) -> str:
 
 def test_wandb_project_needs_a_name_and_a_place(capsys):
     assert "--wandb-project needs --wandb-exp-name" in parse_error(
-        [*TINY_FLAGS, "--mock-data", "--save", "runs/x", "--wandb-project", "p"], capsys)
+        [*TINY_FLAGS, "--mock-data", "--save", "runs/x", "--wandb-project", "p"], capsys
+    )
     assert "--wandb-project needs --save or --wandb-save-dir" in parse_error(
-        [*TINY_FLAGS, "--mock-data", "--wandb-project", "p", "--wandb-exp-name", "n"], capsys)
+        [*TINY_FLAGS, "--mock-data", "--wandb-project", "p", "--wandb-exp-name", "n"], capsys
+    )
 
 
 def test_wandb_project_without_the_package_names_the_extra(monkeypatch, capsys):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "wandb" else real(name, *a))
-    err = parse_error([*TINY_FLAGS, "--mock-data", "--save", "runs/x", "--wandb-project", "p",
-                       "--wandb-exp-name", "n"], capsys)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    err = parse_error(
+        [
+            *TINY_FLAGS,
+            "--mock-data",
+            "--save",
+            "runs/x",
+            "--wandb-project",
+            "p",
+            "--wandb-exp-name",
+            "n",
+        ],
+        capsys,
+    )
     assert "needs the wandb package: pip install 'remoe[wandb]'" in err
 
 
 @pytest.mark.integration
 def test_the_authors_launch_with_wandb_flags_logs_offline_and_a_resume_continues_the_run(
-        corpus, tmp_path):
+    corpus, tmp_path
+):
     """The authors' 182M argv (scaled down) with Megatron-LM's W&B flags: the scalars
     TensorBoard gets, at their iterations, in one W&B run across a resume."""
     save = tmp_path / "run"
     wandb_dir = tmp_path / "wandb-files"
-    wandb_flags = ["--wandb-project", "remoe-tests", "--wandb-exp-name", "182m-remoe-cpu",
-                   "--wandb-save-dir", str(wandb_dir), "--moe-per-layer-logging"]
+    wandb_flags = [
+        "--wandb-project",
+        "remoe-tests",
+        "--wandb-exp-name",
+        "182m-remoe-cpu",
+        "--wandb-save-dir",
+        str(wandb_dir),
+        "--moe-per-layer-logging",
+    ]
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    ok(run(authors_style_flags(corpus, save, train_iters=3, save_interval=3) + wandb_flags,
-           env=env))
-    ok(run(authors_style_flags(corpus, save, train_iters=6, save_interval=3) + wandb_flags +
-           ["--load", str(save)], env=env))
+    ok(
+        run(
+            authors_style_flags(corpus, save, train_iters=3, save_interval=3) + wandb_flags, env=env
+        )
+    )
+    ok(
+        run(
+            authors_style_flags(corpus, save, train_iters=6, save_interval=3)
+            + wandb_flags
+            + ["--load", str(save)],
+            env=env,
+        )
+    )
     ids, steps = history(wandb_dir)
     assert len(ids) == 1  # the resume logged into the same W&B run
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
@@ -107,9 +140,11 @@ def test_the_authors_launch_with_wandb_flags_logs_offline_and_a_resume_continues
             assert logged["lm_loss"] == pytest.approx(record["lm_loss"])
             assert logged["lm loss"] == pytest.approx(record["lm_loss"])  # Megatron-LM's tag
             assert logged["sparsity_per_layer/layer_1"] == pytest.approx(
-                record["sparsity_per_layer"][0])  # (--moe-per-layer-logging)
+                record["sparsity_per_layer"][0]
+            )  # (--moe-per-layer-logging)
             assert logged["expert_share_per_layer/layer_2/expert_7"] == pytest.approx(
-                record["expert_share_per_layer"][1][7])
+                record["expert_share_per_layer"][1][7]
+            )
             assert logged["expert_share_cv"] == pytest.approx(record["expert_share_cv"])
         if "val_lm_loss" in record:
             assert logged["lm loss validation"] == pytest.approx(record["val_lm_loss"])

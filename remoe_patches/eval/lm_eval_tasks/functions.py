@@ -26,37 +26,57 @@ DATA_DIR_VARIABLE = "REMOE_ZERO_SHOT_DIR"
 # The upstream task's splits, in the order lm-eval looks for few-shot examples.
 SPLITS = ("train", "validation", "test")
 
-ARC_SCHEMA = ('{"id": str, "question": str, "choices": {"text": [str, ...], "label": [str, ...]}, '
-              '"answerKey": str (one of choices.label)}')
+ARC_SCHEMA = (
+    '{"id": str, "question": str, "choices": {"text": [str, ...], "label": [str, ...]}, '
+    '"answerKey": str (one of choices.label)}'
+)
 ARC_FIELDS = ("question", "choices", "answerKey")
 # task: the upstream dataset, the split lm-eval evaluates, one row of it, and the fields of a row
 # that the task's prompt, target and choices read (checked before lm-eval renders a prompt).
 OFFLINE = {
-    "arc_challenge": dict(dataset="allenai/ai2_arc, ARC-Challenge", eval_split="test",
-                          schema=ARC_SCHEMA, fields=ARC_FIELDS),
-    "arc_easy": dict(dataset="allenai/ai2_arc, ARC-Easy", eval_split="test", schema=ARC_SCHEMA,
-                     fields=ARC_FIELDS),
+    "arc_challenge": dict(
+        dataset="allenai/ai2_arc, ARC-Challenge",
+        eval_split="test",
+        schema=ARC_SCHEMA,
+        fields=ARC_FIELDS,
+    ),
+    "arc_easy": dict(
+        dataset="allenai/ai2_arc, ARC-Easy", eval_split="test", schema=ARC_SCHEMA, fields=ARC_FIELDS
+    ),
     "boolq": dict(
-        dataset="super_glue, boolq", eval_split="validation",
+        dataset="super_glue, boolq",
+        eval_split="validation",
         fields=("question", "passage", "label"),
-        schema='{"question": str, "passage": str, "idx": int, "label": int (0 = no, 1 = yes)}'),
+        schema='{"question": str, "passage": str, "idx": int, "label": int (0 = no, 1 = yes)}',
+    ),
     "hellaswag": dict(
-        dataset="Rowan/hellaswag", eval_split="validation",
+        dataset="Rowan/hellaswag",
+        eval_split="validation",
         fields=("activity_label", "ctx_a", "ctx_b", "endings", "label"),
         schema='{"ind": int, "activity_label": str, "ctx_a": str, "ctx_b": str, "ctx": str, '
-               '"endings": [str, str, str, str], "source_id": str, "split": str, "split_type": '
-               'str, "label": str (the index of the right ending, as a string: "0".."3")}'),
+        '"endings": [str, str, str, str], "source_id": str, "split": str, "split_type": '
+        'str, "label": str (the index of the right ending, as a string: "0".."3")}',
+    ),
     "lambada_openai": dict(
-        dataset="EleutherAI/lambada_openai, default", eval_split="test", fields=("text",),
-        schema='{"text": str (a passage whose last space-separated word is the target)}'),
+        dataset="EleutherAI/lambada_openai, default",
+        eval_split="test",
+        fields=("text",),
+        schema='{"text": str (a passage whose last space-separated word is the target)}',
+    ),
     "piqa": dict(
-        dataset="baber/piqa", eval_split="validation", fields=("goal", "sol1", "sol2", "label"),
-        schema='{"goal": str, "sol1": str, "sol2": str, "label": int (0 = sol1, 1 = sol2)}'),
+        dataset="baber/piqa",
+        eval_split="validation",
+        fields=("goal", "sol1", "sol2", "label"),
+        schema='{"goal": str, "sol1": str, "sol2": str, "label": int (0 = sol1, 1 = sol2)}',
+    ),
     "race": dict(
-        dataset="EleutherAI/race, high", eval_split="test", fields=("article", "problems"),
+        dataset="EleutherAI/race, high",
+        eval_split="test",
+        fields=("article", "problems"),
         schema='{"article": str, "problems": str (a Python literal of a list of {"question": '
-               'str, "options": [str, str, str, str], "answer": "A".."D"}; the last problem is '
-               'the one scored, the earlier ones are shown answered)}'),
+        'str, "options": [str, str, str, str], "answer": "A".."D"}; the last problem is '
+        "the one scored, the earlier ones are shown answered)}",
+    ),
 }
 
 
@@ -65,8 +85,9 @@ def data_dir_of(data_dir=None) -> Path:
     data_dir = data_dir or os.environ.get(DATA_DIR_VARIABLE)
     if not data_dir:
         raise ValueError(
-            "no data directory for the offline tasks: pass --metadata '{\"data_dir\": \"DIR\"}' "
-            f"to lm-eval (TaskManager(metadata=...) from Python) or set {DATA_DIR_VARIABLE}=DIR")
+            'no data directory for the offline tasks: pass --metadata \'{"data_dir": "DIR"}\' '
+            f"to lm-eval (TaskManager(metadata=...) from Python) or set {DATA_DIR_VARIABLE}=DIR"
+        )
     return Path(data_dir)
 
 
@@ -74,17 +95,20 @@ def offline_files(task: str, data_dir) -> dict:
     """``{split: path}`` of a task's files; FileNotFoundError naming the task, the expected path
     and the row schema when its evaluated split is missing."""
     if task not in OFFLINE:
-        raise ValueError(f"task {task!r} has no offline files; offline tasks: "
-                         f"{', '.join(OFFLINE)}")
+        raise ValueError(f"task {task!r} has no offline files; offline tasks: {', '.join(OFFLINE)}")
     info = OFFLINE[task]
     task_dir = data_dir_of(data_dir) / task
     expected = task_dir / f"{info['eval_split']}.jsonl"
     if not expected.is_file():
         raise TaskFileMissing(
             f"task {task}: expected {expected} (not found): the {info['eval_split']} split of "
-            f"{info['dataset']}, one JSON object per line with the schema {info['schema']}")
-    return {split: str(task_dir / f"{split}.jsonl") for split in SPLITS
-            if (task_dir / f"{split}.jsonl").is_file()}
+            f"{info['dataset']}, one JSON object per line with the schema {info['schema']}"
+        )
+    return {
+        split: str(task_dir / f"{split}.jsonl")
+        for split in SPLITS
+        if (task_dir / f"{split}.jsonl").is_file()
+    }
 
 
 def offline_dataset(remoe_task: str, data_dir=None, **unused):
@@ -98,8 +122,9 @@ def offline_dataset(remoe_task: str, data_dir=None, **unused):
 
     files = offline_files(remoe_task, data_dir)
     info = OFFLINE[remoe_task]
-    expected = (f"expected one JSON object per line with the schema {info['schema']} "
-                f"({info['dataset']})")
+    expected = (
+        f"expected one JSON object per line with the schema {info['schema']} ({info['dataset']})"
+    )
     loaded = {}
     # each file on its own: datasets casts the files of one load to the first file's fields
     for split, path in files.items():
@@ -107,16 +132,20 @@ def offline_dataset(remoe_task: str, data_dir=None, **unused):
             rows = datasets.load_dataset("json", data_files={split: path}, split=split)
         except datasets.exceptions.DatasetGenerationError as error:
             cause = error.__cause__ or error
-            raise TaskDataError(f"task {remoe_task}: cannot read {path} ({type(cause).__name__}: "
-                                f"{str(cause).splitlines()[0] if str(cause) else ''}): "
-                                f"{expected}") from None
+            raise TaskDataError(
+                f"task {remoe_task}: cannot read {path} ({type(cause).__name__}: "
+                f"{str(cause).splitlines()[0] if str(cause) else ''}): "
+                f"{expected}"
+            ) from None
         # otherwise lm-eval fails later, rendering a prompt ("'goal' is undefined")
         missing = [field for field in info["fields"] if field not in rows.column_names]
         if missing:
             raise TaskDataError(
                 f"task {remoe_task}: the rows of {path} lack {', '.join(missing)} (they have "
-                f"{', '.join(rows.column_names) or 'no fields'}): {expected}")
+                f"{', '.join(rows.column_names) or 'no fields'}): {expected}"
+            )
         loaded[split] = rows
     evaluated = loaded[info["eval_split"]]
-    return datasets.DatasetDict({split: loaded[split] if split in loaded else evaluated
-                                 for split in SPLITS})
+    return datasets.DatasetDict(
+        {split: loaded[split] if split in loaded else evaluated for split in SPLITS}
+    )

@@ -29,8 +29,9 @@ from .configuration_remoe import RemoeConfig
 from .reference_model import GPT, GPTConfig
 
 # The output field of the cache: ``cache`` from transformers 5, ``past_key_values`` before.
-CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
-               else "past_key_values")
+CACHE_FIELD = (
+    "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
 
 
 class RemoeForCausalLM(PreTrainedModel, GenerationMixin):
@@ -57,12 +58,21 @@ class RemoeForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.output_layer
 
-    def forward(self, input_ids, attention_mask=None, labels=None, cache=None,
-                past_key_values=None, use_cache=None, **unused):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        labels=None,
+        cache=None,
+        past_key_values=None,
+        use_cache=None,
+        **unused,
+    ):
         cache = cache if cache is not None else past_key_values
         logits = GPT.forward(self, input_ids, attention_mask=attention_mask, cache=cache)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                   labels[:, 1:].flatten(), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})

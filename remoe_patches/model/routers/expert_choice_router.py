@@ -98,12 +98,17 @@ class ExpertChoiceRouter(Router):
     def routing(self, logits: torch.Tensor):
         """Expert Choice over the logits [s, b, E]."""
         return expert_choice_routing(
-            logits, topk=self.topk, capacity_factor=self.capacity_factor, group=self.group)
+            logits, topk=self.topk, capacity_factor=self.capacity_factor, group=self.group
+        )
 
 
 def _validate(capacity_factor: float, group: str) -> None:
-    if (isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))
-            or not math.isfinite(capacity_factor) or capacity_factor <= 0):
+    if (
+        isinstance(capacity_factor, bool)
+        or not isinstance(capacity_factor, (int, float))
+        or not math.isfinite(capacity_factor)
+        or capacity_factor <= 0
+    ):
         raise ConfigError(
             f"expert_choice_router_builder: capacity_factor must be a finite number > 0 "
             f"(1.0 gives each token k experts on average), got {capacity_factor!r}"

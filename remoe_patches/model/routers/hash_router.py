@@ -148,8 +148,10 @@ def hash_router_builder(vocab_size: int, seed: int = DEFAULT_HASH_SEED, hash_typ
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"hash_router_builder: seed must be an int, got {seed!r}")
     if hash_type not in HASH_TYPES:
-        raise ConfigError(f"hash_router_builder: hash_type must be one of "
-                          f"{', '.join(HASH_TYPES)}, got {hash_type!r}")
+        raise ConfigError(
+            f"hash_router_builder: hash_type must be one of "
+            f"{', '.join(HASH_TYPES)}, got {hash_type!r}"
+        )
     return functools.partial(HashRouter, vocab_size=vocab_size, seed=seed, hash_type=hash_type)
 
 
@@ -177,8 +179,11 @@ def feed_token_ids(model: torch.nn.Module) -> list:
     for gpt_model in gpt_models:
         routers = [module for module in gpt_model.modules() if isinstance(module, HashRouter)]
         if routers:
-            handles.append(gpt_model.register_forward_pre_hook(
-                functools.partial(_hand_token_ids, routers), with_kwargs=True))
+            handles.append(
+                gpt_model.register_forward_pre_hook(
+                    functools.partial(_hand_token_ids, routers), with_kwargs=True
+                )
+            )
     return handles
 
 

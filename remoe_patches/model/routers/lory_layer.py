@@ -92,7 +92,9 @@ class LoryMLP(MegatronModule):
             # MegatronModule.sharded_state_dict reads the TP group from here when it exists.
             self.tp_group = tp_group
         experts, hidden, width = (
-            config.num_moe_experts, config.hidden_size, config.moe_ffn_hidden_size
+            config.num_moe_experts,
+            config.hidden_size,
+            config.moe_ffn_hidden_size,
         )
         device, dtype = local_device(), config.params_dtype
         self.router_weight = Parameter(torch.empty(experts, hidden, device=device, dtype=dtype))
@@ -141,12 +143,18 @@ class LoryMLP(MegatronModule):
             output_SBh = lory.swiglu(hidden_states @ self.fc1_weight[0]) @ self.fc2_weight[0]
             # The router and the other experts join with factor 0: every parameter gets a
             # (zero) gradient, as megatron's DDP gradient hooks expect.
-            unused_weights = (self.router_weight.sum() + self.fc1_weight[1:].sum()
-                              + self.fc2_weight[1:].sum())
+            unused_weights = (
+                self.router_weight.sum() + self.fc1_weight[1:].sum() + self.fc2_weight[1:].sum()
+            )
             return (output_SBh + 0.0 * unused_weights).to(hidden_states.dtype), None
         output_SBh, weights_BNE = lory.lory_ffn(
-            hidden_states, self.router_weight, self.fc1_weight, self.fc2_weight,
-            self.segment_length, self.first_segment)
+            hidden_states,
+            self.router_weight,
+            self.fc1_weight,
+            self.fc2_weight,
+            self.segment_length,
+            self.first_segment,
+        )
         if self._routing_observers and self.training and torch.is_grad_enabled():
             num_tokens = hidden_states.shape[0] * hidden_states.shape[1]
             weight_E = weights_BNE.detach().float().mean(dim=(0, 1)) * num_tokens
@@ -192,8 +200,9 @@ def start_experts_from_the_dense_ffn(model_chunks, optimizer=None) -> None:
     optimizer.reload_model_params()
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         main_of = {}
-        for model_group, main_group in zip(getattr(inner, "float16_groups", []),
-                                           getattr(inner, "fp32_from_float16_groups", [])):
+        for model_group, main_group in zip(
+            getattr(inner, "float16_groups", []), getattr(inner, "fp32_from_float16_groups", [])
+        ):
             main_of.update({id(p): q for p, q in zip(model_group, main_group)})
         state = getattr(getattr(inner, "optimizer", None), "state", {})
         for weight in params:
@@ -212,19 +221,39 @@ def check_lory_config(config: TransformerConfig) -> None:
     why = "merging needs every expert's full weights on the rank"
     refused = [
         ("tensor_model_parallel_size", config.tensor_model_parallel_size > 1, why, "1"),
-        ("sequence_parallel", config.sequence_parallel,
-         "a segment's routing needs the whole previous segment on the rank", "False"),
+        (
+            "sequence_parallel",
+            config.sequence_parallel,
+            "a segment's routing needs the whole previous segment on the rank",
+            "False",
+        ),
         ("expert_model_parallel_size", config.expert_model_parallel_size > 1, why, "1"),
         ("expert_tensor_parallel_size", (config.expert_tensor_parallel_size or 1) > 1, why, "1"),
-        ("context_parallel_size", config.context_parallel_size > 1,
-         "a segment's routing needs the previous segment on the rank", "1"),
-        ("mlp_chunks_for_prefill", config.mlp_chunks_for_prefill > 1,
-         "chunks along the sequence would cut segments apart", "1"),
+        (
+            "context_parallel_size",
+            config.context_parallel_size > 1,
+            "a segment's routing needs the previous segment on the rank",
+            "1",
+        ),
+        (
+            "mlp_chunks_for_prefill",
+            config.mlp_chunks_for_prefill > 1,
+            "chunks along the sequence would cut segments apart",
+            "1",
+        ),
         ("add_bias_linear", config.add_bias_linear, "Lory's experts have no biases", "False"),
-        ("gated_linear_unit", not config.gated_linear_unit,
-         "Lory's experts are SwiGLU FFNs", "True (--swiglu)"),
-        ("activation_func", config.activation_func is not F.silu,
-         "Lory's experts are SwiGLU FFNs", "torch.nn.functional.silu (--swiglu)"),
+        (
+            "gated_linear_unit",
+            not config.gated_linear_unit,
+            "Lory's experts are SwiGLU FFNs",
+            "True (--swiglu)",
+        ),
+        (
+            "activation_func",
+            config.activation_func is not F.silu,
+            "Lory's experts are SwiGLU FFNs",
+            "torch.nn.functional.silu (--swiglu)",
+        ),
     ]
     for field, is_refused, reason, fix in refused:
         if is_refused:

@@ -112,9 +112,11 @@ class ReLURouter(Router):
         tokens_per_expert_E = routing_map_TE.sum(dim=0, dtype=torch.float32)
         if replicas > 1:  # (an autograd function's overhead for nothing on one rank)
             tokens_per_expert_E = reduce_from_tensor_model_parallel_region(
-                tokens_per_expert_E, self.tp_cp_group)
-        reg_grad_E = reg_loss_gradient(tokens_per_expert_E, num_tokens, self.topk,
-                                       self.load_balancing)
+                tokens_per_expert_E, self.tp_cp_group
+            )
+        reg_grad_E = reg_loss_gradient(
+            tokens_per_expert_E, num_tokens, self.topk, self.load_balancing
+        )
 
         # The model's L_reg is the mean over MoE layers (spec Eq. 9/10 with their 1/L).
         weight = self.regularizer.l1_coeff / self.num_moe_layers
@@ -122,15 +124,19 @@ class ReLURouter(Router):
             # megatron then divides every gradient by the token count; undo it as its aux loss does.
             weight = weight * local_num_tokens
         gates_TE = relu_gates.relu_gates_with_penalty(
-            logits_TE, reg_grad_E * weight, _main_loss_backward_scale)
+            logits_TE, reg_grad_E * weight, _main_loss_backward_scale
+        )
 
         if self.layer_number is not None:
             # L_reg = sum_te g_e R_te: this rank's share, for the log
             gate_sums_E = gates_TE.detach().sum(dim=0, dtype=torch.float32)
             reg_loss = torch.dot(gate_sums_E, reg_grad_E.float())
             self.regularizer.record(
-                self.layer_number, reg_loss=reg_loss, tokens_per_expert_E=tokens_per_expert_E,
-                num_tokens=num_tokens, replicas=replicas,
+                self.layer_number,
+                reg_loss=reg_loss,
+                tokens_per_expert_E=tokens_per_expert_E,
+                num_tokens=num_tokens,
+                replicas=replicas,
             )
         return gates_TE, routing_map_TE
 

@@ -44,21 +44,27 @@ def check_config(config: TransformerConfig) -> None:
     def fail(field_name, fix):
         raise ConfigError(
             f"TransformerConfig.{field_name}={getattr(config, field_name)!r}: not supported by "
-            f"the SparseMixer-v2 router; {fix}")
+            f"the SparseMixer-v2 router; {fix}"
+        )
 
     if config.moe_router_topk not in sparsemixer.SUPPORTED_TOPK:
         fail("moe_router_topk", "use 1 or 2 (one sampling pass per expert, as GRIN's reference)")
     balancing = config.moe_router_load_balancing_type
     if balancing == "sinkhorn" or (isinstance(balancing, list) and "sinkhorn" in balancing):
-        fail("moe_router_load_balancing_type",
-             "use aux_loss, seq_aux_loss, global_aux_loss or none (sinkhorn picks the experts)")
+        fail(
+            "moe_router_load_balancing_type",
+            "use aux_loss, seq_aux_loss, global_aux_loss or none (sinkhorn picks the experts)",
+        )
     if config.moe_router_score_function != "softmax":
         fail("moe_router_score_function", "use softmax (SparseMixer-v2 samples from a softmax)")
     if config.moe_router_enable_expert_bias:
         fail("moe_router_enable_expert_bias", "set it False (the bias would shift the top-k only)")
     if config.moe_router_num_groups is not None or config.moe_router_group_topk is not None:
-        field_name = ("moe_router_num_groups" if config.moe_router_num_groups is not None
-                      else "moe_router_group_topk")
+        field_name = (
+            "moe_router_num_groups"
+            if config.moe_router_num_groups is not None
+            else "moe_router_group_topk"
+        )
         fail(field_name, "leave it None (no group-limited routing)")
     if config.moe_router_topk_scaling_factor is not None:
         fail("moe_router_topk_scaling_factor", "leave it None (the gates are pi_z, unscaled)")
@@ -95,7 +101,8 @@ class SparseMixerRouter(TopKRouter):
         if padding_mask is not None:
             raise NotImplementedError(
                 "SparseMixerRouter does not support padding masks: pretraining sequences are "
-                "unpadded")
+                "unpadded"
+            )
         logits = self.gating(self.apply_input_jitter(input))
         return self.routing(logits)
 
@@ -107,17 +114,18 @@ class SparseMixerRouter(TopKRouter):
         seq_length, batch_size = logits.shape[:2]
         logits_TE = self.apply_z_loss(logits.view(-1, self.num_experts))
         gates_TK, experts_TK = sparsemixer.sparsemixer_v2(
-            logits_TE, topk=self.topk, jitter_eps=self.jitter_eps, training=self.training)
-        probs_TE, routing_map_TE = sparsemixer.dense_routing(
-            gates_TK, experts_TK, self.num_experts)
+            logits_TE, topk=self.topk, jitter_eps=self.jitter_eps, training=self.training
+        )
+        probs_TE, routing_map_TE = sparsemixer.dense_routing(gates_TK, experts_TK, self.num_experts)
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             _, scores_for_aux_loss_TE = compute_routing_scores_for_aux_loss(
-                logits_TE, self.topk, self.score_function, fused=self.config.moe_router_fusion)
+                logits_TE, self.topk, self.score_function, fused=self.config.moe_router_fusion
+            )
             probs_TE = self._apply_aux_loss(probs_TE, scores_for_aux_loss_TE, routing_map_TE)
             probs_TE = self._apply_seq_aux_loss(
-                probs_TE, scores_for_aux_loss_TE, routing_map_TE, seq_length, batch_size)
-            probs_TE = self._apply_global_aux_loss(
-                probs_TE, scores_for_aux_loss_TE, routing_map_TE)
+                probs_TE, scores_for_aux_loss_TE, routing_map_TE, seq_length, batch_size
+            )
+            probs_TE = self._apply_global_aux_loss(probs_TE, scores_for_aux_loss_TE, routing_map_TE)
         return probs_TE, routing_map_TE
 
 

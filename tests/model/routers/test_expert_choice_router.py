@@ -26,7 +26,8 @@ SEQ = TINY_MODEL["seq_length"]
 
 def ec_router(config=None, **builder_args):
     return expert_choice_router_builder(**builder_args)(
-        config=config or transformer_config(), pg_collection=fake_groups())
+        config=config or transformer_config(), pg_collection=fake_groups()
+    )
 
 
 def identity_router(**builder_args):
@@ -48,8 +49,9 @@ def test_router_output_is_the_loop_reference_on_its_logits(group):
     logits = x @ router.weight.t()
     expected_map, scores = reference_expert_choice(logits, 1, 1.5, group)
     assert np.array_equal(routing_map.numpy(), expected_map)
-    np.testing.assert_allclose(gates.detach().numpy(), np.where(expected_map, scores, 0.0),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        gates.detach().numpy(), np.where(expected_map, scores, 0.0), rtol=1e-5, atol=1e-7
+    )
     # C = round(1.5 * N / 8): 3 of each 16-token sequence, 9 of the 48-token micro-batch
     group_size = SEQ if group == "sequence" else 3 * SEQ
     per_group = routing_map.reshape(SEQ, 3, NUM_EXPERTS)
@@ -105,7 +107,8 @@ def test_a_later_token_changes_an_earlier_tokens_routing():
     for expert in range(NUM_EXPERTS):
         chosen = before_SBE[..., expert].nonzero()
         weakest_s, weakest_b = chosen[
-            scores_SBE[chosen[:, 0], chosen[:, 1], expert].argmin()].tolist()
+            scores_SBE[chosen[:, 0], chosen[:, 1], expert].argmin()
+        ].tolist()
         if weakest_b == 0 and not before_SBE[last, 1, expert]:
             break
     else:
@@ -123,8 +126,9 @@ def earlier_outputs_change(model, tokens, position):
         reference = model(tokens, positions, None)[:, :position]
         for replacement in range(4):
             changed = tokens.clone()
-            changed[:, position] = ((tokens[:, position] + 1 + replacement)
-                                    % TINY_MODEL["vocab_size"])
+            changed[:, position] = (tokens[:, position] + 1 + replacement) % TINY_MODEL[
+                "vocab_size"
+            ]
             output = model(changed, positions, None)[:, :position]
             if not torch.equal(output, reference):
                 return True
@@ -181,10 +185,15 @@ def test_padding_masks_are_refused():
         ec_router()(torch.zeros(SEQ, 1, HIDDEN), torch.ones(SEQ, 1, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("args, field", [
-    (dict(capacity_factor=0.0), "capacity_factor"), (dict(capacity_factor=float("nan")),
-                                                     "capacity_factor"),
-    (dict(capacity_factor="1"), "capacity_factor"), (dict(group="token"), "group")])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(capacity_factor=float("nan")), "capacity_factor"),
+        (dict(capacity_factor="1"), "capacity_factor"),
+        (dict(group="token"), "group"),
+    ],
+)
 def test_builder_validates_its_arguments(args, field):
     with pytest.raises(ConfigError, match=f"expert_choice_router_builder: {field}"):
         expert_choice_router_builder(**args)

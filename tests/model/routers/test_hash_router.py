@@ -30,15 +30,18 @@ from tiny import (
 
 def hash_router(config=None, pg_collection=None, seed=DEFAULT_HASH_SEED, **hash_type):
     return hash_router_builder(TINY_MODEL["vocab_size"], seed, **hash_type)(
-        config=config or transformer_config(), pg_collection=pg_collection or fake_groups())
+        config=config or transformer_config(), pg_collection=pg_collection or fake_groups()
+    )
 
 
 def expected_map(token_ids_SB, seed=DEFAULT_HASH_SEED, hash_type="mod"):
     """The one-hot routing map of ``token_ids_SB`` [s, b], s-major: expert id % E (``mod``)
     or by the hand-dealt table (``random_permutation``)."""
-    table = (reference_hash_table(TINY_MODEL["vocab_size"], NUM_EXPERTS, seed)
-             if hash_type == "random_permutation"
-             else [token_id % NUM_EXPERTS for token_id in range(TINY_MODEL["vocab_size"])])
+    table = (
+        reference_hash_table(TINY_MODEL["vocab_size"], NUM_EXPERTS, seed)
+        if hash_type == "random_permutation"
+        else [token_id % NUM_EXPERTS for token_id in range(TINY_MODEL["vocab_size"])]
+    )
     ids = token_ids_SB.reshape(-1).tolist()
     routing_map = torch.zeros(len(ids), NUM_EXPERTS, dtype=torch.bool)
     for t, token_id in enumerate(ids):
@@ -64,8 +67,10 @@ def test_routing_is_a_function_of_the_token_id_alone():
     assert len(experts_of_id) == 8
     assert all(len(experts) == 1 for experts in experts_of_id.values())
     # each id recurred at several positions of several sequences: the check above had work
-    assert all(len({s for s, _ in sb}) > 1 and len({b for _, b in sb}) > 1
-               for sb in positions_of_id.values())
+    assert all(
+        len({s for s, _ in sb}) > 1 and len({b for _, b in sb}) > 1
+        for sb in positions_of_id.values()
+    )
 
 
 def test_the_default_routes_token_id_mod_e_as_the_paper_does(single_rank):
@@ -80,26 +85,32 @@ def test_the_default_routes_token_id_mod_e_as_the_paper_does(single_rank):
     model_config = ModelConfig(router="hash", **TINY_MODEL)
     assert model_config.router_options.hash_type == "mod"
     from remoe_patches.model.build import router_builder_for
-    built = router_builder_for(model_config)(config=transformer_config(),
-                                             pg_collection=fake_groups())
-    assert built.expert_of_token_V.tolist() == [i % NUM_EXPERTS
-                                                for i in range(TINY_MODEL["vocab_size"])]
+
+    built = router_builder_for(model_config)(
+        config=transformer_config(), pg_collection=fake_groups()
+    )
+    assert built.expert_of_token_V.tolist() == [
+        i % NUM_EXPERTS for i in range(TINY_MODEL["vocab_size"])
+    ]
 
 
 def test_random_permutation_is_the_seeded_permutation_option():
     router = hash_router(seed=11, hash_type="random_permutation")
-    assert router.expert_of_token_V.tolist() == reference_hash_table(TINY_MODEL["vocab_size"],
-                                                                     NUM_EXPERTS, 11)
-    assert router.expert_of_token_V.tolist() != [i % NUM_EXPERTS
-                                                 for i in range(TINY_MODEL["vocab_size"])]
+    assert router.expert_of_token_V.tolist() == reference_hash_table(
+        TINY_MODEL["vocab_size"], NUM_EXPERTS, 11
+    )
+    assert router.expert_of_token_V.tolist() != [
+        i % NUM_EXPERTS for i in range(TINY_MODEL["vocab_size"])
+    ]
     with pytest.raises(ConfigError, match="hash_type must be one of mod, random_permutation"):
         hash_router_builder(TINY_MODEL["vocab_size"], 0, "balanced")
 
 
 def test_the_table_follows_the_seed_and_is_not_saved():
     router = hash_router(seed=11, hash_type="random_permutation")
-    assert router.expert_of_token_V.tolist() == reference_hash_table(TINY_MODEL["vocab_size"],
-                                                                     NUM_EXPERTS, 11)
+    assert router.expert_of_token_V.tolist() == reference_hash_table(
+        TINY_MODEL["vocab_size"], NUM_EXPERTS, 11
+    )
     assert "expert_of_token_V" not in router.state_dict()
     assert not router.weight.requires_grad  # the unused gate stays out of the optimizer
 
@@ -134,8 +145,9 @@ def test_a_tiny_gpt_model_trains_one_step(single_rank):
     optimizer.step()
     outputs.clear()
     with torch.no_grad():  # input_ids as a keyword reaches the routers too
-        next_loss = model(input_ids=tokens, position_ids=positions, attention_mask=None,
-                          labels=labels).mean()
+        next_loss = model(
+            input_ids=tokens, position_ids=positions, attention_mask=None, labels=labels
+        ).mean()
     assert torch.isfinite(next_loss) and next_loss < loss
     assert all(torch.equal(outputs[router][1], routing_map) for router in routers)
 
@@ -143,8 +155,11 @@ def test_a_tiny_gpt_model_trains_one_step(single_rank):
 def test_without_feed_token_ids_the_router_says_what_to_call(single_rank):
     model = build_gpt(hash_router_builder(TINY_MODEL["vocab_size"]))
     tokens, positions, _ = batch(0)
-    with pytest.raises(RuntimeError, match=r"call "
-                                           r"remoe_patches\.model\.routers\.hash_router\.feed_token_ids"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"call "
+        r"remoe_patches\.model\.routers\.hash_router\.feed_token_ids",
+    ):
         model(tokens, positions, None)
 
 
@@ -163,14 +178,17 @@ def test_sequence_parallel_routers_take_their_ranks_slice():
     the 16, so its routing map is that of those ids."""
     config = transformer_config()
     config.sequence_parallel = True
-    token_ids_BS = torch.randint(0, TINY_MODEL["vocab_size"], (3, 16),
-                                 generator=torch.Generator().manual_seed(1))
+    token_ids_BS = torch.randint(
+        0, TINY_MODEL["vocab_size"], (3, 16), generator=torch.Generator().manual_seed(1)
+    )
     for rank in range(2):
         router = hash_router(config, fake_groups(rank, 2), hash_type="random_permutation")
         router.token_ids_BS = token_ids_BS
         _, routing_map = router(torch.zeros(8, 3, 32))
-        assert torch.equal(routing_map, expected_map(token_ids_BS.t()[8 * rank:8 * rank + 8],
-                                                     hash_type="random_permutation"))
+        assert torch.equal(
+            routing_map,
+            expected_map(token_ids_BS.t()[8 * rank : 8 * rank + 8], hash_type="random_permutation"),
+        )
 
 
 def test_topk_other_than_one_is_refused():
@@ -178,8 +196,9 @@ def test_topk_other_than_one_is_refused():
         hash_router(transformer_config(topk=2))
 
 
-@pytest.mark.parametrize("vocab_size, seed, field", [(0, 0, "vocab_size"), (12.5, 0, "vocab_size"),
-                                                     (128, "a", "seed")])
+@pytest.mark.parametrize(
+    "vocab_size, seed, field", [(0, 0, "vocab_size"), (12.5, 0, "vocab_size"), (128, "a", "seed")]
+)
 def test_builder_validates_its_arguments(vocab_size, seed, field):
     with pytest.raises(ConfigError, match=f"hash_router_builder: {field}"):
         hash_router_builder(vocab_size, seed)

@@ -36,9 +36,14 @@ def lory_gpt(first_segment="own_detached"):
     config = tiny_config()
     spec = lory_block_spec(decoder_block_spec(config), SEGMENT, first_segment)
     return GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=TINY_MODEL["vocab_size"],
-        max_sequence_length=TINY_MODEL["seq_length"], pre_process=True, post_process=True,
-        share_embeddings_and_output_weights=False, position_embedding_type="rope",
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=TINY_MODEL["vocab_size"],
+        max_sequence_length=TINY_MODEL["seq_length"],
+        pre_process=True,
+        post_process=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
     )
 
 
@@ -60,7 +65,8 @@ def test_layer_is_the_merged_ffn_of_its_parameters(single_rank, first_segment):
     assert layer.fc1_weight.std().item() == pytest.approx(std, rel=0.05)
     assert layer.router_weight.std().item() == pytest.approx(std, rel=0.1)
     assert layer.fc2_weight.std().item() == pytest.approx(
-        std / math.sqrt(2 * TINY_MODEL["num_layers"]), rel=0.05)
+        std / math.sqrt(2 * TINY_MODEL["num_layers"]), rel=0.05
+    )
     gen = torch.Generator().manual_seed(0)
     hidden_SBh = torch.randn(TINY_MODEL["seq_length"], 3, hidden, generator=gen)
     # Weights far from the tiny init, so that routing and merging matter in the comparison.
@@ -69,9 +75,14 @@ def test_layer_is_the_merged_ffn_of_its_parameters(single_rank, first_segment):
             param.normal_(0.0, 0.3, generator=gen)
     output, bias = layer(hidden_SBh)
     assert bias is None and output.shape == hidden_SBh.shape
-    expected = reference_lory(hidden_SBh.double(), layer.router_weight.double(),
-                              layer.fc1_weight.double(), layer.fc2_weight.double(), SEGMENT,
-                              first_segment)
+    expected = reference_lory(
+        hidden_SBh.double(),
+        layer.router_weight.double(),
+        layer.fc1_weight.double(),
+        layer.fc2_weight.double(),
+        SEGMENT,
+        first_segment,
+    )
     np.testing.assert_allclose(output.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -111,17 +122,24 @@ def test_no_logit_depends_on_a_later_token(single_rank, first_segment):
         for t in (1, SEGMENT - 1, SEGMENT, 2 * SEGMENT + 1, TINY_MODEL["seq_length"] - 1):
             changed = tokens.clone()
             changed[:, t:] = (changed[:, t:] + 1) % TINY_MODEL["vocab_size"]
-            earlier_unchanged = torch.allclose(logits(model, changed)[:, :t], reference[:, :t],
-                                               rtol=0, atol=1e-6)
+            earlier_unchanged = torch.allclose(
+                logits(model, changed)[:, :t], reference[:, :t], rtol=0, atol=1e-6
+            )
             # Lory's first segment is merged by its own mean (stop-gradient, as the paper).
             assert earlier_unchanged == (first_segment == "uniform" or t >= SEGMENT), t
 
 
 REFUSED = [
-    ("tensor_model_parallel_size", 2), ("sequence_parallel", True),
-    ("expert_model_parallel_size", 2), ("expert_tensor_parallel_size", 2),
-    ("context_parallel_size", 2), ("mlp_chunks_for_prefill", 2), ("add_bias_linear", True),
-    ("gated_linear_unit", False), ("activation_func", F.gelu), ("num_moe_experts", None),
+    ("tensor_model_parallel_size", 2),
+    ("sequence_parallel", True),
+    ("expert_model_parallel_size", 2),
+    ("expert_tensor_parallel_size", 2),
+    ("context_parallel_size", 2),
+    ("mlp_chunks_for_prefill", 2),
+    ("add_bias_linear", True),
+    ("gated_linear_unit", False),
+    ("activation_func", F.gelu),
+    ("num_moe_experts", None),
     ("moe_ffn_hidden_size", None),
 ]
 
@@ -193,7 +211,11 @@ def test_dense_warmup_is_expert_0s_ffn_then_every_expert_starts_as_its_copy(sing
     what the dense model did (the merged weights sum to the FFN), and routing is back on."""
     from remoe_patches.routing import lory
     from remoe_patches.model.routers.lory_layer import (
-        dense_warmup_steps, lory_layers, set_dense_warmup, start_experts_from_the_dense_ffn)
+        dense_warmup_steps,
+        lory_layers,
+        set_dense_warmup,
+        start_experts_from_the_dense_ffn,
+    )
 
     torch.manual_seed(2)
     model = lory_gpt()
@@ -210,8 +232,9 @@ def test_dense_warmup_is_expert_0s_ffn_then_every_expert_starts_as_its_copy(sing
         hidden, output = inputs[layer]
         one_hot = torch.zeros(hidden.shape[1], 1, 8)
         one_hot[..., 0] = 1.0
-        merged = lory.merged_swiglu_ffn(hidden, one_hot.expand(-1, 1, -1), layer.fc1_weight,
-                                        layer.fc2_weight)
+        merged = lory.merged_swiglu_ffn(
+            hidden, one_hot.expand(-1, 1, -1), layer.fc1_weight, layer.fc2_weight
+        )
         torch.testing.assert_close(output, merged)
         assert layer.router_weight.grad is not None and not layer.router_weight.grad.any()
         for weight in (layer.fc1_weight, layer.fc2_weight):
@@ -234,44 +257,80 @@ def test_the_optimizer_follows_the_experts_copied_from_the_dense_ffn(single_rank
     """With megatron's optimizers (fp32; bf16 with fp32 main copies; the distributed one): after
     the copy the next step starts every expert from expert 0's weights, not from the main
     parameters' old random experts; whole-tensor Adam moments are copied too."""
-    from remoe_patches.model.routers.lory_layer import lory_layers, set_dense_warmup, \
-        start_experts_from_the_dense_ffn
+    from remoe_patches.model.routers.lory_layer import (
+        lory_layers,
+        set_dense_warmup,
+        start_experts_from_the_dense_ffn,
+    )
     from remoe_patches.train.training_step import train_step
     from tiny_training import make_batch, step_kwargs, training_objects
 
     config, objects = training_objects(
-        "dense", "--num-experts", "8", "--moe-router-topk", "1", "--moe-router-type", "lory",
-        "--moe-lory-segment-length", "4", "--lr", "1e-4", *extra)
+        "dense",
+        "--num-experts",
+        "8",
+        "--moe-router-topk",
+        "1",
+        "--moe-router-type",
+        "lory",
+        "--moe-lory-segment-length",
+        "4",
+        "--lr",
+        "1e-4",
+        *extra,
+    )
     assert config.model.router_options.dense_warmup_fraction == 0.05  # the paper's default
     chunks, optimizer = objects.model_chunks, objects.optimizer
     set_dense_warmup(chunks, True)
 
     def run(seed):
-        return train_step(chunks, optimizer, objects.scheduler, objects.regularizer,
-                          [make_batch(seed), make_batch(seed + 1)], **step_kwargs(config))
+        return train_step(
+            chunks,
+            optimizer,
+            objects.scheduler,
+            objects.regularizer,
+            [make_batch(seed), make_batch(seed + 1)],
+            **step_kwargs(config),
+        )
 
     assert not run(1).skipped
     layers = lory_layers(chunks)
-    spread = max(float((w[1:] - w[:1]).abs().max())
-                 for layer in layers for w in (layer.fc1_weight, layer.fc2_weight))
+    spread = max(
+        float((w[1:] - w[:1]).abs().max())
+        for layer in layers
+        for w in (layer.fc1_weight, layer.fc2_weight)
+    )
     assert spread > 1e-2  # independent random experts before the copy
     start_experts_from_the_dense_ffn(chunks, optimizer)
     if "--use-distributed-optimizer" not in extra:
-        inner = optimizer.chained_optimizers[0] if hasattr(optimizer, "chained_optimizers") \
+        inner = (
+            optimizer.chained_optimizers[0]
+            if hasattr(optimizer, "chained_optimizers")
             else optimizer
-        main_of = {id(p): q for g, h in zip(getattr(inner, "float16_groups", []),
-                                            getattr(inner, "fp32_from_float16_groups", []))
-                   for p, q in zip(g, h)}
+        )
+        main_of = {
+            id(p): q
+            for g, h in zip(
+                getattr(inner, "float16_groups", []), getattr(inner, "fp32_from_float16_groups", [])
+            )
+            for p, q in zip(g, h)
+        }
         for layer in layers:
             for weight in (layer.fc1_weight, layer.fc2_weight):
                 main = main_of.get(id(weight), weight)
                 assert all(torch.equal(main[e], main[0]) for e in range(8))
-                moments = [v for v in inner.optimizer.state[main].values()
-                           if torch.is_tensor(v) and v.shape == weight.shape]
+                moments = [
+                    v
+                    for v in inner.optimizer.state[main].values()
+                    if torch.is_tensor(v) and v.shape == weight.shape
+                ]
                 assert len(moments) == 2
                 assert all(torch.equal(m[e], m[0]) for m in moments for e in range(8))
     record = run(3)
     assert not record.skipped and torch.isfinite(record.lm_loss)
-    after = max(float((w[1:] - w[:1]).abs().max())
-                for layer in layers for w in (layer.fc1_weight, layer.fc2_weight))
+    after = max(
+        float((w[1:] - w[:1]).abs().max())
+        for layer in layers
+        for w in (layer.fc1_weight, layer.fc2_weight)
+    )
     assert after < 2e-3, after  # one small step apart, not the old random experts

@@ -33,8 +33,9 @@ HIDDEN = TINY_MODEL["hidden_size"]
 
 def transformer_config(topk=1, moe_aux_loss_coeff=0.0, **overrides):
     """TINY_MODEL's TransformerConfig with a TopK MoE layout (the router slot is replaced)."""
-    return ModelConfig(router="topk", topk=topk, moe_aux_loss_coeff=moe_aux_loss_coeff, **TINY_MODEL
-                       ).transformer_config(ParallelConfig(), **overrides)
+    return ModelConfig(
+        router="topk", topk=topk, moe_aux_loss_coeff=moe_aux_loss_coeff, **TINY_MODEL
+    ).transformer_config(ParallelConfig(), **overrides)
 
 
 def one_rank_groups():
@@ -49,7 +50,8 @@ def router_and_input(topk=1, jitter_eps=0.01, **config_overrides):
     Its forward needs the ``single_rank`` fixture (megatron's gating on CPU)."""
     config = transformer_config(topk=topk, **config_overrides)
     router = sparsemixer_router_builder(jitter_eps)(
-        config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+        config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups()
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         router.weight.normal_(0.0, 0.002, generator=gen)
@@ -80,19 +82,22 @@ def routed_pass_order(router, hidden_SBH, seed):
     (the routing map alone does not say which pick came first)."""
     logits_TE = hidden_SBH.view(-1, HIDDEN) @ router.weight.detach().t()
     torch.manual_seed(seed)
-    _, experts_TK = sparsemixer_v2(logits_TE, topk=router.topk, jitter_eps=router.jitter_eps,
-                                   training=True)
+    _, experts_TK = sparsemixer_v2(
+        logits_TE, topk=router.topk, jitter_eps=router.jitter_eps, training=True
+    )
     return experts_TK.tolist()
 
 
 # ----- builder and refusals ---------------------------------------------------------------------
 
+
 def test_builder_is_a_partial_with_jitter_eps():
     builder = sparsemixer_router_builder()
     assert isinstance(builder, functools.partial) and builder.func is SparseMixerRouter
     assert builder.keywords == {"jitter_eps": 0.01}
-    router = sparsemixer_router_builder(0.05)(config=transformer_config(),
-                                              pg_collection=one_rank_groups())
+    router = sparsemixer_router_builder(0.05)(
+        config=transformer_config(), pg_collection=one_rank_groups()
+    )
     assert router.jitter_eps == 0.05 and router.topk == 1
 
 
@@ -102,13 +107,22 @@ def test_builder_refuses_a_bad_jitter_eps_by_name(jitter_eps):
         sparsemixer_router_builder(jitter_eps)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("moe_router_topk", 3), ("moe_router_load_balancing_type", "sinkhorn"),
-    ("moe_router_load_balancing_type", ["aux_loss", "sinkhorn"]),
-    ("moe_router_score_function", "sigmoid"), ("moe_router_enable_expert_bias", True),
-    ("moe_router_num_groups", 2), ("moe_router_group_topk", 1),
-    ("moe_router_topk_scaling_factor", 2.0), ("moe_expert_capacity_factor", 1.0),
-    ("moe_enable_routing_replay", True), ("moe_router_force_load_balancing", True)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("moe_router_topk", 3),
+        ("moe_router_load_balancing_type", "sinkhorn"),
+        ("moe_router_load_balancing_type", ["aux_loss", "sinkhorn"]),
+        ("moe_router_score_function", "sigmoid"),
+        ("moe_router_enable_expert_bias", True),
+        ("moe_router_num_groups", 2),
+        ("moe_router_group_topk", 1),
+        ("moe_router_topk_scaling_factor", 2.0),
+        ("moe_expert_capacity_factor", 1.0),
+        ("moe_enable_routing_replay", True),
+        ("moe_router_force_load_balancing", True),
+    ],
+)
 def test_settings_it_cannot_honour_are_refused_by_field(field, value):
     config = copy.copy(transformer_config())  # set after validation: megatron checks some itself
     check_config(config)
@@ -124,6 +138,7 @@ def test_padding_masks_are_refused(single_rank):
 
 
 # ----- (c) the dispatchers' contract ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("topk", [1, 2])
 def test_probs_and_routing_map_contract(single_rank, topk):
@@ -141,6 +156,7 @@ def test_probs_and_routing_map_contract(single_rank, topk):
 
 # ----- (b) the router-weight gradient -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("topk", [1, 2])
 def test_router_weight_gradient_is_the_sparsemixer_v2_estimator(single_rank, topk):
     router, hidden_SBH = router_and_input(topk)
@@ -153,11 +169,14 @@ def test_router_weight_gradient_is_the_sparsemixer_v2_estimator(single_rank, top
     logits_TE = hidden_TH @ router.weight.detach().double().t()
     experts = routed_pass_order(router, hidden_SBH, seed=4)
     assert [sorted(picks) for picks in experts] == [
-        sorted(row.nonzero().flatten().tolist()) for row in routing_map_TE]
-    grad_logits_TE = expected_logit_gradient(logits_TE, experts, upstream_TE.tolist(),
-                                             router.jitter_eps)
-    torch.testing.assert_close(router.weight.grad.double(), grad_logits_TE.t() @ hidden_TH,
-                               rtol=1e-4, atol=1e-6)
+        sorted(row.nonzero().flatten().tolist()) for row in routing_map_TE
+    ]
+    grad_logits_TE = expected_logit_gradient(
+        logits_TE, experts, upstream_TE.tolist(), router.jitter_eps
+    )
+    torch.testing.assert_close(
+        router.weight.grad.double(), grad_logits_TE.t() @ hidden_TH, rtol=1e-4, atol=1e-6
+    )
     # The case covers samples off the argmax and tokens with several experts in the band.
     assert (torch.tensor([picks[0] for picks in experts]) != logits_TE.argmax(-1)).any()
     assert router.weight.grad.abs().sum() > 0
@@ -184,19 +203,21 @@ def test_aux_loss_is_megatrons_switch_loss_over_the_sampled_experts(single_rank)
     hidden_TH = hidden_SBH.view(-1, HIDDEN).double()
     logits_TE = hidden_TH @ router.weight.detach().double().t()
     experts = routed_pass_order(router, hidden_SBH, seed)
-    estimator_TE = expected_logit_gradient(logits_TE, experts, upstream_TE.tolist(),
-                                           router.jitter_eps)
+    estimator_TE = expected_logit_gradient(
+        logits_TE, experts, upstream_TE.tolist(), router.jitter_eps
+    )
 
     def aux_gradient(counts_E):
         aux_logits_TE = logits_TE.clone().requires_grad_()
         scores_TE = torch.softmax(aux_logits_TE, -1)
         num_tokens = logits_TE.shape[0]
-        aux = coeff * NUM_EXPERTS / num_tokens ** 2 * (scores_TE.sum(0) * counts_E).sum()
+        aux = coeff * NUM_EXPERTS / num_tokens**2 * (scores_TE.sum(0) * counts_E).sum()
         aux.backward()
         return aux_logits_TE.grad
 
-    sampled_counts_E = torch.bincount(torch.tensor([p[0] for p in experts]),
-                                      minlength=NUM_EXPERTS).double()
+    sampled_counts_E = torch.bincount(
+        torch.tensor([p[0] for p in experts]), minlength=NUM_EXPERTS
+    ).double()
     argmax_counts_E = torch.bincount(logits_TE.argmax(-1), minlength=NUM_EXPERTS).double()
     assert not torch.equal(sampled_counts_E, argmax_counts_E)
     expected_HE = (estimator_TE + aux_gradient(sampled_counts_E)).t() @ hidden_TH
@@ -223,17 +244,24 @@ def test_evaluation_routes_to_the_argmax_whatever_the_rng(single_rank):
 
 # ----- (d) a tiny GPTModel -------------------------------------------------------------------
 
+
 def build_gpt(topk, jitter_eps, moe_aux_loss_coeff):
     torch.manual_seed(1)
     model_parallel_cuda_manual_seed(1)
     config = transformer_config(topk=topk, moe_aux_loss_coeff=moe_aux_loss_coeff)
-    spec = customize_layers(decoder_block_spec(config),
-                            router_builder=sparsemixer_router_builder(jitter_eps))
-    return GPTModel(config=config, transformer_layer_spec=spec,
-                    vocab_size=TINY_MODEL["vocab_size"],
-                    max_sequence_length=TINY_MODEL["seq_length"], pre_process=True,
-                    post_process=True,
-                    share_embeddings_and_output_weights=False, position_embedding_type="rope")
+    spec = customize_layers(
+        decoder_block_spec(config), router_builder=sparsemixer_router_builder(jitter_eps)
+    )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=TINY_MODEL["vocab_size"],
+        max_sequence_length=TINY_MODEL["seq_length"],
+        pre_process=True,
+        post_process=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+    )
 
 
 def routed_forward(model, seed):
@@ -255,13 +283,17 @@ def routed_forward(model, seed):
     return output, maps, argmaxes
 
 
-@pytest.mark.parametrize("topk, jitter_eps, moe_aux_loss_coeff", [
-    (1, 0.5, 0.0),  # a wide band: the LM loss alone reaches the router weights
-    (2, 0.5, 0.0),
-    (1, 0.01, 0.01),  # GRIN's jitter_eps with the Switch aux loss
-])
+@pytest.mark.parametrize(
+    "topk, jitter_eps, moe_aux_loss_coeff",
+    [
+        (1, 0.5, 0.0),  # a wide band: the LM loss alone reaches the router weights
+        (2, 0.5, 0.0),
+        (1, 0.01, 0.01),  # GRIN's jitter_eps with the Switch aux loss
+    ],
+)
 def test_tiny_gpt_trains_a_step_and_routes_deterministically_in_eval(
-        single_rank, topk, jitter_eps, moe_aux_loss_coeff):
+    single_rank, topk, jitter_eps, moe_aux_loss_coeff
+):
     model = build_gpt(topk, jitter_eps, moe_aux_loss_coeff)
     routers = [m for m in model.modules() if isinstance(m, SparseMixerRouter)]
     assert len(routers) == TINY_MODEL["num_layers"]
