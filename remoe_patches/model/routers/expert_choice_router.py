@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from remoe_patches.routing.baseline_routing import EXPERT_CHOICE_GROUPS, expert_choice_routing
+from remoe_patches.routing.expert_choice_routing import EXPERT_CHOICE_GROUPS, expert_choice_routing
 from remoe_patches.config.model_config import ConfigError
 
 

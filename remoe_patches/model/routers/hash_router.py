@@ -5,7 +5,7 @@ Shape suffixes: S = sequence positions, B = sequences, T = S*B tokens (s-major),
 
 Every token goes to one fixed expert chosen by its vocabulary id, k=1, with gate 1.0: the
 expert's output is used as it is, as in the paper. Nothing is learned and there is no
-load-balancing loss. The map (``baseline_routing.hash_table``) is ``hash_type``: ``mod``
+load-balancing loss. The map (``hash_routing.hash_table``) is ``hash_type``: ``mod``
 (expert = token id mod E, the ReMoE paper's setting and the default) or ``random_permutation``
 (a seeded random permutation of the vocabulary dealt round-robin to the experts).
 
@@ -43,7 +43,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from remoe_patches.routing.baseline_routing import (
+from remoe_patches.routing.hash_routing import (
     HASH_TYPES,
     hash_routing,
     hash_table,
