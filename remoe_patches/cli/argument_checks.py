@@ -2,8 +2,9 @@
 derives from other flags (FFN width, max positions, split, tokenizer type, recompute modules) is
 filled in, and a combination that cannot work is refused in one line naming the flags.
 
-Rules about the model's and the layout's own settings live in ``model_config.ModelConfig.validate``
-and ``model_config.ParallelConfig``; ``argument_mapping`` reports them in flag terms.
+Rules about one config part's own settings live in its ``validate`` (``ModelConfig``,
+``ParallelConfig``, ``TrainingConfig``, ``LoggingConfig``), so that a RunConfig built in code is
+checked alike; ``argument_mapping`` reports them in flag terms.
 """
 
 from __future__ import annotations
@@ -32,13 +33,6 @@ def complete_and_validate(args, parser) -> None:
         parser.error(f"missing required flag(s): {', '.join(missing)}")
     if (args.train_iters is None) == (args.train_samples is None):
         parser.error("give exactly one of --train-iters and --train-samples")
-    if args.lr_warmup_fraction is not None and "lr_warmup_iters" in args.given:
-        parser.error("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive; give one")
-    if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
-        parser.error(
-            f"--global-batch-size {args.global_batch_size} is not divisible by "
-            f"--micro-batch-size {args.micro_batch_size}"
-        )
 
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
@@ -55,10 +49,6 @@ def complete_and_validate(args, parser) -> None:
     _complete_recompute(args, parser)
     _complete_data_and_tokenizer(args, parser)
 
-    if args.overlap_param_gather and not args.use_distributed_optimizer:
-        parser.error("--overlap-param-gather needs --use-distributed-optimizer")
-    if args.overlap_param_gather and not args.overlap_grad_reduce:
-        parser.error("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         warnings.warn("--sequence-parallel needs --tensor-model-parallel-size > 1; turned off")
         args.sequence_parallel = False
@@ -80,11 +70,6 @@ def complete_and_validate(args, parser) -> None:
     problem = wandb_problem(args, args.save)
     if problem:
         parser.error(problem)
-    if args.profile and args.profile_step_end <= args.profile_step_start:
-        parser.error(
-            f"--profile-step-end {args.profile_step_end} must be after "
-            f"--profile-step-start {args.profile_step_start}"
-        )
 
 
 def _validate_moe(args, parser) -> None:

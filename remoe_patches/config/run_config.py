@@ -369,13 +369,6 @@ class TrainingConfig:
             (self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1"),
             (self.train_iters >= 0, "train_iters", "must be >= 0"),
             (
-                self.global_batch_size is None
-                or self.global_batch_size % self.micro_batch_size == 0,
-                "global_batch_size",
-                f"{self.global_batch_size} is not divisible by micro_batch_size "
-                f"{self.micro_batch_size}",
-            ),
-            (
                 self.lr_decay_style != "WSD" or self.lr_wsd_decay_iters is not None,
                 "lr_wsd_decay_iters",
                 "--lr-decay-style WSD needs --lr-wsd-decay-iters (the anneal's length)",
@@ -387,20 +380,35 @@ class TrainingConfig:
                 f"{self.lr_wsd_decay_iters} must be between 1 and the decay's "
                 f"{self.lr_decay_iters or self.train_iters} iterations",
             ),
-            (
-                not self.overlap_param_gather or self.use_distributed_optimizer,
-                "overlap_param_gather",
-                "needs use_distributed_optimizer",
-            ),
-            (
-                not self.overlap_param_gather or self.overlap_grad_reduce,
-                "overlap_param_gather",
-                "needs overlap_grad_reduce (as in Megatron-LM)",
-            ),
         ]
         for ok, name, message in checks:
             if not ok:
                 raise ConfigError(f"TrainingConfig.{name}: {message}")
+        # Sentences about the fields, which the command line words in flag terms
+        # (argument_mapping._in_flag_terms): "--overlap-param-gather needs ...".
+        sentences = [
+            (
+                self.global_batch_size is None
+                or self.global_batch_size % self.micro_batch_size == 0,
+                f"global_batch_size={self.global_batch_size} is not divisible by "
+                f"micro_batch_size={self.micro_batch_size}",
+            ),
+            (
+                self.lr_warmup_fraction is None or self.lr_warmup_iters == 0,
+                "lr_warmup_fraction and lr_warmup_iters are mutually exclusive; give one",
+            ),
+            (
+                not self.overlap_param_gather or self.use_distributed_optimizer,
+                "overlap_param_gather needs use_distributed_optimizer",
+            ),
+            (
+                not self.overlap_param_gather or self.overlap_grad_reduce,
+                "overlap_param_gather needs overlap_grad_reduce (as in Megatron-LM)",
+            ),
+        ]
+        for ok, sentence in sentences:
+            if not ok:
+                raise ConfigError(f"TrainingConfig.{sentence}")
         return self
 
 
@@ -777,6 +785,14 @@ class LoggingConfig:
         help="Where --record-memory-history writes (pytorch.org/memory_viz opens it).",
     )
 
+    def validate(self) -> "LoggingConfig":
+        if self.profile and self.profile_step_end <= self.profile_step_start:
+            raise ConfigError(
+                f"LoggingConfig.profile_step_end={self.profile_step_end} must be after "
+                f"profile_step_start={self.profile_step_start}"
+            )
+        return self
+
 
 @dataclass(frozen=True)
 class OtherFlags:
@@ -939,6 +955,7 @@ class RunConfig:
         self.model.validate()
         self.parallel.validate_for(self.model)
         self.training.validate()
+        self.logging.validate()
         return self
 
     def replace(self, **parts) -> "RunConfig":
