@@ -3,8 +3,8 @@ derives from other flags (FFN width, max positions, split, tokenizer type, recom
 filled in, and a combination that cannot work is refused in one line naming the flags.
 
 Rules about one config part's own settings live in its ``validate`` (``ModelConfig``,
-``ParallelConfig``, ``TrainingConfig``, ``LoggingConfig``), so that a RunConfig built in code is
-checked alike; ``argument_mapping`` reports them in flag terms.
+``ParallelConfig``, ``TrainingConfig``, ``DataConfig``, ``LoggingConfig``), so that a RunConfig
+built in code is checked alike; ``argument_mapping`` reports them in flag terms.
 """
 
 from __future__ import annotations
@@ -188,39 +188,20 @@ def _complete_recompute(args, parser) -> None:
 
 
 def _complete_data_and_tokenizer(args, parser) -> None:
-    per_split = [args.train_data_path, args.valid_data_path, args.test_data_path]
-    has_per_split = any(path is not None for path in per_split)
-    if args.data_path is not None and has_per_split:
-        parser.error("--data-path excludes --train-data-path/--valid-data-path/--test-data-path")
-    if args.mock_data and (args.data_path is not None or has_per_split):
-        parser.error("--mock-data excludes --data-path and the per-split data paths")
-    demo_replaces = [
-        "data_path",
-        "train_data_path",
-        "valid_data_path",
-        "test_data_path",
-        "mock_data",
-        "tokenizer_type",
-        "vocab_file",
-        "merge_file",
-        "tokenizer_model",
-    ]
+    blends = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
+    tokenizer = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model")
+    demo_replaces = (*blends, "mock_data", *tokenizer)
     clashing = [f"--{dest.replace('_', '-')}" for dest in demo_replaces if dest in args.given]
     if args.demo_corpus and clashing:
         parser.error(
             f"--demo-corpus sets the data and tokenizer itself; drop {', '.join(clashing)}"
         )
-    for flag, blend in [
-        ("--data-path", args.data_path),
-        ("--train-data-path", per_split[0]),
-        ("--valid-data-path", per_split[1]),
-        ("--test-data-path", per_split[2]),
-    ]:
-        if blend is not None:
+    for dest in blends:
+        if getattr(args, dest) is not None:
             try:
-                split_blend(blend)
+                split_blend(getattr(args, dest))
             except ValueError as error:
-                parser.error(f"{flag}: {error}")
+                parser.error(f"--{dest.replace('_', '-')}: {error}")
     if (args.data_path is not None or args.demo_corpus) and args.split is None:
         args.split = "969, 30, 1"  # Megatron-LM's default for a single blend
 
@@ -228,13 +209,6 @@ def _complete_data_and_tokenizer(args, parser) -> None:
         if not (args.vocab_file and args.merge_file):
             parser.error("GPT-2 BPE needs both --vocab-file and --merge-file")
         args.tokenizer_type = "GPT2BPETokenizer"
-    if args.tokenizer_type == "GPT2BPETokenizer" and not (args.vocab_file and args.merge_file):
-        parser.error("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
-    model_file_types = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
-    if args.tokenizer_type in model_file_types and not args.tokenizer_model:
-        parser.error(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
-    if args.tokenizer_type is None and args.tokenizer_model:
-        parser.error(f"--tokenizer-model needs --tokenizer-type {' or '.join(model_file_types)}")
 
 
 def split_blend(tokens: Sequence[str]) -> tuple:

@@ -36,7 +36,7 @@ from remoe_patches.config.run_config import (
 FIELD_FLAGS = {
     **{
         option.name: flag
-        for part in (ModelConfig, ParallelConfig, TrainingConfig, LoggingConfig)
+        for part in (ModelConfig, ParallelConfig, TrainingConfig, DataConfig, LoggingConfig)
         for option, flag in declared_flags(part)
     },
     **{

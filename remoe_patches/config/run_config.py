@@ -406,9 +406,7 @@ class TrainingConfig:
                 "overlap_param_gather needs overlap_grad_reduce (as in Megatron-LM)",
             ),
         ]
-        for ok, sentence in sentences:
-            if not ok:
-                raise ConfigError(f"TrainingConfig.{sentence}")
+        _refuse_first("TrainingConfig", sentences)
         return self
 
 
@@ -492,6 +490,35 @@ class DataConfig:
         group="model architecture",
         help="Pad the vocabulary to a multiple of this times TP.",
     )
+
+    def validate(self) -> "DataConfig":
+        per_split = (self.train_data_path, self.valid_data_path, self.test_data_path)
+        no_per_split = all(path is None for path in per_split)
+        model_file_types = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
+        sentences = [
+            (
+                self.data_path is None or no_per_split,
+                "data_path excludes train_data_path/valid_data_path/test_data_path",
+            ),
+            (
+                not self.mock_data or self.data_path is None and no_per_split,
+                "mock_data excludes data_path and the per-split data paths",
+            ),
+            (
+                self.tokenizer_type != "GPT2BPETokenizer" or self.vocab_file and self.merge_file,
+                "tokenizer_type=GPT2BPETokenizer needs vocab_file and merge_file",
+            ),
+            (
+                self.tokenizer_type not in model_file_types or self.tokenizer_model,
+                f"tokenizer_type={self.tokenizer_type} needs tokenizer_model",
+            ),
+            (
+                self.tokenizer_type is not None or not self.tokenizer_model,
+                f"tokenizer_model needs tokenizer_type={' or '.join(model_file_types)}",
+            ),
+        ]
+        _refuse_first("DataConfig", sentences)
+        return self
 
     def blends(self) -> list:
         """The blends that must exist on disk (none for mock data)."""
@@ -786,11 +813,17 @@ class LoggingConfig:
     )
 
     def validate(self) -> "LoggingConfig":
-        if self.profile and self.profile_step_end <= self.profile_step_start:
-            raise ConfigError(
-                f"LoggingConfig.profile_step_end={self.profile_step_end} must be after "
-                f"profile_step_start={self.profile_step_start}"
-            )
+        ok = not self.profile or self.profile_step_end > self.profile_step_start
+        _refuse_first(
+            "LoggingConfig",
+            [
+                (
+                    ok,
+                    f"profile_step_end={self.profile_step_end} must be after "
+                    f"profile_step_start={self.profile_step_start}",
+                )
+            ],
+        )
         return self
 
 
@@ -955,6 +988,7 @@ class RunConfig:
         self.model.validate()
         self.parallel.validate_for(self.model)
         self.training.validate()
+        self.data.validate()
         self.logging.validate()
         return self
 
@@ -991,6 +1025,14 @@ class RunConfig:
                     values[key] = tuple(value)
             parts[name] = part(**values)
         return cls(**parts)
+
+
+def _refuse_first(part: str, rules) -> None:
+    """ConfigError on the first of ``rules``, ``(ok, a sentence about a field of part)``, not
+    ok; the command line words it in flag terms (argument_mapping._in_flag_terms)."""
+    for ok, sentence in rules:
+        if not ok:
+            raise ConfigError(f"{part}.{sentence}")
 
 
 def _model_values(values: dict) -> dict:
