@@ -3,8 +3,8 @@ derives from other flags (FFN width, max positions, split, tokenizer type, recom
 filled in, and a combination that cannot work is refused in one line naming the flags.
 
 Rules about one config part's own settings live in its ``validate`` (``ModelConfig``,
-``ParallelConfig``, ``TrainingConfig``, ``DataConfig``, ``LoggingConfig``), so that a RunConfig
-built in code is checked alike; ``argument_mapping`` reports them in flag terms.
+``ParallelConfig``, ``LayerOptions``, ``TrainingConfig``, ``DataConfig``, ``LoggingConfig``), so
+that a RunConfig built in code is checked alike; ``argument_mapping`` reports them in flag terms.
 """
 
 from __future__ import annotations
@@ -170,16 +170,7 @@ def _complete_recompute(args, parser) -> None:
                 "--recompute-activations (selective) conflicts with --recompute-granularity full"
             )
         args.recompute_granularity = "selective"
-    full = args.recompute_granularity == "full"
-    if full and (args.recompute_method is None or args.recompute_num_layers is None):
-        parser.error(
-            "--recompute-granularity full needs --recompute-method (uniform or block) "
-            "and --recompute-num-layers"
-        )
-    if not full and (args.recompute_method is not None or args.recompute_num_layers is not None):
-        parser.error(
-            "--recompute-method and --recompute-num-layers need --recompute-granularity full"
-        )
+    full = args.recompute_granularity == "full"  # its needs: LayerOptions.validate
     args.recompute_modules = ["core_attn"] if args.recompute_granularity == "selective" else []
     # Full recomputation already covers the MoE layers; a dense model has none.
     if args.moe_layer_recompute and not full and args.num_experts is not None:

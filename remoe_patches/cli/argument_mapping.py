@@ -24,6 +24,7 @@ from remoe_patches.config.model_config import (
 from remoe_patches.config.flag_fields import declared_flags, refusals, values_from_args
 from remoe_patches.config.router_registry import MOE_GROUP, ROUTERS
 from remoe_patches.config.run_config import (
+    PARTS,
     CheckpointConfig,
     DataConfig,
     LayerOptions,
@@ -34,11 +35,7 @@ from remoe_patches.config.run_config import (
 
 # Fields named in the config parts' validation errors, as their flags.
 FIELD_FLAGS = {
-    **{
-        option.name: flag
-        for part in (ModelConfig, ParallelConfig, TrainingConfig, DataConfig, LoggingConfig)
-        for option, flag in declared_flags(part)
-    },
+    **{option.name: flag for part in PARTS.values() for option, flag in declared_flags(part)},
     **{
         f"router_options.{option.name}": flag
         for kind in ROUTERS.values()
@@ -135,7 +132,7 @@ def _in_flag_terms(error: ConfigError) -> str:
     (and without a value alike); a rule of another part written as a sentence about its fields,
     'TrainingConfig.overlap_param_gather needs use_distributed_optimizer', as
     '--overlap-param-gather needs --use-distributed-optimizer'."""
-    match = re.match(r"(\w+Config)\.([\w.]+?)(=[^\s:]+)?(: | )(.*)", str(error))
+    match = re.match(r"([A-Z]\w+)\.([\w.]+?)(=[^\s:]+)?(: | )(.*)", str(error))
     if (
         not match
         or match[2] not in FIELD_FLAGS

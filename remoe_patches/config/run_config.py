@@ -178,6 +178,23 @@ class LayerOptions:
             recompute_modules=(),
         )
 
+    def validate(self) -> "LayerOptions":
+        full = self.recompute_granularity == "full"
+        given = [self.recompute_method is not None, self.recompute_num_layers is not None]
+        sentences = [
+            (
+                not full or all(given),
+                "recompute_granularity=full needs recompute_method (uniform or block) and "
+                "recompute_num_layers",
+            ),
+            (
+                full or not any(given),
+                "recompute_method and recompute_num_layers need recompute_granularity=full",
+            ),
+        ]
+        _refuse_first("LayerOptions", sentences)
+        return self
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -987,6 +1004,7 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         self.model.validate()
         self.parallel.validate_for(self.model)
+        self.layers.validate()
         self.training.validate()
         self.data.validate()
         self.logging.validate()
