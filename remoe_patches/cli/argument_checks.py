@@ -2,8 +2,9 @@
 derives from other flags (FFN width, max positions, split, tokenizer type, recompute modules) is
 filled in, and a combination that cannot work is refused in one line naming the flags.
 
-Rules about the model's and the layout's own settings live in ``model_config.ModelConfig.validate``
-and ``model_config.ParallelConfig``; ``argument_mapping`` reports them in flag terms.
+Rules about one config part's own settings live in its ``validate`` (``ModelConfig``,
+``ParallelConfig``, ``LayerOptions``, ``TrainingConfig``, ``DataConfig``, ``LoggingConfig``), so
+that a RunConfig built in code is checked alike; ``argument_mapping`` reports them in flag terms.
 """
 
 from __future__ import annotations
@@ -32,13 +33,6 @@ def complete_and_validate(args, parser) -> None:
         parser.error(f"missing required flag(s): {', '.join(missing)}")
     if (args.train_iters is None) == (args.train_samples is None):
         parser.error("give exactly one of --train-iters and --train-samples")
-    if args.lr_warmup_fraction is not None and "lr_warmup_iters" in args.given:
-        parser.error("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive; give one")
-    if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
-        parser.error(
-            f"--global-batch-size {args.global_batch_size} is not divisible by "
-            f"--micro-batch-size {args.micro_batch_size}"
-        )
 
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
@@ -55,10 +49,6 @@ def complete_and_validate(args, parser) -> None:
     _complete_recompute(args, parser)
     _complete_data_and_tokenizer(args, parser)
 
-    if args.overlap_param_gather and not args.use_distributed_optimizer:
-        parser.error("--overlap-param-gather needs --use-distributed-optimizer")
-    if args.overlap_param_gather and not args.overlap_grad_reduce:
-        parser.error("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         warnings.warn("--sequence-parallel needs --tensor-model-parallel-size > 1; turned off")
         args.sequence_parallel = False
@@ -80,11 +70,6 @@ def complete_and_validate(args, parser) -> None:
     problem = wandb_problem(args, args.save)
     if problem:
         parser.error(problem)
-    if args.profile and args.profile_step_end <= args.profile_step_start:
-        parser.error(
-            f"--profile-step-end {args.profile_step_end} must be after "
-            f"--profile-step-start {args.profile_step_start}"
-        )
 
 
 def _validate_moe(args, parser) -> None:
@@ -185,16 +170,7 @@ def _complete_recompute(args, parser) -> None:
                 "--recompute-activations (selective) conflicts with --recompute-granularity full"
             )
         args.recompute_granularity = "selective"
-    full = args.recompute_granularity == "full"
-    if full and (args.recompute_method is None or args.recompute_num_layers is None):
-        parser.error(
-            "--recompute-granularity full needs --recompute-method (uniform or block) "
-            "and --recompute-num-layers"
-        )
-    if not full and (args.recompute_method is not None or args.recompute_num_layers is not None):
-        parser.error(
-            "--recompute-method and --recompute-num-layers need --recompute-granularity full"
-        )
+    full = args.recompute_granularity == "full"  # its needs: LayerOptions.validate
     args.recompute_modules = ["core_attn"] if args.recompute_granularity == "selective" else []
     # Full recomputation already covers the MoE layers; a dense model has none.
     if args.moe_layer_recompute and not full and args.num_experts is not None:
@@ -203,39 +179,20 @@ def _complete_recompute(args, parser) -> None:
 
 
 def _complete_data_and_tokenizer(args, parser) -> None:
-    per_split = [args.train_data_path, args.valid_data_path, args.test_data_path]
-    has_per_split = any(path is not None for path in per_split)
-    if args.data_path is not None and has_per_split:
-        parser.error("--data-path excludes --train-data-path/--valid-data-path/--test-data-path")
-    if args.mock_data and (args.data_path is not None or has_per_split):
-        parser.error("--mock-data excludes --data-path and the per-split data paths")
-    demo_replaces = [
-        "data_path",
-        "train_data_path",
-        "valid_data_path",
-        "test_data_path",
-        "mock_data",
-        "tokenizer_type",
-        "vocab_file",
-        "merge_file",
-        "tokenizer_model",
-    ]
+    blends = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
+    tokenizer = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model")
+    demo_replaces = (*blends, "mock_data", *tokenizer)
     clashing = [f"--{dest.replace('_', '-')}" for dest in demo_replaces if dest in args.given]
     if args.demo_corpus and clashing:
         parser.error(
             f"--demo-corpus sets the data and tokenizer itself; drop {', '.join(clashing)}"
         )
-    for flag, blend in [
-        ("--data-path", args.data_path),
-        ("--train-data-path", per_split[0]),
-        ("--valid-data-path", per_split[1]),
-        ("--test-data-path", per_split[2]),
-    ]:
-        if blend is not None:
+    for dest in blends:
+        if getattr(args, dest) is not None:
             try:
-                split_blend(blend)
+                split_blend(getattr(args, dest))
             except ValueError as error:
-                parser.error(f"{flag}: {error}")
+                parser.error(f"--{dest.replace('_', '-')}: {error}")
     if (args.data_path is not None or args.demo_corpus) and args.split is None:
         args.split = "969, 30, 1"  # Megatron-LM's default for a single blend
 
@@ -243,13 +200,6 @@ def _complete_data_and_tokenizer(args, parser) -> None:
         if not (args.vocab_file and args.merge_file):
             parser.error("GPT-2 BPE needs both --vocab-file and --merge-file")
         args.tokenizer_type = "GPT2BPETokenizer"
-    if args.tokenizer_type == "GPT2BPETokenizer" and not (args.vocab_file and args.merge_file):
-        parser.error("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
-    model_file_types = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
-    if args.tokenizer_type in model_file_types and not args.tokenizer_model:
-        parser.error(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
-    if args.tokenizer_type is None and args.tokenizer_model:
-        parser.error(f"--tokenizer-model needs --tokenizer-type {' or '.join(model_file_types)}")
 
 
 def split_blend(tokens: Sequence[str]) -> tuple:

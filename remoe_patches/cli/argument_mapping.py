@@ -3,9 +3,8 @@
 Each part's fields declare their flags (``flag_fields``), so most values are read back from
 them (``values_from_args``); the functions here add the few that Megatron-LM derives from other
 flags (query groups, FFN width, the router, ...). A flag the builder cannot honour is refused
-with a ConfigError naming the flag (``must`` in its declaration); errors of
-``ModelConfig``/``ParallelConfig`` validation are reworded in flag terms (``--moe-router-topk 5:
-...`` rather than ``ModelConfig.topk=5: ...``).
+with a ConfigError naming the flag (``must`` in its declaration); errors of the parts' validation
+are reworded in flag terms (``--moe-router-topk 5: ...`` rather than ``ModelConfig.topk=5: ...``).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from remoe_patches.config.model_config import (
 from remoe_patches.config.flag_fields import declared_flags, refusals, values_from_args
 from remoe_patches.config.router_registry import MOE_GROUP, ROUTERS
 from remoe_patches.config.run_config import (
+    PARTS,
     CheckpointConfig,
     DataConfig,
     LayerOptions,
@@ -33,13 +33,9 @@ from remoe_patches.config.run_config import (
     TrainingConfig,
 )
 
-# Fields named in ModelConfig/ParallelConfig validation errors, as their flags.
+# Fields named in the config parts' validation errors, as their flags.
 FIELD_FLAGS = {
-    **{
-        option.name: flag
-        for part in (ModelConfig, ParallelConfig)
-        for option, flag in declared_flags(part)
-    },
+    **{option.name: flag for part in PARTS.values() for option, flag in declared_flags(part)},
     **{
         f"router_options.{option.name}": flag
         for kind in ROUTERS.values()
@@ -133,17 +129,28 @@ def parallel_config_from_args(args) -> ParallelConfig:
 
 def _in_flag_terms(error: ConfigError) -> str:
     """'ModelConfig.topk=5: ... num_experts=4' as '--moe-router-topk 5: ... --num-experts 4'
-    (and without a value alike)."""
-    match = re.match(r"(?:ModelConfig|ParallelConfig)\.([\w.]+?)(=\S+)?: (.*)", str(error))
-    if not match or match[1] not in FIELD_FLAGS:
+    (and without a value alike); a rule of another part written as a sentence about its fields,
+    'TrainingConfig.overlap_param_gather needs use_distributed_optimizer', as
+    '--overlap-param-gather needs --use-distributed-optimizer'."""
+    match = re.match(r"([A-Z]\w+)\.([\w.]+?)(=[^\s:]+)?(: | )(.*)", str(error))
+    if (
+        not match
+        or match[2] not in FIELD_FLAGS
+        or match[4] == ": "
+        and match[1] not in ("ModelConfig", "ParallelConfig")
+    ):
         return str(error)
-    value = f" {match[2][1:]}" if match[2] else ""
+    value = f" {match[3][1:]}" if match[3] else ""
     message = re.sub(
-        r"\b([a-z_]+)=([^\s;,]+)",
-        lambda m: f"{FIELD_FLAGS[m[1]]} {m[2]}" if m[1] in FIELD_FLAGS else m[0],
-        match[3],
+        r"\b([a-z_]+)(=[^\s;,]+)?",
+        lambda m: (
+            f"{FIELD_FLAGS[m[1]]}{' ' + m[2][1:] if m[2] else ''}"
+            if m[1] in FIELD_FLAGS and (m[2] or "_" in m[1])
+            else m[0]
+        ),
+        match[5],
     )
-    return f"{FIELD_FLAGS[match[1]]}{value}: {message}"
+    return f"{FIELD_FLAGS[match[2]]}{value}{match[4]}{message}"
 
 
 def layer_options_from_args(args) -> LayerOptions:
@@ -181,20 +188,17 @@ def run_config_from_args(args) -> RunConfig:
         train_iters = iterations_for(
             args.train_samples, args.global_batch_size, args.rampup_batch_size
         )
-    model = model_config_from_args(args)
-    parallel = parallel_config_from_args(args)
-    try:
-        parallel.validate_for(model)
+    try:  # the parts' own rules, then those between them (RunConfig.validate)
+        return RunConfig(
+            model=model_config_from_args(args),
+            parallel=parallel_config_from_args(args),
+            layers=layer_options_from_args(args),
+            training=TrainingConfig(
+                **{**values_from_args(TrainingConfig, args), "train_iters": train_iters}
+            ),
+            data=DataConfig(**values_from_args(DataConfig, args)),
+            checkpoint=CheckpointConfig(**values_from_args(CheckpointConfig, args)),
+            logging=LoggingConfig(**values_from_args(LoggingConfig, args)),
+        ).validate()
     except ConfigError as error:
         raise ConfigError(_in_flag_terms(error)) from None
-    return RunConfig(
-        model=model,
-        parallel=parallel,
-        layers=layer_options_from_args(args),
-        training=TrainingConfig(
-            **{**values_from_args(TrainingConfig, args), "train_iters": train_iters}
-        ),
-        data=DataConfig(**values_from_args(DataConfig, args)),
-        checkpoint=CheckpointConfig(**values_from_args(CheckpointConfig, args)),
-        logging=LoggingConfig(**values_from_args(LoggingConfig, args)),
-    ).validate()

@@ -178,6 +178,23 @@ class LayerOptions:
             recompute_modules=(),
         )
 
+    def validate(self) -> "LayerOptions":
+        full = self.recompute_granularity == "full"
+        given = [self.recompute_method is not None, self.recompute_num_layers is not None]
+        sentences = [
+            (
+                not full or all(given),
+                "recompute_granularity=full needs recompute_method (uniform or block) and "
+                "recompute_num_layers",
+            ),
+            (
+                full or not any(given),
+                "recompute_method and recompute_num_layers need recompute_granularity=full",
+            ),
+        ]
+        _refuse_first("LayerOptions", sentences)
+        return self
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -369,13 +386,6 @@ class TrainingConfig:
             (self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1"),
             (self.train_iters >= 0, "train_iters", "must be >= 0"),
             (
-                self.global_batch_size is None
-                or self.global_batch_size % self.micro_batch_size == 0,
-                "global_batch_size",
-                f"{self.global_batch_size} is not divisible by micro_batch_size "
-                f"{self.micro_batch_size}",
-            ),
-            (
                 self.lr_decay_style != "WSD" or self.lr_wsd_decay_iters is not None,
                 "lr_wsd_decay_iters",
                 "--lr-decay-style WSD needs --lr-wsd-decay-iters (the anneal's length)",
@@ -387,20 +397,33 @@ class TrainingConfig:
                 f"{self.lr_wsd_decay_iters} must be between 1 and the decay's "
                 f"{self.lr_decay_iters or self.train_iters} iterations",
             ),
-            (
-                not self.overlap_param_gather or self.use_distributed_optimizer,
-                "overlap_param_gather",
-                "needs use_distributed_optimizer",
-            ),
-            (
-                not self.overlap_param_gather or self.overlap_grad_reduce,
-                "overlap_param_gather",
-                "needs overlap_grad_reduce (as in Megatron-LM)",
-            ),
         ]
         for ok, name, message in checks:
             if not ok:
                 raise ConfigError(f"TrainingConfig.{name}: {message}")
+        # Sentences about the fields, which the command line words in flag terms
+        # (argument_mapping._in_flag_terms): "--overlap-param-gather needs ...".
+        sentences = [
+            (
+                self.global_batch_size is None
+                or self.global_batch_size % self.micro_batch_size == 0,
+                f"global_batch_size={self.global_batch_size} is not divisible by "
+                f"micro_batch_size={self.micro_batch_size}",
+            ),
+            (
+                self.lr_warmup_fraction is None or self.lr_warmup_iters == 0,
+                "lr_warmup_fraction and lr_warmup_iters are mutually exclusive; give one",
+            ),
+            (
+                not self.overlap_param_gather or self.use_distributed_optimizer,
+                "overlap_param_gather needs use_distributed_optimizer",
+            ),
+            (
+                not self.overlap_param_gather or self.overlap_grad_reduce,
+                "overlap_param_gather needs overlap_grad_reduce (as in Megatron-LM)",
+            ),
+        ]
+        _refuse_first("TrainingConfig", sentences)
         return self
 
 
@@ -484,6 +507,35 @@ class DataConfig:
         group="model architecture",
         help="Pad the vocabulary to a multiple of this times TP.",
     )
+
+    def validate(self) -> "DataConfig":
+        per_split = (self.train_data_path, self.valid_data_path, self.test_data_path)
+        no_per_split = all(path is None for path in per_split)
+        model_file_types = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
+        sentences = [
+            (
+                self.data_path is None or no_per_split,
+                "data_path excludes train_data_path/valid_data_path/test_data_path",
+            ),
+            (
+                not self.mock_data or self.data_path is None and no_per_split,
+                "mock_data excludes data_path and the per-split data paths",
+            ),
+            (
+                self.tokenizer_type != "GPT2BPETokenizer" or self.vocab_file and self.merge_file,
+                "tokenizer_type=GPT2BPETokenizer needs vocab_file and merge_file",
+            ),
+            (
+                self.tokenizer_type not in model_file_types or self.tokenizer_model,
+                f"tokenizer_type={self.tokenizer_type} needs tokenizer_model",
+            ),
+            (
+                self.tokenizer_type is not None or not self.tokenizer_model,
+                f"tokenizer_model needs tokenizer_type={' or '.join(model_file_types)}",
+            ),
+        ]
+        _refuse_first("DataConfig", sentences)
+        return self
 
     def blends(self) -> list:
         """The blends that must exist on disk (none for mock data)."""
@@ -777,6 +829,20 @@ class LoggingConfig:
         help="Where --record-memory-history writes (pytorch.org/memory_viz opens it).",
     )
 
+    def validate(self) -> "LoggingConfig":
+        ok = not self.profile or self.profile_step_end > self.profile_step_start
+        _refuse_first(
+            "LoggingConfig",
+            [
+                (
+                    ok,
+                    f"profile_step_end={self.profile_step_end} must be after "
+                    f"profile_step_start={self.profile_step_start}",
+                )
+            ],
+        )
+        return self
+
 
 @dataclass(frozen=True)
 class OtherFlags:
@@ -938,7 +1004,10 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         self.model.validate()
         self.parallel.validate_for(self.model)
+        self.layers.validate()
         self.training.validate()
+        self.data.validate()
+        self.logging.validate()
         return self
 
     def replace(self, **parts) -> "RunConfig":
@@ -974,6 +1043,14 @@ class RunConfig:
                     values[key] = tuple(value)
             parts[name] = part(**values)
         return cls(**parts)
+
+
+def _refuse_first(part: str, rules) -> None:
+    """ConfigError on the first of ``rules``, ``(ok, a sentence about a field of part)``, not
+    ok; the command line words it in flag terms (argument_mapping._in_flag_terms)."""
+    for ok, sentence in rules:
+        if not ok:
+            raise ConfigError(f"{part}.{sentence}")
 
 
 def _model_values(values: dict) -> dict:
