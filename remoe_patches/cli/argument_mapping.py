@@ -108,7 +108,7 @@ def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelCo
     try:
         return ModelConfig(**values).validate()
     except ConfigError as error:
-        raise ConfigError(_in_flag_terms(error)) from None
+        raise ConfigError(in_flag_terms(error)) from None
 
 
 def router_dtype(args) -> Optional[str]:
@@ -127,7 +127,7 @@ def parallel_config_from_args(args) -> ParallelConfig:
     return ParallelConfig(**values_from_args(ParallelConfig, args))
 
 
-def _in_flag_terms(error: ConfigError) -> str:
+def in_flag_terms(error: ConfigError) -> str:
     """'ModelConfig.topk=5: ... num_experts=4' as '--moe-router-topk 5: ... --num-experts 4'
     (and without a value alike); a rule of another part written as a sentence about its fields,
     'TrainingConfig.overlap_param_gather needs use_distributed_optimizer', as
@@ -201,4 +201,4 @@ def run_config_from_args(args) -> RunConfig:
             logging=LoggingConfig(**values_from_args(LoggingConfig, args)),
         ).validate()
     except ConfigError as error:
-        raise ConfigError(_in_flag_terms(error)) from None
+        raise ConfigError(in_flag_terms(error)) from None

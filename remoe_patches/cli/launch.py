@@ -16,11 +16,13 @@ import time
 
 import torch
 
+from remoe_patches.cli.argument_mapping import in_flag_terms
 from remoe_patches.cli.argument_notes import ineffective_flags
 from remoe_patches.cli.arguments import parse_command_line
 from remoe_patches.cli.machine_notes import less_memory, machine_notes
 from remoe_patches.model.build import HAVE_TE, HAVE_WGRAD_FUSION, transformer_impl_in_use
 from remoe_patches.runtime.parallel import destroy_parallel
+from remoe_patches.config.model_config import ConfigError
 from remoe_patches.config.run_config import RunConfig
 
 
@@ -109,8 +111,9 @@ def main(argv=None) -> int:
     except ValueError as error:  # ConfigError, CheckpointError: the same on every rank
         if os.environ.get("REMOE_DEBUG"):
             raise
-        if _is_first_rank():
-            print(f"error: {error}", file=sys.stderr, flush=True)
+        if _is_first_rank():  # a config's rule (the layout against the world) in flag terms
+            message = in_flag_terms(error) if isinstance(error, ConfigError) else error
+            print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
     except OSError as error:  # the machine's: a directory that cannot be written, a full disk
         if os.environ.get("REMOE_DEBUG"):

@@ -402,7 +402,7 @@ class TrainingConfig:
             if not ok:
                 raise ConfigError(f"TrainingConfig.{name}: {message}")
         # Sentences about the fields, which the command line words in flag terms
-        # (argument_mapping._in_flag_terms): "--overlap-param-gather needs ...".
+        # (argument_mapping.in_flag_terms): "--overlap-param-gather needs ...".
         sentences = [
             (
                 self.global_batch_size is None
@@ -1047,7 +1047,7 @@ class RunConfig:
 
 def _refuse_first(part: str, rules) -> None:
     """ConfigError on the first of ``rules``, ``(ok, a sentence about a field of part)``, not
-    ok; the command line words it in flag terms (argument_mapping._in_flag_terms)."""
+    ok; the command line words it in flag terms (argument_mapping.in_flag_terms)."""
     for ok, sentence in rules:
         if not ok:
             raise ConfigError(f"{part}.{sentence}")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from remoe_patches.config.model_config import ConfigError, ParallelConfig
+from remoe_patches.config.model_config import ParallelConfig
 from remoe_patches.runtime.cpu_compat import apply_cpu_shims
 from remoe_patches.runtime.megatron_fixes import apply_megatron_fixes
 
@@ -72,12 +72,7 @@ def initialize_parallel(
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
-    try:
-        parallel.validate_world(dist.get_world_size())
-    except ConfigError as error:  # reached from the command line: name its flags
-        from remoe_patches.cli.argument_mapping import _in_flag_terms
-
-        raise ConfigError(_in_flag_terms(error)) from None
+    parallel.validate_world(dist.get_world_size())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
