@@ -110,56 +110,16 @@ def _validate_moe(args, parser) -> None:
         args.moe_router_type = "relu" if args.moe_relu_routing else "topk"
     kind = ROUTERS[args.moe_router_type]
     args.moe_relu_routing = kind.adaptive_l1  # Megatron-LM's name of --moe-router-type relu
-    routing = kind.routing_flag
-    if (
-        kind.routes_by_token_ids
-        and args.pipeline_model_parallel_size > 1
-        and (args.moe_layer_recompute or args.recompute_granularity == "full")
-    ):
-        # The routers hold the ids of the last forward; under 1F1B a recomputed forward of
-        # micro-batch i runs after micro-batch i+1's forward (hash_router.py).
-        parser.error(
-            f"{routing} with recomputation at --pipeline-model-parallel-size "
-            f"{args.pipeline_model_parallel_size} would route recomputed layers with "
-            "another micro-batch's token ids; drop --moe-layer-recompute/"
-            "--recompute-granularity full or use PP=1"
-        )
-    if kind.experts_per_token_vary and args.moe_permute_fusion:
-        # megatron-core 0.16.1's alltoall dispatcher sizes the fused permutation's output as
-        # tokens x k in the dropless case; these routers give a token up to E experts, and
-        # transformer-engine's kernel would write past that buffer.
-        parser.error(
-            f"{routing} excludes --moe-permute-fusion: the fused permutation's buffer "
-            f"holds tokens x --moe-router-topk entries, and {kind.title} routing "
-            "activates up to --num-experts per token; drop --moe-permute-fusion"
-        )
     if kind.adaptive_l1 and args.moe_pad_expert_input_to_capacity:
+        # ReLU's LayerOptions carry no TopK router options: the flag is lost on the config
         parser.error(
             "--moe-relu-routing excludes --moe-pad-expert-input-to-capacity: ReLU "
             "routing is dropless (a token may use 0..E experts)"
         )
-    # The rules on the model's own settings (k, granularity, dispatcher, capacity) are
-    # ModelConfig.validate's, reported in flag terms; these are about flags it does not hold.
-    if (
-        kind.token_dropping
-        and args.moe_pad_expert_input_to_capacity
-        and args.moe_expert_capacity_factor is None
-    ):
-        parser.error("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
-    if kind.megatron_topk_router:
-        top1 = args.moe_router_topk * args.moe_granularity == 1
-        sinkhorn = args.moe_router_load_balancing_type == "sinkhorn"
-        softmax = args.moe_router_score_function == "softmax"
-        if args.moe_router_enable_expert_bias and softmax:
-            parser.error(
-                "--moe-router-enable-expert-bias needs --moe-router-score-function "
-                "sigmoid (megatron-core's rule)"
-            )
-        if top1 and softmax and not args.moe_router_pre_softmax and not sinkhorn:
-            parser.error(
-                "--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over the "
-                "one chosen expert has no gradient; megatron-core refuses it)"
-            )
+    # The rules on the model's own settings (k, granularity, dispatcher, capacity) and between
+    # the router and the layers' or pipeline's (recomputation, permute fusion, capacity padding,
+    # megatron's TopKRouter options) are the config's (ModelConfig, LayerOptions, RunConfig
+    # .validate), reported in flag terms; these are about flags it does not hold.
 
 
 def _complete_recompute(args, parser) -> None:

@@ -22,7 +22,7 @@ from remoe_patches.config.model_config import (
     default_router_dtype,
 )
 from remoe_patches.config.flag_fields import declared_flags, refusals, values_from_args
-from remoe_patches.config.router_registry import MOE_GROUP, ROUTERS
+from remoe_patches.config.router_registry import MOE_GROUP, ROUTERS, TopKRouterFlags
 from remoe_patches.config.run_config import (
     PARTS,
     CheckpointConfig,
@@ -41,6 +41,10 @@ FIELD_FLAGS = {
         for kind in ROUTERS.values()
         for option, flag in declared_flags(kind.options)
     },
+    # LayerOptions.topk_router's keys (megatron's TopKRouter options), and the flag that puts
+    # "moe" in LayerOptions.recompute_modules
+    **{option.name: flag for option, flag in declared_flags(TopKRouterFlags)},
+    "moe_layer_recompute": "--moe-layer-recompute",
 }
 
 MOE_FIELDS = {
@@ -140,17 +144,20 @@ def in_flag_terms(error: ConfigError) -> str:
         and match[1] not in ("ModelConfig", "ParallelConfig")
     ):
         return str(error)
-    value = f" {match[3][1:]}" if match[3] else ""
     message = re.sub(
         r"\b([a-z_]+)(=[^\s;,]+)?",
-        lambda m: (
-            f"{FIELD_FLAGS[m[1]]}{' ' + m[2][1:] if m[2] else ''}"
-            if m[1] in FIELD_FLAGS and (m[2] or "_" in m[1])
-            else m[0]
-        ),
+        lambda m: _as_flag(m[1], m[2]) if m[1] in FIELD_FLAGS and (m[2] or "_" in m[1]) else m[0],
         match[5],
     )
-    return f"{FIELD_FLAGS[match[2]]}{value}{match[4]}{message}"
+    return f"{_as_flag(match[2], match[3])}{match[4]}{message}"
+
+
+def _as_flag(field: str, value: Optional[str]) -> str:
+    """``field`` (``value``: ``=X`` or None) as its flag; ``router=X`` as the flag that asks for
+    router X (``--moe-relu-routing`` for ReLU, ``--moe-router-type X`` otherwise)."""
+    if field == "router" and value and value[1:] in ROUTERS:
+        return ROUTERS[value[1:]].routing_flag
+    return f"{FIELD_FLAGS[field]}{' ' + value[1:] if value else ''}"
 
 
 def layer_options_from_args(args) -> LayerOptions:

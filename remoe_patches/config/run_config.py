@@ -191,6 +191,12 @@ class LayerOptions:
                 full or not any(given),
                 "recompute_method and recompute_num_layers need recompute_granularity=full",
             ),
+            (
+                not self.topk_router.get("moe_router_enable_expert_bias")
+                or self.topk_router.get("moe_router_score_function", "softmax") != "softmax",
+                "moe_router_enable_expert_bias needs moe_router_score_function sigmoid "
+                "(megatron-core's rule)",
+            ),
         ]
         _refuse_first("LayerOptions", sentences)
         return self
@@ -1008,7 +1014,62 @@ class RunConfig:
         self.training.validate()
         self.data.validate()
         self.logging.validate()
+        self._validate_router()
         return self
+
+    def _validate_router(self) -> None:
+        """The rules between the router's kind and the other parts' settings."""
+        model, layers = self.model, self.layers
+        kind = ROUTERS[model.router]
+        pipeline = self.parallel.pipeline_model_parallel_size
+        recomputes_moe = layers.recompute_granularity == "full" or "moe" in layers.recompute_modules
+        topk_router = layers.topk_router
+        softmax = topk_router.get("moe_router_score_function", "softmax") == "softmax"
+        rules = [
+            (
+                # The routers hold the ids of the last forward; under 1F1B a recomputed forward
+                # of micro-batch i runs after micro-batch i+1's forward (hash_router.py).
+                # moe_layer_recompute: "moe" in LayerOptions.recompute_modules.
+                not (kind.routes_by_token_ids and pipeline > 1 and recomputes_moe),
+                f"ModelConfig.router={kind.name} with recomputation at "
+                f"pipeline_model_parallel_size={pipeline} would route recomputed layers with "
+                "another micro-batch's token ids; drop moe_layer_recompute/"
+                "recompute_granularity=full or use PP=1",
+            ),
+            (
+                # megatron-core 0.16.1's alltoall dispatcher sizes the fused permutation's output
+                # as tokens x k in the dropless case; these routers give a token up to E experts,
+                # and transformer-engine's kernel would write past that buffer.
+                not (kind.experts_per_token_vary and layers.moe_permute_fusion),
+                f"ModelConfig.router={kind.name} excludes moe_permute_fusion: the fused "
+                f"permutation's buffer holds tokens x topk={model.topk} entries, and "
+                f"{kind.title} routing activates up to num_experts={model.num_experts} per "
+                "token; drop moe_permute_fusion",
+            ),
+            (
+                not (
+                    kind.token_dropping
+                    and topk_router.get("moe_pad_expert_input_to_capacity")
+                    and model.moe_expert_capacity_factor is None
+                ),
+                "LayerOptions.moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor",
+            ),
+            (
+                # The command line refuses sinkhorn balancing for megatron's TopKRouter (it is
+                # built with the Switch aux loss or none), the one case megatron-core allows.
+                not (
+                    kind.megatron_topk_router
+                    and model.topk * model.granularity == 1
+                    and softmax
+                    and not topk_router.get("moe_router_pre_softmax")
+                ),
+                f"ModelConfig.topk={model.topk} needs moe_router_pre_softmax (a softmax over "
+                "the one chosen expert has no gradient; megatron-core refuses it)",
+            ),
+        ]
+        for ok, sentence in rules:  # sentences about fields, each naming its part
+            if not ok:
+                raise ConfigError(sentence)
 
     def replace(self, **parts) -> "RunConfig":
         """A new config with some parts replaced; a part given as a dict updates its fields."""

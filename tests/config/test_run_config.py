@@ -247,3 +247,127 @@ def test_lory_dense_warmup_flag_and_lory_runs_saved_before_it():
                 lory.model.router_options, dense_warmup_fraction=1.0
             ),
         ).validate()
+
+
+# --- the rules between the router and the other parts hold for a RunConfig built in code ------
+
+
+def run_config_in_code(router="topk", *, layers=None, parallel=None, **model):
+    """A tiny RunConfig built without flags; ``layers``/``parallel``: their fields."""
+    from remoe_patches.config.model_config import ParallelConfig
+    from remoe_patches.config.router_registry import ROUTERS
+    from tiny import TINY_MODEL
+
+    values = {**TINY_MODEL, "router": router}
+    if ROUTERS[router].is_moe:
+        values.update(num_experts=4, topk=1)
+        values["router_options"] = ROUTERS[router].default_options(values.get("seq_length", 16))
+    return RunConfig(
+        model=ModelConfig(**{**values, **model}),
+        parallel=ParallelConfig(**(parallel or {})),
+        training=TrainingConfig(micro_batch_size=2, train_iters=10, lr=1e-3),
+        layers=LayerOptions(**(layers or {})),
+    )
+
+
+def test_every_router_kind_builds_a_valid_config_in_code():
+    from remoe_patches.config.router_registry import ROUTERS
+
+    for name in ROUTERS:
+        pre_softmax = {"moe_router_pre_softmax": True} if name == "topk" else {}
+        config = run_config_in_code(name, layers=dict(topk_router=pre_softmax))
+        assert config.validate() is config, name
+
+
+FULL_RECOMPUTE = dict(
+    recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+)
+MOE_RECOMPUTE = dict(recompute_granularity="selective", recompute_modules=("moe",))
+
+
+@pytest.mark.parametrize(
+    "config, needles",
+    [
+        (
+            lambda: run_config_in_code(
+                "hash", layers=MOE_RECOMPUTE, parallel=dict(pipeline_model_parallel_size=2)
+            ),
+            ["ModelConfig.router=hash", "pipeline_model_parallel_size=2", "recompute"],
+        ),
+        (
+            lambda: run_config_in_code(
+                "hash", layers=FULL_RECOMPUTE, parallel=dict(pipeline_model_parallel_size=2)
+            ),
+            ["ModelConfig.router=hash", "recompute_granularity=full"],
+        ),
+        (
+            lambda: run_config_in_code("relu", layers=dict(moe_permute_fusion=True)),
+            ["ModelConfig.router=relu excludes moe_permute_fusion"],
+        ),
+        (
+            lambda: run_config_in_code("expert_choice", layers=dict(moe_permute_fusion=True)),
+            ["ModelConfig.router=expert_choice excludes moe_permute_fusion"],
+        ),
+        (
+            lambda: run_config_in_code(
+                layers=dict(
+                    topk_router=dict(
+                        moe_router_pre_softmax=True, moe_pad_expert_input_to_capacity=True
+                    )
+                )
+            ),
+            ["LayerOptions.moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor"],
+        ),
+        (
+            lambda: run_config_in_code(
+                layers=dict(
+                    topk_router=dict(
+                        moe_router_pre_softmax=True, moe_router_enable_expert_bias=True
+                    )
+                )
+            ),
+            ["LayerOptions.moe_router_enable_expert_bias needs moe_router_score_function sigmoid"],
+        ),
+        (
+            lambda: run_config_in_code(),  # k*G = 1, softmax scores, no pre-softmax
+            ["ModelConfig.topk=1 needs moe_router_pre_softmax"],
+        ),
+    ],
+)
+def test_router_rules_refuse_a_config_built_in_code(config, needles):
+    with pytest.raises(ConfigError) as info:
+        config().validate()
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_router_rules_allow_what_they_do_not_cover():
+    # PP=1, or no MoE recomputation: the hash router is fine
+    run_config_in_code("hash", layers=MOE_RECOMPUTE).validate()
+    run_config_in_code("hash", parallel=dict(pipeline_model_parallel_size=2)).validate()
+    # megatron's TopK router: fused permutation, padding with a capacity, bias with sigmoid,
+    # k=1 with sigmoid scores
+    run_config_in_code(
+        moe_expert_capacity_factor=1.0,
+        layers=dict(
+            moe_permute_fusion=True,
+            topk_router=dict(
+                moe_router_pre_softmax=True,
+                moe_pad_expert_input_to_capacity=True,
+            ),
+        ),
+    ).validate()
+    run_config_in_code(
+        layers=dict(
+            topk_router=dict(
+                moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True
+            )
+        )
+    ).validate()
+    run_config_in_code(topk=2).validate()  # k > 1 needs no pre-softmax
+
+
+def test_a_saved_config_that_breaks_a_router_rule_still_loads():
+    # from_dict does not validate: runs saved before these rules moved load as they were
+    config = run_config_in_code("relu", layers=dict(moe_permute_fusion=True))
+    assert RunConfig.from_dict(config.to_dict()) == config
