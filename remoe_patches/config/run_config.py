@@ -1061,7 +1061,8 @@ class RunConfig:
                     kind.megatron_topk_router
                     and model.topk * model.granularity == 1
                     and softmax
-                    and not topk_router.get("moe_router_pre_softmax")
+                    # absent: ModelConfig.transformer_config's default, pre-softmax on
+                    and not topk_router.get("moe_router_pre_softmax", True)
                 ),
                 f"ModelConfig.topk={model.topk} needs moe_router_pre_softmax (a softmax over "
                 "the one chosen expert has no gradient; megatron-core refuses it)",

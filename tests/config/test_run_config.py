@@ -329,7 +329,8 @@ MOE_RECOMPUTE = dict(recompute_granularity="selective", recompute_modules=("moe"
             ["LayerOptions.moe_router_enable_expert_bias needs moe_router_score_function sigmoid"],
         ),
         (
-            lambda: run_config_in_code(),  # k*G = 1, softmax scores, no pre-softmax
+            # k*G = 1, softmax scores, pre-softmax off (absent, transformer_config turns it on)
+            lambda: run_config_in_code(layers=dict(topk_router=dict(moe_router_pre_softmax=False))),
             ["ModelConfig.topk=1 needs moe_router_pre_softmax"],
         ),
     ],
@@ -365,6 +366,7 @@ def test_router_rules_allow_what_they_do_not_cover():
         )
     ).validate()
     run_config_in_code(topk=2).validate()  # k > 1 needs no pre-softmax
+    run_config_in_code().validate()  # k = 1 with pre-softmax left to transformer_config's default
 
 
 def test_a_saved_config_that_breaks_a_router_rule_still_loads():
