@@ -29,7 +29,14 @@ def fake_run(root: Path, *, checkpoints=(), partial=(), latest=None) -> Path:
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "module", ["run_directory", "sweep", "run_metrics", "routing_capture", "metrics_log"]
+    "module",
+    [
+        "runs.run_directory",
+        "experiments.sweep",
+        "runs.run_metrics",
+        "analysis.routing_capture",
+        "train.metrics_log",
+    ],
 )
 def test_it_and_its_torch_free_readers_import_without_torch_or_megatron(module):
     code = (
