@@ -108,8 +108,9 @@ AUTHORS_182M_REMOE = [
     "ckpt/182m/tensorboard",
 ]
 
-# A small valid LLaMA-recipe command line for the error tests.
-TINY_FLAGS = [
+# The sizes and steps of a small run, without the LLaMA recipe's flags (what Megatron-LM's
+# defaults leave out), and with them: a small valid command line for the error tests.
+TINY_SIZE_FLAGS = [
     "--num-layers",
     "2",
     "--hidden-size",
@@ -124,6 +125,8 @@ TINY_FLAGS = [
     "1e-3",
     "--train-iters",
     "10",
+]
+TINY_FLAGS = TINY_SIZE_FLAGS + [
     "--normalization",
     "RMSNorm",
     "--swiglu",

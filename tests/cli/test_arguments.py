@@ -18,7 +18,7 @@ from remoe_patches.cli.arguments import parse_args, parse_run_config
 from remoe_patches.config.model_config import ModelConfig, ParallelConfig
 from remoe_patches.config.router_registry import SWEEP_NAMES, ReLUOptions
 
-from command_lines import AUTHORS_182M_REMOE, TINY_FLAGS, TINY_MOE_FLAGS
+from command_lines import AUTHORS_182M_REMOE, TINY_FLAGS, TINY_MOE_FLAGS, TINY_SIZE_FLAGS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 
@@ -594,23 +594,7 @@ def test_expert_bias_needs_sigmoid_scores(capsys):
 
 
 def test_every_missing_recipe_flag_is_reported_at_once(capsys):
-    megatron_defaults = [
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "64",
-        "--num-attention-heads",
-        "4",
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "2",
-        "--lr",
-        "1e-3",
-        "--train-iters",
-        "10",
-    ]
-    line = parse_error(megatron_defaults, capsys)
+    line = parse_error(TINY_SIZE_FLAGS, capsys)  # Megatron-LM's defaults for the recipe
     for needle in (
         "--normalization must be RMSNorm",
         "--swiglu must be given",
