@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import warnings
-from contextlib import closing, contextmanager
+from contextlib import closing
 from typing import Iterator, Optional, Sequence
 
 # Documents handed to the pool per round: bounds memory (Pool.imap would otherwise queue the
@@ -166,35 +166,19 @@ def _encode_all(numbered_lines, tokenizer, json_keys, append_eod, workers) -> It
         for item in numbered_lines:
             yield _encode_line(item, tokenizer, json_keys, append_eod)
         return
-    with _quiet_tokenizers_fork_warning():
-        pool = multiprocessing.Pool(
-            workers, initializer=_init_worker, initargs=(tokenizer, json_keys, append_eod)
-        )
+    # Spawned, not forked: the caller may hold threads (torch's, tokenizers' thread pool, a test
+    # runner's) whose locks a forked child would inherit held, and a deadlocked worker leaves
+    # Pool.imap waiting forever.
+    spawn = multiprocessing.get_context("spawn")
+    pool = spawn.Pool(
+        workers, initializer=_init_worker, initargs=(tokenizer, json_keys, append_eod)
+    )
     with pool:  # leaving early (an error) terminates the workers
         while True:
             batch = list(itertools.islice(numbered_lines, _DOCUMENTS_PER_ROUND))
             if not batch:
                 break
             yield from pool.imap(_encode_line_in_worker, batch, chunksize=_IMAP_CHUNKSIZE)
-
-
-@contextmanager
-def _quiet_tokenizers_fork_warning():
-    """Fork the pool without the Hugging Face tokenizers fork warning.
-
-    If the parent already used tokenizers' thread pool (e.g. it trained a tokenizer), every
-    forked child prints a warning and disables parallelism; our workers encode one document at
-    a time and never use that parallelism, so the warning is noise. The variable is set only
-    while forking, so the parent keeps its setting.
-    """
-    name = "TOKENIZERS_PARALLELISM"
-    previous = os.environ.get(name)
-    os.environ.setdefault(name, "false")
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
 
 
 _worker_state: tuple = ()
