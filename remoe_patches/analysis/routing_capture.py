@@ -89,7 +89,7 @@ def load_moe_for_routing(load) -> LoadedCheckpoint:
 
 def data_prefix(data) -> str:
     """The (first, heaviest) dataset prefix the run trained on (``data``: its DataConfig)."""
-    from remoe_patches.cli.argument_checks import split_blend
+    from remoe_patches.config.run_config import split_blend  # loads torch
 
     blend = data.data_path or data.valid_data_path or data.train_data_path
     if not blend:

@@ -10,10 +10,10 @@ that a RunConfig built in code is checked alike; ``argument_mapping`` reports th
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
 
 from remoe_patches.train.batch_rampup import rampup_problem
 from remoe_patches.config.router_registry import ROUTERS
+from remoe_patches.config.run_config import BLEND_FIELDS
 from remoe_patches.train.wandb_log import wandb_problem
 
 REQUIRED = (
@@ -73,53 +73,39 @@ def complete_and_validate(args, parser) -> None:
 
 
 def _validate_moe(args, parser) -> None:
-    if args.moe_relu_routing and not (
-        args.moe_router_type is None or ROUTERS[args.moe_router_type].adaptive_l1
-    ):
+    """--num-experts against the routing flags (0 reads as a dense model), then the router."""
+    routing = "--moe-relu-routing" if args.moe_relu_routing else None
+    if args.moe_router_type is not None:
+        if routing and not ROUTERS[args.moe_router_type].adaptive_l1:
+            parser.error(
+                f"--moe-relu-routing contradicts --moe-router-type {args.moe_router_type}; "
+                "give one of them"
+            )
+        routing = routing or f"--moe-router-type {args.moe_router_type}"
+    experts = args.num_experts
+    if experts is not None and experts < 1 and routing:
         parser.error(
-            f"--moe-relu-routing contradicts --moe-router-type {args.moe_router_type}; "
-            "give one of them"
+            f"--num-experts {experts} contradicts {routing}: routing needs experts; give "
+            f"--num-experts >= 1, or drop {routing.split()[0]} for a dense model"
         )
-    if args.num_experts is not None and args.num_experts < 1:
-        # 0 reads as "no experts": a dense model, unless routing flags ask for experts.
-        routing = (
-            "--moe-relu-routing"
-            if args.moe_relu_routing
-            else (f"--moe-router-type {args.moe_router_type}" if args.moe_router_type else None)
+    if experts is not None and experts < 0:
+        parser.error(
+            f"--num-experts {experts} must be >= 1; leave it out (or give 0) for a dense model"
         )
-        if routing:
-            parser.error(
-                f"--num-experts {args.num_experts} contradicts {routing}: routing needs "
-                f"experts; give --num-experts >= 1, or drop {routing.split()[0]} for a "
-                "dense model"
-            )
-        if args.num_experts < 0:
-            parser.error(
-                f"--num-experts {args.num_experts} must be >= 1; leave it out (or give 0) "
-                "for a dense model"
-            )
+    if not experts:
         args.num_experts = None
-    if args.num_experts is None:
-        if args.moe_relu_routing or args.moe_router_type is not None:
-            parser.error(
-                f"{'--moe-relu-routing' if args.moe_relu_routing else '--moe-router-type'}"
-                " needs --num-experts"
-            )
+        if routing:
+            parser.error(f"{routing.split()[0]} needs --num-experts")
         return
-    if args.moe_router_type is None:
-        args.moe_router_type = "relu" if args.moe_relu_routing else "topk"
-    kind = ROUTERS[args.moe_router_type]
+    kind = ROUTERS[args.moe_router_type or ("relu" if args.moe_relu_routing else "topk")]
+    args.moe_router_type = kind.name
     args.moe_relu_routing = kind.adaptive_l1  # Megatron-LM's name of --moe-router-type relu
     if kind.adaptive_l1 and args.moe_pad_expert_input_to_capacity:
-        # ReLU's LayerOptions carry no TopK router options: the flag is lost on the config
+        # the TopK router options that carry it are not the ReLU router's: it would be lost
         parser.error(
             "--moe-relu-routing excludes --moe-pad-expert-input-to-capacity: ReLU "
             "routing is dropless (a token may use 0..E experts)"
         )
-    # The rules on the model's own settings (k, granularity, dispatcher, capacity) and between
-    # the router and the layers' or pipeline's (recomputation, permute fusion, capacity padding,
-    # megatron's TopKRouter options) are the config's (ModelConfig, LayerOptions, RunConfig
-    # .validate), reported in flag terms; these are about flags it does not hold.
 
 
 def _complete_recompute(args, parser) -> None:
@@ -139,20 +125,13 @@ def _complete_recompute(args, parser) -> None:
 
 
 def _complete_data_and_tokenizer(args, parser) -> None:
-    blends = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
     tokenizer = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model")
-    demo_replaces = (*blends, "mock_data", *tokenizer)
+    demo_replaces = (*BLEND_FIELDS, "mock_data", *tokenizer)
     clashing = [f"--{dest.replace('_', '-')}" for dest in demo_replaces if dest in args.given]
     if args.demo_corpus and clashing:
         parser.error(
             f"--demo-corpus sets the data and tokenizer itself; drop {', '.join(clashing)}"
         )
-    for dest in blends:
-        if getattr(args, dest) is not None:
-            try:
-                split_blend(getattr(args, dest))
-            except ValueError as error:
-                parser.error(f"--{dest.replace('_', '-')}: {error}")
     if (args.data_path is not None or args.demo_corpus) and args.split is None:
         args.split = "969, 30, 1"  # Megatron-LM's default for a single blend
 
@@ -160,27 +139,3 @@ def _complete_data_and_tokenizer(args, parser) -> None:
         if not (args.vocab_file and args.merge_file):
             parser.error("GPT-2 BPE needs both --vocab-file and --merge-file")
         args.tokenizer_type = "GPT2BPETokenizer"
-
-
-def split_blend(tokens: Sequence[str]) -> tuple:
-    """Megatron-LM's blend: ``(prefixes, weights)``; weights is None for bare prefixes.
-
-    An even number of tokens whose even positions are all numbers is a ``weight prefix`` list;
-    otherwise every token is a prefix. Numbers at only some even positions are an error.
-    """
-    tokens = list(tokens)
-    if not tokens:
-        raise ValueError("no dataset prefix given")
-    weights = [_as_float(token) for token in tokens[0::2]] if len(tokens) % 2 == 0 else [None]
-    if all(weight is not None for weight in weights):
-        return tokens[1::2], weights
-    if any(weight is not None for weight in weights):
-        raise ValueError("mixes 'weight prefix' pairs with bare prefixes")
-    return tokens, None
-
-
-def _as_float(token: str) -> Optional[float]:
-    try:
-        return float(token)
-    except ValueError:
-        return None

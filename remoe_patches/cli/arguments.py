@@ -1,51 +1,27 @@
-"""Command-line arguments of ``pretrain_gpt.py`` under Megatron-LM's names and meanings.
+"""``pretrain_gpt.py``'s command line: Megatron-LM's flags, names and meanings, so that launch
+scripts written for Megatron-LM (the ReMoE authors' included) run unchanged, plus the ReMoE
+fork's ``--moe-relu-routing*`` and ``--moe-granularity`` and our ``--config``,
+``--max-skipped-steps`` and ``--demo-corpus``.
 
-Launch scripts written for Megatron-LM's ``pretrain_gpt.py`` (core_r0.10, end of 2024), the
-ReMoE authors' included, run unchanged: every flag keeps Megatron-LM's name, type, default and
-meaning, and the ReMoE fork's ``--moe-relu-routing``, ``--moe-relu-l1-reg-coeff-init``,
-``--moe-relu-l1-reg-coeff-multiplier`` and ``--moe-granularity`` are added, as are our own
-``--config``, ``--max-skipped-steps`` and ``--demo-corpus``.
+- A flag is declared once, on the config field it sets (``flag_fields.flag_field``); flags that
+  set no field are declared alike on ``RecipeFlags``, ``UnbuiltFlags``, ``OtherFlags`` and
+  ``TopKRouterFlags``. The parser is one loop over Megatron-LM's groups (``GROUPS``).
+- ``--config FILE.yaml``: a flat mapping of flag names with underscores to values, read as
+  defaults that the command line overrides (a given flag also drops the YAML's value of its
+  mutually exclusive partner). Every on/off flag has its opposite (``--X``/``--no-X``), so the
+  command line can undo the YAML; one switched back to its default does not count as given.
+- Errors are one line and exit code 2. No prefixes. A Megatron-LM flag not built here
+  (``megatron_lm_flags.txt``: core_v0.16.1's) is named as such; another unknown flag or key
+  names the flag it misspells. Nothing is silently ignored: a flag is honoured, refused, or
+  noted as without effect (``argument_notes``).
+- ``parse_command_line`` parses, completes and checks the flags (``argument_checks``) and maps
+  them once onto the ``RunConfig`` (``argument_mapping``).
 
-Design:
-
-- A flag is declared once, as metadata of the config field it sets (``flag_fields.flag_field``
-  on the parts of ``run_config.RunConfig`` and the routers' options); Megatron-LM's flags that
-  set no field are declared alike, as data: ``model_config.RecipeFlags`` and
-  ``model_config.UnbuiltFlags`` (the one value accepted, ``must``, and the refusal otherwise),
-  ``run_config.OtherFlags`` (read by the mapping, or only noted: ``note``),
-  ``router_registry.TopKRouterFlags``. The parser is one loop over Megatron-LM's groups (``GROUPS``)
-  and the declaring parts (``FLAG_PARTS``).
-- ``--config FILE.yaml`` is read first, a flat mapping from flag names with underscores
-  (``num_layers: 12``) to values that become the defaults the command line overrides; a
-  command-line flag also drops the YAML's value of its mutually exclusive partner.
-- Every on/off flag can be switched either way, so that the command line can undo a YAML's
-  ``true``: ``--X`` has ``--no-X``, Megatron-LM's ``--no-X`` has ``--X``. A flag switched to its
-  default does not count as given (``args.given``: the destinations set explicitly).
-- Errors are one line on stderr and exit code 2, without the usage text of ~120 flags; no
-  prefixes (``allow_abbrev=False``). A Megatron-LM flag not implemented here
-  (``megatron_lm_flags.txt``: all of Megatron-LM core_v0.16.1's) is named as such; any other
-  unknown flag or YAML key names the known one it misspells, when one is close.
-- Nothing is silently ignored: a flag is honoured, refused with a one-line reason, or listed by
-  ``argument_notes.ineffective_flags`` as without effect on this machine.
-- ``parse_command_line`` parses (this module), completes and checks the flags
-  (``argument_checks``) and maps them, once, onto the ``run_config.RunConfig`` everything after
-  start-up takes (``argument_mapping``). ``parse_args`` is the flags alone.
-
-Where we differ from Megatron-LM on purpose:
-
-- ``--ffn-hidden-size`` defaults to 4 * hidden even with ``--swiglu`` (Megatron-LM shrinks it to
-  about 8/3 * hidden): the paper's FFN is 4 * hidden.
-- ``--fp16`` is refused (use ``--bf16``); ``--optimizer sgd`` is not offered;
-  ``--tokenizer-type`` offers the three tokenizers of ``remoe_patches.data.tokenizer``.
-- ``--micro-batch-size``, ``--lr`` and one of ``--train-iters``/``--train-samples`` are required
-  at parse time (Megatron-LM fails later without them), besides the model sizes.
-- ``--sequence-parallel`` at TP=1 is turned off with a warning, as Megatron-LM does.
-- ``--moe-router-dtype`` defaults to fp32 from 32 experts (E x G), where megatron-core warns
-  that the model's dtype is unstable; below that it is the model's dtype, as in Megatron-LM.
-
-The authors' scripts' ``CUDA_DEVICE_MAX_CONNECTIONS=1`` and
-``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` only matter for speed on GPUs; nothing here
-reads them.
+Deliberate differences from Megatron-LM: ``--ffn-hidden-size`` defaults to 4 * hidden even
+with ``--swiglu`` (the paper's FFN); ``--fp16`` is refused (use ``--bf16``) and ``--optimizer
+sgd`` is not offered; the model sizes, ``--micro-batch-size``, ``--lr`` and one of
+``--train-iters``/``--train-samples`` are required at parse time; ``--moe-router-dtype``
+defaults to fp32 from 32 experts (E x G), where megatron-core warns.
 """
 
 from __future__ import annotations

@@ -540,6 +540,10 @@ class DataConfig:
                 f"tokenizer_model needs tokenizer_type={' or '.join(model_file_types)}",
             ),
         ]
+        for name in BLEND_FIELDS:
+            blend = getattr(self, name)
+            problem = blend is not None and blend_problem(blend)
+            sentences.append((not problem, f"{name} {problem}"))
         _refuse_first("DataConfig", sentences)
         return self
 
@@ -1105,6 +1109,47 @@ class RunConfig:
                     values[key] = tuple(value)
             parts[name] = part(**values)
         return cls(**parts)
+
+
+BLEND_FIELDS = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
+
+
+def split_blend(tokens) -> tuple:
+    """Megatron-LM's blend: ``(prefixes, weights)``; weights is None for bare prefixes.
+
+    An even number of tokens whose even positions are all numbers is a ``weight prefix`` list;
+    otherwise every token is a prefix. ValueError for a blend that ``blend_problem`` refuses.
+    """
+    tokens = list(tokens)
+    problem = blend_problem(tokens)
+    if problem:
+        raise ValueError(problem)
+    weights = _weights_or_nones(tokens)
+    return (tokens, None) if None in weights else (tokens[1::2], weights)
+
+
+def blend_problem(tokens) -> Optional[str]:
+    """What is wrong with a blend, worded after its field name: no prefix, or numbers at only
+    some even positions (megatron's ``get_blend_from_list`` would take them for prefixes)."""
+    weights = _weights_or_nones(list(tokens))
+    if not tokens:
+        return "gives no dataset prefix"
+    if None in weights and any(weight is not None for weight in weights):
+        return "mixes 'weight prefix' pairs with bare prefixes"
+    return None
+
+
+def _weights_or_nones(tokens: list) -> list:
+    """The blend's even-position tokens as numbers (None for a non-number; [None] when odd)."""
+    if len(tokens) % 2:
+        return [None]
+    weights = []
+    for token in tokens[0::2]:
+        try:
+            weights.append(float(token))
+        except ValueError:
+            weights.append(None)
+    return weights
 
 
 def _refuse_first(part: str, rules) -> None:

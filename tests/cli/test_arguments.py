@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from remoe_patches.cli.argument_checks import split_blend
+from remoe_patches.config.run_config import split_blend
 from remoe_patches.cli.argument_mapping import (
     model_config_from_args,
     parallel_config_from_args,
@@ -442,7 +442,7 @@ def test_yaml_lists_give_the_flags_of_several_values(tmp_path, capsys):
             without(TINY_MOE_FLAGS, "--moe-router-pre-softmax"),
             "--moe-router-topk 1 needs --moe-router-pre-softmax",
         ),
-        (TINY_FLAGS + ["--data-path", "0.5", "a", "b", "c"], "--data-path: mixes"),
+        (TINY_FLAGS + ["--data-path", "0.5", "a", "b", "c"], "--data-path mixes"),
         (TINY_FLAGS + ["--vocab-file", "vocab.json"], "needs both --vocab-file and --merge-file"),
         (TINY_FLAGS + ["--max-position-embeddings", "16"], "--max-position-embeddings 16"),
         (TINY_FLAGS + ["--optimizer", "sgd"], "--optimizer"),
