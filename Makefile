@@ -30,7 +30,7 @@ lint: setup
 	$(PY) -m ruff format --check $(LINTED)
 
 test: setup lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The unit tests alone (minutes): every test but those marked integration (pytest.ini).
 test-fast: setup lint

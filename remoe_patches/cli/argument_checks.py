@@ -1,11 +1,7 @@
-"""The flags' own rules, checked after parsing (``complete_and_validate``): what Megatron-LM
-derives from other flags (FFN width, max positions, split, tokenizer type, recompute modules) is
-filled in, and a combination that cannot work is refused in one line naming the flags.
-
-Rules about one config part's own settings live in its ``validate`` (``ModelConfig``,
-``ParallelConfig``, ``LayerOptions``, ``TrainingConfig``, ``DataConfig``, ``LoggingConfig``), so
-that a RunConfig built in code is checked alike; ``argument_mapping`` reports them in flag terms.
-"""
+"""The flags' own rules, after parsing (``complete_and_validate``): Megatron-LM's derived
+defaults are filled in, and what cannot work is refused in one line naming the flags. A config
+part's rules on its own fields are its ``validate``'s, so that a config built in code is checked
+alike."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""The parsed flags onto the typed ``RunConfig`` (``run_config_from_args``), once.
-
-Each part's fields declare their flags (``flag_fields``), so most values are read back from
-them (``values_from_args``); the functions here add the few that Megatron-LM derives from other
-flags (query groups, FFN width, the router, ...). A flag the builder cannot honour is refused
-with a ConfigError naming the flag (``must`` in its declaration); errors of the parts' validation
-are reworded in flag terms (``--moe-router-topk 5: ...`` rather than ``ModelConfig.topk=5: ...``).
-"""
+"""The parsed flags onto the typed ``RunConfig``, once (``run_config_from_args``): values are
+read back through the fields' flag declarations (``values_from_args``); what Megatron-LM derives
+from other flags is added here; errors name flags (``in_flag_terms``), not fields."""
 
 from __future__ import annotations
 
@@ -163,27 +158,14 @@ def _as_flag(field: str, value: Optional[str]) -> str:
 def layer_options_from_args(args) -> LayerOptions:
     """The TransformerConfig options the flags set that ModelConfig does not hold; derived:
     the recompute modules, and the TopK-only router options of the kinds that honour them."""
-    topk_router = {}
-    if args.num_experts is not None:
-        # megatron TopKRouter's options that the router honours (moe_aux_loss_coeff is the
-        # model's: ModelConfig)
-        kind = ROUTERS[args.moe_router_type]
-        topk_router = {
-            dest: getattr(args, dest)
-            for dest in kind.topk_router_flags
-            if dest != "moe_aux_loss_coeff"
-        }
-        if kind.token_dropping:
-            topk_router.update(
-                moe_token_drop_policy=args.moe_token_drop_policy,
-                moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-            )
+    kind = ROUTERS[args.moe_router_type] if args.num_experts is not None else None
+    names = kind.layer_topk_router_options if kind else ()
     return LayerOptions(
         **{
             **values_from_args(LayerOptions, args),
             "recompute_modules": tuple(args.recompute_modules),
-            "moe_permute_fusion": bool(args.num_experts is not None and args.moe_permute_fusion),
-            "topk_router": topk_router,
+            "moe_permute_fusion": bool(kind and args.moe_permute_fusion),
+            "topk_router": {name: getattr(args, name) for name in names},
         }
     )
 

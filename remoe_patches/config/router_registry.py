@@ -384,6 +384,14 @@ class RouterKind:
         ``--moe-router-type NAME`` otherwise."""
         return "--moe-relu-routing" if self.adaptive_l1 else f"--moe-router-type {self.name}"
 
+    @property
+    def layer_topk_router_options(self) -> tuple:
+        """The names it reads from ``LayerOptions.topk_router``: the TopKRouter options it
+        honours but the model's ``moe_aux_loss_coeff``, and token dropping's."""
+        dropping = ("moe_token_drop_policy", "moe_pad_expert_input_to_capacity")
+        names = tuple(name for name in self.topk_router_flags if name != "moe_aux_loss_coeff")
+        return names + (dropping if self.token_dropping else ())
+
     def default_options(self, seq_length: int):
         """Its options' defaults for a model of sequences of ``seq_length`` tokens."""
         if self.options_for_sequence_length is not None:

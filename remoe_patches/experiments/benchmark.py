@@ -304,11 +304,8 @@ def _topk_router_options(config: BenchmarkConfig, kind) -> dict:
     settings = dict(_TOPK_ROUTER_SETTINGS)
     if kind.megatron_topk_router:  # the dMoE baseline of configs/*_moe.yaml: gates scaled by E/k
         settings.update(moe_router_topk_scaling_factor=config.num_experts / config.topk)
-    names = [name for name in kind.topk_router_flags if name != "moe_aux_loss_coeff"]  # the model's
-    if kind.token_dropping:
-        names += ["moe_token_drop_policy", "moe_pad_expert_input_to_capacity"]
     defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
-    return {name: settings.get(name, defaults[name]) for name in names}
+    return {name: settings.get(name, defaults[name]) for name in kind.layer_topk_router_options}
 
 
 def zipf_batches(
