@@ -321,6 +321,17 @@ def unknown_flag_message(flag: str, known_flags) -> str:
     return f"unknown flag {flag}{hint}"
 
 
+def unknown_key_message(key, known_keys) -> str:
+    """What to say about a YAML or sweep key (a flag name with underscores) that names no flag:
+    as ``unknown_flag_message``."""
+    as_flag = "--" + str(key).replace("_", "-")
+    if as_flag in megatron_lm_flags():
+        return f"{key}: " + unknown_flag_message(as_flag, [])
+    closest = difflib.get_close_matches(str(key), known_keys, n=1, cutoff=SIMILAR_FLAG_CUTOFF)
+    hint = f"; did you mean {closest[0]}?" if closest else ""
+    return f"{key} is not a pretrain_gpt.py flag{hint}"
+
+
 def _dests_given(tokens) -> set:
     """The destinations that ``tokens`` set (errors other than unknown flags exit as usual)."""
     parser = build_parser()
@@ -350,12 +361,7 @@ def _yaml_tokens(path: str, parser) -> list:
     tokens = []
     for key, value in mapping.items():
         if key not in actions:
-            as_flag = "--" + str(key).replace("_", "-")
-            if as_flag in megatron_lm_flags():
-                parser.error(f"key {key}: " + unknown_flag_message(as_flag, []))
-            closest = difflib.get_close_matches(str(key), actions, n=1, cutoff=SIMILAR_FLAG_CUTOFF)
-            hint = f"; did you mean {closest[0]}?" if closest else ""
-            parser.error(f"unknown key {key}{hint}")
+            parser.error("key " + unknown_key_message(key, actions))
         flag, action = actions[key]
         if value is None:
             continue

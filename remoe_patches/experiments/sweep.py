@@ -443,13 +443,7 @@ def run_argv(run: Run) -> list:
 def validate_runs(sweep: Sweep) -> None:
     """Parse every run's flags with pretrain_gpt.py's parser; SweepError naming the sweep file,
     the run and what the parser says (an unknown key with the closest known one)."""
-    from remoe_patches.cli.arguments import (
-        SIMILAR_FLAG_CUTOFF,
-        build_parser,
-        megatron_lm_flags,
-        parse_args,
-        unknown_flag_message,
-    )
+    from remoe_patches.cli.arguments import build_parser, parse_args, unknown_key_message
 
     known = {
         flag[2:].replace("-", "_")
@@ -460,21 +454,9 @@ def validate_runs(sweep: Sweep) -> None:
     for run in sweep.runs:
         for key in run.flags:
             if key not in known:
-                import difflib
-
                 where = "grid" if key in run.values else "base"
-                as_flag = "--" + key.replace("_", "-")
-                if as_flag in megatron_lm_flags():
-                    raise SweepError(
-                        f"{sweep.path}: {where}.{key}: " + unknown_flag_message(as_flag, [])
-                    )
-                closest = difflib.get_close_matches(
-                    key, sorted(known), n=1, cutoff=SIMILAR_FLAG_CUTOFF
-                )
-                raise SweepError(
-                    f"{sweep.path}: {where}.{key} is not a pretrain_gpt.py flag"
-                    + (f"; did you mean {closest[0]}?" if closest else "")
-                )
+                message = unknown_key_message(key, sorted(known))
+                raise SweepError(f"{sweep.path}: {where}.{message}")
     with tempfile.TemporaryDirectory() as scratch:
         for run in sweep.runs:
             config = Path(scratch) / f"{run.name}.yaml"

@@ -354,7 +354,10 @@ def test_unknown_yaml_key_names_file_key_and_closest_key(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("num_layer: 12\n")
     err = parse_error(["--config", str(config), *TINY_FLAGS], capsys)
-    assert str(config) in err and "unknown key num_layer; did you mean num_layers?" in err
+    assert (
+        str(config) in err
+        and "key num_layer is not a pretrain_gpt.py flag; did you mean num_layers?" in err
+    )
 
 
 def test_yaml_switch_needs_a_boolean(tmp_path, capsys):
