@@ -1,6 +1,7 @@
 """Flags that have no effect on this machine (``ineffective_flags``): ``pretrain_gpt.py`` lists
 each given one once at start-up with the reason, so nothing is silently ignored. A flag's
-declaration says what holds whatever the machine (``note``, ``needs``: ``flag_fields``)."""
+declaration says when and why it has none (``note``, ``needs``, ``speed_only``:
+``flag_fields.flag_field``); the code here adds what depends on the machine and the router."""
 
 from __future__ import annotations
 
@@ -9,11 +10,6 @@ from remoe_patches.config.flag_fields import declared_flags, option_dest
 from remoe_patches.config.router_registry import ROUTERS, TOPK_ROUTER_FLAGS
 
 SPEED_ONLY_ON_CPU = "speed-only on GPUs; no effect on CPU"
-NEEDS_TE = "needs transformer-engine, which is not installed"
-NEEDS_APEX_WGRAD = (
-    "the fusion needs apex's fused_weight_gradient_mlp_cuda kernel, which is not "
-    "installed; it is off anyway"
-)
 DECLARED = [option for part in FLAG_PARTS for option, _ in declared_flags(part)]
 DESTS = {option.metadata["flag"]: option_dest(option) for option in DECLARED}
 
@@ -34,104 +30,60 @@ def ineffective_flags(
         if DESTS[flag] in args.given and when:
             found.setdefault(flag, reason)
 
-    on_cpu = not cuda_available
-    note(
-        "--use-flash-attn",
-        SPEED_ONLY_ON_CPU
-        if on_cpu
-        else (
-            "transformer-engine picks flash attention by itself"
-            if transformer_engine_available
-            else "PyTorch's scaled_dot_product_attention picks flash attention by itself"
-        ),
-    )
-    for flag in (
-        "--no-masked-softmax-fusion",
-        "--no-bias-swiglu-fusion",
-        "--no-bias-dropout-fusion",
-    ):
-        note(flag, SPEED_ONLY_ON_CPU, when=on_cpu)
-    note(
-        "--no-gradient-accumulation-fusion",
-        SPEED_ONLY_ON_CPU if on_cpu else NEEDS_APEX_WGRAD,
-        when=not (cuda_available and wgrad_fusion_available),
-    )
+    te = transformer_engine_available
+    if cuda_available:  # on CPU these flags are speed_only
+        picker = "transformer-engine" if te else "PyTorch's scaled_dot_product_attention"
+        note("--use-flash-attn", f"{picker} picks flash attention by itself")
+        note(
+            "--no-gradient-accumulation-fusion",
+            "the fusion needs apex's fused_weight_gradient_mlp_cuda kernel, which is not "
+            "installed; it is off anyway",
+            when=not wgrad_fusion_available,
+        )
     note(
         "--transformer-impl",
         "transformer-engine is not installed; megatron-core's local layers are used",
-        when=not transformer_engine_available,
+        when=not te,
     )
-    backend_used = "gloo" if on_cpu else "nccl"
+    backend_used = "nccl" if cuda_available else "gloo"
     note(
         "--distributed-backend",
-        f"{'CPU' if on_cpu else 'GPU'} runs use {backend_used}",
+        f"{'GPU' if cuda_available else 'CPU'} runs use {backend_used}",
         when=args.distributed_backend != backend_used,
     )
-    note(
-        "--sequence-parallel",
-        "needs --tensor-model-parallel-size > 1; turned off",
-        when=args.tensor_model_parallel_size == 1,
-    )
-    note(
-        "--async-save",
-        "needs --use-persistent-ckpt-worker, as in Megatron-LM; checkpoints "
-        "are written synchronously",
-        when=not args.use_persistent_ckpt_worker,
-    )
-    note("--use-persistent-ckpt-worker", "only used with --async-save", when=not args.async_save)
-    note(
-        "--tensorboard-log-interval",
-        "tensorboard is written at every --log-interval",
-        when=args.tensorboard_dir is not None,
-    )
-    gpt2 = args.tokenizer_type == "GPT2BPETokenizer"
-    for flag, used in (
-        ("--vocab-file", gpt2),
-        ("--merge-file", gpt2),
-        ("--tokenizer-model", not gpt2),
-    ):
-        note(flag, f"unused by --tokenizer-type {args.tokenizer_type}", when=not used)
-
     if args.num_experts is None:  # argument_checks reads --num-experts 0 as None
-        dense = (
-            "dense model (--num-experts 0)"
-            if "num_experts" in args.given
-            else "dense model (no --num-experts)"
-        )
+        given = "num_experts" in args.given
+        dense = f"dense model ({'--num-experts 0' if given else 'no --num-experts'})"
         for dest in sorted(args.given):
-            if dest.startswith("moe_") or dest.startswith("expert_"):
+            if dest.startswith(("moe_", "expert_")):
                 note(f"--{dest.replace('_', '-')}", dense)
     else:
-        _note_moe_flags(
-            args,
-            note,
-            te_kernel_missing=not (cuda_available and transformer_engine_available),
-            on_cpu=on_cpu,
+        note(
+            "--moe-permute-fusion",
+            "needs transformer-engine, which is not installed",
+            when=cuda_available and not te,
         )
-    for option in DECLARED:  # what the declarations say, whatever the machine
-        flag, needs = option.metadata["flag"], option.metadata["needs"]
-        note(flag, option.metadata["note"], when=bool(option.metadata["note"]))
+        note(
+            "--ffn-hidden-size",
+            "every layer is an MoE layer and the experts use --moe-ffn-hidden-size",
+            when="moe_ffn_hidden_size" in args.given,
+        )
+        _note_router_flags(args, note)
+    for option in DECLARED:  # what the declarations say
+        flag, reason, needs = (option.metadata[key] for key in ("flag", "note", "needs"))
+        note(flag, SPEED_ONLY_ON_CPU, when=option.metadata["speed_only"] and not cuda_available)
         if needs:
+            want = needs[1] if len(needs) == 2 else bool  # (flag,): that flag set
             have = getattr(args, DESTS[needs[0]])
-            if len(needs) == 1:
-                note(flag, f"needs {needs[0]}", when=not have)
-            else:
-                note(flag, f"only used with {needs[0]} {needs[1]}", when=have != needs[1])
+            met = want(have) if callable(want) else have == want
+            generic = f"needs {needs[0]}" if want is bool else f"only used with {needs[0]} {want}"
+            note(flag, (reason or generic).format(**vars(args)), when=not met)
+        elif reason:
+            note(flag, reason.format(**vars(args)))
     return list(found.items())
 
 
-def _note_moe_flags(args, note, *, te_kernel_missing: bool, on_cpu: bool) -> None:
-    note("--moe-permute-fusion", SPEED_ONLY_ON_CPU if on_cpu else NEEDS_TE, when=te_kernel_missing)
-    note(
-        "--moe-layer-recompute",
-        "full recomputation already recomputes every layer",
-        when=args.recompute_granularity == "full",
-    )
-    note(
-        "--ffn-hidden-size",
-        "every layer is an MoE layer and the experts use --moe-ffn-hidden-size",
-        when="moe_ffn_hidden_size" in args.given,
-    )
+def _note_router_flags(args, note) -> None:
     router = ROUTERS[args.moe_router_type]
     for kind in ROUTERS.values():  # each router's own options
         for _, flag in declared_flags(kind.options):
@@ -151,8 +103,3 @@ def _note_moe_flags(args, note, *, te_kernel_missing: bool, on_cpu: bool) -> Non
         else:
             reason = f"not used by --moe-router-type {router.name}"
         note(f"--{dest.replace('_', '-')}", reason)
-    note(
-        "--moe-token-drop-policy",
-        "only with --moe-expert-capacity-factor (token dropping)",
-        when=args.moe_expert_capacity_factor is None,
-    )

@@ -28,6 +28,7 @@ def flag_field(
     refusal: str = "",
     note: str = "",
     needs: tuple = (),
+    speed_only: bool = False,
     **argparse_kwargs,
 ):
     """A dataclass field set by ``flag``: ``default`` (none: a required field, whose flag then
@@ -36,9 +37,13 @@ def flag_field(
     for a parser default other than the field's).
 
     ``must``: the only value accepted (or a test ``must(value, args)``), else ``refusal`` (after
-    the flag; ``str.format`` fields: ``value``, ``if_default`` and the flags' dests). ``note``:
-    why the flag, given, has no effect. ``needs``: ``(flag, value)`` without which it has none
-    (``(flag,)``: without that flag set).
+    the flag; ``str.format`` fields: ``value``, ``if_default`` and the flags' dests).
+
+    When the flag, given, has no effect (``argument_notes`` lists it): ``needs``, ``(flag, value)``
+    without which it has none (``(flag,)``: without that flag set; ``(flag, test)``: unless
+    ``test(value)``); ``note``, why (alone: always; with ``needs``: in place of "needs ...", and
+    required with a ``test``; ``str.format`` fields: the flags' dests); ``speed_only``: on CPU, as
+    it only changes the speed on GPUs.
     """
     metadata = dict(
         flag=flag,
@@ -49,6 +54,7 @@ def flag_field(
         refusal=refusal,
         note=note,
         needs=needs,
+        speed_only=speed_only,
     )
     return field(default=default, metadata=metadata)
 

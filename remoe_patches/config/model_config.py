@@ -410,6 +410,8 @@ class ParallelConfig:
         flag="--sequence-parallel",
         group="parallelism",
         action="store_true",
+        needs=("--tensor-model-parallel-size", lambda size: size > 1),
+        note="needs --tensor-model-parallel-size > 1; turned off",
         help="Split activations along the sequence in TP regions (needs TP > 1; MoE layers at "
         "TP > 1 require it).",
     )

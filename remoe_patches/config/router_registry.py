@@ -308,6 +308,8 @@ class TopKRouterFlags:
         "--moe-token-drop-policy",
         "TopK with a capacity factor: drop the lowest-probability tokens or the last ones.",
         choices=["probs", "position"],
+        needs=("--moe-expert-capacity-factor",),
+        note="only with --moe-expert-capacity-factor (token dropping)",
     )
     moe_pad_expert_input_to_capacity: bool = option(
         False,

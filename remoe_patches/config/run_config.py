@@ -29,6 +29,7 @@ from remoe_patches.data.tokenizer import TOKENIZER_TYPES
 
 
 RECOMPUTE, FUSED = "activation recomputation", "fused kernels (speed only)"
+UNUSED_BY_TOKENIZER = "unused by --tokenizer-type {tokenizer_type}"
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class LayerOptions:
         group=FUSED,
         action="store_false",
         dest="masked_softmax_fusion",
+        speed_only=True,
         help="Unfused scale-mask-softmax.",
     )
     bias_swiglu_fusion: bool = flag_field(
@@ -85,6 +87,7 @@ class LayerOptions:
         group=FUSED,
         action="store_false",
         dest="bias_swiglu_fusion",
+        speed_only=True,
         help="Unfused bias + SwiGLU.",
     )
     bias_dropout_fusion: bool = flag_field(
@@ -93,6 +96,7 @@ class LayerOptions:
         group=FUSED,
         action="store_false",
         dest="bias_dropout_fusion",
+        speed_only=True,
         help="Unfused bias + dropout + residual.",
     )
     gradient_accumulation_fusion: bool = flag_field(
@@ -101,6 +105,7 @@ class LayerOptions:
         group=FUSED,
         action="store_false",
         dest="gradient_accumulation_fusion",
+        speed_only=True,
         help="Unfused weight-gradient accumulation.",
     )
     moe_permute_fusion: bool = flag_field(
@@ -108,6 +113,7 @@ class LayerOptions:
         flag="--moe-permute-fusion",
         group=MOE_GROUP,
         action="store_true",
+        speed_only=True,
         help="Fused token permutation (transformer-engine); TopK only.",
     )
     """The fusions wanted; each is on only where its kernel exists (see
@@ -495,16 +501,30 @@ class DataConfig:
         help="Default GPT2BPETokenizer when --vocab-file and --merge-file are given.",
     )
     vocab_file: Optional[str] = flag_field(
-        None, flag="--vocab-file", group="tokenizer", type=str, help="GPT-2 vocab.json."
+        None,
+        flag="--vocab-file",
+        group="tokenizer",
+        type=str,
+        needs=("--tokenizer-type", "GPT2BPETokenizer"),
+        note=UNUSED_BY_TOKENIZER,
+        help="GPT-2 vocab.json.",
     )
     merge_file: Optional[str] = flag_field(
-        None, flag="--merge-file", group="tokenizer", type=str, help="GPT-2 merges.txt."
+        None,
+        flag="--merge-file",
+        group="tokenizer",
+        type=str,
+        needs=("--tokenizer-type", "GPT2BPETokenizer"),
+        note=UNUSED_BY_TOKENIZER,
+        help="GPT-2 merges.txt.",
     )
     tokenizer_model: Optional[str] = flag_field(
         None,
         flag="--tokenizer-model",
         group="tokenizer",
         type=str,
+        needs=("--tokenizer-type", lambda kind: kind != "GPT2BPETokenizer"),
+        note=UNUSED_BY_TOKENIZER,
         help="SentencePiece .model, or a tokenizer.json (or its directory).",
     )
     make_vocab_size_divisible_by: int = flag_field(
@@ -616,6 +636,9 @@ class CheckpointConfig:
         flag="--async-save",
         group="checkpointing",
         action="store_true",
+        needs=("--use-persistent-ckpt-worker",),
+        note="needs --use-persistent-ckpt-worker, as in Megatron-LM; checkpoints are written "
+        "synchronously",
         help="Write checkpoints in the background while training goes on (megatron-core's "
         "async torch_dist save; with --use-persistent-ckpt-worker, as in Megatron-LM).",
     )
@@ -624,6 +647,8 @@ class CheckpointConfig:
         flag="--use-persistent-ckpt-worker",
         group="checkpointing",
         action="store_true",
+        needs=("--async-save",),
+        note="only used with --async-save",
         help="--async-save's writer is one process kept for the whole run (else one per save).",
     )
     ckpt_fully_parallel_save: bool = flag_field(
@@ -893,6 +918,8 @@ class OtherFlags:
         flag="--moe-layer-recompute",
         group=MOE_GROUP,
         action="store_true",
+        needs=("--recompute-granularity", lambda granularity: granularity != "full"),
+        note="full recomputation already recomputes every layer",
         help="Recompute the MoE layers in the backward pass (saves memory).",
     )
     moe_relu_routing: bool = flag_field(
@@ -931,7 +958,12 @@ class OtherFlags:
         help="Selective recomputation (core attention).",
     )
     use_flash_attn: bool = flag_field(
-        False, flag="--use-flash-attn", group=FUSED, action="store_true", help="Flash attention."
+        False,
+        flag="--use-flash-attn",
+        group=FUSED,
+        action="store_true",
+        speed_only=True,
+        help="Flash attention.",
     )
     log_throughput: bool = flag_field(
         False,
@@ -945,7 +977,7 @@ class OtherFlags:
         1,
         flag="--tensorboard-log-interval",
         group="logging",
-        needs=("--tensorboard-dir",),
+        note="tensorboard is written at every --log-interval",
         help="Steps between TensorBoard writes.",
     )
     use_checkpoint_args: bool = flag_field(

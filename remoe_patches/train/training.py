@@ -175,7 +175,7 @@ def pretrain(config: RunConfig, arguments: Sequence[str] = ()) -> RunState:
         routing_load = ExpertLoad(config.model.num_layers, config.model.total_experts, device)
         hooks += expert_load.attach(model_chunks, routing_load)
 
-    # --async-save needs the persistent writer, as in Megatron-LM (argument_notes says so)
+    # --async-save needs the persistent writer, as in Megatron-LM (its flag declaration notes it)
     async_saves = (
         checkpointing.AsyncSaves(persistent=True)
         if ckpt.async_save and ckpt.use_persistent_ckpt_worker

@@ -626,3 +626,26 @@ def test_gradient_accumulation_fusion_flag_is_noted_by_apex_kernel_not_transform
     assert "--no-gradient-accumulation-fusion" not in flags_of(
         args, cuda_available=True, transformer_engine_available=False, wgrad_fusion_available=True
     )
+
+
+def test_flag_declarations_say_when_the_flag_has_no_effect():
+    """``note``, ``needs`` and ``speed_only`` on a flag's declaration (``flag_fields``)."""
+    given = ["--async-save", "--moe-token-drop-policy", "position", "--no-masked-softmax-fusion"]
+    listed = dict(ineffective_flags(parse_args([*TINY_MOE_FLAGS, *given]), **CPU))
+    assert listed == {
+        "--async-save": "needs --use-persistent-ckpt-worker, as in Megatron-LM; checkpoints are "
+        "written synchronously",
+        "--moe-token-drop-policy": "only with --moe-expert-capacity-factor (token dropping)",
+        "--no-masked-softmax-fusion": "speed-only on GPUs; no effect on CPU",
+    }
+    on_gpu = flags_of(parse_args([*TINY_MOE_FLAGS, *given]), **GPU_WITH_TE)
+    assert set(on_gpu) == {"--async-save", "--moe-token-drop-policy"}
+    dense = dict(ineffective_flags(parse_args([*TINY_FLAGS, *given]), **CPU))
+    assert dense["--moe-token-drop-policy"] == "dense model (no --num-experts)"  # comes first
+    both = parse_args([*TINY_FLAGS, "--async-save", "--use-persistent-ckpt-worker"])
+    assert flags_of(both, **CPU) == []
+    tokenizer = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "t.model"]
+    args = parse_args([*TINY_FLAGS, *tokenizer, "--vocab-file", "v.json", "--merge-file", "m.txt"])
+    listed = dict(ineffective_flags(args, **CPU))
+    assert listed["--vocab-file"] == "unused by --tokenizer-type SentencePieceTokenizer"
+    assert "--tokenizer-model" not in listed
