@@ -55,15 +55,6 @@ LLAMA_RECIPE = (
 )
 
 
-def router_options_from_args(router: str, args):
-    """``router``'s options dataclass from its flags."""
-    kind = ROUTERS[router]
-    values = values_from_args(kind.options, args)
-    if kind.adaptive_l1:  # ReMoE reads Megatron-LM's load-balancing flag: none is plain L1
-        values["load_balancing"] = args.moe_router_load_balancing_type != "none"
-    return kind.options(**values)
-
-
 def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelConfig:
     """The ModelConfig the flags describe (``vocab_size``: the padded tokenizer vocabulary).
 
@@ -99,22 +90,19 @@ def model_config_from_args(args, *, vocab_size: Optional[int] = None) -> ModelCo
         **({} if vocab_size is None else dict(vocab_size=vocab_size)),
     )
     if kind.is_moe:
+        options = values_from_args(kind.options, args)
+        if kind.adaptive_l1:  # ReMoE reads Megatron-LM's load-balancing flag: none is plain L1
+            options["load_balancing"] = balancing != "none"
+        experts = args.num_experts * args.moe_granularity
         values.update(
             moe_aux_loss_coeff=0.0 if balancing == "none" else args.moe_aux_loss_coeff,
-            router_options=router_options_from_args(kind.name, args),
-            moe_router_dtype=router_dtype(args),
+            router_options=kind.options(**options),
+            moe_router_dtype=args.moe_router_dtype or default_router_dtype(experts),
         )
     try:
         return ModelConfig(**values).validate()
     except ConfigError as error:
         raise ConfigError(in_flag_terms(error)) from None
-
-
-def router_dtype(args) -> Optional[str]:
-    """``--moe-router-dtype``, or ``model_config.default_router_dtype``'s."""
-    if args.moe_router_dtype is not None:
-        return args.moe_router_dtype
-    return default_router_dtype((args.num_experts or 0) * args.moe_granularity)
 
 
 def parallel_config_from_args(args) -> ParallelConfig:

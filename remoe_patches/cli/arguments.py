@@ -255,15 +255,6 @@ def _config_path(argv) -> Optional[str]:
     return pre_parser.parse_known_args(argv)[0].config
 
 
-def _long_flags(parser) -> dict:
-    """flag -> argparse action (argparse's private table, stable for as long as argparse)."""
-    return {
-        flag: action
-        for flag, action in parser._option_string_actions.items()
-        if flag.startswith("--")
-    }
-
-
 def _parse_strictly(parser, tokens) -> argparse.Namespace:
     """Parse ``tokens``; an unknown flag is an error naming the closest known flag."""
     args, extras = parser.parse_known_args(tokens)
@@ -276,7 +267,8 @@ def _parse_strictly(parser, tokens) -> argparse.Namespace:
             )
         if flag is None:
             parser.error(f"unexpected value {extras[0]!r} (no flag takes it)")
-        parser.error(unknown_flag_message(flag.split("=", 1)[0], list(_long_flags(parser))))
+        known = [known for known in parser._option_string_actions if known.startswith("--")]
+        parser.error(unknown_flag_message(flag.split("=", 1)[0], known))
     return args
 
 
@@ -353,10 +345,10 @@ def _yaml_tokens(path: str, parser) -> list:
         return []
     if not isinstance(mapping, dict):
         parser.error("must be a mapping of flag names (with underscores) to values")
-    actions = {
+    actions = {  # argparse's private table of flags, stable for as long as argparse
         flag[2:].replace("-", "_"): (flag, action)
-        for flag, action in _long_flags(parser).items()
-        if flag not in ("--help", "--config")
+        for flag, action in parser._option_string_actions.items()
+        if flag.startswith("--") and flag not in ("--help", "--config")
     }
     tokens = []
     for key, value in mapping.items():
