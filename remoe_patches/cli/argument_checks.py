@@ -48,8 +48,6 @@ def complete_and_validate(args, parser) -> None:
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         warnings.warn("--sequence-parallel needs --tensor-model-parallel-size > 1; turned off")
         args.sequence_parallel = False
-    if args.num_experts and args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
-        parser.error("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
     if args.train_samples is not None and args.global_batch_size is None:
         parser.error("--train-samples needs --global-batch-size (steps are counted from it)")
     if args.rampup_batch_size is not None:

@@ -433,7 +433,10 @@ def test_yaml_lists_give_the_flags_of_several_values(tmp_path, capsys):
         (without(TINY_FLAGS, "--hidden-dropout"), "--hidden-dropout must be 0.0, not 0.1"),
         (without(TINY_FLAGS, "--attention-dropout"), "--attention-dropout must be 0.0, not 0.1"),
         (TINY_FLAGS + ["--group-query-attention", "--num-query-groups", "3"], "--num-query-groups"),
-        (TINY_MOE_FLAGS + ["--tensor-model-parallel-size", "2"], "needs --sequence-parallel"),
+        (
+            TINY_MOE_FLAGS + ["--tensor-model-parallel-size", "2"],
+            "--sequence-parallel: MoE layers at TP=2 need sequence parallelism",
+        ),
         (TINY_FLAGS + ["--context-parallel-size", "2"], "--context-parallel-size must be 1"),
         (TINY_FLAGS + ["--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size"),
         (
