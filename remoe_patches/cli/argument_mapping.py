@@ -1,6 +1,8 @@
-"""The parsed flags onto the typed ``RunConfig``, once (``run_config_from_args``): values are
-read back through the fields' flag declarations (``values_from_args``); what Megatron-LM derives
-from other flags is added here; errors name flags (``in_flag_terms``), not fields."""
+"""The parsed flags onto the typed ``RunConfig``, once (``run_config_from_args``).
+
+Values are read back through the fields' flag declarations (``values_from_args``); what
+Megatron-LM derives from other flags is added here; errors name flags, not fields
+(``in_flag_terms``)."""
 
 from __future__ import annotations
 

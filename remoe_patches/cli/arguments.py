@@ -1,6 +1,7 @@
-"""``pretrain_gpt.py``'s command line: Megatron-LM's flags, names and meanings, so that launch
-scripts written for Megatron-LM (the ReMoE authors' included) run unchanged, plus the ReMoE
-fork's ``--moe-relu-routing*`` and ``--moe-granularity`` and our ``--config``,
+"""``pretrain_gpt.py``'s command line, under Megatron-LM's flag names and meanings.
+
+Launch scripts written for Megatron-LM (the ReMoE authors' included) run unchanged; the ReMoE
+fork's ``--moe-relu-routing*`` and ``--moe-granularity`` are added, as are our ``--config``,
 ``--max-skipped-steps`` and ``--demo-corpus``.
 
 - A flag is declared once, on the config field it sets (``flag_fields.flag_field``); flags that
