@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     options = own.parse_args(argv[:split])
     flags = argv[split + 1 :]
 
-    from remoe_patches.cli.argument_checks import split_blend
+    from remoe_patches.config.run_config import split_blend
     from remoe_patches.cli.arguments import parse_run_config
     from remoe_patches.config.model_config import ConfigError
     from remoe_patches.config.router_registry import ROUTERS
