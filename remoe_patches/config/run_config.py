@@ -1163,7 +1163,8 @@ def split_blend(tokens) -> tuple:
 def blend_problem(tokens) -> Optional[str]:
     """What is wrong with a blend, worded after its field name: no prefix, or numbers at only
     some even positions (megatron's ``get_blend_from_list`` would take them for prefixes)."""
-    weights = _weights_or_nones(list(tokens))
+    tokens = list(tokens)
+    weights = _weights_or_nones(tokens)
     if not tokens:
         return "gives no dataset prefix"
     if None in weights and any(weight is not None for weight in weights):

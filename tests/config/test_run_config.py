@@ -13,7 +13,13 @@ import yaml
 from remoe_patches.cli.arguments import parse_command_line, parse_run_config
 from remoe_patches.config.model_config import ConfigError, ModelConfig
 from remoe_patches.model.build import HAVE_WGRAD_FUSION, build_model
-from remoe_patches.config.run_config import LayerOptions, RunConfig, TrainingConfig
+from remoe_patches.config.run_config import (
+    DataConfig,
+    LayerOptions,
+    RunConfig,
+    TrainingConfig,
+    split_blend,
+)
 
 from command_lines import AUTHORS_182M_REMOE, TINY_FLAGS, TINY_MOE_FLAGS
 
@@ -373,3 +379,13 @@ def test_a_saved_config_that_breaks_a_router_rule_still_loads():
     # from_dict does not validate: runs saved before these rules moved load as they were
     config = run_config_in_code("relu", layers=dict(moe_permute_fusion=True))
     assert RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_a_blend_is_checked_on_a_data_config_built_in_code():
+    with pytest.raises(ConfigError, match=r"^DataConfig\.data_path mixes 'weight prefix' pairs"):
+        DataConfig(data_path=("0.5", "a", "b", "c")).validate()
+    with pytest.raises(ConfigError, match=r"^DataConfig\.valid_data_path gives no dataset prefix"):
+        DataConfig(valid_data_path=()).validate()
+    assert split_blend(("0.25", "a", "0.75", "b")) == (["a", "b"], [0.25, 0.75])
+    assert split_blend(("a", "b", "c")) == (["a", "b", "c"], None)
+    assert split_blend(("1", "2")) == (["2"], [1.0])  # even positions all numbers: a weight
